@@ -1,0 +1,21 @@
+//! The data side of pt-host: corpus readers, the plugin pipeline, tokenization,
+//! packing into blocks, and the prepared-dataset cache. Plugins come in as
+//! [`StepPlugin`] trait objects, so this crate does not depend on the
+//! WebAssembly runtime (and the training core that reads blocks does not
+//! rebuild when the runtime changes).
+
+pub mod corpus;
+pub mod packing;
+pub mod pipeline;
+pub mod prepare;
+pub mod report;
+pub mod steps;
+pub mod tokenize;
+
+pub use corpus::ReadOptions;
+pub use packing::Blocks;
+pub use pipeline::{ErrorPolicy, PipelineOptions};
+pub use prepare::{PreparePlugin, PrepareOptions, Prepared, Progress, prepare};
+pub use report::{DataReport, PluginReport};
+pub use steps::{CallFailure, DocRef, Derived, StepInstance, StepKind, StepOutput, StepPlugin, Verdict};
+pub use tokenize::Tokenizer;

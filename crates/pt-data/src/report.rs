@@ -1,0 +1,103 @@
+//! `data_report.json` and `excluded.jsonl`: what happened to every document.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::steps::StepKind;
+
+/// Counts of one plugin step on one split. Invariant:
+/// `kept + dropped + errors == input`; augmenters add `added` documents.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepReport {
+    pub plugin: String,
+    pub kind: Option<StepKind>,
+    pub input: u64,
+    pub kept: u64,
+    /// Of the kept documents, how many a mapper rewrote.
+    pub replaced: u64,
+    pub dropped: u64,
+    pub dropped_by_reason: BTreeMap<String, u64>,
+    /// Documents the plugin failed on (reported errors and traps), skipped
+    /// under `--on_plugin_error skip`.
+    pub errors: u64,
+    /// Documents an augmenter created.
+    pub added: u64,
+    /// Time spent in the plugin, summed over worker threads.
+    pub seconds: f64,
+}
+
+impl StepReport {
+    pub(crate) fn merge(&mut self, other: &StepReport) {
+        self.input += other.input;
+        self.kept += other.kept;
+        self.replaced += other.replaced;
+        self.dropped += other.dropped;
+        for (reason, n) in &other.dropped_by_reason {
+            *self.dropped_by_reason.entry(reason.clone()).or_default() += n;
+        }
+        self.errors += other.errors;
+        self.added += other.added;
+        self.seconds += other.seconds;
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SplitReport {
+    /// Documents read for this split.
+    pub documents_read: u64,
+    /// Documents left after every plugin (augmented ones included).
+    pub documents: u64,
+    /// Tokens of those documents, EOS included.
+    pub tokens: u64,
+    pub blocks: u64,
+    /// Tokens not in any block: the packing remainder, or truncated tails.
+    pub tokens_dropped: u64,
+    /// Blocks removed by `--max_train_samples` / `--max_eval_samples`.
+    pub blocks_truncated: u64,
+    pub steps: Vec<StepReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileReport {
+    pub path: String,
+    pub split: String,
+    pub documents: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PluginReport {
+    pub name: String,
+    pub version: String,
+    /// `sha256:` of the component.
+    pub digest: String,
+    pub config: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataReport {
+    /// The dataset cache entry this run used, and whether it already existed.
+    pub cache_key: String,
+    pub cache_hit: bool,
+    pub block_size: usize,
+    pub packing: bool,
+    pub files: Vec<FileReport>,
+    pub plugins: Vec<PluginReport>,
+    pub train: SplitReport,
+    pub validation: SplitReport,
+    /// Wall-clock seconds of the run that built the dataset.
+    pub seconds: f64,
+}
+
+/// One line of `excluded.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Excluded {
+    /// `path:line` of the document (`+augN` for derived ones).
+    pub source: String,
+    pub plugin: String,
+    pub kind: StepKind,
+    /// The plugin's drop reason, or `error: …` for a document it failed on.
+    pub reason: String,
+    pub text: String,
+}

@@ -1,0 +1,20 @@
+//! The sandboxed WebAssembly plugin runtime of pt-host.
+//!
+//! Plugins are components implementing `pt:plugin@0.1.0` (`wit/since_v0.1.0`).
+//! The code is split as the work is: [`load`] compiles (or fetches from the
+//! cache) and validates a component, [`link`] decides what a plugin may touch
+//! (nothing but a bounded log and captured output), [`run`] executes calls
+//! under a memory cap and a wall-clock deadline and turns traps into errors.
+
+mod bindings;
+pub mod link;
+pub mod load;
+mod output;
+pub mod run;
+
+pub use bindings::pt::plugin::types::{Kind, MetricValue, Sample};
+pub use load::{LoadedPlugin, PluginLimits, PluginRuntime};
+pub use run::{MetricSession, PluginInstance};
+
+/// The interface version this host implements.
+pub const INTERFACE_VERSION: &str = "0.1.0";

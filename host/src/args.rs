@@ -1,0 +1,42 @@
+//! Flag conventions of HF `TrainingArguments` and MedicalGPT's scripts, so that
+//! their users' command lines work unchanged.
+
+/// HF booleans: `--flag`, `--flag True`, `--flag false`, `--flag 1`.
+pub fn parse_bool(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "y" => Ok(true),
+        "false" | "0" | "no" | "n" => Ok(false),
+        _ => Err(format!("expected true or false, got `{value}`")),
+    }
+}
+
+/// `NAME=VALUE` of `--plugin_config`.
+pub fn parse_key_value(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((name, rest)) if !name.is_empty() => Ok((name.to_string(), rest.to_string())),
+        _ => Err(format!("expected NAME=JSON (e.g. medical_clean='{{\"min_chars\":20}}'), got `{value}`")),
+    }
+}
+
+/// The user's cache directory for pt-host: `$XDG_CACHE_HOME/pt-host` or `~/.cache/pt-host`.
+pub fn default_cache_dir() -> std::path::PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("pt-host")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hf_booleans_and_key_values() {
+        assert_eq!(parse_bool("True"), Ok(true));
+        assert_eq!(parse_bool("false"), Ok(false));
+        assert!(parse_bool("maybe").unwrap_err().contains("maybe"));
+        assert_eq!(parse_key_value("a={\"x\":1}"), Ok(("a".into(), "{\"x\":1}".into())));
+        assert!(parse_key_value("={}").is_err());
+    }
+}

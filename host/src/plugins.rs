@@ -1,0 +1,96 @@
+//! `--plugin` and friends: loading, configuring and limiting plugins.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use pt_plugin_host::{LoadedPlugin, PluginLimits, PluginRuntime};
+
+use crate::args::parse_key_value;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum OnPluginError {
+    /// Stop with an error naming plugin, document and cause.
+    Fail,
+    /// Skip the document, count it, and list it in excluded.jsonl.
+    Skip,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PluginArgs {
+    /// A plugin component (.wasm), run in the sandbox. Repeat for several; they
+    /// run in the order given.
+    #[arg(long = "plugin", value_name = "PATH")]
+    pub plugins: Vec<PathBuf>,
+    /// A plugin's JSON configuration: `NAME={"key":value}` or `NAME=@file.json`,
+    /// NAME being the plugin's id or file name without `.wasm`.
+    #[arg(long = "plugin_config", value_name = "NAME=JSON", value_parser = parse_key_value)]
+    pub plugin_configs: Vec<(String, String)>,
+    /// What to do with a document a plugin fails on (trap, deadline, memory
+    /// limit, or an error it reports).
+    #[arg(long = "on_plugin_error", value_enum, default_value = "fail")]
+    pub on_plugin_error: OnPluginError,
+    /// Wall-clock limit of one plugin call, in milliseconds.
+    #[arg(long = "plugin_timeout_ms", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub plugin_timeout_ms: u64,
+    /// Memory limit of each plugin instance, in MiB.
+    #[arg(long = "plugin_memory_mb", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub plugin_memory_mb: u64,
+    /// Documents per plugin call.
+    #[arg(long = "plugin_batch_size", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub plugin_batch_size: u64,
+}
+
+impl PluginArgs {
+    pub fn limits(&self) -> PluginLimits {
+        PluginLimits {
+            memory_bytes: (self.plugin_memory_mb as usize) << 20,
+            call_timeout: Duration::from_millis(self.plugin_timeout_ms),
+        }
+    }
+}
+
+/// The configuration text of `--plugin_config NAME=...`, as canonical JSON.
+fn config_json(name: &str, value: &str) -> Result<String> {
+    let text = match value.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("--plugin_config {name}: cannot read {path}"))?,
+        None => value.to_string(),
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("--plugin_config {name}: invalid JSON `{text}`"))?;
+    if !json.is_object() {
+        bail!("--plugin_config {name}: expected a JSON object, got `{text}`");
+    }
+    Ok(json.to_string())
+}
+
+/// Loads and configures every `--plugin`, in order.
+pub fn load(args: &PluginArgs, cache_dir: &Path) -> Result<(PluginRuntime, Vec<LoadedPlugin>)> {
+    let runtime = PluginRuntime::new(Some(cache_dir.to_path_buf()))?;
+    let mut loaded = Vec::new();
+    for path in &args.plugins {
+        if !path.is_file() {
+            bail!("--plugin {}: no such file", path.display());
+        }
+        loaded.push(runtime.load(path, args.limits())?);
+    }
+    for (name, _) in &args.plugin_configs {
+        let known = loaded.iter().any(|p| p.name.as_ref() == name || p.path.file_stem().is_some_and(|s| s == name.as_str()));
+        if !known {
+            let names: Vec<&str> = loaded.iter().map(|p| p.name.as_ref()).collect();
+            bail!("--plugin_config {name}: no plugin of that name is loaded (loaded: {})", names.join(", "));
+        }
+    }
+    for plugin in &mut loaded {
+        let stem = plugin.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let given = args.plugin_configs.iter().rev().find(|(name, _)| *name == *plugin.name || *name == stem);
+        let config = match given {
+            Some((name, value)) => config_json(name, value)?,
+            None => "{}".to_string(),
+        };
+        plugin.configure(&config)?;
+        let compiled = if plugin.from_cache { "compiled code from cache" } else { "compiled" };
+        eprintln!("plugin {} {} ({}; {compiled})", plugin.name, plugin.info.version, &plugin.digest[..19]);
+    }
+    Ok((runtime, loaded))
+}

@@ -1,0 +1,149 @@
+//! `pt-host prepare`: the data half of a run, on its own.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use pt_data::{ErrorPolicy, PipelineOptions, PluginReport, PrepareOptions, PreparePlugin, ReadOptions, Tokenizer};
+
+use crate::args::{default_cache_dir, parse_bool};
+use crate::plugins::{self, OnPluginError, PluginArgs};
+use crate::progress::PrepareProgress;
+
+#[derive(clap::Args, Debug)]
+pub struct PrepareArgs {
+    /// Model directory holding tokenizer.json (and tokenizer_config.json).
+    #[arg(long = "model_name_or_path", value_name = "DIR")]
+    pub model_name_or_path: PathBuf,
+    /// Tokenizer directory, when it differs from the model's.
+    #[arg(long = "tokenizer_name_or_path", value_name = "DIR")]
+    pub tokenizer_name_or_path: Option<PathBuf>,
+    /// Training corpus: .txt, .json and .jsonl files, searched recursively.
+    #[arg(long = "train_file_dir", value_name = "DIR")]
+    pub train_file_dir: PathBuf,
+    /// Validation corpus; without it, --validation_split_percentage of the training documents.
+    #[arg(long = "validation_file_dir", value_name = "DIR")]
+    pub validation_file_dir: Option<PathBuf>,
+    /// Percent of the training documents (the first ones, as HF's `train[:N%]`) used for validation.
+    #[arg(long = "validation_split_percentage", default_value_t = 1.0)]
+    pub validation_split_percentage: f64,
+    /// Tokens per training block.
+    #[arg(long = "block_size", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(2..))]
+    pub block_size: u64,
+    /// Concatenate documents and cut blocks (true), or one padded document per block (false).
+    #[arg(long = "packing", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub packing: bool,
+    /// Keep each .txt line's trailing newline.
+    #[arg(long = "keep_linebreaks", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub keep_linebreaks: bool,
+    /// JSON field holding the text in .json/.jsonl files.
+    #[arg(long = "text_field", default_value = "text")]
+    pub text_field: String,
+    /// Keep at most this many training blocks.
+    #[arg(long = "max_train_samples")]
+    pub max_train_samples: Option<usize>,
+    /// Keep at most this many validation blocks.
+    #[arg(long = "max_eval_samples")]
+    pub max_eval_samples: Option<usize>,
+    /// Worker threads for plugins and tokenization (default: all cores); never changes the result.
+    #[arg(long = "preprocessing_num_workers")]
+    pub preprocessing_num_workers: Option<usize>,
+    /// Where prepared datasets and compiled plugins are cached.
+    #[arg(long = "cache_dir", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Rebuild the prepared dataset even if it is cached.
+    #[arg(long = "overwrite_cache", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub overwrite_cache: bool,
+    /// Where data_report.json and excluded.jsonl are written.
+    #[arg(long = "output_dir", value_name = "DIR")]
+    pub output_dir: PathBuf,
+    /// Seed of augmenters' randomness.
+    #[arg(long = "seed", default_value_t = 42)]
+    pub seed: u64,
+    /// No progress bars, only summary lines.
+    #[arg(long = "disable_tqdm", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub disable_tqdm: bool,
+    #[command(flatten)]
+    pub plugins: PluginArgs,
+}
+
+pub fn run(args: PrepareArgs) -> Result<()> {
+    if !(0.0..100.0).contains(&args.validation_split_percentage) {
+        bail!("--validation_split_percentage must be in [0, 100), got {}", args.validation_split_percentage);
+    }
+    let workers = args.preprocessing_num_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if workers == 0 {
+        bail!("--preprocessing_num_workers must be at least 1");
+    }
+    let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
+    let tokenizer = Tokenizer::from_dir(args.tokenizer_name_or_path.as_ref().unwrap_or(&args.model_name_or_path))?;
+    let (_runtime, loaded) = plugins::load(&args.plugins, &cache_dir)?;
+    let plugins: Vec<PreparePlugin<'_>> = loaded
+        .iter()
+        .map(|p| PreparePlugin {
+            plugin: p,
+            report: PluginReport {
+                name: p.name.to_string(),
+                version: p.info.version.clone(),
+                digest: p.digest.clone(),
+                config: p.config.clone(),
+            },
+        })
+        .collect();
+    let options = PrepareOptions {
+        train_dir: args.train_file_dir,
+        validation_dir: args.validation_file_dir,
+        validation_split_percentage: args.validation_split_percentage,
+        read: ReadOptions { keep_linebreaks: args.keep_linebreaks, text_field: args.text_field },
+        block_size: args.block_size as usize,
+        packing: args.packing,
+        max_train_samples: args.max_train_samples,
+        max_eval_samples: args.max_eval_samples,
+        pipeline: PipelineOptions {
+            batch_size: args.plugins.plugin_batch_size as usize,
+            workers,
+            on_error: match args.plugins.on_plugin_error {
+                OnPluginError::Fail => ErrorPolicy::Fail,
+                OnPluginError::Skip => ErrorPolicy::Skip,
+            },
+            seed: args.seed,
+        },
+        cache_dir,
+        overwrite_cache: args.overwrite_cache,
+    };
+    let progress = PrepareProgress::new(args.disable_tqdm);
+    let prepared = pt_data::prepare(&options, &plugins, &tokenizer, &args.output_dir, &progress)?;
+    print_summary(&prepared.report, &args.output_dir);
+    Ok(())
+}
+
+fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
+    let cache = if report.cache_hit { "cache hit" } else { "built" };
+    println!("dataset {} ({cache})", &report.cache_key[..16]);
+    for (name, split) in [("train", &report.train), ("validation", &report.validation)] {
+        println!(
+            "{name}: {} documents read, {} after plugins, {} tokens, {} blocks of {}",
+            split.documents_read, split.documents, split.tokens, split.blocks, report.block_size
+        );
+        for step in &split.steps {
+            let kind = step.kind.map_or(String::new(), |k| format!("{k:?}").to_lowercase());
+            let reasons: Vec<String> = step.dropped_by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
+            println!(
+                "  {} {kind}: {} in, {} kept ({} rewritten), {} dropped{}, {} errors, {} added, {:.2} s",
+                step.plugin,
+                step.input,
+                step.kept,
+                step.replaced,
+                step.dropped,
+                if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
+                step.errors,
+                step.added,
+                step.seconds
+            );
+        }
+    }
+    println!(
+        "report: {}  excluded: {}",
+        output_dir.join(pt_data::prepare::REPORT).display(),
+        output_dir.join(pt_data::prepare::EXCLUDED).display()
+    );
+}

@@ -1,0 +1,39 @@
+//! Shared by the integration tests: where the fixtures and the plugin
+//! components (built by `scripts/build-plugins.sh`) are.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn fixture_model() -> PathBuf {
+    repo().join("tests/fixtures/bloom-tiny/model")
+}
+
+/// A plugin component: `$PT_PLUGINS_DIR/NAME.wasm`, else next to this test
+/// binary's target directory (`target/wasm32-wasip2/release`).
+pub fn component(name: &str) -> PathBuf {
+    let dir = std::env::var_os("PT_PLUGINS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+        // target/debug/deps/this-test -> target
+        let exe = std::env::current_exe().unwrap();
+        exe.ancestors().nth(3).unwrap().join("wasm32-wasip2/release")
+    });
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: build the plugins first with scripts/build-plugins.sh", path.display());
+    path
+}
+
+/// Corpus lines as the pipeline reads them (non-empty lines, with `\n`).
+pub fn corpus_documents() -> Vec<(String, String)> {
+    let mut docs = Vec::new();
+    for path in pt_data::corpus::discover(&repo().join("data/pretrain")).unwrap() {
+        let file = pt_data::corpus::read_file(&path, &pt_data::ReadOptions::default()).unwrap();
+        for d in file.documents {
+            docs.push((format!("{}:{}", path.display(), d.line), d.text));
+        }
+    }
+    docs
+}

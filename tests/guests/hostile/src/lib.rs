@@ -1,0 +1,78 @@
+//! A filter that misbehaves on request, to prove that pt-host contains it.
+//! `{"mode": M, "marker": S}`: documents containing the marker trigger mode M.
+
+use pt_plugin_sdk::{Decision, Document, Kind, Plugin, register};
+use serde::Deserialize;
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct Config {
+    mode: String,
+    marker: String,
+}
+
+struct Hostile {
+    config: Config,
+}
+
+impl Plugin for Hostile {
+    const ID: &'static str = "hostile";
+    const VERSION: &'static str = "0.1.0";
+    const DESCRIPTION: &'static str = "Misbehaves on request (tests only)";
+    const KINDS: &'static [Kind] = &[Kind::Filter];
+
+    fn configure(config: &str) -> Result<Self, String> {
+        let config: Config = pt_plugin_sdk::parse_config(config)?;
+        match config.mode.as_str() {
+            "loop_in_configure" => loop {
+                std::hint::black_box(&config);
+            },
+            "reject_config" => Err("mode reject_config: this configuration is refused".into()),
+            _ => Ok(Self { config }),
+        }
+    }
+
+    fn filter(&self, doc: &Document) -> Decision {
+        if !doc.text.contains(&self.config.marker) {
+            return Decision::Keep;
+        }
+        match self.config.mode.as_str() {
+            "trap" => panic!("hostile plugin panicked on purpose"),
+            "loop" => loop {
+                std::hint::black_box(doc);
+            },
+            "memory_bomb" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "recurse" => Decision::Drop(format!("depth {}", recurse(doc.text.len() as u64))),
+            "read_file" => match std::fs::read_to_string("/etc/passwd") {
+                Ok(contents) => Decision::Drop(format!("read /etc/passwd: {contents}")),
+                Err(e) => Decision::Error(format!("read /etc/passwd: {e}")),
+            },
+            "read_env" => match std::env::var("HOME") {
+                Ok(home) => Decision::Drop(format!("HOME={home}")),
+                Err(e) => Decision::Error(format!("env HOME: {e}")),
+            },
+            "print" => {
+                for _ in 0..100_000 {
+                    println!("a chatty plugin line that the host must keep bounded");
+                }
+                Decision::Keep
+            }
+            "report_error" => Decision::Error("cannot judge this document".into()),
+            other => Decision::Error(format!("unknown mode {other}")),
+        }
+    }
+}
+
+#[allow(unconditional_recursion)]
+fn recurse(n: u64) -> u64 {
+    let frame = std::hint::black_box([n; 64]);
+    recurse(frame[0] + 1) + frame[63]
+}
+
+register!(Hostile);
