@@ -1,1 +1,319 @@
-fn main(){}
+//! The data pipeline end to end: packing against HF's numbers, and
+//! `pt-host prepare` on the shipped corpus with real plugin components.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{component, fixture_model, repo};
+use pt_data::{Blocks, DataReport, Tokenizer, corpus, packing};
+use safetensors::SafeTensors;
+
+/// `valid.txt` packed with the fixture's tokenizer equals the `valid_blocks`
+/// HF computed (MedicalGPT's packing: a document per line with its `\n`, EOS
+/// appended, concatenated, cut into 32-token blocks, remainder dropped).
+#[test]
+fn packing_matches_hf_valid_blocks_exactly() {
+    let fixture = repo().join("tests/fixtures/bloom-tiny");
+    let tokenizer = Tokenizer::from_dir(&fixture_model()).unwrap();
+    let file = corpus::read_file(&fixture.join("valid.txt"), &pt_data::ReadOptions::default()).unwrap();
+    let documents: Vec<Vec<u32>> = file.documents.iter().map(|d| tokenizer.encode_document(&d.text).unwrap()).collect();
+    let (blocks, _) = packing::pack(&documents, 32);
+
+    let bytes = fs::read(fixture.join("expected.safetensors")).unwrap();
+    let expected = SafeTensors::deserialize(&bytes).unwrap();
+    let valid = expected.tensor("valid_blocks").unwrap();
+    assert_eq!(valid.shape(), [blocks.len(), 32]);
+    let expected_ids: Vec<u32> =
+        valid.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
+    assert_eq!(blocks.input_ids, expected_ids);
+}
+
+fn pt_host(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pt-host")).args(args).output().unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+struct Run {
+    _dir: tempfile::TempDir,
+    out: PathBuf,
+    cache: PathBuf,
+}
+
+impl Run {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, cache) = (dir.path().join("out"), dir.path().join("cache"));
+        Self { _dir: dir, out, cache }
+    }
+
+    fn prepare(&self, train_dir: &Path, extra: &[&str]) -> Output {
+        let mut args = vec![
+            "prepare",
+            "--model_name_or_path",
+            fixture_model().to_str().unwrap(),
+            "--train_file_dir",
+            train_dir.to_str().unwrap(),
+            "--output_dir",
+            self.out.to_str().unwrap(),
+            "--cache_dir",
+            self.cache.to_str().unwrap(),
+            "--disable_tqdm",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        pt_host(&refs)
+    }
+
+    fn report(&self) -> DataReport {
+        serde_json::from_slice(&fs::read(self.out.join("data_report.json")).unwrap()).unwrap()
+    }
+
+    fn excluded(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(self.out.join("excluded.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    }
+
+    fn cached_train(&self) -> Blocks {
+        let report = self.report();
+        Blocks::load(&self.cache.join("datasets").join(&report.cache_key).join("train.safetensors")).unwrap()
+    }
+}
+
+fn corpus_dir() -> PathBuf {
+    repo().join("data/pretrain")
+}
+
+#[test]
+fn medical_clean_on_the_shipped_corpus_reports_every_document() {
+    let run = Run::new();
+    let plugin = component("medical_clean");
+    let output = run.prepare(&corpus_dir(), &["--plugin", plugin.to_str().unwrap(), "--block_size", "512"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = run.report();
+    assert!(!report.cache_hit);
+
+    // Every input line is a document of one split.
+    let lines: u64 = report.files.iter().map(|f| f.documents).sum();
+    assert_eq!(report.train.documents_read + report.validation.documents_read, lines);
+    for file in &report.files {
+        assert_eq!(file.bytes, fs::metadata(&file.path).unwrap().len(), "{}", file.path);
+    }
+    let mut dropped_total = 0;
+    for split in [&report.train, &report.validation] {
+        let [mapper, filter] = &split.steps[..] else { panic!("two steps: {:?}", split.steps) };
+        for step in [mapper, filter] {
+            assert_eq!(step.kept + step.dropped + step.errors, step.input, "{step:?}");
+            assert_eq!(step.dropped_by_reason.values().sum::<u64>(), step.dropped);
+            dropped_total += step.dropped;
+        }
+        assert_eq!(mapper.input, split.documents_read);
+        assert_eq!(filter.input, mapper.kept);
+        assert_eq!(split.documents, filter.kept);
+        // Packing: every block full, remainder dropped.
+        assert_eq!(split.blocks, split.tokens / 512);
+        assert_eq!(split.tokens_dropped, split.tokens % 512);
+    }
+    // The corpus has short lines and the filter says so.
+    assert!(report.train.steps[1].dropped_by_reason["too_short"] > 0);
+    // 1% of the documents (HF's train[:1%]) is validation.
+    let all = report.train.documents_read + report.validation.documents_read;
+    assert_eq!(report.validation.documents_read, (all as f64 / 100.0).round() as u64);
+
+    let excluded = run.excluded();
+    assert_eq!(excluded.len() as u64, dropped_total);
+    let first = &excluded[0];
+    assert_eq!(first["plugin"], "medical_clean");
+    let source = first["source"].as_str().unwrap();
+    let (path, line) = source.rsplit_once(':').unwrap();
+    let original = fs::read_to_string(path).unwrap();
+    let original_line = original.lines().nth(line.parse::<usize>().unwrap() - 1).unwrap();
+    assert!(!original_line.trim().is_empty(), "{source} names a real line");
+
+    let blocks = run.cached_train();
+    assert_eq!((blocks.len() as u64, blocks.block_size), (report.train.blocks, 512));
+    assert!(stdout(&output).contains("(built)"));
+}
+
+#[test]
+fn a_second_run_hits_both_caches_and_overwrite_rebuilds() {
+    let run = Run::new();
+    let plugin = component("medical_clean");
+    let args = ["--plugin", plugin.to_str().unwrap(), "--block_size", "256", "--preprocessing_num_workers", "1"];
+    let first = run.prepare(&corpus_dir(), &args);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert!(stderr(&first).contains("; compiled)"));
+    let built = fs::read(run.cache.join("datasets").join(run.report().cache_key).join("train.safetensors")).unwrap();
+    let default_documents = run.report().train.documents;
+
+    let second = run.prepare(&corpus_dir(), &args);
+    assert!(second.status.success());
+    assert!(stderr(&second).contains("compiled code from cache"), "{}", stderr(&second));
+    assert!(stdout(&second).contains("(cache hit)"), "{}", stdout(&second));
+    assert!(run.report().cache_hit);
+    assert!(!stderr(&second).contains("documents/s"), "no document was processed again");
+
+    // Two workers, forced rebuild: the same blocks, byte for byte.
+    let args2 = ["--plugin", plugin.to_str().unwrap(), "--block_size", "256", "--preprocessing_num_workers", "2", "--overwrite_cache"];
+    let third = run.prepare(&corpus_dir(), &args2);
+    assert!(third.status.success());
+    assert!(stdout(&third).contains("(built)"));
+    let rebuilt = fs::read(run.cache.join("datasets").join(run.report().cache_key).join("train.safetensors")).unwrap();
+    assert_eq!(built, rebuilt);
+
+    // A different configuration is a different dataset.
+    let fourth = run.prepare(&corpus_dir(), &[&args[..], &["--plugin_config", "medical_clean={\"min_chars\": 40}"]].concat());
+    assert!(stdout(&fourth).contains("(built)"), "{}", stdout(&fourth));
+    assert!(run.report().train.documents < default_documents, "a stricter min_chars drops more");
+}
+
+fn small_corpus(dir: &Path, lines: &[&str]) -> PathBuf {
+    let corpus = dir.join("corpus");
+    fs::create_dir_all(&corpus).unwrap();
+    fs::write(corpus.join("a.txt"), lines.join("\n") + "\n").unwrap();
+    corpus
+}
+
+#[test]
+fn a_trapping_plugin_fails_the_run_naming_plugin_document_and_cause_or_is_skipped() {
+    let run = Run::new();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), &["first line is fine", "second is fine", "third will BOOM", "fourth is fine"]);
+    let plugin = component("hostile");
+    let config = r#"hostile={"mode":"trap","marker":"BOOM"}"#;
+    let base = ["--plugin", plugin.to_str().unwrap(), "--plugin_config", config, "--validation_split_percentage", "0", "--block_size", "4"];
+    let failed = run.prepare(&corpus, &base);
+    assert_eq!(failed.status.code(), Some(1));
+    let message = stderr(&failed);
+    assert!(message.contains("plugin `hostile` (filter) failed on document"), "{message}");
+    assert!(message.contains("corpus/a.txt:3"), "{message}");
+    assert!(message.contains("hostile plugin panicked on purpose"), "{message}");
+    assert!(message.contains("--on_plugin_error skip"), "{message}");
+    assert!(!message.contains("RUST_BACKTRACE"), "the guest's backtrace hint is noise here: {message}");
+    assert!(!run.out.join("data_report.json").exists(), "no report of a failed run");
+
+    let skipped = run.prepare(&corpus, &[&base[..], &["--on_plugin_error", "skip"]].concat());
+    assert!(skipped.status.success(), "{}", stderr(&skipped));
+    let step = &run.report().train.steps[0];
+    assert_eq!((step.input, step.kept, step.errors), (4, 3, 1));
+    let excluded = run.excluded();
+    assert_eq!(excluded.len(), 1);
+    assert!(excluded[0]["source"].as_str().unwrap().ends_with("corpus/a.txt:3"));
+    assert!(excluded[0]["reason"].as_str().unwrap().starts_with("error: trapped"));
+}
+
+#[test]
+fn a_looping_plugin_is_stopped_by_the_deadline() {
+    let run = Run::new();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), &["ok", "LOOP here", "ok too"]);
+    let plugin = component("hostile");
+    let started = std::time::Instant::now();
+    let output = run.prepare(
+        &corpus,
+        &[
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "--plugin_config",
+            r#"hostile={"mode":"loop","marker":"LOOP"}"#,
+            "--plugin_timeout_ms",
+            "200",
+            "--validation_split_percentage",
+            "0",
+        ],
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(message.contains("a.txt:2") && message.contains("did not finish within the 200 ms deadline"), "{message}");
+    // Bisection: one batch, then each half, then the single document.
+    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+}
+
+#[test]
+fn augmentation_adds_training_documents_only_and_is_reproducible() {
+    let run = Run::new();
+    let plugin = component("augment_eda");
+    let args = ["--plugin", plugin.to_str().unwrap(), "--block_size", "128", "--validation_split_percentage", "5"];
+    let output = run.prepare(&corpus_dir(), &args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = run.report();
+    let step = &report.train.steps[0];
+    assert!(step.added > 0);
+    assert_eq!(report.train.documents, step.kept + step.added);
+    assert!(report.validation.steps.is_empty(), "validation data is never augmented");
+    let first = run.cached_train();
+    let again = run.prepare(&corpus_dir(), &[&args[..], &["--overwrite_cache", "--preprocessing_num_workers", "1"]].concat());
+    assert!(again.status.success());
+    assert_eq!(run.cached_train(), first);
+}
+
+#[test]
+fn validation_dir_and_padding_without_packing() {
+    let run = Run::new();
+    let fixture = repo().join("tests/fixtures/bloom-tiny");
+    let dir = tempfile::tempdir().unwrap();
+    let (train, valid) = (dir.path().join("train"), dir.path().join("valid"));
+    fs::create_dir_all(&train).unwrap();
+    fs::create_dir_all(&valid).unwrap();
+    fs::copy(fixture.join("train.txt"), train.join("train.txt")).unwrap();
+    fs::copy(fixture.join("valid.txt"), valid.join("valid.txt")).unwrap();
+    let output = run.prepare(
+        &train,
+        &["--validation_file_dir", valid.to_str().unwrap(), "--packing", "false", "--block_size", "64", "--max_eval_samples", "5"],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = run.report();
+    assert_eq!(report.train.documents_read, 120);
+    assert_eq!(report.train.blocks, 120, "one block per document");
+    assert_eq!(report.validation.blocks, 5);
+    assert_eq!(report.validation.blocks_truncated, 35);
+    let blocks = run.cached_train();
+    let tokenizer = Tokenizer::from_dir(&fixture_model()).unwrap();
+    let first_line = fs::read_to_string(train.join("train.txt")).unwrap().lines().next().unwrap().to_string() + "\n";
+    let ids = tokenizer.encode_document(&first_line).unwrap();
+    let real = ids.len().min(64);
+    assert_eq!(&blocks.row(0)[..real], &ids[..real]);
+    assert!(blocks.labels(0)[real..].iter().all(|&l| l == -100));
+    assert!(blocks.row(0)[real..].iter().all(|&id| id == tokenizer.pad_id));
+}
+
+#[test]
+fn user_errors_are_one_clear_message() {
+    let run = Run::new();
+    let missing = run.prepare(Path::new("/nonexistent/corpus"), &[]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("/nonexistent/corpus: no such directory"), "{}", stderr(&missing));
+
+    let bad_flag = pt_host(&["prepare", "--train_file_dirr", "x"]);
+    assert_eq!(bad_flag.status.code(), Some(2));
+    assert!(stderr(&bad_flag).contains("--train_file_dir"), "clap suggests the right flag: {}", stderr(&bad_flag));
+
+    let plugin = component("medical_clean");
+    let unknown = run.prepare(&corpus_dir(), &["--plugin", plugin.to_str().unwrap(), "--plugin_config", "medical=", "--block_size", "64"]);
+    assert!(stderr(&unknown).contains("--plugin_config medical: no plugin of that name is loaded (loaded: medical_clean)"), "{}", stderr(&unknown));
+    let bad_json = run.prepare(&corpus_dir(), &["--plugin", plugin.to_str().unwrap(), "--plugin_config", "medical_clean={min_chars:3}"]);
+    assert!(stderr(&bad_json).contains("--plugin_config medical_clean: invalid JSON"), "{}", stderr(&bad_json));
+    let rejected = run.prepare(&corpus_dir(), &["--plugin", plugin.to_str().unwrap(), "--plugin_config", r#"medical_clean={"min_chars":"many"}"#]);
+    let message = stderr(&rejected);
+    assert!(message.contains("plugin `medical_clean`") && message.contains("invalid type: string \"many\""), "{message}");
+    let no_plugin = run.prepare(&corpus_dir(), &["--plugin", "nope.wasm"]);
+    assert!(stderr(&no_plugin).contains("--plugin nope.wasm: no such file"), "{}", stderr(&no_plugin));
+
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    fs::create_dir_all(&corpus).unwrap();
+    fs::write(corpus.join("bad.jsonl"), "{\"text\": \"fine\"}\n{\"text\": \n").unwrap();
+    let malformed = run.prepare(&corpus, &[]);
+    assert!(stderr(&malformed).contains("bad.jsonl:2: malformed JSON"), "{}", stderr(&malformed));
+}

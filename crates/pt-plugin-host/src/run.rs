@@ -56,6 +56,9 @@ fn describe_failure(store: &mut Store<PluginState>, limits: &PluginLimits, error
         None => format!("failed: {error:#}"),
     };
     let (stderr, _) = store.data().stderr.take();
+    // A Rust guest's hint about RUST_BACKTRACE cannot be acted on inside the sandbox.
+    let stderr: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE")).collect();
+    let stderr = stderr.join("\n");
     let stderr = stderr.trim();
     if !stderr.is_empty() {
         let tail: String = stderr.chars().rev().take(600).collect::<Vec<_>>().into_iter().rev().collect();
