@@ -1,0 +1,92 @@
+//! `cargo bench -p pt-host --bench plugins`: what the sandbox costs.
+//!
+//! Prints medical_clean's throughput as a WebAssembly component and as the same
+//! Rust code compiled natively (MB/s and their ratio), and the whole pipeline's
+//! documents/s with and without the plugin. Needs the components built
+//! (`scripts/build-plugins.sh`).
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use pt_data::{DocRef, ErrorPolicy, PipelineOptions, StepInstance, StepKind, StepOutput, StepPlugin, Tokenizer, Verdict};
+use pt_plugin_host::{PluginLimits, PluginRuntime};
+use pt_plugin_sdk::{Document, Edit, Plugin};
+
+const BATCH: usize = 64;
+
+/// Runs `f` repeatedly for at least `budget`, returns the best seconds per run.
+fn best_of(budget: Duration, mut f: impl FnMut()) -> f64 {
+    let started = Instant::now();
+    let mut best = f64::INFINITY;
+    while started.elapsed() < budget || best.is_infinite() {
+        let t = Instant::now();
+        f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    best
+}
+
+fn main() {
+    let docs = common::corpus_documents();
+    let bytes: usize = docs.iter().map(|(_, t)| t.len()).sum();
+    let mb = bytes as f64 / 1e6;
+    let budget = Duration::from_secs(3);
+
+    let native = medical_clean::MedicalClean::configure("{}").unwrap();
+    let native_s = best_of(budget, || {
+        for (source, text) in &docs {
+            let doc = Document { source: source.clone(), text: text.clone() };
+            let cleaned = match native.map(&doc) {
+                Edit::Replace(t) => Document { text: t, ..doc },
+                _ => doc,
+            };
+            std::hint::black_box(native.filter(&cleaned));
+        }
+    });
+
+    let runtime = PluginRuntime::new(None).unwrap();
+    let mut plugin = runtime.load(&common::component("medical_clean"), PluginLimits::default()).unwrap();
+    plugin.configure("{}").unwrap();
+    let mut instance = plugin.instance().unwrap();
+    let component_s = best_of(budget, || {
+        for chunk in docs.chunks(BATCH) {
+            let refs: Vec<DocRef<'_>> = chunk.iter().map(|(s, t)| DocRef { source: s, text: t }).collect();
+            let StepOutput::Verdicts(mapped) = instance.apply(StepKind::Mapper, &refs, 0).unwrap() else { unreachable!() };
+            let texts: Vec<&str> = chunk
+                .iter()
+                .zip(&mapped)
+                .map(|((_, t), v)| if let Verdict::Replace(new) = v { new.as_str() } else { t.as_str() })
+                .collect();
+            let refs: Vec<DocRef<'_>> = chunk.iter().zip(&texts).map(|((s, _), t)| DocRef { source: s, text: t }).collect();
+            std::hint::black_box(instance.apply(StepKind::Filter, &refs, 0).unwrap());
+        }
+    });
+
+    let tokenizer = Tokenizer::from_dir(&common::fixture_model()).unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let inputs: Vec<pt_data::pipeline::InputDoc<'_>> =
+        docs.iter().map(|(s, t)| pt_data::pipeline::InputDoc { source: s, text: t }).collect();
+    let pipeline = |plugins: &[&dyn StepPlugin], workers: usize| {
+        let options = PipelineOptions { batch_size: BATCH, workers, on_error: ErrorPolicy::Fail, seed: 0 };
+        best_of(budget, || {
+            pt_data::pipeline::run(&inputs, plugins, true, &tokenizer, &options, &|_, _| {}).unwrap();
+        })
+    };
+    let tokenize_only = pipeline(&[], cores);
+    let with_plugin_1 = pipeline(&[&plugin], 1);
+    let with_plugin_n = pipeline(&[&plugin], cores);
+
+    let n = docs.len() as f64;
+    println!("corpus: {} documents, {mb:.2} MB (data/pretrain)", docs.len());
+    println!("{:<44} {:>10} {:>12}", "medical_clean (mapper + filter)", "MB/s", "documents/s");
+    println!("{:<44} {:>10.1} {:>12.0}", "native Rust, 1 thread", mb / native_s, n / native_s);
+    println!("{:<44} {:>10.1} {:>12.0}", "WebAssembly component, 1 thread", mb / component_s, n / component_s);
+    println!("component / native ratio: {:.2}", native_s / component_s);
+    println!("{:<44} {:>10} {:>12}", "pipeline (plugins + tokenizer, bloom-tiny)", "MB/s", "documents/s");
+    println!("{:<44} {:>10.1} {:>12.0}", format!("tokenize only, {cores} workers"), mb / tokenize_only, n / tokenize_only);
+    println!("{:<44} {:>10.1} {:>12.0}", "medical_clean + tokenize, 1 worker", mb / with_plugin_1, n / with_plugin_1);
+    println!("{:<44} {:>10.1} {:>12.0}", format!("medical_clean + tokenize, {cores} workers"), mb / with_plugin_n, n / with_plugin_n);
+    println!("scaling 1 -> {cores} workers: {:.2}x", with_plugin_1 / with_plugin_n);
+}
