@@ -17,11 +17,17 @@ fn load(runtime: &PluginRuntime, name: &str, config: &str, limits: PluginLimits)
 }
 
 fn quick_limits() -> PluginLimits {
-    PluginLimits { memory_bytes: 64 << 20, call_timeout: Duration::from_millis(300) }
+    PluginLimits {
+        memory_bytes: 64 << 20,
+        call_timeout: Duration::from_millis(300),
+    }
 }
 
 fn docs<'a>(texts: &'a [(String, String)]) -> Vec<DocRef<'a>> {
-    texts.iter().map(|(s, t)| DocRef { source: s, text: t }).collect()
+    texts
+        .iter()
+        .map(|(s, t)| DocRef { source: s, text: t })
+        .collect()
 }
 
 fn one(text: &str) -> Vec<(String, String)> {
@@ -39,10 +45,21 @@ fn medical_clean_component_matches_native_code_on_the_corpus() {
     let native = medical_clean::MedicalClean::configure("{}").unwrap();
     let corpus = corpus_documents();
     for chunk in corpus.chunks(256) {
-        let StepOutput::Verdicts(mapped) = instance.apply(StepKind::Mapper, &docs(chunk), 0).unwrap() else { panic!() };
-        let StepOutput::Verdicts(filtered) = instance.apply(StepKind::Filter, &docs(chunk), 0).unwrap() else { panic!() };
+        let StepOutput::Verdicts(mapped) =
+            instance.apply(StepKind::Mapper, &docs(chunk), 0).unwrap()
+        else {
+            panic!()
+        };
+        let StepOutput::Verdicts(filtered) =
+            instance.apply(StepKind::Filter, &docs(chunk), 0).unwrap()
+        else {
+            panic!()
+        };
         for (((source, text), m), f) in chunk.iter().zip(mapped).zip(filtered) {
-            let doc = Document { source: source.clone(), text: text.clone() };
+            let doc = Document {
+                source: source.clone(),
+                text: text.clone(),
+            };
             let expected_map = match native.map(&doc) {
                 Edit::Unchanged => Verdict::Keep,
                 Edit::Replace(t) => Verdict::Replace(t),
@@ -63,36 +80,75 @@ fn medical_clean_component_matches_native_code_on_the_corpus() {
 #[test]
 fn a_panic_traps_with_its_message_and_a_fresh_instance_works() {
     let runtime = PluginRuntime::new(None).unwrap();
-    let plugin = load(&runtime, "hostile", r#"{"mode":"trap","marker":"BOOM"}"#, quick_limits());
+    let plugin = load(
+        &runtime,
+        "hostile",
+        r#"{"mode":"trap","marker":"BOOM"}"#,
+        quick_limits(),
+    );
     let mut instance = plugin.instance().unwrap();
-    let err = instance.apply(StepKind::Filter, &docs(&one("BOOM\n")), 0).unwrap_err().0;
+    let err = instance
+        .apply(StepKind::Filter, &docs(&one("BOOM\n")), 0)
+        .unwrap_err()
+        .0;
     assert!(err.contains("hostile plugin panicked on purpose"), "{err}");
     // The trapped instance is poisoned; a new one serves the next batch.
     let mut fresh = plugin.instance().unwrap();
-    let ok = fresh.apply(StepKind::Filter, &docs(&one("fine\n")), 0).unwrap();
+    let ok = fresh
+        .apply(StepKind::Filter, &docs(&one("fine\n")), 0)
+        .unwrap();
     assert_eq!(ok, StepOutput::Verdicts(vec![Verdict::Keep]));
 }
 
 #[test]
 fn an_endless_loop_is_stopped_at_the_deadline() {
     let runtime = PluginRuntime::new(None).unwrap();
-    let plugin = load(&runtime, "hostile", r#"{"mode":"loop","marker":"LOOP"}"#, quick_limits());
+    let plugin = load(
+        &runtime,
+        "hostile",
+        r#"{"mode":"loop","marker":"LOOP"}"#,
+        quick_limits(),
+    );
     let mut instance = plugin.instance().unwrap();
     let started = Instant::now();
-    let err = instance.apply(StepKind::Filter, &docs(&one("LOOP\n")), 0).unwrap_err().0;
+    let err = instance
+        .apply(StepKind::Filter, &docs(&one("LOOP\n")), 0)
+        .unwrap_err()
+        .0;
     let elapsed = started.elapsed();
-    assert!(err.contains("did not finish within the 300 ms deadline"), "{err}");
-    assert!(elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(5), "{elapsed:?}");
+    assert!(
+        err.contains("did not finish within the 300 ms deadline"),
+        "{err}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(300) && elapsed < Duration::from_secs(5),
+        "{elapsed:?}"
+    );
 }
 
 #[test]
 fn an_endless_loop_in_configure_is_a_load_error() {
     let runtime = PluginRuntime::new(None).unwrap();
     let mut plugin = runtime.load(&component("hostile"), quick_limits()).unwrap();
-    let err = format!("{:#}", plugin.configure(r#"{"mode":"loop_in_configure"}"#).unwrap_err());
-    assert!(err.contains("hostile") && err.contains("configure did not finish within the 300 ms deadline"), "{err}");
-    let err = format!("{:#}", plugin.configure(r#"{"mode":"reject_config"}"#).unwrap_err());
-    assert!(err.contains("rejected its configuration") && err.contains("this configuration is refused"), "{err}");
+    let err = format!(
+        "{:#}",
+        plugin
+            .configure(r#"{"mode":"loop_in_configure"}"#)
+            .unwrap_err()
+    );
+    assert!(
+        err.contains("hostile")
+            && err.contains("configure did not finish within the 300 ms deadline"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        plugin.configure(r#"{"mode":"reject_config"}"#).unwrap_err()
+    );
+    assert!(
+        err.contains("rejected its configuration") && err.contains("this configuration is refused"),
+        "{err}"
+    );
     let err = format!("{:#}", plugin.configure(r#"{"mood":"x"}"#).unwrap_err());
     assert!(err.contains("unknown field `mood`"), "{err}");
 }
@@ -100,17 +156,40 @@ fn an_endless_loop_in_configure_is_a_load_error() {
 #[test]
 fn a_memory_bomb_hits_the_cap() {
     let runtime = PluginRuntime::new(None).unwrap();
-    let plugin = load(&runtime, "hostile", r#"{"mode":"memory_bomb","marker":"EAT"}"#, quick_limits());
-    let err = plugin.instance().unwrap().apply(StepKind::Filter, &docs(&one("EAT\n")), 0).unwrap_err().0;
+    let plugin = load(
+        &runtime,
+        "hostile",
+        r#"{"mode":"memory_bomb","marker":"EAT"}"#,
+        quick_limits(),
+    );
+    let err = plugin
+        .instance()
+        .unwrap()
+        .apply(StepKind::Filter, &docs(&one("EAT\n")), 0)
+        .unwrap_err()
+        .0;
     assert!(err.contains("exceeded its memory limit of 64 MiB"), "{err}");
 }
 
 #[test]
 fn deep_recursion_is_stopped() {
     let runtime = PluginRuntime::new(None).unwrap();
-    let plugin = load(&runtime, "hostile", r#"{"mode":"recurse","marker":"DEEP"}"#, quick_limits());
-    let err = plugin.instance().unwrap().apply(StepKind::Filter, &docs(&one("DEEP\n")), 0).unwrap_err().0;
-    assert!(err.contains("stack overflowed from deep recursion"), "{err}");
+    let plugin = load(
+        &runtime,
+        "hostile",
+        r#"{"mode":"recurse","marker":"DEEP"}"#,
+        quick_limits(),
+    );
+    let err = plugin
+        .instance()
+        .unwrap()
+        .apply(StepKind::Filter, &docs(&one("DEEP\n")), 0)
+        .unwrap_err()
+        .0;
+    assert!(
+        err.contains("stack overflowed from deep recursion"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -119,10 +198,24 @@ fn files_and_environment_are_out_of_reach() {
     assert!(std::path::Path::new("/etc/passwd").exists());
     assert!(std::env::var("HOME").is_ok());
     let runtime = PluginRuntime::new(None).unwrap();
-    for (mode, expected) in [("read_file", "read /etc/passwd: "), ("read_env", "env HOME: environment variable not found")] {
-        let plugin = load(&runtime, "hostile", &format!(r#"{{"mode":"{mode}","marker":""}}"#), quick_limits());
-        let out = plugin.instance().unwrap().apply(StepKind::Filter, &docs(&one("any\n")), 0).unwrap();
-        let StepOutput::Verdicts(v) = out else { panic!() };
+    for (mode, expected) in [
+        ("read_file", "read /etc/passwd: "),
+        ("read_env", "env HOME: environment variable not found"),
+    ] {
+        let plugin = load(
+            &runtime,
+            "hostile",
+            &format!(r#"{{"mode":"{mode}","marker":""}}"#),
+            quick_limits(),
+        );
+        let out = plugin
+            .instance()
+            .unwrap()
+            .apply(StepKind::Filter, &docs(&one("any\n")), 0)
+            .unwrap();
+        let StepOutput::Verdicts(v) = out else {
+            panic!()
+        };
         match &v[0] {
             Verdict::Error(message) => assert!(message.starts_with(expected), "{message}"),
             other => panic!("{mode}: the plugin got through: {other:?}"),
@@ -133,9 +226,21 @@ fn files_and_environment_are_out_of_reach() {
 #[test]
 fn chatty_output_is_bounded_not_fatal() {
     let runtime = PluginRuntime::new(None).unwrap();
-    let limits = PluginLimits { call_timeout: Duration::from_secs(20), ..quick_limits() };
-    let plugin = load(&runtime, "hostile", r#"{"mode":"print","marker":""}"#, limits);
-    let out = plugin.instance().unwrap().apply(StepKind::Filter, &docs(&one("x\n")), 0).unwrap();
+    let limits = PluginLimits {
+        call_timeout: Duration::from_secs(20),
+        ..quick_limits()
+    };
+    let plugin = load(
+        &runtime,
+        "hostile",
+        r#"{"mode":"print","marker":""}"#,
+        limits,
+    );
+    let out = plugin
+        .instance()
+        .unwrap()
+        .apply(StepKind::Filter, &docs(&one("x\n")), 0)
+        .unwrap();
     assert_eq!(out, StepOutput::Verdicts(vec![Verdict::Keep]));
 }
 
@@ -143,11 +248,20 @@ fn chatty_output_is_bounded_not_fatal() {
 fn compiled_components_are_cached_by_content() {
     let cache = tempfile::tempdir().unwrap();
     let first = PluginRuntime::new(Some(cache.path().to_path_buf())).unwrap();
-    assert!(!first.load(&component("domain_terms"), PluginLimits::default()).unwrap().from_cache);
+    assert!(
+        !first
+            .load(&component("domain_terms"), PluginLimits::default())
+            .unwrap()
+            .from_cache
+    );
     let second = PluginRuntime::new(Some(cache.path().to_path_buf())).unwrap();
-    let plugin = second.load(&component("domain_terms"), PluginLimits::default()).unwrap();
+    let plugin = second
+        .load(&component("domain_terms"), PluginLimits::default())
+        .unwrap();
     assert!(plugin.from_cache);
-    let cached: Vec<_> = std::fs::read_dir(cache.path().join("components")).unwrap().collect();
+    let cached: Vec<_> = std::fs::read_dir(cache.path().join("components"))
+        .unwrap()
+        .collect();
     assert_eq!(cached.len(), 1);
 }
 
@@ -157,45 +271,108 @@ fn files_that_are_not_plugins_are_refused_clearly() {
     let runtime = PluginRuntime::new(None).unwrap();
     let junk = dir.path().join("junk.wasm");
     std::fs::write(&junk, b"\0asm\x01\0\0\0").unwrap(); // an empty core module
-    let err = format!("{:#}", runtime.load(&junk, PluginLimits::default()).err().unwrap());
-    assert!(err.contains("junk.wasm: not a WebAssembly component"), "{err}");
+    let err = format!(
+        "{:#}",
+        runtime.load(&junk, PluginLimits::default()).err().unwrap()
+    );
+    assert!(
+        err.contains("junk.wasm: not a WebAssembly component"),
+        "{err}"
+    );
     let text = dir.path().join("text.wasm");
     std::fs::write(&text, b"hello").unwrap();
-    let err = format!("{:#}", runtime.load(&text, PluginLimits::default()).err().unwrap());
-    assert!(err.contains("text.wasm: not a WebAssembly component"), "{err}");
+    let err = format!(
+        "{:#}",
+        runtime.load(&text, PluginLimits::default()).err().unwrap()
+    );
+    assert!(
+        err.contains("text.wasm: not a WebAssembly component"),
+        "{err}"
+    );
 }
 
 #[test]
 fn domain_terms_metric_accumulates_across_batches() {
     let runtime = PluginRuntime::new(None).unwrap();
-    let plugin = load(&runtime, "domain_terms", r#"{"terms":["fever","发热"]}"#, PluginLimits::default());
+    let plugin = load(
+        &runtime,
+        "domain_terms",
+        r#"{"terms":["fever","发热"]}"#,
+        PluginLimits::default(),
+    );
     let mut session = plugin.metric_session().unwrap();
-    let sample = |r: &str, p: &str| Sample { reference: r.into(), predicted: p.into(), token_logprobs: vec![-0.5], continuation: None };
-    session.add_batch(&[sample("Fever and fever; 发热", "a fever, 发热发热")]).unwrap();
-    session.add_batch(&[sample("no terms here", "fever")]).unwrap();
-    let values: Vec<(String, f64)> = session.compute().unwrap().into_iter().map(|m| (m.name, m.value)).collect();
+    let sample = |r: &str, p: &str| Sample {
+        reference: r.into(),
+        predicted: p.into(),
+        token_logprobs: vec![-0.5],
+        continuation: None,
+    };
+    session
+        .add_batch(&[sample("Fever and fever; 发热", "a fever, 发热发热")])
+        .unwrap();
+    session
+        .add_batch(&[sample("no terms here", "fever")])
+        .unwrap();
+    let values: Vec<(String, f64)> = session
+        .compute()
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.name, m.value))
+        .collect();
     assert_eq!(values[0], ("term_recall".to_string(), 2.0 / 3.0));
     assert_eq!(values[1], ("term_precision".to_string(), 0.5));
     assert_eq!(values[2], ("term_occurrences".to_string(), 3.0));
     // A filter is not a metric.
     let filter = load(&runtime, "medical_clean", "{}", PluginLimits::default());
-    assert!(filter.metric_session().err().unwrap().to_string().contains("not a metric plugin"));
+    assert!(
+        filter
+            .metric_session()
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("not a metric plugin")
+    );
 }
 
 #[test]
 fn augmenter_is_seeded_and_names_parents() {
     let runtime = PluginRuntime::new(None).unwrap();
-    let plugin = load(&runtime, "augment_eda", r#"{"num_aug":2}"#, PluginLimits::default());
+    let plugin = load(
+        &runtime,
+        "augment_eda",
+        r#"{"num_aug":2}"#,
+        PluginLimits::default(),
+    );
     let texts = vec![
-        ("a.txt:1".to_string(), "The patient had a severe fever and a bad cough for three days.\n".to_string()),
+        (
+            "a.txt:1".to_string(),
+            "The patient had a severe fever and a bad cough for three days.\n".to_string(),
+        ),
         ("a.txt:2".to_string(), "短\n".to_string()),
-        ("a.txt:3".to_string(), "患者出现发热、咳嗽等症状，医生建议立即治疗并检查。\n".to_string()),
+        (
+            "a.txt:3".to_string(),
+            "患者出现发热、咳嗽等症状，医生建议立即治疗并检查。\n".to_string(),
+        ),
     ];
     let mut instance = plugin.instance().unwrap();
-    let first = instance.apply(StepKind::Augmenter, &docs(&texts), 7).unwrap();
-    assert_eq!(first, instance.apply(StepKind::Augmenter, &docs(&texts), 7).unwrap());
-    assert_ne!(first, instance.apply(StepKind::Augmenter, &docs(&texts), 8).unwrap());
-    let StepOutput::Derived(derived) = first else { panic!() };
+    let first = instance
+        .apply(StepKind::Augmenter, &docs(&texts), 7)
+        .unwrap();
+    assert_eq!(
+        first,
+        instance
+            .apply(StepKind::Augmenter, &docs(&texts), 7)
+            .unwrap()
+    );
+    assert_ne!(
+        first,
+        instance
+            .apply(StepKind::Augmenter, &docs(&texts), 8)
+            .unwrap()
+    );
+    let StepOutput::Derived(derived) = first else {
+        panic!()
+    };
     let parents: Vec<u32> = derived.iter().map(|d| d.parent).collect();
     assert_eq!(parents, [0, 0, 2, 2]);
     assert!(derived.iter().all(|d| d.text.ends_with('\n')));

@@ -18,21 +18,32 @@ use safetensors::SafeTensors;
 fn packing_matches_hf_valid_blocks_exactly() {
     let fixture = repo().join("tests/fixtures/bloom-tiny");
     let tokenizer = Tokenizer::from_dir(&fixture_model()).unwrap();
-    let file = corpus::read_file(&fixture.join("valid.txt"), &pt_data::ReadOptions::default()).unwrap();
-    let documents: Vec<Vec<u32>> = file.documents.iter().map(|d| tokenizer.encode_document(&d.text).unwrap()).collect();
+    let file =
+        corpus::read_file(&fixture.join("valid.txt"), &pt_data::ReadOptions::default()).unwrap();
+    let documents: Vec<Vec<u32>> = file
+        .documents
+        .iter()
+        .map(|d| tokenizer.encode_document(&d.text).unwrap())
+        .collect();
     let (blocks, _) = packing::pack(&documents, 32);
 
     let bytes = fs::read(fixture.join("expected.safetensors")).unwrap();
     let expected = SafeTensors::deserialize(&bytes).unwrap();
     let valid = expected.tensor("valid_blocks").unwrap();
     assert_eq!(valid.shape(), [blocks.len(), 32]);
-    let expected_ids: Vec<u32> =
-        valid.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect();
+    let expected_ids: Vec<u32> = valid
+        .data()
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        .collect();
     assert_eq!(blocks.input_ids, expected_ids);
 }
 
 fn pt_host(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pt-host")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stderr(output: &Output) -> String {
@@ -53,7 +64,11 @@ impl Run {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let (out, cache) = (dir.path().join("out"), dir.path().join("cache"));
-        Self { _dir: dir, out, cache }
+        Self {
+            _dir: dir,
+            out,
+            cache,
+        }
     }
 
     fn prepare(&self, train_dir: &Path, extra: &[&str]) -> Output {
@@ -82,12 +97,23 @@ impl Run {
     }
 
     fn excluded(&self) -> Vec<serde_json::Value> {
-        fs::read_to_string(self.out.join("excluded.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+        fs::read_to_string(self.out.join("excluded.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
     }
 
     fn cached_train(&self) -> Blocks {
         let report = self.report();
-        Blocks::load(&self.cache.join("datasets").join(&report.cache_key).join("train.safetensors")).unwrap()
+        Blocks::load(
+            &self
+                .cache
+                .join("datasets")
+                .join(&report.cache_key)
+                .join("train.safetensors"),
+        )
+        .unwrap()
     }
 }
 
@@ -99,22 +125,39 @@ fn corpus_dir() -> PathBuf {
 fn medical_clean_on_the_shipped_corpus_reports_every_document() {
     let run = Run::new();
     let plugin = component("medical_clean");
-    let output = run.prepare(&corpus_dir(), &["--plugin", plugin.to_str().unwrap(), "--block_size", "512"]);
+    let output = run.prepare(
+        &corpus_dir(),
+        &["--plugin", plugin.to_str().unwrap(), "--block_size", "512"],
+    );
     assert!(output.status.success(), "{}", stderr(&output));
     let report = run.report();
     assert!(!report.cache_hit);
 
     // Every input line is a document of one split.
     let lines: u64 = report.files.iter().map(|f| f.documents).sum();
-    assert_eq!(report.train.documents_read + report.validation.documents_read, lines);
+    assert_eq!(
+        report.train.documents_read + report.validation.documents_read,
+        lines
+    );
     for file in &report.files {
-        assert_eq!(file.bytes, fs::metadata(&file.path).unwrap().len(), "{}", file.path);
+        assert_eq!(
+            file.bytes,
+            fs::metadata(&file.path).unwrap().len(),
+            "{}",
+            file.path
+        );
     }
     let mut dropped_total = 0;
     for split in [&report.train, &report.validation] {
-        let [mapper, filter] = &split.steps[..] else { panic!("two steps: {:?}", split.steps) };
+        let [mapper, filter] = &split.steps[..] else {
+            panic!("two steps: {:?}", split.steps)
+        };
         for step in [mapper, filter] {
-            assert_eq!(step.kept + step.dropped + step.errors, step.input, "{step:?}");
+            assert_eq!(
+                step.kept + step.dropped + step.errors,
+                step.input,
+                "{step:?}"
+            );
             assert_eq!(step.dropped_by_reason.values().sum::<u64>(), step.dropped);
             dropped_total += step.dropped;
         }
@@ -129,7 +172,10 @@ fn medical_clean_on_the_shipped_corpus_reports_every_document() {
     assert!(report.train.steps[1].dropped_by_reason["too_short"] > 0);
     // 1% of the documents (HF's train[:1%]) is validation.
     let all = report.train.documents_read + report.validation.documents_read;
-    assert_eq!(report.validation.documents_read, (all as f64 / 100.0).round() as u64);
+    assert_eq!(
+        report.validation.documents_read,
+        (all as f64 / 100.0).round() as u64
+    );
 
     let excluded = run.excluded();
     assert_eq!(excluded.len() as u64, dropped_total);
@@ -138,11 +184,20 @@ fn medical_clean_on_the_shipped_corpus_reports_every_document() {
     let source = first["source"].as_str().unwrap();
     let (path, line) = source.rsplit_once(':').unwrap();
     let original = fs::read_to_string(path).unwrap();
-    let original_line = original.lines().nth(line.parse::<usize>().unwrap() - 1).unwrap();
-    assert!(!original_line.trim().is_empty(), "{source} names a real line");
+    let original_line = original
+        .lines()
+        .nth(line.parse::<usize>().unwrap() - 1)
+        .unwrap();
+    assert!(
+        !original_line.trim().is_empty(),
+        "{source} names a real line"
+    );
 
     let blocks = run.cached_train();
-    assert_eq!((blocks.len() as u64, blocks.block_size), (report.train.blocks, 512));
+    assert_eq!(
+        (blocks.len() as u64, blocks.block_size),
+        (report.train.blocks, 512)
+    );
     assert!(stdout(&output).contains("(built)"));
 }
 
@@ -150,32 +205,80 @@ fn medical_clean_on_the_shipped_corpus_reports_every_document() {
 fn a_second_run_hits_both_caches_and_overwrite_rebuilds() {
     let run = Run::new();
     let plugin = component("medical_clean");
-    let args = ["--plugin", plugin.to_str().unwrap(), "--block_size", "256", "--preprocessing_num_workers", "1"];
+    let args = [
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--block_size",
+        "256",
+        "--preprocessing_num_workers",
+        "1",
+    ];
     let first = run.prepare(&corpus_dir(), &args);
     assert!(first.status.success(), "{}", stderr(&first));
     assert!(stderr(&first).contains("; compiled)"));
-    let built = fs::read(run.cache.join("datasets").join(run.report().cache_key).join("train.safetensors")).unwrap();
+    let built = fs::read(
+        run.cache
+            .join("datasets")
+            .join(run.report().cache_key)
+            .join("train.safetensors"),
+    )
+    .unwrap();
     let default_documents = run.report().train.documents;
 
     let second = run.prepare(&corpus_dir(), &args);
     assert!(second.status.success());
-    assert!(stderr(&second).contains("compiled code from cache"), "{}", stderr(&second));
-    assert!(stdout(&second).contains("(cache hit)"), "{}", stdout(&second));
+    assert!(
+        stderr(&second).contains("compiled code from cache"),
+        "{}",
+        stderr(&second)
+    );
+    assert!(
+        stdout(&second).contains("(cache hit)"),
+        "{}",
+        stdout(&second)
+    );
     assert!(run.report().cache_hit);
-    assert!(!stderr(&second).contains("documents/s"), "no document was processed again");
+    assert!(
+        !stderr(&second).contains("documents/s"),
+        "no document was processed again"
+    );
 
     // Two workers, forced rebuild: the same blocks, byte for byte.
-    let args2 = ["--plugin", plugin.to_str().unwrap(), "--block_size", "256", "--preprocessing_num_workers", "2", "--overwrite_cache"];
+    let args2 = [
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--block_size",
+        "256",
+        "--preprocessing_num_workers",
+        "2",
+        "--overwrite_cache",
+    ];
     let third = run.prepare(&corpus_dir(), &args2);
     assert!(third.status.success());
     assert!(stdout(&third).contains("(built)"));
-    let rebuilt = fs::read(run.cache.join("datasets").join(run.report().cache_key).join("train.safetensors")).unwrap();
+    let rebuilt = fs::read(
+        run.cache
+            .join("datasets")
+            .join(run.report().cache_key)
+            .join("train.safetensors"),
+    )
+    .unwrap();
     assert_eq!(built, rebuilt);
 
     // A different configuration is a different dataset.
-    let fourth = run.prepare(&corpus_dir(), &[&args[..], &["--plugin_config", "medical_clean={\"min_chars\": 40}"]].concat());
+    let fourth = run.prepare(
+        &corpus_dir(),
+        &[
+            &args[..],
+            &["--plugin_config", "medical_clean={\"min_chars\": 40}"],
+        ]
+        .concat(),
+    );
     assert!(stdout(&fourth).contains("(built)"), "{}", stdout(&fourth));
-    assert!(run.report().train.documents < default_documents, "a stricter min_chars drops more");
+    assert!(
+        run.report().train.documents < default_documents,
+        "a stricter min_chars drops more"
+    );
 }
 
 fn small_corpus(dir: &Path, lines: &[&str]) -> PathBuf {
@@ -189,28 +292,70 @@ fn small_corpus(dir: &Path, lines: &[&str]) -> PathBuf {
 fn a_trapping_plugin_fails_the_run_naming_plugin_document_and_cause_or_is_skipped() {
     let run = Run::new();
     let dir = tempfile::tempdir().unwrap();
-    let corpus = small_corpus(dir.path(), &["first line is fine", "second is fine", "third will BOOM", "fourth is fine"]);
+    let corpus = small_corpus(
+        dir.path(),
+        &[
+            "first line is fine",
+            "second is fine",
+            "third will BOOM",
+            "fourth is fine",
+        ],
+    );
     let plugin = component("hostile");
     let config = r#"hostile={"mode":"trap","marker":"BOOM"}"#;
-    let base = ["--plugin", plugin.to_str().unwrap(), "--plugin_config", config, "--validation_split_percentage", "0", "--block_size", "4"];
+    let base = [
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--plugin_config",
+        config,
+        "--validation_split_percentage",
+        "0",
+        "--block_size",
+        "4",
+    ];
     let failed = run.prepare(&corpus, &base);
     assert_eq!(failed.status.code(), Some(1));
     let message = stderr(&failed);
-    assert!(message.contains("plugin `hostile` (filter) failed on document"), "{message}");
+    assert!(
+        message.contains("plugin `hostile` (filter) failed on document"),
+        "{message}"
+    );
     assert!(message.contains("corpus/a.txt:3"), "{message}");
-    assert!(message.contains("hostile plugin panicked on purpose"), "{message}");
+    assert!(
+        message.contains("hostile plugin panicked on purpose"),
+        "{message}"
+    );
     assert!(message.contains("--on_plugin_error skip"), "{message}");
-    assert!(!message.contains("RUST_BACKTRACE"), "the guest's backtrace hint is noise here: {message}");
-    assert!(!run.out.join("data_report.json").exists(), "no report of a failed run");
+    assert!(
+        !message.contains("RUST_BACKTRACE"),
+        "the guest's backtrace hint is noise here: {message}"
+    );
+    assert!(
+        !run.out.join("data_report.json").exists(),
+        "no report of a failed run"
+    );
 
-    let skipped = run.prepare(&corpus, &[&base[..], &["--on_plugin_error", "skip"]].concat());
+    let skipped = run.prepare(
+        &corpus,
+        &[&base[..], &["--on_plugin_error", "skip"]].concat(),
+    );
     assert!(skipped.status.success(), "{}", stderr(&skipped));
     let step = &run.report().train.steps[0];
     assert_eq!((step.input, step.kept, step.errors), (4, 3, 1));
     let excluded = run.excluded();
     assert_eq!(excluded.len(), 1);
-    assert!(excluded[0]["source"].as_str().unwrap().ends_with("corpus/a.txt:3"));
-    assert!(excluded[0]["reason"].as_str().unwrap().starts_with("error: trapped"));
+    assert!(
+        excluded[0]["source"]
+            .as_str()
+            .unwrap()
+            .ends_with("corpus/a.txt:3")
+    );
+    assert!(
+        excluded[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("error: trapped")
+    );
 }
 
 #[test]
@@ -235,25 +380,50 @@ fn a_looping_plugin_is_stopped_by_the_deadline() {
     );
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
-    assert!(message.contains("a.txt:2") && message.contains("did not finish within the 200 ms deadline"), "{message}");
+    assert!(
+        message.contains("a.txt:2")
+            && message.contains("did not finish within the 200 ms deadline"),
+        "{message}"
+    );
     // Bisection: one batch, then each half, then the single document.
-    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[test]
 fn augmentation_adds_training_documents_only_and_is_reproducible() {
     let run = Run::new();
     let plugin = component("augment_eda");
-    let args = ["--plugin", plugin.to_str().unwrap(), "--block_size", "128", "--validation_split_percentage", "5"];
+    let args = [
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--block_size",
+        "128",
+        "--validation_split_percentage",
+        "5",
+    ];
     let output = run.prepare(&corpus_dir(), &args);
     assert!(output.status.success(), "{}", stderr(&output));
     let report = run.report();
     let step = &report.train.steps[0];
     assert!(step.added > 0);
     assert_eq!(report.train.documents, step.kept + step.added);
-    assert!(report.validation.steps.is_empty(), "validation data is never augmented");
+    assert!(
+        report.validation.steps.is_empty(),
+        "validation data is never augmented"
+    );
     let first = run.cached_train();
-    let again = run.prepare(&corpus_dir(), &[&args[..], &["--overwrite_cache", "--preprocessing_num_workers", "1"]].concat());
+    let again = run.prepare(
+        &corpus_dir(),
+        &[
+            &args[..],
+            &["--overwrite_cache", "--preprocessing_num_workers", "1"],
+        ]
+        .concat(),
+    );
     assert!(again.status.success());
     assert_eq!(run.cached_train(), first);
 }
@@ -270,7 +440,16 @@ fn validation_dir_and_padding_without_packing() {
     fs::copy(fixture.join("valid.txt"), valid.join("valid.txt")).unwrap();
     let output = run.prepare(
         &train,
-        &["--validation_file_dir", valid.to_str().unwrap(), "--packing", "false", "--block_size", "64", "--max_eval_samples", "5"],
+        &[
+            "--validation_file_dir",
+            valid.to_str().unwrap(),
+            "--packing",
+            "false",
+            "--block_size",
+            "64",
+            "--max_eval_samples",
+            "5",
+        ],
     );
     assert!(output.status.success(), "{}", stderr(&output));
     let report = run.report();
@@ -280,12 +459,22 @@ fn validation_dir_and_padding_without_packing() {
     assert_eq!(report.validation.blocks_truncated, 35);
     let blocks = run.cached_train();
     let tokenizer = Tokenizer::from_dir(&fixture_model()).unwrap();
-    let first_line = fs::read_to_string(train.join("train.txt")).unwrap().lines().next().unwrap().to_string() + "\n";
+    let first_line = fs::read_to_string(train.join("train.txt"))
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string()
+        + "\n";
     let ids = tokenizer.encode_document(&first_line).unwrap();
     let real = ids.len().min(64);
     assert_eq!(&blocks.row(0)[..real], &ids[..real]);
     assert!(blocks.labels(0)[real..].iter().all(|&l| l == -100));
-    assert!(blocks.row(0)[real..].iter().all(|&id| id == tokenizer.pad_id));
+    assert!(
+        blocks.row(0)[real..]
+            .iter()
+            .all(|&id| id == tokenizer.pad_id)
+    );
 }
 
 #[test]
@@ -293,27 +482,87 @@ fn user_errors_are_one_clear_message() {
     let run = Run::new();
     let missing = run.prepare(Path::new("/nonexistent/corpus"), &[]);
     assert_eq!(missing.status.code(), Some(1));
-    assert!(stderr(&missing).contains("/nonexistent/corpus: no such directory"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("/nonexistent/corpus: no such directory"),
+        "{}",
+        stderr(&missing)
+    );
 
     let bad_flag = pt_host(&["prepare", "--train_file_dirr", "x"]);
     assert_eq!(bad_flag.status.code(), Some(2));
-    assert!(stderr(&bad_flag).contains("--train_file_dir"), "clap suggests the right flag: {}", stderr(&bad_flag));
+    assert!(
+        stderr(&bad_flag).contains("--train_file_dir"),
+        "clap suggests the right flag: {}",
+        stderr(&bad_flag)
+    );
 
     let plugin = component("medical_clean");
-    let unknown = run.prepare(&corpus_dir(), &["--plugin", plugin.to_str().unwrap(), "--plugin_config", "medical=", "--block_size", "64"]);
-    assert!(stderr(&unknown).contains("--plugin_config medical: no plugin of that name is loaded (loaded: medical_clean)"), "{}", stderr(&unknown));
-    let bad_json = run.prepare(&corpus_dir(), &["--plugin", plugin.to_str().unwrap(), "--plugin_config", "medical_clean={min_chars:3}"]);
-    assert!(stderr(&bad_json).contains("--plugin_config medical_clean: invalid JSON"), "{}", stderr(&bad_json));
-    let rejected = run.prepare(&corpus_dir(), &["--plugin", plugin.to_str().unwrap(), "--plugin_config", r#"medical_clean={"min_chars":"many"}"#]);
+    let unknown = run.prepare(
+        &corpus_dir(),
+        &[
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "--plugin_config",
+            "medical=",
+            "--block_size",
+            "64",
+        ],
+    );
+    assert!(
+        stderr(&unknown).contains(
+            "--plugin_config medical: no plugin of that name is loaded (loaded: medical_clean)"
+        ),
+        "{}",
+        stderr(&unknown)
+    );
+    let bad_json = run.prepare(
+        &corpus_dir(),
+        &[
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "--plugin_config",
+            "medical_clean={min_chars:3}",
+        ],
+    );
+    assert!(
+        stderr(&bad_json).contains("--plugin_config medical_clean: invalid JSON"),
+        "{}",
+        stderr(&bad_json)
+    );
+    let rejected = run.prepare(
+        &corpus_dir(),
+        &[
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "--plugin_config",
+            r#"medical_clean={"min_chars":"many"}"#,
+        ],
+    );
     let message = stderr(&rejected);
-    assert!(message.contains("plugin `medical_clean`") && message.contains("invalid type: string \"many\""), "{message}");
+    assert!(
+        message.contains("plugin `medical_clean`")
+            && message.contains("invalid type: string \"many\""),
+        "{message}"
+    );
     let no_plugin = run.prepare(&corpus_dir(), &["--plugin", "nope.wasm"]);
-    assert!(stderr(&no_plugin).contains("--plugin nope.wasm: no such file"), "{}", stderr(&no_plugin));
+    assert!(
+        stderr(&no_plugin).contains("--plugin nope.wasm: no such file"),
+        "{}",
+        stderr(&no_plugin)
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let corpus = dir.path().join("corpus");
     fs::create_dir_all(&corpus).unwrap();
-    fs::write(corpus.join("bad.jsonl"), "{\"text\": \"fine\"}\n{\"text\": \n").unwrap();
+    fs::write(
+        corpus.join("bad.jsonl"),
+        "{\"text\": \"fine\"}\n{\"text\": \n",
+    )
+    .unwrap();
     let malformed = run.prepare(&corpus, &[]);
-    assert!(stderr(&malformed).contains("bad.jsonl:2: malformed JSON"), "{}", stderr(&malformed));
+    assert!(
+        stderr(&malformed).contains("bad.jsonl:2: malformed JSON"),
+        "{}",
+        stderr(&malformed)
+    );
 }

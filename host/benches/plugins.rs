@@ -10,7 +10,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use pt_data::{DocRef, ErrorPolicy, PipelineOptions, StepInstance, StepKind, StepOutput, StepPlugin, Tokenizer, Verdict};
+use pt_data::{
+    DocRef, ErrorPolicy, PipelineOptions, StepInstance, StepKind, StepOutput, StepPlugin,
+    Tokenizer, Verdict,
+};
 use pt_plugin_host::{PluginLimits, PluginRuntime};
 use pt_plugin_sdk::{Document, Edit, Plugin};
 
@@ -37,7 +40,10 @@ fn main() {
     let native = medical_clean::MedicalClean::configure("{}").unwrap();
     let native_s = best_of(budget, || {
         for (source, text) in &docs {
-            let doc = Document { source: source.clone(), text: text.clone() };
+            let doc = Document {
+                source: source.clone(),
+                text: text.clone(),
+            };
             let cleaned = match native.map(&doc) {
                 Edit::Replace(t) => Document { text: t, ..doc },
                 _ => doc,
@@ -47,31 +53,57 @@ fn main() {
     });
 
     let runtime = PluginRuntime::new(None).unwrap();
-    let mut plugin = runtime.load(&common::component("medical_clean"), PluginLimits::default()).unwrap();
+    let mut plugin = runtime
+        .load(&common::component("medical_clean"), PluginLimits::default())
+        .unwrap();
     plugin.configure("{}").unwrap();
     let mut instance = plugin.instance().unwrap();
     let component_s = best_of(budget, || {
         for chunk in docs.chunks(BATCH) {
-            let refs: Vec<DocRef<'_>> = chunk.iter().map(|(s, t)| DocRef { source: s, text: t }).collect();
-            let StepOutput::Verdicts(mapped) = instance.apply(StepKind::Mapper, &refs, 0).unwrap() else { unreachable!() };
+            let refs: Vec<DocRef<'_>> = chunk
+                .iter()
+                .map(|(s, t)| DocRef { source: s, text: t })
+                .collect();
+            let StepOutput::Verdicts(mapped) = instance.apply(StepKind::Mapper, &refs, 0).unwrap()
+            else {
+                unreachable!()
+            };
             let texts: Vec<&str> = chunk
                 .iter()
                 .zip(&mapped)
-                .map(|((_, t), v)| if let Verdict::Replace(new) = v { new.as_str() } else { t.as_str() })
+                .map(|((_, t), v)| {
+                    if let Verdict::Replace(new) = v {
+                        new.as_str()
+                    } else {
+                        t.as_str()
+                    }
+                })
                 .collect();
-            let refs: Vec<DocRef<'_>> = chunk.iter().zip(&texts).map(|((s, _), t)| DocRef { source: s, text: t }).collect();
+            let refs: Vec<DocRef<'_>> = chunk
+                .iter()
+                .zip(&texts)
+                .map(|((s, _), t)| DocRef { source: s, text: t })
+                .collect();
             std::hint::black_box(instance.apply(StepKind::Filter, &refs, 0).unwrap());
         }
     });
 
     let tokenizer = Tokenizer::from_dir(&common::fixture_model()).unwrap();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let inputs: Vec<pt_data::pipeline::InputDoc<'_>> =
-        docs.iter().map(|(s, t)| pt_data::pipeline::InputDoc { source: s, text: t }).collect();
+    let inputs: Vec<pt_data::pipeline::InputDoc<'_>> = docs
+        .iter()
+        .map(|(s, t)| pt_data::pipeline::InputDoc { source: s, text: t })
+        .collect();
     let pipeline = |plugins: &[&dyn StepPlugin], workers: usize| {
-        let options = PipelineOptions { batch_size: BATCH, workers, on_error: ErrorPolicy::Fail, seed: 0 };
+        let options = PipelineOptions {
+            batch_size: BATCH,
+            workers,
+            on_error: ErrorPolicy::Fail,
+            seed: 0,
+        };
         best_of(budget, || {
-            pt_data::pipeline::run(&inputs, plugins, true, &tokenizer, &options, &|_, _| {}).unwrap();
+            pt_data::pipeline::run(&inputs, plugins, true, &tokenizer, &options, &|_, _| {})
+                .unwrap();
         })
     };
     let tokenize_only = pipeline(&[], cores);
@@ -79,14 +111,51 @@ fn main() {
     let with_plugin_n = pipeline(&[&plugin], cores);
 
     let n = docs.len() as f64;
-    println!("corpus: {} documents, {mb:.2} MB (data/pretrain)", docs.len());
-    println!("{:<44} {:>10} {:>12}", "medical_clean (mapper + filter)", "MB/s", "documents/s");
-    println!("{:<44} {:>10.1} {:>12.0}", "native Rust, 1 thread", mb / native_s, n / native_s);
-    println!("{:<44} {:>10.1} {:>12.0}", "WebAssembly component, 1 thread", mb / component_s, n / component_s);
+    println!(
+        "corpus: {} documents, {mb:.2} MB (data/pretrain)",
+        docs.len()
+    );
+    println!(
+        "{:<44} {:>10} {:>12}",
+        "medical_clean (mapper + filter)", "MB/s", "documents/s"
+    );
+    println!(
+        "{:<44} {:>10.1} {:>12.0}",
+        "native Rust, 1 thread",
+        mb / native_s,
+        n / native_s
+    );
+    println!(
+        "{:<44} {:>10.1} {:>12.0}",
+        "WebAssembly component, 1 thread",
+        mb / component_s,
+        n / component_s
+    );
     println!("component / native ratio: {:.2}", native_s / component_s);
-    println!("{:<44} {:>10} {:>12}", "pipeline (plugins + tokenizer, bloom-tiny)", "MB/s", "documents/s");
-    println!("{:<44} {:>10.1} {:>12.0}", format!("tokenize only, {cores} workers"), mb / tokenize_only, n / tokenize_only);
-    println!("{:<44} {:>10.1} {:>12.0}", "medical_clean + tokenize, 1 worker", mb / with_plugin_1, n / with_plugin_1);
-    println!("{:<44} {:>10.1} {:>12.0}", format!("medical_clean + tokenize, {cores} workers"), mb / with_plugin_n, n / with_plugin_n);
-    println!("scaling 1 -> {cores} workers: {:.2}x", with_plugin_1 / with_plugin_n);
+    println!(
+        "{:<44} {:>10} {:>12}",
+        "pipeline (plugins + tokenizer, bloom-tiny)", "MB/s", "documents/s"
+    );
+    println!(
+        "{:<44} {:>10.1} {:>12.0}",
+        format!("tokenize only, {cores} workers"),
+        mb / tokenize_only,
+        n / tokenize_only
+    );
+    println!(
+        "{:<44} {:>10.1} {:>12.0}",
+        "medical_clean + tokenize, 1 worker",
+        mb / with_plugin_1,
+        n / with_plugin_1
+    );
+    println!(
+        "{:<44} {:>10.1} {:>12.0}",
+        format!("medical_clean + tokenize, {cores} workers"),
+        mb / with_plugin_n,
+        n / with_plugin_n
+    );
+    println!(
+        "scaling 1 -> {cores} workers: {:.2}x",
+        with_plugin_1 / with_plugin_n
+    );
 }

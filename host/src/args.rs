@@ -14,7 +14,9 @@ pub fn parse_bool(value: &str) -> Result<bool, String> {
 pub fn parse_key_value(value: &str) -> Result<(String, String), String> {
     match value.split_once('=') {
         Some((name, rest)) if !name.is_empty() => Ok((name.to_string(), rest.to_string())),
-        _ => Err(format!("expected NAME=JSON (e.g. medical_clean='{{\"min_chars\":20}}'), got `{value}`")),
+        _ => Err(format!(
+            "expected NAME=JSON (e.g. medical_clean='{{\"min_chars\":20}}'), got `{value}`"
+        )),
     }
 }
 
@@ -22,7 +24,9 @@ pub fn parse_key_value(value: &str) -> Result<(String, String), String> {
 pub fn default_cache_dir() -> std::path::PathBuf {
     let base = std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cache")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cache"))
+        })
         .unwrap_or_else(std::env::temp_dir);
     base.join("pt-host")
 }
@@ -36,7 +40,10 @@ mod tests {
         assert_eq!(parse_bool("True"), Ok(true));
         assert_eq!(parse_bool("false"), Ok(false));
         assert!(parse_bool("maybe").unwrap_err().contains("maybe"));
-        assert_eq!(parse_key_value("a={\"x\":1}"), Ok(("a".into(), "{\"x\":1}".into())));
+        assert_eq!(
+            parse_key_value("a={\"x\":1}"),
+            Ok(("a".into(), "{\"x\":1}".into()))
+        );
         assert!(parse_key_value("={}").is_err());
     }
 }

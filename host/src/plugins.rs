@@ -53,11 +53,12 @@ impl PluginArgs {
 /// The configuration text of `--plugin_config NAME=...`, as canonical JSON.
 fn config_json(name: &str, value: &str) -> Result<String> {
     let text = match value.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("--plugin_config {name}: cannot read {path}"))?,
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("--plugin_config {name}: cannot read {path}"))?,
         None => value.to_string(),
     };
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("--plugin_config {name}: invalid JSON `{text}`"))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("--plugin_config {name}: invalid JSON `{text}`"))?;
     if !json.is_object() {
         bail!("--plugin_config {name}: expected a JSON object, got `{text}`");
     }
@@ -75,22 +76,44 @@ pub fn load(args: &PluginArgs, cache_dir: &Path) -> Result<(PluginRuntime, Vec<L
         loaded.push(runtime.load(path, args.limits())?);
     }
     for (name, _) in &args.plugin_configs {
-        let known = loaded.iter().any(|p| p.name.as_ref() == name || p.path.file_stem().is_some_and(|s| s == name.as_str()));
+        let known = loaded.iter().any(|p| {
+            p.name.as_ref() == name || p.path.file_stem().is_some_and(|s| s == name.as_str())
+        });
         if !known {
             let names: Vec<&str> = loaded.iter().map(|p| p.name.as_ref()).collect();
-            bail!("--plugin_config {name}: no plugin of that name is loaded (loaded: {})", names.join(", "));
+            bail!(
+                "--plugin_config {name}: no plugin of that name is loaded (loaded: {})",
+                names.join(", ")
+            );
         }
     }
     for plugin in &mut loaded {
-        let stem = plugin.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-        let given = args.plugin_configs.iter().rev().find(|(name, _)| *name == *plugin.name || *name == stem);
+        let stem = plugin
+            .path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let given = args
+            .plugin_configs
+            .iter()
+            .rev()
+            .find(|(name, _)| *name == *plugin.name || *name == stem);
         let config = match given {
             Some((name, value)) => config_json(name, value)?,
             None => "{}".to_string(),
         };
         plugin.configure(&config)?;
-        let compiled = if plugin.from_cache { "compiled code from cache" } else { "compiled" };
-        eprintln!("plugin {} {} ({}; {compiled})", plugin.name, plugin.info.version, &plugin.digest[..19]);
+        let compiled = if plugin.from_cache {
+            "compiled code from cache"
+        } else {
+            "compiled"
+        };
+        eprintln!(
+            "plugin {} {} ({}; {compiled})",
+            plugin.name,
+            plugin.info.version,
+            &plugin.digest[..19]
+        );
     }
     Ok((runtime, loaded))
 }

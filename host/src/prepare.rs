@@ -3,7 +3,10 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use pt_data::{ErrorPolicy, PipelineOptions, PluginReport, PrepareOptions, PreparePlugin, ReadOptions, Tokenizer};
+use pt_data::{
+    ErrorPolicy, PipelineOptions, PluginReport, PrepareOptions, PreparePlugin, ReadOptions,
+    StepKind, Tokenizer,
+};
 
 use crate::args::{default_cache_dir, parse_bool};
 use crate::plugins::{self, OnPluginError, PluginArgs};
@@ -68,14 +71,23 @@ pub struct PrepareArgs {
 
 pub fn run(args: PrepareArgs) -> Result<()> {
     if !(0.0..100.0).contains(&args.validation_split_percentage) {
-        bail!("--validation_split_percentage must be in [0, 100), got {}", args.validation_split_percentage);
+        bail!(
+            "--validation_split_percentage must be in [0, 100), got {}",
+            args.validation_split_percentage
+        );
     }
-    let workers = args.preprocessing_num_workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let workers = args
+        .preprocessing_num_workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if workers == 0 {
         bail!("--preprocessing_num_workers must be at least 1");
     }
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    let tokenizer = Tokenizer::from_dir(args.tokenizer_name_or_path.as_ref().unwrap_or(&args.model_name_or_path))?;
+    let tokenizer = Tokenizer::from_dir(
+        args.tokenizer_name_or_path
+            .as_ref()
+            .unwrap_or(&args.model_name_or_path),
+    )?;
     let (_runtime, loaded) = plugins::load(&args.plugins, &cache_dir)?;
     let plugins: Vec<PreparePlugin<'_>> = loaded
         .iter()
@@ -93,7 +105,10 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         train_dir: args.train_file_dir,
         validation_dir: args.validation_file_dir,
         validation_split_percentage: args.validation_split_percentage,
-        read: ReadOptions { keep_linebreaks: args.keep_linebreaks, text_field: args.text_field },
+        read: ReadOptions {
+            keep_linebreaks: args.keep_linebreaks,
+            text_field: args.text_field,
+        },
         block_size: args.block_size as usize,
         packing: args.packing,
         max_train_samples: args.max_train_samples,
@@ -117,7 +132,11 @@ pub fn run(args: PrepareArgs) -> Result<()> {
 }
 
 fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
-    let cache = if report.cache_hit { "cache hit" } else { "built" };
+    let cache = if report.cache_hit {
+        "cache hit"
+    } else {
+        "built"
+    };
     println!("dataset {} ({cache})", &report.cache_key[..16]);
     for (name, split) in [("train", &report.train), ("validation", &report.validation)] {
         println!(
@@ -125,20 +144,33 @@ fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
             split.documents_read, split.documents, split.tokens, split.blocks, report.block_size
         );
         for step in &split.steps {
-            let kind = step.kind.map_or(String::new(), |k| format!("{k:?}").to_lowercase());
-            let reasons: Vec<String> = step.dropped_by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect();
-            println!(
-                "  {} {kind}: {} in, {} kept ({} rewritten), {} dropped{}, {} errors, {} added, {:.2} s",
-                step.plugin,
-                step.input,
-                step.kept,
-                step.replaced,
-                step.dropped,
-                if reasons.is_empty() { String::new() } else { format!(" ({})", reasons.join(", ")) },
-                step.errors,
-                step.added,
-                step.seconds
-            );
+            let reasons: Vec<String> = step
+                .dropped_by_reason
+                .iter()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect();
+            let mut line = format!("  {} ", step.plugin);
+            match step.kind {
+                Some(StepKind::Mapper) => {
+                    line += &format!(
+                        "mapper: {} in, {} kept ({} rewritten)",
+                        step.input, step.kept, step.replaced
+                    )
+                }
+                Some(StepKind::Filter) => {
+                    line += &format!("filter: {} in, {} kept", step.input, step.kept)
+                }
+                Some(StepKind::Augmenter) => {
+                    line += &format!("augmenter: {} in, {} added", step.input, step.added)
+                }
+                None => line += &format!("{} in, {} kept", step.input, step.kept),
+            }
+            line += &format!(", {} dropped", step.dropped);
+            if !reasons.is_empty() {
+                line += &format!(" ({})", reasons.join(", "));
+            }
+            line += &format!(", {} errors, {:.2} s", step.errors, step.seconds);
+            println!("{line}");
         }
     }
     println!(

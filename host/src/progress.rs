@@ -6,28 +6,40 @@ use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// The bar of the split in progress, its name, document and byte totals, start time.
+type SplitBar = (ProgressBar, String, u64, u64, Instant);
+
 pub struct PrepareProgress {
     bar_enabled: bool,
-    /// The bar, split name, document and byte totals, start time.
-    current: Mutex<Option<(ProgressBar, String, u64, u64, Instant)>>,
+    current: Mutex<Option<SplitBar>>,
 }
 
 impl PrepareProgress {
     pub fn new(disable_tqdm: bool) -> Self {
-        Self { bar_enabled: !disable_tqdm && std::io::stderr().is_terminal(), current: Mutex::new(None) }
+        Self {
+            bar_enabled: !disable_tqdm && std::io::stderr().is_terminal(),
+            current: Mutex::new(None),
+        }
     }
 }
 
 impl pt_data::Progress for PrepareProgress {
     fn start(&self, split: &str, documents: u64, bytes: u64) {
-        let bar = if self.bar_enabled { ProgressBar::new(documents) } else { ProgressBar::hidden() };
+        let bar = if self.bar_enabled {
+            ProgressBar::new(documents)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>10} [{bar:30}] {pos}/{len} docs  {msg}  {elapsed} (eta {eta})")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>10} [{bar:30}] {pos}/{len} docs  {msg}  {elapsed} (eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(split.to_string());
-        *self.current.lock().unwrap() = Some((bar, split.to_string(), documents, bytes, Instant::now()));
+        *self.current.lock().unwrap() =
+            Some((bar, split.to_string(), documents, bytes, Instant::now()));
     }
 
     fn advance(&self, documents: u64, _bytes: u64) {

@@ -27,7 +27,10 @@ fn with_plugin<P: Plugin, R>(f: impl FnOnce(&P) -> R) -> R {
 }
 
 fn document(doc: wit::Document) -> Document {
-    Document { source: doc.source, text: doc.text }
+    Document {
+        source: doc.source,
+        text: doc.text,
+    }
 }
 
 #[doc(hidden)]
@@ -98,7 +101,10 @@ impl<P: Plugin> augmenter::Guest for Adapter<P> {
                 // depend on which other documents share its batch.
                 let mut rng = Rng::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
                 for text in p.augment(&document(doc), &mut rng) {
-                    derived.push(wit::DerivedDocument { parent: index as u32, text });
+                    derived.push(wit::DerivedDocument {
+                        parent: index as u32,
+                        text,
+                    });
                 }
             }
             derived
@@ -114,7 +120,10 @@ pub struct AccumulatorAdapter<P> {
 
 impl<P: Plugin> metric::GuestAccumulator for AccumulatorAdapter<P> {
     fn new() -> Self {
-        Self { inner: RefCell::new(with_plugin(|p: &P| p.new_accumulator())), _plugin: PhantomData }
+        Self {
+            inner: RefCell::new(with_plugin(|p: &P| p.new_accumulator())),
+            _plugin: PhantomData,
+        }
     }
 
     fn add_batch(&self, samples: Vec<wit::Sample>) {
@@ -134,7 +143,11 @@ impl<P: Plugin> metric::GuestAccumulator for AccumulatorAdapter<P> {
             .borrow()
             .compute()
             .into_iter()
-            .map(|m| wit::MetricValue { name: m.name, value: m.value, higher_is_better: m.higher_is_better })
+            .map(|m| wit::MetricValue {
+                name: m.name,
+                value: m.value,
+                higher_is_better: m.higher_is_better,
+            })
             .collect()
     }
 }

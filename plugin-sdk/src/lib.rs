@@ -232,7 +232,11 @@ pub trait Plugin: Sized + 'static {
 /// offending key and position. Use `#[serde(deny_unknown_fields)]` on `T` so
 /// that typos are caught, and `#[serde(default)]` so that `{}` works.
 pub fn parse_config<T: serde::de::DeserializeOwned>(config: &str) -> Result<T, String> {
-    let config = if config.trim().is_empty() { "{}" } else { config };
+    let config = if config.trim().is_empty() {
+        "{}"
+    } else {
+        config
+    };
     serde_json::from_str(config).map_err(|e| format!("invalid configuration: {e}"))
 }
 

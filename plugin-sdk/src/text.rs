@@ -3,6 +3,7 @@
 //! (Rae et al. 2021, as data-juicer and datatrove compute them).
 
 use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 
 /// CJK ideographs (unified, extensions A–F, compatibility), kana and hangul:
 /// scripts where one character is roughly one word.
@@ -62,13 +63,21 @@ pub fn letter_fraction(text: &str) -> f64 {
             letters += 1;
         }
     }
-    if visible == 0 { 0.0 } else { letters as f64 / visible as f64 }
+    if visible == 0 {
+        0.0
+    } else {
+        letters as f64 / visible as f64
+    }
 }
 
 /// Fraction of non-empty lines that repeat an earlier line, and the fraction of
 /// characters in those repeats.
 pub fn duplicate_line_fractions(text: &str) -> (f64, f64) {
-    let lines: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
     if lines.is_empty() {
         return (0.0, 0.0);
     }
@@ -82,49 +91,124 @@ pub fn duplicate_line_fractions(text: &str) -> (f64, f64) {
             dup_chars += chars;
         }
     }
-    (dup_lines as f64 / lines.len() as f64, dup_chars as f64 / total_chars as f64)
+    (
+        dup_lines as f64 / lines.len() as f64,
+        dup_chars as f64 / total_chars as f64,
+    )
 }
 
-fn char_len(words: &[&str]) -> usize {
-    words.iter().map(|w| w.chars().count()).sum()
+/// A fast, non-cryptographic hasher (FxHash's multiply-rotate) for the
+/// statistics below: SipHash dominated their cost.
+#[derive(Default, Clone, Copy)]
+pub struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            self.write_u64(u64::from_le_bytes(chunk.try_into().unwrap()));
+        }
+        let mut tail = [0u8; 8];
+        tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+        self.write_u64(u64::from_le_bytes(tail) ^ bytes.len() as u64);
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0.rotate_left(5) ^ value).wrapping_mul(0x51_7C_C1_B7_27_22_0A_95);
+    }
 }
 
-/// Gopher's "top n-gram" statistic: the characters covered by the most frequent
-/// n-gram (counted with its repeats) over all word characters; 0 when no
-/// n-gram occurs twice.
-pub fn top_ngram_char_fraction(words: &[&str], n: usize) -> f64 {
-    let total = char_len(words);
-    if n == 0 || words.len() < n || total == 0 {
-        return 0.0;
-    }
-    let mut counts: HashMap<&[&str], usize> = HashMap::new();
-    for gram in words.windows(n) {
-        *counts.entry(gram).or_default() += 1;
-    }
-    counts
-        .into_iter()
-        .filter(|(_, count)| *count > 1)
-        .map(|(gram, count)| char_len(gram) * count)
-        .max()
-        .map_or(0.0, |chars| chars as f64 / total as f64)
+type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<FastHasher>>;
+
+/// Gopher's n-gram repetition statistics of one text. Words become small
+/// integers once (equal words, equal ids), so every n-gram is hashed as
+/// integers rather than strings.
+pub struct Ngrams {
+    ids: Vec<u64>,
+    chars: Vec<usize>,
+    total_chars: usize,
 }
 
-/// Gopher's "duplicate n-gram" statistic: the characters in n-grams that repeat
-/// an earlier n-gram, each word counted at most once, over all word characters.
-pub fn duplicate_ngram_char_fraction(words: &[&str], n: usize) -> f64 {
-    let total = char_len(words);
-    if n == 0 || words.len() < n || total == 0 {
-        return 0.0;
-    }
-    let mut seen = HashSet::new();
-    let mut counted = vec![false; words.len()];
-    for (i, gram) in words.windows(n).enumerate() {
-        if !seen.insert(gram) {
-            counted[i..i + n].iter_mut().for_each(|c| *c = true);
+impl Ngrams {
+    pub fn new(words: &[&str]) -> Self {
+        let mut index: FastMap<&str, u64> =
+            FastMap::with_capacity_and_hasher(words.len(), Default::default());
+        let ids = words.iter().map(|w| {
+            let next = index.len() as u64;
+            *index.entry(w).or_insert(next)
+        });
+        let ids = ids.collect();
+        let chars: Vec<usize> = words.iter().map(|w| w.chars().count()).collect();
+        let total_chars = chars.iter().sum();
+        Self {
+            ids,
+            chars,
+            total_chars,
         }
     }
-    let dup: usize = words.iter().zip(&counted).filter(|(_, c)| **c).map(|(w, _)| w.chars().count()).sum();
-    dup as f64 / total as f64
+
+    /// A 64-bit fingerprint of the n-gram starting at `i`.
+    fn gram(&self, i: usize, n: usize) -> u64 {
+        let mut h = FastHasher(0x9E37_79B9_7F4A_7C15);
+        for &id in &self.ids[i..i + n] {
+            h.write_u64(id);
+        }
+        // A final avalanche spreads the bits for the hash table.
+        let z = h.0 ^ (h.0 >> 29);
+        z.wrapping_mul(0xBF58_476D_1CE4_E5B9) ^ (z >> 32)
+    }
+
+    /// The "top n-gram" statistic: the characters covered by the most
+    /// frequent n-gram (counted with its repeats) over all word characters;
+    /// 0 when no n-gram occurs twice.
+    pub fn top_fraction(&self, n: usize) -> f64 {
+        let w = self;
+        if n == 0 || w.ids.len() < n || w.total_chars == 0 {
+            return 0.0;
+        }
+        // Fingerprint -> (count, first position).
+        let mut counts: FastMap<u64, (usize, usize)> =
+            FastMap::with_capacity_and_hasher(w.ids.len(), Default::default());
+        for i in 0..=w.ids.len() - n {
+            counts.entry(w.gram(i, n)).or_insert((0, i)).0 += 1;
+        }
+        counts
+            .values()
+            .filter(|(count, _)| *count > 1)
+            .map(|&(count, first)| w.chars[first..first + n].iter().sum::<usize>() * count)
+            .max()
+            .map_or(0.0, |chars| chars as f64 / w.total_chars as f64)
+    }
+
+    /// The "duplicate n-gram" statistic: the characters in n-grams that
+    /// repeat an earlier n-gram, each word counted at most once, over all
+    /// word characters.
+    pub fn duplicate_fraction(&self, n: usize) -> f64 {
+        let w = self;
+        if n == 0 || w.ids.len() < n || w.total_chars == 0 {
+            return 0.0;
+        }
+        let mut seen: HashSet<u64, BuildHasherDefault<FastHasher>> =
+            HashSet::with_capacity_and_hasher(w.ids.len(), Default::default());
+        let mut counted = vec![false; w.ids.len()];
+        for i in 0..=w.ids.len() - n {
+            if !seen.insert(w.gram(i, n)) {
+                counted[i..i + n].iter_mut().for_each(|c| *c = true);
+            }
+        }
+        let dup: usize = w
+            .chars
+            .iter()
+            .zip(&counted)
+            .filter(|(_, c)| **c)
+            .map(|(n, _)| n)
+            .sum();
+        dup as f64 / w.total_chars as f64
+    }
 }
 
 #[cfg(test)]
@@ -133,7 +217,10 @@ mod tests {
 
     #[test]
     fn words_split_cjk_per_character_and_latin_per_run() {
-        assert_eq!(words("患者发热39°C, fever's high!"), ["患", "者", "发", "热", "39", "C", "fever's", "high"]);
+        assert_eq!(
+            words("患者发热39°C, fever's high!"),
+            ["患", "者", "发", "热", "39", "C", "fever's", "high"]
+        );
         assert!(words(" ，。 ").is_empty());
     }
 
@@ -157,11 +244,13 @@ mod tests {
 
     #[test]
     fn ngram_statistics_hand_computed() {
-        let w = words("a b a b a b c");
+        let w = Ngrams::new(&words("a b a b a b c"));
         // 2-gram "a b" occurs 3 times: 2 chars each, 6 of 7 word characters.
-        assert!((top_ngram_char_fraction(&w, 2) - 6.0 / 7.0).abs() < 1e-12);
+        assert!((w.top_fraction(2) - 6.0 / 7.0).abs() < 1e-12);
         // 2-grams repeating an earlier one: "a b"@2, "b a"@3, "a b"@4 -> words 2..=5 -> 4 of 7.
-        assert!((duplicate_ngram_char_fraction(&w, 2) - 4.0 / 7.0).abs() < 1e-12);
-        assert_eq!(top_ngram_char_fraction(&words("x y z"), 2), 0.0);
+        assert!((w.duplicate_fraction(2) - 4.0 / 7.0).abs() < 1e-12);
+        assert_eq!(Ngrams::new(&words("x y z")).top_fraction(2), 0.0);
+        // Multi-character words count their characters: "ab cd ab cd" -> "ab cd" x2 = 8 of 8.
+        assert_eq!(Ngrams::new(&words("ab cd ab cd")).top_fraction(2), 1.0);
     }
 }

@@ -6,7 +6,10 @@
 use std::path::{Path, PathBuf};
 
 pub fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 pub fn fixture_model() -> PathBuf {
@@ -16,13 +19,22 @@ pub fn fixture_model() -> PathBuf {
 /// A plugin component: `$PT_PLUGINS_DIR/NAME.wasm`, else next to this test
 /// binary's target directory (`target/wasm32-wasip2/release`).
 pub fn component(name: &str) -> PathBuf {
-    let dir = std::env::var_os("PT_PLUGINS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        // target/debug/deps/this-test -> target
-        let exe = std::env::current_exe().unwrap();
-        exe.ancestors().nth(3).unwrap().join("wasm32-wasip2/release")
-    });
+    let dir = std::env::var_os("PT_PLUGINS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            // target/debug/deps/this-test -> target
+            let exe = std::env::current_exe().unwrap();
+            exe.ancestors()
+                .nth(3)
+                .unwrap()
+                .join("wasm32-wasip2/release")
+        });
     let path = dir.join(format!("{name}.wasm"));
-    assert!(path.is_file(), "{} is missing: build the plugins first with scripts/build-plugins.sh", path.display());
+    assert!(
+        path.is_file(),
+        "{} is missing: build the plugins first with scripts/build-plugins.sh",
+        path.display()
+    );
     path
 }
 

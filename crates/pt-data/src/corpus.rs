@@ -18,7 +18,10 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        Self { keep_linebreaks: true, text_field: "text".into() }
+        Self {
+            keep_linebreaks: true,
+            text_field: "text".into(),
+        }
     }
 }
 
@@ -46,29 +49,44 @@ const EXTENSIONS: [&str; 3] = ["txt", "json", "jsonl"];
 /// directories are followed once; a loop is not followed twice.
 pub fn discover(dir: &Path) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
-        bail!("{}: no such directory (give a directory of .txt, .json or .jsonl files)", dir.display());
+        bail!(
+            "{}: no such directory (give a directory of .txt, .json or .jsonl files)",
+            dir.display()
+        );
     }
     let mut files = Vec::new();
     let mut visited = HashSet::new();
     walk(dir, &mut files, &mut visited)?;
     files.sort();
     if files.is_empty() {
-        bail!("{}: no .txt, .json or .jsonl files found (searched recursively)", dir.display());
+        bail!(
+            "{}: no .txt, .json or .jsonl files found (searched recursively)",
+            dir.display()
+        );
     }
     Ok(files)
 }
 
 fn walk(dir: &Path, files: &mut Vec<PathBuf>, visited: &mut HashSet<PathBuf>) -> Result<()> {
-    let canonical = dir.canonicalize().with_context(|| format!("{}: cannot resolve directory", dir.display()))?;
+    let canonical = dir
+        .canonicalize()
+        .with_context(|| format!("{}: cannot resolve directory", dir.display()))?;
     if !visited.insert(canonical) {
         return Ok(());
     }
-    let entries = fs::read_dir(dir).with_context(|| format!("{}: cannot list directory", dir.display()))?;
+    let entries =
+        fs::read_dir(dir).with_context(|| format!("{}: cannot list directory", dir.display()))?;
     for entry in entries {
-        let path = entry.with_context(|| format!("{}: cannot list directory", dir.display()))?.path();
+        let path = entry
+            .with_context(|| format!("{}: cannot list directory", dir.display()))?
+            .path();
         if path.is_dir() {
             walk(&path, files, visited)?;
-        } else if path.extension().and_then(|e| e.to_str()).is_some_and(|e| EXTENSIONS.contains(&e)) {
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e))
+        {
             files.push(path);
         }
     }
@@ -83,10 +101,17 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<SourceFile> {
     let text = decode_utf8(path, &bytes)?;
     let documents = match path.extension().and_then(|e| e.to_str()) {
         Some("txt") => read_txt(text, options.keep_linebreaks),
-        Some("json") if text.trim_start().starts_with('[') => read_json_array(path, text, &options.text_field)?,
+        Some("json") if text.trim_start().starts_with('[') => {
+            read_json_array(path, text, &options.text_field)?
+        }
         _ => read_json_lines(path, text, &options.text_field)?,
     };
-    Ok(SourceFile { path: path.to_path_buf(), bytes: bytes.len() as u64, digest, documents })
+    Ok(SourceFile {
+        path: path.to_path_buf(),
+        bytes: bytes.len() as u64,
+        digest,
+        documents,
+    })
 }
 
 /// The file as UTF-8 without a byte-order mark; invalid bytes are an error that
@@ -116,7 +141,10 @@ fn read_txt(text: &str, keep_linebreaks: bool) -> Vec<Document> {
         if ended && keep_linebreaks {
             text.push('\n');
         }
-        documents.push(Document { line: index as u32 + 1, text });
+        documents.push(Document {
+            line: index as u32 + 1,
+            text,
+        });
     }
     documents
 }
@@ -125,7 +153,10 @@ fn text_of(path: &Path, line: usize, value: serde_json::Value, field: &str) -> R
     match value {
         serde_json::Value::Object(mut map) => match map.remove(field) {
             Some(serde_json::Value::String(text)) => Ok(text),
-            Some(other) => bail!("{}:{line}: field `{field}` is not a string but {other}", path.display()),
+            Some(other) => bail!(
+                "{}:{line}: field `{field}` is not a string but {other}",
+                path.display()
+            ),
             None => {
                 let keys: Vec<_> = map.keys().map(String::as_str).collect();
                 bail!(
@@ -135,7 +166,10 @@ fn text_of(path: &Path, line: usize, value: serde_json::Value, field: &str) -> R
                 )
             }
         },
-        other => bail!("{}:{line}: expected a JSON object, found {other}", path.display()),
+        other => bail!(
+            "{}:{line}: expected a JSON object, found {other}",
+            path.display()
+        ),
     }
 }
 
@@ -145,11 +179,15 @@ fn read_json_lines(path: &Path, text: &str, field: &str) -> Result<Vec<Document>
         if line.trim().is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| anyhow::anyhow!("{}:{}: malformed JSON: {e}", path.display(), index + 1))?;
+        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+            anyhow::anyhow!("{}:{}: malformed JSON: {e}", path.display(), index + 1)
+        })?;
         let text = text_of(path, index + 1, value, field)?;
         if !text.is_empty() {
-            documents.push(Document { line: index as u32 + 1, text });
+            documents.push(Document {
+                line: index as u32 + 1,
+                text,
+            });
         }
     }
     Ok(documents)
@@ -187,7 +225,10 @@ fn read_json_array(path: &Path, text: &str, field: &str) -> Result<Vec<Document>
         let line = starts.get(i).map_or(1, |&o| line_at(o));
         let text = text_of(path, line, value, field)?;
         if !text.is_empty() {
-            documents.push(Document { line: line as u32, text });
+            documents.push(Document {
+                line: line as u32,
+                text,
+            });
         }
     }
     Ok(documents)
@@ -207,38 +248,85 @@ mod tests {
     #[test]
     fn txt_lines_keep_newlines_and_crlf_is_normalised() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "a.txt", b"\xEF\xBB\xBFfirst\r\n\r\n  \nsecond\nlast");
+        let path = write(
+            dir.path(),
+            "a.txt",
+            b"\xEF\xBB\xBFfirst\r\n\r\n  \nsecond\nlast",
+        );
         let file = read_file(&path, &ReadOptions::default()).unwrap();
-        let docs: Vec<_> = file.documents.iter().map(|d| (d.line, d.text.as_str())).collect();
-        assert_eq!(docs, [(1, "first\n"), (3, "  \n"), (4, "second\n"), (5, "last")]);
-        let no_breaks = ReadOptions { keep_linebreaks: false, ..ReadOptions::default() };
-        assert_eq!(read_file(&path, &no_breaks).unwrap().documents[0].text, "first");
+        let docs: Vec<_> = file
+            .documents
+            .iter()
+            .map(|d| (d.line, d.text.as_str()))
+            .collect();
+        assert_eq!(
+            docs,
+            [(1, "first\n"), (3, "  \n"), (4, "second\n"), (5, "last")]
+        );
+        let no_breaks = ReadOptions {
+            keep_linebreaks: false,
+            ..ReadOptions::default()
+        };
+        assert_eq!(
+            read_file(&path, &no_breaks).unwrap().documents[0].text,
+            "first"
+        );
     }
 
     #[test]
     fn jsonl_errors_name_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "a.jsonl", b"{\"text\": \"ok\"}\n\n{\"text\": oops}\n");
-        let err = format!("{:#}", read_file(&path, &ReadOptions::default()).unwrap_err());
+        let path = write(
+            dir.path(),
+            "a.jsonl",
+            b"{\"text\": \"ok\"}\n\n{\"text\": oops}\n",
+        );
+        let err = format!(
+            "{:#}",
+            read_file(&path, &ReadOptions::default()).unwrap_err()
+        );
         assert!(err.contains("a.jsonl:3: malformed JSON"), "{err}");
-        let path = write(dir.path(), "b.jsonl", b"{\"text\": \"ok\"}\n{\"content\": \"x\"}\n");
-        let err = format!("{:#}", read_file(&path, &ReadOptions::default()).unwrap_err());
-        assert!(err.contains("b.jsonl:2: record has no `text` field (it has: content)"), "{err}");
+        let path = write(
+            dir.path(),
+            "b.jsonl",
+            b"{\"text\": \"ok\"}\n{\"content\": \"x\"}\n",
+        );
+        let err = format!(
+            "{:#}",
+            read_file(&path, &ReadOptions::default()).unwrap_err()
+        );
+        assert!(
+            err.contains("b.jsonl:2: record has no `text` field (it has: content)"),
+            "{err}"
+        );
     }
 
     #[test]
     fn json_arrays_report_each_record_line() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "a.json", b"[\n {\"text\": \"one {\"},\n {\"text\": \"two\"},\n {\"text\": 3}\n]");
-        let err = format!("{:#}", read_file(&path, &ReadOptions::default()).unwrap_err());
-        assert!(err.contains("a.json:4: field `text` is not a string"), "{err}");
+        let path = write(
+            dir.path(),
+            "a.json",
+            b"[\n {\"text\": \"one {\"},\n {\"text\": \"two\"},\n {\"text\": 3}\n]",
+        );
+        let err = format!(
+            "{:#}",
+            read_file(&path, &ReadOptions::default()).unwrap_err()
+        );
+        assert!(
+            err.contains("a.json:4: field `text` is not a string"),
+            "{err}"
+        );
     }
 
     #[test]
     fn invalid_utf8_names_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "gbk.txt", b"ok\nstill ok\n\xD6\xD0\xCE\xC4\n");
-        let err = format!("{:#}", read_file(&path, &ReadOptions::default()).unwrap_err());
+        let err = format!(
+            "{:#}",
+            read_file(&path, &ReadOptions::default()).unwrap_err()
+        );
         assert!(err.contains("gbk.txt:3: invalid UTF-8"), "{err}");
     }
 
@@ -249,9 +337,22 @@ mod tests {
         write(dir.path(), "sub/a.jsonl", b"");
         write(dir.path(), "notes.md", b"x");
         write(dir.path(), "a.json", b"[]");
-        let found: Vec<_> = discover(dir.path()).unwrap().into_iter().map(|p| p.strip_prefix(dir.path()).unwrap().to_owned()).collect();
-        assert_eq!(found, [PathBuf::from("a.json"), "b.txt".into(), "sub/a.jsonl".into()]);
-        let err = discover(&dir.path().join("missing")).unwrap_err().to_string();
+        let found: Vec<_> = discover(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|p| p.strip_prefix(dir.path()).unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            found,
+            [
+                PathBuf::from("a.json"),
+                "b.txt".into(),
+                "sub/a.jsonl".into()
+            ]
+        );
+        let err = discover(&dir.path().join("missing"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("missing: no such directory"), "{err}");
     }
 }

@@ -15,7 +15,9 @@ pub mod tokenize;
 pub use corpus::ReadOptions;
 pub use packing::Blocks;
 pub use pipeline::{ErrorPolicy, PipelineOptions};
-pub use prepare::{PreparePlugin, PrepareOptions, Prepared, Progress, prepare};
+pub use prepare::{PrepareOptions, PreparePlugin, Prepared, Progress, prepare};
 pub use report::{DataReport, PluginReport};
-pub use steps::{CallFailure, DocRef, Derived, StepInstance, StepKind, StepOutput, StepPlugin, Verdict};
+pub use steps::{
+    CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, StepPlugin, Verdict,
+};
 pub use tokenize::Tokenizer;

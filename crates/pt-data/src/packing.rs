@@ -35,7 +35,11 @@ impl Blocks {
     /// Training labels of row `i`: the ids, with padding ignored.
     pub fn labels(&self, i: usize) -> Vec<i64> {
         let real = self.lengths[i] as usize;
-        self.row(i).iter().enumerate().map(|(p, &id)| if p < real { id as i64 } else { IGNORE_INDEX }).collect()
+        self.row(i)
+            .iter()
+            .enumerate()
+            .map(|(p, &id)| if p < real { id as i64 } else { IGNORE_INDEX })
+            .collect()
     }
 
     /// Keeps the first `n` blocks; returns how many were removed.
@@ -51,22 +55,40 @@ impl Blocks {
         let ids = bytes_of(&self.input_ids);
         let lengths = bytes_of(&self.lengths);
         let tensors = [
-            ("input_ids", TensorView::new(Dtype::U32, vec![self.len(), self.block_size], &ids)?),
-            ("lengths", TensorView::new(Dtype::U32, vec![self.len()], &lengths)?),
+            (
+                "input_ids",
+                TensorView::new(Dtype::U32, vec![self.len(), self.block_size], &ids)?,
+            ),
+            (
+                "lengths",
+                TensorView::new(Dtype::U32, vec![self.len()], &lengths)?,
+            ),
         ];
-        let metadata: HashMap<String, String> = [("format".to_string(), "pt-host blocks v1".to_string())].into();
-        safetensors::serialize_to_file(tensors, Some(metadata), path).with_context(|| format!("{}: cannot write", path.display()))
+        let metadata: HashMap<String, String> =
+            [("format".to_string(), "pt-host blocks v1".to_string())].into();
+        safetensors::serialize_to_file(tensors, Some(metadata), path)
+            .with_context(|| format!("{}: cannot write", path.display()))
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let tensors = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a safetensors file", path.display()))?;
-        let ids = tensors.tensor("input_ids").with_context(|| format!("{}: no input_ids", path.display()))?;
-        let lengths = tensors.tensor("lengths").with_context(|| format!("{}: no lengths", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let tensors = SafeTensors::deserialize(&bytes)
+            .with_context(|| format!("{}: not a safetensors file", path.display()))?;
+        let ids = tensors
+            .tensor("input_ids")
+            .with_context(|| format!("{}: no input_ids", path.display()))?;
+        let lengths = tensors
+            .tensor("lengths")
+            .with_context(|| format!("{}: no lengths", path.display()))?;
         if ids.dtype() != Dtype::U32 || lengths.dtype() != Dtype::U32 || ids.shape().len() != 2 {
             bail!("{}: unexpected tensor types or shapes", path.display());
         }
-        Ok(Self { block_size: ids.shape()[1], input_ids: u32s_of(ids.data()), lengths: u32s_of(lengths.data()) })
+        Ok(Self {
+            block_size: ids.shape()[1],
+            input_ids: u32s_of(ids.data()),
+            lengths: u32s_of(lengths.data()),
+        })
     }
 }
 
@@ -75,7 +97,10 @@ fn bytes_of(values: &[u32]) -> Vec<u8> {
 }
 
 fn u32s_of(bytes: &[u8]) -> Vec<u32> {
-    bytes.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 /// Concatenates the documents in order and cuts `block_size` blocks; the
@@ -83,21 +108,38 @@ fn u32s_of(bytes: &[u8]) -> Vec<u32> {
 pub fn pack(documents: &[Vec<u32>], block_size: usize) -> (Blocks, u64) {
     let total: usize = documents.iter().map(Vec::len).sum();
     let n = total / block_size;
-    let mut input_ids: Vec<u32> = documents.iter().flatten().copied().take(n * block_size).collect();
+    let mut input_ids: Vec<u32> = documents
+        .iter()
+        .flatten()
+        .copied()
+        .take(n * block_size)
+        .collect();
     input_ids.shrink_to_fit();
-    (Blocks { block_size, input_ids, lengths: vec![block_size as u32; n] }, (total - n * block_size) as u64)
+    (
+        Blocks {
+            block_size,
+            input_ids,
+            lengths: vec![block_size as u32; n],
+        },
+        (total - n * block_size) as u64,
+    )
 }
 
 /// One document per block, truncated to `block_size` or padded with `pad_id`.
 /// Returns the blocks and the count of tokens cut off by truncation.
 pub fn pad_each(documents: &[Vec<u32>], block_size: usize, pad_id: u32) -> (Blocks, u64) {
-    let mut blocks = Blocks { block_size, ..Blocks::default() };
+    let mut blocks = Blocks {
+        block_size,
+        ..Blocks::default()
+    };
     let mut cut = 0;
     for doc in documents {
         let real = doc.len().min(block_size);
         cut += (doc.len() - real) as u64;
         blocks.input_ids.extend(&doc[..real]);
-        blocks.input_ids.extend(std::iter::repeat_n(pad_id, block_size - real));
+        blocks
+            .input_ids
+            .extend(std::iter::repeat_n(pad_id, block_size - real));
         blocks.lengths.push(real as u32);
     }
     (blocks, cut)
@@ -128,7 +170,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mut blocks, _) = pad_each(&[vec![1, 2], vec![3, 4, 5]], 3, 9);
         blocks.save(&dir.path().join("b.safetensors")).unwrap();
-        assert_eq!(Blocks::load(&dir.path().join("b.safetensors")).unwrap(), blocks);
+        assert_eq!(
+            Blocks::load(&dir.path().join("b.safetensors")).unwrap(),
+            blocks
+        );
         assert_eq!(blocks.truncate(1), 1);
         assert_eq!(blocks.row(0), [1, 2, 9]);
     }

@@ -16,7 +16,10 @@ use std::time::Instant;
 use anyhow::{Result, anyhow, bail};
 
 use crate::report::{Excluded, StepReport};
-use crate::steps::{CallFailure, DocRef, Derived, StepInstance, StepKind, StepOutput, StepPlugin, Verdict, check_output};
+use crate::steps::{
+    CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, StepPlugin, Verdict,
+    check_output,
+};
 use crate::tokenize::Tokenizer;
 
 /// What to do with a document a plugin fails on.
@@ -94,11 +97,20 @@ pub fn run(
             let sender = sender.clone();
             let (next, cancelled, batches, steps) = (&next, &cancelled, &batches, &steps);
             scope.spawn(move || {
-                let mut instances: Vec<Option<Box<dyn StepInstance>>> = plugins.iter().map(|_| None).collect();
+                let mut instances: Vec<Option<Box<dyn StepInstance>>> =
+                    plugins.iter().map(|_| None).collect();
                 while !cancelled.load(Ordering::Relaxed) {
                     let index = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(batch) = batches.get(index) else { break };
-                    let context = BatchContext { index, plugins, steps, tokenizer, options };
+                    let Some(batch) = batches.get(index) else {
+                        break;
+                    };
+                    let context = BatchContext {
+                        index,
+                        plugins,
+                        steps,
+                        tokenizer,
+                        options,
+                    };
                     let result = context.process(batch, &mut instances);
                     if result.is_err() {
                         cancelled.store(true, Ordering::Relaxed);
@@ -132,11 +144,18 @@ pub fn run(
     let mut split = SplitOutput {
         steps: steps
             .iter()
-            .map(|&(p, kind)| StepReport { plugin: plugins[p].name().to_string(), kind: Some(kind), ..StepReport::default() })
+            .map(|&(p, kind)| StepReport {
+                plugin: plugins[p].name().to_string(),
+                kind: Some(kind),
+                ..StepReport::default()
+            })
             .collect(),
         ..SplitOutput::default()
     };
-    for output in outputs.into_iter().map(|o| o.expect("every batch finished")) {
+    for output in outputs
+        .into_iter()
+        .map(|o| o.expect("every batch finished"))
+    {
         split.documents.extend(output.documents);
         split.excluded.extend(output.excluded);
         for (total, part) in split.steps.iter_mut().zip(&output.steps) {
@@ -172,21 +191,42 @@ struct BatchContext<'a> {
 }
 
 impl BatchContext<'_> {
-    fn process(&self, batch: &[InputDoc<'_>], instances: &mut [Option<Box<dyn StepInstance>>]) -> Result<BatchOutput> {
-        let mut docs: Vec<WorkDoc> =
-            batch.iter().map(|d| WorkDoc { source: d.source.to_string(), text: d.text.to_string() }).collect();
+    fn process(
+        &self,
+        batch: &[InputDoc<'_>],
+        instances: &mut [Option<Box<dyn StepInstance>>],
+    ) -> Result<BatchOutput> {
+        let mut docs: Vec<WorkDoc> = batch
+            .iter()
+            .map(|d| WorkDoc {
+                source: d.source.to_string(),
+                text: d.text.to_string(),
+            })
+            .collect();
         let mut reports = Vec::with_capacity(self.steps.len());
         let mut excluded = Vec::new();
         for (step_index, &(plugin_index, kind)) in self.steps.iter().enumerate() {
             let plugin = self.plugins[plugin_index];
-            let mut report = StepReport { plugin: plugin.name().to_string(), kind: Some(kind), ..StepReport::default() };
+            let mut report = StepReport {
+                plugin: plugin.name().to_string(),
+                kind: Some(kind),
+                ..StepReport::default()
+            };
             report.input = docs.len() as u64;
             let started = Instant::now();
             let mut recovered = Recovered::default();
             if !docs.is_empty() {
                 let seed = derive_seed(self.options.seed, step_index, self.index);
                 recovered.verdicts = vec![Verdict::Keep; docs.len()];
-                attempt(&mut instances[plugin_index], plugin, kind, &docs, 0, seed, &mut recovered)?;
+                attempt(
+                    &mut instances[plugin_index],
+                    plugin,
+                    kind,
+                    &docs,
+                    0,
+                    seed,
+                    &mut recovered,
+                )?;
             }
             report.seconds = started.elapsed().as_secs_f64();
             for (&i, cause) in &recovered.failed {
@@ -197,9 +237,17 @@ impl BatchContext<'_> {
         }
         let documents = docs
             .iter()
-            .map(|d| self.tokenizer.encode_document(&d.text).map_err(|e| anyhow!("{}: cannot tokenize: {e}", d.source)))
+            .map(|d| {
+                self.tokenizer
+                    .encode_document(&d.text)
+                    .map_err(|e| anyhow!("{}: cannot tokenize: {e}", d.source))
+            })
             .collect::<Result<_>>()?;
-        Ok(BatchOutput { documents, steps: reports, excluded })
+        Ok(BatchOutput {
+            documents,
+            steps: reports,
+            excluded,
+        })
     }
 
     fn apply(
@@ -258,7 +306,10 @@ impl BatchContext<'_> {
             let parent_source = doc.source.clone();
             kept.push(doc);
             for (n, text) in children.into_iter().enumerate() {
-                kept.push(WorkDoc { source: format!("{parent_source}+aug{}", n + 1), text });
+                kept.push(WorkDoc {
+                    source: format!("{parent_source}+aug{}", n + 1),
+                    text,
+                });
             }
         }
         Ok(kept)
@@ -289,17 +340,27 @@ fn attempt(
         Some(instance) => instance,
         None => slot.insert(plugin.instantiate()?),
     };
-    let refs: Vec<DocRef<'_>> = docs.iter().map(|d| DocRef { source: &d.source, text: &d.text }).collect();
+    let refs: Vec<DocRef<'_>> = docs
+        .iter()
+        .map(|d| DocRef {
+            source: &d.source,
+            text: &d.text,
+        })
+        .collect();
     let result = instance.apply(kind, &refs, seed).and_then(|output| {
         check_output(kind, docs.len(), &output)?;
         Ok(output)
     });
     match result {
         Ok(StepOutput::Verdicts(verdicts)) => {
-            out.verdicts.splice(offset..offset + verdicts.len(), verdicts);
+            out.verdicts
+                .splice(offset..offset + verdicts.len(), verdicts);
         }
         Ok(StepOutput::Derived(derived)) => {
-            out.derived.extend(derived.into_iter().map(|d| Derived { parent: d.parent + offset as u32, ..d }));
+            out.derived.extend(derived.into_iter().map(|d| Derived {
+                parent: d.parent + offset as u32,
+                ..d
+            }));
         }
         Err(CallFailure(cause)) => {
             *slot = None;
@@ -308,7 +369,15 @@ fn attempt(
             } else {
                 let middle = docs.len() / 2;
                 attempt(slot, plugin, kind, &docs[..middle], offset, seed, out)?;
-                attempt(slot, plugin, kind, &docs[middle..], offset + middle, seed, out)?;
+                attempt(
+                    slot,
+                    plugin,
+                    kind,
+                    &docs[middle..],
+                    offset + middle,
+                    seed,
+                    out,
+                )?;
             }
         }
     }
@@ -344,7 +413,12 @@ mod tests {
     }
 
     impl StepInstance for FakeInstance {
-        fn apply(&mut self, kind: StepKind, docs: &[DocRef<'_>], seed: u64) -> Result<StepOutput, CallFailure> {
+        fn apply(
+            &mut self,
+            kind: StepKind,
+            docs: &[DocRef<'_>],
+            seed: u64,
+        ) -> Result<StepOutput, CallFailure> {
             if docs.iter().any(|d| d.text.contains("trap")) {
                 return Err(CallFailure("wasm trap: unreachable".into()));
             }
@@ -354,53 +428,116 @@ mod tests {
             Ok(match kind {
                 StepKind::Mapper => StepOutput::Verdicts(
                     docs.iter()
-                        .map(|d| if d.text.contains("bad") { Verdict::Error("cannot".into()) } else { Verdict::Replace(d.text.to_uppercase()) })
+                        .map(|d| {
+                            if d.text.contains("bad") {
+                                Verdict::Error("cannot".into())
+                            } else {
+                                Verdict::Replace(d.text.to_uppercase())
+                            }
+                        })
                         .collect(),
                 ),
                 StepKind::Filter => StepOutput::Verdicts(
-                    docs.iter().map(|d| if d.text.contains("DROP") { Verdict::Drop("dropword".into()) } else { Verdict::Keep }).collect(),
+                    docs.iter()
+                        .map(|d| {
+                            if d.text.contains("DROP") {
+                                Verdict::Drop("dropword".into())
+                            } else {
+                                Verdict::Keep
+                            }
+                        })
+                        .collect(),
                 ),
                 StepKind::Augmenter => StepOutput::Derived(
-                    (0..docs.len()).map(|i| Derived { parent: i as u32, text: format!("{}#{}", docs[i].text, seed % 2) }).collect(),
+                    (0..docs.len())
+                        .map(|i| Derived {
+                            parent: i as u32,
+                            text: format!("{}#{}", docs[i].text, seed % 2),
+                        })
+                        .collect(),
                 ),
             })
         }
     }
 
     fn tokenizer() -> Tokenizer {
-        Tokenizer::from_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bloom-tiny/model")).unwrap()
+        Tokenizer::from_dir(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/bloom-tiny/model"),
+        )
+        .unwrap()
     }
 
     fn options(workers: usize, on_error: ErrorPolicy) -> PipelineOptions {
-        PipelineOptions { batch_size: 4, workers, on_error, seed: 42 }
+        PipelineOptions {
+            batch_size: 4,
+            workers,
+            on_error,
+            seed: 42,
+        }
     }
 
     fn inputs(texts: &[String]) -> Vec<(String, String)> {
-        texts.iter().enumerate().map(|(i, t)| (format!("c.txt:{}", i + 1), t.clone())).collect()
+        texts
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (format!("c.txt:{}", i + 1), t.clone()))
+            .collect()
     }
 
-    fn run_texts(texts: &[String], plugin: &Fake, augment: bool, opts: &PipelineOptions) -> Result<SplitOutput> {
+    fn run_texts(
+        texts: &[String],
+        plugin: &Fake,
+        augment: bool,
+        opts: &PipelineOptions,
+    ) -> Result<SplitOutput> {
         let owned = inputs(texts);
-        let docs: Vec<InputDoc<'_>> = owned.iter().map(|(s, t)| InputDoc { source: s, text: t }).collect();
-        run(&docs, &[plugin as &dyn StepPlugin], augment, &tokenizer(), opts, &|_, _| {})
+        let docs: Vec<InputDoc<'_>> = owned
+            .iter()
+            .map(|(s, t)| InputDoc { source: s, text: t })
+            .collect();
+        run(
+            &docs,
+            &[plugin as &dyn StepPlugin],
+            augment,
+            &tokenizer(),
+            opts,
+            &|_, _| {},
+        )
     }
 
     fn fake(kinds: &[StepKind]) -> Fake {
-        Fake { kinds: kinds.to_vec(), instances: AtomicU32::new(0) }
+        Fake {
+            kinds: kinds.to_vec(),
+            instances: AtomicU32::new(0),
+        }
     }
 
     #[test]
     fn counts_hold_and_workers_do_not_change_the_result() {
-        let texts: Vec<String> = (0..37).map(|i| if i % 5 == 0 { format!("drop {i}\n") } else { format!("keep {i}\n") }).collect();
+        let texts: Vec<String> = (0..37)
+            .map(|i| {
+                if i % 5 == 0 {
+                    format!("drop {i}\n")
+                } else {
+                    format!("keep {i}\n")
+                }
+            })
+            .collect();
         let plugin = fake(&[StepKind::Mapper, StepKind::Filter, StepKind::Augmenter]);
         let one = run_texts(&texts, &plugin, true, &options(1, ErrorPolicy::Fail)).unwrap();
         let two = run_texts(&texts, &plugin, true, &options(2, ErrorPolicy::Fail)).unwrap();
         assert_eq!(one.documents, two.documents);
-        let [mapper, filter, augmenter] = &one.steps[..] else { panic!() };
+        let [mapper, filter, augmenter] = &one.steps[..] else {
+            panic!()
+        };
         assert_eq!((mapper.input, mapper.kept, mapper.replaced), (37, 37, 37));
         assert_eq!((filter.input, filter.kept, filter.dropped), (37, 29, 8));
         assert_eq!(filter.dropped_by_reason["dropword"], 8);
-        assert_eq!((augmenter.input, augmenter.kept, augmenter.added), (29, 29, 29));
+        assert_eq!(
+            (augmenter.input, augmenter.kept, augmenter.added),
+            (29, 29, 29)
+        );
         assert_eq!(one.documents.len(), 58);
         assert_eq!(one.excluded.len(), 8);
         assert_eq!(one.excluded[0].source, "c.txt:1");
@@ -415,9 +552,22 @@ mod tests {
         let mut texts: Vec<String> = (0..8).map(|i| format!("doc {i}\n")).collect();
         texts[6] = "this will trap\n".into();
         let plugin = fake(&[StepKind::Mapper]);
-        let err = run_texts(&texts, &plugin, false, &options(1, ErrorPolicy::Fail)).unwrap_err().to_string();
-        assert!(err.contains("plugin `fake` (mapper) failed on document c.txt:7: wasm trap: unreachable"), "{err}");
-        let skipped = run_texts(&texts, &fake(&[StepKind::Mapper]), false, &options(1, ErrorPolicy::Skip)).unwrap();
+        let err = run_texts(&texts, &plugin, false, &options(1, ErrorPolicy::Fail))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "plugin `fake` (mapper) failed on document c.txt:7: wasm trap: unreachable"
+            ),
+            "{err}"
+        );
+        let skipped = run_texts(
+            &texts,
+            &fake(&[StepKind::Mapper]),
+            false,
+            &options(1, ErrorPolicy::Skip),
+        )
+        .unwrap();
         assert_eq!(skipped.steps[0].errors, 1);
         assert_eq!(skipped.steps[0].kept, 7);
         assert_eq!(skipped.excluded[0].source, "c.txt:7");
@@ -426,20 +576,46 @@ mod tests {
 
     #[test]
     fn reported_errors_and_broken_contracts_follow_the_policy() {
-        let texts: Vec<String> = vec!["ok\n".into(), "bad\n".into(), "short\n".into(), "ok\n".into()];
+        let texts: Vec<String> = vec![
+            "ok\n".into(),
+            "bad\n".into(),
+            "short\n".into(),
+            "ok\n".into(),
+        ];
         let plugin = fake(&[StepKind::Mapper]);
         let out = run_texts(&texts, &plugin, false, &options(1, ErrorPolicy::Skip)).unwrap();
-        let reasons: Vec<_> = out.excluded.iter().map(|e| (e.source.as_str(), e.reason.as_str())).collect();
-        assert_eq!(reasons, [("c.txt:2", "error: cannot"), ("c.txt:3", "error: returned 0 results for 1 documents")]);
-        assert_eq!(out.steps[0].kept + out.steps[0].dropped + out.steps[0].errors, out.steps[0].input);
-        let err = run_texts(&texts, &plugin, false, &options(1, ErrorPolicy::Fail)).unwrap_err().to_string();
+        let reasons: Vec<_> = out
+            .excluded
+            .iter()
+            .map(|e| (e.source.as_str(), e.reason.as_str()))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                ("c.txt:2", "error: cannot"),
+                ("c.txt:3", "error: returned 0 results for 1 documents")
+            ]
+        );
+        assert_eq!(
+            out.steps[0].kept + out.steps[0].dropped + out.steps[0].errors,
+            out.steps[0].input
+        );
+        let err = run_texts(&texts, &plugin, false, &options(1, ErrorPolicy::Fail))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("c.txt:2: cannot"), "{err}");
     }
 
     #[test]
     fn documents_are_tokenized_with_eos() {
         let plugin = fake(&[]);
-        let out = run_texts(&["hello world\n".to_string()], &plugin, false, &options(1, ErrorPolicy::Fail)).unwrap();
+        let out = run_texts(
+            &["hello world\n".to_string()],
+            &plugin,
+            false,
+            &options(1, ErrorPolicy::Fail),
+        )
+        .unwrap();
         let eos = tokenizer().eos_id;
         assert_eq!(out.documents[0].last(), Some(&eos));
         assert!(out.documents[0].len() > 1);

@@ -84,13 +84,25 @@ struct CacheKey<'a> {
 }
 
 fn read_dir(dir: &Path, options: &ReadOptions) -> Result<Vec<SourceFile>> {
-    corpus::discover(dir)?.iter().map(|path| corpus::read_file(path, options)).collect()
+    corpus::discover(dir)?
+        .iter()
+        .map(|path| corpus::read_file(path, options))
+        .collect()
 }
 
 fn relative_digests<'a>(dir: &Path, files: &'a [SourceFile]) -> Vec<(String, &'a str)> {
     files
         .iter()
-        .map(|f| (f.path.strip_prefix(dir).unwrap_or(&f.path).display().to_string(), f.digest.as_str()))
+        .map(|f| {
+            (
+                f.path
+                    .strip_prefix(dir)
+                    .unwrap_or(&f.path)
+                    .display()
+                    .to_string(),
+                f.digest.as_str(),
+            )
+        })
         .collect()
 }
 
@@ -112,10 +124,25 @@ pub fn prepare(
     let key = CacheKey {
         format: CACHE_FORMAT,
         train: relative_digests(&options.train_dir, &train_files),
-        validation: options.validation_dir.as_ref().map_or_else(Vec::new, |d| relative_digests(d, &validation_files)),
-        validation_split_percentage: options.validation_dir.is_none().then_some(options.validation_split_percentage),
+        validation: options
+            .validation_dir
+            .as_ref()
+            .map_or_else(Vec::new, |d| relative_digests(d, &validation_files)),
+        validation_split_percentage: options
+            .validation_dir
+            .is_none()
+            .then_some(options.validation_split_percentage),
         tokenizer: &tokenizer.digest,
-        plugins: plugins.iter().map(|p| (p.report.name.as_str(), p.report.digest.as_str(), p.report.config.as_str())).collect(),
+        plugins: plugins
+            .iter()
+            .map(|p| {
+                (
+                    p.report.name.as_str(),
+                    p.report.digest.as_str(),
+                    p.report.config.as_str(),
+                )
+            })
+            .collect(),
         keep_linebreaks: options.read.keep_linebreaks,
         text_field: &options.read.text_field,
         block_size: options.block_size,
@@ -129,10 +156,14 @@ pub fn prepare(
     let key = hex::encode(Sha256::digest(serde_json::to_vec(&key)?));
     let entry = options.cache_dir.join("datasets").join(&key);
 
-    fs::create_dir_all(output_dir).with_context(|| format!("{}: cannot create output directory", output_dir.display()))?;
+    fs::create_dir_all(output_dir)
+        .with_context(|| format!("{}: cannot create output directory", output_dir.display()))?;
     if entry.join(REPORT).is_file() && !options.overwrite_cache {
         let prepared = load_entry(&entry)?;
-        write_atomically(&output_dir.join(REPORT), &serde_json::to_vec_pretty(&prepared.report)?)?;
+        write_atomically(
+            &output_dir.join(REPORT),
+            &serde_json::to_vec_pretty(&prepared.report)?,
+        )?;
         copy_atomically(&entry.join(EXCLUDED), &output_dir.join(EXCLUDED))?;
         return Ok(prepared);
     }
@@ -151,7 +182,11 @@ pub fn prepare(
     let sources = |files: &[SourceFile]| -> Vec<(String, String)> {
         files
             .iter()
-            .flat_map(|f| f.documents.iter().map(move |d| (format!("{}:{}", f.path.display(), d.line), d.text.clone())))
+            .flat_map(|f| {
+                f.documents
+                    .iter()
+                    .map(move |d| (format!("{}:{}", f.path.display(), d.line), d.text.clone()))
+            })
             .collect()
     };
     let mut train_docs = sources(&train_files);
@@ -159,17 +194,36 @@ pub fn prepare(
     let validation_docs = if options.validation_dir.is_some() {
         sources(&validation_files)
     } else {
-        let n = (train_docs.len() as f64 * options.validation_split_percentage / 100.0).round_ties_even() as usize;
+        let n = (train_docs.len() as f64 * options.validation_split_percentage / 100.0)
+            .round_ties_even() as usize;
         train_docs.drain(..n.min(train_docs.len())).collect()
     };
     drop(validation_files);
 
     let step_plugins: Vec<&dyn StepPlugin> = plugins.iter().map(|p| p.plugin).collect();
     let mut excluded = Vec::new();
-    let mut build = |split: &str, docs: &[(String, String)], augment: bool, max: Option<usize>| -> Result<(Blocks, SplitReport)> {
-        let inputs: Vec<InputDoc<'_>> = docs.iter().map(|(s, t)| InputDoc { source: s, text: t }).collect();
-        progress.start(split, inputs.len() as u64, inputs.iter().map(|d| d.text.len() as u64).sum());
-        let output = pipeline::run(&inputs, &step_plugins, augment, tokenizer, &options.pipeline, &|d, b| progress.advance(d, b))?;
+    let mut build = |split: &str,
+                     docs: &[(String, String)],
+                     augment: bool,
+                     max: Option<usize>|
+     -> Result<(Blocks, SplitReport)> {
+        let inputs: Vec<InputDoc<'_>> = docs
+            .iter()
+            .map(|(s, t)| InputDoc { source: s, text: t })
+            .collect();
+        progress.start(
+            split,
+            inputs.len() as u64,
+            inputs.iter().map(|d| d.text.len() as u64).sum(),
+        );
+        let output = pipeline::run(
+            &inputs,
+            &step_plugins,
+            augment,
+            tokenizer,
+            &options.pipeline,
+            &|d, b| progress.advance(d, b),
+        )?;
         progress.finish();
         let (mut blocks, tokens_dropped) = if options.packing {
             packing::pack(&output.documents, options.block_size)
@@ -189,7 +243,12 @@ pub fn prepare(
         };
         Ok((blocks, report))
     };
-    let (validation, validation_report) = build("validation", &validation_docs, false, options.max_eval_samples)?;
+    let (validation, validation_report) = build(
+        "validation",
+        &validation_docs,
+        false,
+        options.max_eval_samples,
+    )?;
     let (train, train_report) = build("train", &train_docs, true, options.max_train_samples)?;
 
     let report = DataReport {
@@ -203,9 +262,16 @@ pub fn prepare(
         validation: validation_report,
         seconds: started.elapsed().as_secs_f64(),
     };
-    let prepared = Prepared { train, validation, report };
+    let prepared = Prepared {
+        train,
+        validation,
+        report,
+    };
     save_entry(&entry, &prepared, &excluded)?;
-    write_atomically(&output_dir.join(REPORT), &serde_json::to_vec_pretty(&prepared.report)?)?;
+    write_atomically(
+        &output_dir.join(REPORT),
+        &serde_json::to_vec_pretty(&prepared.report)?,
+    )?;
     copy_atomically(&entry.join(EXCLUDED), &output_dir.join(EXCLUDED))?;
     Ok(prepared)
 }
@@ -219,7 +285,8 @@ const VALIDATION: &str = "validation.safetensors";
 /// place, so that a reader never sees half an entry.
 fn save_entry(entry: &Path, prepared: &Prepared, excluded: &[Excluded]) -> Result<()> {
     let parent = entry.parent().expect("entry has a parent");
-    fs::create_dir_all(parent).with_context(|| format!("{}: cannot create cache directory", parent.display()))?;
+    fs::create_dir_all(parent)
+        .with_context(|| format!("{}: cannot create cache directory", parent.display()))?;
     // Removed on any error below; renamed into place on success.
     let staging_dir = tempfile::Builder::new()
         .prefix(".staging-")
@@ -238,26 +305,41 @@ fn save_entry(entry: &Path, prepared: &Prepared, excluded: &[Excluded]) -> Resul
     cached.cache_hit = true;
     fs::write(staging.join(REPORT), serde_json::to_vec_pretty(&cached)?)?;
     if entry.exists() {
-        fs::remove_dir_all(entry).with_context(|| format!("{}: cannot replace cache entry", entry.display()))?;
+        fs::remove_dir_all(entry)
+            .with_context(|| format!("{}: cannot replace cache entry", entry.display()))?;
     }
-    fs::rename(staging, entry).with_context(|| format!("{}: cannot store cache entry", entry.display()))
+    fs::rename(staging, entry)
+        .with_context(|| format!("{}: cannot store cache entry", entry.display()))
 }
 
 fn load_entry(entry: &Path) -> Result<Prepared> {
-    let report: DataReport = serde_json::from_slice(&fs::read(entry.join(REPORT))?)
-        .with_context(|| format!("{}: corrupt cache entry; rerun with --overwrite_cache", entry.display()))?;
-    Ok(Prepared { train: Blocks::load(&entry.join(TRAIN))?, validation: Blocks::load(&entry.join(VALIDATION))?, report })
+    let report: DataReport =
+        serde_json::from_slice(&fs::read(entry.join(REPORT))?).with_context(|| {
+            format!(
+                "{}: corrupt cache entry; rerun with --overwrite_cache",
+                entry.display()
+            )
+        })?;
+    Ok(Prepared {
+        train: Blocks::load(&entry.join(TRAIN))?,
+        validation: Blocks::load(&entry.join(VALIDATION))?,
+        report,
+    })
 }
 
 /// Writes via a temporary file and rename: readers see the old or the new file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let temporary = path.with_extension("partial");
-    let mut file = fs::File::create(&temporary).with_context(|| format!("{}: cannot write", temporary.display()))?;
+    let mut file = fs::File::create(&temporary)
+        .with_context(|| format!("{}: cannot write", temporary.display()))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     fs::rename(&temporary, path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
 fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
-    write_atomically(to, &fs::read(from).with_context(|| format!("{}: cannot read", from.display()))?)
+    write_atomically(
+        to,
+        &fs::read(from).with_context(|| format!("{}: cannot read", from.display()))?,
+    )
 }

@@ -62,24 +62,38 @@ pub trait StepPlugin: Send + Sync {
 /// One instance of a plugin, owned by one worker thread.
 pub trait StepInstance {
     /// Runs one step over a batch. `seed` matters to augmenters only.
-    fn apply(&mut self, kind: StepKind, docs: &[DocRef<'_>], seed: u64) -> Result<StepOutput, CallFailure>;
+    fn apply(
+        &mut self,
+        kind: StepKind,
+        docs: &[DocRef<'_>],
+        seed: u64,
+    ) -> Result<StepOutput, CallFailure>;
 }
 
 /// Checks that a plugin returned what its contract promises, so the pipeline
 /// can index results by document.
 pub fn check_output(kind: StepKind, docs: usize, output: &StepOutput) -> Result<(), CallFailure> {
     match (kind, output) {
-        (StepKind::Mapper | StepKind::Filter, StepOutput::Verdicts(v)) if v.len() != docs => {
-            Err(CallFailure(format!("returned {} results for {docs} documents", v.len())))
-        }
-        (StepKind::Filter, StepOutput::Verdicts(v)) if v.iter().any(|v| matches!(v, Verdict::Replace(_))) => {
+        (StepKind::Mapper | StepKind::Filter, StepOutput::Verdicts(v)) if v.len() != docs => Err(
+            CallFailure(format!("returned {} results for {docs} documents", v.len())),
+        ),
+        (StepKind::Filter, StepOutput::Verdicts(v))
+            if v.iter().any(|v| matches!(v, Verdict::Replace(_))) =>
+        {
             Err(CallFailure("a filter returned replacement text".into()))
         }
-        (StepKind::Augmenter, StepOutput::Derived(d)) => match d.iter().find(|d| d.parent as usize >= docs) {
-            Some(bad) => Err(CallFailure(format!("derived document names parent {} of a batch of {docs}", bad.parent))),
-            None => Ok(()),
-        },
+        (StepKind::Augmenter, StepOutput::Derived(d)) => {
+            match d.iter().find(|d| d.parent as usize >= docs) {
+                Some(bad) => Err(CallFailure(format!(
+                    "derived document names parent {} of a batch of {docs}",
+                    bad.parent
+                ))),
+                None => Ok(()),
+            }
+        }
         (StepKind::Mapper | StepKind::Filter, StepOutput::Verdicts(_)) => Ok(()),
-        _ => Err(CallFailure(format!("returned the wrong kind of result for a {kind:?} step"))),
+        _ => Err(CallFailure(format!(
+            "returned the wrong kind of result for a {kind:?} step"
+        ))),
     }
 }

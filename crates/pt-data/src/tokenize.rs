@@ -26,25 +26,40 @@ impl Tokenizer {
             .map_err(|e| anyhow!("{}: not a valid tokenizer: {e}", json_path.display()))?;
         let config_path = dir.join("tokenizer_config.json");
         let config: serde_json::Value = match std::fs::read(&config_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("{}: malformed JSON", config_path.display()))?,
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .with_context(|| format!("{}: malformed JSON", config_path.display()))?,
             Err(_) => serde_json::Value::Null,
         };
         let token_name = |key: &str, default: &str| -> String {
             match &config[key] {
                 serde_json::Value::String(s) => s.clone(),
-                serde_json::Value::Object(o) => o.get("content").and_then(|c| c.as_str()).unwrap_or(default).to_string(),
+                serde_json::Value::Object(o) => o
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or(default)
+                    .to_string(),
                 _ => default.to_string(),
             }
         };
         let eos = token_name("eos_token", "</s>");
-        let eos_id = inner
-            .token_to_id(&eos)
-            .ok_or_else(|| anyhow!("{}: the EOS token `{eos}` is not in the vocabulary", json_path.display()))?;
-        let pad_id = inner.token_to_id(&token_name("pad_token", "<pad>")).unwrap_or(eos_id);
+        let eos_id = inner.token_to_id(&eos).ok_or_else(|| {
+            anyhow!(
+                "{}: the EOS token `{eos}` is not in the vocabulary",
+                json_path.display()
+            )
+        })?;
+        let pad_id = inner
+            .token_to_id(&token_name("pad_token", "<pad>"))
+            .unwrap_or(eos_id);
         let mut hasher = Sha256::new();
         hasher.update(&json);
         hasher.update(config.to_string());
-        Ok(Self { inner, eos_id, pad_id, digest: hex::encode(hasher.finalize()) })
+        Ok(Self {
+            inner,
+            eos_id,
+            pad_id,
+            digest: hex::encode(hasher.finalize()),
+        })
     }
 
     /// Token ids of one document, without special tokens, ending with EOS.

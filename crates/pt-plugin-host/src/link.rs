@@ -70,7 +70,10 @@ impl PluginState {
 
 impl WasiView for PluginState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -108,6 +111,9 @@ impl bindings::pt::plugin::host::Host for PluginState {
 pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<PluginState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-    bindings::AnyPlugin::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |state| state)?;
+    bindings::AnyPlugin::add_to_linker::<PluginState, HasSelf<PluginState>>(
+        &mut linker,
+        |state| state,
+    )?;
     Ok(linker)
 }

@@ -33,7 +33,10 @@ pub struct PluginLimits {
 
 impl Default for PluginLimits {
     fn default() -> Self {
-        Self { memory_bytes: 512 << 20, call_timeout: Duration::from_secs(30) }
+        Self {
+            memory_bytes: 512 << 20,
+            call_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -56,7 +59,10 @@ impl Ticker {
                 }
             })
             .expect("spawn the deadline thread");
-        Self { stop, thread: Some(thread) }
+        Self {
+            stop,
+            thread: Some(thread),
+        }
     }
 }
 
@@ -84,10 +90,17 @@ impl PluginRuntime {
         config.epoch_interruption(true);
         config.wasm_component_model(true);
         config.parallel_compilation(true);
-        let engine = Engine::new(&config).map_err(|e| anyhow!("cannot start the WebAssembly engine: {e}"))?;
-        let linker = link::linker(&engine).map_err(|e| anyhow!("cannot link the plugin interface: {e}"))?;
+        let engine = Engine::new(&config)
+            .map_err(|e| anyhow!("cannot start the WebAssembly engine: {e}"))?;
+        let linker =
+            link::linker(&engine).map_err(|e| anyhow!("cannot link the plugin interface: {e}"))?;
         let ticker = Ticker::start(engine.clone());
-        Ok(Self { engine, linker, cache_dir, _ticker: ticker })
+        Ok(Self {
+            engine,
+            linker,
+            cache_dir,
+            _ticker: ticker,
+        })
     }
 
     /// Compiles `bytes`, or loads the precompiled form from the cache. The key
@@ -104,21 +117,32 @@ impl PluginRuntime {
                 )
             })
         };
-        let Some(dir) = &self.cache_dir else { return Ok((compile()?, false)) };
+        let Some(dir) = &self.cache_dir else {
+            return Ok((compile()?, false));
+        };
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
-        let cached = dir.join("components").join(format!("{digest}-{:016x}.cwasm", hasher.finish()));
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        let cached = dir
+            .join("components")
+            .join(format!("{digest}-{:016x}.cwasm", hasher.finish()));
         if cached.is_file() {
             // SAFETY: the file was written by `Component::serialize` of an
             // engine with the same compatibility hash, into the user's own
             // cache directory, under the component's content hash.
             match unsafe { Component::deserialize_file(&self.engine, &cached) } {
                 Ok(component) => return Ok((component, true)),
-                Err(e) => tracing::warn!("{}: unusable cached component, recompiling: {e}", cached.display()),
+                Err(e) => tracing::warn!(
+                    "{}: unusable cached component, recompiling: {e}",
+                    cached.display()
+                ),
             }
         }
         let component = compile()?;
-        let serialized = component.serialize().map_err(|e| anyhow!("cannot serialise the compiled component: {e}"))?;
+        let serialized = component
+            .serialize()
+            .map_err(|e| anyhow!("cannot serialise the compiled component: {e}"))?;
         std::fs::create_dir_all(cached.parent().unwrap())
             .and_then(|()| {
                 let temporary = cached.with_extension(format!("partial-{}", std::process::id()));
@@ -132,7 +156,8 @@ impl PluginRuntime {
     /// Loads the plugin at `path` and asks it who it is. Give it its
     /// configuration with [`LoadedPlugin::configure`] before use.
     pub fn load(&self, path: &Path, limits: PluginLimits) -> Result<LoadedPlugin> {
-        let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read plugin", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("{}: cannot read plugin", path.display()))?;
         let digest = hex::encode(Sha256::digest(&bytes));
         let (component, from_cache) = self.compile(path, &bytes, &digest)?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
@@ -153,7 +178,9 @@ impl PluginRuntime {
                 env!("CARGO_PKG_VERSION")
             )
         })?;
-        let file_stem = path.file_stem().map_or_else(|| "plugin".into(), |s| s.to_string_lossy().into_owned());
+        let file_stem = path
+            .file_stem()
+            .map_or_else(|| "plugin".into(), |s| s.to_string_lossy().into_owned());
         let mut loaded = LoadedPlugin {
             name: file_stem.into(),
             path: path.to_path_buf(),
@@ -177,8 +204,12 @@ impl PluginRuntime {
             },
             pre,
         };
-        let mut probe = loaded.instance_unconfigured().with_context(|| format!("plugin {}", path.display()))?;
-        loaded.info = probe.describe().map_err(|e| anyhow!("plugin {}: describe failed: {}", path.display(), e.0))?;
+        let mut probe = loaded
+            .instance_unconfigured()
+            .with_context(|| format!("plugin {}", path.display()))?;
+        loaded.info = probe
+            .describe()
+            .map_err(|e| anyhow!("plugin {}: describe failed: {}", path.display(), e.0))?;
         loaded.name = loaded.info.id.clone().into();
         for kind in &loaded.info.kinds {
             let exported = match kind {
@@ -231,15 +262,21 @@ impl LoadedPlugin {
     /// A fresh, configured instance.
     pub fn instance(&self) -> Result<PluginInstance> {
         let mut instance = self.instance_unconfigured()?;
-        instance.configure(&self.config).map_err(|e| anyhow!("plugin `{}`: {e}", self.name))?;
+        instance
+            .configure(&self.config)
+            .map_err(|e| anyhow!("plugin `{}`: {e}", self.name))?;
         Ok(instance)
     }
 
     /// Sets the JSON configuration every instance receives, after checking
     /// that the plugin accepts it (on a probe instance, before any work).
     pub fn configure(&mut self, config: &str) -> Result<()> {
-        let mut probe = self.instance_unconfigured().with_context(|| format!("plugin `{}`", self.name))?;
-        probe.configure(config).map_err(|e| anyhow!("plugin `{}` ({}): {e}", self.name, self.path.display()))?;
+        let mut probe = self
+            .instance_unconfigured()
+            .with_context(|| format!("plugin `{}`", self.name))?;
+        probe
+            .configure(config)
+            .map_err(|e| anyhow!("plugin `{}` ({}): {e}", self.name, self.path.display()))?;
         self.config = config.to_string();
         Ok(())
     }

@@ -22,7 +22,13 @@ struct Captured {
 
 impl CapturedOutput {
     pub fn new(capacity: usize) -> Self {
-        Self { inner: Arc::new(Mutex::new(Captured { tail: Vec::new(), capacity, discarded: 0 })) }
+        Self {
+            inner: Arc::new(Mutex::new(Captured {
+                tail: Vec::new(),
+                capacity,
+                discarded: 0,
+            })),
+        }
     }
 
     fn push(&self, bytes: &[u8]) {
@@ -82,7 +88,11 @@ impl Pollable for CapturedOutput {
 }
 
 impl tokio::io::AsyncWrite for CapturedOutput {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         self.push(buf);
         Poll::Ready(Ok(buf.len()))
     }

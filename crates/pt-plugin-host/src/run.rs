@@ -5,12 +5,16 @@
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow};
-use pt_data::{CallFailure, DocRef, Derived, StepInstance, StepKind, StepOutput, StepPlugin, Verdict};
+use pt_data::{
+    CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, StepPlugin, Verdict,
+};
 use wasmtime::Store;
 use wasmtime::component::ResourceAny;
 
 use crate::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, plugin};
-use crate::bindings::pt::plugin::types::{Decision, Document, Edit, Info, Kind, MetricValue, Sample};
+use crate::bindings::pt::plugin::types::{
+    Decision, Document, Edit, Info, Kind, MetricValue, Sample,
+};
 use crate::link::PluginState;
 use crate::load::{LoadedPlugin, PluginLimits, TICK};
 
@@ -34,7 +38,11 @@ fn deadline_ticks(limits: &PluginLimits) -> u64 {
 }
 
 /// Says why a call failed, in the user's terms.
-fn describe_failure(store: &mut Store<PluginState>, limits: &PluginLimits, error: &wasmtime::Error) -> String {
+fn describe_failure(
+    store: &mut Store<PluginState>,
+    limits: &PluginLimits,
+    error: &wasmtime::Error,
+) -> String {
     let debug = format!("{error:?}");
     let mut cause = match error.downcast_ref::<wasmtime::Trap>() {
         Some(wasmtime::Trap::Interrupt) => format!(
@@ -57,11 +65,21 @@ fn describe_failure(store: &mut Store<PluginState>, limits: &PluginLimits, error
     };
     let (stderr, _) = store.data().stderr.take();
     // A Rust guest's hint about RUST_BACKTRACE cannot be acted on inside the sandbox.
-    let stderr: Vec<&str> = stderr.lines().filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE")).collect();
+    let stderr: Vec<&str> = stderr
+        .lines()
+        .filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE"))
+        .collect();
     let stderr = stderr.join("\n");
     let stderr = stderr.trim();
     if !stderr.is_empty() {
-        let tail: String = stderr.chars().rev().take(600).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = stderr
+            .chars()
+            .rev()
+            .take(600)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         cause.push_str(&format!("; plugin stderr: {tail}"));
     }
     cause
@@ -107,15 +125,20 @@ fn short(mut reason: String) -> String {
 impl LoadedPlugin {
     /// Instantiates without calling `configure`.
     pub(crate) fn instance_unconfigured(&self) -> Result<PluginInstance> {
-        let mut store = Store::new(self.pre.engine(), PluginState::new(self.name.clone(), self.limits.memory_bytes));
+        let mut store = Store::new(
+            self.pre.engine(),
+            PluginState::new(self.name.clone(), self.limits.memory_bytes),
+        );
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_trap();
         // Instantiation runs guest start-up code: the deadline applies to it too.
         store.set_epoch_deadline(deadline_ticks(&self.limits));
-        let instance = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| anyhow!("instantiation {}", describe_failure(&mut store, &self.limits, &e)))?;
+        let instance = self.pre.instantiate(&mut store).map_err(|e| {
+            anyhow!(
+                "instantiation {}",
+                describe_failure(&mut store, &self.limits, &e)
+            )
+        })?;
         let exported = |kind| self.info.kinds.is_empty() || self.has_kind(kind);
         let e = &self.exports;
         let bind_error = |e: wasmtime::Error| anyhow!("cannot bind exports: {e:#}");
@@ -123,8 +146,20 @@ impl LoadedPlugin {
             name: self.name.clone(),
             limits: self.limits,
             plugin: e.plugin.load(&mut store, &instance).map_err(bind_error)?,
-            filter: e.filter.as_ref().filter(|_| exported(Kind::Filter)).map(|i| i.load(&mut store, &instance)).transpose().map_err(bind_error)?,
-            mapper: e.mapper.as_ref().filter(|_| exported(Kind::Mapper)).map(|i| i.load(&mut store, &instance)).transpose().map_err(bind_error)?,
+            filter: e
+                .filter
+                .as_ref()
+                .filter(|_| exported(Kind::Filter))
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()
+                .map_err(bind_error)?,
+            mapper: e
+                .mapper
+                .as_ref()
+                .filter(|_| exported(Kind::Mapper))
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()
+                .map_err(bind_error)?,
             augmenter: e
                 .augmenter
                 .as_ref()
@@ -132,7 +167,13 @@ impl LoadedPlugin {
                 .map(|i| i.load(&mut store, &instance))
                 .transpose()
                 .map_err(bind_error)?,
-            metric: e.metric.as_ref().filter(|_| exported(Kind::Metric)).map(|i| i.load(&mut store, &instance)).transpose().map_err(bind_error)?,
+            metric: e
+                .metric
+                .as_ref()
+                .filter(|_| exported(Kind::Metric))
+                .map(|i| i.load(&mut store, &instance))
+                .transpose()
+                .map_err(bind_error)?,
             store,
         })
     }
@@ -140,25 +181,41 @@ impl LoadedPlugin {
     /// A fresh instance holding a new metric accumulator.
     pub fn metric_session(&self) -> Result<MetricSession> {
         if !self.has_kind(Kind::Metric) {
-            return Err(anyhow!("plugin `{}` is not a metric plugin (its kinds: {:?})", self.name, self.info.kinds));
+            return Err(anyhow!(
+                "plugin `{}` is not a metric plugin (its kinds: {:?})",
+                self.name,
+                self.info.kinds
+            ));
         }
         let mut instance = self.instance()?;
-        let metric = instance.metric.clone().expect("metric kind checked at load");
-        let accumulator = guarded(&mut instance.store, &self.name, &self.limits, |s| metric.accumulator().call_constructor(s))
-            .map_err(|e| anyhow!("plugin `{}`: creating the accumulator {}", self.name, e.0))?;
-        Ok(MetricSession { instance, accumulator })
+        let metric = instance
+            .metric
+            .clone()
+            .expect("metric kind checked at load");
+        let accumulator = guarded(&mut instance.store, &self.name, &self.limits, |s| {
+            metric.accumulator().call_constructor(s)
+        })
+        .map_err(|e| anyhow!("plugin `{}`: creating the accumulator {}", self.name, e.0))?;
+        Ok(MetricSession {
+            instance,
+            accumulator,
+        })
     }
 }
 
 impl PluginInstance {
     pub(crate) fn describe(&mut self) -> Result<Info, CallFailure> {
         let plugin = &self.plugin;
-        guarded(&mut self.store, &self.name, &self.limits, |s| plugin.call_describe(s))
+        guarded(&mut self.store, &self.name, &self.limits, |s| {
+            plugin.call_describe(s)
+        })
     }
 
     pub(crate) fn configure(&mut self, config: &str) -> Result<(), String> {
         let plugin = &self.plugin;
-        match guarded(&mut self.store, &self.name, &self.limits, |s| plugin.call_configure(s, config)) {
+        match guarded(&mut self.store, &self.name, &self.limits, |s| {
+            plugin.call_configure(s, config)
+        }) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(format!("rejected its configuration {config}: {message}")),
             Err(CallFailure(cause)) => Err(format!("configure {cause}")),
@@ -171,13 +228,28 @@ impl PluginInstance {
 }
 
 impl StepInstance for PluginInstance {
-    fn apply(&mut self, kind: StepKind, docs: &[DocRef<'_>], seed: u64) -> Result<StepOutput, CallFailure> {
-        let docs: Vec<Document> = docs.iter().map(|d| Document { source: d.source.into(), text: d.text.into() }).collect();
+    fn apply(
+        &mut self,
+        kind: StepKind,
+        docs: &[DocRef<'_>],
+        seed: u64,
+    ) -> Result<StepOutput, CallFailure> {
+        let docs: Vec<Document> = docs
+            .iter()
+            .map(|d| Document {
+                source: d.source.into(),
+                text: d.text.into(),
+            })
+            .collect();
         let (store, name, limits) = (&mut self.store, &*self.name, &self.limits);
         match kind {
             StepKind::Filter => {
-                let filter = self.filter.as_ref().ok_or_else(|| CallFailure(format!("plugin `{name}` has no filter export")))?;
-                let decisions = guarded(store, name, limits, |s| filter.call_filter_batch(s, &docs))?;
+                let filter = self
+                    .filter
+                    .as_ref()
+                    .ok_or_else(|| CallFailure(format!("plugin `{name}` has no filter export")))?;
+                let decisions =
+                    guarded(store, name, limits, |s| filter.call_filter_batch(s, &docs))?;
                 Ok(StepOutput::Verdicts(
                     decisions
                         .into_iter()
@@ -190,7 +262,10 @@ impl StepInstance for PluginInstance {
                 ))
             }
             StepKind::Mapper => {
-                let mapper = self.mapper.as_ref().ok_or_else(|| CallFailure(format!("plugin `{name}` has no mapper export")))?;
+                let mapper = self
+                    .mapper
+                    .as_ref()
+                    .ok_or_else(|| CallFailure(format!("plugin `{name}` has no mapper export")))?;
                 let edits = guarded(store, name, limits, |s| mapper.call_map_batch(s, &docs))?;
                 Ok(StepOutput::Verdicts(
                     edits
@@ -205,9 +280,21 @@ impl StepInstance for PluginInstance {
                 ))
             }
             StepKind::Augmenter => {
-                let Some(augmenter) = self.augmenter.as_ref() else { return Err(self.missing(kind)) };
-                let derived = guarded(store, name, limits, |s| augmenter.call_augment_batch(s, &docs, seed))?;
-                Ok(StepOutput::Derived(derived.into_iter().map(|d| Derived { parent: d.parent, text: d.text }).collect()))
+                let Some(augmenter) = self.augmenter.as_ref() else {
+                    return Err(self.missing(kind));
+                };
+                let derived = guarded(store, name, limits, |s| {
+                    augmenter.call_augment_batch(s, &docs, seed)
+                })?;
+                Ok(StepOutput::Derived(
+                    derived
+                        .into_iter()
+                        .map(|d| Derived {
+                            parent: d.parent,
+                            text: d.text,
+                        })
+                        .collect(),
+                ))
             }
         }
     }
@@ -219,11 +306,15 @@ impl StepPlugin for LoadedPlugin {
     }
 
     fn steps(&self) -> Vec<StepKind> {
-        [(Kind::Mapper, StepKind::Mapper), (Kind::Filter, StepKind::Filter), (Kind::Augmenter, StepKind::Augmenter)]
-            .into_iter()
-            .filter(|(kind, _)| self.has_kind(*kind))
-            .map(|(_, step)| step)
-            .collect()
+        [
+            (Kind::Mapper, StepKind::Mapper),
+            (Kind::Filter, StepKind::Filter),
+            (Kind::Augmenter, StepKind::Augmenter),
+        ]
+        .into_iter()
+        .filter(|(kind, _)| self.has_kind(*kind))
+        .map(|(_, step)| step)
+        .collect()
     }
 
     fn instantiate(&self) -> Result<Box<dyn StepInstance>> {
@@ -240,17 +331,27 @@ pub struct MetricSession {
 impl MetricSession {
     pub fn add_batch(&mut self, samples: &[Sample]) -> Result<()> {
         let i = &mut self.instance;
-        let metric = i.metric.as_ref().expect("metric session has a metric export");
+        let metric = i
+            .metric
+            .as_ref()
+            .expect("metric session has a metric export");
         let accumulator = self.accumulator;
-        guarded(&mut i.store, &i.name, &i.limits, |s| metric.accumulator().call_add_batch(s, accumulator, samples))
-            .map_err(|e| anyhow!("metric plugin `{}` failed in add-batch: {}", i.name, e.0))
+        guarded(&mut i.store, &i.name, &i.limits, |s| {
+            metric.accumulator().call_add_batch(s, accumulator, samples)
+        })
+        .map_err(|e| anyhow!("metric plugin `{}` failed in add-batch: {}", i.name, e.0))
     }
 
     pub fn compute(&mut self) -> Result<Vec<MetricValue>> {
         let i = &mut self.instance;
-        let metric = i.metric.as_ref().expect("metric session has a metric export");
+        let metric = i
+            .metric
+            .as_ref()
+            .expect("metric session has a metric export");
         let accumulator = self.accumulator;
-        guarded(&mut i.store, &i.name, &i.limits, |s| metric.accumulator().call_compute(s, accumulator))
-            .map_err(|e| anyhow!("metric plugin `{}` failed in compute: {}", i.name, e.0))
+        guarded(&mut i.store, &i.name, &i.limits, |s| {
+            metric.accumulator().call_compute(s, accumulator)
+        })
+        .map_err(|e| anyhow!("metric plugin `{}` failed in compute: {}", i.name, e.0))
     }
 }

@@ -49,7 +49,12 @@ impl Default for Config {
             alpha_rs: 0.1,
             p_rd: 0.1,
             min_words: 5,
-            operations: vec![Operation::Synonym, Operation::Insert, Operation::Swap, Operation::Delete],
+            operations: vec![
+                Operation::Synonym,
+                Operation::Insert,
+                Operation::Swap,
+                Operation::Delete,
+            ],
             extra_synonyms: Vec::new(),
         }
     }
@@ -79,7 +84,12 @@ impl AugmentEda {
             if is_cjk(c) {
                 let longest = (1..=self.longest_entry.min(chars.len() - i))
                     .rev()
-                    .find(|&n| n == 1 || self.synonyms.contains_key(&chars[i..i + n].iter().collect::<String>()))
+                    .find(|&n| {
+                        n == 1
+                            || self
+                                .synonyms
+                                .contains_key(&chars[i..i + n].iter().collect::<String>())
+                    })
                     .unwrap_or(1);
                 tokens.push(Token::Word(chars[i..i + longest].iter().collect()));
                 i += longest;
@@ -91,7 +101,11 @@ impl AugmentEda {
                     i += 1;
                 }
                 let s: String = chars[start..i].iter().collect();
-                tokens.push(if kind { Token::Word(s) } else { Token::Separator(s) });
+                tokens.push(if kind {
+                    Token::Word(s)
+                } else {
+                    Token::Separator(s)
+                });
             }
         }
         tokens
@@ -103,8 +117,11 @@ impl AugmentEda {
     }
 
     fn apply(&self, op: Operation, mut tokens: Vec<Token>, rng: &mut Rng) -> Vec<Token> {
-        let word_positions =
-            |tokens: &[Token]| -> Vec<usize> { (0..tokens.len()).filter(|&i| matches!(tokens[i], Token::Word(_))).collect() };
+        let word_positions = |tokens: &[Token]| -> Vec<usize> {
+            (0..tokens.len())
+                .filter(|&i| matches!(tokens[i], Token::Word(_)))
+                .collect()
+        };
         let words = word_positions(&tokens);
         let count = |alpha: f64| ((alpha * words.len() as f64).round() as usize).max(1);
         match op {
@@ -149,10 +166,21 @@ impl AugmentEda {
                 }
             }
             Operation::Delete => {
-                let keep: Vec<bool> = words.iter().map(|_| !rng.chance(self.config.p_rd)).collect();
-                let survivor = if keep.iter().any(|k| *k) { None } else { Some(words[rng.below(words.len())]) };
-                let deleted: Vec<usize> =
-                    words.iter().zip(&keep).filter(|(i, k)| !**k && Some(**i) != survivor).map(|(i, _)| *i).collect();
+                let keep: Vec<bool> = words
+                    .iter()
+                    .map(|_| !rng.chance(self.config.p_rd))
+                    .collect();
+                let survivor = if keep.iter().any(|k| *k) {
+                    None
+                } else {
+                    Some(words[rng.below(words.len())])
+                };
+                let deleted: Vec<usize> = words
+                    .iter()
+                    .zip(&keep)
+                    .filter(|(i, k)| !**k && Some(**i) != survivor)
+                    .map(|(i, _)| *i)
+                    .collect();
                 for i in deleted.into_iter().rev() {
                     tokens.remove(i);
                 }
@@ -182,16 +210,22 @@ fn render(tokens: &[Token]) -> String {
 impl Plugin for AugmentEda {
     const ID: &'static str = "augment_eda";
     const VERSION: &'static str = "0.1.0";
-    const DESCRIPTION: &'static str =
-        "EDA augmentation for Chinese and English: synonym replacement, insertion, swap, deletion; seeded";
+    const DESCRIPTION: &'static str = "EDA augmentation for Chinese and English: synonym replacement, insertion, swap, deletion; seeded";
     const KINDS: &'static [Kind] = &[Kind::Augmenter];
     const CONFIG_SCHEMA: &'static str = include_str!("../config.schema.json");
 
     fn configure(config: &str) -> Result<Self, String> {
         let config: Config = pt_plugin_sdk::parse_config(config)?;
-        for p in [config.alpha_sr, config.alpha_ri, config.alpha_rs, config.p_rd] {
+        for p in [
+            config.alpha_sr,
+            config.alpha_ri,
+            config.alpha_rs,
+            config.p_rd,
+        ] {
             if !(0.0..=1.0).contains(&p) {
-                return Err(format!("invalid configuration: alpha_* and p_rd must lie in [0, 1], got {p}"));
+                return Err(format!(
+                    "invalid configuration: alpha_* and p_rd must lie in [0, 1], got {p}"
+                ));
             }
         }
         if config.operations.is_empty() {
@@ -206,22 +240,41 @@ impl Plugin for AugmentEda {
         for group in groups.filter(|g| g.len() > 1) {
             for word in &group {
                 let others = group.iter().filter(|w| *w != word).cloned();
-                synonyms.entry(word.to_lowercase()).or_default().extend(others);
+                synonyms
+                    .entry(word.to_lowercase())
+                    .or_default()
+                    .extend(others);
             }
         }
-        let longest_entry = synonyms.keys().map(|w| w.chars().count()).max().unwrap_or(1);
-        Ok(Self { config, synonyms, longest_entry })
+        let longest_entry = synonyms
+            .keys()
+            .map(|w| w.chars().count())
+            .max()
+            .unwrap_or(1);
+        Ok(Self {
+            config,
+            synonyms,
+            longest_entry,
+        })
     }
 
     fn augment(&self, doc: &Document, rng: &mut Rng) -> Vec<String> {
         let tokens = self.tokenize(&doc.text);
-        let words = tokens.iter().filter(|t| matches!(t, Token::Word(_))).count();
+        let words = tokens
+            .iter()
+            .filter(|t| matches!(t, Token::Word(_)))
+            .count();
         if words < self.config.min_words {
             return Vec::new();
         }
         let ops = &self.config.operations;
         (0..self.config.num_aug)
-            .map(|i| with_trailing_newline_of(&doc.text, render(&self.apply(ops[i % ops.len()], tokens.clone(), rng))))
+            .map(|i| {
+                with_trailing_newline_of(
+                    &doc.text,
+                    render(&self.apply(ops[i % ops.len()], tokens.clone(), rng)),
+                )
+            })
             .filter(|text| text != &doc.text)
             .collect()
     }
@@ -238,13 +291,25 @@ mod tests {
     }
 
     fn doc(text: &str) -> Document {
-        Document { source: "t.txt:1".into(), text: text.into() }
+        Document {
+            source: "t.txt:1".into(),
+            text: text.into(),
+        }
     }
 
     #[test]
     fn chinese_is_segmented_by_the_synonym_table() {
         let tokens = eda("{}").tokenize("患者发热，医生检查。");
-        let words: Vec<_> = tokens.iter().filter_map(|t| if let Token::Word(w) = t { Some(w.as_str()) } else { None }).collect();
+        let words: Vec<_> = tokens
+            .iter()
+            .filter_map(|t| {
+                if let Token::Word(w) = t {
+                    Some(w.as_str())
+                } else {
+                    None
+                }
+            })
+            .collect();
         assert_eq!(words, ["患者", "发热", "医生", "检查"]);
     }
 
@@ -255,14 +320,22 @@ mod tests {
         assert_eq!(out.len(), 1);
         let text = &out[0];
         assert!(text.ends_with('\n'));
-        assert!(!text.contains("患者") && !text.contains("发热") && !text.contains("医生") && !text.contains("检查"), "{text}");
+        assert!(
+            !text.contains("患者")
+                && !text.contains("发热")
+                && !text.contains("医生")
+                && !text.contains("检查"),
+            "{text}"
+        );
         assert!(["病人", "病患"].iter().any(|w| text.contains(w)), "{text}");
     }
 
     #[test]
     fn same_seed_same_augmentations_and_num_aug_counts() {
         let p = eda(r#"{"num_aug": 4}"#);
-        let d = doc("The patient had a severe fever and a bad cough for three days before treatment began.\n");
+        let d = doc(
+            "The patient had a severe fever and a bad cough for three days before treatment began.\n",
+        );
         let a = p.augment(&d, &mut Rng::new(9));
         assert_eq!(a, p.augment(&d, &mut Rng::new(9)));
         assert_eq!(a.len(), 4);
@@ -272,21 +345,37 @@ mod tests {
     #[test]
     fn deletion_and_swap_keep_the_word_multiset_plausible() {
         let d = doc("one two three four five six seven eight nine ten\n");
-        let swapped = eda(r#"{"operations": ["swap"], "alpha_rs": 0.3}"#).augment(&d, &mut Rng::new(3));
+        let swapped =
+            eda(r#"{"operations": ["swap"], "alpha_rs": 0.3}"#).augment(&d, &mut Rng::new(3));
         let mut a: Vec<_> = swapped[0].split_whitespace().collect();
         let mut b: Vec<_> = d.text.split_whitespace().collect();
         a.sort();
         b.sort();
         assert_eq!(a, b);
-        let deleted = eda(r#"{"operations": ["delete"], "p_rd": 0.5}"#).augment(&d, &mut Rng::new(3));
+        let deleted =
+            eda(r#"{"operations": ["delete"], "p_rd": 0.5}"#).augment(&d, &mut Rng::new(3));
         let n = deleted[0].split_whitespace().count();
         assert!((1..10).contains(&n), "{deleted:?}");
     }
 
     #[test]
     fn short_documents_are_not_augmented_and_bad_config_is_named() {
-        assert!(eda("{}").augment(&doc("too short\n"), &mut Rng::new(1)).is_empty());
-        assert!(AugmentEda::configure(r#"{"p_rd": 3}"#).err().unwrap().contains("p_rd"));
-        assert!(AugmentEda::configure(r#"{"operations": ["rotate"]}"#).err().unwrap().contains("rotate"));
+        assert!(
+            eda("{}")
+                .augment(&doc("too short\n"), &mut Rng::new(1))
+                .is_empty()
+        );
+        assert!(
+            AugmentEda::configure(r#"{"p_rd": 3}"#)
+                .err()
+                .unwrap()
+                .contains("p_rd")
+        );
+        assert!(
+            AugmentEda::configure(r#"{"operations": ["rotate"]}"#)
+                .err()
+                .unwrap()
+                .contains("rotate")
+        );
     }
 }

@@ -10,18 +10,12 @@ use serde::Deserialize;
 
 const BUNDLED_TERMS: &str = include_str!("../data/terms.txt");
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// The terms; the bundled medical list when absent.
     pub terms: Option<Vec<String>>,
     pub case_sensitive: bool,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self { terms: None, case_sensitive: false }
-    }
 }
 
 pub struct DomainTerms {
@@ -40,7 +34,13 @@ struct Counts {
 
 impl Accumulator for Counts {
     fn add(&mut self, sample: &Sample) {
-        let fold = |s: &str| if self.case_sensitive { s.to_string() } else { s.to_lowercase() };
+        let fold = |s: &str| {
+            if self.case_sensitive {
+                s.to_string()
+            } else {
+                s.to_lowercase()
+            }
+        };
         let (reference, predicted) = (fold(&sample.reference), fold(&sample.predicted));
         for term in &self.terms {
             let r = reference.matches(term.as_str()).count() as u64;
@@ -54,9 +54,21 @@ impl Accumulator for Counts {
     fn compute(&self) -> Vec<MetricValue> {
         let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
         vec![
-            MetricValue { name: "term_recall".into(), value: ratio(self.matched, self.in_reference), higher_is_better: true },
-            MetricValue { name: "term_precision".into(), value: ratio(self.matched, self.in_prediction), higher_is_better: true },
-            MetricValue { name: "term_occurrences".into(), value: self.in_reference as f64, higher_is_better: true },
+            MetricValue {
+                name: "term_recall".into(),
+                value: ratio(self.matched, self.in_reference),
+                higher_is_better: true,
+            },
+            MetricValue {
+                name: "term_precision".into(),
+                value: ratio(self.matched, self.in_prediction),
+                higher_is_better: true,
+            },
+            MetricValue {
+                name: "term_occurrences".into(),
+                value: self.in_reference as f64,
+                higher_is_better: true,
+            },
         ]
     }
 }
@@ -64,7 +76,8 @@ impl Accumulator for Counts {
 impl Plugin for DomainTerms {
     const ID: &'static str = "domain_terms";
     const VERSION: &'static str = "0.1.0";
-    const DESCRIPTION: &'static str = "Recall and precision of domain terms in the model's greedy predictions";
+    const DESCRIPTION: &'static str =
+        "Recall and precision of domain terms in the model's greedy predictions";
     const KINDS: &'static [Kind] = &[Kind::Metric];
     const CONFIG_SCHEMA: &'static str = r#"{"type":"object","additionalProperties":false,"properties":{"terms":{"type":"array","items":{"type":"string","minLength":1}},"case_sensitive":{"type":"boolean","default":false}}}"#;
 
@@ -72,17 +85,37 @@ impl Plugin for DomainTerms {
         let config: Config = pt_plugin_sdk::parse_config(config)?;
         let terms: Vec<String> = match config.terms {
             Some(terms) => terms,
-            None => BUNDLED_TERMS.lines().filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect(),
+            None => BUNDLED_TERMS
+                .lines()
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+                .collect(),
         };
         if terms.iter().any(|t| t.is_empty()) {
             return Err("invalid configuration: `terms` contains an empty string".into());
         }
-        let terms = terms.into_iter().map(|t| if config.case_sensitive { t } else { t.to_lowercase() }).collect();
-        Ok(Self { terms, case_sensitive: config.case_sensitive })
+        let terms = terms
+            .into_iter()
+            .map(|t| {
+                if config.case_sensitive {
+                    t
+                } else {
+                    t.to_lowercase()
+                }
+            })
+            .collect();
+        Ok(Self {
+            terms,
+            case_sensitive: config.case_sensitive,
+        })
     }
 
     fn new_accumulator(&self) -> Box<dyn Accumulator> {
-        Box::new(Counts { terms: self.terms.clone(), case_sensitive: self.case_sensitive, ..Counts::default() })
+        Box::new(Counts {
+            terms: self.terms.clone(),
+            case_sensitive: self.case_sensitive,
+            ..Counts::default()
+        })
     }
 }
 
@@ -93,7 +126,11 @@ mod tests {
     use super::*;
 
     fn sample(reference: &str, predicted: &str) -> Sample {
-        Sample { reference: reference.into(), predicted: predicted.into(), ..Sample::default() }
+        Sample {
+            reference: reference.into(),
+            predicted: predicted.into(),
+            ..Sample::default()
+        }
     }
 
     #[test]
@@ -111,8 +148,18 @@ mod tests {
 
     #[test]
     fn bundled_terms_and_config_errors() {
-        assert!(DomainTerms::configure("{}").unwrap().terms.contains(&"传染病".to_string()));
+        assert!(
+            DomainTerms::configure("{}")
+                .unwrap()
+                .terms
+                .contains(&"传染病".to_string())
+        );
         assert!(DomainTerms::configure(r#"{"terms": [""]}"#).is_err());
-        assert!(DomainTerms::configure(r#"{"term": []}"#).err().unwrap().contains("term"));
+        assert!(
+            DomainTerms::configure(r#"{"term": []}"#)
+                .err()
+                .unwrap()
+                .contains("term")
+        );
     }
 }

@@ -23,6 +23,9 @@ pub struct Config {
     /// Unicode NFKC: full-width letters, digits and punctuation become
     /// half-width, ligatures and compatibility forms are unfolded.
     pub nfkc: bool,
+    /// Keep full-width punctuation (，。：；！？（）…), which Chinese typography
+    /// uses, instead of letting NFKC turn it into ASCII.
+    pub keep_cjk_punctuation: bool,
     /// Remove HTML tags, comments, `<script>`/`<style>` blocks; decode entities.
     pub strip_html: bool,
     pub remove_urls: bool,
@@ -51,6 +54,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nfkc: true,
+            keep_cjk_punctuation: true,
             strip_html: true,
             remove_urls: true,
             remove_emails: true,
@@ -70,34 +74,44 @@ impl Default for Config {
 
 impl Config {
     fn validate(self) -> Result<Self, String> {
-        let fractions = [self.min_letter_fraction, self.max_duplicate_line_fraction, self.max_duplicate_line_char_fraction]
-            .into_iter()
-            .chain(self.max_top_ngram_fraction)
-            .chain(self.max_duplicate_ngram_fraction);
+        let fractions = [
+            self.min_letter_fraction,
+            self.max_duplicate_line_fraction,
+            self.max_duplicate_line_char_fraction,
+        ]
+        .into_iter()
+        .chain(self.max_top_ngram_fraction)
+        .chain(self.max_duplicate_ngram_fraction);
         for f in fractions {
             if !(0.0..=1.0).contains(&f) {
-                return Err(format!("invalid configuration: fractions must lie in [0, 1], got {f}"));
+                return Err(format!(
+                    "invalid configuration: fractions must lie in [0, 1], got {f}"
+                ));
             }
         }
         Ok(self)
     }
 }
 
-static HTML_BLOCK: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"(?is)<!--.*?-->|<\s*(script|style)\b[^>]*>.*?<\s*/\s*(script|style)\s*>").unwrap());
-static HTML_TAG: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>").unwrap());
-static HTML_ENTITY: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z]{2,6});").unwrap());
+static HTML_BLOCK: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?is)<!--.*?-->|<\s*(script|style)\b[^>]*>.*?<\s*/\s*(script|style)\s*>").unwrap()
+});
+static HTML_TAG: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>").unwrap());
+static HTML_ENTITY: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"&(#[0-9]{1,7}|#[xX][0-9a-fA-F]{1,6}|[a-zA-Z]{2,6});").unwrap());
 static URL: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?i)(?:(?:https?|ftp)://|www\.)[A-Za-z0-9\-._~:/?#\[\]@!$&*+,;=%]+").unwrap()
 });
-static EMAIL: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}").unwrap());
+static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}").unwrap()
+});
 static PHONE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(concat!(
-        r"(?:\+?86[- ]?)?1[3-9][0-9]{9}",                       // Chinese mobile
-        r"|0[0-9]{2,3}-[0-9]{7,8}",                             // Chinese landline with area code
+        r"(?:\+?86[- ]?)?1[3-9][0-9]{9}", // Chinese mobile
+        r"|0[0-9]{2,3}-[0-9]{7,8}",       // Chinese landline with area code
         r"|\+[0-9]{1,3}[- ][0-9]{1,4}[- ][0-9]{3,4}[- ][0-9]{3,4}", // international
-        r"|\(?[0-9]{3}\)?[- .][0-9]{3}[- .][0-9]{4}",           // North American
+        r"|\(?[0-9]{3}\)?[- .][0-9]{3}[- .][0-9]{4}", // North American
     ))
     .unwrap()
 });
@@ -118,11 +132,20 @@ fn valid_id_checksum(id: &str) -> bool {
     const WEIGHTS: [u32; 17] = [7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2];
     const CHECK: &[u8; 11] = b"10X98765432";
     let bytes = id.as_bytes();
-    let sum: u32 = bytes[..17].iter().zip(WEIGHTS).map(|(b, w)| (b - b'0') as u32 * w).sum();
+    let sum: u32 = bytes[..17]
+        .iter()
+        .zip(WEIGHTS)
+        .map(|(b, w)| (b - b'0') as u32 * w)
+        .sum();
     CHECK[(sum % 11) as usize] == bytes[17].to_ascii_uppercase()
 }
 
-fn replace_matches(text: &str, re: &Regex, placeholder: &str, accept: impl Fn(&str, usize, usize) -> bool) -> String {
+fn replace_matches(
+    text: &str,
+    re: &Regex,
+    placeholder: &str,
+    accept: impl Fn(&str, usize, usize) -> bool,
+) -> String {
     let mut out = String::with_capacity(text.len());
     let mut last = 0;
     for m in re.find_iter(text) {
@@ -159,16 +182,52 @@ fn strip_html(text: &str) -> String {
     let text = HTML_BLOCK.replace_all(text, " ");
     let text = HTML_TAG.replace_all(&text, " ");
     HTML_ENTITY
-        .replace_all(&text, |caps: &regex::Captures| match decode_entity(&caps[1]) {
-            Some(c) => c.to_string(),
-            None => caps[0].to_string(),
+        .replace_all(&text, |caps: &regex::Captures| {
+            match decode_entity(&caps[1]) {
+                Some(c) => c.to_string(),
+                None => caps[0].to_string(),
+            }
         })
         .into_owned()
 }
 
+/// The full-width punctuation block (U+FF01–FF0F, FF1A–FF20, FF3B–FF40, FF5B–FF65).
+fn is_fullwidth_punctuation(c: char) -> bool {
+    matches!(c, '\u{FF01}'..='\u{FF0F}' | '\u{FF1A}'..='\u{FF20}' | '\u{FF3B}'..='\u{FF40}' | '\u{FF5B}'..='\u{FF65}')
+}
+
+/// NFKC, optionally leaving full-width punctuation alone.
+fn nfkc(text: &str, keep_cjk_punctuation: bool) -> String {
+    use unicode_normalization::{IsNormalized, is_nfkc_quick};
+    let normalise = |segment: &str, out: &mut String| {
+        if is_nfkc_quick(segment.chars()) == IsNormalized::Yes {
+            out.push_str(segment);
+        } else {
+            out.extend(segment.nfkc());
+        }
+    };
+    let mut out = String::with_capacity(text.len());
+    if !keep_cjk_punctuation {
+        normalise(text, &mut out);
+        return out;
+    }
+    let mut rest = text;
+    while let Some(at) = rest.find(is_fullwidth_punctuation) {
+        normalise(&rest[..at], &mut out);
+        let c = rest[at..].chars().next().expect("found a character");
+        out.push(c);
+        rest = &rest[at + c.len_utf8()..];
+    }
+    normalise(rest, &mut out);
+    out
+}
+
 fn is_invisible(c: char) -> bool {
     (c.is_control() && c != '\n' && c != '\t')
-        || matches!(c, '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}')
+        || matches!(
+            c,
+            '\u{200B}'..='\u{200D}' | '\u{2060}' | '\u{FEFF}' | '\u{00AD}'
+        )
 }
 
 /// Collapses whitespace runs to one space, trims each line, drops blank lines.
@@ -209,12 +268,13 @@ impl MedicalClean {
             input.to_string()
         };
         if c.nfkc && !text.is_ascii() {
-            text = text.nfkc().collect();
+            text = nfkc(&text, c.keep_cjk_punctuation);
         }
         if text.chars().any(is_invisible) {
             text = text.chars().filter(|&c| !is_invisible(c)).collect();
         }
-        if c.remove_urls && (text.contains("://") || text.contains("www.") || text.contains("WWW.")) {
+        if c.remove_urls && (text.contains("://") || text.contains("www.") || text.contains("WWW."))
+        {
             text = replace_matches(&text, &URL, &c.placeholder, |_, _, _| true);
         }
         if c.remove_emails && text.contains('@') {
@@ -252,13 +312,14 @@ impl MedicalClean {
         if dup_line_chars > c.max_duplicate_line_char_fraction {
             return Err("duplicate_line_chars".into());
         }
+        let ngrams = text::Ngrams::new(&words);
         for (n, max) in (2..=4).zip(c.max_top_ngram_fraction) {
-            if text::top_ngram_char_fraction(&words, n) > max {
+            if ngrams.top_fraction(n) > max {
                 return Err(format!("top_{n}gram"));
             }
         }
         for (n, max) in (5..=10).zip(c.max_duplicate_ngram_fraction) {
-            if text::duplicate_ngram_char_fraction(&words, n) > max {
+            if ngrams.duplicate_fraction(n) > max {
                 return Err(format!("duplicate_{n}gram"));
             }
         }
@@ -269,14 +330,15 @@ impl MedicalClean {
 impl Plugin for MedicalClean {
     const ID: &'static str = "medical_clean";
     const VERSION: &'static str = "0.1.0";
-    const DESCRIPTION: &'static str =
-        "Normalises Chinese/English medical text, removes HTML, URLs and PII, drops short, letter-poor and repetitive documents";
+    const DESCRIPTION: &'static str = "Normalises Chinese/English medical text, removes HTML, URLs and PII, drops short, letter-poor and repetitive documents";
     const KINDS: &'static [Kind] = &[Kind::Mapper, Kind::Filter];
     const CONFIG_SCHEMA: &'static str = include_str!("../config.schema.json");
 
     fn configure(config: &str) -> Result<Self, String> {
         let config: Config = pt_plugin_sdk::parse_config(config)?;
-        Ok(Self { config: config.validate()? })
+        Ok(Self {
+            config: config.validate()?,
+        })
     }
 
     fn map(&self, doc: &Document) -> Edit {
@@ -306,7 +368,10 @@ mod tests {
     }
 
     fn doc(text: &str) -> Document {
-        Document { source: "t.txt:1".into(), text: text.into() }
+        Document {
+            source: "t.txt:1".into(),
+            text: text.into(),
+        }
     }
 
     fn mapped(p: &MedicalClean, text: &str) -> String {
@@ -320,8 +385,18 @@ mod tests {
     #[test]
     fn full_width_and_whitespace_are_normalised_keeping_the_newline() {
         let p = plugin("{}");
-        assert_eq!(mapped(&p, "ＡＢＣ１２３\u{3000}\u{3000}患者  发热\t\u{200B}三天\n"), "ABC123 患者 发热 三天\n");
+        assert_eq!(
+            mapped(&p, "ＡＢＣ１２３\u{3000}\u{3000}患者  发热\t\u{200B}三天\n"),
+            "ABC123 患者 发热 三天\n"
+        );
         assert_eq!(p.map(&doc("already clean text\n")), Edit::Unchanged);
+        // Chinese punctuation stays unless asked otherwise.
+        assert_eq!(p.map(&doc("发热，咳嗽（三天）。\n")), Edit::Unchanged);
+        let ascii = plugin(r#"{"keep_cjk_punctuation": false}"#);
+        assert_eq!(
+            mapped(&ascii, "发热，咳嗽（三天）。\n"),
+            "发热,咳嗽(三天)。\n"
+        );
     }
 
     #[test]
@@ -330,7 +405,7 @@ mod tests {
         let text = "<p>联系&amp;咨询：<b>王医生</b></p>电话13812345678，邮箱 wang.yi@hosp.cn 见 https://example.org/a?b=1 身份证11010519491231002X 编号123456789012345678901\n";
         assert_eq!(
             mapped(&p, text),
-            "联系&咨询: 王医生 电话<PII>,邮箱 <PII> 见 <PII> 身份证<PII> 编号123456789012345678901\n"
+            "联系&咨询： 王医生 电话<PII>，邮箱 <PII> 见 <PII> 身份证<PII> 编号123456789012345678901\n"
         );
     }
 
@@ -344,9 +419,15 @@ mod tests {
     fn filters_name_their_reason() {
         let p = plugin("{}");
         assert_eq!(p.filter(&doc("短句\n")), Decision::Drop("too_short".into()));
-        assert_eq!(p.filter(&doc("12345 67890 ++++ ----\n")), Decision::Drop("low_letter_fraction".into()));
+        assert_eq!(
+            p.filter(&doc("12345 67890 ++++ ----\n")),
+            Decision::Drop("low_letter_fraction".into())
+        );
         let repeated = "发热咳嗽请就医。".repeat(10);
-        assert_eq!(p.filter(&doc(&repeated)), Decision::Drop("top_2gram".into()));
+        assert_eq!(
+            p.filter(&doc(&repeated)),
+            Decision::Drop("top_2gram".into())
+        );
         let prose = "Infectious diseases are caused by pathogenic microorganisms such as bacteria, viruses, parasites or fungi; \
                      the diseases can be spread, directly or indirectly, from one person to another, and their control depends \
                      on surveillance, vaccination, sanitation and the prompt treatment of every identified case in a community.";
@@ -355,14 +436,19 @@ mod tests {
 
     #[test]
     fn empty_after_cleaning_is_dropped() {
-        assert_eq!(plugin("{}").map(&doc("<br/> \u{200B}\n")), Edit::Drop("empty_after_cleaning".into()));
+        assert_eq!(
+            plugin("{}").map(&doc("<br/> \u{200B}\n")),
+            Edit::Drop("empty_after_cleaning".into())
+        );
     }
 
     #[test]
     fn bad_configuration_is_rejected_with_the_key() {
         let err = MedicalClean::configure(r#"{"min_char": 3}"#).err().unwrap();
         assert!(err.contains("min_char"), "{err}");
-        let err = MedicalClean::configure(r#"{"min_letter_fraction": 2}"#).err().unwrap();
+        let err = MedicalClean::configure(r#"{"min_letter_fraction": 2}"#)
+            .err()
+            .unwrap();
         assert!(err.contains("[0, 1]"), "{err}");
     }
 }

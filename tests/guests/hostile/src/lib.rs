@@ -1,6 +1,9 @@
 //! A filter that misbehaves on request, to prove that pt-host contains it.
 //! `{"mode": M, "marker": S}`: documents containing the marker trigger mode M.
 
+// Off wasm, `register!` expands to nothing and the plugin is unused.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+
 use pt_plugin_sdk::{Decision, Document, Kind, Plugin, register};
 use serde::Deserialize;
 

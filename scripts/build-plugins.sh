@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Builds the example plugins (plugins/) and the test guests (tests/guests/) as
+# WebAssembly components into $CARGO_TARGET_DIR/wasm32-wasip2/release/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    rustup target add wasm32-wasip2
+fi
+cargo build --release --target wasm32-wasip2 \
+    -p medical_clean -p augment_eda -p domain_terms -p hostile
+echo "plugins: ${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/{medical_clean,augment_eda,domain_terms}.wasm"
