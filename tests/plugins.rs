@@ -244,6 +244,57 @@ fn chatty_output_is_bounded_not_fatal() {
     assert_eq!(out, StepOutput::Verdicts(vec![Verdict::Keep]));
 }
 
+/// A `tracing` writer into a shared buffer.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn the_log_import_reaches_the_host_log_bounded() {
+    let runtime = PluginRuntime::new(None).unwrap();
+    let plugin = load(
+        &runtime,
+        "hostile",
+        r#"{"mode":"log_flood","marker":""}"#,
+        quick_limits(),
+    );
+    let mut instance = plugin.instance().unwrap();
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .finish();
+    tracing::subscriber::with_default(subscriber, || {
+        let out = instance
+            .apply(StepKind::Filter, &docs(&one("x\n")), 0)
+            .unwrap();
+        assert_eq!(out, StepOutput::Verdicts(vec![Verdict::Keep]));
+    });
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        log.contains("plugin=\"hostile\"") && log.contains("log line 0"),
+        "{log}"
+    );
+    assert!(
+        log.contains("log line 98") && !log.contains("log line 99"),
+        "100 lines a call, the long one first"
+    );
+    assert!(log.contains("log limit of 100 lines per call reached"));
+    let longest = log.lines().map(str::len).max().unwrap();
+    assert!(longest < 2_300, "lines are cut to 2 KiB: {longest}");
+}
+
 #[test]
 fn compiled_components_are_cached_by_content() {
     let cache = tempfile::tempdir().unwrap();

@@ -561,6 +561,8 @@ mod tests {
             ),
             "{err}"
         );
+        // Batch 4..8 traps; halves and quarters each get a fresh instance: 1 + 3.
+        assert_eq!(plugin.instances.load(Ordering::Relaxed), 4);
         let skipped = run_texts(
             &texts,
             &fake(&[StepKind::Mapper]),

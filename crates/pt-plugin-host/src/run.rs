@@ -139,41 +139,28 @@ impl LoadedPlugin {
                 describe_failure(&mut store, &self.limits, &e)
             )
         })?;
+        // The probe instance binds every export it has: kinds are not known yet.
         let exported = |kind| self.info.kinds.is_empty() || self.has_kind(kind);
-        let e = &self.exports;
         let bind_error = |e: wasmtime::Error| anyhow!("cannot bind exports: {e:#}");
+        macro_rules! bind {
+            ($indices:expr, $kind:expr) => {
+                $indices
+                    .as_ref()
+                    .filter(|_| exported($kind))
+                    .map(|indices| indices.load(&mut store, &instance))
+                    .transpose()
+                    .map_err(bind_error)?
+            };
+        }
+        let e = &self.exports;
         Ok(PluginInstance {
             name: self.name.clone(),
             limits: self.limits,
             plugin: e.plugin.load(&mut store, &instance).map_err(bind_error)?,
-            filter: e
-                .filter
-                .as_ref()
-                .filter(|_| exported(Kind::Filter))
-                .map(|i| i.load(&mut store, &instance))
-                .transpose()
-                .map_err(bind_error)?,
-            mapper: e
-                .mapper
-                .as_ref()
-                .filter(|_| exported(Kind::Mapper))
-                .map(|i| i.load(&mut store, &instance))
-                .transpose()
-                .map_err(bind_error)?,
-            augmenter: e
-                .augmenter
-                .as_ref()
-                .filter(|_| exported(Kind::Augmenter))
-                .map(|i| i.load(&mut store, &instance))
-                .transpose()
-                .map_err(bind_error)?,
-            metric: e
-                .metric
-                .as_ref()
-                .filter(|_| exported(Kind::Metric))
-                .map(|i| i.load(&mut store, &instance))
-                .transpose()
-                .map_err(bind_error)?,
+            filter: bind!(e.filter, Kind::Filter),
+            mapper: bind!(e.mapper, Kind::Mapper),
+            augmenter: bind!(e.augmenter, Kind::Augmenter),
+            metric: bind!(e.metric, Kind::Metric),
             store,
         })
     }
@@ -221,10 +208,10 @@ impl PluginInstance {
             Err(CallFailure(cause)) => Err(format!("configure {cause}")),
         }
     }
+}
 
-    fn missing(&self, kind: StepKind) -> CallFailure {
-        CallFailure(format!("plugin `{}` has no {kind:?} export", self.name))
-    }
+fn missing(plugin: &str, kind: StepKind) -> CallFailure {
+    CallFailure(format!("plugin `{plugin}` has no {kind:?} export"))
 }
 
 impl StepInstance for PluginInstance {
@@ -244,10 +231,7 @@ impl StepInstance for PluginInstance {
         let (store, name, limits) = (&mut self.store, &*self.name, &self.limits);
         match kind {
             StepKind::Filter => {
-                let filter = self
-                    .filter
-                    .as_ref()
-                    .ok_or_else(|| CallFailure(format!("plugin `{name}` has no filter export")))?;
+                let filter = self.filter.as_ref().ok_or_else(|| missing(name, kind))?;
                 let decisions =
                     guarded(store, name, limits, |s| filter.call_filter_batch(s, &docs))?;
                 Ok(StepOutput::Verdicts(
@@ -262,10 +246,7 @@ impl StepInstance for PluginInstance {
                 ))
             }
             StepKind::Mapper => {
-                let mapper = self
-                    .mapper
-                    .as_ref()
-                    .ok_or_else(|| CallFailure(format!("plugin `{name}` has no mapper export")))?;
+                let mapper = self.mapper.as_ref().ok_or_else(|| missing(name, kind))?;
                 let edits = guarded(store, name, limits, |s| mapper.call_map_batch(s, &docs))?;
                 Ok(StepOutput::Verdicts(
                     edits
@@ -280,9 +261,7 @@ impl StepInstance for PluginInstance {
                 ))
             }
             StepKind::Augmenter => {
-                let Some(augmenter) = self.augmenter.as_ref() else {
-                    return Err(self.missing(kind));
-                };
+                let augmenter = self.augmenter.as_ref().ok_or_else(|| missing(name, kind))?;
                 let derived = guarded(store, name, limits, |s| {
                     augmenter.call_augment_batch(s, &docs, seed)
                 })?;

@@ -66,6 +66,13 @@ impl Plugin for Hostile {
                 }
                 Decision::Keep
             }
+            "log_flood" => {
+                pt_plugin_sdk::log(pt_plugin_sdk::Level::Warn, &"x".repeat(10_000));
+                for i in 0..1000 {
+                    pt_plugin_sdk::log(pt_plugin_sdk::Level::Info, &format!("log line {i}"));
+                }
+                Decision::Keep
+            }
             "report_error" => Decision::Error("cannot judge this document".into()),
             other => Decision::Error(format!("unknown mode {other}")),
         }
