@@ -1,0 +1,329 @@
+//! BLOOM (HF `BloomForCausalLM`): embedding LayerNorm, ALiBi attention with a
+//! per-head fused QKV, GELU (tanh) MLP, final LayerNorm, LM head tied to the
+//! embedding.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+
+use crate::ops::{layer_norm, softmax_last_dim};
+
+/// `config.json`, with the legacy key names of the original checkpoints.
+#[derive(Clone, Debug, Deserialize)]
+pub struct Config {
+    #[serde(alias = "n_embed")]
+    pub hidden_size: usize,
+    #[serde(alias = "num_attention_heads")]
+    pub n_head: usize,
+    #[serde(alias = "num_hidden_layers")]
+    pub n_layer: usize,
+    pub vocab_size: usize,
+    #[serde(default = "default_eps")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default)]
+    pub apply_residual_connection_post_layernorm: bool,
+    #[serde(default)]
+    pub model_type: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let config: Config = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a BLOOM config", path.display()))?;
+        if config.model_type.as_deref().is_some_and(|t| t != "bloom") {
+            bail!(
+                "{}: model_type is {:?}; pt-host trains BLOOM models",
+                path.display(),
+                config.model_type.unwrap()
+            );
+        }
+        if config.n_head == 0 || config.hidden_size % config.n_head != 0 {
+            bail!(
+                "{}: hidden_size {} is not a multiple of n_head {}",
+                path.display(),
+                config.hidden_size,
+                config.n_head
+            );
+        }
+        Ok(config)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.n_head
+    }
+}
+
+/// ALiBi slopes, one per head, as HF's `build_alibi_tensor` computes them.
+pub fn alibi_slopes(n_head: usize) -> Vec<f32> {
+    let closest = 1usize << n_head.ilog2();
+    let base = 2f64.powf(-(2f64.powf(-((closest as f64).log2() - 3.0))));
+    let mut slopes: Vec<f64> = (1..=closest).map(|i| base.powi(i as i32)).collect();
+    if closest != n_head {
+        let extra_base = 2f64.powf(-(2f64.powf(-((2.0 * closest as f64).log2() - 3.0))));
+        let extra = n_head - closest;
+        slopes.extend((0..extra).map(|i| extra_base.powi((1 + 2 * i) as i32)));
+    }
+    slopes.into_iter().map(|s| s as f32).collect()
+}
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+}
+
+/// `y = x Wᵀ + b`, weights in HF's `[out, in]` layout.
+struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, s, d) = x.dims3()?;
+        let y = x
+            .reshape((b * s, d))?
+            .matmul(&self.weight.t()?)?
+            .broadcast_add(&self.bias)?;
+        y.reshape((b, s, self.weight.dim(0)?))
+    }
+}
+
+struct Block {
+    input_layernorm: LayerNorm,
+    query_key_value: Linear,
+    attention_dense: Linear,
+    post_attention_layernorm: LayerNorm,
+    dense_h_to_4h: Linear,
+    dense_4h_to_h: Linear,
+}
+
+pub struct Bloom {
+    pub config: Config,
+    word_embeddings: Tensor,
+    embeddings_layernorm: LayerNorm,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    device: Device,
+}
+
+/// Weights by name, without the optional `transformer.` prefix, converted to f32.
+struct Weights {
+    tensors: HashMap<String, Tensor>,
+    source: String,
+}
+
+impl Weights {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let tensor = self.tensors.remove(name).with_context(|| {
+            format!(
+                "{}: no weight `{name}` (is this a BLOOM checkpoint?)",
+                self.source
+            )
+        })?;
+        if tensor.dims() != shape {
+            bail!(
+                "{}: `{name}` has shape {:?}, config.json implies {shape:?}",
+                self.source,
+                tensor.dims()
+            );
+        }
+        Ok(tensor.to_dtype(DType::F32)?)
+    }
+
+    fn layer_norm(&mut self, prefix: &str, size: usize, eps: f64) -> Result<LayerNorm> {
+        Ok(LayerNorm {
+            weight: self.take(&format!("{prefix}.weight"), &[size])?,
+            bias: self.take(&format!("{prefix}.bias"), &[size])?,
+            eps,
+        })
+    }
+
+    fn linear(&mut self, prefix: &str, input: usize, output: usize) -> Result<Linear> {
+        Ok(Linear {
+            weight: self.take(&format!("{prefix}.weight"), &[output, input])?,
+            bias: self.take(&format!("{prefix}.bias"), &[output])?,
+        })
+    }
+}
+
+impl Bloom {
+    /// Loads `config.json` and `model.safetensors` from an HF model directory.
+    /// Keys may carry the `transformer.` prefix or not; f16, bf16 and f32
+    /// storage become f32.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let config = Config::from_file(&dir.join("config.json"))?;
+        let path = dir.join("model.safetensors");
+        let loaded = candle_core::safetensors::load(&path, device)
+            .with_context(|| format!("{}: cannot load weights", path.display()))?;
+        let tensors = loaded
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.strip_prefix("transformer.")
+                        .map(str::to_string)
+                        .unwrap_or(k),
+                    v,
+                )
+            })
+            .collect();
+        let mut w = Weights {
+            tensors,
+            source: path.display().to_string(),
+        };
+        let (h, eps) = (config.hidden_size, config.layer_norm_epsilon);
+        let word_embeddings = w.take("word_embeddings.weight", &[config.vocab_size, h])?;
+        let embeddings_layernorm = w.layer_norm("word_embeddings_layernorm", h, eps)?;
+        let blocks = (0..config.n_layer)
+            .map(|i| {
+                let p = format!("h.{i}");
+                Ok(Block {
+                    input_layernorm: w.layer_norm(&format!("{p}.input_layernorm"), h, eps)?,
+                    query_key_value: w.linear(
+                        &format!("{p}.self_attention.query_key_value"),
+                        h,
+                        3 * h,
+                    )?,
+                    attention_dense: w.linear(&format!("{p}.self_attention.dense"), h, h)?,
+                    post_attention_layernorm: w.layer_norm(
+                        &format!("{p}.post_attention_layernorm"),
+                        h,
+                        eps,
+                    )?,
+                    dense_h_to_4h: w.linear(&format!("{p}.mlp.dense_h_to_4h"), h, 4 * h)?,
+                    dense_4h_to_h: w.linear(&format!("{p}.mlp.dense_4h_to_h"), 4 * h, h)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let ln_f = w.layer_norm("ln_f", h, eps)?;
+        Ok(Self {
+            config,
+            word_embeddings,
+            embeddings_layernorm,
+            blocks,
+            ln_f,
+            device: device.clone(),
+        })
+    }
+
+    /// ALiBi bias `[b, n_head, 1, s]` and the additive causal + padding mask
+    /// `[b, 1, s, s]` for a left-padded batch (`mask`: 1 for tokens, 0 for pads).
+    fn attention_bias(&self, mask: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+        let (b, s) = (mask.len(), mask[0].len());
+        let slopes = alibi_slopes(self.config.n_head);
+        let mut alibi = Vec::with_capacity(b * slopes.len() * s);
+        let mut additive = Vec::with_capacity(b * s * s);
+        for row in mask {
+            // Positions count tokens only, so left padding does not shift them.
+            let mut seen = 0f32;
+            let positions: Vec<f32> = row
+                .iter()
+                .map(|&m| {
+                    seen += m as f32;
+                    if m == 1 { seen - 1.0 } else { 0.0 }
+                })
+                .collect();
+            for slope in &slopes {
+                alibi.extend(positions.iter().map(|p| slope * p));
+            }
+            // A finite minimum, as HF uses, keeps all-masked pad rows finite.
+            for i in 0..s {
+                additive.extend((0..s).map(|j| if j > i || row[j] == 0 { f32::MIN } else { 0.0 }));
+            }
+        }
+        Ok((
+            Tensor::from_vec(alibi, (b, slopes.len(), 1, s), &self.device)?,
+            Tensor::from_vec(additive, (b, 1, s, s), &self.device)?,
+        ))
+    }
+
+    fn attention(
+        &self,
+        block: &Block,
+        x: &Tensor,
+        alibi: &Tensor,
+        additive: &Tensor,
+    ) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let (n_head, head_dim) = (self.config.n_head, self.config.head_dim());
+        // The fused projection is laid out per head: [.., head, (q|k|v), head_dim].
+        let qkv = block
+            .query_key_value
+            .forward(x)?
+            .reshape((b, s, n_head, 3, head_dim))?;
+        let part = |i| -> candle_core::Result<Tensor> {
+            qkv.narrow(3, i, 1)?
+                .squeeze(3)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?
+            .broadcast_add(alibi)?
+            .broadcast_add(additive)?;
+        let context = softmax_last_dim(&scores)?.matmul(&v)?;
+        let merged = context.transpose(1, 2)?.reshape((b, s, h))?;
+        Ok(block.attention_dense.forward(&merged)?)
+    }
+
+    /// Logits `[b, s, vocab]` of a batch of token ids with its attention mask.
+    pub fn forward(&self, input_ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, s) = (input_ids.len(), input_ids[0].len());
+        let ids = Tensor::from_vec(input_ids.concat(), (b * s,), &self.device)?;
+        let embedded =
+            self.word_embeddings
+                .index_select(&ids, 0)?
+                .reshape((b, s, self.config.hidden_size))?;
+        let mut hidden = self.embeddings_layernorm.forward(&embedded)?;
+        let (alibi, additive) = self.attention_bias(mask)?;
+        let post_ln = self.config.apply_residual_connection_post_layernorm;
+        for block in &self.blocks {
+            let ln1 = block.input_layernorm.forward(&hidden)?;
+            let attended = (self.attention(block, &ln1, &alibi, &additive)?
+                + if post_ln { &ln1 } else { &hidden })?;
+            let ln2 = block.post_attention_layernorm.forward(&attended)?;
+            let mlp = block
+                .dense_4h_to_h
+                .forward(&block.dense_h_to_4h.forward(&ln2)?.gelu()?)?;
+            hidden = (mlp + if post_ln { &ln2 } else { &attended })?;
+        }
+        let normed = self
+            .ln_f
+            .forward(&hidden)?
+            .reshape((b * s, self.config.hidden_size))?;
+        Ok(normed
+            .matmul(&self.word_embeddings.t()?)?
+            .reshape((b, s, self.config.vocab_size))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alibi_slopes_as_hf_computes_them() {
+        // 8 heads: base 2^-1, slopes 1/2, 1/4, ..., 1/256.
+        let eight = alibi_slopes(8);
+        assert_eq!(eight[0], 0.5);
+        assert_eq!(eight[7], 1.0 / 256.0);
+        // 6 heads: 4 from base 2^-2, then 2 from extra base 2^-1 with odd powers.
+        let six = alibi_slopes(6);
+        assert_eq!(six, [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]);
+    }
+}

@@ -1,0 +1,9 @@
+//! The training core's model side: BLOOM in candle, computing what HF
+//! transformers computes (see `tests/fixtures/bloom-tiny`). Written with
+//! differentiable primitives only: candle's fused LayerNorm and softmax have no
+//! backward and would silently stop gradients.
+
+pub mod bloom;
+pub mod ops;
+
+pub use bloom::{Bloom, Config};

@@ -1,0 +1,108 @@
+//! BLOOM against HF transformers' own numbers on the bloom-tiny fixture
+//! (f32, CPU): logits within 1e-4 absolute, loss within 1e-5 relative.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+use pt_model::Bloom;
+use pt_model::ops::next_token_loss_sum;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bloom-tiny")
+}
+
+fn expected() -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<u32>> {
+    t.to_vec2::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v as u32).collect())
+        .collect()
+}
+
+#[test]
+fn logits_match_hf_on_left_padded_probes() {
+    let model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
+    let expected = expected();
+    let ids = rows(&expected["probe_input_ids"]);
+    let mask = rows(&expected["probe_attention_mask"]);
+    assert!(
+        mask.iter().any(|r| r[0] == 0),
+        "the probes include left padding"
+    );
+    let logits = model
+        .forward(&ids, &mask)
+        .unwrap()
+        .to_vec3::<f32>()
+        .unwrap();
+    let reference = expected["probe_logits"].to_vec3::<f32>().unwrap();
+    let mut worst = 0f32;
+    for (b, row) in mask.iter().enumerate() {
+        for (t, &m) in row.iter().enumerate() {
+            if m == 1 {
+                for (x, y) in logits[b][t].iter().zip(&reference[b][t]) {
+                    worst = worst.max((x - y).abs());
+                }
+            }
+        }
+    }
+    assert!(worst < 1e-4, "largest logit difference at tokens: {worst}");
+}
+
+#[test]
+fn validation_loss_matches_hf() {
+    let model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
+    let expected = expected();
+    let blocks = rows(&expected["valid_blocks"]);
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in blocks.chunks(16) {
+        let mask: Vec<Vec<u32>> = chunk.iter().map(|r| vec![1; r.len()]).collect();
+        let logits = model.forward(chunk, &mask).unwrap();
+        let labels: Vec<Vec<i64>> = chunk
+            .iter()
+            .map(|r| r.iter().map(|&v| v as i64).collect())
+            .collect();
+        let (loss, n) = next_token_loss_sum(&logits, &labels).unwrap();
+        sum += loss.to_scalar::<f32>().unwrap() as f64;
+        count += n;
+    }
+    let ours = sum / count as f64;
+    let hf = expected["valid_loss"].to_vec1::<f32>().unwrap()[0] as f64;
+    assert!(((ours - hf) / hf).abs() < 1e-5, "ours {ours}, HF {hf}");
+}
+
+#[test]
+fn wrong_checkpoints_are_refused_clearly() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_path_buf();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "llama", "hidden_size": 8, "n_head": 2, "n_layer": 1, "vocab_size": 10}"#,
+    )
+    .unwrap();
+    let err = Bloom::load(&dir, &Device::Cpu).err().unwrap().to_string();
+    assert!(
+        err.contains("model_type is \"llama\"; pt-host trains BLOOM models"),
+        "{err}"
+    );
+    // Shapes are checked against config.json.
+    let config = std::fs::read_to_string(fixture().join("model/config.json"))
+        .unwrap()
+        .replace("\"hidden_size\": 64", "\"hidden_size\": 128");
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    std::fs::copy(
+        fixture().join("model/model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let err = Bloom::load(&dir, &Device::Cpu).err().unwrap().to_string();
+    assert!(
+        err.contains(
+            "`word_embeddings.weight` has shape [2000, 64], config.json implies [2000, 128]"
+        ),
+        "{err}"
+    );
+}
