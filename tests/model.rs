@@ -106,3 +106,137 @@ fn wrong_checkpoints_are_refused_clearly() {
         "{err}"
     );
 }
+
+/// The fixture's training blocks: `train.txt` packed into 32-token blocks.
+fn train_blocks() -> Vec<Vec<u32>> {
+    let tokenizer = pt_data::Tokenizer::from_dir(&fixture().join("model")).unwrap();
+    let file = pt_data::corpus::read_file(
+        &fixture().join("train.txt"),
+        &pt_data::ReadOptions::default(),
+    )
+    .unwrap();
+    let docs: Vec<Vec<u32>> = file
+        .documents
+        .iter()
+        .map(|d| tokenizer.encode_document(&d.text).unwrap())
+        .collect();
+    let (blocks, _) = pt_data::packing::pack(&docs, 32);
+    (0..blocks.len()).map(|i| blocks.row(i).to_vec()).collect()
+}
+
+fn trajectory() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture().join("trajectory.json")).unwrap())
+        .unwrap()
+}
+
+/// Step 1 of HF's LoRA run from `lora_init`: two micro-batches of two blocks,
+/// each loss divided by the accumulation count before backward. The logged
+/// loss and the global gradient norm (before clipping) must match PEFT's.
+#[test]
+fn lora_first_step_loss_and_gradient_norm_match_peft() {
+    let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
+    let adapter = model.load_adapter(&fixture().join("lora_init")).unwrap();
+    assert_eq!((adapter.r, adapter.scale()), (8, 2.0));
+    let variables = model.lora_variables();
+    assert_eq!(
+        variables.len(),
+        2 * 4 * 2,
+        "A and B for four modules in two layers"
+    );
+    let blocks = train_blocks();
+    let expected = trajectory();
+    assert_eq!(
+        blocks.len() as u64,
+        expected["n_train_blocks"].as_u64().unwrap()
+    );
+
+    let mut losses = Vec::new();
+    let mut summed: Vec<Option<Tensor>> = vec![None; variables.len()];
+    for micro_batch in blocks[..4].chunks(2) {
+        let mask: Vec<Vec<u32>> = micro_batch.iter().map(|r| vec![1; r.len()]).collect();
+        let labels: Vec<Vec<i64>> = micro_batch
+            .iter()
+            .map(|r| r.iter().map(|&v| v as i64).collect())
+            .collect();
+        let (sum, count) =
+            next_token_loss_sum(&model.forward(micro_batch, &mask).unwrap(), &labels).unwrap();
+        let loss = (sum / count as f64).unwrap();
+        losses.push(loss.to_scalar::<f32>().unwrap() as f64);
+        let grads = (loss / 2.0).unwrap().backward().unwrap();
+        for ((_, var), total) in variables.iter().zip(&mut summed) {
+            let g = grads
+                .get(var.as_tensor())
+                .expect("every LoRA weight receives a gradient")
+                .clone();
+            *total = Some(match total.take() {
+                Some(t) => (t + g).unwrap(),
+                None => g,
+            });
+        }
+    }
+    let logged = losses.iter().sum::<f64>() / losses.len() as f64;
+    let hf_loss = expected["log"][0]["loss"].as_f64().unwrap();
+    assert!(
+        ((logged - hf_loss) / hf_loss).abs() < 1e-4,
+        "loss {logged}, PEFT {hf_loss}"
+    );
+
+    let squares: f64 = summed
+        .iter()
+        .map(|g| {
+            g.as_ref()
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
+        })
+        .sum();
+    let norm = squares.sqrt();
+    let hf_norm = expected["log"][0]["grad_norm"].as_f64().unwrap();
+    assert!(
+        ((norm - hf_norm) / hf_norm).abs() < 1e-4,
+        "grad norm {norm}, PEFT {hf_norm}"
+    );
+    for ((name, _), g) in variables.iter().zip(&summed) {
+        let largest = g
+            .as_ref()
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(largest > 0.0, "{name} got a zero gradient");
+    }
+}
+
+#[test]
+fn adapters_that_target_nothing_or_miss_weights_are_refused() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let config = std::fs::read_to_string(fixture().join("lora_init/adapter_config.json")).unwrap();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        config
+            .replace("\"query_key_value\"", "\"q_proj\"")
+            .replace("\"dense\",", "")
+            .replace("\"dense_h_to_4h\",", "")
+            .replace("\"dense_4h_to_h\",", ""),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixture().join("lora_init/adapter_model.safetensors"),
+        dir.join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
+    let err = model.load_adapter(dir).err().unwrap().to_string();
+    assert!(
+        err.contains("target_modules [\"q_proj\"] match no layer"),
+        "{err}"
+    );
+}

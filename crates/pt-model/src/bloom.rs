@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::Deserialize;
 
 use crate::ops::{layer_norm, softmax_last_dim};
@@ -46,7 +46,7 @@ impl Config {
                 config.model_type.unwrap()
             );
         }
-        if config.n_head == 0 || config.hidden_size % config.n_head != 0 {
+        if config.n_head == 0 || !config.hidden_size.is_multiple_of(config.n_head) {
             bail!(
                 "{}: hidden_size {} is not a multiple of n_head {}",
                 path.display(),
@@ -87,20 +87,77 @@ impl LayerNorm {
     }
 }
 
-/// `y = x Wᵀ + b`, weights in HF's `[out, in]` layout.
+/// A LoRA adapter on a linear layer, as PEFT defines it: `scale · B(A x)`.
+pub struct Lora {
+    /// `[r, in]`
+    pub a: Var,
+    /// `[out, r]`
+    pub b: Var,
+    pub scale: f64,
+}
+
+/// `y = x Wᵀ + b (+ LoRA)`, weights in HF's `[out, in]` layout.
 struct Linear {
     weight: Tensor,
     bias: Tensor,
+    lora: Option<Lora>,
 }
 
 impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, s, d) = x.dims3()?;
-        let y = x
-            .reshape((b * s, d))?
-            .matmul(&self.weight.t()?)?
-            .broadcast_add(&self.bias)?;
+        let flat = x.reshape((b * s, d))?;
+        let mut y = flat.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        if let Some(lora) = &self.lora {
+            let update = flat
+                .matmul(&lora.a.as_tensor().t()?)?
+                .matmul(&lora.b.as_tensor().t()?)?;
+            y = (y + (update * lora.scale)?)?;
+        }
         y.reshape((b, s, self.weight.dim(0)?))
+    }
+}
+
+/// The four linear layers PEFT can target in a BLOOM block, by module name.
+pub const LORA_TARGETS: [&str; 4] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"];
+
+/// What pt-host reads of a PEFT `adapter_config.json`; other keys are ignored.
+#[derive(Clone, Debug, Deserialize)]
+pub struct AdapterConfig {
+    pub peft_type: String,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(deserialize_with = "one_or_many")]
+    pub target_modules: Vec<String>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+}
+
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+impl AdapterConfig {
+    /// PEFT's scaling: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.lora_alpha / (self.r as f64).sqrt()
+        } else {
+            self.lora_alpha / self.r as f64
+        }
     }
 }
 
@@ -158,6 +215,7 @@ impl Weights {
         Ok(Linear {
             weight: self.take(&format!("{prefix}.weight"), &[output, input])?,
             bias: self.take(&format!("{prefix}.bias"), &[output])?,
+            lora: None,
         })
     }
 }
@@ -219,6 +277,107 @@ impl Bloom {
             ln_f,
             device: device.clone(),
         })
+    }
+
+    /// Every linear layer with its PEFT module path (`transformer.h.0.self_attention.dense`).
+    fn linears_mut(&mut self) -> impl Iterator<Item = (String, &mut Linear)> {
+        self.blocks.iter_mut().enumerate().flat_map(|(i, b)| {
+            [
+                (
+                    format!("transformer.h.{i}.self_attention.query_key_value"),
+                    &mut b.query_key_value,
+                ),
+                (
+                    format!("transformer.h.{i}.self_attention.dense"),
+                    &mut b.attention_dense,
+                ),
+                (
+                    format!("transformer.h.{i}.mlp.dense_h_to_4h"),
+                    &mut b.dense_h_to_4h,
+                ),
+                (
+                    format!("transformer.h.{i}.mlp.dense_4h_to_h"),
+                    &mut b.dense_4h_to_h,
+                ),
+            ]
+        })
+    }
+
+    /// Loads a PEFT LoRA adapter directory (`adapter_config.json`,
+    /// `adapter_model.safetensors`) onto the model, as trainable variables.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterConfig> {
+        let config_path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .with_context(|| format!("{}: cannot read", config_path.display()))?;
+        let config: AdapterConfig = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a PEFT adapter config", config_path.display()))?;
+        if config.peft_type != "LORA" || config.use_dora {
+            bail!(
+                "{}: only plain LoRA adapters are supported (peft_type {}, use_dora {})",
+                config_path.display(),
+                config.peft_type,
+                config.use_dora
+            );
+        }
+        let weights_path = dir.join("adapter_model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&weights_path, &self.device)
+            .with_context(|| format!("{}: cannot load adapter weights", weights_path.display()))?;
+        let (r, scale) = (config.r, config.scale());
+        let mut attached = 0;
+        for (path, linear) in self.linears_mut() {
+            let module = path.rsplit('.').next().expect("module paths have dots");
+            if !config
+                .target_modules
+                .iter()
+                .any(|t| t == module || path.ends_with(&format!(".{t}")))
+            {
+                continue;
+            }
+            let mut take = |part: &str, shape: [usize; 2]| -> Result<Var> {
+                let key = format!("base_model.model.{path}.{part}.weight");
+                let tensor = tensors
+                    .remove(&key)
+                    .with_context(|| format!("{}: no `{key}`", weights_path.display()))?;
+                if tensor.dims() != shape {
+                    bail!(
+                        "{}: `{key}` has shape {:?}, expected {shape:?}",
+                        weights_path.display(),
+                        tensor.dims()
+                    );
+                }
+                Ok(Var::from_tensor(&tensor.to_dtype(DType::F32)?)?)
+            };
+            let (out, input) = linear.weight.dims2()?;
+            let (a, b) = (take("lora_A", [r, input])?, take("lora_B", [out, r])?);
+            linear.lora = Some(Lora { a, b, scale });
+            attached += 1;
+        }
+        if attached == 0 {
+            bail!(
+                "{}: target_modules {:?} match no layer (BLOOM has {LORA_TARGETS:?})",
+                config_path.display(),
+                config.target_modules
+            );
+        }
+        Ok(config)
+    }
+
+    /// The trainable LoRA variables with their PEFT key names.
+    pub fn lora_variables(&mut self) -> Vec<(String, Var)> {
+        self.linears_mut()
+            .filter_map(|(path, linear)| {
+                linear
+                    .lora
+                    .as_ref()
+                    .map(|l| (path, l.a.clone(), l.b.clone()))
+            })
+            .flat_map(|(path, a, b)| {
+                [
+                    (format!("base_model.model.{path}.lora_A.weight"), a),
+                    (format!("base_model.model.{path}.lora_B.weight"), b),
+                ]
+            })
+            .collect()
     }
 
     /// ALiBi bias `[b, n_head, 1, s]` and the additive causal + padding mask
