@@ -1,0 +1,9 @@
+//! Optimisation as the HF Trainer does it: AdamW with f32 state, learning-rate
+//! schedules with warmup, and global gradient-norm clipping.
+
+pub mod optim;
+pub mod schedule;
+pub mod step;
+
+pub use optim::{AdamW, AdamWConfig, clip_grad_norm};
+pub use schedule::{Schedule, SchedulerType};

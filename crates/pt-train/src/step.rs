@@ -1,0 +1,62 @@
+//! One optimizer step's worth of gradients, accumulated over micro-batches as
+//! the HF Trainer does: each micro-batch loss divided by the number of
+//! micro-batches before backward, gradients summed.
+
+use anyhow::{Context, Result};
+use candle_core::{Tensor, Var};
+use pt_model::Bloom;
+use pt_model::ops::next_token_loss_sum;
+
+/// A micro-batch: token ids, attention mask and labels (`-100`: no loss).
+pub struct MicroBatch {
+    pub input_ids: Vec<Vec<u32>>,
+    pub attention_mask: Vec<Vec<u32>>,
+    pub labels: Vec<Vec<i64>>,
+}
+
+impl MicroBatch {
+    /// Packed blocks: every position is a token with a label.
+    pub fn from_blocks(blocks: &[Vec<u32>]) -> Self {
+        Self {
+            input_ids: blocks.to_vec(),
+            attention_mask: blocks.iter().map(|b| vec![1; b.len()]).collect(),
+            labels: blocks
+                .iter()
+                .map(|b| b.iter().map(|&t| t as i64).collect())
+                .collect(),
+        }
+    }
+}
+
+/// Gradients of `variables` summed over `micro_batches`, and the mean of the
+/// micro-batch losses (what HF logs as `loss`).
+pub fn accumulate_gradients(
+    model: &Bloom,
+    variables: &[Var],
+    micro_batches: &[MicroBatch],
+) -> Result<(f64, Vec<Tensor>)> {
+    let mut totals: Vec<Option<Tensor>> = vec![None; variables.len()];
+    let mut loss_sum = 0f64;
+    for batch in micro_batches {
+        let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
+        let (sum, count) = next_token_loss_sum(&logits, &batch.labels)?;
+        let loss = (sum / count.max(1) as f64)?;
+        loss_sum += loss.to_scalar::<f32>()? as f64;
+        let grads = (loss / micro_batches.len() as f64)?.backward()?;
+        for (variable, total) in variables.iter().zip(&mut totals) {
+            let grad = grads
+                .get(variable.as_tensor())
+                .context("a trainable tensor received no gradient")?
+                .clone();
+            *total = Some(match total.take() {
+                Some(t) => (t + grad)?,
+                None => grad,
+            });
+        }
+    }
+    let grads = totals
+        .into_iter()
+        .map(|g| g.context("no micro-batches"))
+        .collect::<Result<_>>()?;
+    Ok((loss_sum / micro_batches.len() as f64, grads))
+}

@@ -1,0 +1,155 @@
+//! Six steps of LoRA training from `lora_init` against HF Trainer + PEFT:
+//! per-step loss, gradient norm (before clipping) and learning rate, the
+//! validation loss after training, and the final adapter weights.
+
+#[path = "support/bloom_tiny.rs"]
+mod bloom_tiny;
+
+use bloom_tiny::{expected, fixture, rows, train_blocks, trajectory};
+use candle_core::{Device, Var};
+use pt_model::Bloom;
+use pt_model::ops::next_token_loss_sum;
+use pt_train::step::{MicroBatch, accumulate_gradients};
+use pt_train::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_grad_norm};
+
+fn validation_loss(model: &Bloom) -> f64 {
+    let blocks = rows(&expected()["valid_blocks"]);
+    let (mut sum, mut count) = (0f64, 0usize);
+    for chunk in blocks.chunks(16) {
+        let batch = MicroBatch::from_blocks(chunk);
+        let (loss, n) = next_token_loss_sum(
+            &model
+                .forward(&batch.input_ids, &batch.attention_mask)
+                .unwrap(),
+            &batch.labels,
+        )
+        .unwrap();
+        sum += loss.to_scalar::<f32>().unwrap() as f64;
+        count += n;
+    }
+    sum / count as f64
+}
+
+fn close(ours: f64, theirs: f64, relative: f64) -> bool {
+    ((ours - theirs) / theirs.abs().max(1e-12)).abs() < relative
+}
+
+#[test]
+fn lora_training_follows_peft_step_by_step() {
+    let expected_run = trajectory();
+    let args = &expected_run["args"];
+    let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
+    // HF's "before" is the base model's loss (it equals expected.safetensors' valid_loss).
+    let before = validation_loss(&model);
+    assert!(
+        close(
+            before,
+            expected_run["valid_loss_before"].as_f64().unwrap(),
+            1e-5
+        ),
+        "valid loss before {before}"
+    );
+    model.load_adapter(&fixture().join("lora_init")).unwrap();
+    let named = model.lora_variables();
+    let variables: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
+    let config = AdamWConfig {
+        weight_decay: args["wd"].as_f64().unwrap(),
+        ..AdamWConfig::default()
+    };
+    // The recipe decays every LoRA weight (they have no biases or norms).
+    let mut optimizer = AdamW::new(
+        variables.iter().map(|v| (v.clone(), true)).collect(),
+        config,
+    )
+    .unwrap();
+    let steps = args["steps"].as_u64().unwrap() as usize;
+    let schedule = Schedule {
+        kind: SchedulerType::Linear,
+        peak_lr: args["lr"].as_f64().unwrap(),
+        warmup_steps: args["warmup"].as_u64().unwrap() as usize,
+        total_steps: steps,
+    };
+    let (batch, accumulation) = (
+        args["batch"].as_u64().unwrap() as usize,
+        args["accum"].as_u64().unwrap() as usize,
+    );
+    let blocks = train_blocks();
+    assert_eq!(
+        blocks.len() as u64,
+        expected_run["n_train_blocks"].as_u64().unwrap()
+    );
+
+    let per_step = batch * accumulation;
+    for step in 0..steps {
+        let micro_batches: Vec<MicroBatch> = blocks[step * per_step..(step + 1) * per_step]
+            .chunks(batch)
+            .map(MicroBatch::from_blocks)
+            .collect();
+        let (loss, mut grads) = accumulate_gradients(&model, &variables, &micro_batches).unwrap();
+        for ((name, _), g) in named.iter().zip(&grads) {
+            assert!(
+                g.abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+                    > 0.0,
+                "{name}: zero gradient"
+            );
+        }
+        let norm = clip_grad_norm(&mut grads, args["clip"].as_f64().unwrap()).unwrap();
+        let lr = schedule.lr(step);
+        optimizer.apply(&grads, lr).unwrap();
+
+        let hf = &expected_run["log"][step];
+        assert!(
+            close(loss, hf["loss"].as_f64().unwrap(), 1e-4),
+            "step {}: loss {loss} vs {}",
+            step + 1,
+            hf["loss"]
+        );
+        assert!(
+            close(norm, hf["grad_norm"].as_f64().unwrap(), 1e-4),
+            "step {}: grad norm {norm} vs {}",
+            step + 1,
+            hf["grad_norm"]
+        );
+        assert!(
+            (lr - hf["learning_rate"].as_f64().unwrap()).abs() < 1e-12,
+            "step {}: lr {lr}",
+            step + 1
+        );
+    }
+
+    let after = validation_loss(&model);
+    assert!(
+        close(
+            after,
+            expected_run["valid_loss_after"].as_f64().unwrap(),
+            1e-4
+        ),
+        "valid loss after {after}"
+    );
+    let final_adapter = candle_core::safetensors::load(
+        fixture().join("lora_final/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut worst = 0f32;
+    for (name, variable) in &named {
+        let diff = (variable.as_tensor() - &final_adapter[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        worst = worst.max(diff);
+    }
+    assert!(
+        worst < 1e-4,
+        "final adapter differs from PEFT's by up to {worst}"
+    );
+}
