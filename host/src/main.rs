@@ -5,6 +5,7 @@ mod args;
 mod plugins;
 mod prepare;
 mod progress;
+mod run;
 
 use std::process::ExitCode;
 
@@ -23,7 +24,9 @@ struct Cli {
 #[derive(clap::Subcommand)]
 enum Command {
     /// Clean, tokenize and pack a corpus into training and validation blocks.
-    Prepare(prepare::PrepareArgs),
+    Prepare(Box<prepare::PrepareArgs>),
+    /// Prepare the data, then train a LoRA adapter (--do_train) and/or evaluate (--do_eval).
+    Run(Box<run::RunArgs>),
 }
 
 fn init_logging(verbose: u8) {
@@ -45,7 +48,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Prepare(args) => prepare::run(args),
+        Command::Prepare(args) => prepare::run(*args),
+        Command::Run(args) => run::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

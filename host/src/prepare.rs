@@ -70,6 +70,12 @@ pub struct PrepareArgs {
 }
 
 pub fn run(args: PrepareArgs) -> Result<()> {
+    prepare_data(&args).map(|_| ())
+}
+
+/// Reads, cleans, tokenizes and packs (or loads from the cache), prints the
+/// summary, and returns the blocks: the data half of `prepare` and `run`.
+pub fn prepare_data(args: &PrepareArgs) -> Result<pt_data::Prepared> {
     if !(0.0..100.0).contains(&args.validation_split_percentage) {
         bail!(
             "--validation_split_percentage must be in [0, 100), got {}",
@@ -102,12 +108,12 @@ pub fn run(args: PrepareArgs) -> Result<()> {
         })
         .collect();
     let options = PrepareOptions {
-        train_dir: args.train_file_dir,
-        validation_dir: args.validation_file_dir,
+        train_dir: args.train_file_dir.clone(),
+        validation_dir: args.validation_file_dir.clone(),
         validation_split_percentage: args.validation_split_percentage,
         read: ReadOptions {
             keep_linebreaks: args.keep_linebreaks,
-            text_field: args.text_field,
+            text_field: args.text_field.clone(),
         },
         block_size: args.block_size as usize,
         packing: args.packing,
@@ -128,7 +134,7 @@ pub fn run(args: PrepareArgs) -> Result<()> {
     let progress = PrepareProgress::new(args.disable_tqdm);
     let prepared = pt_data::prepare(&options, &plugins, &tokenizer, &args.output_dir, &progress)?;
     print_summary(&prepared.report, &args.output_dir);
-    Ok(())
+    Ok(prepared)
 }
 
 fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {

@@ -6,7 +6,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
+use std::cell::RefCell;
+
 use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::ops::{layer_norm, softmax_last_dim};
@@ -94,6 +98,27 @@ pub struct Lora {
     /// `[out, r]`
     pub b: Var,
     pub scale: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+}
+
+/// Randomness of LoRA dropout: `None` outside training. Seeded per optimizer
+/// step by the trainer, so a resumed run draws the same masks.
+type DropoutRng = RefCell<Option<ChaCha8Rng>>;
+
+/// Inverted dropout with a mask drawn from `rng`.
+fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<Tensor> {
+    let keep = 1.0 - p;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                (1.0 / keep) as f32
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?
 }
 
 /// `y = x Wᵀ + b (+ LoRA)`, weights in HF's `[out, in]` layout.
@@ -104,12 +129,16 @@ struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, rng: &DropoutRng) -> candle_core::Result<Tensor> {
         let (b, s, d) = x.dims3()?;
         let flat = x.reshape((b * s, d))?;
         let mut y = flat.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
         if let Some(lora) = &self.lora {
-            let update = flat
+            let input = match rng.borrow_mut().as_mut() {
+                Some(rng) if lora.dropout > 0.0 => dropout(&flat, lora.dropout, rng)?,
+                _ => flat.clone(),
+            };
+            let update = input
                 .matmul(&lora.a.as_tensor().t()?)?
                 .matmul(&lora.b.as_tensor().t()?)?;
             y = (y + (update * lora.scale)?)?;
@@ -150,6 +179,13 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(
     })
 }
 
+/// PEFT's matching: a target names a module exactly or is a suffix after a dot.
+fn targets_module(targets: &[String], path: &str) -> bool {
+    targets
+        .iter()
+        .any(|t| path == t || path.ends_with(&format!(".{t}")))
+}
+
 impl AdapterConfig {
     /// PEFT's scaling: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
@@ -177,6 +213,7 @@ pub struct Bloom {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     device: Device,
+    dropout_rng: DropoutRng,
 }
 
 /// Weights by name, without the optional `transformer.` prefix, converted to f32.
@@ -276,6 +313,7 @@ impl Bloom {
             blocks,
             ln_f,
             device: device.clone(),
+            dropout_rng: RefCell::new(None),
         })
     }
 
@@ -325,12 +363,7 @@ impl Bloom {
         let (r, scale) = (config.r, config.scale());
         let mut attached = 0;
         for (path, linear) in self.linears_mut() {
-            let module = path.rsplit('.').next().expect("module paths have dots");
-            if !config
-                .target_modules
-                .iter()
-                .any(|t| t == module || path.ends_with(&format!(".{t}")))
-            {
+            if !targets_module(&config.target_modules, &path) {
                 continue;
             }
             let mut take = |part: &str, shape: [usize; 2]| -> Result<Var> {
@@ -349,7 +382,12 @@ impl Bloom {
             };
             let (out, input) = linear.weight.dims2()?;
             let (a, b) = (take("lora_A", [r, input])?, take("lora_B", [out, r])?);
-            linear.lora = Some(Lora { a, b, scale });
+            linear.lora = Some(Lora {
+                a,
+                b,
+                scale,
+                dropout: 0.0,
+            });
             attached += 1;
         }
         if attached == 0 {
@@ -360,6 +398,127 @@ impl Bloom {
             );
         }
         Ok(config)
+    }
+
+    /// Training mode with dropout masks drawn from `seed` (`Some`), or
+    /// evaluation mode without dropout (`None`).
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        *self.dropout_rng.borrow_mut() = seed.map(ChaCha8Rng::seed_from_u64);
+    }
+
+    /// Sets the dropout probability of every LoRA adapter.
+    pub fn set_lora_dropout(&mut self, p: f64) {
+        for (_, linear) in self.linears_mut() {
+            if let Some(lora) = &mut linear.lora {
+                lora.dropout = p;
+            }
+        }
+    }
+
+    /// Adds fresh LoRA adapters as PEFT initialises them: A ~ U(±1/√in)
+    /// (Kaiming-uniform with a = √5), B = 0, so training starts from the base
+    /// model. `targets` are module names (`query_key_value`, `dense`, …).
+    pub fn add_lora(&mut self, config: &AdapterConfig, dropout: f64, seed: u64) -> Result<usize> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (r, scale, device) = (config.r, config.scale(), self.device.clone());
+        let mut attached = 0;
+        for (path, linear) in self.linears_mut() {
+            if !targets_module(&config.target_modules, &path) {
+                continue;
+            }
+            let (out, input) = linear.weight.dims2()?;
+            let bound = 1.0 / (input as f64).sqrt();
+            let a: Vec<f32> = (0..r * input)
+                .map(|_| rng.random_range(-bound..bound) as f32)
+                .collect();
+            let a = Var::from_tensor(&Tensor::from_vec(a, (r, input), &device)?)?;
+            let b = Var::from_tensor(&Tensor::zeros((out, r), DType::F32, &device)?)?;
+            linear.lora = Some(Lora {
+                a,
+                b,
+                scale,
+                dropout,
+            });
+            attached += 1;
+        }
+        if attached == 0 {
+            bail!(
+                "--target_modules {:?} match no layer (BLOOM has {LORA_TARGETS:?})",
+                config.target_modules
+            );
+        }
+        Ok(attached)
+    }
+
+    /// Writes a PEFT adapter directory: `adapter_config.json` and
+    /// `adapter_model.safetensors` (metadata `format: pt`), which PEFT's
+    /// `PeftModel.from_pretrained` loads.
+    pub fn save_adapter(
+        &mut self,
+        dir: &Path,
+        config: &AdapterConfig,
+        base_model: &str,
+    ) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let dropout = self
+            .linears_mut()
+            .find_map(|(_, l)| l.lora.as_ref().map(|l| l.dropout))
+            .unwrap_or(0.0);
+        let peft_config = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": config.r,
+            "lora_alpha": config.lora_alpha,
+            "lora_dropout": dropout,
+            "target_modules": config.target_modules,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "base_model_name_or_path": base_model,
+            "use_rslora": config.use_rslora,
+            "use_dora": false,
+            "modules_to_save": null,
+            "revision": null,
+        });
+        std::fs::write(
+            dir.join("adapter_config.json"),
+            serde_json::to_vec_pretty(&peft_config)?,
+        )?;
+        let variables = self.lora_variables();
+        let tensors: Vec<(String, Tensor)> = variables
+            .into_iter()
+            .map(|(name, var)| (name, var.as_tensor().clone()))
+            .collect();
+        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+        let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+            .iter()
+            .map(|(name, t)| {
+                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                Ok((
+                    name.clone(),
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    t.dims().to_vec(),
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let views = data
+            .iter()
+            .map(|(name, bytes, shape)| {
+                Ok((
+                    name.as_str(),
+                    safetensors::tensor::TensorView::new(
+                        safetensors::Dtype::F32,
+                        shape.clone(),
+                        bytes,
+                    )?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let path = dir.join("adapter_model.safetensors");
+        safetensors::serialize_to_file(views, Some(metadata), &path)
+            .with_context(|| format!("{}: cannot write", path.display()))
     }
 
     /// The trainable LoRA variables with their PEFT key names.
@@ -423,7 +582,7 @@ impl Bloom {
         // The fused projection is laid out per head: [.., head, (q|k|v), head_dim].
         let qkv = block
             .query_key_value
-            .forward(x)?
+            .forward(x, &self.dropout_rng)?
             .reshape((b, s, n_head, 3, head_dim))?;
         let part = |i| -> candle_core::Result<Tensor> {
             qkv.narrow(3, i, 1)?
@@ -437,7 +596,7 @@ impl Bloom {
             .broadcast_add(additive)?;
         let context = softmax_last_dim(&scores)?.matmul(&v)?;
         let merged = context.transpose(1, 2)?.reshape((b, s, h))?;
-        Ok(block.attention_dense.forward(&merged)?)
+        Ok(block.attention_dense.forward(&merged, &self.dropout_rng)?)
     }
 
     /// Logits `[b, s, vocab]` of a batch of token ids with its attention mask.
@@ -456,9 +615,13 @@ impl Bloom {
             let attended = (self.attention(block, &ln1, &alibi, &additive)?
                 + if post_ln { &ln1 } else { &hidden })?;
             let ln2 = block.post_attention_layernorm.forward(&attended)?;
-            let mlp = block
-                .dense_4h_to_h
-                .forward(&block.dense_h_to_4h.forward(&ln2)?.gelu()?)?;
+            let mlp = block.dense_4h_to_h.forward(
+                &block
+                    .dense_h_to_4h
+                    .forward(&ln2, &self.dropout_rng)?
+                    .gelu()?,
+                &self.dropout_rng,
+            )?;
             hidden = (mlp + if post_ln { &ln2 } else { &attended })?;
         }
         let normed = self

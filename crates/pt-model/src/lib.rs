@@ -6,4 +6,4 @@
 pub mod bloom;
 pub mod ops;
 
-pub use bloom::{AdapterConfig, Bloom, Config, Lora};
+pub use bloom::{AdapterConfig, Bloom, Config, LORA_TARGETS, Lora};

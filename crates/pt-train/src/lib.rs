@@ -4,6 +4,7 @@
 pub mod optim;
 pub mod schedule;
 pub mod step;
+pub mod trainer;
 
 pub use optim::{AdamW, AdamWConfig, clip_grad_norm};
 pub use schedule::{Schedule, SchedulerType};

@@ -1,8 +1,13 @@
 //! AdamW as PyTorch implements it (decoupled weight decay, bias-corrected
 //! moments), with its state in f32 tensors that a checkpoint can save.
 
-use anyhow::{Result, bail};
-use candle_core::{DType, Tensor, Var};
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor, Var};
+use safetensors::SafeTensors;
+use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -60,6 +65,73 @@ impl AdamW {
             step: 0,
             slots,
         })
+    }
+
+    /// Writes the moments and step count (safetensors, f32).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors: Vec<(String, Vec<u8>, Vec<usize>)> = Vec::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            for (kind, t) in [("exp_avg", &slot.exp_avg), ("exp_avg_sq", &slot.exp_avg_sq)] {
+                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                tensors.push((
+                    format!("{i}.{kind}"),
+                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    t.dims().to_vec(),
+                ));
+            }
+        }
+        let views = tensors
+            .iter()
+            .map(|(name, bytes, shape)| {
+                Ok((
+                    name.as_str(),
+                    TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let metadata = HashMap::from([
+            ("step".to_string(), self.step.to_string()),
+            ("config".to_string(), serde_json::to_string(&self.config)?),
+        ]);
+        safetensors::serialize_to_file(views, Some(metadata), path)
+            .with_context(|| format!("{}: cannot write", path.display()))
+    }
+
+    /// Restores what [`AdamW::save`] wrote; the parameter shapes must match.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("{}: cannot read optimizer state", path.display()))?;
+        let (_, header) = SafeTensors::read_metadata(&bytes)
+            .with_context(|| format!("{}: corrupt optimizer state", path.display()))?;
+        let step = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get("step"))
+            .and_then(|s| s.parse().ok());
+        let step =
+            step.with_context(|| format!("{}: optimizer state has no step", path.display()))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)?;
+        for (i, slot) in self.slots.iter_mut().enumerate() {
+            for (kind, target) in [
+                ("exp_avg", &mut slot.exp_avg),
+                ("exp_avg_sq", &mut slot.exp_avg_sq),
+            ] {
+                let t = tensors
+                    .get(&format!("{i}.{kind}"))
+                    .with_context(|| format!("{}: no `{i}.{kind}`", path.display()))?;
+                if t.dims() != target.dims() {
+                    bail!(
+                        "{}: `{i}.{kind}` has shape {:?}, the model needs {:?}",
+                        path.display(),
+                        t.dims(),
+                        target.dims()
+                    );
+                }
+                *target = t.to_device(target.device())?;
+            }
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// One update with learning rate `lr`; `grads[i]` belongs to parameter `i`.

@@ -1,0 +1,459 @@
+//! The training loop, readable top to bottom: HF Trainer semantics for steps,
+//! accumulation, clipping, schedules, logging, evaluation and checkpoints.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{D, DType, Device, Var};
+use pt_data::Blocks;
+use pt_model::ops::next_token_loss_sum;
+use pt_model::{AdapterConfig, Bloom};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::step::{MicroBatch, accumulate_gradients};
+use crate::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_grad_norm};
+
+/// When evaluation or saving happens (HF `IntervalStrategy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interval {
+    No,
+    Steps,
+    Epoch,
+}
+
+/// The subset of HF `TrainingArguments` the loop reads.
+#[derive(Clone, Debug)]
+pub struct TrainingArguments {
+    pub output_dir: PathBuf,
+    pub per_device_train_batch_size: usize,
+    pub per_device_eval_batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub adamw: AdamWConfig,
+    pub max_grad_norm: f64,
+    pub num_train_epochs: f64,
+    /// > 0 overrides `num_train_epochs`.
+    pub max_steps: usize,
+    pub lr_scheduler_type: SchedulerType,
+    pub warmup_ratio: f64,
+    pub warmup_steps: usize,
+    pub logging_steps: usize,
+    pub logging_first_step: bool,
+    pub eval_strategy: Interval,
+    pub eval_steps: usize,
+    pub save_strategy: Interval,
+    pub save_steps: usize,
+    pub save_total_limit: Option<usize>,
+    pub seed: u64,
+    /// Reshuffle the training blocks every epoch (seeded); false keeps file order.
+    pub shuffle: bool,
+}
+
+/// What the trainer reports back to the command line.
+pub trait TrainerCallback {
+    /// After every optimizer step: steps done and planned.
+    fn on_step(&mut self, step: usize, max_steps: usize);
+    fn on_log(&mut self, entry: &Value);
+    fn on_save(&mut self, checkpoint: &Path);
+}
+
+/// Evaluation results: `eval_loss` (mean over tokens), `perplexity`, `accuracy`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EvalMetrics {
+    pub eval_loss: f64,
+    pub perplexity: f64,
+    pub accuracy: f64,
+    pub eval_tokens: usize,
+}
+
+/// A row of a block dataset as a micro-batch row: padding masked and ignored.
+fn micro_batch(blocks: &Blocks, rows: &[usize]) -> MicroBatch {
+    MicroBatch {
+        input_ids: rows.iter().map(|&i| blocks.row(i).to_vec()).collect(),
+        attention_mask: rows
+            .iter()
+            .map(|&i| {
+                (0..blocks.block_size)
+                    .map(|p| u32::from(p < blocks.lengths[i] as usize))
+                    .collect()
+            })
+            .collect(),
+        labels: rows.iter().map(|&i| blocks.labels(i)).collect(),
+    }
+}
+
+/// Loss, perplexity and next-token accuracy over `blocks`, without dropout.
+pub fn evaluate(model: &Bloom, blocks: &Blocks, batch_size: usize) -> Result<EvalMetrics> {
+    model.set_dropout_seed(None);
+    let (mut loss_sum, mut tokens, mut correct) = (0f64, 0usize, 0usize);
+    let rows: Vec<usize> = (0..blocks.len()).collect();
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let batch = micro_batch(blocks, chunk);
+        let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
+        let (sum, count) = next_token_loss_sum(&logits, &batch.labels)?;
+        loss_sum += sum.to_scalar::<f32>()? as f64;
+        tokens += count;
+        let predictions = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
+        for (row, labels) in predictions.iter().zip(&batch.labels) {
+            correct += (1..labels.len())
+                .filter(|&t| labels[t] >= 0 && row[t - 1] as i64 == labels[t])
+                .count();
+        }
+    }
+    if tokens == 0 {
+        bail!("the evaluation set has no tokens to predict (is it empty? check data_report.json)");
+    }
+    let eval_loss = loss_sum / tokens as f64;
+    Ok(EvalMetrics {
+        eval_loss,
+        perplexity: eval_loss.exp(),
+        accuracy: correct as f64 / tokens as f64,
+        eval_tokens: tokens,
+    })
+}
+
+/// The state that `trainer_state.json` holds, as HF writes it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainerState {
+    pub global_step: usize,
+    pub epoch: f64,
+    pub max_steps: usize,
+    pub num_train_epochs: f64,
+    pub logging_steps: usize,
+    pub eval_steps: usize,
+    pub save_steps: usize,
+    pub train_batch_size: usize,
+    pub log_history: Vec<Value>,
+    /// Training blocks the run was planned for; a resume with other data is refused.
+    pub train_blocks: usize,
+}
+
+pub struct Trainer<'a> {
+    pub args: TrainingArguments,
+    pub model: &'a mut Bloom,
+    pub adapter: AdapterConfig,
+    pub base_model: String,
+    variables: Vec<Var>,
+    optimizer: AdamW,
+    pub state: TrainerState,
+}
+
+const OPTIMIZER: &str = "optimizer.safetensors";
+const STATE: &str = "trainer_state.json";
+
+impl<'a> Trainer<'a> {
+    /// A trainer of the model's LoRA variables (every one decays: adapters have
+    /// no biases or norms).
+    pub fn new(
+        args: TrainingArguments,
+        model: &'a mut Bloom,
+        adapter: AdapterConfig,
+        base_model: String,
+    ) -> Result<Self> {
+        let variables: Vec<Var> = model.lora_variables().into_iter().map(|(_, v)| v).collect();
+        let optimizer = AdamW::new(
+            variables.iter().map(|v| (v.clone(), true)).collect(),
+            args.adamw,
+        )?;
+        Ok(Self {
+            args,
+            model,
+            adapter,
+            base_model,
+            variables,
+            optimizer,
+            state: TrainerState::default(),
+        })
+    }
+
+    fn steps_per_epoch(&self, train_blocks: usize) -> usize {
+        let micro_batches = train_blocks.div_ceil(self.args.per_device_train_batch_size);
+        micro_batches
+            .div_ceil(self.args.gradient_accumulation_steps)
+            .max(1)
+    }
+
+    /// Block order of `epoch`: seeded per epoch, so resuming needs only the step.
+    fn epoch_order(&self, epoch: usize, n: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..n).collect();
+        if self.args.shuffle {
+            order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+                self.args.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
+            ));
+        }
+        order
+    }
+
+    /// Trains on `train`, evaluating on `eval` per the strategy. Starts from
+    /// the state loaded by [`Trainer::resume`], if any.
+    pub fn train(
+        &mut self,
+        train: &Blocks,
+        eval: Option<&Blocks>,
+        callback: &mut dyn TrainerCallback,
+    ) -> Result<Value> {
+        if train.is_empty() {
+            bail!(
+                "no training blocks: the corpus is smaller than one block (lower --block_size or add data)"
+            );
+        }
+        let a = self.args.clone();
+        let steps_per_epoch = self.steps_per_epoch(train.len());
+        let max_steps = if a.max_steps > 0 {
+            a.max_steps
+        } else {
+            (a.num_train_epochs * steps_per_epoch as f64)
+                .ceil()
+                .max(1.0) as usize
+        };
+        if self.state.global_step > 0 && self.state.train_blocks != train.len() {
+            bail!(
+                "the checkpoint was trained on {} blocks, this run has {}: resume with the same data and --block_size",
+                self.state.train_blocks,
+                train.len()
+            );
+        }
+        self.state.max_steps = max_steps;
+        self.state.num_train_epochs = a.num_train_epochs;
+        self.state.logging_steps = a.logging_steps;
+        self.state.eval_steps = a.eval_steps;
+        self.state.save_steps = a.save_steps;
+        self.state.train_batch_size = a.per_device_train_batch_size;
+        self.state.train_blocks = train.len();
+        let schedule = Schedule {
+            kind: a.lr_scheduler_type,
+            peak_lr: a.learning_rate,
+            warmup_steps: Schedule::warmup(a.warmup_steps, a.warmup_ratio, max_steps),
+            total_steps: max_steps,
+        };
+        let micro_per_epoch = train.len().div_ceil(a.per_device_train_batch_size);
+        let started = Instant::now();
+        let first_step = self.state.global_step;
+        // HF's `train_loss`: the mean step loss of this run.
+        let mut run_loss = 0f64;
+        let (mut logged_loss, mut logged_steps, mut logged_tokens) = (0f64, 0usize, 0usize);
+
+        for step in self.state.global_step..max_steps {
+            // This step's micro-batches: a slice of its epoch's order.
+            let epoch = step / steps_per_epoch;
+            let in_epoch = step % steps_per_epoch;
+            let order = self.epoch_order(epoch, train.len());
+            let first = in_epoch * a.gradient_accumulation_steps;
+            let last = (first + a.gradient_accumulation_steps).min(micro_per_epoch);
+            let micro_batches: Vec<MicroBatch> = (first..last)
+                .map(|m| {
+                    let rows = &order[m * a.per_device_train_batch_size
+                        ..((m + 1) * a.per_device_train_batch_size).min(order.len())];
+                    micro_batch(train, rows)
+                })
+                .collect();
+            logged_tokens += micro_batches
+                .iter()
+                .map(|b| b.input_ids.iter().map(Vec::len).sum::<usize>())
+                .sum::<usize>();
+
+            self.model.set_dropout_seed(Some(
+                a.seed
+                    .wrapping_add(step as u64)
+                    .wrapping_mul(0x2545_F491_4F6C_DD1D),
+            ));
+            let (loss, mut grads) =
+                accumulate_gradients(self.model, &self.variables, &micro_batches)?;
+            if !loss.is_finite() {
+                bail!(
+                    "loss is {loss} at step {}: stopping (the last checkpoint is intact); lower --learning_rate",
+                    step + 1
+                );
+            }
+            let grad_norm = clip_grad_norm(&mut grads, a.max_grad_norm)?;
+            self.optimizer.apply(&grads, schedule.lr(step))?;
+            self.state.global_step = step + 1;
+            self.state.epoch = self.state.global_step as f64 / steps_per_epoch as f64;
+            logged_loss += loss;
+            logged_steps += 1;
+            run_loss += loss;
+            callback.on_step(self.state.global_step, max_steps);
+
+            let done = step + 1 == max_steps;
+            let end_of_epoch = (step + 1) % steps_per_epoch == 0;
+            let log_now = (a.logging_steps > 0 && (step + 1) % a.logging_steps == 0)
+                || (a.logging_first_step && step == 0);
+            if log_now {
+                let seconds = started.elapsed().as_secs_f64();
+                let entry = json!({
+                    "loss": logged_loss / logged_steps as f64,
+                    "grad_norm": grad_norm,
+                    "learning_rate": schedule.lr(step),
+                    "epoch": self.state.epoch,
+                    "step": self.state.global_step,
+                    "tokens_per_second": logged_tokens as f64 / seconds.max(1e-9),
+                });
+                self.record(entry, callback);
+                (logged_loss, logged_steps) = (0.0, 0);
+            }
+            let eval_now = match a.eval_strategy {
+                Interval::Steps => a.eval_steps > 0 && (step + 1) % a.eval_steps == 0,
+                Interval::Epoch => end_of_epoch || done,
+                Interval::No => false,
+            };
+            if let (true, Some(eval)) = (eval_now, eval) {
+                let metrics = evaluate(self.model, eval, a.per_device_eval_batch_size)?;
+                self.record(
+                    eval_entry(&metrics, self.state.epoch, self.state.global_step),
+                    callback,
+                );
+            }
+            let save_now = match a.save_strategy {
+                Interval::Steps => a.save_steps > 0 && (step + 1) % a.save_steps == 0,
+                Interval::Epoch => end_of_epoch,
+                Interval::No => false,
+            };
+            if save_now {
+                let path = self.save_checkpoint()?;
+                callback.on_save(&path);
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        let summary = json!({
+            "train_runtime": seconds,
+            "train_steps_per_second": (max_steps - first_step) as f64 / seconds.max(1e-9),
+            "epoch": self.state.epoch,
+            "step": self.state.global_step,
+            "train_loss": run_loss / (max_steps - first_step).max(1) as f64,
+        });
+        Ok(summary)
+    }
+
+    fn record(&mut self, entry: Value, callback: &mut dyn TrainerCallback) {
+        callback.on_log(&entry);
+        self.state.log_history.push(entry);
+    }
+
+    /// Writes `checkpoint-N/` (adapter, optimizer state, trainer state) into a
+    /// staging directory and renames it into place: never half-written. Then
+    /// deletes the oldest checkpoints beyond `save_total_limit`.
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let out = &self.args.output_dir;
+        fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
+        let name = format!("checkpoint-{}", self.state.global_step);
+        let staging = out.join(format!(".{name}.partial"));
+        if staging.exists() {
+            fs::remove_dir_all(&staging)?;
+        }
+        self.model
+            .save_adapter(&staging, &self.adapter, &self.base_model)?;
+        self.optimizer.save(&staging.join(OPTIMIZER))?;
+        fs::write(staging.join(STATE), serde_json::to_vec_pretty(&self.state)?)?;
+        let target = out.join(&name);
+        if target.exists() {
+            fs::remove_dir_all(&target)?;
+        }
+        fs::rename(&staging, &target)
+            .with_context(|| format!("{}: cannot write checkpoint", target.display()))?;
+        if let Some(limit) = self.args.save_total_limit {
+            let mut checkpoints = list_checkpoints(out)?;
+            while checkpoints.len() > limit.max(1) {
+                let (_, oldest) = checkpoints.remove(0);
+                fs::remove_dir_all(&oldest)
+                    .with_context(|| format!("{}: cannot delete", oldest.display()))?;
+            }
+        }
+        Ok(target)
+    }
+
+    /// Restores adapter, optimizer and trainer state from `checkpoint-N/`.
+    pub fn resume(&mut self, checkpoint: &Path) -> Result<()> {
+        let state_path = checkpoint.join(STATE);
+        let state: TrainerState =
+            serde_json::from_slice(&fs::read(&state_path).with_context(|| {
+                format!("{}: not a checkpoint (no {STATE})", checkpoint.display())
+            })?)
+            .with_context(|| format!("{}: corrupt trainer state", state_path.display()))?;
+        let adapter = candle_core::safetensors::load(
+            checkpoint.join("adapter_model.safetensors"),
+            &Device::Cpu,
+        )
+        .with_context(|| {
+            format!(
+                "{}: corrupt or missing adapter weights",
+                checkpoint.display()
+            )
+        })?;
+        for (name, variable) in self.model.lora_variables() {
+            let tensor = adapter
+                .get(&name)
+                .with_context(|| format!("{}: no `{name}` in the adapter", checkpoint.display()))?;
+            variable.set(&tensor.to_device(variable.device())?.to_dtype(DType::F32)?)?;
+        }
+        self.optimizer.load(&checkpoint.join(OPTIMIZER))?;
+        self.state = state;
+        Ok(())
+    }
+
+    /// The final outputs: the adapter in `output_dir` and `trainer_state.json`.
+    pub fn save_final(&mut self) -> Result<()> {
+        self.model
+            .save_adapter(&self.args.output_dir, &self.adapter, &self.base_model)?;
+        fs::write(
+            self.args.output_dir.join(STATE),
+            serde_json::to_vec_pretty(&self.state)?,
+        )?;
+        Ok(())
+    }
+}
+
+fn eval_entry(metrics: &EvalMetrics, epoch: f64, step: usize) -> Value {
+    json!({
+        "eval_loss": metrics.eval_loss,
+        "perplexity": metrics.perplexity,
+        "eval_accuracy": metrics.accuracy,
+        "epoch": epoch,
+        "step": step,
+    })
+}
+
+/// `checkpoint-N` directories of `dir`, oldest (smallest N) first.
+pub fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut found = Vec::new();
+    if !dir.is_dir() {
+        return Ok(found);
+    }
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let step = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("checkpoint-"))
+            .and_then(|n| n.parse().ok());
+        if let (Some(step), true) = (step, path.is_dir()) {
+            found.push((step, path));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Writes `name` into `dir` as pretty JSON (HF's `*_results.json`).
+pub fn write_results(dir: &Path, name: &str, value: &Value) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::write(dir.join(name), serde_json::to_vec_pretty(value)?)
+        .with_context(|| format!("{}: cannot write", dir.join(name).display()))
+}
+
+/// `eval_*` results for `eval_results.json`.
+pub fn eval_results(metrics: &EvalMetrics, epoch: f64) -> Value {
+    json!({
+        "eval_loss": metrics.eval_loss,
+        "perplexity": metrics.perplexity,
+        "eval_accuracy": metrics.accuracy,
+        "eval_tokens": metrics.eval_tokens,
+        "epoch": epoch,
+    })
+}

@@ -1,0 +1,385 @@
+//! `pt-host run`: prepare the data, then train a LoRA adapter and/or evaluate,
+//! with the flags of MedicalGPT's `pretraining.py` and HF `TrainingArguments`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+use pt_model::{AdapterConfig, Bloom, LORA_TARGETS};
+use pt_train::trainer::{
+    Interval, Trainer, TrainerCallback, TrainingArguments, eval_results, evaluate,
+    list_checkpoints, write_results,
+};
+use pt_train::{AdamWConfig, SchedulerType};
+use serde_json::{Value, json};
+
+use crate::args::parse_bool;
+use crate::prepare::{PrepareArgs, prepare_data};
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[clap(rename_all = "snake_case")]
+pub enum SchedulerArg {
+    Linear,
+    Cosine,
+    Constant,
+    ConstantWithWarmup,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum IntervalArg {
+    No,
+    Steps,
+    Epoch,
+}
+
+impl From<IntervalArg> for Interval {
+    fn from(value: IntervalArg) -> Self {
+        match value {
+            IntervalArg::No => Interval::No,
+            IntervalArg::Steps => Interval::Steps,
+            IntervalArg::Epoch => Interval::Epoch,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+pub enum DtypeArg {
+    Float32,
+    Bfloat16,
+    Float16,
+    Auto,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+pub enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub data: PrepareArgs,
+    /// Train (HF `do_train`).
+    #[arg(long = "do_train", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub do_train: bool,
+    /// Evaluate on the validation blocks (HF `do_eval`); alone, an eval-only run.
+    #[arg(long = "do_eval", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub do_eval: bool,
+    /// Train a LoRA adapter (true) or the full model (false: not supported yet).
+    #[arg(long = "use_peft", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub use_peft: bool,
+    /// `all` or a comma-separated list of query_key_value, dense, dense_h_to_4h, dense_4h_to_h.
+    #[arg(long = "target_modules", default_value = "all")]
+    pub target_modules: String,
+    #[arg(long = "lora_rank", default_value_t = 8)]
+    pub lora_rank: usize,
+    #[arg(long = "lora_alpha", default_value_t = 16.0)]
+    pub lora_alpha: f64,
+    #[arg(long = "lora_dropout", default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// Continue from this PEFT adapter directory instead of a fresh adapter.
+    #[arg(long = "peft_path", value_name = "DIR")]
+    pub peft_path: Option<PathBuf>,
+    #[arg(long = "per_device_train_batch_size", default_value_t = 8)]
+    pub per_device_train_batch_size: usize,
+    #[arg(long = "per_device_eval_batch_size", default_value_t = 8)]
+    pub per_device_eval_batch_size: usize,
+    #[arg(long = "gradient_accumulation_steps", default_value_t = 1)]
+    pub gradient_accumulation_steps: usize,
+    #[arg(long = "learning_rate", default_value_t = 5e-5)]
+    pub learning_rate: f64,
+    #[arg(long = "weight_decay", default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long = "adam_beta1", default_value_t = 0.9)]
+    pub adam_beta1: f64,
+    #[arg(long = "adam_beta2", default_value_t = 0.999)]
+    pub adam_beta2: f64,
+    #[arg(long = "adam_epsilon", default_value_t = 1e-8)]
+    pub adam_epsilon: f64,
+    #[arg(long = "max_grad_norm", default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// May be fractional (0.5 = half an epoch).
+    #[arg(long = "num_train_epochs", default_value_t = 3.0)]
+    pub num_train_epochs: f64,
+    /// > 0: train exactly this many optimizer steps, overriding --num_train_epochs.
+    #[arg(long = "max_steps", default_value_t = -1, allow_negative_numbers = true)]
+    pub max_steps: i64,
+    #[arg(long = "lr_scheduler_type", value_enum, default_value = "linear")]
+    pub lr_scheduler_type: SchedulerArg,
+    #[arg(long = "warmup_ratio", default_value_t = 0.0)]
+    pub warmup_ratio: f64,
+    #[arg(long = "warmup_steps", default_value_t = 0)]
+    pub warmup_steps: usize,
+    #[arg(long = "logging_steps", default_value_t = 500)]
+    pub logging_steps: usize,
+    #[arg(long = "logging_first_step", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub logging_first_step: bool,
+    /// When to evaluate during training (alias --evaluation_strategy).
+    #[arg(
+        long = "eval_strategy",
+        alias = "evaluation_strategy",
+        value_enum,
+        default_value = "no"
+    )]
+    pub eval_strategy: IntervalArg,
+    /// Defaults to --logging_steps, as in HF.
+    #[arg(long = "eval_steps")]
+    pub eval_steps: Option<usize>,
+    #[arg(long = "save_strategy", value_enum, default_value = "steps")]
+    pub save_strategy: IntervalArg,
+    #[arg(long = "save_steps", default_value_t = 500)]
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints (the oldest are deleted).
+    #[arg(long = "save_total_limit")]
+    pub save_total_limit: Option<usize>,
+    /// A checkpoint directory, or `true` for the latest checkpoint-N in --output_dir.
+    #[arg(long = "resume_from_checkpoint", value_name = "PATH|true")]
+    pub resume_from_checkpoint: Option<String>,
+    /// Reshuffle training blocks every epoch with --seed; false keeps file order.
+    #[arg(long = "shuffle", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub shuffle: bool,
+    /// Accepted for compatibility; recomputation is not implemented yet, so
+    /// activations stay in memory.
+    #[arg(long = "gradient_checkpointing", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub gradient_checkpointing: bool,
+    /// Weight precision. On CPU pt-host trains in float32.
+    #[arg(long = "torch_dtype", value_enum, default_value = "auto")]
+    pub torch_dtype: DtypeArg,
+    #[arg(long = "device_map", value_enum, default_value = "auto")]
+    pub device_map: DeviceArg,
+}
+
+fn target_modules(spec: &str) -> Result<Vec<String>> {
+    if spec.trim() == "all" {
+        return Ok(LORA_TARGETS.iter().map(|s| s.to_string()).collect());
+    }
+    let modules: Vec<String> = spec
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(unknown) = modules.iter().find(|m| !LORA_TARGETS.contains(&m.as_str())) {
+        bail!(
+            "--target_modules: `{unknown}` is not a BLOOM linear layer (use all, or some of {})",
+            LORA_TARGETS.join(", ")
+        );
+    }
+    Ok(modules)
+}
+
+fn checkpoint_to_resume(spec: &str, output_dir: &Path) -> Result<PathBuf> {
+    match spec.to_ascii_lowercase().as_str() {
+        "true" => list_checkpoints(output_dir)?
+            .pop()
+            .map(|(_, path)| path)
+            .with_context(|| {
+                format!(
+                    "--resume_from_checkpoint true: no checkpoint-N in {}",
+                    output_dir.display()
+                )
+            }),
+        _ => Ok(PathBuf::from(spec)),
+    }
+}
+
+/// Prints HF-style log lines and drives the step bar.
+struct Console {
+    bar: ProgressBar,
+    log: Vec<u8>,
+}
+
+impl TrainerCallback for Console {
+    fn on_step(&mut self, step: usize, max_steps: usize) {
+        self.bar.set_length(max_steps as u64);
+        self.bar.set_position(step as u64);
+    }
+
+    fn on_log(&mut self, entry: &Value) {
+        self.bar.suspend(|| println!("{entry}"));
+        serde_json::to_writer(&mut self.log, entry).expect("JSON to memory");
+        self.log.push(b'\n');
+    }
+
+    fn on_save(&mut self, checkpoint: &Path) {
+        self.bar
+            .suspend(|| eprintln!("saved {}", checkpoint.display()));
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    if !args.do_train && !args.do_eval {
+        bail!("nothing to do: pass --do_train and/or --do_eval");
+    }
+    if !args.use_peft {
+        bail!(
+            "--use_peft false (full fine-tuning) is not supported yet; train a LoRA adapter with --use_peft true"
+        );
+    }
+    if args.device_map == DeviceArg::Cuda {
+        bail!(
+            "--device_map cuda: this pt-host was built without CUDA (build with --features cuda)"
+        );
+    }
+    if matches!(args.torch_dtype, DtypeArg::Bfloat16 | DtypeArg::Float16) {
+        eprintln!(
+            "note: training on CPU in float32 (--torch_dtype {:?} applies to CUDA)",
+            args.torch_dtype
+        );
+    }
+    if args.gradient_checkpointing {
+        eprintln!(
+            "note: --gradient_checkpointing is not implemented yet; activations are kept in memory"
+        );
+    }
+    for (flag, value) in [
+        (
+            "--per_device_train_batch_size",
+            args.per_device_train_batch_size,
+        ),
+        (
+            "--per_device_eval_batch_size",
+            args.per_device_eval_batch_size,
+        ),
+        (
+            "--gradient_accumulation_steps",
+            args.gradient_accumulation_steps,
+        ),
+        ("--lora_rank", args.lora_rank),
+    ] {
+        if value == 0 {
+            bail!("{flag} must be at least 1");
+        }
+    }
+    if !(0.0..1.0).contains(&args.lora_dropout) {
+        bail!(
+            "--lora_dropout must be in [0, 1), got {}",
+            args.lora_dropout
+        );
+    }
+
+    let prepared = prepare_data(&args.data)?;
+    let model_dir = &args.data.model_name_or_path;
+    let mut model = Bloom::load(model_dir, &Device::Cpu)?;
+    let adapter = match &args.peft_path {
+        Some(path) => {
+            let config = model.load_adapter(path)?;
+            model.set_lora_dropout(args.lora_dropout);
+            config
+        }
+        None => {
+            let config = AdapterConfig {
+                peft_type: "LORA".into(),
+                r: args.lora_rank,
+                lora_alpha: args.lora_alpha,
+                target_modules: target_modules(&args.target_modules)?,
+                use_rslora: false,
+                use_dora: false,
+            };
+            model.add_lora(&config, args.lora_dropout, args.data.seed)?;
+            config
+        }
+    };
+    let output_dir = args.data.output_dir.clone();
+    let training = TrainingArguments {
+        output_dir: output_dir.clone(),
+        per_device_train_batch_size: args.per_device_train_batch_size,
+        per_device_eval_batch_size: args.per_device_eval_batch_size,
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
+        learning_rate: args.learning_rate,
+        adamw: AdamWConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        },
+        max_grad_norm: args.max_grad_norm,
+        num_train_epochs: args.num_train_epochs,
+        max_steps: args.max_steps.max(0) as usize,
+        lr_scheduler_type: match args.lr_scheduler_type {
+            SchedulerArg::Linear => SchedulerType::Linear,
+            SchedulerArg::Cosine => SchedulerType::Cosine,
+            SchedulerArg::Constant => SchedulerType::Constant,
+            SchedulerArg::ConstantWithWarmup => SchedulerType::ConstantWithWarmup,
+        },
+        warmup_ratio: args.warmup_ratio,
+        warmup_steps: args.warmup_steps,
+        logging_steps: args.logging_steps,
+        logging_first_step: args.logging_first_step,
+        eval_strategy: if args.do_eval {
+            args.eval_strategy.into()
+        } else {
+            Interval::No
+        },
+        eval_steps: args.eval_steps.unwrap_or(args.logging_steps),
+        save_strategy: args.save_strategy.into(),
+        save_steps: args.save_steps,
+        save_total_limit: args.save_total_limit,
+        seed: args.data.seed,
+        shuffle: args.shuffle,
+    };
+    let mut trainer = Trainer::new(
+        training,
+        &mut model,
+        adapter,
+        model_dir.display().to_string(),
+    )?;
+    let show_bar = !args.data.disable_tqdm && std::io::stderr().is_terminal();
+    let bar = if show_bar {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps {elapsed} (eta {eta})")
+            .expect("valid template"),
+    );
+    let mut console = Console {
+        bar,
+        log: Vec::new(),
+    };
+    let mut all_results = json!({});
+
+    if args.do_train {
+        if let Some(spec) = &args.resume_from_checkpoint {
+            let checkpoint = checkpoint_to_resume(spec, &output_dir)?;
+            trainer.resume(&checkpoint)?;
+            eprintln!(
+                "resumed from {} at step {}",
+                checkpoint.display(),
+                trainer.state.global_step
+            );
+        }
+        let eval =
+            (args.do_eval && !prepared.validation.is_empty()).then_some(&prepared.validation);
+        let summary = trainer.train(&prepared.train, eval, &mut console)?;
+        console.bar.finish_and_clear();
+        trainer.save_final()?;
+        write_results(&output_dir, "train_results.json", &summary)?;
+        merge(&mut all_results, &summary);
+    }
+    if args.do_eval {
+        let metrics = evaluate(
+            trainer.model,
+            &prepared.validation,
+            args.per_device_eval_batch_size,
+        )?;
+        let results = eval_results(&metrics, trainer.state.epoch);
+        println!("{results}");
+        write_results(&output_dir, "eval_results.json", &results)?;
+        merge(&mut all_results, &results);
+    }
+    write_results(&output_dir, "all_results.json", &all_results)?;
+    std::fs::write(output_dir.join("trainer_log.jsonl"), &console.log)?;
+    eprintln!("outputs in {}", output_dir.display());
+    Ok(())
+}
+
+fn merge(into: &mut Value, from: &Value) {
+    if let (Some(into), Some(from)) = (into.as_object_mut(), from.as_object()) {
+        into.extend(from.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+}

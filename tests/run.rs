@@ -1,0 +1,307 @@
+//! `pt-host run` end to end on the bloom-tiny fixture: HF + PEFT's LoRA run
+//! reproduced from the command line, evaluation, checkpoints and resume.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{fixture_model, repo};
+
+fn fixture() -> PathBuf {
+    repo().join("tests/fixtures/bloom-tiny")
+}
+
+/// `train/train.txt` and `valid/valid.txt` of the fixture, as corpus dirs.
+fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
+    let (train, valid) = (dir.join("train"), dir.join("valid"));
+    fs::create_dir_all(&train).unwrap();
+    fs::create_dir_all(&valid).unwrap();
+    fs::copy(fixture().join("train.txt"), train.join("train.txt")).unwrap();
+    fs::copy(fixture().join("valid.txt"), valid.join("valid.txt")).unwrap();
+    (train, valid)
+}
+
+fn run(dir: &Path, output: &str, extra: &[&str]) -> Output {
+    let (train, valid) = corpus(dir);
+    let mut args: Vec<String> = [
+        "run",
+        "--model_name_or_path",
+        fixture_model().to_str().unwrap(),
+        "--train_file_dir",
+        train.to_str().unwrap(),
+        "--validation_file_dir",
+        valid.to_str().unwrap(),
+        "--output_dir",
+        dir.join(output).to_str().unwrap(),
+        "--cache_dir",
+        dir.join("cache").to_str().unwrap(),
+        "--block_size",
+        "32",
+        "--disable_tqdm",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(&args)
+        .output()
+        .unwrap()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .unwrap()
+}
+
+fn adapter(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let tensors = candle_core::safetensors::load(
+        path.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let mut named: Vec<(String, Vec<f32>)> = tensors
+        .into_iter()
+        .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+/// The recipe of `trajectory.json`, from the command line.
+const RECIPE: &[&str] = &[
+    "--do_train",
+    "--do_eval",
+    "--shuffle",
+    "false",
+    "--per_device_train_batch_size",
+    "2",
+    "--gradient_accumulation_steps",
+    "2",
+    "--learning_rate",
+    "1e-2",
+    "--weight_decay",
+    "0.01",
+    "--max_steps",
+    "6",
+    "--warmup_steps",
+    "2",
+    "--lora_dropout",
+    "0",
+    "--logging_steps",
+    "1",
+];
+
+#[test]
+fn the_peft_trajectory_is_reproduced_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = fixture().join("lora_init");
+    let output = run(
+        dir.path(),
+        "out",
+        &[RECIPE, &["--peft_path", init.to_str().unwrap()]].concat(),
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out = dir.path().join("out");
+    let expected = json(&fixture().join("trajectory.json"));
+    let state = json(&out.join("trainer_state.json"));
+    let train_logs: Vec<&serde_json::Value> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("loss").is_some())
+        .collect();
+    assert_eq!(train_logs.len(), 6);
+    for (ours, theirs) in train_logs.iter().zip(expected["log"].as_array().unwrap()) {
+        for key in ["loss", "grad_norm"] {
+            let (a, b) = (ours[key].as_f64().unwrap(), theirs[key].as_f64().unwrap());
+            assert!(
+                ((a - b) / b).abs() < 1e-4,
+                "step {}: {key} {a} vs {b}",
+                theirs["step"]
+            );
+        }
+        assert!(
+            (ours["learning_rate"].as_f64().unwrap() - theirs["learning_rate"].as_f64().unwrap())
+                .abs()
+                < 1e-12
+        );
+        assert_eq!(ours["step"], theirs["step"]);
+    }
+    let eval = json(&out.join("eval_results.json"));
+    let (ours, theirs) = (
+        eval["eval_loss"].as_f64().unwrap(),
+        expected["valid_loss_after"].as_f64().unwrap(),
+    );
+    assert!(
+        ((ours - theirs) / theirs).abs() < 1e-4,
+        "eval_loss {ours} vs {theirs}"
+    );
+    assert!((eval["perplexity"].as_f64().unwrap() - ours.exp()).abs() < 1e-9);
+    for ((name, ours), (_, theirs)) in adapter(&out)
+        .iter()
+        .zip(adapter(&fixture().join("lora_final")))
+    {
+        let worst = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{name}: {worst}");
+    }
+    let config = json(&out.join("adapter_config.json"));
+    assert_eq!(
+        (
+            config["peft_type"].as_str(),
+            config["r"].as_u64(),
+            config["task_type"].as_str()
+        ),
+        (Some("LORA"), Some(8), Some("CAUSAL_LM"))
+    );
+    for file in [
+        "train_results.json",
+        "all_results.json",
+        "trainer_log.jsonl",
+        "data_report.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+}
+
+#[test]
+fn eval_only_with_an_adapter_matches_hf() {
+    let dir = tempfile::tempdir().unwrap();
+    let final_adapter = fixture().join("lora_final");
+    let output = run(
+        dir.path(),
+        "eval",
+        &["--do_eval", "--peft_path", final_adapter.to_str().unwrap()],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let eval = json(&dir.path().join("eval/eval_results.json"));
+    let theirs = json(&fixture().join("trajectory.json"))["valid_loss_after"]
+        .as_f64()
+        .unwrap();
+    let ours = eval["eval_loss"].as_f64().unwrap();
+    assert!(
+        ((ours - theirs) / theirs).abs() < 1e-5,
+        "{ours} vs {theirs}"
+    );
+    assert!(
+        !dir.path().join("eval/adapter_model.safetensors").exists(),
+        "eval-only writes no adapter"
+    );
+}
+
+#[test]
+fn resuming_from_a_checkpoint_ends_where_an_uninterrupted_run_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = [
+        "--do_train",
+        "--per_device_train_batch_size",
+        "4",
+        "--learning_rate",
+        "5e-3",
+        "--max_steps",
+        "12",
+        "--save_steps",
+        "4",
+        "--logging_steps",
+        "4",
+        "--seed",
+        "7",
+    ];
+    let straight = run(dir.path(), "straight", &recipe);
+    assert!(
+        straight.status.success(),
+        "{}",
+        String::from_utf8_lossy(&straight.stderr)
+    );
+    let resumed_dir = dir.path().join("resumed");
+    let first = run(dir.path(), "resumed", &recipe);
+    assert!(first.status.success());
+    // Pretend the run died after checkpoint-8: only what existed then remains.
+    fs::remove_dir_all(resumed_dir.join("checkpoint-12")).unwrap();
+    fs::remove_file(resumed_dir.join("adapter_model.safetensors")).unwrap();
+    let again = run(
+        dir.path(),
+        "resumed",
+        &[&recipe[..], &["--resume_from_checkpoint", "true"]].concat(),
+    );
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(String::from_utf8_lossy(&again.stderr).contains("checkpoint-8 at step 8"));
+    assert_eq!(adapter(&dir.path().join("straight")), adapter(&resumed_dir));
+    let state = json(&resumed_dir.join("trainer_state.json"));
+    assert_eq!(state["global_step"], 12);
+    let steps: Vec<u64> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [4, 8, 12],
+        "the log continues from the checkpoint's history"
+    );
+    // save_total_limit keeps the newest.
+    let limited = run(
+        dir.path(),
+        "limited",
+        &[&recipe[..], &["--save_total_limit", "1"]].concat(),
+    );
+    assert!(limited.status.success());
+    let kept: Vec<String> = fs::read_dir(dir.path().join("limited"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    assert_eq!(kept, ["checkpoint-12"]);
+}
+
+#[test]
+fn run_errors_name_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let nothing = run(dir.path(), "x", &[]);
+    assert!(String::from_utf8_lossy(&nothing.stderr).contains("pass --do_train and/or --do_eval"));
+    let modules = run(
+        dir.path(),
+        "x",
+        &["--do_train", "--target_modules", "q_proj,v_proj"],
+    );
+    assert!(
+        String::from_utf8_lossy(&modules.stderr)
+            .contains("--target_modules: `q_proj` is not a BLOOM linear layer")
+    );
+    let resume = run(
+        dir.path(),
+        "x",
+        &[
+            "--do_train",
+            "--resume_from_checkpoint",
+            "true",
+            "--max_steps",
+            "1",
+        ],
+    );
+    assert!(
+        String::from_utf8_lossy(&resume.stderr)
+            .contains("--resume_from_checkpoint true: no checkpoint-N in")
+    );
+    let cuda = run(dir.path(), "x", &["--do_train", "--device_map", "cuda"]);
+    assert!(String::from_utf8_lossy(&cuda.stderr).contains("built without CUDA"));
+}
