@@ -133,3 +133,44 @@ fn adapters_that_target_nothing_or_miss_weights_are_refused() {
         "{err}"
     );
 }
+
+/// Backward reaches every LoRA weight and computes nothing for the frozen base.
+#[test]
+fn only_adapter_weights_get_gradients() {
+    let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
+    model.load_adapter(&fixture().join("lora_init")).unwrap();
+    let blocks = rows(&expected()["valid_blocks"]);
+    let batch = &blocks[..2];
+    let mask: Vec<Vec<u32>> = batch.iter().map(|r| vec![1; r.len()]).collect();
+    let labels: Vec<Vec<i64>> = batch
+        .iter()
+        .map(|r| r.iter().map(|&v| v as i64).collect())
+        .collect();
+    let (loss, _) = next_token_loss_sum(&model.forward(batch, &mask).unwrap(), &labels).unwrap();
+    let grads = loss.backward().unwrap();
+    for (name, var) in model.lora_variables() {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        assert!(
+            g.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0,
+            "{name}: zero gradient"
+        );
+    }
+    let frozen = model.frozen_tensors();
+    assert_eq!(frozen.len(), 3 + 2 * 12 + 2);
+    let matrices_with_gradients = frozen
+        .iter()
+        .filter(|t| t.rank() == 2 && grads.get(t).is_some())
+        .count();
+    assert_eq!(
+        matrices_with_gradients, 0,
+        "no gradient is computed for frozen weight matrices"
+    );
+}

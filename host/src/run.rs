@@ -283,6 +283,17 @@ pub fn run(args: RunArgs) -> Result<()> {
             config
         }
     };
+    let trainable: usize = model
+        .lora_variables()
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    let frozen: usize = model.frozen_tensors().iter().map(|t| t.elem_count()).sum();
+    eprintln!(
+        "trainable params: {trainable} || all params: {} || trainable%: {:.4}",
+        trainable + frozen,
+        100.0 * trainable as f64 / (trainable + frozen) as f64
+    );
     let output_dir = args.data.output_dir.clone();
     let training = TrainingArguments {
         output_dir: output_dir.clone(),

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
-use crate::ops::{layer_norm, softmax_last_dim};
+use crate::ops::{frozen_matmul, layer_norm, softmax_last_dim};
 
 /// `config.json`, with the legacy key names of the original checkpoints.
 #[derive(Clone, Debug, Deserialize)]
@@ -132,7 +132,7 @@ impl Linear {
     fn forward(&self, x: &Tensor, rng: &DropoutRng) -> candle_core::Result<Tensor> {
         let (b, s, d) = x.dims3()?;
         let flat = x.reshape((b * s, d))?;
-        let mut y = flat.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?;
+        let mut y = frozen_matmul(&flat, &self.weight)?.broadcast_add(&self.bias)?;
         if let Some(lora) = &self.lora {
             let input = match rng.borrow_mut().as_mut() {
                 Some(rng) if lora.dropout > 0.0 => dropout(&flat, lora.dropout, rng)?,
@@ -628,9 +628,36 @@ impl Bloom {
             .ln_f
             .forward(&hidden)?
             .reshape((b * s, self.config.hidden_size))?;
-        Ok(normed
-            .matmul(&self.word_embeddings.t()?)?
-            .reshape((b, s, self.config.vocab_size))?)
+        // The LM head is tied to the (frozen) embedding.
+        Ok(frozen_matmul(&normed, &self.word_embeddings)?.reshape((
+            b,
+            s,
+            self.config.vocab_size,
+        ))?)
+    }
+
+    /// Every base-model tensor: frozen while an adapter trains.
+    pub fn frozen_tensors(&self) -> Vec<&Tensor> {
+        let mut tensors = vec![
+            &self.word_embeddings,
+            &self.embeddings_layernorm.weight,
+            &self.embeddings_layernorm.bias,
+        ];
+        for b in &self.blocks {
+            for norm in [&b.input_layernorm, &b.post_attention_layernorm] {
+                tensors.extend([&norm.weight, &norm.bias]);
+            }
+            for linear in [
+                &b.query_key_value,
+                &b.attention_dense,
+                &b.dense_h_to_4h,
+                &b.dense_4h_to_h,
+            ] {
+                tensors.extend([&linear.weight, &linear.bias]);
+            }
+        }
+        tensors.extend([&self.ln_f.weight, &self.ln_f.bias]);
+        tensors
     }
 }
 

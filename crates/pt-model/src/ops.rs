@@ -1,7 +1,7 @@
 //! Differentiable building blocks that candle 0.11 provides only as fused,
 //! forward-only kernels.
 
-use candle_core::{D, DType, Result, Tensor};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storage, Tensor, bail};
 
 /// Label of positions that carry no loss (HF's ignore index).
 pub const IGNORE_INDEX: i64 = -100;
@@ -28,6 +28,57 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let shifted = x.broadcast_sub(&x.max_keepdim(D::Minus1)?.detach())?;
     let log_sum = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
     shifted.broadcast_sub(&log_sum)
+}
+
+/// `x · Wᵀ` for a frozen `W` `[out, in]`: the backward pass computes the
+/// gradient of `x` only. candle's matmul backward would also compute `W`'s
+/// gradient — for BLOOM's tied LM head alone a `[vocab, hidden]` product per
+/// step — and throw it away.
+struct FrozenMatmul {
+    weight: Tensor,
+}
+
+impl CustomOp1 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (start, end) = match layout.contiguous_offsets() {
+            Some(offsets) => offsets,
+            None => bail!("frozen-matmul needs a contiguous input"),
+        };
+        let CpuStorage::F32(values) = storage else {
+            bail!("frozen-matmul computes in f32")
+        };
+        let x = Tensor::from_vec(
+            values[start..end].to_vec(),
+            layout.shape(),
+            &candle_core::Device::Cpu,
+        )?;
+        let y = x.matmul(&self.weight.t()?)?;
+        let (guard, _) = y.storage_and_layout();
+        match &*guard {
+            Storage::Cpu(out) => Ok((out.clone(), y.shape().clone())),
+            _ => bail!("frozen-matmul: unexpected device"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad_res.matmul(&self.weight)?))
+    }
+}
+
+/// `x · Wᵀ` (`x`: `[n, in]`, `W`: `[out, in]`) where `W` is never trained.
+/// Without a gradient-tracking input it is a plain matmul.
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return x.matmul(&weight.t()?);
+    }
+    x.contiguous()?
+        .apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmul {
+            weight: weight.clone(),
+        })))
 }
 
 /// Next-token cross-entropy: logits `[b, s, v]` predict `labels[:, 1:]` from
