@@ -305,3 +305,56 @@ fn run_errors_name_the_flag() {
     let cuda = run(dir.path(), "x", &["--do_train", "--device_map", "cuda"]);
     assert!(String::from_utf8_lossy(&cuda.stderr).contains("built without CUDA"));
 }
+
+#[test]
+fn metric_plugins_score_the_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = common::component("domain_terms");
+    let final_adapter = fixture().join("lora_final");
+    let output = run(
+        dir.path(),
+        "eval",
+        &[
+            "--do_eval",
+            "--peft_path",
+            final_adapter.to_str().unwrap(),
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "--plugin_config",
+            r#"domain_terms={"terms":["the","的"]}"#,
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let eval = json(&dir.path().join("eval/eval_results.json"));
+
+    // The reference side, counted here from the packed validation blocks.
+    let tokenizer = pt_data::Tokenizer::from_dir(&fixture_model()).unwrap();
+    let file = pt_data::corpus::read_file(
+        &fixture().join("valid.txt"),
+        &pt_data::ReadOptions::default(),
+    )
+    .unwrap();
+    let docs: Vec<Vec<u32>> = file
+        .documents
+        .iter()
+        .map(|d| tokenizer.encode_document(&d.text).unwrap())
+        .collect();
+    let (blocks, _) = pt_data::packing::pack(&docs, 32);
+    let occurrences: usize = (0..blocks.len())
+        .map(|i| {
+            let text = tokenizer.decode(blocks.row(i)).unwrap().to_lowercase();
+            text.matches("the").count() + text.matches("的").count()
+        })
+        .sum();
+    assert!(occurrences > 0);
+    assert_eq!(
+        eval["eval_term_occurrences"].as_f64().unwrap(),
+        occurrences as f64
+    );
+    let recall = eval["eval_term_recall"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&recall), "{recall}");
+}

@@ -73,9 +73,19 @@ pub fn run(args: PrepareArgs) -> Result<()> {
     prepare_data(&args).map(|_| ())
 }
 
+/// The prepared blocks, with the tokenizer and plugins that made them (metric
+/// plugins among them serve evaluation).
+pub struct PreparedData {
+    pub prepared: pt_data::Prepared,
+    pub tokenizer: Tokenizer,
+    pub plugins: Vec<pt_plugin_host::LoadedPlugin>,
+    /// Keeps the plugins' engine and deadline clock alive.
+    _runtime: pt_plugin_host::PluginRuntime,
+}
+
 /// Reads, cleans, tokenizes and packs (or loads from the cache), prints the
 /// summary, and returns the blocks: the data half of `prepare` and `run`.
-pub fn prepare_data(args: &PrepareArgs) -> Result<pt_data::Prepared> {
+pub fn prepare_data(args: &PrepareArgs) -> Result<PreparedData> {
     if !(0.0..100.0).contains(&args.validation_split_percentage) {
         bail!(
             "--validation_split_percentage must be in [0, 100), got {}",
@@ -94,7 +104,7 @@ pub fn prepare_data(args: &PrepareArgs) -> Result<pt_data::Prepared> {
             .as_ref()
             .unwrap_or(&args.model_name_or_path),
     )?;
-    let (_runtime, loaded) = plugins::load(&args.plugins, &cache_dir)?;
+    let (runtime, loaded) = plugins::load(&args.plugins, &cache_dir)?;
     let plugins: Vec<PreparePlugin<'_>> = loaded
         .iter()
         .map(|p| PreparePlugin {
@@ -134,7 +144,13 @@ pub fn prepare_data(args: &PrepareArgs) -> Result<pt_data::Prepared> {
     let progress = PrepareProgress::new(args.disable_tqdm);
     let prepared = pt_data::prepare(&options, &plugins, &tokenizer, &args.output_dir, &progress)?;
     print_summary(&prepared.report, &args.output_dir);
-    Ok(prepared)
+    drop(plugins);
+    Ok(PreparedData {
+        prepared,
+        tokenizer,
+        plugins: loaded,
+        _runtime: runtime,
+    })
 }
 
 fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {

@@ -7,16 +7,18 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
+use pt_data::Tokenizer;
 use pt_model::{AdapterConfig, Bloom, LORA_TARGETS};
+use pt_plugin_host::{Kind, LoadedPlugin, MetricSession, Sample};
 use pt_train::trainer::{
-    Interval, Trainer, TrainerCallback, TrainingArguments, eval_results, evaluate,
-    list_checkpoints, write_results,
+    EvalSample, Interval, MetricSink, Trainer, TrainerCallback, TrainingArguments, eval_results,
+    evaluate, list_checkpoints, write_results,
 };
 use pt_train::{AdamWConfig, SchedulerType};
 use serde_json::{Value, json};
 
 use crate::args::parse_bool;
-use crate::prepare::{PrepareArgs, prepare_data};
+use crate::prepare::{PrepareArgs, PreparedData, prepare_data};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 #[clap(rename_all = "snake_case")]
@@ -261,7 +263,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
 
-    let prepared = prepare_data(&args.data)?;
+    let data = prepare_data(&args.data)?;
+    let prepared = &data.prepared;
     let model_dir = &args.data.model_name_or_path;
     let mut model = Bloom::load(model_dir, &Device::Cpu)?;
     let adapter = match &args.peft_path {
@@ -366,19 +369,22 @@ pub fn run(args: RunArgs) -> Result<()> {
         }
         let eval =
             (args.do_eval && !prepared.validation.is_empty()).then_some(&prepared.validation);
-        let summary = trainer.train(&prepared.train, eval, &mut console)?;
+        let mut metrics = PluginMetrics::new(&data);
+        let summary = trainer.train(&prepared.train, eval, metrics.as_sink(), &mut console)?;
         console.bar.finish_and_clear();
         trainer.save_final()?;
         write_results(&output_dir, "train_results.json", &summary)?;
         merge(&mut all_results, &summary);
     }
     if args.do_eval {
-        let metrics = evaluate(
+        let mut metrics = PluginMetrics::new(&data);
+        let evaluation = evaluate(
             trainer.model,
             &prepared.validation,
             args.per_device_eval_batch_size,
+            metrics.as_sink(),
         )?;
-        let results = eval_results(&metrics, trainer.state.epoch);
+        let results = eval_results(&evaluation, trainer.state.epoch, None);
         println!("{results}");
         write_results(&output_dir, "eval_results.json", &results)?;
         merge(&mut all_results, &results);
@@ -387,6 +393,72 @@ pub fn run(args: RunArgs) -> Result<()> {
     std::fs::write(output_dir.join("trainer_log.jsonl"), &console.log)?;
     eprintln!("outputs in {}", output_dir.display());
     Ok(())
+}
+
+/// The metric plugins among `--plugin`, fed the evaluation's samples: one
+/// accumulator per plugin per evaluation.
+struct PluginMetrics<'a> {
+    plugins: Vec<&'a LoadedPlugin>,
+    tokenizer: &'a Tokenizer,
+    sessions: Vec<MetricSession>,
+}
+
+impl<'a> PluginMetrics<'a> {
+    fn new(data: &'a PreparedData) -> Self {
+        let plugins = data
+            .plugins
+            .iter()
+            .filter(|p| p.has_kind(Kind::Metric))
+            .collect();
+        Self {
+            plugins,
+            tokenizer: &data.tokenizer,
+            sessions: Vec::new(),
+        }
+    }
+
+    fn as_sink(&mut self) -> Option<&mut dyn MetricSink> {
+        if self.plugins.is_empty() {
+            None
+        } else {
+            Some(self)
+        }
+    }
+}
+
+impl MetricSink for PluginMetrics<'_> {
+    fn add(&mut self, samples: &[EvalSample]) -> Result<()> {
+        if self.sessions.is_empty() {
+            self.sessions = self
+                .plugins
+                .iter()
+                .map(|p| p.metric_session())
+                .collect::<Result<_>>()?;
+        }
+        let samples: Vec<Sample> = samples
+            .iter()
+            .map(|s| {
+                Ok(Sample {
+                    reference: self.tokenizer.decode(&s.tokens)?,
+                    predicted: self.tokenizer.decode(&s.predicted)?,
+                    token_logprobs: s.logprobs.clone(),
+                    continuation: None,
+                })
+            })
+            .collect::<Result<_>>()?;
+        for session in &mut self.sessions {
+            session.add_batch(&samples)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> Result<Vec<(String, f64)>> {
+        let mut values = Vec::new();
+        for mut session in std::mem::take(&mut self.sessions) {
+            values.extend(session.compute()?.into_iter().map(|m| (m.name, m.value)));
+        }
+        Ok(values)
+    }
 }
 
 fn merge(into: &mut Value, from: &Value) {

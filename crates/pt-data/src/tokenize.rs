@@ -62,6 +62,13 @@ impl Tokenizer {
         })
     }
 
+    /// Text of token ids, special tokens (EOS between documents) left out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| anyhow!("cannot decode tokens: {e}"))
+    }
+
     /// Token ids of one document, without special tokens, ending with EOS.
     pub fn encode_document(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = self.inner.encode(text, false).map_err(|e| anyhow!("{e}"))?;

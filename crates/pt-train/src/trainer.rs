@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{D, DType, Device, Var};
+use candle_core::{D, DType, Device, Tensor, Var};
 use pt_data::Blocks;
-use pt_model::ops::next_token_loss_sum;
+use pt_model::ops::{log_softmax_last_dim, next_token_loss_sum};
 use pt_model::{AdapterConfig, Bloom};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -71,6 +71,8 @@ pub struct EvalMetrics {
     pub perplexity: f64,
     pub accuracy: f64,
     pub eval_tokens: usize,
+    /// Custom metrics by name (without the `eval_` prefix).
+    pub extra: Vec<(String, f64)>,
 }
 
 /// A row of a block dataset as a micro-batch row: padding masked and ignored.
@@ -89,8 +91,62 @@ fn micro_batch(blocks: &Blocks, rows: &[usize]) -> MicroBatch {
     }
 }
 
-/// Loss, perplexity and next-token accuracy over `blocks`, without dropout.
-pub fn evaluate(model: &Bloom, blocks: &Blocks, batch_size: usize) -> Result<EvalMetrics> {
+/// What a metric plugin sees of one evaluation block.
+pub struct EvalSample {
+    /// The block's real tokens.
+    pub tokens: Vec<u32>,
+    /// Greedy prediction at each position but the last: `predicted[t]` is the
+    /// model's guess for `tokens[t + 1]`.
+    pub predicted: Vec<u32>,
+    /// Log-probability the model gave `tokens[t + 1]`.
+    pub logprobs: Vec<f32>,
+}
+
+/// Receives evaluation samples (custom metrics, e.g. WebAssembly plugins).
+pub trait MetricSink {
+    fn add(&mut self, samples: &[EvalSample]) -> Result<()>;
+    /// The metrics of the evaluation that just ended; the next one starts afresh.
+    fn finish(&mut self) -> Result<Vec<(String, f64)>>;
+}
+
+/// Samples of a batch: per row, so that only one row's log-softmax
+/// `[seq, vocab]` exists at a time.
+fn samples(
+    logits: &Tensor,
+    predictions: &[Vec<u32>],
+    batch: &MicroBatch,
+) -> Result<Vec<EvalSample>> {
+    let mut samples = Vec::with_capacity(predictions.len());
+    for (row, predicted) in predictions.iter().enumerate() {
+        let real = batch.attention_mask[row]
+            .iter()
+            .filter(|&&m| m == 1)
+            .count();
+        let tokens = batch.input_ids[row][..real].to_vec();
+        let log_probs =
+            log_softmax_last_dim(&logits.get(row)?.narrow(0, 0, real.saturating_sub(1))?)?;
+        let targets = Tensor::new(&tokens[1..], logits.device())?.unsqueeze(1)?;
+        let logprobs = log_probs
+            .gather(&targets, 1)?
+            .squeeze(1)?
+            .to_vec1::<f32>()?;
+        samples.push(EvalSample {
+            predicted: predicted[..real.saturating_sub(1)].to_vec(),
+            tokens,
+            logprobs,
+        });
+    }
+    Ok(samples)
+}
+
+/// Loss, perplexity and next-token accuracy over `blocks`, without dropout;
+/// custom metrics from `sink` come back in `extra`.
+pub fn evaluate<'s>(
+    model: &Bloom,
+    blocks: &Blocks,
+    batch_size: usize,
+    mut sink: Option<&mut (dyn MetricSink + 's)>,
+) -> Result<EvalMetrics> {
     model.set_dropout_seed(None);
     let (mut loss_sum, mut tokens, mut correct) = (0f64, 0usize, 0usize);
     let rows: Vec<usize> = (0..blocks.len()).collect();
@@ -106,16 +162,24 @@ pub fn evaluate(model: &Bloom, blocks: &Blocks, batch_size: usize) -> Result<Eva
                 .filter(|&t| labels[t] >= 0 && row[t - 1] as i64 == labels[t])
                 .count();
         }
+        if let Some(sink) = sink.as_deref_mut() {
+            sink.add(&samples(&logits, &predictions, &batch)?)?;
+        }
     }
     if tokens == 0 {
         bail!("the evaluation set has no tokens to predict (is it empty? check data_report.json)");
     }
+    let extra = match sink {
+        Some(sink) => sink.finish()?,
+        None => Vec::new(),
+    };
     let eval_loss = loss_sum / tokens as f64;
     Ok(EvalMetrics {
         eval_loss,
         perplexity: eval_loss.exp(),
         accuracy: correct as f64 / tokens as f64,
         eval_tokens: tokens,
+        extra,
     })
 }
 
@@ -197,6 +261,7 @@ impl<'a> Trainer<'a> {
         &mut self,
         train: &Blocks,
         eval: Option<&Blocks>,
+        mut metrics: Option<&mut dyn MetricSink>,
         callback: &mut dyn TrainerCallback,
     ) -> Result<Value> {
         if train.is_empty() {
@@ -304,9 +369,14 @@ impl<'a> Trainer<'a> {
                 Interval::No => false,
             };
             if let (true, Some(eval)) = (eval_now, eval) {
-                let metrics = evaluate(self.model, eval, a.per_device_eval_batch_size)?;
+                let results = evaluate(
+                    self.model,
+                    eval,
+                    a.per_device_eval_batch_size,
+                    metrics.as_deref_mut(),
+                )?;
                 self.record(
-                    eval_entry(&metrics, self.state.epoch, self.state.global_step),
+                    eval_results(&results, self.state.epoch, Some(self.state.global_step)),
                     callback,
                 );
             }
@@ -409,16 +479,6 @@ impl<'a> Trainer<'a> {
     }
 }
 
-fn eval_entry(metrics: &EvalMetrics, epoch: f64, step: usize) -> Value {
-    json!({
-        "eval_loss": metrics.eval_loss,
-        "perplexity": metrics.perplexity,
-        "eval_accuracy": metrics.accuracy,
-        "epoch": epoch,
-        "step": step,
-    })
-}
-
 /// `checkpoint-N` directories of `dir`, oldest (smallest N) first.
 pub fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut found = Vec::new();
@@ -447,13 +507,21 @@ pub fn write_results(dir: &Path, name: &str, value: &Value) -> Result<()> {
         .with_context(|| format!("{}: cannot write", dir.join(name).display()))
 }
 
-/// `eval_*` results for `eval_results.json`.
-pub fn eval_results(metrics: &EvalMetrics, epoch: f64) -> Value {
-    json!({
+/// Evaluation results as HF names them (`eval_loss`, …; custom metrics as
+/// `eval_NAME`), for the log history and `eval_results.json`.
+pub fn eval_results(metrics: &EvalMetrics, epoch: f64, step: Option<usize>) -> Value {
+    let mut results = json!({
         "eval_loss": metrics.eval_loss,
         "perplexity": metrics.perplexity,
         "eval_accuracy": metrics.accuracy,
         "eval_tokens": metrics.eval_tokens,
         "epoch": epoch,
-    })
+    });
+    for (name, value) in &metrics.extra {
+        results[format!("eval_{name}")] = json!(value);
+    }
+    if let Some(step) = step {
+        results["step"] = json!(step);
+    }
+    results
 }
