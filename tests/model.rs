@@ -174,3 +174,62 @@ fn only_adapter_weights_get_gradients() {
         "no gradient is computed for frozen weight matrices"
     );
 }
+
+/// The original bigscience checkpoints: keys without `transformer.`, legacy
+/// config names, half-precision storage.
+#[test]
+fn legacy_keys_and_half_precision_checkpoints_load() {
+    let original = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(fixture().join("model/model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture().join("model/config.json")).unwrap(),
+    )
+    .unwrap();
+    let mut legacy = serde_json::Map::new();
+    for (key, value) in config.as_object().unwrap() {
+        let renamed = match key.as_str() {
+            "hidden_size" => "n_embed",
+            "n_head" => "num_attention_heads",
+            "n_layer" => "num_hidden_layers",
+            other => other,
+        };
+        legacy.insert(renamed.to_string(), value.clone());
+    }
+    let ids = rows(&expected()["probe_input_ids"]);
+    let mask = rows(&expected()["probe_attention_mask"]);
+    let reference = original.forward(&ids, &mask).unwrap();
+    for (dtype, tolerance) in [
+        (candle_core::DType::F32, 0.0),
+        (candle_core::DType::BF16, 0.5),
+    ] {
+        let temp = tempfile::tempdir().unwrap();
+        std::fs::write(
+            temp.path().join("config.json"),
+            serde_json::to_vec(&legacy).unwrap(),
+        )
+        .unwrap();
+        let stripped: std::collections::HashMap<String, candle_core::Tensor> = tensors
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.trim_start_matches("transformer.").to_string(),
+                    v.to_dtype(dtype).unwrap(),
+                )
+            })
+            .collect();
+        candle_core::safetensors::save(&stripped, temp.path().join("model.safetensors")).unwrap();
+        let model = Bloom::load(temp.path(), &Device::Cpu).unwrap();
+        let logits = model.forward(&ids, &mask).unwrap();
+        let diff = (logits - &reference)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= tolerance, "{dtype:?}: logits differ by {diff}");
+    }
+}
