@@ -358,3 +358,59 @@ fn metric_plugins_score_the_evaluation() {
     let recall = eval["eval_term_recall"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&recall), "{recall}");
 }
+
+#[test]
+fn epochs_fractional_epochs_and_epoch_logging() {
+    let dir = tempfile::tempdir().unwrap();
+    // 262 blocks, micro-batch 64: 5 micro-batches, so 5 optimizer steps an epoch.
+    let base = [
+        "--do_train",
+        "--per_device_train_batch_size",
+        "64",
+        "--save_strategy",
+        "no",
+        "--learning_rate",
+        "1e-3",
+    ];
+    let two = run(
+        dir.path(),
+        "two",
+        &[
+            &base[..],
+            &["--num_train_epochs", "2", "--logging_strategy", "epoch"],
+        ]
+        .concat(),
+    );
+    assert!(
+        two.status.success(),
+        "{}",
+        String::from_utf8_lossy(&two.stderr)
+    );
+    let state = json(&dir.path().join("two/trainer_state.json"));
+    let logged: Vec<(u64, f64)> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["step"].as_u64().unwrap(), e["epoch"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(logged, [(5, 1.0), (10, 2.0)]);
+    assert!(
+        !dir.path().join("two/checkpoint-5").exists(),
+        "--save_strategy no"
+    );
+    let half = run(
+        dir.path(),
+        "half",
+        &[
+            &base[..],
+            &["--num_train_epochs", "0.5", "--logging_steps", "1"],
+        ]
+        .concat(),
+    );
+    assert!(half.status.success());
+    assert_eq!(
+        json(&dir.path().join("half/trainer_state.json"))["global_step"],
+        3,
+        "ceil(0.5 × 5)"
+    );
+}

@@ -116,6 +116,8 @@ pub struct RunArgs {
     pub warmup_ratio: f64,
     #[arg(long = "warmup_steps", default_value_t = 0)]
     pub warmup_steps: usize,
+    #[arg(long = "logging_strategy", value_enum, default_value = "steps")]
+    pub logging_strategy: IntervalArg,
     #[arg(long = "logging_steps", default_value_t = 500)]
     pub logging_steps: usize,
     #[arg(long = "logging_first_step", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
@@ -321,6 +323,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         },
         warmup_ratio: args.warmup_ratio,
         warmup_steps: args.warmup_steps,
+        logging_strategy: args.logging_strategy.into(),
         logging_steps: args.logging_steps,
         logging_first_step: args.logging_first_step,
         eval_strategy: if args.do_eval {

@@ -44,6 +44,7 @@ pub struct TrainingArguments {
     pub lr_scheduler_type: SchedulerType,
     pub warmup_ratio: f64,
     pub warmup_steps: usize,
+    pub logging_strategy: Interval,
     pub logging_steps: usize,
     pub logging_first_step: bool,
     pub eval_strategy: Interval,
@@ -348,8 +349,11 @@ impl<'a> Trainer<'a> {
 
             let done = step + 1 == max_steps;
             let end_of_epoch = (step + 1) % steps_per_epoch == 0;
-            let log_now = (a.logging_steps > 0 && (step + 1) % a.logging_steps == 0)
-                || (a.logging_first_step && step == 0);
+            let log_now = match a.logging_strategy {
+                Interval::Steps => a.logging_steps > 0 && (step + 1) % a.logging_steps == 0,
+                Interval::Epoch => end_of_epoch || done,
+                Interval::No => false,
+            } || (a.logging_first_step && step == 0);
             if log_now {
                 let seconds = started.elapsed().as_secs_f64();
                 let entry = json!({
