@@ -1,17 +1,16 @@
 //! `pt-host run` end to end on the bloom-tiny fixture: HF + PEFT's LoRA run
 //! reproduced from the command line, evaluation, checkpoints and resume.
 
+#[path = "support/bloom_tiny.rs"]
+mod bloom_tiny;
 mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{fixture_model, repo};
-
-fn fixture() -> PathBuf {
-    repo().join("tests/fixtures/bloom-tiny")
-}
+use bloom_tiny::fixture;
+use common::fixture_model;
 
 /// `train/train.txt` and `valid/valid.txt` of the fixture, as corpus dirs.
 fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
@@ -333,20 +332,11 @@ fn metric_plugins_score_the_evaluation() {
 
     // The reference side, counted here from the packed validation blocks.
     let tokenizer = pt_data::Tokenizer::from_dir(&fixture_model()).unwrap();
-    let file = pt_data::corpus::read_file(
-        &fixture().join("valid.txt"),
-        &pt_data::ReadOptions::default(),
-    )
-    .unwrap();
-    let docs: Vec<Vec<u32>> = file
-        .documents
+    let blocks = bloom_tiny::packed("valid.txt", 32);
+    let occurrences: usize = blocks
         .iter()
-        .map(|d| tokenizer.encode_document(&d.text).unwrap())
-        .collect();
-    let (blocks, _) = pt_data::packing::pack(&docs, 32);
-    let occurrences: usize = (0..blocks.len())
-        .map(|i| {
-            let text = tokenizer.decode(blocks.row(i)).unwrap().to_lowercase();
+        .map(|block| {
+            let text = tokenizer.decode(block).unwrap().to_lowercase();
             text.matches("the").count() + text.matches("的").count()
         })
         .sum();

@@ -5,7 +5,7 @@
 #[path = "support/bloom_tiny.rs"]
 mod bloom_tiny;
 
-use bloom_tiny::{expected, fixture, rows, train_blocks, trajectory};
+use bloom_tiny::{expected, fixture, packed, rows, trajectory};
 use candle_core::{Device, Var};
 use pt_model::Bloom;
 use pt_model::ops::next_token_loss_sum;
@@ -73,7 +73,7 @@ fn lora_training_follows_peft_step_by_step() {
         args["batch"].as_u64().unwrap() as usize,
         args["accum"].as_u64().unwrap() as usize,
     );
-    let blocks = train_blocks();
+    let blocks = packed("train.txt", 32);
     assert_eq!(
         blocks.len() as u64,
         expected_run["n_train_blocks"].as_u64().unwrap()
@@ -86,18 +86,6 @@ fn lora_training_follows_peft_step_by_step() {
             .map(MicroBatch::from_blocks)
             .collect();
         let (loss, mut grads) = accumulate_gradients(&model, &variables, &micro_batches).unwrap();
-        for ((name, _), g) in named.iter().zip(&grads) {
-            assert!(
-                g.abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-                    > 0.0,
-                "{name}: zero gradient"
-            );
-        }
         let norm = clip_grad_norm(&mut grads, args["clip"].as_f64().unwrap()).unwrap();
         let lr = schedule.lr(step);
         optimizer.apply(&grads, lr).unwrap();

@@ -7,8 +7,13 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
+/// `tests/fixtures/bloom-tiny`, found from whichever crate runs the test.
 pub fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bloom-tiny")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .map(|dir| dir.join("tests/fixtures/bloom-tiny"))
+        .find(|dir| dir.is_dir())
+        .expect("tests/fixtures/bloom-tiny above the crate")
 }
 
 /// `expected.safetensors`: probes, their logits, validation blocks and loss.
@@ -25,20 +30,18 @@ pub fn rows(t: &Tensor) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// `train.txt` packed into 32-token blocks, as the trajectory was trained.
-pub fn train_blocks() -> Vec<Vec<u32>> {
+/// A fixture text file packed as the pipeline packs it (a document per line
+/// with its `\n`, EOS appended, concatenated, cut into `block_size` blocks).
+pub fn packed(file: &str, block_size: usize) -> Vec<Vec<u32>> {
     let tokenizer = pt_data::Tokenizer::from_dir(&fixture().join("model")).unwrap();
-    let file = pt_data::corpus::read_file(
-        &fixture().join("train.txt"),
-        &pt_data::ReadOptions::default(),
-    )
-    .unwrap();
+    let file = pt_data::corpus::read_file(&fixture().join(file), &pt_data::ReadOptions::default())
+        .unwrap();
     let docs: Vec<Vec<u32>> = file
         .documents
         .iter()
         .map(|d| tokenizer.encode_document(&d.text).unwrap())
         .collect();
-    let (blocks, _) = pt_data::packing::pack(&docs, 32);
+    let (blocks, _) = pt_data::packing::pack(&docs, block_size);
     (0..blocks.len()).map(|i| blocks.row(i).to_vec()).collect()
 }
 

@@ -309,28 +309,34 @@ pub struct MetricSession {
 
 impl MetricSession {
     pub fn add_batch(&mut self, samples: &[Sample]) -> Result<()> {
-        let i = &mut self.instance;
-        let metric = i
-            .metric
-            .as_ref()
-            .expect("metric session has a metric export");
-        let accumulator = self.accumulator;
-        guarded(&mut i.store, &i.name, &i.limits, |s| {
-            metric.accumulator().call_add_batch(s, accumulator, samples)
+        self.call("add-batch", |metric, store, accumulator| {
+            metric
+                .accumulator()
+                .call_add_batch(store, accumulator, samples)
         })
-        .map_err(|e| anyhow!("metric plugin `{}` failed in add-batch: {}", i.name, e.0))
     }
 
     pub fn compute(&mut self) -> Result<Vec<MetricValue>> {
+        self.call("compute", |metric, store, accumulator| {
+            metric.accumulator().call_compute(store, accumulator)
+        })
+    }
+
+    /// Calls the accumulator under the instance's limits.
+    fn call<R>(
+        &mut self,
+        what: &str,
+        f: impl FnOnce(&metric::Guest, &mut Store<PluginState>, ResourceAny) -> wasmtime::Result<R>,
+    ) -> Result<R> {
         let i = &mut self.instance;
         let metric = i
             .metric
             .as_ref()
             .expect("metric session has a metric export");
         let accumulator = self.accumulator;
-        guarded(&mut i.store, &i.name, &i.limits, |s| {
-            metric.accumulator().call_compute(s, accumulator)
+        guarded(&mut i.store, &i.name, &i.limits, |store| {
+            f(metric, store, accumulator)
         })
-        .map_err(|e| anyhow!("metric plugin `{}` failed in compute: {}", i.name, e.0))
+        .map_err(|e| anyhow!("metric plugin `{}` failed in {what}: {}", i.name, e.0))
     }
 }
