@@ -404,3 +404,90 @@ fn epochs_fractional_epochs_and_epoch_logging() {
         "ceil(0.5 × 5)"
     );
 }
+
+#[test]
+fn full_fine_tuning_writes_a_model_that_loads_and_evaluates_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let trained = run(
+        dir.path(),
+        "full",
+        &[
+            "--use_peft",
+            "false",
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--weight_decay",
+            "0.01",
+            "--per_device_train_batch_size",
+            "4",
+            "--save_steps",
+            "2",
+        ],
+    );
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    let out = dir.path().join("full");
+    assert!(String::from_utf8_lossy(&trained.stderr).contains("trainable%: 100.0000"));
+    for file in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "checkpoint-2/model.safetensors",
+        "checkpoint-4/optimizer.safetensors",
+    ] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+    assert!(!out.join("adapter_model.safetensors").exists());
+    let after = json(&out.join("eval_results.json"))["eval_loss"]
+        .as_f64()
+        .unwrap();
+    let before = json(&fixture().join("trajectory.json"))["valid_loss_before"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        after < before,
+        "training lowered the validation loss: {before} -> {after}"
+    );
+
+    // The saved directory is a model of its own: evaluating it gives the same loss.
+    let (_, valid) = corpus(dir.path());
+    let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args([
+            "run",
+            "--do_eval",
+            "--model_name_or_path",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--train_file_dir",
+            valid.to_str().unwrap(),
+            "--validation_file_dir",
+            valid.to_str().unwrap(),
+        ])
+        .args([
+            "--output_dir",
+            dir.path().join("reeval").to_str().unwrap(),
+            "--block_size",
+            "32",
+            "--disable_tqdm",
+        ])
+        .args(["--cache_dir", dir.path().join("cache").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let again = json(&dir.path().join("reeval/eval_results.json"))["eval_loss"]
+        .as_f64()
+        .unwrap();
+    assert!((again - after).abs() < 1e-6, "{after} vs {again}");
+}

@@ -11,8 +11,8 @@ use pt_data::Tokenizer;
 use pt_model::{AdapterConfig, Bloom, LORA_TARGETS};
 use pt_plugin_host::{Kind, LoadedPlugin, MetricSession, Sample};
 use pt_train::trainer::{
-    EvalSample, Interval, MetricSink, Trainer, TrainerCallback, TrainingArguments, eval_results,
-    evaluate, list_checkpoints, write_results,
+    EvalSample, Interval, MetricSink, Trainable, Trainer, TrainerCallback, TrainingArguments,
+    eval_results, evaluate, list_checkpoints, write_results,
 };
 use pt_train::{AdamWConfig, SchedulerType};
 use serde_json::{Value, json};
@@ -71,7 +71,7 @@ pub struct RunArgs {
     /// Evaluate on the validation blocks (HF `do_eval`); alone, an eval-only run.
     #[arg(long = "do_eval", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub do_eval: bool,
-    /// Train a LoRA adapter (true) or the full model (false: not supported yet).
+    /// Train a LoRA adapter (true) or every weight of the model (false).
     #[arg(long = "use_peft", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub use_peft: bool,
     /// `all` or a comma-separated list of query_key_value, dense, dense_h_to_4h, dense_4h_to_h.
@@ -218,10 +218,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     if !args.do_train && !args.do_eval {
         bail!("nothing to do: pass --do_train and/or --do_eval");
     }
-    if !args.use_peft {
-        bail!(
-            "--use_peft false (full fine-tuning) is not supported yet; train a LoRA adapter with --use_peft true"
-        );
+    if !args.use_peft && args.peft_path.is_some() {
+        bail!("--peft_path continues a LoRA adapter: it needs --use_peft true");
     }
     if args.device_map == DeviceArg::Cuda {
         bail!(
@@ -269,13 +267,18 @@ pub fn run(args: RunArgs) -> Result<()> {
     let prepared = &data.prepared;
     let model_dir = &args.data.model_name_or_path;
     let mut model = Bloom::load(model_dir, &Device::Cpu)?;
-    let adapter = match &args.peft_path {
-        Some(path) => {
+    let base: usize = model
+        .base_tensors_mut()
+        .iter()
+        .map(|(_, t)| t.elem_count())
+        .sum();
+    let trainable = match (&args.peft_path, args.use_peft) {
+        (Some(path), _) => {
             let config = model.load_adapter(path)?;
             model.set_lora_dropout(args.lora_dropout);
-            config
+            Trainable::Adapter(config)
         }
-        None => {
+        (None, true) => {
             let config = AdapterConfig {
                 peft_type: "LORA".into(),
                 r: args.lora_rank,
@@ -285,19 +288,26 @@ pub fn run(args: RunArgs) -> Result<()> {
                 use_dora: false,
             };
             model.add_lora(&config, args.lora_dropout, args.data.seed)?;
-            config
+            Trainable::Adapter(config)
         }
+        (None, false) => Trainable::Full {
+            source: model_dir.clone(),
+        },
     };
-    let trainable: usize = model
+    let adapter_size: usize = model
         .lora_variables()
         .iter()
         .map(|(_, v)| v.elem_count())
         .sum();
-    let frozen: usize = model.frozen_tensors().iter().map(|t| t.elem_count()).sum();
+    let trained = if matches!(trainable, Trainable::Full { .. }) {
+        base
+    } else {
+        adapter_size
+    };
     eprintln!(
-        "trainable params: {trainable} || all params: {} || trainable%: {:.4}",
-        trainable + frozen,
-        100.0 * trainable as f64 / (trainable + frozen) as f64
+        "trainable params: {trained} || all params: {} || trainable%: {:.4}",
+        base + adapter_size,
+        100.0 * trained as f64 / (base + adapter_size) as f64
     );
     let output_dir = args.data.output_dir.clone();
     let training = TrainingArguments {
@@ -341,7 +351,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut trainer = Trainer::new(
         training,
         &mut model,
-        adapter,
+        trainable,
         model_dir.display().to_string(),
     )?;
     let show_bar = !args.data.disable_tqdm && std::io::stderr().is_terminal();

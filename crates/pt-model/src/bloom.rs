@@ -636,28 +636,86 @@ impl Bloom {
         ))?)
     }
 
-    /// Every base-model tensor: frozen while an adapter trains.
-    pub fn frozen_tensors(&self) -> Vec<&Tensor> {
+    /// Every base-model tensor with its HF checkpoint name, in checkpoint order.
+    pub fn base_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         let mut tensors = vec![
-            &self.word_embeddings,
-            &self.embeddings_layernorm.weight,
-            &self.embeddings_layernorm.bias,
+            (
+                "transformer.word_embeddings.weight".to_string(),
+                &mut self.word_embeddings,
+            ),
+            (
+                "transformer.word_embeddings_layernorm.weight".to_string(),
+                &mut self.embeddings_layernorm.weight,
+            ),
+            (
+                "transformer.word_embeddings_layernorm.bias".to_string(),
+                &mut self.embeddings_layernorm.bias,
+            ),
         ];
-        for b in &self.blocks {
-            for norm in [&b.input_layernorm, &b.post_attention_layernorm] {
-                tensors.extend([&norm.weight, &norm.bias]);
-            }
-            for linear in [
-                &b.query_key_value,
-                &b.attention_dense,
-                &b.dense_h_to_4h,
-                &b.dense_4h_to_h,
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("transformer.h.{i}");
+            for (name, norm) in [
+                ("input_layernorm", &mut b.input_layernorm),
+                ("post_attention_layernorm", &mut b.post_attention_layernorm),
             ] {
-                tensors.extend([&linear.weight, &linear.bias]);
+                tensors.push((format!("{p}.{name}.weight"), &mut norm.weight));
+                tensors.push((format!("{p}.{name}.bias"), &mut norm.bias));
+            }
+            for (name, linear) in [
+                ("self_attention.query_key_value", &mut b.query_key_value),
+                ("self_attention.dense", &mut b.attention_dense),
+                ("mlp.dense_h_to_4h", &mut b.dense_h_to_4h),
+                ("mlp.dense_4h_to_h", &mut b.dense_4h_to_h),
+            ] {
+                tensors.push((format!("{p}.{name}.weight"), &mut linear.weight));
+                tensors.push((format!("{p}.{name}.bias"), &mut linear.bias));
             }
         }
-        tensors.extend([&self.ln_f.weight, &self.ln_f.bias]);
+        tensors.push(("transformer.ln_f.weight".to_string(), &mut self.ln_f.weight));
+        tensors.push(("transformer.ln_f.bias".to_string(), &mut self.ln_f.bias));
         tensors
+    }
+
+    /// Full fine-tuning: every base tensor becomes a trainable variable.
+    /// Returns them by HF name.
+    pub fn make_base_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        self.base_tensors_mut()
+            .into_iter()
+            .map(|(name, tensor)| {
+                let variable = Var::from_tensor(tensor)?;
+                *tensor = variable.as_tensor().clone();
+                Ok((name, variable))
+            })
+            .collect()
+    }
+
+    /// Writes the base weights as an HF model directory: `model.safetensors`
+    /// (with the `transformer.` prefix, no `lm_head`: it is tied) plus the
+    /// config and tokenizer files copied from `source`.
+    pub fn save_model(&mut self, dir: &Path, source: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("{}: cannot create", dir.display()))?;
+        let tensors: std::collections::HashMap<String, Tensor> = self
+            .base_tensors_mut()
+            .into_iter()
+            .map(|(name, t)| (name, t.detach()))
+            .collect();
+        let path = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &path)
+            .with_context(|| format!("{}: cannot write", path.display()))?;
+        for file in [
+            "config.json",
+            "generation_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+        ] {
+            if source.join(file).is_file() {
+                std::fs::copy(source.join(file), dir.join(file))
+                    .with_context(|| format!("{}: cannot copy {file}", dir.display()))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -69,10 +69,10 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-/// `x · Wᵀ` (`x`: `[n, in]`, `W`: `[out, in]`) where `W` is never trained.
-/// Without a gradient-tracking input it is a plain matmul.
+/// `x · Wᵀ` (`x`: `[n, in]`, `W`: `[out, in]`), computing no gradient for `W`
+/// unless it is a trainable variable (full fine-tuning).
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if !x.track_op() {
+    if !x.track_op() || weight.is_variable() {
         return x.matmul(&weight.t()?);
     }
     x.contiguous()?

@@ -200,12 +200,36 @@ pub struct TrainerState {
     pub train_blocks: usize,
 }
 
+/// What trains, and how its weights are saved.
+pub enum Trainable {
+    /// A LoRA adapter, saved in PEFT's format.
+    Adapter(AdapterConfig),
+    /// Every weight, saved as an HF model directory; `source` is the model
+    /// directory whose config and tokenizer files are copied alongside.
+    Full { source: PathBuf },
+}
+
+impl Trainable {
+    fn weights_file(&self) -> &'static str {
+        match self {
+            Trainable::Adapter(_) => "adapter_model.safetensors",
+            Trainable::Full { .. } => "model.safetensors",
+        }
+    }
+}
+
+/// HF's weight-decay groups: everything but biases and LayerNorm parameters.
+fn decays(name: &str) -> bool {
+    !(name.ends_with(".bias") || name.contains("layernorm") || name.contains("ln_f"))
+}
+
 pub struct Trainer<'a> {
     pub args: TrainingArguments,
     pub model: &'a mut Bloom,
-    pub adapter: AdapterConfig,
-    pub base_model: String,
-    variables: Vec<Var>,
+    trainable: Trainable,
+    base_model: String,
+    /// The trained variables by checkpoint name.
+    named: Vec<(String, Var)>,
     optimizer: AdamW,
     pub state: TrainerState,
 }
@@ -214,28 +238,39 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "trainer_state.json";
 
 impl<'a> Trainer<'a> {
-    /// A trainer of the model's LoRA variables (every one decays: adapters have
-    /// no biases or norms).
+    /// A trainer of the model's LoRA variables, or of every weight.
     pub fn new(
         args: TrainingArguments,
         model: &'a mut Bloom,
-        adapter: AdapterConfig,
+        trainable: Trainable,
         base_model: String,
     ) -> Result<Self> {
-        let variables: Vec<Var> = model.lora_variables().into_iter().map(|(_, v)| v).collect();
-        let optimizer = AdamW::new(
-            variables.iter().map(|v| (v.clone(), true)).collect(),
-            args.adamw,
-        )?;
+        let named = match &trainable {
+            Trainable::Adapter(_) => model.lora_variables(),
+            Trainable::Full { .. } => model.make_base_trainable()?,
+        };
+        let groups = named
+            .iter()
+            .map(|(name, v)| (v.clone(), decays(name)))
+            .collect();
+        let optimizer = AdamW::new(groups, args.adamw)?;
         Ok(Self {
             args,
             model,
-            adapter,
+            trainable,
             base_model,
-            variables,
+            named,
             optimizer,
             state: TrainerState::default(),
         })
+    }
+
+    /// The adapter or the full model, into `dir`.
+    fn save_weights(&mut self, dir: &Path) -> Result<()> {
+        match &self.trainable {
+            Trainable::Adapter(config) => self.model.save_adapter(dir, config, &self.base_model),
+            Trainable::Full { source } => self.model.save_model(dir, source),
+        }
     }
 
     fn steps_per_epoch(&self, train_blocks: usize) -> usize {
@@ -330,8 +365,8 @@ impl<'a> Trainer<'a> {
                     .wrapping_add(step as u64)
                     .wrapping_mul(0x2545_F491_4F6C_DD1D),
             ));
-            let (loss, mut grads) =
-                accumulate_gradients(self.model, &self.variables, &micro_batches)?;
+            let variables: Vec<Var> = self.named.iter().map(|(_, v)| v.clone()).collect();
+            let (loss, mut grads) = accumulate_gradients(self.model, &variables, &micro_batches)?;
             if !loss.is_finite() {
                 bail!(
                     "loss is {loss} at step {}: stopping (the last checkpoint is intact); lower --learning_rate",
@@ -414,15 +449,14 @@ impl<'a> Trainer<'a> {
     /// staging directory and renames it into place: never half-written. Then
     /// deletes the oldest checkpoints beyond `save_total_limit`.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
-        let out = &self.args.output_dir;
+        let out = &self.args.output_dir.clone();
         fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
         let name = format!("checkpoint-{}", self.state.global_step);
         let staging = out.join(format!(".{name}.partial"));
         if staging.exists() {
             fs::remove_dir_all(&staging)?;
         }
-        self.model
-            .save_adapter(&staging, &self.adapter, &self.base_model)?;
+        self.save_weights(&staging)?;
         self.optimizer.save(&staging.join(OPTIMIZER))?;
         fs::write(staging.join(STATE), serde_json::to_vec_pretty(&self.state)?)?;
         let target = out.join(&name);
@@ -442,7 +476,7 @@ impl<'a> Trainer<'a> {
         Ok(target)
     }
 
-    /// Restores adapter, optimizer and trainer state from `checkpoint-N/`.
+    /// Restores weights, optimizer and trainer state from `checkpoint-N/`.
     pub fn resume(&mut self, checkpoint: &Path) -> Result<()> {
         let state_path = checkpoint.join(STATE);
         let state: TrainerState =
@@ -450,20 +484,13 @@ impl<'a> Trainer<'a> {
                 format!("{}: not a checkpoint (no {STATE})", checkpoint.display())
             })?)
             .with_context(|| format!("{}: corrupt trainer state", state_path.display()))?;
-        let adapter = candle_core::safetensors::load(
-            checkpoint.join("adapter_model.safetensors"),
-            &Device::Cpu,
-        )
-        .with_context(|| {
-            format!(
-                "{}: corrupt or missing adapter weights",
-                checkpoint.display()
-            )
-        })?;
-        for (name, variable) in self.model.lora_variables() {
-            let tensor = adapter
-                .get(&name)
-                .with_context(|| format!("{}: no `{name}` in the adapter", checkpoint.display()))?;
+        let file = checkpoint.join(self.trainable.weights_file());
+        let weights = candle_core::safetensors::load(&file, &Device::Cpu)
+            .with_context(|| format!("{}: corrupt or missing weights", file.display()))?;
+        for (name, variable) in &self.named {
+            let tensor = weights
+                .get(name)
+                .with_context(|| format!("{}: no `{name}`", file.display()))?;
             variable.set(&tensor.to_device(variable.device())?.to_dtype(DType::F32)?)?;
         }
         self.optimizer.load(&checkpoint.join(OPTIMIZER))?;
@@ -471,10 +498,10 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// The final outputs: the adapter in `output_dir` and `trainer_state.json`.
+    /// The final outputs: the adapter or model in `output_dir`, and `trainer_state.json`.
     pub fn save_final(&mut self) -> Result<()> {
-        self.model
-            .save_adapter(&self.args.output_dir, &self.adapter, &self.base_model)?;
+        let dir = self.args.output_dir.clone();
+        self.save_weights(&dir)?;
         fs::write(
             self.args.output_dir.join(STATE),
             serde_json::to_vec_pretty(&self.state)?,
