@@ -95,12 +95,22 @@ const RECIPE: &[&str] = &[
 
 #[test]
 fn the_peft_trajectory_is_reproduced_from_the_command_line() {
+    follow_peft(&[]);
+}
+
+#[test]
+fn the_peft_trajectory_is_reproduced_with_gradient_checkpointing() {
+    follow_peft(&["--gradient_checkpointing"]);
+}
+
+fn follow_peft(extra: &[&str]) {
+    let checkpointing = extra.contains(&"--gradient_checkpointing");
     let dir = tempfile::tempdir().unwrap();
     let init = fixture().join("lora_init");
     let output = run(
         dir.path(),
         "out",
-        &[RECIPE, &["--peft_path", init.to_str().unwrap()]].concat(),
+        &[RECIPE, &["--peft_path", init.to_str().unwrap()], extra].concat(),
     );
     assert!(
         output.status.success(),
@@ -108,6 +118,8 @@ fn the_peft_trajectory_is_reproduced_from_the_command_line() {
         String::from_utf8_lossy(&output.stderr)
     );
     let out = dir.path().join("out");
+    let said = String::from_utf8_lossy(&output.stderr).contains("block activations are recomputed");
+    assert_eq!(said, checkpointing);
     let expected = json(&fixture().join("trajectory.json"));
     let state = json(&out.join("trainer_state.json"));
     let train_logs: Vec<&serde_json::Value> = state["log_history"]

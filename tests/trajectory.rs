@@ -36,6 +36,16 @@ fn close(ours: f64, theirs: f64, relative: f64) -> bool {
 
 #[test]
 fn lora_training_follows_peft_step_by_step() {
+    follow_peft(false);
+}
+
+/// Recomputing activations in the backward pass changes memory, not numbers.
+#[test]
+fn lora_training_with_gradient_checkpointing_follows_peft() {
+    follow_peft(true);
+}
+
+fn follow_peft(gradient_checkpointing: bool) {
     let expected_run = trajectory();
     let args = &expected_run["args"];
     let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
@@ -50,6 +60,7 @@ fn lora_training_follows_peft_step_by_step() {
         "valid loss before {before}"
     );
     model.load_adapter(&fixture().join("lora_init")).unwrap();
+    model.gradient_checkpointing = gradient_checkpointing;
     let named = model.lora_variables();
     let variables: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
     let config = AdamWConfig {
@@ -140,4 +151,37 @@ fn lora_training_follows_peft_step_by_step() {
         worst < 1e-4,
         "final adapter differs from PEFT's by up to {worst}"
     );
+}
+
+/// With dropout, a recomputed block must draw the masks its forward drew.
+#[test]
+fn checkpointed_gradients_equal_plain_ones_with_dropout() {
+    let blocks = packed("train.txt", 32);
+    let batches = vec![
+        MicroBatch::from_blocks(&blocks[..2]),
+        MicroBatch::from_blocks(&blocks[2..4]),
+    ];
+    let gradients = |checkpointing: bool| {
+        let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
+        model.load_adapter(&fixture().join("lora_init")).unwrap();
+        model.set_lora_dropout(0.1);
+        model.gradient_checkpointing = checkpointing;
+        model.set_dropout_seed(Some(11));
+        let variables: Vec<Var> = model.lora_variables().into_iter().map(|(_, v)| v).collect();
+        accumulate_gradients(&model, &variables, &batches).unwrap()
+    };
+    let (plain_loss, plain) = gradients(false);
+    let (checkpointed_loss, checkpointed) = gradients(true);
+    assert!((plain_loss - checkpointed_loss).abs() < 1e-6);
+    for (a, b) in plain.iter().zip(&checkpointed) {
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "gradient differs by {diff}");
+    }
 }

@@ -146,8 +146,8 @@ pub struct RunArgs {
     /// Reshuffle training blocks every epoch with --seed; false keeps file order.
     #[arg(long = "shuffle", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub shuffle: bool,
-    /// Accepted for compatibility; recomputation is not implemented yet, so
-    /// activations stay in memory.
+    /// Recompute each block's activations in the backward pass instead of
+    /// keeping them: less memory, about one more forward pass of compute.
     #[arg(long = "gradient_checkpointing", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub gradient_checkpointing: bool,
     /// Weight precision. On CPU pt-host trains in float32.
@@ -232,11 +232,6 @@ pub fn run(args: RunArgs) -> Result<()> {
             args.torch_dtype
         );
     }
-    if args.gradient_checkpointing {
-        eprintln!(
-            "note: --gradient_checkpointing is not implemented yet; activations are kept in memory"
-        );
-    }
     for (flag, value) in [
         (
             "--per_device_train_batch_size",
@@ -267,6 +262,10 @@ pub fn run(args: RunArgs) -> Result<()> {
     let prepared = &data.prepared;
     let model_dir = &args.data.model_name_or_path;
     let mut model = Bloom::load(model_dir, &Device::Cpu)?;
+    model.gradient_checkpointing = args.gradient_checkpointing;
+    if args.gradient_checkpointing {
+        eprintln!("gradient checkpointing: block activations are recomputed in the backward pass");
+    }
     let base: usize = model
         .base_tensors_mut()
         .iter()

@@ -6,13 +6,14 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
+use crate::checkpoint;
 use crate::ops::{frozen_matmul, layer_norm, softmax_last_dim};
 
 /// `config.json`, with the legacy key names of the original checkpoints.
@@ -79,6 +80,7 @@ pub fn alibi_slopes(n_head: usize) -> Vec<f32> {
     slopes.into_iter().map(|s| s as f32).collect()
 }
 
+#[derive(Clone)]
 struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
@@ -92,6 +94,7 @@ impl LayerNorm {
 }
 
 /// A LoRA adapter on a linear layer, as PEFT defines it: `scale · B(A x)`.
+#[derive(Clone)]
 pub struct Lora {
     /// `[r, in]`
     pub a: Var,
@@ -122,6 +125,7 @@ fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<Tens
 }
 
 /// `y = x Wᵀ + b (+ LoRA)`, weights in HF's `[out, in]` layout.
+#[derive(Clone)]
 struct Linear {
     weight: Tensor,
     bias: Tensor,
@@ -129,7 +133,9 @@ struct Linear {
 }
 
 impl Linear {
-    fn forward(&self, x: &Tensor, rng: &DropoutRng) -> candle_core::Result<Tensor> {
+    /// `track`: false while a checkpointed block runs its forward without
+    /// building a graph (its backward recomputes with `track` true).
+    fn forward(&self, x: &Tensor, rng: &DropoutRng, track: bool) -> candle_core::Result<Tensor> {
         let (b, s, d) = x.dims3()?;
         let flat = x.reshape((b * s, d))?;
         let mut y = frozen_matmul(&flat, &self.weight)?.broadcast_add(&self.bias)?;
@@ -138,9 +144,12 @@ impl Linear {
                 Some(rng) if lora.dropout > 0.0 => dropout(&flat, lora.dropout, rng)?,
                 _ => flat.clone(),
             };
-            let update = input
-                .matmul(&lora.a.as_tensor().t()?)?
-                .matmul(&lora.b.as_tensor().t()?)?;
+            let (a, b) = if track {
+                (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
+            } else {
+                (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
+            };
+            let update = input.matmul(&a.t()?)?.matmul(&b.t()?)?;
             y = (y + (update * lora.scale)?)?;
         }
         y.reshape((b, s, self.weight.dim(0)?))
@@ -197,13 +206,92 @@ impl AdapterConfig {
     }
 }
 
-struct Block {
+#[derive(Clone)]
+pub(crate) struct Block {
     input_layernorm: LayerNorm,
     query_key_value: Linear,
     attention_dense: Linear,
     post_attention_layernorm: LayerNorm,
     dense_h_to_4h: Linear,
     dense_4h_to_h: Linear,
+}
+
+/// What a block's forward needs besides its weights (cheap to clone).
+#[derive(Clone)]
+pub(crate) struct BlockContext {
+    alibi: Tensor,
+    additive: Tensor,
+    n_head: usize,
+    post_ln: bool,
+    dropout_seed: Option<u64>,
+}
+
+impl Block {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &BlockContext,
+        track: bool,
+    ) -> candle_core::Result<Tensor> {
+        let rng: DropoutRng = RefCell::new(ctx.dropout_seed.map(ChaCha8Rng::seed_from_u64));
+        let ln1 = self.input_layernorm.forward(x)?;
+        let attended =
+            (self.attention(&ln1, ctx, &rng, track)? + if ctx.post_ln { &ln1 } else { x })?;
+        let ln2 = self.post_attention_layernorm.forward(&attended)?;
+        let up = self.dense_h_to_4h.forward(&ln2, &rng, track)?.gelu()?;
+        let mlp = self.dense_4h_to_h.forward(&up, &rng, track)?;
+        mlp + if ctx.post_ln { &ln2 } else { &attended }
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        ctx: &BlockContext,
+        rng: &DropoutRng,
+        track: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let head_dim = h / ctx.n_head;
+        // The fused projection is laid out per head: [.., head, (q|k|v), head_dim].
+        let qkv = self
+            .query_key_value
+            .forward(x, rng, track)?
+            .reshape((b, s, ctx.n_head, 3, head_dim))?;
+        let part = |i| -> candle_core::Result<Tensor> {
+            qkv.narrow(3, i, 1)?
+                .squeeze(3)?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?
+            .broadcast_add(&ctx.alibi)?
+            .broadcast_add(&ctx.additive)?;
+        let context = softmax_last_dim(&scores)?.matmul(&v)?;
+        let merged = context.transpose(1, 2)?.reshape((b, s, h))?;
+        self.attention_dense.forward(&merged, rng, track)
+    }
+
+    /// The block's tensors that training updates (LoRA, or all in full fine-tuning).
+    pub(crate) fn trainable_tensors(&self) -> Vec<Tensor> {
+        let mut tensors = Vec::new();
+        for norm in [&self.input_layernorm, &self.post_attention_layernorm] {
+            tensors.extend([norm.weight.clone(), norm.bias.clone()]);
+        }
+        for linear in [
+            &self.query_key_value,
+            &self.attention_dense,
+            &self.dense_h_to_4h,
+            &self.dense_4h_to_h,
+        ] {
+            tensors.extend([linear.weight.clone(), linear.bias.clone()]);
+            if let Some(lora) = &linear.lora {
+                tensors.extend([lora.a.as_tensor().clone(), lora.b.as_tensor().clone()]);
+            }
+        }
+        tensors.retain(Tensor::is_variable);
+        tensors
+    }
 }
 
 pub struct Bloom {
@@ -213,7 +301,13 @@ pub struct Bloom {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     device: Device,
-    dropout_rng: DropoutRng,
+    /// The optimizer step's dropout seed; `None` outside training.
+    dropout_seed: Cell<Option<u64>>,
+    /// Recompute each block's activations in the backward pass instead of keeping them.
+    pub gradient_checkpointing: bool,
+    /// Gradients of trainable tensors inside checkpointed blocks, which the
+    /// recomputation computes outside the main backward pass.
+    recomputed_grads: checkpoint::SideGradients,
 }
 
 /// Weights by name, without the optional `transformer.` prefix, converted to f32.
@@ -313,7 +407,9 @@ impl Bloom {
             blocks,
             ln_f,
             device: device.clone(),
-            dropout_rng: RefCell::new(None),
+            dropout_seed: Cell::new(None),
+            gradient_checkpointing: false,
+            recomputed_grads: Default::default(),
         })
     }
 
@@ -403,7 +499,13 @@ impl Bloom {
     /// Training mode with dropout masks drawn from `seed` (`Some`), or
     /// evaluation mode without dropout (`None`).
     pub fn set_dropout_seed(&self, seed: Option<u64>) {
-        *self.dropout_rng.borrow_mut() = seed.map(ChaCha8Rng::seed_from_u64);
+        self.dropout_seed.set(seed);
+    }
+
+    /// Gradients that checkpointed blocks computed for `tensor` since the last
+    /// call, removed from the store; add them to the main backward's.
+    pub fn take_recomputed_gradient(&self, tensor: &Tensor) -> Option<Tensor> {
+        self.recomputed_grads.take(tensor)
     }
 
     /// Sets the dropout probability of every LoRA adapter.
@@ -570,35 +672,6 @@ impl Bloom {
         ))
     }
 
-    fn attention(
-        &self,
-        block: &Block,
-        x: &Tensor,
-        alibi: &Tensor,
-        additive: &Tensor,
-    ) -> Result<Tensor> {
-        let (b, s, h) = x.dims3()?;
-        let (n_head, head_dim) = (self.config.n_head, self.config.head_dim());
-        // The fused projection is laid out per head: [.., head, (q|k|v), head_dim].
-        let qkv = block
-            .query_key_value
-            .forward(x, &self.dropout_rng)?
-            .reshape((b, s, n_head, 3, head_dim))?;
-        let part = |i| -> candle_core::Result<Tensor> {
-            qkv.narrow(3, i, 1)?
-                .squeeze(3)?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?
-            .broadcast_add(alibi)?
-            .broadcast_add(additive)?;
-        let context = softmax_last_dim(&scores)?.matmul(&v)?;
-        let merged = context.transpose(1, 2)?.reshape((b, s, h))?;
-        Ok(block.attention_dense.forward(&merged, &self.dropout_rng)?)
-    }
-
     /// Logits `[b, s, vocab]` of a batch of token ids with its attention mask.
     pub fn forward(&self, input_ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Tensor> {
         let (b, s) = (input_ids.len(), input_ids[0].len());
@@ -609,20 +682,22 @@ impl Bloom {
                 .reshape((b, s, self.config.hidden_size))?;
         let mut hidden = self.embeddings_layernorm.forward(&embedded)?;
         let (alibi, additive) = self.attention_bias(mask)?;
-        let post_ln = self.config.apply_residual_connection_post_layernorm;
-        for block in &self.blocks {
-            let ln1 = block.input_layernorm.forward(&hidden)?;
-            let attended = (self.attention(block, &ln1, &alibi, &additive)?
-                + if post_ln { &ln1 } else { &hidden })?;
-            let ln2 = block.post_attention_layernorm.forward(&attended)?;
-            let mlp = block.dense_4h_to_h.forward(
-                &block
-                    .dense_h_to_4h
-                    .forward(&ln2, &self.dropout_rng)?
-                    .gelu()?,
-                &self.dropout_rng,
-            )?;
-            hidden = (mlp + if post_ln { &ln2 } else { &attended })?;
+        let step_seed = self.dropout_seed.get();
+        for (index, block) in self.blocks.iter().enumerate() {
+            let context = BlockContext {
+                alibi: alibi.clone(),
+                additive: additive.clone(),
+                n_head: self.config.n_head,
+                post_ln: self.config.apply_residual_connection_post_layernorm,
+                // Each block draws its own masks, so a recomputed block draws the same ones.
+                dropout_seed: step_seed
+                    .map(|seed| seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+            };
+            hidden = if self.gradient_checkpointing && hidden.track_op() {
+                checkpoint::checkpointed(block, &hidden, context, &self.recomputed_grads)?
+            } else {
+                block.forward(&hidden, &context, true)?
+            };
         }
         let normed = self
             .ln_f

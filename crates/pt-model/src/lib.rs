@@ -4,6 +4,7 @@
 //! backward and would silently stop gradients.
 
 pub mod bloom;
+mod checkpoint;
 pub mod ops;
 
 pub use bloom::{AdapterConfig, Bloom, Config, LORA_TARGETS, Lora};

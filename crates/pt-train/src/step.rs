@@ -44,10 +44,16 @@ pub fn accumulate_gradients(
         loss_sum += loss.to_scalar::<f32>()? as f64;
         let grads = (loss / micro_batches.len() as f64)?.backward()?;
         for (variable, total) in variables.iter().zip(&mut totals) {
-            let grad = grads
-                .get(variable.as_tensor())
-                .context("a trainable tensor received no gradient")?
-                .clone();
+            // Checkpointed blocks deliver their gradients beside the main pass.
+            let grad = match (
+                grads.get(variable.as_tensor()),
+                model.take_recomputed_gradient(variable.as_tensor()),
+            ) {
+                (Some(main), Some(side)) => (main + side)?,
+                (Some(main), None) => main.clone(),
+                (None, Some(side)) => side,
+                (None, None) => anyhow::bail!("a trainable tensor received no gradient"),
+            };
             *total = Some(match total.take() {
                 Some(t) => (t + grad)?,
                 None => grad,
