@@ -503,3 +503,172 @@ fn full_fine_tuning_writes_a_model_that_loads_and_evaluates_the_same() {
         .unwrap();
     assert!((again - after).abs() < 1e-6, "{after} vs {again}");
 }
+
+/// The seed article's command, verbatim but for local paths (a model dir for
+/// the hub id) and `--max_steps` to keep it short.
+#[test]
+fn the_seed_command_runs_verbatim() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = common::component("medical_clean");
+    let data = common::repo().join("data/pretrain");
+    let command = format!(
+        "run --plugin {} --model_type bloom --model_name_or_path {} --train_file_dir {data} --validation_file_dir {data} \
+         --per_device_train_batch_size 4 --per_device_eval_batch_size 4 --do_train --do_eval --use_peft True --seed 42 \
+         --max_train_samples 10000 --max_eval_samples 10 --num_train_epochs 0.5 --learning_rate 2e-4 --warmup_ratio 0.05 \
+         --weight_decay 0.01 --logging_strategy steps --logging_steps 10 --eval_steps 50 --evaluation_strategy steps \
+         --save_steps 500 --save_strategy steps --save_total_limit 13 --gradient_accumulation_steps 1 \
+         --preprocessing_num_workers 10 --block_size 512 --group_by_length True --output_dir outputs-pt-bloom-v1 \
+         --overwrite_output_dir --ddp_timeout 30000 --logging_first_step True --target_modules all --lora_rank 8 \
+         --lora_alpha 16 --lora_dropout 0.05 --torch_dtype bfloat16 --device_map auto --report_to tensorboard \
+         --ddp_find_unused_parameters False --gradient_checkpointing True --cache_dir ./cache --max_steps 2",
+        plugin.display(),
+        fixture_model().display(),
+        data = data.display()
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(command.split_whitespace())
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--ddp_timeout and --ddp_find_unused_parameters are ignored"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--report_to tensorboard: not written by this version"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("float32"),
+        "says it trains in float32 on CPU: {stderr}"
+    );
+    let out = dir.path().join("outputs-pt-bloom-v1");
+    for file in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "trainer_state.json",
+        "all_results.json",
+    ] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+    let eval = json(&out.join("eval_results.json"));
+    assert_eq!(eval["eval_samples"], 10);
+    let state = json(&out.join("trainer_state.json"));
+    assert_eq!(state["log_history"][0]["step"], 1, "--logging_first_step");
+    assert!(dir.path().join("cache/datasets").is_dir());
+}
+
+#[test]
+fn a_non_empty_output_dir_needs_overwrite_and_the_model_type_must_match() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("busy")).unwrap();
+    fs::write(dir.path().join("busy/notes.txt"), "keep me").unwrap();
+    let refused = run(dir.path(), "busy", &["--do_train", "--max_steps", "1"]);
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("exists and is not empty: pass --overwrite_output_dir")
+    );
+    let allowed = run(
+        dir.path(),
+        "busy",
+        &["--do_train", "--max_steps", "1", "--overwrite_output_dir"],
+    );
+    assert!(
+        allowed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&allowed.stderr)
+    );
+    let wrong = run(
+        dir.path(),
+        "other",
+        &["--do_train", "--max_steps", "1", "--model_type", "llama"],
+    );
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("--model_type llama, but"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+}
+
+/// kill -9 after a checkpoint, then resume: the same adapter, bit for bit, as
+/// a run that was never interrupted.
+#[test]
+fn a_killed_run_resumes_to_the_same_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = [
+        "--do_train",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "5e-3",
+        "--max_steps",
+        "120",
+        "--save_steps",
+        "10",
+        "--logging_steps",
+        "10",
+        "--lora_dropout",
+        "0.1",
+    ];
+    let straight = run(dir.path(), "straight", &recipe);
+    assert!(
+        straight.status.success(),
+        "{}",
+        String::from_utf8_lossy(&straight.stderr)
+    );
+
+    let (train, valid) = corpus(dir.path());
+    let killed_dir = dir.path().join("killed");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args([
+            "run",
+            "--model_name_or_path",
+            fixture_model().to_str().unwrap(),
+        ])
+        .args([
+            "--train_file_dir",
+            train.to_str().unwrap(),
+            "--validation_file_dir",
+            valid.to_str().unwrap(),
+        ])
+        .args([
+            "--output_dir",
+            killed_dir.to_str().unwrap(),
+            "--cache_dir",
+            dir.path().join("cache").to_str().unwrap(),
+        ])
+        .args(["--block_size", "32", "--disable_tqdm"])
+        .args(recipe)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while !killed_dir.join("checkpoint-10").is_dir() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        !killed_dir.join("checkpoint-120").exists(),
+        "the run was interrupted"
+    );
+    let resumed = run(
+        dir.path(),
+        "killed",
+        &[&recipe[..], &["--resume_from_checkpoint", "true"]].concat(),
+    );
+    assert!(
+        resumed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(adapter(&dir.path().join("straight")), adapter(&killed_dir));
+}

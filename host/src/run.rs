@@ -155,6 +155,60 @@ pub struct RunArgs {
     pub torch_dtype: DtypeArg,
     #[arg(long = "device_map", value_enum, default_value = "auto")]
     pub device_map: DeviceArg,
+    /// Must name the model's type when given (pt-host trains `bloom`).
+    #[arg(long = "model_type")]
+    pub model_type: Option<String>,
+    /// Allow writing into a non-empty --output_dir (as in HF); otherwise refused.
+    #[arg(long = "overwrite_output_dir", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub overwrite_output_dir: bool,
+    /// Accepted: packed blocks all have one length, so grouping changes nothing.
+    #[arg(long = "group_by_length", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub group_by_length: bool,
+    /// `none` here; TensorBoard event files come with a later release (a run says so).
+    #[arg(long = "report_to", default_value = "none")]
+    pub report_to: String,
+    /// Accepted and ignored: pt-host runs one process.
+    #[arg(long = "ddp_timeout")]
+    pub ddp_timeout: Option<u64>,
+    /// Accepted and ignored: pt-host runs one process.
+    #[arg(long = "ddp_find_unused_parameters", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub ddp_find_unused_parameters: Option<bool>,
+}
+
+/// Says plainly which accepted flags do nothing in this run.
+fn report_ignored_flags(args: &RunArgs) {
+    if args.ddp_timeout.is_some() || args.ddp_find_unused_parameters.is_some() {
+        eprintln!(
+            "note: --ddp_timeout and --ddp_find_unused_parameters are ignored: this is a single-process run"
+        );
+    }
+    if !matches!(args.report_to.as_str(), "none" | "") {
+        eprintln!(
+            "note: --report_to {}: not written by this version; the log is in trainer_state.json and trainer_log.jsonl",
+            args.report_to
+        );
+    }
+}
+
+/// HF refuses to train into a non-empty output directory unless told to
+/// overwrite it (resuming is the exception).
+fn check_output_dir(args: &RunArgs) -> Result<()> {
+    let dir = &args.data.output_dir;
+    let non_empty = dir
+        .read_dir()
+        .map(|mut entries| entries.next().is_some())
+        .unwrap_or(false);
+    if args.do_train
+        && non_empty
+        && !args.overwrite_output_dir
+        && args.resume_from_checkpoint.is_none()
+    {
+        bail!(
+            "--output_dir {} exists and is not empty: pass --overwrite_output_dir to train into it, or --resume_from_checkpoint to continue",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 fn target_modules(spec: &str) -> Result<Vec<String>> {
@@ -258,10 +312,21 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
 
+    report_ignored_flags(&args);
+    check_output_dir(&args)?;
     let data = prepare_data(&args.data)?;
     let prepared = &data.prepared;
     let model_dir = &args.data.model_name_or_path;
     let mut model = Bloom::load(model_dir, &Device::Cpu)?;
+    if let Some(model_type) = &args.model_type {
+        let actual = model.config.model_type.as_deref().unwrap_or("bloom");
+        if model_type != actual {
+            bail!(
+                "--model_type {model_type}, but {} is a `{actual}` model",
+                model_dir.display()
+            );
+        }
+    }
     model.gradient_checkpointing = args.gradient_checkpointing;
     if args.gradient_checkpointing {
         eprintln!("gradient checkpointing: block activations are recomputed in the backward pass");

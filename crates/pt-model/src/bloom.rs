@@ -188,6 +188,27 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(
     })
 }
 
+fn copy_if_present(source: &Path, dir: &Path, file: &str) -> Result<()> {
+    if source.join(file).is_file() {
+        std::fs::copy(source.join(file), dir.join(file))
+            .with_context(|| format!("{}: cannot copy {file}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The tokenizer files of a model directory, copied next to saved weights as
+/// HF's `save_pretrained` does.
+pub fn copy_tokenizer_files(source: &Path, dir: &Path) -> Result<()> {
+    for file in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        copy_if_present(source, dir, file)?;
+    }
+    Ok(())
+}
+
 /// PEFT's matching: a target names a module exactly or is a suffix after a dot.
 fn targets_module(targets: &[String], path: &str) -> bool {
     targets
@@ -778,19 +799,10 @@ impl Bloom {
         let path = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &path)
             .with_context(|| format!("{}: cannot write", path.display()))?;
-        for file in [
-            "config.json",
-            "generation_config.json",
-            "tokenizer.json",
-            "tokenizer_config.json",
-            "special_tokens_map.json",
-        ] {
-            if source.join(file).is_file() {
-                std::fs::copy(source.join(file), dir.join(file))
-                    .with_context(|| format!("{}: cannot copy {file}", dir.display()))?;
-            }
+        for file in ["config.json", "generation_config.json"] {
+            copy_if_present(source, dir, file)?;
         }
-        Ok(())
+        copy_tokenizer_files(source, dir)
     }
 }
 

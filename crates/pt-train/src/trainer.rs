@@ -72,6 +72,8 @@ pub struct EvalMetrics {
     pub perplexity: f64,
     pub accuracy: f64,
     pub eval_tokens: usize,
+    /// Evaluation blocks.
+    pub samples: usize,
     /// Custom metrics by name (without the `eval_` prefix).
     pub extra: Vec<(String, f64)>,
 }
@@ -180,6 +182,7 @@ pub fn evaluate<'s>(
         perplexity: eval_loss.exp(),
         accuracy: correct as f64 / tokens as f64,
         eval_tokens: tokens,
+        samples: blocks.len(),
         extra,
     })
 }
@@ -502,6 +505,7 @@ impl<'a> Trainer<'a> {
     pub fn save_final(&mut self) -> Result<()> {
         let dir = self.args.output_dir.clone();
         self.save_weights(&dir)?;
+        pt_model::bloom::copy_tokenizer_files(Path::new(&self.base_model), &dir)?;
         fs::write(
             self.args.output_dir.join(STATE),
             serde_json::to_vec_pretty(&self.state)?,
@@ -546,6 +550,7 @@ pub fn eval_results(metrics: &EvalMetrics, epoch: f64, step: Option<usize>) -> V
         "perplexity": metrics.perplexity,
         "eval_accuracy": metrics.accuracy,
         "eval_tokens": metrics.eval_tokens,
+        "eval_samples": metrics.samples,
         "epoch": epoch,
     });
     for (name, value) in &metrics.extra {
