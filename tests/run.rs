@@ -672,3 +672,67 @@ fn a_killed_run_resumes_to_the_same_adapter() {
     );
     assert_eq!(adapter(&dir.path().join("straight")), adapter(&killed_dir));
 }
+
+/// Our adapter in Python PEFT gives our eval loss. Runs where torch,
+/// transformers and PEFT are installed; says so plainly where they are not.
+#[test]
+fn the_adapter_loads_in_python_peft_with_the_same_eval_loss() {
+    let available = Command::new("python3")
+        .args(["-c", "import torch, transformers, peft"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        eprintln!(
+            "SKIPPED the_adapter_loads_in_python_peft_with_the_same_eval_loss: python3 with torch, transformers and peft is not installed"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let trained = run(
+        dir.path(),
+        "out",
+        &[
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "5",
+            "--learning_rate",
+            "1e-2",
+            "--per_device_train_batch_size",
+            "4",
+            "--lora_rank",
+            "4",
+            "--target_modules",
+            "query_key_value,dense_4h_to_h",
+        ],
+    );
+    assert!(
+        trained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&trained.stderr)
+    );
+    let ours = json(&dir.path().join("out/eval_results.json"))["eval_loss"]
+        .as_f64()
+        .unwrap();
+    let script = common::repo().join("tests/python/peft_eval.py");
+    let output = Command::new("python3")
+        .arg(script)
+        .args([
+            fixture_model(),
+            dir.path().join("out"),
+            fixture().join("expected.safetensors"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let peft: serde_json::Value = serde_json::from_slice(output.stdout.trim_ascii()).unwrap();
+    let theirs = peft["eval_loss"].as_f64().unwrap();
+    assert!(
+        ((ours - theirs) / theirs).abs() < 1e-5,
+        "pt-host {ours}, PEFT {theirs}"
+    );
+}
