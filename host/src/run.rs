@@ -314,8 +314,7 @@ pub fn run(args: RunArgs) -> Result<()> {
 
     report_ignored_flags(&args);
     check_output_dir(&args)?;
-    let data = prepare_data(&args.data)?;
-    let prepared = &data.prepared;
+    // The model first: a wrong model fails before any data work.
     let model_dir = &args.data.model_name_or_path;
     let mut model = Bloom::load(model_dir, &Device::Cpu)?;
     if let Some(model_type) = &args.model_type {
@@ -327,6 +326,8 @@ pub fn run(args: RunArgs) -> Result<()> {
             );
         }
     }
+    let data = prepare_data(&args.data)?;
+    let prepared = &data.prepared;
     model.gradient_checkpointing = args.gradient_checkpointing;
     if args.gradient_checkpointing {
         eprintln!("gradient checkpointing: block activations are recomputed in the backward pass");
