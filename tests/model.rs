@@ -1,27 +1,13 @@
 //! BLOOM against HF transformers' own numbers on the bloom-tiny fixture
 //! (f32, CPU): logits within 1e-4 absolute, loss within 1e-5 relative.
 
-use std::path::PathBuf;
+#[path = "support/bloom_tiny.rs"]
+mod bloom_tiny;
 
-use candle_core::{Device, Tensor};
+use bloom_tiny::{expected, fixture, max_abs_diff, rows};
+use candle_core::Device;
 use pt_model::Bloom;
 use pt_model::ops::next_token_loss_sum;
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/bloom-tiny")
-}
-
-fn expected() -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu).unwrap()
-}
-
-fn rows(t: &Tensor) -> Vec<Vec<u32>> {
-    t.to_vec2::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|r| r.into_iter().map(|v| v as u32).collect())
-        .collect()
-}
 
 #[test]
 fn logits_match_hf_on_left_padded_probes() {
@@ -223,14 +209,7 @@ fn legacy_keys_and_half_precision_checkpoints_load() {
         candle_core::safetensors::save(&stripped, temp.path().join("model.safetensors")).unwrap();
         let model = Bloom::load(temp.path(), &Device::Cpu).unwrap();
         let logits = model.forward(&ids, &mask).unwrap();
-        let diff = (logits - &reference)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_abs_diff(&logits, &reference);
         assert!(diff <= tolerance, "{dtype:?}: logits differ by {diff}");
     }
 }

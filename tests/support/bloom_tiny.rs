@@ -50,3 +50,15 @@ pub fn trajectory() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fixture().join("trajectory.json")).unwrap())
         .unwrap()
 }
+
+/// The largest absolute elementwise difference of two tensors.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
