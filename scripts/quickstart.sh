@@ -18,4 +18,4 @@ cargo run --release -p pt-host -- run \
     --use_peft True --lora_rank 16 --lora_alpha 32 --lora_dropout 0.05 \
     --per_device_train_batch_size 8 --learning_rate 2e-3 --max_steps 60 \
     --logging_steps 10 --eval_strategy steps --eval_steps 30 --save_steps 30 \
-    --output_dir out/quickstart "$@"
+    --output_dir out/quickstart --overwrite_output_dir "$@"
