@@ -313,6 +313,13 @@ fn run_errors_name_the_flag() {
         String::from_utf8_lossy(&resume.stderr)
             .contains("--resume_from_checkpoint true: no checkpoint-N in")
     );
+    let no_eval_blocks = run(dir.path(), "y", &["--do_eval", "--max_eval_samples", "0"]);
+    assert!(
+        String::from_utf8_lossy(&no_eval_blocks.stderr)
+            .contains("--do_eval: there are no validation blocks"),
+        "{}",
+        String::from_utf8_lossy(&no_eval_blocks.stderr)
+    );
     let cuda = run(dir.path(), "x", &["--do_train", "--device_map", "cuda"]);
     assert!(String::from_utf8_lossy(&cuda.stderr).contains("built without CUDA"));
 }

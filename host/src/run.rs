@@ -328,6 +328,12 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
     let data = prepare_data(&args.data)?;
     let prepared = &data.prepared;
+    if args.do_eval && prepared.validation.is_empty() {
+        bail!(
+            "--do_eval: there are no validation blocks (data_report.json has the counts); give --validation_file_dir, \
+             raise --validation_split_percentage or --max_eval_samples, or lower --block_size"
+        );
+    }
     model.gradient_checkpointing = args.gradient_checkpointing;
     if args.gradient_checkpointing {
         eprintln!("gradient checkpointing: block activations are recomputed in the backward pass");
