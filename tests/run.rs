@@ -175,6 +175,15 @@ fn follow_peft(extra: &[&str]) {
         ),
         (Some("LORA"), Some(8), Some("CAUSAL_LM"))
     );
+    let leftovers: Vec<String> = fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "staging files left behind: {leftovers:?}"
+    );
     for file in [
         "train_results.json",
         "all_results.json",

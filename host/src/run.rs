@@ -474,7 +474,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         merge(&mut all_results, &results);
     }
     write_results(&output_dir, "all_results.json", &all_results)?;
-    std::fs::write(output_dir.join("trainer_log.jsonl"), &console.log)?;
+    pt_data::prepare::write_atomically(&output_dir.join("trainer_log.jsonl"), &console.log)?;
     eprintln!("outputs in {}", output_dir.display());
     Ok(())
 }

@@ -501,15 +501,25 @@ impl<'a> Trainer<'a> {
         Ok(())
     }
 
-    /// The final outputs: the adapter or model in `output_dir`, and `trainer_state.json`.
+    /// The final outputs: the adapter or model in `output_dir`, tokenizer
+    /// files and `trainer_state.json`. Written into a staging directory, then
+    /// each file renamed into place: a reader never sees a half-written file.
     pub fn save_final(&mut self) -> Result<()> {
         let dir = self.args.output_dir.clone();
-        self.save_weights(&dir)?;
-        pt_model::bloom::copy_tokenizer_files(Path::new(&self.base_model), &dir)?;
-        fs::write(
-            self.args.output_dir.join(STATE),
-            serde_json::to_vec_pretty(&self.state)?,
-        )?;
+        let staging = dir.join(".final.partial");
+        if staging.exists() {
+            fs::remove_dir_all(&staging)?;
+        }
+        self.save_weights(&staging)?;
+        pt_model::bloom::copy_tokenizer_files(Path::new(&self.base_model), &staging)?;
+        fs::write(staging.join(STATE), serde_json::to_vec_pretty(&self.state)?)?;
+        for entry in fs::read_dir(&staging)? {
+            let path = entry?.path();
+            let target = dir.join(path.file_name().expect("a file name"));
+            fs::rename(&path, &target)
+                .with_context(|| format!("{}: cannot write", target.display()))?;
+        }
+        fs::remove_dir(&staging)?;
         Ok(())
     }
 }
@@ -538,8 +548,7 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
 /// Writes `name` into `dir` as pretty JSON (HF's `*_results.json`).
 pub fn write_results(dir: &Path, name: &str, value: &Value) -> Result<()> {
     fs::create_dir_all(dir)?;
-    fs::write(dir.join(name), serde_json::to_vec_pretty(value)?)
-        .with_context(|| format!("{}: cannot write", dir.join(name).display()))
+    pt_data::prepare::write_atomically(&dir.join(name), &serde_json::to_vec_pretty(value)?)
 }
 
 /// Evaluation results as HF names them (`eval_loss`, …; custom metrics as
