@@ -50,6 +50,15 @@ fn run(dir: &Path, output: &str, extra: &[&str]) -> Output {
         .unwrap()
 }
 
+/// Asserts the command succeeded, showing its stderr if not.
+fn assert_ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 fn json(path: &Path) -> serde_json::Value {
     serde_json::from_slice(&fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .unwrap()
@@ -112,11 +121,7 @@ fn follow_peft(extra: &[&str]) {
         "out",
         &[RECIPE, &["--peft_path", init.to_str().unwrap()], extra].concat(),
     );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_ok(&output);
     let out = dir.path().join("out");
     let said = String::from_utf8_lossy(&output.stderr).contains("block activations are recomputed");
     assert_eq!(said, checkpointing);
@@ -203,11 +208,7 @@ fn eval_only_with_an_adapter_matches_hf() {
         "eval",
         &["--do_eval", "--peft_path", final_adapter.to_str().unwrap()],
     );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_ok(&output);
     let eval = json(&dir.path().join("eval/eval_results.json"));
     let theirs = json(&fixture().join("trajectory.json"))["valid_loss_after"]
         .as_f64()
@@ -242,11 +243,7 @@ fn resuming_from_a_checkpoint_ends_where_an_uninterrupted_run_ends() {
         "7",
     ];
     let straight = run(dir.path(), "straight", &recipe);
-    assert!(
-        straight.status.success(),
-        "{}",
-        String::from_utf8_lossy(&straight.stderr)
-    );
+    assert_ok(&straight);
     let resumed_dir = dir.path().join("resumed");
     let first = run(dir.path(), "resumed", &recipe);
     assert!(first.status.success());
@@ -258,11 +255,7 @@ fn resuming_from_a_checkpoint_ends_where_an_uninterrupted_run_ends() {
         "resumed",
         &[&recipe[..], &["--resume_from_checkpoint", "true"]].concat(),
     );
-    assert!(
-        again.status.success(),
-        "{}",
-        String::from_utf8_lossy(&again.stderr)
-    );
+    assert_ok(&again);
     assert!(String::from_utf8_lossy(&again.stderr).contains("checkpoint-8 at step 8"));
     assert_eq!(adapter(&dir.path().join("straight")), adapter(&resumed_dir));
     let state = json(&resumed_dir.join("trainer_state.json"));
@@ -351,11 +344,7 @@ fn metric_plugins_score_the_evaluation() {
             r#"domain_terms={"terms":["the","的"]}"#,
         ],
     );
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_ok(&output);
     let eval = json(&dir.path().join("eval/eval_results.json"));
 
     // The reference side, counted here from the packed validation blocks.
@@ -399,11 +388,7 @@ fn epochs_fractional_epochs_and_epoch_logging() {
         ]
         .concat(),
     );
-    assert!(
-        two.status.success(),
-        "{}",
-        String::from_utf8_lossy(&two.stderr)
-    );
+    assert_ok(&two);
     let state = json(&dir.path().join("two/trainer_state.json"));
     let logged: Vec<(u64, f64)> = state["log_history"]
         .as_array()
@@ -456,11 +441,7 @@ fn full_fine_tuning_writes_a_model_that_loads_and_evaluates_the_same() {
             "2",
         ],
     );
-    assert!(
-        trained.status.success(),
-        "{}",
-        String::from_utf8_lossy(&trained.stderr)
-    );
+    assert_ok(&trained);
     let out = dir.path().join("full");
     assert!(String::from_utf8_lossy(&trained.stderr).contains("trainable%: 100.0000"));
     for file in [
@@ -509,11 +490,7 @@ fn full_fine_tuning_writes_a_model_that_loads_and_evaluates_the_same() {
         .args(["--cache_dir", dir.path().join("cache").to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_ok(&output);
     let again = json(&dir.path().join("reeval/eval_results.json"))["eval_loss"]
         .as_f64()
         .unwrap();
@@ -592,11 +569,7 @@ fn a_non_empty_output_dir_needs_overwrite_and_the_model_type_must_match() {
         "busy",
         &["--do_train", "--max_steps", "1", "--overwrite_output_dir"],
     );
-    assert!(
-        allowed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&allowed.stderr)
-    );
+    assert_ok(&allowed);
     let wrong = run(
         dir.path(),
         "other",
@@ -630,11 +603,7 @@ fn a_killed_run_resumes_to_the_same_adapter() {
         "0.1",
     ];
     let straight = run(dir.path(), "straight", &recipe);
-    assert!(
-        straight.status.success(),
-        "{}",
-        String::from_utf8_lossy(&straight.stderr)
-    );
+    assert_ok(&straight);
 
     let (train, valid) = corpus(dir.path());
     let killed_dir = dir.path().join("killed");
@@ -681,11 +650,7 @@ fn a_killed_run_resumes_to_the_same_adapter() {
         "killed",
         &[&recipe[..], &["--resume_from_checkpoint", "true"]].concat(),
     );
-    assert!(
-        resumed.status.success(),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
+    assert_ok(&resumed);
     assert_eq!(adapter(&dir.path().join("straight")), adapter(&killed_dir));
 }
 
@@ -722,11 +687,7 @@ fn the_adapter_loads_in_python_peft_with_the_same_eval_loss() {
             "query_key_value,dense_4h_to_h",
         ],
     );
-    assert!(
-        trained.status.success(),
-        "{}",
-        String::from_utf8_lossy(&trained.stderr)
-    );
+    assert_ok(&trained);
     let ours = json(&dir.path().join("out/eval_results.json"))["eval_loss"]
         .as_f64()
         .unwrap();
@@ -740,11 +701,7 @@ fn the_adapter_loads_in_python_peft_with_the_same_eval_loss() {
         ])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert_ok(&output);
     let peft: serde_json::Value = serde_json::from_slice(output.stdout.trim_ascii()).unwrap();
     let theirs = peft["eval_loss"].as_f64().unwrap();
     assert!(
