@@ -7,27 +7,21 @@ mod bloom_tiny;
 
 use bloom_tiny::{expected, fixture, max_abs_diff, packed, rows, trajectory};
 use candle_core::{Device, Var};
+use pt_data::Blocks;
 use pt_model::Bloom;
-use pt_model::ops::next_token_loss_sum;
 use pt_train::step::{MicroBatch, accumulate_gradients};
+use pt_train::trainer::evaluate;
 use pt_train::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_grad_norm};
 
+/// HF's packed validation blocks, through the trainer's own evaluation.
 fn validation_loss(model: &Bloom) -> f64 {
-    let blocks = rows(&expected()["valid_blocks"]);
-    let (mut sum, mut count) = (0f64, 0usize);
-    for chunk in blocks.chunks(16) {
-        let batch = MicroBatch::from_blocks(chunk);
-        let (loss, n) = next_token_loss_sum(
-            &model
-                .forward(&batch.input_ids, &batch.attention_mask)
-                .unwrap(),
-            &batch.labels,
-        )
-        .unwrap();
-        sum += loss.to_scalar::<f32>().unwrap() as f64;
-        count += n;
-    }
-    sum / count as f64
+    let rows = rows(&expected()["valid_blocks"]);
+    let blocks = Blocks {
+        block_size: rows[0].len(),
+        input_ids: rows.concat(),
+        lengths: vec![rows[0].len() as u32; rows.len()],
+    };
+    evaluate(model, &blocks, 16, None).unwrap().eval_loss
 }
 
 fn close(ours: f64, theirs: f64, relative: f64) -> bool {
@@ -92,9 +86,12 @@ fn follow_peft(gradient_checkpointing: bool) {
 
     let per_step = batch * accumulation;
     for step in 0..steps {
-        let micro_batches: Vec<MicroBatch> = blocks[step * per_step..(step + 1) * per_step]
-            .chunks(batch)
-            .map(MicroBatch::from_blocks)
+        // Consecutive blocks in file order: micro-batch k of the step.
+        let micro_batches: Vec<MicroBatch> = (0..accumulation)
+            .map(|k| {
+                let first = step * per_step + k * batch;
+                MicroBatch::from_rows(&blocks, &(first..first + batch).collect::<Vec<_>>())
+            })
             .collect();
         let (loss, mut grads) = accumulate_gradients(&model, &variables, &micro_batches).unwrap();
         let norm = clip_grad_norm(&mut grads, args["clip"].as_f64().unwrap()).unwrap();
@@ -151,8 +148,8 @@ fn follow_peft(gradient_checkpointing: bool) {
 fn checkpointed_gradients_equal_plain_ones_with_dropout() {
     let blocks = packed("train.txt", 32);
     let batches = vec![
-        MicroBatch::from_blocks(&blocks[..2]),
-        MicroBatch::from_blocks(&blocks[2..4]),
+        MicroBatch::from_rows(&blocks, &[0, 1]),
+        MicroBatch::from_rows(&blocks, &[2, 3]),
     ];
     let gradients = |checkpointing: bool| {
         let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();

@@ -32,7 +32,7 @@ pub fn rows(t: &Tensor) -> Vec<Vec<u32>> {
 
 /// A fixture text file packed as the pipeline packs it (a document per line
 /// with its `\n`, EOS appended, concatenated, cut into `block_size` blocks).
-pub fn packed(file: &str, block_size: usize) -> Vec<Vec<u32>> {
+pub fn packed(file: &str, block_size: usize) -> pt_data::Blocks {
     let tokenizer = pt_data::Tokenizer::from_dir(&fixture().join("model")).unwrap();
     let file = pt_data::corpus::read_file(&fixture().join(file), &pt_data::ReadOptions::default())
         .unwrap();
@@ -41,8 +41,7 @@ pub fn packed(file: &str, block_size: usize) -> Vec<Vec<u32>> {
         .iter()
         .map(|d| tokenizer.encode_document(&d.text).unwrap())
         .collect();
-    let (blocks, _) = pt_data::packing::pack(&docs, block_size);
-    (0..blocks.len()).map(|i| blocks.row(i).to_vec()).collect()
+    pt_data::packing::pack(&docs, block_size).0
 }
 
 /// `trajectory.json`: HF + PEFT's six LoRA steps.

@@ -248,6 +248,31 @@ pub(crate) struct BlockContext {
 }
 
 impl Block {
+    /// The block's norms and linear layers with their module paths inside it.
+    #[allow(clippy::type_complexity)]
+    fn parts_mut(
+        &mut self,
+    ) -> (
+        [(&'static str, &mut LayerNorm); 2],
+        [(&'static str, &mut Linear); 4],
+    ) {
+        (
+            [
+                ("input_layernorm", &mut self.input_layernorm),
+                (
+                    "post_attention_layernorm",
+                    &mut self.post_attention_layernorm,
+                ),
+            ],
+            [
+                ("self_attention.query_key_value", &mut self.query_key_value),
+                ("self_attention.dense", &mut self.attention_dense),
+                ("mlp.dense_h_to_4h", &mut self.dense_h_to_4h),
+                ("mlp.dense_4h_to_h", &mut self.dense_4h_to_h),
+            ],
+        )
+    }
+
     pub(crate) fn forward(
         &self,
         x: &Tensor,
@@ -437,24 +462,9 @@ impl Bloom {
     /// Every linear layer with its PEFT module path (`transformer.h.0.self_attention.dense`).
     fn linears_mut(&mut self) -> impl Iterator<Item = (String, &mut Linear)> {
         self.blocks.iter_mut().enumerate().flat_map(|(i, b)| {
-            [
-                (
-                    format!("transformer.h.{i}.self_attention.query_key_value"),
-                    &mut b.query_key_value,
-                ),
-                (
-                    format!("transformer.h.{i}.self_attention.dense"),
-                    &mut b.attention_dense,
-                ),
-                (
-                    format!("transformer.h.{i}.mlp.dense_h_to_4h"),
-                    &mut b.dense_h_to_4h,
-                ),
-                (
-                    format!("transformer.h.{i}.mlp.dense_4h_to_h"),
-                    &mut b.dense_4h_to_h,
-                ),
-            ]
+            b.parts_mut()
+                .1
+                .map(|(name, linear)| (format!("transformer.h.{i}.{name}"), linear))
         })
     }
 
@@ -750,19 +760,12 @@ impl Bloom {
         ];
         for (i, b) in self.blocks.iter_mut().enumerate() {
             let p = format!("transformer.h.{i}");
-            for (name, norm) in [
-                ("input_layernorm", &mut b.input_layernorm),
-                ("post_attention_layernorm", &mut b.post_attention_layernorm),
-            ] {
+            let (norms, linears) = b.parts_mut();
+            for (name, norm) in norms {
                 tensors.push((format!("{p}.{name}.weight"), &mut norm.weight));
                 tensors.push((format!("{p}.{name}.bias"), &mut norm.bias));
             }
-            for (name, linear) in [
-                ("self_attention.query_key_value", &mut b.query_key_value),
-                ("self_attention.dense", &mut b.attention_dense),
-                ("mlp.dense_h_to_4h", &mut b.dense_h_to_4h),
-                ("mlp.dense_4h_to_h", &mut b.dense_4h_to_h),
-            ] {
+            for (name, linear) in linears {
                 tensors.push((format!("{p}.{name}.weight"), &mut linear.weight));
                 tensors.push((format!("{p}.{name}.bias"), &mut linear.bias));
             }

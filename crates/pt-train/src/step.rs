@@ -4,6 +4,7 @@
 
 use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
+use pt_data::Blocks;
 use pt_model::Bloom;
 use pt_model::ops::next_token_loss_sum;
 
@@ -15,15 +16,19 @@ pub struct MicroBatch {
 }
 
 impl MicroBatch {
-    /// Packed blocks: every position is a token with a label.
-    pub fn from_blocks(blocks: &[Vec<u32>]) -> Self {
+    /// Rows of a block dataset: padding is masked and carries no label.
+    pub fn from_rows(blocks: &Blocks, rows: &[usize]) -> Self {
         Self {
-            input_ids: blocks.to_vec(),
-            attention_mask: blocks.iter().map(|b| vec![1; b.len()]).collect(),
-            labels: blocks
+            input_ids: rows.iter().map(|&i| blocks.row(i).to_vec()).collect(),
+            attention_mask: rows
                 .iter()
-                .map(|b| b.iter().map(|&t| t as i64).collect())
+                .map(|&i| {
+                    (0..blocks.block_size)
+                        .map(|p| u32::from(p < blocks.lengths[i] as usize))
+                        .collect()
+                })
                 .collect(),
+            labels: rows.iter().map(|&i| blocks.labels(i)).collect(),
         }
     }
 }

@@ -78,22 +78,6 @@ pub struct EvalMetrics {
     pub extra: Vec<(String, f64)>,
 }
 
-/// A row of a block dataset as a micro-batch row: padding masked and ignored.
-fn micro_batch(blocks: &Blocks, rows: &[usize]) -> MicroBatch {
-    MicroBatch {
-        input_ids: rows.iter().map(|&i| blocks.row(i).to_vec()).collect(),
-        attention_mask: rows
-            .iter()
-            .map(|&i| {
-                (0..blocks.block_size)
-                    .map(|p| u32::from(p < blocks.lengths[i] as usize))
-                    .collect()
-            })
-            .collect(),
-        labels: rows.iter().map(|&i| blocks.labels(i)).collect(),
-    }
-}
-
 /// What a metric plugin sees of one evaluation block.
 pub struct EvalSample {
     /// The block's real tokens.
@@ -154,7 +138,7 @@ pub fn evaluate<'s>(
     let (mut loss_sum, mut tokens, mut correct) = (0f64, 0usize, 0usize);
     let rows: Vec<usize> = (0..blocks.len()).collect();
     for chunk in rows.chunks(batch_size.max(1)) {
-        let batch = micro_batch(blocks, chunk);
+        let batch = MicroBatch::from_rows(blocks, chunk);
         let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
         let (sum, count) = next_token_loss_sum(&logits, &batch.labels)?;
         loss_sum += sum.to_scalar::<f32>()? as f64;
@@ -344,18 +328,24 @@ impl<'a> Trainer<'a> {
         let mut run_loss = 0f64;
         let (mut logged_loss, mut logged_steps, mut logged_tokens) = (0f64, 0usize, 0usize);
 
+        let variables: Vec<Var> = self.named.iter().map(|(_, v)| v.clone()).collect();
+        // The block order of the epoch in progress, computed once per epoch.
+        let mut epoch_order: (Option<usize>, Vec<usize>) = (None, Vec::new());
         for step in self.state.global_step..max_steps {
             // This step's micro-batches: a slice of its epoch's order.
             let epoch = step / steps_per_epoch;
             let in_epoch = step % steps_per_epoch;
-            let order = self.epoch_order(epoch, train.len());
+            if epoch_order.0 != Some(epoch) {
+                epoch_order = (Some(epoch), self.epoch_order(epoch, train.len()));
+            }
+            let order = &epoch_order.1;
             let first = in_epoch * a.gradient_accumulation_steps;
             let last = (first + a.gradient_accumulation_steps).min(micro_per_epoch);
             let micro_batches: Vec<MicroBatch> = (first..last)
                 .map(|m| {
                     let rows = &order[m * a.per_device_train_batch_size
                         ..((m + 1) * a.per_device_train_batch_size).min(order.len())];
-                    micro_batch(train, rows)
+                    MicroBatch::from_rows(train, rows)
                 })
                 .collect();
             logged_tokens += micro_batches
@@ -368,7 +358,6 @@ impl<'a> Trainer<'a> {
                     .wrapping_add(step as u64)
                     .wrapping_mul(0x2545_F491_4F6C_DD1D),
             ));
-            let variables: Vec<Var> = self.named.iter().map(|(_, v)| v.clone()).collect();
             let (loss, mut grads) = accumulate_gradients(self.model, &variables, &micro_batches)?;
             if !loss.is_finite() {
                 bail!(
