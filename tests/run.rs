@@ -323,7 +323,10 @@ fn run_errors_name_the_flag() {
         String::from_utf8_lossy(&no_eval_blocks.stderr)
     );
     let cuda = run(dir.path(), "x", &["--do_train", "--device_map", "cuda"]);
-    assert!(String::from_utf8_lossy(&cuda.stderr).contains("built without CUDA"));
+    assert!(
+        String::from_utf8_lossy(&cuda.stderr)
+            .contains("built without CUDA; rebuild with `cargo build --release --features cuda`")
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@
 mod bloom_tiny;
 
 use bloom_tiny::{expected, fixture, max_abs_diff, packed, rows, trajectory};
-use candle_core::{Device, Var};
+use candle_core::{DType, Device, Var};
 use pt_data::Blocks;
 use pt_model::Bloom;
 use pt_train::step::{MicroBatch, accumulate_gradients};
@@ -28,28 +28,57 @@ fn close(ours: f64, theirs: f64, relative: f64) -> bool {
     ((ours - theirs) / theirs.abs().max(1e-12)).abs() < relative
 }
 
+/// How far a run may be from HF's f32 numbers (relative, except `adapter`:
+/// absolute, on the final LoRA weights).
+struct Tolerance {
+    loss: f64,
+    grad_norm: f64,
+    adapter: f32,
+}
+
+const F32: Tolerance = Tolerance {
+    loss: 1e-4,
+    grad_norm: 1e-4,
+    adapter: 1e-4,
+};
+
 #[test]
 fn lora_training_follows_peft_step_by_step() {
-    follow_peft(false);
+    follow_peft(DType::F32, false, F32);
 }
 
 /// Recomputing activations in the backward pass changes memory, not numbers.
 #[test]
 fn lora_training_with_gradient_checkpointing_follows_peft() {
-    follow_peft(true);
+    follow_peft(DType::F32, true, F32);
 }
 
-fn follow_peft(gradient_checkpointing: bool) {
+/// The CUDA path's precision on the CPU: bf16 base weights with f32
+/// adapters, optimizer and loss, through checkpointed blocks.
+#[test]
+fn bf16_lora_training_stays_close_to_peft() {
+    // Measured: losses within 1.2e-4, norms within 1.7e-3 relative; Adam
+    // turns bf16 noise in near-zero gradients into whole steps, so adapter
+    // entries differ by up to 0.008, against 0.03 for the largest update.
+    let bf16 = Tolerance {
+        loss: 5e-4,
+        grad_norm: 5e-3,
+        adapter: 0.015,
+    };
+    follow_peft(DType::BF16, true, bf16);
+}
+
+fn follow_peft(dtype: DType, gradient_checkpointing: bool, tolerance: Tolerance) {
     let expected_run = trajectory();
     let args = &expected_run["args"];
-    let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
+    let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu, dtype).unwrap();
     // HF's "before" is the base model's loss (it equals expected.safetensors' valid_loss).
     let before = validation_loss(&model);
     assert!(
         close(
             before,
             expected_run["valid_loss_before"].as_f64().unwrap(),
-            1e-5
+            tolerance.loss / 10.0
         ),
         "valid loss before {before}"
     );
@@ -100,13 +129,13 @@ fn follow_peft(gradient_checkpointing: bool) {
 
         let hf = &expected_run["log"][step];
         assert!(
-            close(loss, hf["loss"].as_f64().unwrap(), 1e-4),
+            close(loss, hf["loss"].as_f64().unwrap(), tolerance.loss),
             "step {}: loss {loss} vs {}",
             step + 1,
             hf["loss"]
         );
         assert!(
-            close(norm, hf["grad_norm"].as_f64().unwrap(), 1e-4),
+            close(norm, hf["grad_norm"].as_f64().unwrap(), tolerance.grad_norm),
             "step {}: grad norm {norm} vs {}",
             step + 1,
             hf["grad_norm"]
@@ -123,7 +152,7 @@ fn follow_peft(gradient_checkpointing: bool) {
         close(
             after,
             expected_run["valid_loss_after"].as_f64().unwrap(),
-            1e-4
+            tolerance.loss
         ),
         "valid loss after {after}"
     );
@@ -138,7 +167,7 @@ fn follow_peft(gradient_checkpointing: bool) {
         worst = worst.max(diff);
     }
     assert!(
-        worst < 1e-4,
+        worst < tolerance.adapter,
         "final adapter differs from PEFT's by up to {worst}"
     );
 }
@@ -152,7 +181,7 @@ fn checkpointed_gradients_equal_plain_ones_with_dropout() {
         MicroBatch::from_rows(&blocks, &[2, 3]),
     ];
     let gradients = |checkpointing: bool| {
-        let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu).unwrap();
+        let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu, DType::F32).unwrap();
         model.load_adapter(&fixture().join("lora_init")).unwrap();
         model.set_lora_dropout(0.1);
         model.gradient_checkpointing = checkpointing;

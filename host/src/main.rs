@@ -2,6 +2,7 @@
 //! sandboxed WebAssembly plugins.
 
 mod args;
+mod device;
 mod plugins;
 mod prepare;
 mod progress;

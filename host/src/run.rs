@@ -5,7 +5,6 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use pt_data::Tokenizer;
 use pt_model::{AdapterConfig, Bloom, LORA_TARGETS};
@@ -18,6 +17,7 @@ use pt_train::{AdamWConfig, SchedulerType};
 use serde_json::{Value, json};
 
 use crate::args::parse_bool;
+use crate::device::{self, DeviceArg, DtypeArg};
 use crate::prepare::{PrepareArgs, PreparedData, prepare_data};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -44,21 +44,6 @@ impl From<IntervalArg> for Interval {
             IntervalArg::Epoch => Interval::Epoch,
         }
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
-pub enum DtypeArg {
-    Float32,
-    Bfloat16,
-    Float16,
-    Auto,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
-pub enum DeviceArg {
-    Auto,
-    Cpu,
-    Cuda,
 }
 
 #[derive(clap::Args, Debug)]
@@ -150,11 +135,17 @@ pub struct RunArgs {
     /// keeping them: less memory, about one more forward pass of compute.
     #[arg(long = "gradient_checkpointing", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub gradient_checkpointing: bool,
-    /// Weight precision. On CPU pt-host trains in float32.
+    /// Precision of the base weights on CUDA (auto: bfloat16). CPU computes
+    /// in float32; LoRA weights, norms, softmax, loss and optimizer state are
+    /// float32 everywhere.
     #[arg(long = "torch_dtype", value_enum, default_value = "auto")]
     pub torch_dtype: DtypeArg,
+    /// auto: CUDA when this build has it and a GPU is present, else CPU.
     #[arg(long = "device_map", value_enum, default_value = "auto")]
     pub device_map: DeviceArg,
+    /// float32 matmuls on CUDA with TF32 tensor cores (faster, ~1e-3 relative error).
+    #[arg(long = "tf32", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub tf32: bool,
     /// Must name the model's type when given (pt-host trains `bloom`).
     #[arg(long = "model_type")]
     pub model_type: Option<String>,
@@ -275,17 +266,6 @@ pub fn run(args: RunArgs) -> Result<()> {
     if !args.use_peft && args.peft_path.is_some() {
         bail!("--peft_path continues a LoRA adapter: it needs --use_peft true");
     }
-    if args.device_map == DeviceArg::Cuda {
-        bail!(
-            "--device_map cuda: this pt-host was built without CUDA (build with --features cuda)"
-        );
-    }
-    if matches!(args.torch_dtype, DtypeArg::Bfloat16 | DtypeArg::Float16) {
-        eprintln!(
-            "note: training on CPU in float32 (--torch_dtype {:?} applies to CUDA)",
-            args.torch_dtype
-        );
-    }
     for (flag, value) in [
         (
             "--per_device_train_batch_size",
@@ -312,11 +292,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
 
+    let (device, dtype) = device::select(args.device_map, args.torch_dtype, args.tf32)?;
     report_ignored_flags(&args);
     check_output_dir(&args)?;
     // The model first: a wrong model fails before any data work.
     let model_dir = &args.data.model_name_or_path;
-    let mut model = Bloom::load(model_dir, &Device::Cpu)?;
+    let mut model = Bloom::load(model_dir, &device, dtype)?;
     if let Some(model_type) = &args.model_type {
         let actual = model.config.model_type.as_deref().unwrap_or("bloom");
         if model_type != actual {

@@ -140,9 +140,12 @@ impl Linear {
         let flat = x.reshape((b * s, d))?;
         let mut y = frozen_matmul(&flat, &self.weight)?.broadcast_add(&self.bias)?;
         if let Some(lora) = &self.lora {
+            // As PEFT does: the adapter computes in its own dtype (f32) and
+            // the sum is rounded back to the base layer's.
+            let flat = flat.to_dtype(DType::F32)?;
             let input = match rng.borrow_mut().as_mut() {
                 Some(rng) if lora.dropout > 0.0 => dropout(&flat, lora.dropout, rng)?,
-                _ => flat.clone(),
+                _ => flat,
             };
             let (a, b) = if track {
                 (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
@@ -150,7 +153,8 @@ impl Linear {
                 (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
             };
             let update = input.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            y = (y + (update * lora.scale)?)?;
+            y = (y.to_dtype(DType::F32)? + (update * lora.scale)?)?
+                .to_dtype(self.weight.dtype())?;
         }
         y.reshape((b, s, self.weight.dim(0)?))
     }
@@ -310,10 +314,14 @@ impl Block {
                 .contiguous()
         };
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        // Biases, mask and softmax in f32 as HF does: the mask's f32::MIN
+        // would round to -inf in bf16 and turn fully padded rows into NaN.
         let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?
+            .to_dtype(DType::F32)?
             .broadcast_add(&ctx.alibi)?
             .broadcast_add(&ctx.additive)?;
-        let context = softmax_last_dim(&scores)?.matmul(&v)?;
+        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let context = probs.matmul(&v)?;
         let merged = context.transpose(1, 2)?.reshape((b, s, h))?;
         self.attention_dense.forward(&merged, rng, track)
     }
@@ -356,10 +364,12 @@ pub struct Bloom {
     recomputed_grads: checkpoint::SideGradients,
 }
 
-/// Weights by name, without the optional `transformer.` prefix, converted to f32.
+/// Weights by name, without the optional `transformer.` prefix, converted to
+/// the compute dtype.
 struct Weights {
     tensors: HashMap<String, Tensor>,
     source: String,
+    dtype: DType,
 }
 
 impl Weights {
@@ -377,7 +387,7 @@ impl Weights {
                 tensor.dims()
             );
         }
-        Ok(tensor.to_dtype(DType::F32)?)
+        Ok(tensor.to_dtype(self.dtype)?)
     }
 
     fn layer_norm(&mut self, prefix: &str, size: usize, eps: f64) -> Result<LayerNorm> {
@@ -398,10 +408,12 @@ impl Weights {
 }
 
 impl Bloom {
-    /// Loads `config.json` and `model.safetensors` from an HF model directory.
-    /// Keys may carry the `transformer.` prefix or not; f16, bf16 and f32
-    /// storage become f32.
-    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+    /// Loads `config.json` and `model.safetensors` from an HF model directory
+    /// onto `device`, with the base weights in `dtype` (f32, or bf16/f16 on
+    /// CUDA). Keys may carry the `transformer.` prefix or not; the storage
+    /// dtype is converted. LoRA weights, LayerNorm statistics, softmax and
+    /// the loss stay in f32 whatever `dtype` is.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = Config::from_file(&dir.join("config.json"))?;
         let path = dir.join("model.safetensors");
         let loaded = candle_core::safetensors::load(&path, device)
@@ -420,6 +432,7 @@ impl Bloom {
         let mut w = Weights {
             tensors,
             source: path.display().to_string(),
+            dtype,
         };
         let (h, eps) = (config.hidden_size, config.layer_norm_epsilon);
         let word_embeddings = w.take("word_embeddings.weight", &[config.vocab_size, h])?;
@@ -457,6 +470,15 @@ impl Bloom {
             gradient_checkpointing: false,
             recomputed_grads: Default::default(),
         })
+    }
+
+    /// The dtype of the base weights and hidden states.
+    pub fn dtype(&self) -> DType {
+        self.word_embeddings.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Every linear layer with its PEFT module path (`transformer.h.0.self_attention.dense`).

@@ -8,11 +8,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{
-    CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, TensorId, Var, bail,
-};
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, TensorId, Var};
 
 use crate::bloom::{Block, BlockContext};
+use crate::ops::{cpu_output, graph_free_input, input_tensor};
 
 /// Gradients computed during recomputation, by tensor.
 #[derive(Clone, Default)]
@@ -43,33 +42,25 @@ struct CheckpointedBlock {
     side: SideGradients,
 }
 
-fn cpu_tensor(storage: &CpuStorage, layout: &Layout) -> Result<Tensor> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        bail!("checkpointed block needs a contiguous input")
-    };
-    let CpuStorage::F32(values) = storage else {
-        bail!("checkpointed block computes in f32")
-    };
-    Tensor::from_vec(
-        values[start..end].to_vec(),
-        layout.shape(),
-        &candle_core::Device::Cpu,
-    )
-}
-
 impl CustomOp1 for CheckpointedBlock {
     fn name(&self) -> &'static str {
         "checkpointed-block"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = cpu_tensor(storage, layout)?;
-        let y = self.block.forward(&x, &self.context, false)?;
-        let (guard, _) = y.storage_and_layout();
-        match &*guard {
-            Storage::Cpu(out) => Ok((out.clone(), y.shape().clone())),
-            _ => bail!("checkpointed block: unexpected device"),
-        }
+        let x = input_tensor(Storage::Cpu(storage.clone()), layout)?;
+        cpu_output(&self.block.forward(&x, &self.context, false)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let x = input_tensor(Storage::Cuda(storage.try_clone(layout)?), layout)?;
+        crate::ops::cuda_output(&self.block.forward(&x, &self.context, false)?)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -97,5 +88,5 @@ pub(crate) fn checkpointed(
         context,
         side: side.clone(),
     };
-    x.contiguous()?.apply_op1(op)
+    graph_free_input(x)?.apply_op1(op)
 }

@@ -1,18 +1,26 @@
 //! Differentiable building blocks that candle 0.11 provides only as fused,
 //! forward-only kernels.
 
+use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storage, Tensor, bail};
 
 /// Label of positions that carry no loss (HF's ignore index).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// LayerNorm over the last dimension, from differentiable ops.
+/// LayerNorm over the last dimension, from differentiable ops. Computed in
+/// f32 whatever the input's dtype (as PyTorch's bf16 kernel accumulates in
+/// f32), returned in the input's dtype.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normalized = centered.broadcast_div(&(variance + eps)?.sqrt()?)?;
-    normalized.broadcast_mul(weight)?.broadcast_add(bias)
+    normalized
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
 }
 
 /// Softmax over the last dimension. The row maximum is subtracted for
@@ -30,6 +38,54 @@ pub fn log_softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     shifted.broadcast_sub(&log_sum)
 }
 
+/// A custom op's input as a tensor without a graph. The op's caller passes a
+/// contiguous tensor starting at offset 0 (see [`graph_free_input`]), so the
+/// storage read from the start holds exactly the input.
+pub(crate) fn input_tensor(storage: Storage, layout: &Layout) -> Result<Tensor> {
+    if !layout.is_contiguous() || layout.start_offset() != 0 {
+        bail!("custom op input must be contiguous from offset 0");
+    }
+    Ok(Tensor::from_storage(
+        storage,
+        layout.shape().clone(),
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+/// `x` as a custom op needs it: contiguous from offset 0 (copied if not).
+pub(crate) fn graph_free_input(x: &Tensor) -> Result<Tensor> {
+    if x.is_contiguous() && x.layout().start_offset() == 0 {
+        Ok(x.clone())
+    } else {
+        x.copy()
+    }
+}
+
+/// The storage of a custom op's result, with its shape.
+fn output_storage(y: &Tensor) -> Result<(Storage, Shape)> {
+    let y = graph_free_input(y)?;
+    let (guard, layout) = y.storage_and_layout();
+    Ok((guard.try_clone(layout)?, y.shape().clone()))
+}
+
+/// A custom op's CPU result.
+pub(crate) fn cpu_output(y: &Tensor) -> Result<(CpuStorage, Shape)> {
+    match output_storage(y)? {
+        (Storage::Cpu(storage), shape) => Ok((storage, shape)),
+        _ => bail!("custom op: CPU input gave a result on another device"),
+    }
+}
+
+/// A custom op's CUDA result.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_output(y: &Tensor) -> Result<(candle_core::CudaStorage, Shape)> {
+    match output_storage(y)? {
+        (Storage::Cuda(storage), shape) => Ok((storage, shape)),
+        _ => bail!("custom op: CUDA input gave a result on another device"),
+    }
+}
+
 /// `x · Wᵀ` for a frozen `W` `[out, in]`: the backward pass computes the
 /// gradient of `x` only. candle's matmul backward would also compute `W`'s
 /// gradient — for BLOOM's tied LM head alone a `[vocab, hidden]` product per
@@ -38,30 +94,30 @@ struct FrozenMatmul {
     weight: Tensor,
 }
 
+impl FrozenMatmul {
+    fn forward(&self, x: Storage, layout: &Layout) -> Result<Tensor> {
+        input_tensor(x, layout)?.matmul(&self.weight.t()?)
+    }
+}
+
 impl CustomOp1 for FrozenMatmul {
     fn name(&self) -> &'static str {
         "frozen-matmul"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (start, end) = match layout.contiguous_offsets() {
-            Some(offsets) => offsets,
-            None => bail!("frozen-matmul needs a contiguous input"),
-        };
-        let CpuStorage::F32(values) = storage else {
-            bail!("frozen-matmul computes in f32")
-        };
-        let x = Tensor::from_vec(
-            values[start..end].to_vec(),
-            layout.shape(),
-            &candle_core::Device::Cpu,
-        )?;
-        let y = x.matmul(&self.weight.t()?)?;
-        let (guard, _) = y.storage_and_layout();
-        match &*guard {
-            Storage::Cpu(out) => Ok((out.clone(), y.shape().clone())),
-            _ => bail!("frozen-matmul: unexpected device"),
-        }
+        cpu_output(&self.forward(Storage::Cpu(storage.clone()), layout)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let input = Storage::Cuda(storage.try_clone(layout)?);
+        cuda_output(&self.forward(input, layout)?)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -75,10 +131,9 @@ pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
     if !x.track_op() || weight.is_variable() {
         return x.matmul(&weight.t()?);
     }
-    x.contiguous()?
-        .apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmul {
-            weight: weight.clone(),
-        })))
+    graph_free_input(x)?.apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmul {
+        weight: weight.clone(),
+    })))
 }
 
 /// Next-token cross-entropy: logits `[b, s, v]` predict `labels[:, 1:]` from

@@ -110,8 +110,8 @@ fn samples(
             .filter(|&&m| m == 1)
             .count();
         let tokens = batch.input_ids[row][..real].to_vec();
-        let log_probs =
-            log_softmax_last_dim(&logits.get(row)?.narrow(0, 0, real.saturating_sub(1))?)?;
+        let predicting = logits.get(row)?.narrow(0, 0, real.saturating_sub(1))?;
+        let log_probs = log_softmax_last_dim(&predicting.to_dtype(DType::F32)?)?;
         let targets = Tensor::new(&tokens[1..], logits.device())?.unsqueeze(1)?;
         let logprobs = log_probs
             .gather(&targets, 1)?
@@ -483,7 +483,11 @@ impl<'a> Trainer<'a> {
             let tensor = weights
                 .get(name)
                 .with_context(|| format!("{}: no `{name}`", file.display()))?;
-            variable.set(&tensor.to_device(variable.device())?.to_dtype(DType::F32)?)?;
+            variable.set(
+                &tensor
+                    .to_device(variable.device())?
+                    .to_dtype(variable.dtype())?,
+            )?;
         }
         self.optimizer.load(&checkpoint.join(OPTIMIZER))?;
         self.state = state;
