@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
-# The quick start: the main job on the embedded default. Cleans, tokenizes and
-# packs the shipped medical corpus (data/pretrain) with the medical_clean
-# plugin, then trains a LoRA adapter on the bundled tiny BLOOM
-# (tests/fixtures/bloom-tiny) and evaluates it. Outputs land in out/quickstart/.
+# The quick start: the main job on the embedded default, in about three
+# minutes on 2 CPU cores. Builds a tiny BLOOM here (a BPE tokenizer trained on
+# the shipped corpus, random weights), cleans, tokenizes and packs the corpus
+# (data/pretrain) with the medical_clean plugin, trains every weight while
+# evaluating (perplexity falls from ~4096 to ~140), then samples from the
+# result. Outputs land in out/quickstart/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build-plugins.sh
+cargo build --release -p pt-host
 target="${CARGO_TARGET_DIR:-target}"
-cargo run --release -p pt-host -- run \
+pt_host="$target/release/pt-host"
+
+"$pt_host" init-model --preset tiny --train_file_dir data/pretrain --output_dir out/quickstart-model
+"$pt_host" run \
     --plugin "$target/wasm32-wasip2/release/medical_clean.wasm" \
     --plugin_config 'medical_clean={"min_chars": 10}' \
-    --train_file_dir data/pretrain \
-    --validation_split_percentage 1 \
-    --model_name_or_path tests/fixtures/bloom-tiny/model \
-    --block_size 128 \
-    --do_train --do_eval \
-    --use_peft True --lora_rank 16 --lora_alpha 32 --lora_dropout 0.05 \
-    --per_device_train_batch_size 8 --learning_rate 2e-3 --max_steps 60 \
-    --logging_steps 10 --eval_strategy steps --eval_steps 30 --save_steps 30 \
+    --model_name_or_path out/quickstart-model \
+    --train_file_dir data/pretrain --validation_split_percentage 2 \
+    --block_size 128 --do_train --do_eval --eval_on_start \
+    --use_peft False --per_device_train_batch_size 8 \
+    --learning_rate 5e-3 --warmup_ratio 0.05 --max_steps 600 \
+    --logging_steps 100 --eval_strategy steps --eval_steps 100 --save_steps 300 \
     --output_dir out/quickstart --overwrite_output_dir "$@"
+echo "--- samples from out/quickstart"
+"$pt_host" generate --model_name_or_path out/quickstart \
+    --prompt "发热是" --prompt "传染病的" --prompt "The history of" \
+    --do_sample --temperature 0.8 --top_k 40 --repetition_penalty 1.2 --max_new_tokens 40

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use bloom_tiny::fixture;
-use common::fixture_model;
+use common::{assert_ok, fixture_model};
 
 /// `train/train.txt` and `valid/valid.txt` of the fixture, as corpus dirs.
 fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
@@ -48,15 +48,6 @@ fn run(dir: &Path, output: &str, extra: &[&str]) -> Output {
         .args(&args)
         .output()
         .unwrap()
-}
-
-/// Asserts the command succeeded, showing its stderr if not.
-fn assert_ok(output: &Output) {
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 fn json(path: &Path) -> serde_json::Value {
@@ -660,14 +651,7 @@ fn a_killed_run_resumes_to_the_same_adapter() {
 /// transformers and PEFT are installed; says so plainly where they are not.
 #[test]
 fn the_adapter_loads_in_python_peft_with_the_same_eval_loss() {
-    let available = Command::new("python3")
-        .args(["-c", "import torch, transformers, peft"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !available {
-        eprintln!(
-            "SKIPPED the_adapter_loads_in_python_peft_with_the_same_eval_loss: python3 with torch, transformers and peft is not installed"
-        );
+    if !common::python_has("the_adapter_loads_in_python_peft_with_the_same_eval_loss") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -693,19 +677,7 @@ fn the_adapter_loads_in_python_peft_with_the_same_eval_loss() {
     let ours = json(&dir.path().join("out/eval_results.json"))["eval_loss"]
         .as_f64()
         .unwrap();
-    let script = common::repo().join("tests/python/peft_eval.py");
-    let output = Command::new("python3")
-        .arg(script)
-        .args([
-            fixture_model(),
-            dir.path().join("out"),
-            fixture().join("expected.safetensors"),
-        ])
-        .output()
-        .unwrap();
-    assert_ok(&output);
-    let peft: serde_json::Value = serde_json::from_slice(output.stdout.trim_ascii()).unwrap();
-    let theirs = peft["eval_loss"].as_f64().unwrap();
+    let theirs = common::hf_eval_loss(&fixture_model(), Some(&dir.path().join("out")));
     assert!(
         ((ours - theirs) / theirs).abs() < 1e-5,
         "pt-host {ours}, PEFT {theirs}"

@@ -3,6 +3,9 @@
 
 mod args;
 mod device;
+mod generate;
+mod init_model;
+mod merge;
 mod plugins;
 mod prepare;
 mod progress;
@@ -28,6 +31,16 @@ enum Command {
     Prepare(Box<prepare::PrepareArgs>),
     /// Prepare the data, then train a LoRA adapter (--do_train) and/or evaluate (--do_eval).
     Run(Box<run::RunArgs>),
+    /// Evaluate a model (+ --peft_path adapter) on --validation_file_dir (a dir or a file), no
+    /// training: eval_loss, perplexity, accuracy and metric plugins. Takes `run`'s flags.
+    Eval(Box<run::RunArgs>),
+    /// Fold a LoRA adapter into its base model: an HF model directory.
+    Merge(merge::MergeArgs),
+    /// Continue prompts with a model (+ adapter): greedy or sampled, streamed.
+    Generate(Box<generate::GenerateArgs>),
+    /// Build a small BLOOM here: a BPE tokenizer trained on a corpus and random weights.
+    #[command(name = "init-model")]
+    InitModel(init_model::InitModelArgs),
 }
 
 fn init_logging(verbose: u8) {
@@ -51,6 +64,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Prepare(args) => prepare::run(*args),
         Command::Run(args) => run::run(*args),
+        Command::Eval(args) => run::eval(*args),
+        Command::Merge(args) => merge::run(args),
+        Command::Generate(args) => generate::run(*args),
+        Command::InitModel(args) => init_model::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -20,11 +20,11 @@ pub struct PrepareArgs {
     /// Tokenizer directory, when it differs from the model's.
     #[arg(long = "tokenizer_name_or_path", value_name = "DIR")]
     pub tokenizer_name_or_path: Option<PathBuf>,
-    /// Training corpus: .txt, .json and .jsonl files, searched recursively.
-    #[arg(long = "train_file_dir", value_name = "DIR")]
-    pub train_file_dir: PathBuf,
-    /// Validation corpus; without it, --validation_split_percentage of the training documents.
-    #[arg(long = "validation_file_dir", value_name = "DIR")]
+    /// Training corpus: .txt, .json and .jsonl files, searched recursively (or one such file).
+    #[arg(long = "train_file_dir", value_name = "DIR|FILE")]
+    pub train_file_dir: Option<PathBuf>,
+    /// Validation corpus (dir or file); without it, --validation_split_percentage of the training documents.
+    #[arg(long = "validation_file_dir", value_name = "DIR|FILE")]
     pub validation_file_dir: Option<PathBuf>,
     /// Percent of the training documents (the first ones, as HF's `train[:N%]`) used for validation.
     #[arg(long = "validation_split_percentage", default_value_t = 1.0)]

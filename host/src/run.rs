@@ -152,6 +152,9 @@ pub struct RunArgs {
     /// Allow writing into a non-empty --output_dir (as in HF); otherwise refused.
     #[arg(long = "overwrite_output_dir", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub overwrite_output_dir: bool,
+    /// Evaluate once before the first training step (HF `eval_on_start`).
+    #[arg(long = "eval_on_start", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub eval_on_start: bool,
     /// Accepted: packed blocks all have one length, so grouping changes nothing.
     #[arg(long = "group_by_length", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub group_by_length: bool,
@@ -259,9 +262,24 @@ impl TrainerCallback for Console {
     }
 }
 
+/// `pt-host eval`: `run --do_eval` without training.
+pub fn eval(mut args: RunArgs) -> Result<()> {
+    if args.do_train {
+        bail!("pt-host eval does not train: use pt-host run --do_train");
+    }
+    if args.data.validation_file_dir.is_none() {
+        bail!("pt-host eval needs --validation_file_dir (a directory or a .txt/.json/.jsonl file)");
+    }
+    args.do_eval = true;
+    run(args)
+}
+
 pub fn run(args: RunArgs) -> Result<()> {
     if !args.do_train && !args.do_eval {
         bail!("nothing to do: pass --do_train and/or --do_eval");
+    }
+    if args.do_train && args.data.train_file_dir.is_none() {
+        bail!("--do_train needs a training corpus: pass --train_file_dir DIR");
     }
     if !args.use_peft && args.peft_path.is_some() {
         bail!("--peft_path continues a LoRA adapter: it needs --use_peft true");
@@ -394,6 +412,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             Interval::No
         },
         eval_steps: args.eval_steps.unwrap_or(args.logging_steps),
+        eval_on_start: args.do_eval && args.eval_on_start,
         save_strategy: args.save_strategy.into(),
         save_steps: args.save_steps,
         save_total_limit: args.save_total_limit,

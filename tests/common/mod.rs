@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -48,4 +49,41 @@ pub fn corpus_documents() -> Vec<(String, String)> {
         }
     }
     docs
+}
+
+/// Asserts the command succeeded, showing its stderr if not.
+pub fn assert_ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Whether python3 with torch, transformers and peft is installed; when not,
+/// prints that `test` was skipped.
+pub fn python_has(test: &str) -> bool {
+    let available = Command::new("python3")
+        .args(["-c", "import torch, transformers, peft"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        eprintln!("SKIPPED {test}: python3 with torch, transformers and peft is not installed");
+    }
+    available
+}
+
+/// HF transformers' (+ PEFT's) mean loss of `model_dir` (+ `adapter`) over
+/// the fixture's validation blocks (`tests/python/hf_eval.py`).
+pub fn hf_eval_loss(model_dir: &Path, adapter: Option<&Path>) -> f64 {
+    let mut command = Command::new("python3");
+    command.arg(repo().join("tests/python/hf_eval.py")).args([
+        model_dir,
+        &repo().join("tests/fixtures/bloom-tiny/expected.safetensors"),
+    ]);
+    command.args(adapter);
+    let output = command.output().unwrap();
+    assert_ok(&output);
+    let result: serde_json::Value = serde_json::from_slice(output.stdout.trim_ascii()).unwrap();
+    result["eval_loss"].as_f64().unwrap()
 }

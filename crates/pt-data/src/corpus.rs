@@ -45,12 +45,16 @@ pub struct SourceFile {
 
 const EXTENSIONS: [&str; 3] = ["txt", "json", "jsonl"];
 
-/// The corpus files under `dir`, recursively, sorted by path. Symbolic links to
-/// directories are followed once; a loop is not followed twice.
+/// The corpus files under `dir`, recursively, sorted by path (or `dir`
+/// itself when it is a corpus file). Symbolic links to directories are
+/// followed once; a loop is not followed twice.
 pub fn discover(dir: &Path) -> Result<Vec<PathBuf>> {
+    if dir.is_file() && has_corpus_extension(dir) {
+        return Ok(vec![dir.to_path_buf()]);
+    }
     if !dir.is_dir() {
         bail!(
-            "{}: no such directory (give a directory of .txt, .json or .jsonl files)",
+            "{}: no such directory (give a directory of .txt, .json or .jsonl files, or one such file)",
             dir.display()
         );
     }
@@ -82,15 +86,17 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>, visited: &mut HashSet<PathBuf>) ->
             .path();
         if path.is_dir() {
             walk(&path, files, visited)?;
-        } else if path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| EXTENSIONS.contains(&e))
-        {
+        } else if has_corpus_extension(&path) {
             files.push(path);
         }
     }
     Ok(())
+}
+
+fn has_corpus_extension(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.contains(&e))
 }
 
 /// Reads one corpus file into documents.

@@ -22,7 +22,8 @@ const CACHE_FORMAT: u32 = 1;
 
 #[derive(Clone, Debug)]
 pub struct PrepareOptions {
-    pub train_dir: PathBuf,
+    /// `None` for evaluation alone (then `validation_dir` must be given).
+    pub train_dir: Option<PathBuf>,
     pub validation_dir: Option<PathBuf>,
     /// Without a validation directory: the first this-many percent of the
     /// training documents become validation data (HF's `train[:N%]`).
@@ -116,14 +117,25 @@ pub fn prepare(
     progress: &dyn Progress,
 ) -> Result<Prepared> {
     let started = Instant::now();
-    let train_files = read_dir(&options.train_dir, &options.read)?;
+    let train_files = match &options.train_dir {
+        Some(dir) => read_dir(dir, &options.read)?,
+        None if options.validation_dir.is_none() => {
+            anyhow::bail!(
+                "give a training corpus (--train_file_dir) or a validation corpus (--validation_file_dir)"
+            )
+        }
+        None => Vec::new(),
+    };
     let validation_files = match &options.validation_dir {
         Some(dir) => read_dir(dir, &options.read)?,
         None => Vec::new(),
     };
     let key = CacheKey {
         format: CACHE_FORMAT,
-        train: relative_digests(&options.train_dir, &train_files),
+        train: options
+            .train_dir
+            .as_ref()
+            .map_or_else(Vec::new, |d| relative_digests(d, &train_files)),
         validation: options
             .validation_dir
             .as_ref()

@@ -62,6 +62,11 @@ impl Tokenizer {
         })
     }
 
+    /// Tokens in the vocabulary, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
     /// Text of token ids, special tokens (EOS between documents) left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
@@ -69,13 +74,114 @@ impl Tokenizer {
             .map_err(|e| anyhow!("cannot decode tokens: {e}"))
     }
 
+    /// Token ids of `text`, without special tokens (a prompt).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self.inner.encode(text, false).map_err(|e| anyhow!("{e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// Token ids of one document, without special tokens, ending with EOS.
     pub fn encode_document(&self, text: &str) -> Result<Vec<u32>> {
-        let encoding = self.inner.encode(text, false).map_err(|e| anyhow!("{e}"))?;
-        let mut ids = encoding.get_ids().to_vec();
+        let mut ids = self.encode(text)?;
         if ids.last() != Some(&self.eos_id) {
             ids.push(self.eos_id);
         }
         Ok(ids)
+    }
+}
+
+/// BLOOM's special tokens, in id order.
+pub const SPECIAL_TOKENS: [&str; 4] = ["<unk>", "<s>", "</s>", "<pad>"];
+
+/// Trains a byte-level BPE tokenizer shaped like BLOOM's (its split regex,
+/// byte-level pre-tokenizer and decoder, `<unk> <s> </s> <pad>` = 0..3) on
+/// `documents`, and writes `tokenizer.json`, `tokenizer_config.json` and
+/// `special_tokens_map.json` into `dir`.
+pub fn train_tokenizer(documents: &[String], vocab_size: usize, dir: &Path) -> Result<Tokenizer> {
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::models::bpe::{BPE, BpeTrainer};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    use tokenizers::pre_tokenizers::sequence::Sequence;
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+    let minimum = SPECIAL_TOKENS.len() + ByteLevel::alphabet().len();
+    if vocab_size <= minimum {
+        anyhow::bail!("a byte-level vocabulary needs more than {minimum} tokens, got {vocab_size}");
+    }
+    let model = BPE::builder()
+        .unk_token("<unk>".into())
+        .build()
+        .map_err(|e| anyhow!("{e}"))?;
+    let mut tokenizer = tokenizers::Tokenizer::new(model);
+    let split = Split::new(
+        SplitPattern::Regex(" ?[^(\\s|[.,!?…。，、।۔،])]+".into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| anyhow!("{e}"))?;
+    tokenizer.with_pre_tokenizer(Some(Sequence::new(vec![
+        split.into(),
+        ByteLevel::new(false, true, false).into(),
+    ])));
+    tokenizer.with_decoder(Some(ByteLevel::new(true, true, true)));
+    let mut trainer: TrainerWrapper = BpeTrainer::builder()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(
+            SPECIAL_TOKENS
+                .iter()
+                .map(|t| AddedToken::from(*t, true))
+                .collect(),
+        )
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build()
+        .into();
+    tokenizer
+        .train(&mut trainer, documents.iter())
+        .map_err(|e| anyhow!("cannot train the tokenizer: {e}"))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let json_path = dir.join("tokenizer.json");
+    tokenizer
+        .save(&json_path, false)
+        .map_err(|e| anyhow!("{}: cannot write: {e}", json_path.display()))?;
+    let special = serde_json::json!({
+        "unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+    });
+    let mut config = special.clone();
+    config["tokenizer_class"] = "PreTrainedTokenizerFast".into();
+    config["padding_side"] = "left".into();
+    config["model_max_length"] = 1_000_000_000.into();
+    for (file, value) in [
+        ("tokenizer_config.json", config),
+        ("special_tokens_map.json", special),
+    ] {
+        std::fs::write(dir.join(file), serde_json::to_vec_pretty(&value)?)
+            .with_context(|| format!("{}: cannot write", dir.join(file).display()))?;
+    }
+    Tokenizer::from_dir(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trained_tokenizer_round_trips_text_and_keeps_bloom_special_ids() {
+        let documents: Vec<String> = (0..200)
+            .map(|i| format!("发热是传染病最常见的症状之一 {i}. Fever is the most common sign.\n"))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = train_tokenizer(&documents, 400, dir.path()).unwrap();
+        assert_eq!(tokenizer.eos_id, 2);
+        assert_eq!(tokenizer.pad_id, 3);
+        let text = "发热是传染病的症状. Fever, again!\n";
+        let ids = tokenizer.encode_document(text).unwrap();
+        assert_eq!(ids.last(), Some(&2));
+        assert_eq!(tokenizer.decode(&ids).unwrap(), text);
+        // Merges were learnt: a frequent phrase takes fewer tokens than bytes.
+        let common = tokenizer.encode_document("传染病最常见的症状").unwrap();
+        assert!(common.len() < "传染病最常见的症状".len() / 3, "{common:?}");
     }
 }

@@ -283,10 +283,22 @@ impl Block {
         ctx: &BlockContext,
         track: bool,
     ) -> candle_core::Result<Tensor> {
+        self.forward_with_cache(x, ctx, track, None)
+    }
+
+    /// `cache`: this block's keys and values of earlier positions, extended
+    /// with `x`'s (generation).
+    fn forward_with_cache(
+        &self,
+        x: &Tensor,
+        ctx: &BlockContext,
+        track: bool,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
         let rng: DropoutRng = RefCell::new(ctx.dropout_seed.map(ChaCha8Rng::seed_from_u64));
         let ln1 = self.input_layernorm.forward(x)?;
         let attended =
-            (self.attention(&ln1, ctx, &rng, track)? + if ctx.post_ln { &ln1 } else { x })?;
+            (self.attention(&ln1, ctx, &rng, track, cache)? + if ctx.post_ln { &ln1 } else { x })?;
         let ln2 = self.post_attention_layernorm.forward(&attended)?;
         let up = self.dense_h_to_4h.forward(&ln2, &rng, track)?.gelu()?;
         let mlp = self.dense_4h_to_h.forward(&up, &rng, track)?;
@@ -299,6 +311,7 @@ impl Block {
         ctx: &BlockContext,
         rng: &DropoutRng,
         track: bool,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let head_dim = h / ctx.n_head;
@@ -313,7 +326,14 @@ impl Block {
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let (q, mut k, mut v) = (part(0)?, part(1)?, part(2)?);
+        if let Some(cache) = cache {
+            if let Some((past_k, past_v)) = cache.as_ref() {
+                k = Tensor::cat(&[past_k, &k], 2)?;
+                v = Tensor::cat(&[past_v, &v], 2)?;
+            }
+            *cache = Some((k.clone(), v.clone()));
+        }
         // Biases, mask and softmax in f32 as HF does: the mask's f32::MIN
         // would round to -inf in bf16 and turn fully padded rows into NaN.
         let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?
@@ -346,6 +366,12 @@ impl Block {
         tensors.retain(Tensor::is_variable);
         tensors
     }
+}
+
+/// Keys and values of the positions seen so far, per block (generation).
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
 }
 
 pub struct Bloom {
@@ -695,8 +721,9 @@ impl Bloom {
     }
 
     /// ALiBi bias `[b, n_head, 1, s]` and the additive causal + padding mask
-    /// `[b, 1, s, s]` for a left-padded batch (`mask`: 1 for tokens, 0 for pads).
-    fn attention_bias(&self, mask: &[Vec<u32>]) -> Result<(Tensor, Tensor)> {
+    /// `[b, 1, q, s]` for a left-padded batch (`mask`: 1 for tokens, 0 for
+    /// pads) whose last `q` positions are the queries.
+    fn attention_bias(&self, mask: &[Vec<u32>], q: usize) -> Result<(Tensor, Tensor)> {
         let (b, s) = (mask.len(), mask[0].len());
         let slopes = alibi_slopes(self.config.n_head);
         let mut alibi = Vec::with_capacity(b * slopes.len() * s);
@@ -715,18 +742,58 @@ impl Bloom {
                 alibi.extend(positions.iter().map(|p| slope * p));
             }
             // A finite minimum, as HF uses, keeps all-masked pad rows finite.
-            for i in 0..s {
+            for i in s - q..s {
                 additive.extend((0..s).map(|j| if j > i || row[j] == 0 { f32::MIN } else { 0.0 }));
             }
         }
         Ok((
             Tensor::from_vec(alibi, (b, slopes.len(), 1, s), &self.device)?,
-            Tensor::from_vec(additive, (b, 1, s, s), &self.device)?,
+            Tensor::from_vec(additive, (b, 1, q, s), &self.device)?,
         ))
     }
 
     /// Logits `[b, s, vocab]` of a batch of token ids with its attention mask.
     pub fn forward(&self, input_ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, s) = (input_ids.len(), input_ids[0].len());
+        let hidden = self.hidden_states(input_ids, mask, None)?;
+        self.lm_head(&hidden.reshape((b * s, self.config.hidden_size))?)?
+            .reshape((b, s, self.config.vocab_size))
+            .map_err(Into::into)
+    }
+
+    /// Generation: logits `[b, vocab]` of the last position after appending
+    /// `new_ids` (`[b, n]`) to what `cache` holds. `mask` covers the cached
+    /// and the new positions (`[b, cached + n]`).
+    pub fn forward_cached(
+        &self,
+        new_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        if cache.layers.is_empty() {
+            cache.layers = vec![None; self.blocks.len()];
+        }
+        let hidden = self.hidden_states(new_ids, mask, Some(cache))?;
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+        self.lm_head(&last)
+    }
+
+    /// Final LayerNorm and the LM head, tied to the (frozen) embedding: `[n, h]` → `[n, vocab]`.
+    fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(frozen_matmul(
+            &self.ln_f.forward(hidden)?,
+            &self.word_embeddings,
+        )?)
+    }
+
+    /// The last block's output `[b, n, h]` for `input_ids` `[b, n]`, the
+    /// batch's last `n` positions of `mask`.
+    fn hidden_states(
+        &self,
+        input_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, s) = (input_ids.len(), input_ids[0].len());
         let ids = Tensor::from_vec(input_ids.concat(), (b * s,), &self.device)?;
         let embedded =
@@ -734,7 +801,7 @@ impl Bloom {
                 .index_select(&ids, 0)?
                 .reshape((b, s, self.config.hidden_size))?;
         let mut hidden = self.embeddings_layernorm.forward(&embedded)?;
-        let (alibi, additive) = self.attention_bias(mask)?;
+        let (alibi, additive) = self.attention_bias(mask, s)?;
         let step_seed = self.dropout_seed.get();
         for (index, block) in self.blocks.iter().enumerate() {
             let context = BlockContext {
@@ -746,22 +813,14 @@ impl Bloom {
                 dropout_seed: step_seed
                     .map(|seed| seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             };
+            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
             hidden = if self.gradient_checkpointing && hidden.track_op() {
                 checkpoint::checkpointed(block, &hidden, context, &self.recomputed_grads)?
             } else {
-                block.forward(&hidden, &context, true)?
+                block.forward_with_cache(&hidden, &context, true, layer_cache)?
             };
         }
-        let normed = self
-            .ln_f
-            .forward(&hidden)?
-            .reshape((b * s, self.config.hidden_size))?;
-        // The LM head is tied to the (frozen) embedding.
-        Ok(frozen_matmul(&normed, &self.word_embeddings)?.reshape((
-            b,
-            s,
-            self.config.vocab_size,
-        ))?)
+        Ok(hidden)
     }
 
     /// Every base-model tensor with its HF checkpoint name, in checkpoint order.
@@ -810,23 +869,55 @@ impl Bloom {
             .collect()
     }
 
+    /// Folds every LoRA adapter into its base weight (`W + scale · B A`, in
+    /// f32, rounded to the weight's dtype) and removes the adapters: PEFT's
+    /// `merge_and_unload`. Returns how many layers were merged.
+    pub fn merge_adapters(&mut self) -> Result<usize> {
+        let mut merged = 0;
+        for (_, linear) in self.linears_mut() {
+            if let Some(lora) = linear.lora.take() {
+                let delta = (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?;
+                let dtype = linear.weight.dtype();
+                linear.weight = (linear.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
+                merged += 1;
+            }
+        }
+        Ok(merged)
+    }
+
     /// Writes the base weights as an HF model directory: `model.safetensors`
-    /// (with the `transformer.` prefix, no `lm_head`: it is tied) plus the
-    /// config and tokenizer files copied from `source`.
-    pub fn save_model(&mut self, dir: &Path, source: &Path) -> Result<()> {
+    /// in `dtype` (with the `transformer.` prefix, no `lm_head`: it is tied),
+    /// `config.json` (its dtype updated), the generation config and the
+    /// tokenizer files copied from `source`.
+    pub fn save_model(&mut self, dir: &Path, source: &Path, dtype: DType) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
-        let tensors: std::collections::HashMap<String, Tensor> = self
+        let tensors = self
             .base_tensors_mut()
             .into_iter()
-            .map(|(name, t)| (name, t.detach()))
-            .collect();
+            .map(|(name, t)| Ok((name, t.detach().to_dtype(dtype)?)))
+            .collect::<Result<HashMap<String, Tensor>>>()?;
         let path = dir.join("model.safetensors");
         candle_core::safetensors::save(&tensors, &path)
             .with_context(|| format!("{}: cannot write", path.display()))?;
-        for file in ["config.json", "generation_config.json"] {
-            copy_if_present(source, dir, file)?;
+        let config_path = source.join("config.json");
+        let mut config: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(&config_path)
+                .with_context(|| format!("{}: cannot read", config_path.display()))?,
+        )
+        .with_context(|| format!("{}: malformed JSON", config_path.display()))?;
+        let name = match dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        };
+        config["dtype"] = name.into();
+        if config.get("torch_dtype").is_some() {
+            config["torch_dtype"] = name.into();
         }
+        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)
+            .with_context(|| format!("{}: cannot write config.json", dir.display()))?;
+        copy_if_present(source, dir, "generation_config.json")?;
         copy_tokenizer_files(source, dir)
     }
 }

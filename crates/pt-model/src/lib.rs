@@ -5,6 +5,8 @@
 
 pub mod bloom;
 mod checkpoint;
+pub mod generate;
+pub mod init;
 pub mod ops;
 
-pub use bloom::{AdapterConfig, Bloom, Config, LORA_TARGETS, Lora};
+pub use bloom::{AdapterConfig, Bloom, Config, KvCache, LORA_TARGETS, Lora};

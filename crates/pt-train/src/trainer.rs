@@ -48,6 +48,8 @@ pub struct TrainingArguments {
     pub logging_steps: usize,
     pub logging_first_step: bool,
     pub eval_strategy: Interval,
+    /// Evaluate once before the first step (HF `eval_on_start`), to show where training starts.
+    pub eval_on_start: bool,
     pub eval_steps: usize,
     pub save_strategy: Interval,
     pub save_steps: usize,
@@ -256,7 +258,10 @@ impl<'a> Trainer<'a> {
     fn save_weights(&mut self, dir: &Path) -> Result<()> {
         match &self.trainable {
             Trainable::Adapter(config) => self.model.save_adapter(dir, config, &self.base_model),
-            Trainable::Full { source } => self.model.save_model(dir, source),
+            Trainable::Full { source } => {
+                let dtype = self.model.dtype();
+                self.model.save_model(dir, source, dtype)
+            }
         }
     }
 
@@ -328,6 +333,15 @@ impl<'a> Trainer<'a> {
         let mut run_loss = 0f64;
         let (mut logged_loss, mut logged_steps, mut logged_tokens) = (0f64, 0usize, 0usize);
 
+        if let (true, 0, Some(eval)) = (a.eval_on_start, first_step, eval) {
+            let results = evaluate(
+                self.model,
+                eval,
+                a.per_device_eval_batch_size,
+                metrics.as_deref_mut(),
+            )?;
+            self.record(eval_results(&results, 0.0, Some(0)), callback);
+        }
         let variables: Vec<Var> = self.named.iter().map(|(_, v)| v.clone()).collect();
         // The block order of the epoch in progress, computed once per epoch.
         let mut epoch_order: (Option<usize>, Vec<usize>) = (None, Vec::new());

@@ -1,7 +1,8 @@
-"""Loads a pt-host LoRA adapter with Python PEFT and prints the mean
-next-token loss over the fixture's packed validation blocks, as JSON.
+"""Loads a model directory with HF transformers (and a pt-host LoRA adapter
+with PEFT, when given) and prints the mean next-token loss over the fixture's
+packed validation blocks, as JSON.
 
-Usage: peft_eval.py MODEL_DIR ADAPTER_DIR EXPECTED_SAFETENSORS
+Usage: hf_eval.py MODEL_DIR EXPECTED_SAFETENSORS [ADAPTER_DIR]
 """
 
 import json
@@ -14,9 +15,10 @@ from transformers import BloomForCausalLM
 
 
 def main() -> None:
-    model_dir, adapter_dir, expected = sys.argv[1:4]
-    base = BloomForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, adapter_dir)
+    model_dir, expected = sys.argv[1:3]
+    model = BloomForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if len(sys.argv) > 3:
+        model = PeftModel.from_pretrained(model, sys.argv[3])
     model.eval()
     blocks = load_file(expected)["valid_blocks"]
     total, count = 0.0, 0

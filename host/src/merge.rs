@@ -1,0 +1,73 @@
+//! `pt-host merge`: a LoRA adapter folded into its base model, written as an
+//! HF model directory that transformers loads unchanged.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device};
+use pt_model::Bloom;
+
+use crate::device::DtypeArg;
+
+#[derive(clap::Args, Debug)]
+pub struct MergeArgs {
+    /// Base model directory.
+    #[arg(long = "model_name_or_path", value_name = "DIR")]
+    pub model_name_or_path: PathBuf,
+    /// PEFT LoRA adapter directory to merge.
+    #[arg(long = "peft_path", value_name = "DIR")]
+    pub peft_path: PathBuf,
+    /// Where the merged model is written (must not exist or be empty).
+    #[arg(long = "output_dir", value_name = "DIR")]
+    pub output_dir: PathBuf,
+    /// Storage dtype of the merged weights (auto: the base model's config dtype, else float32).
+    #[arg(long = "dtype", value_enum, default_value = "auto")]
+    pub dtype: DtypeArg,
+}
+
+pub fn run(args: MergeArgs) -> Result<()> {
+    if args
+        .output_dir
+        .read_dir()
+        .is_ok_and(|mut entries| entries.next().is_some())
+    {
+        bail!(
+            "--output_dir {} exists and is not empty: choose a new directory",
+            args.output_dir.display()
+        );
+    }
+    let dtype = match args.dtype {
+        DtypeArg::Float32 => DType::F32,
+        DtypeArg::Bfloat16 => DType::BF16,
+        DtypeArg::Float16 => DType::F16,
+        DtypeArg::Auto => config_dtype(&args.model_name_or_path),
+    };
+    // Merged in f32 on the CPU: exact sums, whatever the storage dtype.
+    let mut model = Bloom::load(&args.model_name_or_path, &Device::Cpu, DType::F32)?;
+    let adapter = model.load_adapter(&args.peft_path)?;
+    let merged = model.merge_adapters()?;
+    model.save_model(&args.output_dir, &args.model_name_or_path, dtype)?;
+    println!(
+        "merged {} (r {}, alpha {}) into {merged} layers of {}: {} ({dtype:?})",
+        args.peft_path.display(),
+        adapter.r,
+        adapter.lora_alpha,
+        args.model_name_or_path.display(),
+        args.output_dir.display()
+    );
+    Ok(())
+}
+
+/// The dtype `config.json` declares (`dtype` or the older `torch_dtype`).
+fn config_dtype(model_dir: &std::path::Path) -> DType {
+    let config: serde_json::Value = std::fs::read(model_dir.join("config.json"))
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+        .unwrap_or_default();
+    let declared = config["dtype"].as_str().or(config["torch_dtype"].as_str());
+    match declared {
+        Some("bfloat16") => DType::BF16,
+        Some("float16") => DType::F16,
+        _ => DType::F32,
+    }
+}

@@ -1,0 +1,330 @@
+//! The model tools end to end: `init-model` (and that its model learns),
+//! `merge`, `eval` and `generate`, against HF's numbers on the fixture.
+
+#[path = "support/bloom_tiny.rs"]
+mod bloom_tiny;
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use bloom_tiny::fixture;
+use common::{assert_ok, fixture_model};
+
+fn pt_host(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+        .unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `pt-host eval` of a model (+ adapter) on the fixture's valid.txt: eval_results.json.
+fn eval(dir: &Path, model: &Path, adapter: Option<&Path>) -> serde_json::Value {
+    let out = dir.join("eval");
+    let (valid, cache) = (fixture().join("valid.txt"), dir.join("cache"));
+    let mut args = vec![
+        "eval",
+        "--model_name_or_path",
+        path(model),
+        "--validation_file_dir",
+        path(&valid),
+        "--block_size",
+        "32",
+        "--output_dir",
+        path(&out),
+        "--cache_dir",
+        path(&cache),
+        "--disable_tqdm",
+    ];
+    if let Some(adapter) = adapter {
+        args.extend(["--peft_path", path(adapter)]);
+    }
+    assert_ok(&pt_host(&args));
+    json(&out.join("eval_results.json"))
+}
+
+/// The fixture's `lora_final` merged into its base model evaluates to HF's
+/// `valid_loss_after` (the loss PEFT measured with the adapter unmerged) —
+/// in pt-host, and in transformers when it is installed.
+#[test]
+fn the_merged_adapter_gives_hf_loss_after_training() {
+    let dir = tempfile::tempdir().unwrap();
+    let merged = dir.path().join("merged");
+    let output = pt_host(&[
+        "merge",
+        "--model_name_or_path",
+        path(&fixture_model()),
+        "--peft_path",
+        path(&fixture().join("lora_final")),
+        "--output_dir",
+        path(&merged),
+    ]);
+    assert_ok(&output);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("into 8 layers"));
+    for file in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(merged.join(file).is_file(), "{file} is missing");
+    }
+    assert_eq!(json(&merged.join("config.json"))["dtype"], "float32");
+    let expected = bloom_tiny::trajectory()["valid_loss_after"]
+        .as_f64()
+        .unwrap();
+    let ours = eval(dir.path(), &merged, None)["eval_loss"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        ((ours - expected) / expected).abs() < 1e-5,
+        "pt-host {ours}, HF {expected}"
+    );
+    // Merging is exact: the unmerged adapter gives the same loss.
+    let unmerged = eval(
+        dir.path(),
+        &fixture_model(),
+        Some(&fixture().join("lora_final")),
+    );
+    assert!((unmerged["eval_loss"].as_f64().unwrap() - ours).abs() < 1e-6);
+    assert!(unmerged["perplexity"].as_f64().unwrap() > 1.0);
+    if common::python_has("the merged model in transformers") {
+        let theirs = common::hf_eval_loss(&merged, None);
+        assert!(
+            ((theirs - expected) / expected).abs() < 1e-5,
+            "transformers {theirs}, HF {expected}"
+        );
+    }
+    // bf16 storage: halves the file, and transformers' loader reads the dtype from config.json.
+    let half = dir.path().join("merged-bf16");
+    assert_ok(&pt_host(&[
+        "merge",
+        "--model_name_or_path",
+        path(&fixture_model()),
+        "--peft_path",
+        path(&fixture().join("lora_final")),
+        "--output_dir",
+        path(&half),
+        "--dtype",
+        "bfloat16",
+    ]));
+    assert_eq!(json(&half.join("config.json"))["dtype"], "bfloat16");
+    let size = |dir: &Path| fs::metadata(dir.join("model.safetensors")).unwrap().len();
+    assert!(size(&half) * 2 < size(&merged) + 4096);
+    let refused = pt_host(&[
+        "merge",
+        "--model_name_or_path",
+        path(&fixture_model()),
+        "--peft_path",
+        path(&fixture().join("lora_final")),
+        "--output_dir",
+        path(&merged),
+    ]);
+    assert!(
+        stderr(&refused).contains("exists and is not empty"),
+        "{}",
+        stderr(&refused)
+    );
+}
+
+/// `pt-host generate` prints HF's greedy continuation of each prompt.
+#[test]
+fn generate_prints_hf_greedy_continuations() {
+    let reference: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(fixture().join("generate.json")).unwrap())
+            .unwrap();
+    let tokenizer = pt_data::Tokenizer::from_dir(&fixture_model()).unwrap();
+    let case = &reference["cases"][1];
+    let prompts: Vec<String> = serde_json::from_value(reference["prompts"].clone()).unwrap();
+    let expected: Vec<Vec<u32>> = serde_json::from_value(case["new_tokens"].clone()).unwrap();
+    let model = fixture_model();
+    let mut args = vec![
+        "generate",
+        "--model_name_or_path",
+        path(&model),
+        "--max_new_tokens",
+        "12",
+        "--repetition_penalty",
+        "1.3",
+    ];
+    // One prompt: streamed after the prompt itself.
+    args.extend(["--prompt", &prompts[0]]);
+    let single = pt_host(&args);
+    assert_ok(&single);
+    let continuation = tokenizer.decode(&expected[0]).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&single.stdout),
+        format!("{}{continuation}\n", prompts[0])
+    );
+    // A batch (left-padded together): one labelled line per prompt.
+    for prompt in &prompts[1..] {
+        args.extend(["--prompt", prompt]);
+    }
+    let batch = pt_host(&args);
+    assert_ok(&batch);
+    let stdout = String::from_utf8_lossy(&batch.stdout);
+    for (i, prompt) in prompts.iter().enumerate() {
+        let line = format!(
+            "[{}] {prompt}{}",
+            i + 1,
+            tokenizer.decode(&expected[i]).unwrap()
+        );
+        assert!(stdout.contains(&line), "{line:?} not in {stdout:?}");
+    }
+    let nothing = pt_host(&["generate", "--model_name_or_path", path(&fixture_model())]);
+    assert!(
+        stderr(&nothing).contains("pass --prompt TEXT"),
+        "{}",
+        stderr(&nothing)
+    );
+}
+
+/// The quick start's flow at test scale: a model built by `init-model` on
+/// the fixture's text learns it — eval perplexity falls at least 3×.
+#[test]
+fn an_initialised_model_visibly_learns() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let train = dir.path().join("train");
+    fs::create_dir_all(&train).unwrap();
+    fs::copy(fixture().join("train.txt"), train.join("train.txt")).unwrap();
+    let init = pt_host(&[
+        "init-model",
+        "--train_file_dir",
+        path(&train),
+        "--output_dir",
+        path(&model),
+        "--vocab_size",
+        "1000",
+    ]);
+    assert_ok(&init);
+    let config = json(&model.join("config.json"));
+    assert_eq!(config["model_type"], "bloom");
+    assert_eq!(config["n_layer"], 4);
+    let out = dir.path().join("out");
+    let run = pt_host(&[
+        "run",
+        "--model_name_or_path",
+        path(&model),
+        "--train_file_dir",
+        path(&train),
+        "--validation_file_dir",
+        path(&train),
+        "--block_size",
+        "64",
+        "--do_train",
+        "--do_eval",
+        "--eval_on_start",
+        "--use_peft",
+        "False",
+        "--learning_rate",
+        "5e-3",
+        "--max_steps",
+        "40",
+        "--per_device_train_batch_size",
+        "8",
+        "--eval_strategy",
+        "no",
+        "--output_dir",
+        path(&out),
+        "--cache_dir",
+        path(&dir.path().join("cache")),
+        "--disable_tqdm",
+    ]);
+    assert_ok(&run);
+    let state = json(&out.join("trainer_state.json"));
+    let first = state["log_history"][0]["perplexity"].as_f64().unwrap();
+    assert_eq!(
+        state["log_history"][0]["step"], 0,
+        "--eval_on_start evaluates before step 1"
+    );
+    // Near-uniform at the start: perplexity ≈ vocabulary size.
+    let vocab = config["vocab_size"].as_f64().unwrap();
+    assert!(
+        (first / vocab - 1.0).abs() < 0.1,
+        "start perplexity {first}, vocab {vocab}"
+    );
+    let last = json(&out.join("eval_results.json"))["perplexity"]
+        .as_f64()
+        .unwrap();
+    assert!(first / last >= 3.0, "perplexity {first} -> {last}");
+    // The trained model is an HF model directory that generates text.
+    let sample = pt_host(&[
+        "generate",
+        "--model_name_or_path",
+        path(&out),
+        "--prompt",
+        "发热",
+        "--max_new_tokens",
+        "8",
+    ]);
+    assert_ok(&sample);
+    assert!(String::from_utf8_lossy(&sample.stdout).starts_with("发热"));
+}
+
+#[test]
+fn tool_errors_say_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let no_validation = pt_host(&[
+        "eval",
+        "--model_name_or_path",
+        path(&fixture_model()),
+        "--output_dir",
+        path(dir.path()),
+    ]);
+    assert!(
+        stderr(&no_validation).contains("pt-host eval needs --validation_file_dir"),
+        "{}",
+        stderr(&no_validation)
+    );
+    let train_in_eval = pt_host(&[
+        "eval",
+        "--do_train",
+        "--model_name_or_path",
+        path(&fixture_model()),
+        "--output_dir",
+        path(dir.path()),
+    ]);
+    assert!(stderr(&train_in_eval).contains("use pt-host run --do_train"));
+    let tiny_vocab = pt_host(&[
+        "init-model",
+        "--train_file_dir",
+        path(&fixture().join("train.txt")),
+        "--output_dir",
+        path(&dir.path().join("m")),
+        "--vocab_size",
+        "100",
+    ]);
+    assert!(
+        stderr(&tiny_vocab).contains("a byte-level vocabulary needs more than 260 tokens"),
+        "{}",
+        stderr(&tiny_vocab)
+    );
+    let missing_corpus = pt_host(&[
+        "init-model",
+        "--train_file_dir",
+        path(&dir.path().join("nowhere")),
+        "--output_dir",
+        path(&dir.path().join("m")),
+    ]);
+    assert!(
+        stderr(&missing_corpus).contains("nowhere: no such directory"),
+        "{}",
+        stderr(&missing_corpus)
+    );
+}
