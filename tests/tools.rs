@@ -4,6 +4,8 @@
 #[path = "support/bloom_tiny.rs"]
 mod bloom_tiny;
 mod common;
+#[path = "support/fake_hub.rs"]
+mod fake_hub;
 
 use std::fs;
 use std::path::Path;
@@ -12,7 +14,7 @@ use std::process::{Command, Output};
 use bloom_tiny::fixture;
 use common::{assert_ok, fixture_model};
 
-fn pt_host(args: &[&str]) -> Output {
+fn pt_host<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pt-host"))
         .args(args)
         .output()
@@ -326,5 +328,124 @@ fn tool_errors_say_what_to_do() {
         stderr(&missing_corpus).contains("nowhere: no such directory"),
         "{}",
         stderr(&missing_corpus)
+    );
+}
+
+/// Every model-taking command accepts a hub id: downloaded once from the
+/// endpoint the environment names (HF or ModelScope), then read from the cache.
+#[test]
+fn hub_ids_download_through_the_environment_and_then_work_offline() {
+    let hf = fake_hub::FakeHub::start("bigscience/bloom-tiny", &fixture_model());
+    let modelscope = fake_hub::FakeHub::start("AI-ModelScope/bloom-tiny", &fixture_model());
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("hub");
+    let with_env = |vars: &[(&str, &str)], args: &[&str]| -> Output {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pt-host"));
+        for name in [
+            "HF_ENDPOINT",
+            "HF_HUB_OFFLINE",
+            "USE_MODELSCOPE_HUB",
+            "MODELSCOPE_ENDPOINT",
+            "HF_TOKEN",
+        ] {
+            command.env_remove(name);
+        }
+        command
+            .envs(vars.iter().copied())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let generate = |model: &str| {
+        vec![
+            "generate".to_string(),
+            "--model_name_or_path".into(),
+            model.into(),
+            "--cache_dir".into(),
+            path(&cache).into(),
+            "--prompt".into(),
+            "发热是".into(),
+            "--max_new_tokens".into(),
+            "6".into(),
+        ]
+    };
+    let local = pt_host(&generate(path(&fixture_model())));
+    assert_ok(&local);
+    let args = generate("bigscience/bloom-tiny");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let downloaded = with_env(&[("HF_ENDPOINT", &hf.url)], &args);
+    assert_ok(&downloaded);
+    assert_eq!(
+        downloaded.stdout, local.stdout,
+        "the downloaded model is the fixture"
+    );
+    assert!(
+        stderr(&downloaded).contains("downloaded model.safetensors"),
+        "{}",
+        stderr(&downloaded)
+    );
+    // Offline: the cache serves it; the hub is not asked.
+    let before = hf.state.lock().unwrap().requests.len();
+    let offline = with_env(
+        &[
+            ("HF_HUB_OFFLINE", "1"),
+            ("HF_ENDPOINT", "http://127.0.0.1:9"),
+        ],
+        &args,
+    );
+    assert_ok(&offline);
+    assert_eq!(offline.stdout, local.stdout);
+    assert_eq!(hf.state.lock().unwrap().requests.len(), before);
+    // ModelScope ids, selected by USE_MODELSCOPE_HUB as MedicalGPT users do.
+    let merged = dir.path().join("merged");
+    let merge = with_env(
+        &[
+            ("USE_MODELSCOPE_HUB", "1"),
+            ("MODELSCOPE_ENDPOINT", &modelscope.url),
+        ],
+        &[
+            "merge",
+            "--model_name_or_path",
+            "AI-ModelScope/bloom-tiny",
+            "--cache_dir",
+            path(&cache),
+            "--peft_path",
+            path(&fixture().join("lora_final")),
+            "--output_dir",
+            path(&merged),
+        ],
+    );
+    assert_ok(&merge);
+    assert!(!modelscope.downloads().is_empty());
+    assert!(merged.join("model.safetensors").is_file());
+    // Offline without a cached copy: what to do.
+    let missing = with_env(
+        &[("HF_HUB_OFFLINE", "1")],
+        &[
+            "generate",
+            "--model_name_or_path",
+            "org/absent",
+            "--cache_dir",
+            path(&cache),
+            "--prompt",
+            "x",
+        ],
+    );
+    assert!(
+        stderr(&missing).contains("HF_HUB_OFFLINE=1 forbids downloading it"),
+        "{}",
+        stderr(&missing)
+    );
+    let not_a_dir = pt_host(&[
+        "generate",
+        "--model_name_or_path",
+        "./no/such/dir",
+        "--prompt",
+        "x",
+    ]);
+    assert!(
+        stderr(&not_a_dir).contains("no such model directory"),
+        "{}",
+        stderr(&not_a_dir)
     );
 }

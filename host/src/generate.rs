@@ -11,11 +11,12 @@ use pt_model::generate::{GenerationConfig, generate};
 
 use crate::args::parse_bool;
 use crate::device::{self, DeviceArg, DtypeArg};
+use crate::hub::{self, HubArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Model directory (config.json, model.safetensors, tokenizer.json).
-    #[arg(long = "model_name_or_path", value_name = "DIR")]
+    /// Model directory, or a hub id downloaded into the cache.
+    #[arg(long = "model_name_or_path", value_name = "DIR|ID")]
     pub model_name_or_path: PathBuf,
     /// A PEFT LoRA adapter to apply.
     #[arg(long = "peft_path", value_name = "DIR")]
@@ -48,9 +49,14 @@ pub struct GenerateArgs {
     pub torch_dtype: DtypeArg,
     #[arg(long = "device_map", value_enum, default_value = "auto")]
     pub device_map: DeviceArg,
+    /// Where hub models are cached (default: HF's cache).
+    #[arg(long = "cache_dir", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub hub: HubArgs,
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(mut args: GenerateArgs) -> Result<()> {
     let mut prompts = args.prompt.clone();
     if let Some(file) = &args.prompt_file {
         let text = std::fs::read_to_string(file)
@@ -71,6 +77,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("--repetition_penalty must be positive");
     }
     let (device, dtype) = device::select(args.device_map, args.torch_dtype, true)?;
+    args.model_name_or_path = hub::resolve(
+        &args.model_name_or_path,
+        &args.hub,
+        args.cache_dir.as_deref(),
+        false,
+    )?;
     let mut model = Bloom::load(&args.model_name_or_path, &device, dtype)?;
     if let Some(adapter) = &args.peft_path {
         model.load_adapter(adapter)?;

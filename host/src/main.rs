@@ -4,6 +4,7 @@
 mod args;
 mod device;
 mod generate;
+mod hub;
 mod init_model;
 mod merge;
 mod plugins;

@@ -8,11 +8,12 @@ use candle_core::{DType, Device};
 use pt_model::Bloom;
 
 use crate::device::DtypeArg;
+use crate::hub::{self, HubArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct MergeArgs {
-    /// Base model directory.
-    #[arg(long = "model_name_or_path", value_name = "DIR")]
+    /// Base model directory, or a hub id downloaded into the cache.
+    #[arg(long = "model_name_or_path", value_name = "DIR|ID")]
     pub model_name_or_path: PathBuf,
     /// PEFT LoRA adapter directory to merge.
     #[arg(long = "peft_path", value_name = "DIR")]
@@ -23,9 +24,14 @@ pub struct MergeArgs {
     /// Storage dtype of the merged weights (auto: the base model's config dtype, else float32).
     #[arg(long = "dtype", value_enum, default_value = "auto")]
     pub dtype: DtypeArg,
+    /// Where hub models are cached (default: HF's cache).
+    #[arg(long = "cache_dir", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub hub: HubArgs,
 }
 
-pub fn run(args: MergeArgs) -> Result<()> {
+pub fn run(mut args: MergeArgs) -> Result<()> {
     if args
         .output_dir
         .read_dir()
@@ -36,6 +42,12 @@ pub fn run(args: MergeArgs) -> Result<()> {
             args.output_dir.display()
         );
     }
+    args.model_name_or_path = hub::resolve(
+        &args.model_name_or_path,
+        &args.hub,
+        args.cache_dir.as_deref(),
+        false,
+    )?;
     let dtype = match args.dtype {
         DtypeArg::Float32 => DType::F32,
         DtypeArg::Bfloat16 => DType::BF16,

@@ -9,13 +9,14 @@ use pt_data::{
 };
 
 use crate::args::{default_cache_dir, parse_bool};
+use crate::hub::{self, HubArgs};
 use crate::plugins::{self, OnPluginError, PluginArgs};
 use crate::progress::PrepareProgress;
 
 #[derive(clap::Args, Debug)]
 pub struct PrepareArgs {
-    /// Model directory holding tokenizer.json (and tokenizer_config.json).
-    #[arg(long = "model_name_or_path", value_name = "DIR")]
+    /// Model directory, or a hub id (bigscience/bloomz-560m) downloaded into the cache.
+    #[arg(long = "model_name_or_path", value_name = "DIR|ID")]
     pub model_name_or_path: PathBuf,
     /// Tokenizer directory, when it differs from the model's.
     #[arg(long = "tokenizer_name_or_path", value_name = "DIR")]
@@ -67,10 +68,36 @@ pub struct PrepareArgs {
     pub disable_tqdm: bool,
     #[command(flatten)]
     pub plugins: PluginArgs,
+    #[command(flatten)]
+    pub hub: HubArgs,
 }
 
-pub fn run(args: PrepareArgs) -> Result<()> {
+pub fn run(mut args: PrepareArgs) -> Result<()> {
+    args.resolve_models()?;
     prepare_data(&args).map(|_| ())
+}
+
+impl PrepareArgs {
+    /// Hub ids in --model_name_or_path / --tokenizer_name_or_path replaced
+    /// by their downloaded directories.
+    pub fn resolve_models(&mut self) -> Result<()> {
+        let cache = self.cache_dir.as_deref();
+        self.model_name_or_path = hub::resolve(
+            &self.model_name_or_path,
+            &self.hub,
+            cache,
+            self.disable_tqdm,
+        )?;
+        if let Some(tokenizer) = &self.tokenizer_name_or_path {
+            self.tokenizer_name_or_path = Some(hub::resolve(
+                tokenizer,
+                &self.hub,
+                cache,
+                self.disable_tqdm,
+            )?);
+        }
+        Ok(())
+    }
 }
 
 /// The prepared blocks, with the tokenizer and plugins that made them (metric

@@ -64,3 +64,62 @@ impl pt_data::Progress for PrepareProgress {
         }
     }
 }
+
+/// Progress of a model download: a byte bar per file on a terminal, a line
+/// per file otherwise.
+pub struct DownloadProgress {
+    bar_enabled: bool,
+    bar: Mutex<ProgressBar>,
+}
+
+impl DownloadProgress {
+    pub fn new(disable_tqdm: bool) -> Self {
+        Self {
+            bar_enabled: !disable_tqdm && std::io::stderr().is_terminal(),
+            bar: Mutex::new(ProgressBar::hidden()),
+        }
+    }
+}
+
+impl pt_hub::DownloadProgress for DownloadProgress {
+    fn start(&self, file: &str, total: Option<u64>, resumed: u64) {
+        let resuming = if resumed > 0 {
+            format!(", resuming at {:.1} MB", resumed as f64 / 1e6)
+        } else {
+            String::new()
+        };
+        if !self.bar_enabled {
+            let size = total.map_or("size unknown".into(), |t| {
+                format!("{:.1} MB", t as f64 / 1e6)
+            });
+            eprintln!("downloading {file} ({size}{resuming})");
+            return;
+        }
+        let bar = ProgressBar::new(total.unwrap_or(0));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:>24} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} (eta {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(file.to_string());
+        bar.set_position(resumed);
+        *self.bar.lock().expect("progress lock") = bar;
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.bar.lock().expect("progress lock").inc(bytes);
+    }
+
+    fn finish(&self, file: &str) {
+        self.bar.lock().expect("progress lock").finish_and_clear();
+        eprintln!("downloaded {file}");
+    }
+
+    fn retry(&self, file: &str, error: &str) {
+        self.bar.lock().expect("progress lock").suspend(|| {
+            eprintln!("warning: {file}: {error}");
+        });
+    }
+}

@@ -274,7 +274,7 @@ pub fn eval(mut args: RunArgs) -> Result<()> {
     run(args)
 }
 
-pub fn run(args: RunArgs) -> Result<()> {
+pub fn run(mut args: RunArgs) -> Result<()> {
     if !args.do_train && !args.do_eval {
         bail!("nothing to do: pass --do_train and/or --do_eval");
     }
@@ -313,6 +313,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     let (device, dtype) = device::select(args.device_map, args.torch_dtype, args.tf32)?;
     report_ignored_flags(&args);
     check_output_dir(&args)?;
+    // Adapters name the base model as the user did (a hub id stays one).
+    let base_model_name = args.data.model_name_or_path.display().to_string();
+    args.data.resolve_models()?;
     // The model first: a wrong model fails before any data work.
     let model_dir = &args.data.model_name_or_path;
     let mut model = Bloom::load(model_dir, &device, dtype)?;
@@ -419,12 +422,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         seed: args.data.seed,
         shuffle: args.shuffle,
     };
-    let mut trainer = Trainer::new(
-        training,
-        &mut model,
-        trainable,
-        model_dir.display().to_string(),
-    )?;
+    let mut trainer = Trainer::new(training, &mut model, trainable, base_model_name)?;
     let show_bar = !args.data.disable_tqdm && std::io::stderr().is_terminal();
     let bar = if show_bar {
         ProgressBar::new(0)
