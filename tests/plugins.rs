@@ -1,6 +1,8 @@
 //! The plugin runtime against real components: the example plugins built from
 //! `plugins/` and the misbehaving `tests/guests/hostile`.
 
+#[path = "bundles.rs"]
+mod bundles;
 mod common;
 
 use std::time::{Duration, Instant};

@@ -20,15 +20,30 @@ pub fn parse_key_value(value: &str) -> Result<(String, String), String> {
     }
 }
 
-/// The user's cache directory for pt-host: `$XDG_CACHE_HOME/pt-host` or `~/.cache/pt-host`.
-pub fn default_cache_dir() -> std::path::PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
+/// `$XDG_VAR/pt-host`, else `~/FALLBACK/pt-host` (XDG base directories).
+fn user_dir(xdg_var: &str, fallback: &str) -> std::path::PathBuf {
+    let base = std::env::var_os(xdg_var)
         .map(std::path::PathBuf::from)
         .or_else(|| {
-            std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(".cache"))
+            std::env::var_os("HOME").map(|home| std::path::PathBuf::from(home).join(fallback))
         })
         .unwrap_or_else(std::env::temp_dir);
     base.join("pt-host")
+}
+
+/// The user's cache directory for pt-host: `$XDG_CACHE_HOME/pt-host` or `~/.cache/pt-host`.
+pub fn default_cache_dir() -> std::path::PathBuf {
+    user_dir("XDG_CACHE_HOME", ".cache")
+}
+
+/// Keys of plugin authors the user trusts: `~/.config/pt-host/trusted_keys`.
+pub fn default_trusted_keys() -> std::path::PathBuf {
+    user_dir("XDG_CONFIG_HOME", ".config").join("trusted_keys")
+}
+
+/// Installed plugin bundles: `~/.local/share/pt-host/plugins`.
+pub fn default_plugin_store() -> std::path::PathBuf {
+    user_dir("XDG_DATA_HOME", ".local/share").join("plugins")
 }
 
 #[cfg(test)]

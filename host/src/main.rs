@@ -7,6 +7,7 @@ mod generate;
 mod hub;
 mod init_model;
 mod merge;
+mod plugin_cmd;
 mod plugins;
 mod prepare;
 mod progress;
@@ -39,6 +40,9 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Continue prompts with a model (+ adapter): greedy or sampled, streamed.
     Generate(Box<generate::GenerateArgs>),
+    /// Plugin bundles: keygen, pack, sign, verify, inspect, install, list, remove, test.
+    #[command(subcommand)]
+    Plugin(plugin_cmd::PluginCommand),
     /// Build a small BLOOM here: a BPE tokenizer trained on a corpus and random weights.
     #[command(name = "init-model")]
     InitModel(init_model::InitModelArgs),
@@ -69,6 +73,7 @@ fn main() -> ExitCode {
         Command::Merge(args) => merge::run(args),
         Command::Generate(args) => generate::run(*args),
         Command::InitModel(args) => init_model::run(args),
+        Command::Plugin(command) => plugin_cmd::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

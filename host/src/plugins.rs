@@ -18,10 +18,13 @@ pub enum OnPluginError {
 
 #[derive(clap::Args, Debug)]
 pub struct PluginArgs {
-    /// A plugin component (.wasm), run in the sandbox. Repeat for several; they
-    /// run in the order given.
-    #[arg(long = "plugin", value_name = "PATH")]
+    /// A plugin, run in the sandbox: a component (.wasm), a signed bundle
+    /// (.ptplugin, verified against --trusted_keys), or an installed bundle
+    /// (NAME or NAME@VERSION). Repeat for several; they run in the order given.
+    #[arg(long = "plugin", value_name = "PATH|NAME@VERSION")]
     pub plugins: Vec<PathBuf>,
+    #[command(flatten)]
+    pub dirs: BundleDirs,
     /// A plugin's JSON configuration: `NAME={"key":value}` or `NAME=@file.json`,
     /// NAME being the plugin's id or file name without `.wasm`.
     #[arg(long = "plugin_config", value_name = "NAME=JSON", value_parser = parse_key_value)]
@@ -41,6 +44,39 @@ pub struct PluginArgs {
     pub plugin_batch_size: u64,
 }
 
+/// Where trusted keys and installed bundles live.
+#[derive(clap::Args, Debug, Clone)]
+pub struct BundleDirs {
+    /// Directory of trusted authors' public keys (*.pub) for signed bundles
+    /// (default: ~/.config/pt-host/trusted_keys).
+    #[arg(long = "trusted_keys", value_name = "DIR", env = "PT_TRUSTED_KEYS")]
+    pub trusted_keys: Option<PathBuf>,
+    /// Where installed bundles are kept (default: ~/.local/share/pt-host/plugins).
+    #[arg(long = "plugin_store", value_name = "DIR", env = "PT_PLUGIN_STORE")]
+    pub plugin_store: Option<PathBuf>,
+}
+
+impl BundleDirs {
+    pub fn trusted_keys_dir(&self) -> PathBuf {
+        self.trusted_keys
+            .clone()
+            .unwrap_or_else(crate::args::default_trusted_keys)
+    }
+
+    pub fn trusted(&self) -> Result<pt_bundle::TrustedKeys> {
+        pt_bundle::TrustedKeys::load_dir(&self.trusted_keys_dir())
+    }
+
+    pub fn store(&self) -> pt_bundle::Store {
+        pt_bundle::Store::new(
+            &self
+                .plugin_store
+                .clone()
+                .unwrap_or_else(crate::args::default_plugin_store),
+        )
+    }
+}
+
 impl PluginArgs {
     pub fn limits(&self) -> PluginLimits {
         PluginLimits {
@@ -48,6 +84,56 @@ impl PluginArgs {
             call_timeout: Duration::from_millis(self.plugin_timeout_ms),
         }
     }
+}
+
+/// Interfaces this host implements, as bundle manifests name them.
+pub fn host_interfaces() -> [String; 1] {
+    [format!("pt:plugin@{}", pt_plugin_host::INTERFACE_VERSION)]
+}
+
+/// Verifies `bundle` against the trusted keys and this host's interfaces.
+pub fn verify_bundle(bundle: &pt_bundle::Bundle, dirs: &BundleDirs) -> Result<pt_bundle::Verified> {
+    let interfaces = host_interfaces();
+    let interfaces: Vec<&str> = interfaces.iter().map(String::as_str).collect();
+    bundle.verify(&dirs.trusted()?, &interfaces)
+}
+
+/// A bundle verified against the trusted keys: its component, loaded.
+pub fn load_bundle(
+    runtime: &PluginRuntime,
+    bundle: &pt_bundle::Bundle,
+    source: &Path,
+    args: &PluginArgs,
+) -> Result<LoadedPlugin> {
+    verify_bundle(bundle, &args.dirs)?;
+    runtime.load_bytes(source, bundle.component(), args.limits())
+}
+
+/// `--plugin`: a .wasm component, a .ptplugin bundle, or an installed bundle.
+fn load_one(runtime: &PluginRuntime, reference: &Path, args: &PluginArgs) -> Result<LoadedPlugin> {
+    if reference.extension().is_some_and(|e| e == "ptplugin") {
+        let bundle = pt_bundle::Bundle::read(reference)
+            .with_context(|| format!("--plugin {}", reference.display()))?;
+        return load_bundle(runtime, &bundle, reference, args)
+            .with_context(|| format!("--plugin {}", reference.display()));
+    }
+    if reference.is_file() {
+        return runtime.load(reference, args.limits());
+    }
+    let name = reference.to_string_lossy();
+    if !name.contains('/') && (name.contains('@') || reference.extension().is_none()) {
+        let bundle = args
+            .dirs
+            .store()
+            .load(&name)
+            .with_context(|| format!("--plugin {name}"))?;
+        return load_bundle(runtime, &bundle, reference, args)
+            .with_context(|| format!("--plugin {name}"));
+    }
+    bail!(
+        "--plugin {}: no such file (give a .wasm component, a .ptplugin bundle, or an installed NAME@VERSION)",
+        reference.display()
+    )
 }
 
 /// The configuration text of `--plugin_config NAME=...`, as canonical JSON.
@@ -69,11 +155,8 @@ fn config_json(name: &str, value: &str) -> Result<String> {
 pub fn load(args: &PluginArgs, cache_dir: &Path) -> Result<(PluginRuntime, Vec<LoadedPlugin>)> {
     let runtime = PluginRuntime::new(Some(cache_dir.to_path_buf()))?;
     let mut loaded = Vec::new();
-    for path in &args.plugins {
-        if !path.is_file() {
-            bail!("--plugin {}: no such file", path.display());
-        }
-        loaded.push(runtime.load(path, args.limits())?);
+    for reference in &args.plugins {
+        loaded.push(load_one(&runtime, reference, args)?);
     }
     for (name, _) in &args.plugin_configs {
         let known = loaded.iter().any(|p| {

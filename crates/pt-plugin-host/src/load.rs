@@ -158,8 +158,31 @@ impl PluginRuntime {
     pub fn load(&self, path: &Path, limits: PluginLimits) -> Result<LoadedPlugin> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("{}: cannot read plugin", path.display()))?;
-        let digest = hex::encode(Sha256::digest(&bytes));
-        let (component, from_cache) = self.compile(path, &bytes, &digest)?;
+        self.load_bytes(path, &bytes, limits)
+    }
+
+    /// [`PluginRuntime::load`] for a component already in memory (from a
+    /// bundle); `path` names it in messages.
+    pub fn load_bytes(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        limits: PluginLimits,
+    ) -> Result<LoadedPlugin> {
+        let digest = hex::encode(Sha256::digest(bytes));
+        let (component, from_cache) = self.compile(path, bytes, &digest)?;
+        if let Some(built_for) = self.built_for(&component)
+            && built_for != crate::INTERFACE_VERSION
+        {
+            bail!(
+                "{}: built for interface pt:plugin@{built_for}; this pt-host implements pt:plugin@{}. \
+                 Rebuild the plugin against wit/since_v{} (pt-plugin-sdk {}), or use a pt-host that implements pt:plugin@{built_for}.",
+                path.display(),
+                crate::INTERFACE_VERSION,
+                crate::INTERFACE_VERSION,
+                env!("CARGO_PKG_VERSION")
+            );
+        }
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             anyhow!(
                 "{}: the plugin imports something pt-host does not provide: {e:#}\n\
@@ -229,6 +252,36 @@ impl PluginRuntime {
             }
         }
         Ok(loaded)
+    }
+}
+
+impl PluginRuntime {
+    /// The version of `pt:plugin/plugin` the component exports, if any.
+    fn built_for(&self, component: &Component) -> Option<String> {
+        component
+            .component_type()
+            .exports(&self.engine)
+            .find_map(|(name, _)| name.strip_prefix("pt:plugin/plugin@").map(str::to_string))
+    }
+
+    /// The names a component imports and exports (for `pt-host plugin inspect`).
+    pub fn imports_and_exports(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+    ) -> Result<(Vec<String>, Vec<String>)> {
+        let digest = hex::encode(Sha256::digest(bytes));
+        let (component, _) = self.compile(path, bytes, &digest)?;
+        let kind = component.component_type();
+        let imports = kind
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        let exports = kind
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        Ok((imports, exports))
     }
 }
 
