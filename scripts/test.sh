@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build-plugins.sh
+bash scripts/build-lang-plugins.sh
 cargo test --workspace "$@"

@@ -4,6 +4,8 @@
 #[path = "bundles.rs"]
 mod bundles;
 mod common;
+#[path = "languages.rs"]
+mod languages;
 
 use std::time::{Duration, Instant};
 

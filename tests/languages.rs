@@ -1,0 +1,171 @@
+//! Plugins written in other languages, built by scripts/build-lang-plugins.sh:
+//! each through the runtime (its results checked by hand) and through
+//! `pt-host prepare`. (A module of the `plugins` test crate.)
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use pt_data::{DocRef, StepKind, StepOutput, StepPlugin, Verdict};
+use pt_plugin_host::{LoadedPlugin, PluginLimits, PluginRuntime};
+
+use crate::common::{assert_ok, component, fixture_model};
+
+/// A plugin loaded once (compiling an embedded interpreter takes seconds)
+/// with a compilation cache that `pt-host prepare` shares.
+struct Loaded {
+    cache: tempfile::TempDir,
+    _runtime: PluginRuntime,
+    plugin: LoadedPlugin,
+    name: &'static str,
+}
+
+impl Loaded {
+    fn new(name: &'static str) -> Self {
+        let cache = tempfile::tempdir().unwrap();
+        let runtime = PluginRuntime::new(Some(cache.path().to_path_buf())).unwrap();
+        // An interpreter's start-up runs inside instantiation.
+        let limits = PluginLimits {
+            memory_bytes: 512 << 20,
+            call_timeout: Duration::from_secs(60),
+        };
+        let plugin = runtime.load(&component(name), limits).unwrap();
+        Self {
+            cache,
+            _runtime: runtime,
+            plugin,
+            name,
+        }
+    }
+
+    /// The verdicts of `kind` on `texts`, from a fresh instance configured with `config`.
+    fn verdicts(&mut self, config: &str, kind: StepKind, texts: &[&str]) -> Vec<Verdict> {
+        self.plugin.configure(config).unwrap();
+        let docs: Vec<DocRef<'_>> = texts
+            .iter()
+            .map(|t| DocRef {
+                source: "t.txt:1",
+                text: t,
+            })
+            .collect();
+        match self
+            .plugin
+            .instantiate()
+            .unwrap()
+            .apply(kind, &docs, 0)
+            .unwrap()
+        {
+            StepOutput::Verdicts(v) => v,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn configure_error(&mut self, config: &str) -> String {
+        self.plugin.configure(config).unwrap_err().to_string()
+    }
+
+    /// `pt-host prepare` with the plugin on a small corpus: the data report's step line.
+    fn prepare_report(&self, lines: &str) -> serde_json::Value {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = dir.path().join("corpus");
+        fs::create_dir_all(&corpus).unwrap();
+        fs::write(corpus.join("a.txt"), lines).unwrap();
+        let out = dir.path().join("out");
+        let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+            .args(["prepare", "--model_name_or_path"])
+            .arg(fixture_model())
+            .arg("--train_file_dir")
+            .arg(&corpus)
+            .args(["--validation_split_percentage", "0", "--block_size", "8"])
+            .args(["--disable_tqdm", "--plugin"])
+            .arg(component(self.name))
+            .arg("--output_dir")
+            .arg(&out)
+            .arg("--cache_dir")
+            .arg(self.cache.path())
+            .output()
+            .unwrap();
+        assert_ok(&output);
+        assert!(String::from_utf8_lossy(&output.stderr).contains("compiled code from cache"));
+        let report: serde_json::Value =
+            serde_json::from_slice(&fs::read(out.join("data_report.json")).unwrap()).unwrap();
+        report["train"]["steps"][0].clone()
+    }
+}
+
+#[test]
+fn python_zh_normalize_converts_and_runs_through_prepare() {
+    let mut python = Loaded::new("zh_normalize");
+    let got = python.verdicts(
+        "{}",
+        StepKind::Mapper,
+        &[
+            "醫生說發熱時應當檢查體溫。。\n",
+            "「這樣」就好了！！\n",
+            "普通的简体句子。\n",
+        ],
+    );
+    assert_eq!(
+        got,
+        [
+            Verdict::Replace("医生说发热时应当检查体温。\n".into()),
+            Verdict::Replace("“这样”就好了！\n".into()),
+            Verdict::Keep,
+        ]
+    );
+    // Configuration is honoured and checked.
+    let only_quotes = python.verdicts(
+        r#"{"convert_traditional": false, "collapse_punctuation": false}"#,
+        StepKind::Mapper,
+        &["「醫」！！\n"],
+    );
+    assert_eq!(only_quotes, [Verdict::Replace("“醫”！！\n".into())]);
+    let error = python.configure_error(r#"{"simplify": true}"#);
+    assert!(error.contains("unknown key `simplify`"), "{error}");
+
+    let step = python.prepare_report("醫生說發熱。\n普通句子。\n「這樣」\n");
+    assert_eq!(step["plugin"], "zh_normalize");
+    assert_eq!(
+        (step["input"].as_u64(), step["replaced"].as_u64()),
+        (Some(3), Some(2))
+    );
+}
+
+#[test]
+fn javascript_markdown_strip_cleans_and_runs_through_prepare() {
+    let mut js = Loaded::new("markdown_strip");
+    let got = js.verdicts(
+        "{}",
+        StepKind::Mapper,
+        &[
+            "## 发热的**常见**原因\n",
+            "- 见[指南](https://example.org/guide)与`附录`\n",
+            "<p>Fever &amp; chills<br>and <!-- note -->cough</p>\n",
+            "plain line\n",
+        ],
+    );
+    assert_eq!(
+        got,
+        [
+            Verdict::Replace("发热的常见原因\n".into()),
+            Verdict::Replace("见指南与附录\n".into()),
+            Verdict::Replace("Fever & chills\nand cough\n".into()),
+            Verdict::Keep,
+        ]
+    );
+    let html_only = js.verdicts(
+        r#"{"markdown": false}"#,
+        StepKind::Mapper,
+        &["**<b>x</b>**\n"],
+    );
+    assert_eq!(html_only, [Verdict::Replace("**x**\n".into())]);
+    let error = js.configure_error(r#"{"tables": true}"#);
+    assert!(error.contains("unknown key `tables`"), "{error}");
+
+    let step = js.prepare_report("# 标题\n正文没有标记。\n<i>斜体</i>\n");
+    assert_eq!(step["plugin"], "markdown_strip");
+    assert_eq!(
+        (step["input"].as_u64(), step["replaced"].as_u64()),
+        (Some(3), Some(2))
+    );
+}
