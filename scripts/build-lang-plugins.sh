@@ -31,3 +31,21 @@ fi
 "$componentize_js" plugins/markdown_strip_js/plugin.js --wit wit/since_v0.1.0 -n mapper-plugin \
     -d http fetch-event -o "$out/markdown_strip.wasm" >/dev/null
 echo "plugins: $out/markdown_strip.wasm (JavaScript)"
+
+# C: clang + wasi-libc give a core module without WASI imports (no stdio);
+# wit-bindgen c writes the bindings, wasm-tools wraps the module as a component.
+if ! command -v clang >/dev/null || [ ! -f /usr/lib/wasm32-wasi/libc.a ] \
+    || ! ls /usr/lib/llvm-*/lib/clang/*/lib/wasi/libclang_rt.builtins-wasm32.a >/dev/null 2>&1; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get install -y --no-install-recommends clang lld wasi-libc libclang-rt-14-dev-wasm32 >/dev/null
+fi
+command -v wit-bindgen >/dev/null || cargo install --locked --quiet wit-bindgen-cli@0.61.1
+command -v wasm-tools >/dev/null || cargo install --locked --quiet wasm-tools@1.263.0
+build="${CARGO_TARGET_DIR:-target}/lang-tools/length_filter"
+mkdir -p "$build"
+wit-bindgen c wit/since_v0.1.0 --world filter-plugin --out-dir "$build" >/dev/null 2>&1
+clang --target=wasm32-wasi --sysroot=/usr -O2 -Wall -Werror -mexec-model=reactor -Wl,--strip-debug \
+    -I "$build" -o "$build/length_filter.core.wasm" plugins/length_filter_c/length_filter.c \
+    "$build/filter_plugin.c" "$build/filter_plugin_component_type.o"
+wasm-tools component new "$build/length_filter.core.wasm" -o "$out/length_filter.wasm"
+echo "plugins: $out/length_filter.wasm (C)"

@@ -58,13 +58,19 @@ impl Setup {
 
     /// medical_clean packed into `output_dir`, signed by alice.
     fn pack(&self, output_dir: &str) {
+        self.pack_plugin("medical_clean", "plugins/medical_clean", output_dir);
+    }
+
+    /// The component `name` with the sources in `plugin_dir`, packed into
+    /// `output_dir` and signed by alice.
+    fn pack_plugin(&self, name: &str, plugin_dir: &str, output_dir: &str) {
         assert_ok(&pt_host(&[
             "plugin",
             "pack",
             "--component",
-            s(&component("medical_clean")),
+            s(&component(name)),
             "--plugin_dir",
-            s(&repo().join("plugins/medical_clean")),
+            s(&repo().join(plugin_dir)),
             "--output_dir",
             s(&self.path(output_dir)),
             "--key",
@@ -336,4 +342,21 @@ fn failing_fixtures_are_reported_by_case() {
         "{}",
         stderr(&output)
     );
+}
+
+/// The plugins in Python, JavaScript and C pack into bundles whose fixtures pass.
+#[test]
+fn every_language_plugin_packs_and_passes_its_fixtures() {
+    let setup = Setup::new();
+    for (name, dir) in [
+        ("zh_normalize", "plugins/zh_normalize_py"),
+        ("markdown_strip", "plugins/markdown_strip_js"),
+        ("length_filter", "plugins/length_filter_c"),
+    ] {
+        setup.pack_plugin(name, dir, "langs");
+        let bundle = setup.path(&format!("langs/{name}-0.1.0.ptplugin"));
+        let tested = setup.plugin("test", &bundle);
+        assert_ok(&tested);
+        assert!(String::from_utf8_lossy(&tested.stdout).contains("fixture cases passed"));
+    }
 }

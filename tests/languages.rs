@@ -169,3 +169,55 @@ fn javascript_markdown_strip_cleans_and_runs_through_prepare() {
         (Some(3), Some(2))
     );
 }
+
+#[test]
+fn c_length_filter_judges_and_runs_through_prepare() {
+    let mut c = Loaded::new("length_filter");
+    let repeated_lines = "第一行内容是这样的\n".repeat(3) + "另一行\n";
+    let long = "字".repeat(30) + &"词".repeat(30);
+    let got = c.verdicts(
+        "{}",
+        StepKind::Filter,
+        &[
+            "太短\n",
+            "发热是传染病最常见的症状之一，患者应当及时就医。\n",
+            "哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈\n",
+            &repeated_lines,
+            &long,
+        ],
+    );
+    assert_eq!(
+        got,
+        [
+            Verdict::Drop("too_short".into()),
+            Verdict::Keep,
+            Verdict::Drop("repeated_character".into()),
+            Verdict::Drop("duplicate_lines".into()),
+            Verdict::Keep,
+        ]
+    );
+    // Spaces do not count; the limits are configurable.
+    let configured = c.verdicts(
+        r#"{"min_chars": 2, "max_chars": 50}"#,
+        StepKind::Filter,
+        &["太 短\n", &long],
+    );
+    assert_eq!(
+        configured,
+        [Verdict::Keep, Verdict::Drop("too_long".into())]
+    );
+    let error = c.configure_error(r#"{"min_chars": 2, "bogus": 1}"#);
+    assert!(
+        error.contains("unknown key") && error.contains("bogus"),
+        "{error}"
+    );
+
+    let step = c.prepare_report(
+        "太短\n一段足够长的正常文本内容在这里。\n哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈\n",
+    );
+    assert_eq!(step["plugin"], "length_filter");
+    assert_eq!(
+        (step["input"].as_u64(), step["kept"].as_u64()),
+        (Some(3), Some(1))
+    );
+}
