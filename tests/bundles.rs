@@ -64,13 +64,17 @@ impl Setup {
     /// The component `name` with the sources in `plugin_dir`, packed into
     /// `output_dir` and signed by alice.
     fn pack_plugin(&self, name: &str, plugin_dir: &str, output_dir: &str) {
+        self.pack_plugin_from(&component(name), &repo().join(plugin_dir), output_dir);
+    }
+
+    fn pack_plugin_from(&self, component: &Path, plugin_dir: &Path, output_dir: &str) {
         assert_ok(&pt_host(&[
             "plugin",
             "pack",
             "--component",
-            s(&component(name)),
+            s(component),
             "--plugin_dir",
-            s(&repo().join(plugin_dir)),
+            s(plugin_dir),
             "--output_dir",
             s(&self.path(output_dir)),
             "--key",
@@ -359,4 +363,74 @@ fn every_language_plugin_packs_and_passes_its_fixtures() {
         assert_ok(&tested);
         assert!(String::from_utf8_lossy(&tested.stdout).contains("fixture cases passed"));
     }
+}
+
+/// `plugin new` gives, in every language, a project whose build script
+/// makes a component that packs and passes its own fixtures.
+#[test]
+fn new_plugin_projects_build_and_pass_their_fixtures() {
+    let setup = Setup::new();
+    // target/debug/deps/this-test -> target: share the build and the npm tools.
+    let target = std::env::current_exe()
+        .unwrap()
+        .ancestors()
+        .nth(3)
+        .unwrap()
+        .to_path_buf();
+    for lang in ["rust", "python", "js", "c"] {
+        let name = format!("my_{lang}");
+        assert_ok(&pt_host(&[
+            "plugin",
+            "new",
+            &name,
+            "--lang",
+            lang,
+            "--output_dir",
+            s(&setup.path("projects")),
+        ]));
+        let project = setup.path(&format!("projects/{name}"));
+        let npm_tools = target.join("lang-tools/node_modules");
+        if lang == "js" && npm_tools.is_dir() {
+            std::os::unix::fs::symlink(&npm_tools, project.join("node_modules")).unwrap();
+        }
+        let build = Command::new("bash")
+            .arg(project.join("build.sh"))
+            .env("CARGO_TARGET_DIR", &target)
+            .output()
+            .unwrap();
+        assert_ok(&build);
+        setup.pack_plugin_from(&project.join(format!("{name}.wasm")), &project, "scaffolds");
+        let tested = setup.plugin(
+            "test",
+            &setup.path(&format!("scaffolds/{name}-0.1.0.ptplugin")),
+        );
+        assert_ok(&tested);
+        assert!(String::from_utf8_lossy(&tested.stdout).contains("3 fixture cases passed"));
+    }
+    let taken = pt_host(&[
+        "plugin",
+        "new",
+        "my_c",
+        "--lang",
+        "c",
+        "--output_dir",
+        s(&setup.path("projects")),
+    ]);
+    assert!(
+        stderr(&taken).contains("exists; choose another name"),
+        "{}",
+        stderr(&taken)
+    );
+    let bad = pt_host(&[
+        "plugin",
+        "new",
+        "My-Plugin",
+        "--output_dir",
+        s(&setup.path("projects")),
+    ]);
+    assert!(
+        stderr(&bad).contains("use lowercase letters, digits and `_`"),
+        "{}",
+        stderr(&bad)
+    );
 }

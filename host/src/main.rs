@@ -12,6 +12,7 @@ mod plugins;
 mod prepare;
 mod progress;
 mod run;
+mod scaffold;
 
 use std::process::ExitCode;
 

@@ -17,6 +17,17 @@ const WIT: &str = include_str!("../../wit/since_v0.1.0/plugin.wit");
 
 #[derive(clap::Subcommand, Debug)]
 pub enum PluginCommand {
+    /// Start a plugin project: a working `min_chars` filter with manifest, fixtures and build.sh.
+    New {
+        name: String,
+        #[arg(long = "lang", value_enum, default_value = "rust")]
+        lang: crate::scaffold::Lang,
+        #[arg(long = "output_dir", value_name = "DIR", default_value = ".")]
+        output_dir: PathBuf,
+        /// Rust only: the pt-host plugin-sdk/ directory (default: next to this build's sources).
+        #[arg(long = "sdk_path", value_name = "DIR")]
+        sdk_path: Option<PathBuf>,
+    },
     /// Make a signing key pair: NAME.key (secret) and NAME.pub (publish it).
     Keygen {
         #[arg(long = "name")]
@@ -116,6 +127,20 @@ const FIXTURES: &str = "fixtures/cases.jsonl";
 
 pub fn run(command: PluginCommand) -> Result<()> {
     match command {
+        PluginCommand::New {
+            name,
+            lang,
+            output_dir,
+            sdk_path,
+        } => {
+            let project =
+                crate::scaffold::new_plugin(lang, &name, &output_dir, sdk_path.as_deref())?;
+            println!(
+                "{}: build with ./build.sh, then `pt-host plugin pack --component {name}.wasm --plugin_dir {}`",
+                project.display(),
+                project.display()
+            );
+        }
         PluginCommand::Keygen { name, output_dir } => {
             let key = pt_bundle::generate_key()?;
             let (secret, public) = pt_bundle::write_key_pair(&key, &output_dir, &name)?;
