@@ -5,7 +5,9 @@
 #   Python: componentize-py (PyPI)   -> zh_normalize.wasm
 #   JavaScript: componentize-js (npm) -> markdown_strip.wasm
 #   C:      clang + wasi-libc (Debian), wit-bindgen-cli and wasm-tools (crates.io)
-#                                    -> length_filter.wasm
+#                                    -> length_filter_c.wasm
+# plus length_filter's rules in Python and JavaScript (benches/length_filter),
+# for the language benchmark and the cross-language agreement test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release"
@@ -18,7 +20,9 @@ if ! command -v componentize-py >/dev/null; then
 fi
 componentize-py -d wit/since_v0.1.0 -w mapper-plugin componentize \
     -p plugins/zh_normalize_py app -o "$out/zh_normalize.wasm" >/dev/null
-echo "plugins: $out/zh_normalize.wasm (Python)"
+componentize-py -d wit/since_v0.1.0 -w filter-plugin componentize \
+    -p benches/length_filter app -o "$out/length_filter_py.wasm" >/dev/null
+echo "plugins: $out/zh_normalize.wasm, length_filter_py.wasm (Python)"
 
 # JavaScript
 tools="${CARGO_TARGET_DIR:-target}/lang-tools"
@@ -30,7 +34,9 @@ fi
 # No HTTP: a pt-host plugin has no network, and the host links no wasi:http.
 "$componentize_js" plugins/markdown_strip_js/plugin.js --wit wit/since_v0.1.0 -n mapper-plugin \
     -d http fetch-event -o "$out/markdown_strip.wasm" >/dev/null
-echo "plugins: $out/markdown_strip.wasm (JavaScript)"
+"$componentize_js" benches/length_filter/plugin.js --wit wit/since_v0.1.0 -n filter-plugin \
+    -d http fetch-event -o "$out/length_filter_js.wasm" >/dev/null
+echo "plugins: $out/markdown_strip.wasm, length_filter_js.wasm (JavaScript)"
 
 # C: clang + wasi-libc give a core module without WASI imports (no stdio);
 # wit-bindgen c writes the bindings, wasm-tools wraps the module as a component.
@@ -47,5 +53,5 @@ wit-bindgen c wit/since_v0.1.0 --world filter-plugin --out-dir "$build" >/dev/nu
 clang --target=wasm32-wasi --sysroot=/usr -O2 -Wall -Werror -mexec-model=reactor -Wl,--strip-debug \
     -I "$build" -o "$build/length_filter.core.wasm" plugins/length_filter_c/length_filter.c \
     "$build/filter_plugin.c" "$build/filter_plugin_component_type.o"
-wasm-tools component new "$build/length_filter.core.wasm" -o "$out/length_filter.wasm"
-echo "plugins: $out/length_filter.wasm (C)"
+wasm-tools component new "$build/length_filter.core.wasm" -o "$out/length_filter_c.wasm"
+echo "plugins: $out/length_filter_c.wasm (C)"

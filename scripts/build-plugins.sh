@@ -7,5 +7,5 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
     rustup target add wasm32-wasip2
 fi
 cargo build --release --target wasm32-wasip2 \
-    -p medical_clean -p augment_eda -p domain_terms -p hostile
+    -p medical_clean -p augment_eda -p domain_terms -p length_filter -p hostile
 echo "plugins: ${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/{medical_clean,augment_eda,domain_terms}.wasm"

@@ -352,13 +352,22 @@ fn failing_fixtures_are_reported_by_case() {
 #[test]
 fn every_language_plugin_packs_and_passes_its_fixtures() {
     let setup = Setup::new();
-    for (name, dir) in [
-        ("zh_normalize", "plugins/zh_normalize_py"),
-        ("markdown_strip", "plugins/markdown_strip_js"),
-        ("length_filter", "plugins/length_filter_c"),
+    // (component, sources, plugin id)
+    for (name, dir, id) in [
+        ("zh_normalize", "plugins/zh_normalize_py", "zh_normalize"),
+        (
+            "markdown_strip",
+            "plugins/markdown_strip_js",
+            "markdown_strip",
+        ),
+        (
+            "length_filter_c",
+            "plugins/length_filter_c",
+            "length_filter",
+        ),
     ] {
         setup.pack_plugin(name, dir, "langs");
-        let bundle = setup.path(&format!("langs/{name}-0.1.0.ptplugin"));
+        let bundle = setup.path(&format!("langs/{id}-0.1.0.ptplugin"));
         let tested = setup.plugin("test", &bundle);
         assert_ok(&tested);
         assert!(String::from_utf8_lossy(&tested.stdout).contains("fixture cases passed"));

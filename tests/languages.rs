@@ -172,7 +172,7 @@ fn javascript_markdown_strip_cleans_and_runs_through_prepare() {
 
 #[test]
 fn c_length_filter_judges_and_runs_through_prepare() {
-    let mut c = Loaded::new("length_filter");
+    let mut c = Loaded::new("length_filter_c");
     let repeated_lines = "第一行内容是这样的\n".repeat(3) + "另一行\n";
     let long = "字".repeat(30) + &"词".repeat(30);
     let got = c.verdicts(
@@ -220,4 +220,36 @@ fn c_length_filter_judges_and_runs_through_prepare() {
         (step["input"].as_u64(), step["kept"].as_u64()),
         (Some(3), Some(1))
     );
+}
+
+/// length_filter's rules written four times — Rust, C, Python, JavaScript —
+/// give the same verdict on every document of the shipped corpus.
+#[test]
+fn the_same_filter_in_four_languages_agrees_on_the_corpus() {
+    let corpus = crate::common::corpus_documents();
+    let texts: Vec<&str> = corpus.iter().map(|(_, t)| t.as_str()).collect();
+    let verdicts = |name: &'static str| -> Vec<Verdict> {
+        let mut loaded = Loaded::new(name);
+        texts
+            .chunks(256)
+            .flat_map(|chunk| loaded.verdicts("{}", StepKind::Filter, chunk))
+            .collect()
+    };
+    let rust = verdicts("length_filter");
+    let dropped = rust.iter().filter(|v| **v != Verdict::Keep).count();
+    assert!(
+        dropped > 100 && dropped < corpus.len() / 2,
+        "{dropped} dropped"
+    );
+    for other in ["length_filter_c", "length_filter_py", "length_filter_js"] {
+        let theirs = verdicts(other);
+        let first = rust.iter().zip(&theirs).position(|(a, b)| a != b);
+        assert!(
+            first.is_none(),
+            "{other} differs from Rust at {}: {:?} vs {:?}",
+            corpus[first.unwrap()].0,
+            theirs[first.unwrap()],
+            rust[first.unwrap()]
+        );
+    }
 }

@@ -2,8 +2,10 @@
 //!
 //! Prints medical_clean's throughput as a WebAssembly component and as the same
 //! Rust code compiled natively (MB/s and their ratio), and the whole pipeline's
-//! documents/s with and without the plugin. Needs the components built
-//! (`scripts/build-plugins.sh`).
+//! documents/s with and without the plugin, and one filter's rules
+//! (length_filter) in native Rust and as Rust, C, Python and JavaScript
+//! components. Needs the components built (`scripts/build-plugins.sh`,
+//! `scripts/build-lang-plugins.sh`).
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -158,4 +160,58 @@ fn main() {
         "scaling 1 -> {cores} workers: {:.2}x",
         with_plugin_1 / with_plugin_n
     );
+    languages(&docs, mb, budget);
+}
+
+/// length_filter, the same rules in every form, 1 thread, batches of BATCH.
+fn languages(docs: &[(String, String)], mb: f64, budget: Duration) {
+    let native = length_filter::LengthFilter::configure("{}").unwrap();
+    let native_s = best_of(budget, || {
+        for (source, text) in docs {
+            let doc = Document {
+                source: source.clone(),
+                text: text.clone(),
+            };
+            std::hint::black_box(native.filter(&doc));
+        }
+    });
+    println!(
+        "{:<44} {:>10} {:>12}",
+        "length_filter (same rules)", "MB/s", "vs native"
+    );
+    println!(
+        "{:<44} {:>10.1} {:>12.2}",
+        "native Rust (no sandbox)",
+        mb / native_s,
+        1.0
+    );
+    let runtime = PluginRuntime::new(None).unwrap();
+    for (name, label) in [
+        ("length_filter", "Rust component"),
+        ("length_filter_c", "C component"),
+        ("length_filter_py", "Python component (componentize-py)"),
+        ("length_filter_js", "JavaScript component (componentize-js)"),
+    ] {
+        let limits = PluginLimits {
+            memory_bytes: 512 << 20,
+            call_timeout: Duration::from_secs(60),
+        };
+        let mut plugin = runtime.load(&common::component(name), limits).unwrap();
+        plugin.configure("{}").unwrap();
+        let mut instance = plugin.instance().unwrap();
+        let seconds = best_of(budget, || {
+            for chunk in docs.chunks(BATCH) {
+                let refs: Vec<DocRef<'_>> = chunk
+                    .iter()
+                    .map(|(s, t)| DocRef { source: s, text: t })
+                    .collect();
+                std::hint::black_box(instance.apply(StepKind::Filter, &refs, 0).unwrap());
+            }
+        });
+        println!(
+            "{label:<44} {:>10.1} {:>12.2}",
+            mb / seconds,
+            native_s / seconds
+        );
+    }
 }
