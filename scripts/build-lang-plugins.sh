@@ -55,3 +55,14 @@ clang --target=wasm32-wasi --sysroot=/usr -O2 -Wall -Werror -mexec-model=reactor
     "$build/filter_plugin.c" "$build/filter_plugin_component_type.o"
 wasm-tools component new "$build/length_filter.core.wasm" -o "$out/length_filter_c.wasm"
 echo "plugins: $out/length_filter_c.wasm (C)"
+
+# A test guest: the same C filter built against a future interface version,
+# which this host must refuse with what to rebuild against.
+future="$build/future"
+mkdir -p "$future/wit"
+sed 's/pt:plugin@0\.1\.0/pt:plugin@0.2.0/' wit/since_v0.1.0/plugin.wit > "$future/wit/plugin.wit"
+wit-bindgen c "$future/wit" --world filter-plugin --out-dir "$future" >/dev/null 2>&1
+clang --target=wasm32-wasi --sysroot=/usr -O2 -mexec-model=reactor -Wl,--strip-debug \
+    -I "$future" -o "$future/core.wasm" plugins/length_filter_c/length_filter.c \
+    "$future/filter_plugin.c" "$future/filter_plugin_component_type.o"
+wasm-tools component new "$future/core.wasm" -o "$out/future_interface.wasm"
