@@ -41,7 +41,7 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Continue prompts with a model (+ adapter): greedy or sampled, streamed.
     Generate(Box<generate::GenerateArgs>),
-    /// Plugin bundles: keygen, pack, sign, verify, inspect, install, list, remove, test.
+    /// Plugins: new projects, signing keys and bundles (new, keygen, pack, sign, verify, inspect, install, list, remove, test).
     #[command(subcommand)]
     Plugin(plugin_cmd::PluginCommand),
     /// Build a small BLOOM here: a BPE tokenizer trained on a corpus and random weights.
