@@ -8,4 +8,6 @@ if ! rustup target list --installed | grep -qx wasm32-wasip2; then
 fi
 cargo build --release --target wasm32-wasip2 \
     -p medical_clean -p augment_eda -p domain_terms -p length_filter -p hostile
+# The native-plugin example (a shared library for --allow_native).
+cargo build --release -p length_filter_native
 echo "plugins: ${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/{medical_clean,augment_eda,domain_terms}.wasm"

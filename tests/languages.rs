@@ -268,3 +268,98 @@ fn a_component_for_another_interface_version_is_refused() {
         "{error}"
     );
 }
+
+/// The native library of pt-host's C ABI: refused without --allow_native,
+/// and with it the same result as the Rust component of the same rules.
+#[test]
+fn a_native_plugin_needs_allow_native_and_matches_its_component() {
+    // target/debug/deps/this-test -> target/release/
+    let library = std::env::current_exe()
+        .unwrap()
+        .ancestors()
+        .nth(3)
+        .unwrap()
+        .join("release/liblength_filter_native.so");
+    assert!(
+        library.is_file(),
+        "{} missing: run scripts/build-plugins.sh",
+        library.display()
+    );
+    let lines =
+        "太短\n一段足够长的正常文本内容在这里。\n哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈\n";
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    fs::create_dir_all(&corpus).unwrap();
+    fs::write(corpus.join("a.txt"), lines).unwrap();
+    let prepare = |plugin: &std::path::Path, extra: &[&str], out: &str| {
+        Command::new(env!("CARGO_BIN_EXE_pt-host"))
+            .args(["prepare", "--model_name_or_path"])
+            .arg(fixture_model())
+            .arg("--train_file_dir")
+            .arg(&corpus)
+            .args([
+                "--validation_split_percentage",
+                "0",
+                "--block_size",
+                "8",
+                "--disable_tqdm",
+                "--plugin",
+            ])
+            .arg(plugin)
+            .args(extra)
+            .arg("--output_dir")
+            .arg(dir.path().join(out))
+            .arg("--cache_dir")
+            .arg(dir.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    let refused = prepare(&library, &[], "refused");
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("runs unsandboxed") && message.contains("--allow_native"),
+        "{message}"
+    );
+    let native = prepare(&library, &["--allow_native"], "native");
+    assert_ok(&native);
+    assert!(String::from_utf8_lossy(&native.stderr).contains("native plugin, NOT sandboxed"));
+    let wasm = prepare(&component("length_filter"), &[], "wasm");
+    assert_ok(&wasm);
+    let step = |out: &str| -> serde_json::Value {
+        let report: serde_json::Value = serde_json::from_slice(
+            &fs::read(dir.path().join(out).join("data_report.json")).unwrap(),
+        )
+        .unwrap();
+        let step = &report["train"]["steps"][0];
+        serde_json::json!([step["plugin"], step["kept"], step["dropped_by_reason"]])
+    };
+    assert_eq!(step("native"), step("wasm"));
+    assert_eq!(step("native")[1], 1);
+    // Configuration errors come back through the ABI.
+    let bad = prepare(
+        &library,
+        &[
+            "--allow_native",
+            "--plugin_config",
+            "length_filter={\"bogus\": 1}",
+        ],
+        "bad",
+    );
+    let message = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        message.contains("rejected its configuration") && message.contains("bogus"),
+        "{message}"
+    );
+    // A library that is not a plugin.
+    let libm = std::path::Path::new("/lib/x86_64-linux-gnu/libm.so.6");
+    if libm.is_file() {
+        let copy = dir.path().join("libm.so");
+        fs::copy(libm, &copy).unwrap();
+        let not_plugin = prepare(&copy, &["--allow_native"], "libm");
+        let message = String::from_utf8_lossy(&not_plugin.stderr);
+        assert!(
+            message.contains("no `pt_native_abi_version` (not a pt-host native plugin)"),
+            "{message}"
+        );
+    }
+}

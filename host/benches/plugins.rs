@@ -185,6 +185,18 @@ fn languages(docs: &[(String, String)], mb: f64, budget: Duration) {
         mb / native_s,
         1.0
     );
+    // target/release/deps/this-bench -> target/release/
+    let library = std::env::current_exe()
+        .unwrap()
+        .ancestors()
+        .nth(2)
+        .unwrap()
+        .join("liblength_filter_native.so");
+    let native_plugin = pt_plugin_host::NativePlugin::load(&library).unwrap();
+    let mut plugins: Vec<(&str, Box<dyn StepInstance>)> = vec![(
+        "native library (--allow_native, C ABI)",
+        native_plugin.instantiate().unwrap(),
+    )];
     let runtime = PluginRuntime::new(None).unwrap();
     for (name, label) in [
         ("length_filter", "Rust component"),
@@ -198,7 +210,9 @@ fn languages(docs: &[(String, String)], mb: f64, budget: Duration) {
         };
         let mut plugin = runtime.load(&common::component(name), limits).unwrap();
         plugin.configure("{}").unwrap();
-        let mut instance = plugin.instance().unwrap();
+        plugins.push((label, Box::new(plugin.instance().unwrap())));
+    }
+    for (label, instance) in &mut plugins {
         let seconds = best_of(budget, || {
             for chunk in docs.chunks(BATCH) {
                 let refs: Vec<DocRef<'_>> = chunk

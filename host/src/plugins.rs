@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use pt_plugin_host::{LoadedPlugin, PluginLimits, PluginRuntime};
+use pt_plugin_host::{LoadedPlugin, NativePlugin, PluginLimits, PluginRuntime};
 
 use crate::args::parse_key_value;
 
@@ -36,6 +36,10 @@ pub struct PluginArgs {
     /// Wall-clock limit of one plugin call, in milliseconds.
     #[arg(long = "plugin_timeout_ms", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub plugin_timeout_ms: u64,
+    /// Also load native plugins (.so/.dylib/.dll). They are NOT sandboxed:
+    /// they run with pt-host's rights (files, network, memory). Trusted code only.
+    #[arg(long = "allow_native", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = crate::args::parse_bool)]
+    pub allow_native: bool,
     /// Memory limit of each plugin instance, in MiB.
     #[arg(long = "plugin_memory_mb", default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub plugin_memory_mb: u64,
@@ -86,6 +90,72 @@ impl PluginArgs {
     }
 }
 
+/// A loaded `--plugin`: a sandboxed component, or a native library.
+pub enum HostPlugin {
+    Wasm(LoadedPlugin),
+    Native(NativePlugin),
+}
+
+impl HostPlugin {
+    pub fn name(&self) -> &str {
+        match self {
+            HostPlugin::Wasm(p) => &p.name,
+            HostPlugin::Native(p) => &p.info.id,
+        }
+    }
+
+    pub fn version(&self) -> &str {
+        match self {
+            HostPlugin::Wasm(p) => &p.info.version,
+            HostPlugin::Native(p) => &p.info.version,
+        }
+    }
+
+    pub fn digest(&self) -> &str {
+        match self {
+            HostPlugin::Wasm(p) => &p.digest,
+            HostPlugin::Native(p) => &p.digest,
+        }
+    }
+
+    pub fn config(&self) -> &str {
+        match self {
+            HostPlugin::Wasm(p) => &p.config,
+            HostPlugin::Native(p) => &p.config,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            HostPlugin::Wasm(p) => &p.path,
+            HostPlugin::Native(p) => &p.path,
+        }
+    }
+
+    fn configure(&mut self, config: &str) -> Result<()> {
+        match self {
+            HostPlugin::Wasm(p) => p.configure(config),
+            HostPlugin::Native(p) => p.configure(config),
+        }
+    }
+
+    /// The document steps, for the data pipeline.
+    pub fn steps(&self) -> &dyn pt_data::StepPlugin {
+        match self {
+            HostPlugin::Wasm(p) => p,
+            HostPlugin::Native(p) => p,
+        }
+    }
+
+    /// The component, for metric plugins (native plugins have no metrics).
+    pub fn wasm(&self) -> Option<&LoadedPlugin> {
+        match self {
+            HostPlugin::Wasm(p) => Some(p),
+            HostPlugin::Native(_) => None,
+        }
+    }
+}
+
 /// Interfaces this host implements, as bundle manifests name them.
 pub fn host_interfaces() -> [String; 1] {
     [format!("pt:plugin@{}", pt_plugin_host::INTERFACE_VERSION)]
@@ -109,8 +179,29 @@ pub fn load_bundle(
     runtime.load_bytes(source, bundle.component(), args.limits())
 }
 
-/// `--plugin`: a .wasm component, a .ptplugin bundle, or an installed bundle.
-fn load_one(runtime: &PluginRuntime, reference: &Path, args: &PluginArgs) -> Result<LoadedPlugin> {
+/// `--plugin`: a .wasm component, a .ptplugin bundle, an installed bundle,
+/// or (with --allow_native) a native library.
+fn load_one(runtime: &PluginRuntime, reference: &Path, args: &PluginArgs) -> Result<HostPlugin> {
+    if reference
+        .extension()
+        .is_some_and(|e| e == "so" || e == "dylib" || e == "dll")
+    {
+        if !args.allow_native {
+            bail!(
+                "--plugin {}: a native library runs unsandboxed, with all of pt-host's rights; pass --allow_native if you trust it",
+                reference.display()
+            );
+        }
+        eprintln!(
+            "warning: --plugin {}: native plugin, NOT sandboxed",
+            reference.display()
+        );
+        return NativePlugin::load(reference).map(HostPlugin::Native);
+    }
+    load_wasm(runtime, reference, args).map(HostPlugin::Wasm)
+}
+
+fn load_wasm(runtime: &PluginRuntime, reference: &Path, args: &PluginArgs) -> Result<LoadedPlugin> {
     if reference.extension().is_some_and(|e| e == "ptplugin") {
         let bundle = pt_bundle::Bundle::read(reference)
             .with_context(|| format!("--plugin {}", reference.display()))?;
@@ -152,18 +243,18 @@ fn config_json(name: &str, value: &str) -> Result<String> {
 }
 
 /// Loads and configures every `--plugin`, in order.
-pub fn load(args: &PluginArgs, cache_dir: &Path) -> Result<(PluginRuntime, Vec<LoadedPlugin>)> {
+pub fn load(args: &PluginArgs, cache_dir: &Path) -> Result<(PluginRuntime, Vec<HostPlugin>)> {
     let runtime = PluginRuntime::new(Some(cache_dir.to_path_buf()))?;
     let mut loaded = Vec::new();
     for reference in &args.plugins {
         loaded.push(load_one(&runtime, reference, args)?);
     }
     for (name, _) in &args.plugin_configs {
-        let known = loaded.iter().any(|p| {
-            p.name.as_ref() == name || p.path.file_stem().is_some_and(|s| s == name.as_str())
-        });
+        let known = loaded
+            .iter()
+            .any(|p| p.name() == name || p.path().file_stem().is_some_and(|s| s == name.as_str()));
         if !known {
-            let names: Vec<&str> = loaded.iter().map(|p| p.name.as_ref()).collect();
+            let names: Vec<&str> = loaded.iter().map(HostPlugin::name).collect();
             bail!(
                 "--plugin_config {name}: no plugin of that name is loaded (loaded: {})",
                 names.join(", ")
@@ -172,7 +263,7 @@ pub fn load(args: &PluginArgs, cache_dir: &Path) -> Result<(PluginRuntime, Vec<L
     }
     for plugin in &mut loaded {
         let stem = plugin
-            .path
+            .path()
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -180,22 +271,22 @@ pub fn load(args: &PluginArgs, cache_dir: &Path) -> Result<(PluginRuntime, Vec<L
             .plugin_configs
             .iter()
             .rev()
-            .find(|(name, _)| *name == *plugin.name || *name == stem);
+            .find(|(name, _)| name == plugin.name() || *name == stem);
         let config = match given {
             Some((name, value)) => config_json(name, value)?,
             None => "{}".to_string(),
         };
         plugin.configure(&config)?;
-        let compiled = if plugin.from_cache {
-            "compiled code from cache"
-        } else {
-            "compiled"
+        let how = match &plugin {
+            HostPlugin::Wasm(p) if p.from_cache => "compiled code from cache",
+            HostPlugin::Wasm(_) => "compiled",
+            HostPlugin::Native(_) => "native, unsandboxed",
         };
         eprintln!(
-            "plugin {} {} ({}; {compiled})",
-            plugin.name,
-            plugin.info.version,
-            &plugin.digest[..19]
+            "plugin {} {} ({}; {how})",
+            plugin.name(),
+            plugin.version(),
+            &plugin.digest()[..19]
         );
     }
     Ok((runtime, loaded))

@@ -105,7 +105,7 @@ impl PrepareArgs {
 pub struct PreparedData {
     pub prepared: pt_data::Prepared,
     pub tokenizer: Tokenizer,
-    pub plugins: Vec<pt_plugin_host::LoadedPlugin>,
+    pub plugins: Vec<plugins::HostPlugin>,
     /// Keeps the plugins' engine and deadline clock alive.
     _runtime: pt_plugin_host::PluginRuntime,
 }
@@ -135,12 +135,12 @@ pub fn prepare_data(args: &PrepareArgs) -> Result<PreparedData> {
     let plugins: Vec<PreparePlugin<'_>> = loaded
         .iter()
         .map(|p| PreparePlugin {
-            plugin: p,
+            plugin: p.steps(),
             report: PluginReport {
-                name: p.name.to_string(),
-                version: p.info.version.clone(),
-                digest: p.digest.clone(),
-                config: p.config.clone(),
+                name: p.name().to_string(),
+                version: p.version().to_string(),
+                digest: p.digest().to_string(),
+                config: p.config().to_string(),
             },
         })
         .collect();

@@ -490,6 +490,7 @@ impl<'a> PluginMetrics<'a> {
         let plugins = data
             .plugins
             .iter()
+            .filter_map(|p| p.wasm())
             .filter(|p| p.has_kind(Kind::Metric))
             .collect();
         Self {

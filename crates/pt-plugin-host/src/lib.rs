@@ -9,11 +9,13 @@
 mod bindings;
 pub mod link;
 pub mod load;
+pub mod native;
 mod output;
 pub mod run;
 
 pub use bindings::pt::plugin::types::{Kind, MetricValue, Sample};
 pub use load::{LoadedPlugin, PluginLimits, PluginRuntime};
+pub use native::NativePlugin;
 pub use run::{MetricSession, PluginInstance};
 
 /// The interface version this host implements.
