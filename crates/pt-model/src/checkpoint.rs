@@ -58,8 +58,7 @@ impl CustomOp1 for CheckpointedBlock {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let x = input_tensor(Storage::Cuda(storage.try_clone(layout)?), layout)?;
+        let x = crate::ops::cuda_input(storage, layout)?;
         crate::ops::cuda_output(&self.block.forward(&x, &self.context, false)?)
     }
 

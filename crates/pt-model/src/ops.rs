@@ -77,6 +77,13 @@ pub(crate) fn cpu_output(y: &Tensor) -> Result<(CpuStorage, Shape)> {
     }
 }
 
+/// A custom op's CUDA input as a tensor (a device-side copy).
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_input(storage: &candle_core::CudaStorage, layout: &Layout) -> Result<Tensor> {
+    use candle_core::backend::BackendStorage;
+    input_tensor(Storage::Cuda(storage.try_clone(layout)?), layout)
+}
+
 /// A custom op's CUDA result.
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_output(y: &Tensor) -> Result<(candle_core::CudaStorage, Shape)> {
@@ -95,8 +102,8 @@ struct FrozenMatmul {
 }
 
 impl FrozenMatmul {
-    fn forward(&self, x: Storage, layout: &Layout) -> Result<Tensor> {
-        input_tensor(x, layout)?.matmul(&self.weight.t()?)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)
     }
 }
 
@@ -106,7 +113,7 @@ impl CustomOp1 for FrozenMatmul {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_output(&self.forward(Storage::Cpu(storage.clone()), layout)?)
+        cpu_output(&self.forward(&input_tensor(Storage::Cpu(storage.clone()), layout)?)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -115,9 +122,7 @@ impl CustomOp1 for FrozenMatmul {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let input = Storage::Cuda(storage.try_clone(layout)?);
-        cuda_output(&self.forward(input, layout)?)
+        cuda_output(&self.forward(&cuda_input(storage, layout)?)?)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {

@@ -334,13 +334,7 @@ impl<'a> Trainer<'a> {
         let (mut logged_loss, mut logged_steps, mut logged_tokens) = (0f64, 0usize, 0usize);
 
         if let (true, 0, Some(eval)) = (a.eval_on_start, first_step, eval) {
-            let results = evaluate(
-                self.model,
-                eval,
-                a.per_device_eval_batch_size,
-                metrics.as_deref_mut(),
-            )?;
-            self.record(eval_results(&results, 0.0, Some(0)), callback);
+            self.evaluate_and_record(eval, metrics.as_deref_mut(), callback)?;
         }
         let variables: Vec<Var> = self.named.iter().map(|(_, v)| v.clone()).collect();
         // The block order of the epoch in progress, computed once per epoch.
@@ -414,16 +408,7 @@ impl<'a> Trainer<'a> {
                 Interval::No => false,
             };
             if let (true, Some(eval)) = (eval_now, eval) {
-                let results = evaluate(
-                    self.model,
-                    eval,
-                    a.per_device_eval_batch_size,
-                    metrics.as_deref_mut(),
-                )?;
-                self.record(
-                    eval_results(&results, self.state.epoch, Some(self.state.global_step)),
-                    callback,
-                );
+                self.evaluate_and_record(eval, metrics.as_deref_mut(), callback)?;
             }
             let save_now = match a.save_strategy {
                 Interval::Steps => a.save_steps > 0 && (step + 1) % a.save_steps == 0,
@@ -444,6 +429,24 @@ impl<'a> Trainer<'a> {
             "train_loss": run_loss / (max_steps - first_step).max(1) as f64,
         });
         Ok(summary)
+    }
+
+    /// Evaluates on `eval` and logs the result at the current step.
+    fn evaluate_and_record<'s>(
+        &mut self,
+        eval: &Blocks,
+        metrics: Option<&mut (dyn MetricSink + 's)>,
+        callback: &mut dyn TrainerCallback,
+    ) -> Result<()> {
+        let results = evaluate(
+            self.model,
+            eval,
+            self.args.per_device_eval_batch_size,
+            metrics,
+        )?;
+        let entry = eval_results(&results, self.state.epoch, Some(self.state.global_step));
+        self.record(entry, callback);
+        Ok(())
     }
 
     fn record(&mut self, entry: Value, callback: &mut dyn TrainerCallback) {
