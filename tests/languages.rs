@@ -11,6 +11,31 @@ use pt_plugin_host::{LoadedPlugin, PluginLimits, PluginRuntime};
 
 use crate::common::{assert_ok, component, fixture_model};
 
+/// `pt-host prepare` of `corpus` with `--plugin plugin` and `extra` flags.
+fn prepare(
+    corpus: &std::path::Path,
+    plugin: &std::path::Path,
+    extra: &[&str],
+    out: &std::path::Path,
+    cache: &std::path::Path,
+) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(["prepare", "--model_name_or_path"])
+        .arg(fixture_model())
+        .arg("--train_file_dir")
+        .arg(corpus)
+        .args(["--validation_split_percentage", "0", "--block_size", "8"])
+        .args(["--disable_tqdm", "--plugin"])
+        .arg(plugin)
+        .args(extra)
+        .arg("--output_dir")
+        .arg(out)
+        .arg("--cache_dir")
+        .arg(cache)
+        .output()
+        .unwrap()
+}
+
 /// A plugin loaded once (compiling an embedded interpreter takes seconds)
 /// with a compilation cache that `pt-host prepare` shares.
 struct Loaded {
@@ -71,20 +96,7 @@ impl Loaded {
         fs::create_dir_all(&corpus).unwrap();
         fs::write(corpus.join("a.txt"), lines).unwrap();
         let out = dir.path().join("out");
-        let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
-            .args(["prepare", "--model_name_or_path"])
-            .arg(fixture_model())
-            .arg("--train_file_dir")
-            .arg(&corpus)
-            .args(["--validation_split_percentage", "0", "--block_size", "8"])
-            .args(["--disable_tqdm", "--plugin"])
-            .arg(component(self.name))
-            .arg("--output_dir")
-            .arg(&out)
-            .arg("--cache_dir")
-            .arg(self.cache.path())
-            .output()
-            .unwrap();
+        let output = prepare(&corpus, &component(self.name), &[], &out, self.cache.path());
         assert_ok(&output);
         assert!(String::from_utf8_lossy(&output.stderr).contains("compiled code from cache"));
         let report: serde_json::Value =
@@ -292,27 +304,13 @@ fn a_native_plugin_needs_allow_native_and_matches_its_component() {
     fs::create_dir_all(&corpus).unwrap();
     fs::write(corpus.join("a.txt"), lines).unwrap();
     let prepare = |plugin: &std::path::Path, extra: &[&str], out: &str| {
-        Command::new(env!("CARGO_BIN_EXE_pt-host"))
-            .args(["prepare", "--model_name_or_path"])
-            .arg(fixture_model())
-            .arg("--train_file_dir")
-            .arg(&corpus)
-            .args([
-                "--validation_split_percentage",
-                "0",
-                "--block_size",
-                "8",
-                "--disable_tqdm",
-                "--plugin",
-            ])
-            .arg(plugin)
-            .args(extra)
-            .arg("--output_dir")
-            .arg(dir.path().join(out))
-            .arg("--cache_dir")
-            .arg(dir.path().join("cache"))
-            .output()
-            .unwrap()
+        prepare(
+            &corpus,
+            plugin,
+            extra,
+            &dir.path().join(out),
+            &dir.path().join("cache"),
+        )
     };
     let refused = prepare(&library, &[], "refused");
     let message = String::from_utf8_lossy(&refused.stderr);

@@ -11,13 +11,12 @@ use pt_model::generate::{GenerationConfig, generate};
 
 use crate::args::parse_bool;
 use crate::device::{self, DeviceArg, DtypeArg};
-use crate::hub::{self, HubArgs};
+use crate::hub::ModelArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Model directory, or a hub id downloaded into the cache.
-    #[arg(long = "model_name_or_path", value_name = "DIR|ID")]
-    pub model_name_or_path: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// A PEFT LoRA adapter to apply.
     #[arg(long = "peft_path", value_name = "DIR")]
     pub peft_path: Option<PathBuf>,
@@ -49,14 +48,9 @@ pub struct GenerateArgs {
     pub torch_dtype: DtypeArg,
     #[arg(long = "device_map", value_enum, default_value = "auto")]
     pub device_map: DeviceArg,
-    /// Where hub models are cached (default: HF's cache).
-    #[arg(long = "cache_dir", value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-    #[command(flatten)]
-    pub hub: HubArgs,
 }
 
-pub fn run(mut args: GenerateArgs) -> Result<()> {
+pub fn run(args: GenerateArgs) -> Result<()> {
     let mut prompts = args.prompt.clone();
     if let Some(file) = &args.prompt_file {
         let text = std::fs::read_to_string(file)
@@ -77,17 +71,12 @@ pub fn run(mut args: GenerateArgs) -> Result<()> {
         bail!("--repetition_penalty must be positive");
     }
     let (device, dtype) = device::select(args.device_map, args.torch_dtype, true)?;
-    args.model_name_or_path = hub::resolve(
-        &args.model_name_or_path,
-        &args.hub,
-        args.cache_dir.as_deref(),
-        false,
-    )?;
-    let mut model = Bloom::load(&args.model_name_or_path, &device, dtype)?;
+    let model_dir = args.model.resolve()?;
+    let mut model = Bloom::load(&model_dir, &device, dtype)?;
     if let Some(adapter) = &args.peft_path {
         model.load_adapter(adapter)?;
     }
-    let tokenizer = Tokenizer::from_dir(&args.model_name_or_path)?;
+    let tokenizer = Tokenizer::from_dir(&model_dir)?;
     let ids = prompts
         .iter()
         .enumerate()

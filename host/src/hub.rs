@@ -26,6 +26,32 @@ pub struct HubArgs {
     pub model_revision: Option<String>,
 }
 
+/// A model for the commands that need no corpus (`generate`, `merge`): a
+/// directory or a hub id, and where hub models are cached.
+#[derive(clap::Args, Debug)]
+pub struct ModelArgs {
+    /// Model directory, or a hub id downloaded into the cache.
+    #[arg(long = "model_name_or_path", value_name = "DIR|ID")]
+    pub model_name_or_path: PathBuf,
+    /// Where hub models are cached (default: HF's cache).
+    #[arg(long = "cache_dir", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub hub: HubArgs,
+}
+
+impl ModelArgs {
+    /// The model's local directory (downloading a hub id first).
+    pub fn resolve(&self) -> Result<PathBuf> {
+        resolve(
+            &self.model_name_or_path,
+            &self.hub,
+            self.cache_dir.as_deref(),
+            false,
+        )
+    }
+}
+
 /// The local directory of `model`: itself when it exists, else the cached
 /// download of the hub id. Models cache under `cache_dir` when given (as
 /// HF's `cache_dir`), else in HF's own cache (`HF_HUB_CACHE`, `HF_HOME/hub`,

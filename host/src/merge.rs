@@ -8,13 +8,12 @@ use candle_core::{DType, Device};
 use pt_model::Bloom;
 
 use crate::device::DtypeArg;
-use crate::hub::{self, HubArgs};
+use crate::hub::ModelArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct MergeArgs {
-    /// Base model directory, or a hub id downloaded into the cache.
-    #[arg(long = "model_name_or_path", value_name = "DIR|ID")]
-    pub model_name_or_path: PathBuf,
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// PEFT LoRA adapter directory to merge.
     #[arg(long = "peft_path", value_name = "DIR")]
     pub peft_path: PathBuf,
@@ -24,14 +23,9 @@ pub struct MergeArgs {
     /// Storage dtype of the merged weights (auto: the base model's config dtype, else float32).
     #[arg(long = "dtype", value_enum, default_value = "auto")]
     pub dtype: DtypeArg,
-    /// Where hub models are cached (default: HF's cache).
-    #[arg(long = "cache_dir", value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
-    #[command(flatten)]
-    pub hub: HubArgs,
 }
 
-pub fn run(mut args: MergeArgs) -> Result<()> {
+pub fn run(args: MergeArgs) -> Result<()> {
     if args
         .output_dir
         .read_dir()
@@ -42,29 +36,24 @@ pub fn run(mut args: MergeArgs) -> Result<()> {
             args.output_dir.display()
         );
     }
-    args.model_name_or_path = hub::resolve(
-        &args.model_name_or_path,
-        &args.hub,
-        args.cache_dir.as_deref(),
-        false,
-    )?;
+    let model_dir = args.model.resolve()?;
     let dtype = match args.dtype {
         DtypeArg::Float32 => DType::F32,
         DtypeArg::Bfloat16 => DType::BF16,
         DtypeArg::Float16 => DType::F16,
-        DtypeArg::Auto => config_dtype(&args.model_name_or_path),
+        DtypeArg::Auto => config_dtype(&model_dir),
     };
     // Merged in f32 on the CPU: exact sums, whatever the storage dtype.
-    let mut model = Bloom::load(&args.model_name_or_path, &Device::Cpu, DType::F32)?;
+    let mut model = Bloom::load(&model_dir, &Device::Cpu, DType::F32)?;
     let adapter = model.load_adapter(&args.peft_path)?;
     let merged = model.merge_adapters()?;
-    model.save_model(&args.output_dir, &args.model_name_or_path, dtype)?;
+    model.save_model(&args.output_dir, &model_dir, dtype)?;
     println!(
         "merged {} (r {}, alpha {}) into {merged} layers of {}: {} ({dtype:?})",
         args.peft_path.display(),
         adapter.r,
         adapter.lora_alpha,
-        args.model_name_or_path.display(),
+        model_dir.display(),
         args.output_dir.display()
     );
     Ok(())

@@ -348,8 +348,8 @@ fn inspect(path: &Path) -> Result<()> {
                 .map_or("none (unsigned)".into(), |k| format!("ed25519 key {k}"))
         );
     }
-    let runtime = PluginRuntime::new(None)?;
-    let (imports, exports) = runtime.imports_and_exports(&label, &wasm)?;
+    let (_runtime, loaded) = load_component(&label, &wasm)?;
+    let (imports, exports) = loaded.imports_and_exports();
     println!("imports:");
     for name in imports {
         println!("  {name}");
@@ -358,7 +358,6 @@ fn inspect(path: &Path) -> Result<()> {
     for name in exports {
         println!("  {name}");
     }
-    let (_runtime, loaded) = load_component(&label, &wasm)?;
     println!(
         "plugin: {} {} — {}\nkinds: {:?}",
         loaded.info.id, loaded.info.version, loaded.info.description, loaded.info.kinds

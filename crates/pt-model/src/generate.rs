@@ -61,8 +61,10 @@ pub fn generate(
                 next.push(config.pad_id);
                 continue;
             }
-            let seen: Vec<u32> = prompts[row].iter().chain(&outputs[row]).copied().collect();
-            penalize_repetition(&mut scores, &seen, config.repetition_penalty);
+            if config.repetition_penalty != 1.0 {
+                let seen: Vec<u32> = prompts[row].iter().chain(&outputs[row]).copied().collect();
+                penalize_repetition(&mut scores, &seen, config.repetition_penalty);
+            }
             let token = if config.do_sample {
                 sample(&scores, config, &mut rng)
             } else {
@@ -87,9 +89,6 @@ pub fn generate(
 /// HF's `RepetitionPenaltyLogitsProcessor`: a seen token's score is divided
 /// by the penalty when positive, multiplied when negative.
 pub fn penalize_repetition(scores: &mut [f32], seen: &[u32], penalty: f64) {
-    if penalty == 1.0 {
-        return;
-    }
     let mut done = std::collections::HashSet::new();
     for &token in seen {
         if done.insert(token) {

@@ -263,26 +263,6 @@ impl PluginRuntime {
             .exports(&self.engine)
             .find_map(|(name, _)| name.strip_prefix("pt:plugin/plugin@").map(str::to_string))
     }
-
-    /// The names a component imports and exports (for `pt-host plugin inspect`).
-    pub fn imports_and_exports(
-        &self,
-        path: &Path,
-        bytes: &[u8],
-    ) -> Result<(Vec<String>, Vec<String>)> {
-        let digest = hex::encode(Sha256::digest(bytes));
-        let (component, _) = self.compile(path, bytes, &digest)?;
-        let kind = component.component_type();
-        let imports = kind
-            .imports(&self.engine)
-            .map(|(n, _)| n.to_string())
-            .collect();
-        let exports = kind
-            .exports(&self.engine)
-            .map(|(n, _)| n.to_string())
-            .collect();
-        Ok((imports, exports))
-    }
 }
 
 pub(crate) struct Exports {
@@ -336,5 +316,14 @@ impl LoadedPlugin {
 
     pub fn has_kind(&self, kind: Kind) -> bool {
         self.info.kinds.contains(&kind)
+    }
+
+    /// The names the component imports and exports (for `pt-host plugin inspect`).
+    pub fn imports_and_exports(&self) -> (Vec<String>, Vec<String>) {
+        let component = self.pre.component();
+        let (kind, engine) = (component.component_type(), component.engine());
+        let imports = kind.imports(engine).map(|(n, _)| n.to_string()).collect();
+        let exports = kind.exports(engine).map(|(n, _)| n.to_string()).collect();
+        (imports, exports)
     }
 }

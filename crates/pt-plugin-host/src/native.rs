@@ -261,8 +261,9 @@ impl StepInstance for NativeInstance {
                 })
             })
             .collect::<Result<Vec<_>, CallFailure>>()?;
-        pt_data::steps::check_output(kind, docs.len(), &StepOutput::Verdicts(verdicts.clone()))?;
-        Ok(StepOutput::Verdicts(verdicts))
+        let output = StepOutput::Verdicts(verdicts);
+        pt_data::steps::check_output(kind, docs.len(), &output)?;
+        Ok(output)
     }
 }
 
