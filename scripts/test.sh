@@ -5,4 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build-plugins.sh
 bash scripts/build-lang-plugins.sh
+# The registry tests push to and pull from a real OCI registry on loopback.
+if [ ! -x /usr/bin/docker-registry ]; then
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get install -y --no-install-recommends docker-registry >/dev/null
+fi
+export PT_REQUIRE_REGISTRY=1
 cargo test --workspace "$@"

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use crate::common::{assert_ok, component, fixture_model, repo};
 
-fn pt_host<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+pub(crate) fn pt_host<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pt-host"))
         .args(args)
         .env_remove("PT_TRUSTED_KEYS")
@@ -17,22 +17,22 @@ fn pt_host<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
         .unwrap()
 }
 
-fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-fn s(path: &Path) -> &str {
+pub(crate) fn s(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
 /// A key pair `alice` (trusted) and `mallory` (not), and medical_clean
 /// packed and signed by alice.
-struct Setup {
+pub(crate) struct Setup {
     dir: tempfile::TempDir,
 }
 
 impl Setup {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let setup = Self {
             dir: tempfile::tempdir().unwrap(),
         };
@@ -57,17 +57,17 @@ impl Setup {
     }
 
     /// medical_clean packed into `output_dir`, signed by alice.
-    fn pack(&self, output_dir: &str) {
+    pub(crate) fn pack(&self, output_dir: &str) {
         self.pack_plugin("medical_clean", "plugins/medical_clean", output_dir);
     }
 
     /// The component `name` with the sources in `plugin_dir`, packed into
     /// `output_dir` and signed by alice.
-    fn pack_plugin(&self, name: &str, plugin_dir: &str, output_dir: &str) {
+    pub(crate) fn pack_plugin(&self, name: &str, plugin_dir: &str, output_dir: &str) {
         self.pack_plugin_from(&component(name), &repo().join(plugin_dir), output_dir);
     }
 
-    fn pack_plugin_from(&self, component: &Path, plugin_dir: &Path, output_dir: &str) {
+    pub(crate) fn pack_plugin_from(&self, component: &Path, plugin_dir: &Path, output_dir: &str) {
         assert_ok(&pt_host(&[
             "plugin",
             "pack",
@@ -82,15 +82,15 @@ impl Setup {
         ]));
     }
 
-    fn path(&self, relative: &str) -> PathBuf {
+    pub(crate) fn path(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }
 
-    fn bundle(&self) -> PathBuf {
+    pub(crate) fn bundle(&self) -> PathBuf {
         self.path("dist/medical_clean-0.1.0.ptplugin")
     }
 
-    fn dirs(&self) -> Vec<String> {
+    pub(crate) fn dirs(&self) -> Vec<String> {
         vec![
             "--trusted_keys".into(),
             s(&self.path("trusted")).into(),
@@ -106,7 +106,7 @@ impl Setup {
     }
 
     /// `pt-host prepare` of the fixture's train.txt with `--plugin plugin`.
-    fn prepare(&self, plugin: &str, out: &str) -> Output {
+    pub(crate) fn prepare(&self, plugin: &str, out: &str) -> Output {
         let mut args: Vec<String> = [
             "prepare",
             "--model_name_or_path",

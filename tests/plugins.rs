@@ -6,6 +6,10 @@ mod bundles;
 mod common;
 #[path = "languages.rs"]
 mod languages;
+#[path = "support/oci_registry.rs"]
+mod oci_registry;
+#[path = "registry.rs"]
+mod registry;
 
 use std::time::{Duration, Instant};
 

@@ -10,7 +10,7 @@ use pt_data::{DocRef, StepInstance, StepKind, StepPlugin, Verdict};
 use pt_plugin_host::{LoadedPlugin, PluginLimits, PluginRuntime};
 use serde::Deserialize;
 
-use crate::plugins::{BundleDirs, verify_bundle};
+use crate::plugins::{BundleDirs, RegistryArgs, verify_bundle};
 
 /// The WIT the host implements, bundled with every plugin built against it.
 const WIT: &str = include_str!("../../wit/since_v0.1.0/plugin.wit");
@@ -80,6 +80,25 @@ pub enum PluginCommand {
         reference: String,
         #[command(flatten)]
         dirs: BundleDirs,
+    },
+    /// Push a signed bundle to an OCI registry: the component as a Wasm OCI
+    /// artifact, the bundle attached to it. Prints the digest that pins it.
+    Publish {
+        bundle: PathBuf,
+        /// REGISTRY/REPOSITORY[:TAG]; the tag defaults to the bundle's version.
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+    },
+    /// Fetch a bundle from an OCI registry, verify it against the trusted keys
+    /// and install it (then `--plugin NAME@VERSION` or the pinned reference).
+    Pull {
+        /// REGISTRY/REPOSITORY:TAG or REGISTRY/REPOSITORY@sha256:DIGEST.
+        reference: String,
+        #[command(flatten)]
+        dirs: BundleDirs,
+        #[command(flatten)]
+        registry: RegistryArgs,
     },
     /// Run a bundle's fixtures (verified first): each case's expected outcome.
     Test {
@@ -200,7 +219,7 @@ pub fn run(command: PluginCommand) -> Result<()> {
         PluginCommand::Install { bundle: path, dirs } => {
             let bundle = Bundle::read(&path)?;
             verify_bundle(&bundle, &dirs)?;
-            let installed = dirs.store().install(&bundle)?;
+            let installed = dirs.store().install(&bundle, None)?;
             println!(
                 "installed {}@{} (sha256:{}); use it with --plugin {}@{}",
                 installed.id, installed.version, installed.digest, installed.id, installed.version
@@ -225,6 +244,37 @@ pub fn run(command: PluginCommand) -> Result<()> {
         PluginCommand::Remove { reference, dirs } => {
             let removed = dirs.store().remove(&reference)?;
             println!("removed {}@{}", removed.id, removed.version);
+        }
+        PluginCommand::Publish {
+            bundle: path,
+            reference,
+            registry,
+        } => {
+            let bundle = Bundle::read(&path)?;
+            // Only what its author signed goes out; trust is the puller's decision.
+            let signer = bundle.check_integrity()?;
+            let published = registry.client()?.publish(&bundle, &reference)?;
+            println!(
+                "published {} {} (signed by {signer}) as {}\npinned: {}",
+                bundle.manifest.id, bundle.manifest.version, published.tagged, published.pinned
+            );
+        }
+        PluginCommand::Pull {
+            reference,
+            dirs,
+            registry,
+        } => {
+            let (installed, _) = crate::plugins::pull_bundle(&reference, &dirs, &registry)?;
+            println!(
+                "installed {}@{} from {} (signed by trusted key {}); use it with --plugin {}@{} or --plugin {}",
+                installed.id,
+                installed.version,
+                installed.origin.as_deref().unwrap_or_default(),
+                installed.signer.as_deref().unwrap_or_default(),
+                installed.id,
+                installed.version,
+                installed.origin.as_deref().unwrap_or_default(),
+            );
         }
         PluginCommand::Test { bundle: path, dirs } => {
             let bundle = Bundle::read(&path)?;

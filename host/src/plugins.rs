@@ -19,12 +19,16 @@ pub enum OnPluginError {
 #[derive(clap::Args, Debug)]
 pub struct PluginArgs {
     /// A plugin, run in the sandbox: a component (.wasm), a signed bundle
-    /// (.ptplugin, verified against --trusted_keys), or an installed bundle
-    /// (NAME or NAME@VERSION). Repeat for several; they run in the order given.
-    #[arg(long = "plugin", value_name = "PATH|NAME@VERSION")]
+    /// (.ptplugin, verified against --trusted_keys), an installed bundle
+    /// (NAME or NAME@VERSION), or a bundle in an OCI registry
+    /// (REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:DIGEST; a tag is pinned to
+    /// its digest when the run starts). Repeat for several; they run in the order given.
+    #[arg(long = "plugin", value_name = "PATH|NAME@VERSION|OCI-REF")]
     pub plugins: Vec<PathBuf>,
     #[command(flatten)]
     pub dirs: BundleDirs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// A plugin's JSON configuration: `NAME={"key":value}` or `NAME=@file.json`,
     /// NAME being the plugin's id or file name without `.wasm`.
     #[arg(long = "plugin_config", value_name = "NAME=JSON", value_parser = parse_key_value)]
@@ -58,6 +62,42 @@ pub struct BundleDirs {
     /// Where installed bundles are kept (default: ~/.local/share/pt-host/plugins).
     #[arg(long = "plugin_store", value_name = "DIR", env = "PT_PLUGIN_STORE")]
     pub plugin_store: Option<PathBuf>,
+}
+
+/// How to reach OCI registries.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RegistryArgs {
+    /// A registry reached over plain HTTP rather than HTTPS (a private one
+    /// without TLS); repeat or separate with commas. Loopback registries
+    /// always use HTTP. Credentials come from PT_REGISTRY_USERNAME and
+    /// PT_REGISTRY_PASSWORD, or from `docker login` (~/.docker/config.json).
+    #[arg(
+        long = "plain_http_registry",
+        value_name = "HOST:PORT",
+        env = "PT_PLAIN_HTTP_REGISTRIES",
+        value_delimiter = ','
+    )]
+    pub plain_http: Vec<String>,
+}
+
+impl RegistryArgs {
+    pub fn client(&self) -> Result<pt_registry::Registry> {
+        pt_registry::Registry::new(self.plain_http.clone())
+    }
+}
+
+/// Pulls the bundle at `reference`, verifies it against the trusted keys and
+/// this host's interfaces, and installs it with its pinned origin.
+pub fn pull_bundle(
+    reference: &str,
+    dirs: &BundleDirs,
+    registry: &RegistryArgs,
+) -> Result<(pt_bundle::Installed, pt_bundle::Bundle)> {
+    let pulled = registry.client()?.pull(reference)?;
+    verify_bundle(&pulled.bundle, dirs)
+        .with_context(|| format!("pulled from {}", pulled.pinned))?;
+    let installed = dirs.store().install(&pulled.bundle, Some(&pulled.pinned))?;
+    Ok((installed, pulled.bundle))
 }
 
 impl BundleDirs {
@@ -116,6 +156,11 @@ impl HostPlugin {
             HostPlugin::Wasm(p) => &p.digest,
             HostPlugin::Native(p) => &p.digest,
         }
+    }
+
+    /// What `--plugin` resolved to: a file, an installed bundle, or a pinned registry reference.
+    pub fn source(&self) -> String {
+        self.path().display().to_string()
     }
 
     pub fn config(&self) -> &str {
@@ -202,6 +247,11 @@ fn load_one(runtime: &PluginRuntime, reference: &Path, args: &PluginArgs) -> Res
 }
 
 fn load_wasm(runtime: &PluginRuntime, reference: &Path, args: &PluginArgs) -> Result<LoadedPlugin> {
+    let text = reference.to_string_lossy();
+    if !reference.exists() && pt_registry::looks_like_reference(&text) {
+        return load_from_registry(runtime, &text, args)
+            .with_context(|| format!("--plugin {text}"));
+    }
     if reference.extension().is_some_and(|e| e == "ptplugin") {
         let bundle = pt_bundle::Bundle::read(reference)
             .with_context(|| format!("--plugin {}", reference.display()))?;
@@ -225,6 +275,32 @@ fn load_wasm(runtime: &PluginRuntime, reference: &Path, args: &PluginArgs) -> Re
         "--plugin {}: no such file (give a .wasm component, a .ptplugin bundle, or an installed NAME@VERSION)",
         reference.display()
     )
+}
+
+/// A registry bundle: from the store when this digest was pulled before
+/// (no network needed), else pulled, verified and installed. Tags are
+/// resolved now, so the run uses one fixed digest throughout.
+fn load_from_registry(
+    runtime: &PluginRuntime,
+    reference: &str,
+    args: &PluginArgs,
+) -> Result<LoadedPlugin> {
+    let store = args.dirs.store();
+    let cached = match pt_registry::pinned(reference)? {
+        Some(pinned) => store.find_origin(&pinned)?,
+        None => None,
+    };
+    let (installed, bundle) = match cached {
+        Some(installed) => {
+            let bundle = store.load_installed(&installed)?;
+            (installed, bundle)
+        }
+        None => pull_bundle(reference, &args.dirs, &args.registry)?,
+    };
+    let origin = installed
+        .origin
+        .expect("registry installs record their origin");
+    load_bundle(runtime, &bundle, Path::new(&origin), args)
 }
 
 /// The configuration text of `--plugin_config NAME=...`, as canonical JSON.
@@ -283,10 +359,11 @@ pub fn load(args: &PluginArgs, cache_dir: &Path) -> Result<(PluginRuntime, Vec<H
             HostPlugin::Native(_) => "native, unsandboxed",
         };
         eprintln!(
-            "plugin {} {} ({}; {how})",
+            "plugin {} {} ({}; {how}) from {}",
             plugin.name(),
             plugin.version(),
-            &plugin.digest()[..19]
+            &plugin.digest()[..19],
+            plugin.source()
         );
     }
     Ok((runtime, loaded))

@@ -141,6 +141,7 @@ pub fn prepare_data(args: &PrepareArgs) -> Result<PreparedData> {
                 version: p.version().to_string(),
                 digest: p.digest().to_string(),
                 config: p.config().to_string(),
+                source: p.source(),
             },
         })
         .collect();

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 
 use anyhow::{Context, Result, bail};
-use ed25519_dalek::{Signature, Signer, Verifier};
+use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -176,10 +176,8 @@ impl Bundle {
         });
     }
 
-    /// Checks, in order: a signature by a trusted key over the manifest, every
-    /// file against its listed hash (and no unlisted file), and that the
-    /// interface is one of `host_interfaces`.
-    pub fn verify(&self, trusted: &TrustedKeys, host_interfaces: &[&str]) -> Result<Verified> {
+    /// The public key the signature names.
+    fn signing_key(&self) -> Result<[u8; 32]> {
         let name = self.file_name();
         let Some(signature) = &self.signature else {
             bail!(
@@ -192,17 +190,22 @@ impl Bundle {
                 signature.algorithm
             );
         }
-        let public = hex::decode(&signature.public_key)
+        hex::decode(&signature.public_key)
             .ok()
             .and_then(|k| <[u8; 32]>::try_from(k).ok())
-            .with_context(|| format!("{name}: malformed public key in {SIGNATURE}"))?;
+            .with_context(|| format!("{name}: malformed public key in {SIGNATURE}"))
+    }
+
+    /// Checks the signature against the key it names, and every file against
+    /// the signed manifest (no file missing, none unlisted); returns the
+    /// signer's key id. Whether that key is trusted is [`Bundle::verify`]'s part.
+    pub fn check_integrity(&self) -> Result<String> {
+        let name = self.file_name();
+        let public = self.signing_key()?;
         let signer = key_id(&public);
-        let Some(key) = trusted.get(&public) else {
-            bail!(
-                "{name}: signed by key {signer}, which is not trusted; if you trust its author, put their .pub file in {}",
-                trusted.describe()
-            )
-        };
+        let key = VerifyingKey::from_bytes(&public)
+            .with_context(|| format!("{name}: malformed public key in {SIGNATURE}"))?;
+        let signature = self.signature.as_ref().expect("signing_key checked it");
         let bytes = hex::decode(&signature.signature)
             .ok()
             .and_then(|s| <[u8; 64]>::try_from(s).ok())
@@ -230,6 +233,23 @@ impl Bundle {
                 );
             }
         }
+        Ok(signer)
+    }
+
+    /// Checks, in order: a signature by a trusted key over the manifest, every
+    /// file against its listed hash (and no unlisted file), and that the
+    /// interface is one of `host_interfaces`.
+    pub fn verify(&self, trusted: &TrustedKeys, host_interfaces: &[&str]) -> Result<Verified> {
+        let name = self.file_name();
+        let public = self.signing_key()?;
+        if trusted.get(&public).is_none() {
+            bail!(
+                "{name}: signed by key {}, which is not trusted; if you trust its author, put their .pub file in {}",
+                key_id(&public),
+                trusted.describe()
+            )
+        }
+        let signer = self.check_integrity()?;
         if !host_interfaces
             .iter()
             .any(|host| interface_compatible(&self.manifest.interface, host))

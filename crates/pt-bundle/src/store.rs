@@ -22,6 +22,9 @@ pub struct Installed {
     pub digest: String,
     pub description: String,
     pub signer: Option<String>,
+    /// Where it came from when pulled from a registry: `REGISTRY/REPO@sha256:...`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
 }
 
 pub struct Store {
@@ -62,8 +65,9 @@ impl Store {
     }
 
     /// Adds a bundle (already verified by the caller); replaces an earlier
-    /// install of the same `id@version`.
-    pub fn install(&self, bundle: &Bundle) -> Result<Installed> {
+    /// install of the same `id@version`. `origin` is the pinned registry
+    /// reference it was pulled from, if any.
+    pub fn install(&self, bundle: &Bundle, origin: Option<&str>) -> Result<Installed> {
         let bytes = bundle.to_bytes()?;
         let digest = hex::encode(Sha256::digest(&bytes));
         std::fs::create_dir_all(self.root.join("blobs"))
@@ -75,6 +79,7 @@ impl Store {
             digest,
             description: bundle.manifest.description.clone(),
             signer: bundle.signer(),
+            origin: origin.map(str::to_string),
         };
         let mut index = self.index()?;
         index.insert(
@@ -111,9 +116,21 @@ impl Store {
         }
     }
 
+    /// The bundle installed from the pinned registry reference `origin`, if any.
+    pub fn find_origin(&self, origin: &str) -> Result<Option<Installed>> {
+        Ok(self
+            .index()?
+            .into_values()
+            .find(|i| i.origin.as_deref() == Some(origin)))
+    }
+
     /// The installed bundle, re-read from its blob and checked against its digest.
     pub fn load(&self, reference: &str) -> Result<Bundle> {
-        let installed = self.find(reference)?;
+        self.load_installed(&self.find(reference)?)
+    }
+
+    pub fn load_installed(&self, installed: &Installed) -> Result<Bundle> {
+        let reference = format!("{}@{}", installed.id, installed.version);
         let path = self.blob(&installed.digest);
         let bytes =
             std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;

@@ -171,7 +171,9 @@ pub fn prepare(
     fs::create_dir_all(output_dir)
         .with_context(|| format!("{}: cannot create output directory", output_dir.display()))?;
     if entry.join(REPORT).is_file() && !options.overwrite_cache {
-        let prepared = load_entry(&entry)?;
+        let mut prepared = load_entry(&entry)?;
+        // The key fixes the components; where they were loaded from is this run's.
+        prepared.report.plugins = plugins.iter().map(|p| p.report.clone()).collect();
         write_atomically(
             &output_dir.join(REPORT),
             &serde_json::to_vec_pretty(&prepared.report)?,

@@ -73,6 +73,10 @@ pub struct PluginReport {
     /// `sha256:` of the component.
     pub digest: String,
     pub config: String,
+    /// Where it was loaded from: a file, an installed `id@version`, or a
+    /// registry reference pinned by digest (`REGISTRY/REPO@sha256:...`).
+    #[serde(default)]
+    pub source: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
