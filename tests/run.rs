@@ -522,10 +522,7 @@ fn the_seed_command_runs_verbatim() {
         stderr.contains("--ddp_timeout and --ddp_find_unused_parameters are ignored"),
         "{stderr}"
     );
-    assert!(
-        stderr.contains("--report_to tensorboard: not written by this version"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("tensorboard: "), "{stderr}");
     assert!(
         stderr.contains("float32"),
         "says it trains in float32 on CPU: {stderr}"
@@ -545,6 +542,115 @@ fn the_seed_command_runs_verbatim() {
     let state = json(&out.join("trainer_state.json"));
     assert_eq!(state["log_history"][0]["step"], 1, "--logging_first_step");
     assert!(dir.path().join("cache/datasets").is_dir());
+    // HF's default logging_dir: runs/MON-DD_HH-MM-SS_HOST/events.out.tfevents.*
+    let runs: Vec<_> = fs::read_dir(out.join("runs")).unwrap().collect();
+    assert_eq!(runs.len(), 1);
+    let events = fs::read_dir(runs[0].as_ref().unwrap().path())
+        .unwrap()
+        .count();
+    assert_eq!(events, 1);
+}
+
+/// The events as TensorBoard reads them: HF's tags, the logged steps and
+/// values, and the data report's counts at step 0.
+#[test]
+fn tensorboard_events_read_back_with_tensorboards_own_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let logging_dir = dir.path().join("tb");
+    let output = run(
+        dir.path(),
+        "out",
+        &[
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "6",
+            "--per_device_train_batch_size",
+            "2",
+            "--logging_steps",
+            "2",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "3",
+            "--report_to",
+            "tensorboard",
+            "--logging_dir",
+            logging_dir.to_str().unwrap(),
+        ],
+    );
+    assert_ok(&output);
+    let available = Command::new("python3")
+        .args(["-c", "import tensorboard"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            std::env::var_os("PT_REQUIRE_TENSORBOARD").is_none(),
+            "python3 -m pip install tensorboard"
+        );
+        eprintln!("SKIPPED tensorboard read-back: the tensorboard Python package is not installed");
+        return;
+    }
+    let read = Command::new("python3")
+        .arg(common::repo().join("tests/python/read_tensorboard.py"))
+        .arg(&logging_dir)
+        .output()
+        .unwrap();
+    assert_ok(&read);
+    let scalars: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    let curve = |tag: &str| -> Vec<(u64, f64)> {
+        scalars[tag]
+            .as_array()
+            .unwrap_or_else(|| panic!("no {tag} in {scalars}"))
+            .iter()
+            .map(|p| (p[0].as_u64().unwrap(), p[1].as_f64().unwrap()))
+            .collect()
+    };
+    let log = fs::read_to_string(dir.path().join("out/trainer_log.jsonl")).unwrap();
+    let entries: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let expected = |key: &str| -> Vec<(u64, f64)> {
+        entries
+            .iter()
+            .filter(|e| e.get(key).is_some())
+            .map(|e| (e["step"].as_u64().unwrap(), e[key].as_f64().unwrap()))
+            .collect()
+    };
+    let close = |tag: &str, key: &str| {
+        let (got, want) = (curve(tag), expected(key));
+        assert_eq!(got.len(), want.len(), "{tag}: {got:?} vs {want:?}");
+        for ((step, value), (want_step, want_value)) in got.iter().zip(&want) {
+            assert_eq!(step, want_step, "{tag}");
+            // Stored as f32.
+            assert!(
+                (value - want_value).abs() <= 1e-6 * want_value.abs().max(1e-3),
+                "{tag} at {step}: {value} vs {want_value}"
+            );
+        }
+    };
+    close("train/loss", "loss");
+    close("train/learning_rate", "learning_rate");
+    close("train/grad_norm", "grad_norm");
+    assert_eq!(
+        curve("train/loss").iter().map(|p| p.0).collect::<Vec<_>>(),
+        [2, 4, 6]
+    );
+    assert_eq!(
+        curve("eval/loss").iter().map(|p| p.0).collect::<Vec<_>>(),
+        [3, 6, 6],
+        "evaluations at steps 3 and 6, then the final --do_eval"
+    );
+    let eval_results = json(&dir.path().join("out/eval_results.json"));
+    let last_eval = curve("eval/loss").last().unwrap().1;
+    assert!((last_eval - eval_results["eval_loss"].as_f64().unwrap()).abs() < 1e-6);
+    let report = json(&dir.path().join("out/data_report.json"));
+    assert_eq!(
+        curve("data/train_blocks"),
+        [(0, report["train"]["blocks"].as_f64().unwrap())]
+    );
 }
 
 #[test]

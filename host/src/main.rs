@@ -13,6 +13,7 @@ mod prepare;
 mod progress;
 mod run;
 mod scaffold;
+mod tensorboard;
 
 use std::process::ExitCode;
 
@@ -41,7 +42,7 @@ enum Command {
     Merge(merge::MergeArgs),
     /// Continue prompts with a model (+ adapter): greedy or sampled, streamed.
     Generate(Box<generate::GenerateArgs>),
-    /// Plugins: new projects, signing keys and bundles (new, keygen, pack, sign, verify, inspect, install, list, remove, test).
+    /// Plugins: new projects, signing keys, bundles and registries (new, keygen, pack, sign, verify, inspect, install, list, remove, publish, pull, test).
     #[command(subcommand)]
     Plugin(plugin_cmd::PluginCommand),
     /// Build a small BLOOM here: a BPE tokenizer trained on a corpus and random weights.

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use crate::args::parse_bool;
 use crate::device::{self, DeviceArg, DtypeArg};
 use crate::prepare::{PrepareArgs, PreparedData, prepare_data};
+use crate::tensorboard::{self, EventWriter};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 #[clap(rename_all = "snake_case")]
@@ -158,9 +159,13 @@ pub struct RunArgs {
     /// Accepted: packed blocks all have one length, so grouping changes nothing.
     #[arg(long = "group_by_length", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub group_by_length: bool,
-    /// `none` here; TensorBoard event files come with a later release (a run says so).
-    #[arg(long = "report_to", default_value = "none")]
-    pub report_to: String,
+    /// Where logs go besides trainer_log.jsonl: `tensorboard` (event files
+    /// in --logging_dir), `all` (the same), or `none`. Comma-separated or repeated.
+    #[arg(long = "report_to", default_value = "none", value_delimiter = ',', value_parser = ["none", "all", "tensorboard"])]
+    pub report_to: Vec<String>,
+    /// TensorBoard's directory (default: OUTPUT_DIR/runs/MON-DD_HH-MM-SS_HOST, as HF).
+    #[arg(long = "logging_dir", value_name = "DIR")]
+    pub logging_dir: Option<PathBuf>,
     /// Accepted and ignored: pt-host runs one process.
     #[arg(long = "ddp_timeout")]
     pub ddp_timeout: Option<u64>,
@@ -176,12 +181,28 @@ fn report_ignored_flags(args: &RunArgs) {
             "note: --ddp_timeout and --ddp_find_unused_parameters are ignored: this is a single-process run"
         );
     }
-    if !matches!(args.report_to.as_str(), "none" | "") {
-        eprintln!(
-            "note: --report_to {}: not written by this version; the log is in trainer_state.json and trainer_log.jsonl",
-            args.report_to
-        );
+}
+
+/// The TensorBoard writer when `--report_to` asks for one.
+fn tensorboard(args: &RunArgs) -> Result<Option<EventWriter>> {
+    if !args
+        .report_to
+        .iter()
+        .any(|r| r == "tensorboard" || r == "all")
+    {
+        return Ok(None);
     }
+    let dir = args
+        .logging_dir
+        .clone()
+        .unwrap_or_else(|| tensorboard::default_logging_dir(&args.data.output_dir));
+    let writer = EventWriter::create(&dir)?;
+    eprintln!(
+        "tensorboard: {} (tensorboard --logdir {})",
+        writer.path().display(),
+        dir.display()
+    );
+    Ok(Some(writer))
 }
 
 /// HF refuses to train into a non-empty output directory unless told to
@@ -238,10 +259,24 @@ fn checkpoint_to_resume(spec: &str, output_dir: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Prints HF-style log lines and drives the step bar.
+/// Prints HF-style log lines, drives the step bar and writes TensorBoard events.
 struct Console {
     bar: ProgressBar,
     log: Vec<u8>,
+    tensorboard: Option<EventWriter>,
+}
+
+impl Console {
+    /// A write error (a full disk) is reported once and ends the events, not the run.
+    fn scalars(&mut self, step: u64, scalars: &[(String, f32)]) {
+        if let Some(writer) = &mut self.tensorboard
+            && let Err(error) = writer.scalars(step, scalars)
+        {
+            self.bar
+                .suspend(|| eprintln!("warning: TensorBoard events stop here: {error:#}"));
+            self.tensorboard = None;
+        }
+    }
 }
 
 impl TrainerCallback for Console {
@@ -254,6 +289,8 @@ impl TrainerCallback for Console {
         self.bar.suspend(|| println!("{entry}"));
         serde_json::to_writer(&mut self.log, entry).expect("JSON to memory");
         self.log.push(b'\n');
+        let step = entry["step"].as_u64().unwrap_or(0);
+        self.scalars(step, &tensorboard::log_scalars(entry));
     }
 
     fn on_save(&mut self, checkpoint: &Path) {
@@ -436,7 +473,9 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     let mut console = Console {
         bar,
         log: Vec::new(),
+        tensorboard: tensorboard(&args)?,
     };
+    console.scalars(0, &tensorboard::data_scalars(&prepared.report));
     let mut all_results = json!({});
 
     if args.do_train {
@@ -468,6 +507,10 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         )?;
         let results = eval_results(&evaluation, trainer.state.epoch, None);
         println!("{results}");
+        console.scalars(
+            trainer.state.global_step as u64,
+            &tensorboard::log_scalars(&results),
+        );
         write_results(&output_dir, "eval_results.json", &results)?;
         merge(&mut all_results, &results);
     }
