@@ -653,6 +653,126 @@ fn tensorboard_events_read_back_with_tensorboards_own_reader() {
     );
 }
 
+/// `examples/medicalgpt_pretraining.yaml` (the seed command as a recipe) on the
+/// fixture model: command-line flags replace the recipe's values.
+#[test]
+fn the_seed_recipe_runs_with_command_line_overrides() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let recipe_run = |extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "examples/medicalgpt_pretraining.yaml".into(),
+            "--model_name_or_path".into(),
+            fixture_model().display().to_string(),
+            // The recipe's path assumes the default target directory.
+            "--plugin".into(),
+            common::component("medical_clean").display().to_string(),
+            "--output_dir".into(),
+            out.display().to_string(),
+            "--cache_dir".into(),
+            dir.path().join("cache").display().to_string(),
+            "--max_steps=2".into(),
+            "--disable_tqdm".into(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        Command::new(env!("CARGO_BIN_EXE_pt-host"))
+            .args(&args)
+            .current_dir(common::repo())
+            .output()
+            .unwrap()
+    };
+    let shown = recipe_run(&["--print_config"]);
+    assert_ok(&shown);
+    let config = String::from_utf8_lossy(&shown.stdout);
+    for line in [
+        "learning_rate: 0.0002  # examples/medicalgpt_pretraining.yaml",
+        "max_steps: 2  # command line",
+        "max_eval_samples: 10  # examples/medicalgpt_pretraining.yaml",
+        "lr_scheduler_type: \"linear\"  # default",
+        "report_to: \"tensorboard\"  # examples/medicalgpt_pretraining.yaml",
+    ] {
+        assert!(config.contains(line), "{line:?} not in\n{config}");
+    }
+    assert!(!out.exists(), "--print_config only prints");
+    // The printed configuration is itself a recipe that gives the same configuration.
+    let printed = dir.path().join("printed.yaml");
+    fs::write(&printed, config.as_bytes()).unwrap();
+    let again = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(["run", printed.to_str().unwrap(), "--print_config"])
+        .output()
+        .unwrap();
+    assert_ok(&again);
+    // Values without their sources; numbers compared as numbers (1e-8 = 0.00000001).
+    let strip = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip(1)
+            .map(|l| {
+                let (key, value) = l.split("  # ").next().unwrap().split_once(": ").unwrap();
+                match value.parse::<f64>() {
+                    Ok(number) => format!("{key}: {number:?}"),
+                    Err(_) => format!("{key}: {value}"),
+                }
+            })
+            .collect()
+    };
+    assert_eq!(strip(&String::from_utf8_lossy(&again.stdout)), strip(&config));
+
+    assert_ok(&recipe_run(&[]));
+    let eval = json(&out.join("eval_results.json"));
+    assert_eq!(eval["eval_samples"], 10, "max_eval_samples from the recipe");
+    let state = json(&out.join("trainer_state.json"));
+    assert_eq!(state["global_step"], 2, "--max_steps from the command line");
+    assert_eq!(state["log_history"][0]["step"], 1, "logging_first_step");
+    let adapter_config = json(&out.join("adapter_config.json"));
+    assert_eq!(adapter_config["r"], 8);
+    assert!(out.join("runs").is_dir(), "report_to: tensorboard");
+}
+
+#[test]
+fn recipe_errors_name_the_file_and_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let pt_host = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let unknown = write("unknown.yaml", "do_train: true\nlearning_rat: 1e-4\n");
+    let message = pt_host(&["run", &unknown]);
+    assert!(
+        message.contains(&format!(
+            "recipe {unknown}: `learning_rat` is not a flag of `pt-host run`"
+        )),
+        "{message}"
+    );
+    let malformed = write("malformed.yaml", "do_train: true\n  learning_rate: [1e-4\n");
+    let message = pt_host(&["run", &malformed]);
+    assert!(message.contains(&format!("recipe {malformed}: not valid")), "{message}");
+    let toml = write("bad.toml", "do_train = \n");
+    let message = pt_host(&["run", &toml]);
+    assert!(message.contains(&format!("recipe {toml}: not valid")), "{message}");
+    let list = write("list.yaml", "- do_train\n");
+    let message = pt_host(&["run", &list]);
+    assert!(message.contains("expected `flag_name: value` lines"), "{message}");
+    let value = write("value.json", r#"{"learning_rate": "fast"}"#);
+    let message = pt_host(&["run", &value]);
+    assert!(
+        message.contains("invalid value 'fast' for '--learning_rate"),
+        "{message}"
+    );
+    let missing = dir.path().join("missing.yaml").display().to_string();
+    let message = pt_host(&["run", &missing]);
+    assert!(message.contains(&format!("recipe {missing}: cannot read")), "{message}");
+}
+
 #[test]
 fn a_non_empty_output_dir_needs_overwrite_and_the_model_type_must_match() {
     let dir = tempfile::tempdir().unwrap();

@@ -11,13 +11,14 @@ mod plugin_cmd;
 mod plugins;
 mod prepare;
 mod progress;
+mod recipe;
 mod run;
 mod scaffold;
 mod tensorboard;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches, Parser};
 
 #[derive(Parser)]
 #[command(name = "pt-host", version, about, long_about = None)]
@@ -25,6 +26,10 @@ struct Cli {
     /// More log output (-v: debug, -vv: trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// Print the resolved configuration (recipe, command line, defaults; each
+    /// value with its source) as a recipe, and exit.
+    #[arg(long = "print_config", global = true)]
+    print_config: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,8 +70,32 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
+/// The command line, with a recipe file (`pt-host run recipe.yaml ...`) expanded.
+fn parse_command_line() -> Result<Cli, ExitCode> {
+    // A flag given twice (recipe, then an alias on the command line) keeps the last.
+    let command = Cli::command().args_override_self(true);
+    let (args, recipe) =
+        recipe::expand(std::env::args_os().collect(), &command).map_err(|error| {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        })?;
+    let matches = command
+        .clone()
+        .try_get_matches_from(args)
+        .unwrap_or_else(|e| e.exit());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    if cli.print_config {
+        recipe::print(&matches, &command, recipe.as_ref());
+        return Err(ExitCode::SUCCESS);
+    }
+    Ok(cli)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse_command_line() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     init_logging(cli.verbose);
     let result = match cli.command {
         Command::Prepare(args) => prepare::run(*args),
