@@ -551,6 +551,54 @@ fn the_seed_command_runs_verbatim() {
     assert_eq!(events, 1);
 }
 
+/// Progress: a live bar (loss, learning rate, tokens/s, ETA) on a terminal,
+/// checked under a pseudo-terminal (`script`); plain lines otherwise.
+#[test]
+fn training_shows_progress_on_a_terminal_and_plain_lines_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let (train, _) = corpus(dir.path());
+    let command = format!(
+        "{} run --model_name_or_path {} --train_file_dir {} --output_dir {} --cache_dir {} \
+         --block_size 32 --do_train --max_steps 12 --logging_steps 6",
+        env!("CARGO_BIN_EXE_pt-host"),
+        fixture_model().display(),
+        train.display(),
+        dir.path().join("tty").display(),
+        dir.path().join("cache").display()
+    );
+    let plain = Command::new("sh")
+        .args(["-c", &command.replace("tty", "plain")])
+        .output()
+        .unwrap();
+    assert_ok(&plain);
+    let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(stderr.contains("train: step 1/12  loss "), "{stderr}");
+    assert!(stderr.contains("train: step 12/12  loss "), "{stderr}");
+    assert!(stderr.contains(" tok/s  eta "), "{stderr}");
+    assert!(!stderr.contains('\r') && !stderr.contains('\x1b'), "{stderr}");
+    let quiet = Command::new("sh")
+        .args(["-c", &format!("{} --disable_tqdm", command.replace("tty", "quiet"))])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("train: step"));
+
+    let Ok(tty) = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+    else {
+        eprintln!("SKIPPED the terminal form: `script` (util-linux) is not installed");
+        return;
+    };
+    assert_ok(&tty);
+    let screen = String::from_utf8_lossy(&tty.stdout);
+    // Redrawn in place: the bar with step, loss, lr, tokens/s and ETA.
+    assert!(screen.contains("\r"), "{screen}");
+    for part in ["train [", "/12 loss ", " lr ", " tok/s eta "] {
+        assert!(screen.contains(part), "{part:?} not on the terminal: {screen}");
+    }
+    assert!(!screen.contains("train: step"), "no plain lines on a terminal");
+}
+
 /// The events as TensorBoard reads them: HF's tags, the logged steps and
 /// values, and the data report's counts at step 0.
 #[test]
@@ -716,7 +764,10 @@ fn the_seed_recipe_runs_with_command_line_overrides() {
             })
             .collect()
     };
-    assert_eq!(strip(&String::from_utf8_lossy(&again.stdout)), strip(&config));
+    assert_eq!(
+        strip(&String::from_utf8_lossy(&again.stdout)),
+        strip(&config)
+    );
 
     assert_ok(&recipe_run(&[]));
     let eval = json(&out.join("eval_results.json"));
@@ -755,13 +806,22 @@ fn recipe_errors_name_the_file_and_the_key() {
     );
     let malformed = write("malformed.yaml", "do_train: true\n  learning_rate: [1e-4\n");
     let message = pt_host(&["run", &malformed]);
-    assert!(message.contains(&format!("recipe {malformed}: not valid")), "{message}");
+    assert!(
+        message.contains(&format!("recipe {malformed}: not valid")),
+        "{message}"
+    );
     let toml = write("bad.toml", "do_train = \n");
     let message = pt_host(&["run", &toml]);
-    assert!(message.contains(&format!("recipe {toml}: not valid")), "{message}");
+    assert!(
+        message.contains(&format!("recipe {toml}: not valid")),
+        "{message}"
+    );
     let list = write("list.yaml", "- do_train\n");
     let message = pt_host(&["run", &list]);
-    assert!(message.contains("expected `flag_name: value` lines"), "{message}");
+    assert!(
+        message.contains("expected `flag_name: value` lines"),
+        "{message}"
+    );
     let value = write("value.json", r#"{"learning_rate": "fast"}"#);
     let message = pt_host(&["run", &value]);
     assert!(
@@ -770,7 +830,10 @@ fn recipe_errors_name_the_file_and_the_key() {
     );
     let missing = dir.path().join("missing.yaml").display().to_string();
     let message = pt_host(&["run", &missing]);
-    assert!(message.contains(&format!("recipe {missing}: cannot read")), "{message}");
+    assert!(
+        message.contains(&format!("recipe {missing}: cannot read")),
+        "{message}"
+    );
 }
 
 #[test]

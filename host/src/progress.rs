@@ -1,8 +1,9 @@
-//! Progress of `prepare`: a bar on a terminal, one line per split otherwise.
+//! Progress of long work: a bar on a terminal; plain lines otherwise (a log
+//! file, CI), never carriage returns or escape codes.
 
 use std::io::IsTerminal;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -121,5 +122,84 @@ impl pt_hub::DownloadProgress for DownloadProgress {
         self.bar.lock().expect("progress lock").suspend(|| {
             eprintln!("warning: {file}: {error}");
         });
+    }
+}
+
+/// How often training prints a progress line when stderr is not a terminal.
+const PLAIN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Progress of training: a bar with step, loss, learning rate, tokens/s and
+/// ETA on a terminal; otherwise a line at the first step, every 30 s and at
+/// the last step.
+pub struct TrainProgress {
+    bar: ProgressBar,
+    plain: bool,
+    last_line: Option<Instant>,
+    /// The first step this run reported, and when: the ETA's base (a resumed
+    /// run starts past zero; evaluation before it does not count).
+    first: Option<(usize, Instant)>,
+}
+
+impl TrainProgress {
+    pub fn new(disable_tqdm: bool) -> Self {
+        let terminal = std::io::stderr().is_terminal();
+        let bar = if !disable_tqdm && terminal {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "train [{bar:16}] {pos}/{len} {msg} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        Self {
+            bar,
+            plain: !disable_tqdm && !terminal,
+            last_line: None,
+            first: None,
+        }
+    }
+
+    /// Runs `print` without the bar in the way.
+    pub fn suspend(&self, print: impl FnOnce()) {
+        self.bar.suspend(print);
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    pub fn step(&mut self, progress: &pt_train::trainer::StepProgress) {
+        let summary = format!(
+            "loss {:.4} lr {:.2e} {:.0} tok/s",
+            progress.loss, progress.learning_rate, progress.tokens_per_second
+        );
+        let (first_step, started) = *self.first.get_or_insert((progress.step, Instant::now()));
+        self.bar.set_length(progress.max_steps as u64);
+        self.bar.set_position(progress.step as u64);
+        self.bar.set_message(summary.clone());
+        let due = self
+            .last_line
+            .is_none_or(|at| at.elapsed() >= PLAIN_INTERVAL)
+            || progress.step == progress.max_steps;
+        if self.plain && due {
+            self.last_line = Some(Instant::now());
+            let elapsed = started.elapsed();
+            let done = progress.step - first_step;
+            let left = progress.max_steps.saturating_sub(progress.step);
+            let eta = if done == 0 {
+                "?".to_string()
+            } else {
+                let seconds = elapsed.as_secs_f64() / done as f64 * left as f64;
+                indicatif::HumanDuration(Duration::from_secs_f64(seconds)).to_string()
+            };
+            eprintln!(
+                "train: step {}/{}  {summary}  eta {eta}",
+                progress.step, progress.max_steps,
+            );
+        }
     }
 }

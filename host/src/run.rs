@@ -1,17 +1,15 @@
 //! `pt-host run`: prepare the data, then train a LoRA adapter and/or evaluate,
 //! with the flags of MedicalGPT's `pretraining.py` and HF `TrainingArguments`.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use indicatif::{ProgressBar, ProgressStyle};
 use pt_data::Tokenizer;
 use pt_model::{AdapterConfig, Bloom, LORA_TARGETS};
 use pt_plugin_host::{Kind, LoadedPlugin, MetricSession, Sample};
 use pt_train::trainer::{
-    EvalSample, Interval, MetricSink, Trainable, Trainer, TrainerCallback, TrainingArguments,
-    eval_results, evaluate, list_checkpoints, write_results,
+    EvalSample, Interval, MetricSink, StepProgress, Trainable, Trainer, TrainerCallback,
+    TrainingArguments, eval_results, evaluate, list_checkpoints, write_results,
 };
 use pt_train::{AdamWConfig, SchedulerType};
 use serde_json::{Value, json};
@@ -19,6 +17,7 @@ use serde_json::{Value, json};
 use crate::args::parse_bool;
 use crate::device::{self, DeviceArg, DtypeArg};
 use crate::prepare::{PrepareArgs, PreparedData, prepare_data};
+use crate::progress::TrainProgress;
 use crate::tensorboard::{self, EventWriter};
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -259,9 +258,9 @@ fn checkpoint_to_resume(spec: &str, output_dir: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Prints HF-style log lines, drives the step bar and writes TensorBoard events.
+/// Prints HF-style log lines, shows progress and writes TensorBoard events.
 struct Console {
-    bar: ProgressBar,
+    progress: TrainProgress,
     log: Vec<u8>,
     tensorboard: Option<EventWriter>,
 }
@@ -272,7 +271,7 @@ impl Console {
         if let Some(writer) = &mut self.tensorboard
             && let Err(error) = writer.scalars(step, scalars)
         {
-            self.bar
+            self.progress
                 .suspend(|| eprintln!("warning: TensorBoard events stop here: {error:#}"));
             self.tensorboard = None;
         }
@@ -280,13 +279,12 @@ impl Console {
 }
 
 impl TrainerCallback for Console {
-    fn on_step(&mut self, step: usize, max_steps: usize) {
-        self.bar.set_length(max_steps as u64);
-        self.bar.set_position(step as u64);
+    fn on_step(&mut self, progress: &StepProgress) {
+        self.progress.step(progress);
     }
 
     fn on_log(&mut self, entry: &Value) {
-        self.bar.suspend(|| println!("{entry}"));
+        self.progress.suspend(|| println!("{entry}"));
         serde_json::to_writer(&mut self.log, entry).expect("JSON to memory");
         self.log.push(b'\n');
         let step = entry["step"].as_u64().unwrap_or(0);
@@ -294,7 +292,7 @@ impl TrainerCallback for Console {
     }
 
     fn on_save(&mut self, checkpoint: &Path) {
-        self.bar
+        self.progress
             .suspend(|| eprintln!("saved {}", checkpoint.display()));
     }
 }
@@ -460,18 +458,8 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         shuffle: args.shuffle,
     };
     let mut trainer = Trainer::new(training, &mut model, trainable, base_model_name)?;
-    let show_bar = !args.data.disable_tqdm && std::io::stderr().is_terminal();
-    let bar = if show_bar {
-        ProgressBar::new(0)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template("train [{bar:30}] {pos}/{len} steps {elapsed} (eta {eta})")
-            .expect("valid template"),
-    );
     let mut console = Console {
-        bar,
+        progress: TrainProgress::new(args.data.disable_tqdm),
         log: Vec::new(),
         tensorboard: tensorboard(&args)?,
     };
@@ -492,7 +480,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             (args.do_eval && !prepared.validation.is_empty()).then_some(&prepared.validation);
         let mut metrics = PluginMetrics::new(&data);
         let summary = trainer.train(&prepared.train, eval, metrics.as_sink(), &mut console)?;
-        console.bar.finish_and_clear();
+        console.progress.finish();
         trainer.save_final()?;
         write_results(&output_dir, "train_results.json", &summary)?;
         merge(&mut all_results, &summary);

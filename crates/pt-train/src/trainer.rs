@@ -59,10 +59,23 @@ pub struct TrainingArguments {
     pub shuffle: bool,
 }
 
+/// One optimizer step, for progress displays.
+#[derive(Clone, Debug)]
+pub struct StepProgress {
+    /// Steps done (this one included) and planned.
+    pub step: usize,
+    pub max_steps: usize,
+    /// This step's loss and learning rate.
+    pub loss: f64,
+    pub learning_rate: f64,
+    /// Training tokens per second since this run started.
+    pub tokens_per_second: f64,
+}
+
 /// What the trainer reports back to the command line.
 pub trait TrainerCallback {
-    /// After every optimizer step: steps done and planned.
-    fn on_step(&mut self, step: usize, max_steps: usize);
+    /// After every optimizer step.
+    fn on_step(&mut self, progress: &StepProgress);
     fn on_log(&mut self, entry: &Value);
     fn on_save(&mut self, checkpoint: &Path);
 }
@@ -380,7 +393,13 @@ impl<'a> Trainer<'a> {
             logged_loss += loss;
             logged_steps += 1;
             run_loss += loss;
-            callback.on_step(self.state.global_step, max_steps);
+            callback.on_step(&StepProgress {
+                step: self.state.global_step,
+                max_steps,
+                loss,
+                learning_rate: schedule.lr(step),
+                tokens_per_second: logged_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            });
 
             let done = step + 1 == max_steps;
             let end_of_epoch = (step + 1) % steps_per_epoch == 0;
