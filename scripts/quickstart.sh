@@ -13,16 +13,9 @@ target="${CARGO_TARGET_DIR:-target}"
 pt_host="$target/release/pt-host"
 
 "$pt_host" init-model --preset tiny --train_file_dir data/pretrain --output_dir out/quickstart-model
-"$pt_host" run \
-    --plugin "$target/wasm32-wasip2/release/medical_clean.wasm" \
-    --plugin_config 'medical_clean={"min_chars": 10}' \
-    --model_name_or_path out/quickstart-model \
-    --train_file_dir data/pretrain --validation_split_percentage 2 \
-    --block_size 128 --do_train --do_eval --eval_on_start \
-    --use_peft False --per_device_train_batch_size 8 \
-    --learning_rate 5e-3 --warmup_ratio 0.05 --max_steps 600 \
-    --logging_steps 100 --eval_strategy steps --eval_steps 100 --save_steps 300 \
-    --output_dir out/quickstart --overwrite_output_dir "$@"
+# The training run is a recipe; the plugin path follows this build's target directory.
+"$pt_host" run examples/quickstart.yaml \
+    --plugin "$target/wasm32-wasip2/release/medical_clean.wasm" "$@"
 echo "--- samples from out/quickstart"
 "$pt_host" generate --model_name_or_path out/quickstart \
     --prompt "发热是" --prompt "传染病的" --prompt "The history of" \

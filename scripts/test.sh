@@ -11,4 +11,10 @@ if [ ! -x /usr/bin/docker-registry ]; then
     $sudo apt-get install -y --no-install-recommends docker-registry >/dev/null
 fi
 export PT_REQUIRE_REGISTRY=1
+# The TensorBoard test reads the event files back with TensorBoard's own reader.
+if ! python3 -c "import tensorboard" 2>/dev/null; then
+    python3 -m pip install --quiet tensorboard \
+        || python3 -m pip install --quiet --break-system-packages tensorboard
+fi
+export PT_REQUIRE_TENSORBOARD=1
 cargo test --workspace "$@"

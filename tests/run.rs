@@ -567,17 +567,31 @@ fn training_shows_progress_on_a_terminal_and_plain_lines_elsewhere() {
         dir.path().join("cache").display()
     );
     let plain = Command::new("sh")
-        .args(["-c", &command.replace("tty", "plain")])
+        .args([
+            "-c",
+            &format!("{} --plot_loss", command.replace("tty", "plain")),
+        ])
         .output()
         .unwrap();
     assert_ok(&plain);
     let stderr = String::from_utf8_lossy(&plain.stderr);
+    assert!(
+        stderr.contains("--plot_loss: no eval_loss was logged; training_eval_loss.png not written"),
+        "{stderr}"
+    );
+    assert!(dir.path().join("plain/training_loss.png").is_file());
     assert!(stderr.contains("train: step 1/12  loss "), "{stderr}");
     assert!(stderr.contains("train: step 12/12  loss "), "{stderr}");
     assert!(stderr.contains(" tok/s  eta "), "{stderr}");
-    assert!(!stderr.contains('\r') && !stderr.contains('\x1b'), "{stderr}");
+    assert!(
+        !stderr.contains('\r') && !stderr.contains('\x1b'),
+        "{stderr}"
+    );
     let quiet = Command::new("sh")
-        .args(["-c", &format!("{} --disable_tqdm", command.replace("tty", "quiet"))])
+        .args([
+            "-c",
+            &format!("{} --disable_tqdm", command.replace("tty", "quiet")),
+        ])
         .output()
         .unwrap();
     assert!(!String::from_utf8_lossy(&quiet.stderr).contains("train: step"));
@@ -594,9 +608,15 @@ fn training_shows_progress_on_a_terminal_and_plain_lines_elsewhere() {
     // Redrawn in place: the bar with step, loss, lr, tokens/s and ETA.
     assert!(screen.contains("\r"), "{screen}");
     for part in ["train [", "/12 loss ", " lr ", " tok/s eta "] {
-        assert!(screen.contains(part), "{part:?} not on the terminal: {screen}");
+        assert!(
+            screen.contains(part),
+            "{part:?} not on the terminal: {screen}"
+        );
     }
-    assert!(!screen.contains("train: step"), "no plain lines on a terminal");
+    assert!(
+        !screen.contains("train: step"),
+        "no plain lines on a terminal"
+    );
 }
 
 /// The events as TensorBoard reads them: HF's tags, the logged steps and
@@ -625,9 +645,18 @@ fn tensorboard_events_read_back_with_tensorboards_own_reader() {
             "tensorboard",
             "--logging_dir",
             logging_dir.to_str().unwrap(),
+            "--plot_loss",
         ],
     );
     assert_ok(&output);
+    // --plot_loss: both curves as 960×600 PNGs.
+    for plot in ["training_loss.png", "training_eval_loss.png"] {
+        let bytes = fs::read(dir.path().join("out").join(plot)).unwrap();
+        assert_eq!(bytes[..8], *b"\x89PNG\r\n\x1a\n", "{plot}");
+        assert_eq!(bytes[12..16], *b"IHDR");
+        assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 960);
+        assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 600);
+    }
     let available = Command::new("python3")
         .args(["-c", "import tensorboard"])
         .output()

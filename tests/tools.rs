@@ -449,3 +449,260 @@ fn hub_ids_download_through_the_environment_and_then_work_offline() {
         stderr(&not_a_dir)
     );
 }
+
+/// docs/cli.md names every flag of every command the binary has.
+#[test]
+fn the_cli_reference_names_every_flag() {
+    let reference = std::fs::read_to_string(common::repo().join("docs/cli.md")).unwrap();
+    let mut commands: Vec<Vec<&str>> =
+        ["run", "prepare", "eval", "generate", "merge", "init-model"]
+            .iter()
+            .map(|c| vec![*c])
+            .collect();
+    for plugin in [
+        "new", "keygen", "pack", "sign", "verify", "inspect", "install", "list", "remove",
+        "publish", "pull", "test",
+    ] {
+        commands.push(vec!["plugin", plugin]);
+    }
+    let mut checked = 0;
+    for command in commands {
+        let help = pt_host(&[command.clone(), vec!["--help"]].concat());
+        assert!(help.status.success());
+        for line in String::from_utf8_lossy(&help.stdout).lines() {
+            let Some(flag) = line
+                .trim_start()
+                .trim_start_matches("-v, ")
+                .split([' ', '<', '['])
+                .next()
+                .map(|f| f.trim_end_matches("..."))
+                .filter(|f| f.starts_with("--") && line.starts_with("  "))
+            else {
+                continue;
+            };
+            if flag == "--help" {
+                continue;
+            }
+            checked += 1;
+            assert!(
+                reference.contains(&format!("`{flag}`")),
+                "docs/cli.md does not describe `pt-host {}` {flag}",
+                command.join(" ")
+            );
+        }
+    }
+    assert!(checked > 150, "only {checked} flags found in --help");
+}
+
+/// User errors across the commands: each a non-zero exit and a short
+/// message naming the flag, file or value and what to do; never a panic.
+#[test]
+fn cli_errors_name_what_is_wrong_and_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).display().to_string();
+    let model = fixture_model().display().to_string();
+    let train = fixture().join("train.txt").display().to_string();
+    fs::write(dir.path().join("gbk.txt"), b"ok\n\xb7\xa2\xc8\xc8\n").unwrap();
+    fs::write(
+        dir.path().join("bad.jsonl"),
+        "{\"text\": \"a\"}\n{\"text\": \n",
+    )
+    .unwrap();
+    fs::create_dir_all(dir.path().join("full")).unwrap();
+    fs::write(dir.path().join("full/x"), "").unwrap();
+    let run = |extra: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["run", "--model_name_or_path", &model, "--output_dir"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(d("out"));
+        args.extend(["--cache_dir".to_string(), d("cache")]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let s = |args: &[&str]| args.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let cases: Vec<(Vec<String>, String)> = vec![
+        (
+            s(&["run", "--lerning_rate", "1"]),
+            "unexpected argument '--lerning_rate'".into(),
+        ),
+        (
+            s(&["run", "--output_dir", "x"]),
+            "--model_name_or_path <DIR|ID>".into(),
+        ),
+        (
+            run(&["--learning_rate", "fast"]),
+            "invalid value 'fast' for '--learning_rate".into(),
+        ),
+        (
+            run(&["--do_train", "--report_to", "wandb"]),
+            "invalid value 'wandb' for '--report_to".into(),
+        ),
+        (
+            run(&["--do_train", "--use_peft", "maybe"]),
+            "expected true or false, got `maybe`".into(),
+        ),
+        (
+            run(&["--do_train"]),
+            "--do_train needs a training corpus: pass --train_file_dir".into(),
+        ),
+        (
+            run(&[
+                "--do_train",
+                "--train_file_dir",
+                &train,
+                "--per_device_train_batch_size",
+                "0",
+            ]),
+            "--per_device_train_batch_size must be at least 1".into(),
+        ),
+        (
+            run(&[
+                "--do_train",
+                "--train_file_dir",
+                &train,
+                "--lora_dropout",
+                "1.5",
+            ]),
+            "--lora_dropout must be in [0, 1), got 1.5".into(),
+        ),
+        (
+            run(&[
+                "--do_train",
+                "--train_file_dir",
+                &train,
+                "--use_peft",
+                "false",
+                "--peft_path",
+                "a",
+            ]),
+            "--peft_path continues a LoRA adapter: it needs --use_peft true".into(),
+        ),
+        (
+            run(&["--do_train", "--train_file_dir", &d("gbk.txt")]),
+            format!("{}:2: invalid UTF-8 at byte", d("gbk.txt")),
+        ),
+        (
+            run(&["--do_train", "--train_file_dir", &d("bad.jsonl")]),
+            format!("{}:2: malformed JSON", d("bad.jsonl")),
+        ),
+        (
+            run(&["--do_train", "--train_file_dir", &d("none")]),
+            format!("{}: no such", d("none")),
+        ),
+        (
+            run(&[
+                "--do_train",
+                "--train_file_dir",
+                &train,
+                "--plugin_config",
+                "ghost={}",
+            ]),
+            "--plugin_config ghost: no plugin of that name is loaded".into(),
+        ),
+        (
+            s(&[
+                "run",
+                "--model_name_or_path",
+                &d("none"),
+                "--output_dir",
+                &d("o"),
+                "--do_eval",
+            ]),
+            "no such model directory".into(),
+        ),
+        (
+            s(&[
+                "run",
+                "--model_name_or_path",
+                &model,
+                "--output_dir",
+                &d("full"),
+                "--do_train",
+                "--train_file_dir",
+                &train,
+            ]),
+            "exists and is not empty: pass --overwrite_output_dir".into(),
+        ),
+        (
+            s(&[
+                "eval",
+                "--model_name_or_path",
+                &model,
+                "--output_dir",
+                &d("o"),
+            ]),
+            "pt-host eval needs --validation_file_dir".into(),
+        ),
+        (
+            s(&["generate", "--model_name_or_path", &model]),
+            "pass --prompt TEXT".into(),
+        ),
+        (
+            s(&[
+                "generate",
+                "--model_name_or_path",
+                &model,
+                "--prompt",
+                "a",
+                "--do_sample",
+                "--temperature",
+                "0",
+            ]),
+            "--do_sample needs --temperature > 0".into(),
+        ),
+        (
+            s(&[
+                "merge",
+                "--model_name_or_path",
+                &model,
+                "--peft_path",
+                &d("none"),
+                "--output_dir",
+                &d("full"),
+            ]),
+            "exists and is not empty: choose a new directory".into(),
+        ),
+        (
+            s(&[
+                "init-model",
+                "--preset",
+                "huge",
+                "--train_file_dir",
+                &train,
+                "--output_dir",
+                &d("m"),
+            ]),
+            "invalid value 'huge' for '--preset".into(),
+        ),
+        (
+            s(&["plugin", "verify", &d("missing.ptplugin")]),
+            d("missing.ptplugin"),
+        ),
+        (
+            s(&["plugin", "pull", "not a reference"]),
+            "is not an OCI reference".into(),
+        ),
+        (
+            s(&["run", &d("missing.yaml")]),
+            format!("recipe {}: cannot read", d("missing.yaml")),
+        ),
+    ];
+    for (args, expected) in cases {
+        let output = pt_host(&args);
+        let message = stderr(&output);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(
+            message.contains(&expected),
+            "{args:?}: {expected:?} not in {message}"
+        );
+        assert!(
+            !message.contains("panicked") && !message.contains("RUST_BACKTRACE"),
+            "{args:?}: {message}"
+        );
+        assert!(
+            message.lines().count() <= 12,
+            "{args:?}: a message, not a dump: {message}"
+        );
+    }
+}

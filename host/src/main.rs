@@ -7,6 +7,7 @@ mod generate;
 mod hub;
 mod init_model;
 mod merge;
+mod plot;
 mod plugin_cmd;
 mod plugins;
 mod prepare;

@@ -149,11 +149,9 @@ impl TrainProgress {
             ProgressBar::hidden()
         };
         bar.set_style(
-            ProgressStyle::with_template(
-                "train [{bar:16}] {pos}/{len} {msg} eta {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
+            ProgressStyle::with_template("train [{bar:16}] {pos}/{len} {msg} eta {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
         );
         Self {
             bar,

@@ -146,12 +146,15 @@ fn yaml_scalar(value: &str) -> String {
 /// `--print_config`: every flag of the subcommand with a value, as YAML, each
 /// with its source (command line, recipe, environment or default).
 pub fn print(matches: &clap::ArgMatches, command: &clap::Command, recipe: Option<&Recipe>) {
-    let Some((name, matches)) = matches.subcommand() else {
-        return;
-    };
-    let subcommand = command.find_subcommand(name).expect("parsed subcommand");
-    println!("# pt-host {name}: resolved configuration");
-    for arg in subcommand.get_arguments() {
+    // The innermost subcommand (`plugin pull` is two deep).
+    let (mut command, mut matches, mut names) = (command, matches, Vec::new());
+    while let Some((name, inner)) = matches.subcommand() {
+        command = command.find_subcommand(name).expect("parsed subcommand");
+        matches = inner;
+        names.push(name);
+    }
+    println!("# pt-host {}: resolved configuration", names.join(" "));
+    for arg in command.get_arguments() {
         let id = arg.get_id().as_str();
         let (Some(long), Some(values)) = (arg.get_long(), matches.get_raw(id)) else {
             continue;

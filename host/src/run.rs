@@ -162,6 +162,10 @@ pub struct RunArgs {
     /// in --logging_dir), `all` (the same), or `none`. Comma-separated or repeated.
     #[arg(long = "report_to", default_value = "none", value_delimiter = ',', value_parser = ["none", "all", "tensorboard"])]
     pub report_to: Vec<String>,
+    /// Draw training_loss.png and training_eval_loss.png (smoothed) into
+    /// --output_dir at the end of training, as LLaMA-Factory does.
+    #[arg(long = "plot_loss", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub plot_loss: bool,
     /// TensorBoard's directory (default: OUTPUT_DIR/runs/MON-DD_HH-MM-SS_HOST, as HF).
     #[arg(long = "logging_dir", value_name = "DIR")]
     pub logging_dir: Option<PathBuf>,
@@ -482,6 +486,11 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         let summary = trainer.train(&prepared.train, eval, metrics.as_sink(), &mut console)?;
         console.progress.finish();
         trainer.save_final()?;
+        if args.plot_loss {
+            for plot in crate::plot::plot_loss(&output_dir, &trainer.state.log_history)? {
+                eprintln!("plotted {}", plot.display());
+            }
+        }
         write_results(&output_dir, "train_results.json", &summary)?;
         merge(&mut all_results, &summary);
     }

@@ -145,7 +145,8 @@ impl EventWriter {
 }
 
 /// The scalars of a trainer log entry under HF's tags: `eval_loss` →
-/// `eval/loss`, `loss` → `train/loss`; `step` is the event's step, not a curve.
+/// `eval/loss`, `loss` → `train/loss`; `perplexity` (an evaluation's, named
+/// as MedicalGPT does) → `eval/perplexity`; `step` is the event's step.
 pub fn log_scalars(entry: &Value) -> Vec<(String, f32)> {
     let Some(fields) = entry.as_object() else {
         return Vec::new();
@@ -157,6 +158,7 @@ pub fn log_scalars(entry: &Value) -> Vec<(String, f32)> {
             let value = value.as_f64()?;
             let tag = match name.strip_prefix("eval_") {
                 Some(rest) => format!("eval/{rest}"),
+                None if name == "perplexity" => "eval/perplexity".into(),
                 None => format!("train/{name}"),
             };
             Some((tag, value as f32))
@@ -208,13 +210,14 @@ mod tests {
 
     #[test]
     fn log_entries_get_hf_tags() {
-        let entry = serde_json::json!({"loss": 2.5, "learning_rate": 1e-4, "step": 10, "eval_loss": 3.0, "note": "x"});
+        let entry = serde_json::json!({"loss": 2.5, "learning_rate": 1e-4, "step": 10, "eval_loss": 3.0, "perplexity": 20.0, "note": "x"});
         let mut tags = log_scalars(&entry);
         tags.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(
             tags,
             vec![
                 ("eval/loss".to_string(), 3.0),
+                ("eval/perplexity".to_string(), 20.0),
                 ("train/learning_rate".to_string(), 1e-4),
                 ("train/loss".to_string(), 2.5)
             ]
