@@ -556,30 +556,24 @@ fn the_seed_command_runs_verbatim() {
 #[test]
 fn training_shows_progress_on_a_terminal_and_plain_lines_elsewhere() {
     let dir = tempfile::tempdir().unwrap();
-    let (train, _) = corpus(dir.path());
+    let (train, valid) = corpus(dir.path());
     let command = format!(
-        "{} run --model_name_or_path {} --train_file_dir {} --output_dir {} --cache_dir {} \
-         --block_size 32 --do_train --max_steps 12 --logging_steps 6",
+        "{} run --model_name_or_path {} --train_file_dir {} --validation_file_dir {} --output_dir {} \
+         --cache_dir {} --block_size 32 --do_train --max_steps 12 --logging_steps 6 --do_eval \
+         --eval_strategy steps --eval_steps 6 --per_device_eval_batch_size 1",
         env!("CARGO_BIN_EXE_pt-host"),
         fixture_model().display(),
         train.display(),
+        valid.display(),
         dir.path().join("tty").display(),
         dir.path().join("cache").display()
     );
     let plain = Command::new("sh")
-        .args([
-            "-c",
-            &format!("{} --plot_loss", command.replace("tty", "plain")),
-        ])
+        .args(["-c", &command.replace("tty", "plain")])
         .output()
         .unwrap();
     assert_ok(&plain);
     let stderr = String::from_utf8_lossy(&plain.stderr);
-    assert!(
-        stderr.contains("--plot_loss: no eval_loss was logged; training_eval_loss.png not written"),
-        "{stderr}"
-    );
-    assert!(dir.path().join("plain/training_loss.png").is_file());
     assert!(stderr.contains("train: step 1/12  loss "), "{stderr}");
     assert!(stderr.contains("train: step 12/12  loss "), "{stderr}");
     assert!(stderr.contains(" tok/s  eta "), "{stderr}");
@@ -587,14 +581,25 @@ fn training_shows_progress_on_a_terminal_and_plain_lines_elsewhere() {
         !stderr.contains('\r') && !stderr.contains('\x1b'),
         "{stderr}"
     );
+    // (A later flag overrides an earlier one: no evaluation, so no eval plot.)
     let quiet = Command::new("sh")
         .args([
             "-c",
-            &format!("{} --disable_tqdm", command.replace("tty", "quiet")),
+            &format!(
+                "{} --disable_tqdm --do_eval false --plot_loss",
+                command.replace("tty", "quiet")
+            ),
         ])
         .output()
         .unwrap();
-    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("train: step"));
+    let stderr = String::from_utf8_lossy(&quiet.stderr);
+    assert_ok(&quiet);
+    assert!(!stderr.contains("train: step"), "{stderr}");
+    assert!(
+        stderr.contains("--plot_loss: no eval_loss was logged; training_eval_loss.png not written"),
+        "{stderr}"
+    );
+    assert!(dir.path().join("quiet/training_loss.png").is_file());
 
     let Ok(tty) = Command::new("script")
         .args(["-qec", &command, "/dev/null"])
@@ -607,7 +612,13 @@ fn training_shows_progress_on_a_terminal_and_plain_lines_elsewhere() {
     let screen = String::from_utf8_lossy(&tty.stdout);
     // Redrawn in place: the bar with step, loss, lr, tokens/s and ETA.
     assert!(screen.contains("\r"), "{screen}");
-    for part in ["train [", "/12 loss ", " lr ", " tok/s eta "] {
+    for part in [
+        "train [",
+        "/12 loss ",
+        " lr ",
+        " tok/s eta ",
+        "evaluating: batch ",
+    ] {
         assert!(
             screen.contains(part),
             "{part:?} not on the terminal: {screen}"

@@ -170,6 +170,27 @@ impl TrainProgress {
         self.bar.finish_and_clear();
     }
 
+    /// Evaluation batches, shown in the bar's message (the step stays put).
+    pub fn eval_batch(&mut self, done: usize, total: usize) {
+        self.bar
+            .set_message(format!("evaluating: batch {done}/{total}"));
+        // The evaluation's result line follows; a long one gets lines meanwhile.
+        if self.plain && self.line_due() {
+            eprintln!("eval: batch {done}/{total}");
+        }
+    }
+
+    /// Whether a plain line is due (and, if so, resets the clock).
+    fn line_due(&mut self) -> bool {
+        let due = self
+            .last_line
+            .is_none_or(|at| at.elapsed() >= PLAIN_INTERVAL);
+        if due {
+            self.last_line = Some(Instant::now());
+        }
+        due
+    }
+
     pub fn step(&mut self, progress: &pt_train::trainer::StepProgress) {
         let summary = format!(
             "loss {:.4} lr {:.2e} {:.0} tok/s",
@@ -179,12 +200,7 @@ impl TrainProgress {
         self.bar.set_length(progress.max_steps as u64);
         self.bar.set_position(progress.step as u64);
         self.bar.set_message(summary.clone());
-        let due = self
-            .last_line
-            .is_none_or(|at| at.elapsed() >= PLAIN_INTERVAL)
-            || progress.step == progress.max_steps;
-        if self.plain && due {
-            self.last_line = Some(Instant::now());
+        if self.plain && (self.line_due() || progress.step == progress.max_steps) {
             let elapsed = started.elapsed();
             let done = progress.step - first_step;
             let left = progress.max_steps.saturating_sub(progress.step);

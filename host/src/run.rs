@@ -287,6 +287,10 @@ impl TrainerCallback for Console {
         self.progress.step(progress);
     }
 
+    fn on_eval_batch(&mut self, done: usize, total: usize) {
+        self.progress.eval_batch(done, total);
+    }
+
     fn on_log(&mut self, entry: &Value) {
         self.progress.suspend(|| println!("{entry}"));
         serde_json::to_writer(&mut self.log, entry).expect("JSON to memory");
@@ -484,7 +488,6 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             (args.do_eval && !prepared.validation.is_empty()).then_some(&prepared.validation);
         let mut metrics = PluginMetrics::new(&data);
         let summary = trainer.train(&prepared.train, eval, metrics.as_sink(), &mut console)?;
-        console.progress.finish();
         trainer.save_final()?;
         if args.plot_loss {
             for plot in crate::plot::plot_loss(&output_dir, &trainer.state.log_history)? {
@@ -501,6 +504,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             &prepared.validation,
             args.per_device_eval_batch_size,
             metrics.as_sink(),
+            &mut |done, total| console.progress.eval_batch(done, total),
         )?;
         let results = eval_results(&evaluation, trainer.state.epoch, None);
         println!("{results}");
@@ -511,6 +515,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         write_results(&output_dir, "eval_results.json", &results)?;
         merge(&mut all_results, &results);
     }
+    console.progress.finish();
     write_results(&output_dir, "all_results.json", &all_results)?;
     pt_data::prepare::write_atomically(&output_dir.join("trainer_log.jsonl"), &console.log)?;
     eprintln!("outputs in {}", output_dir.display());

@@ -76,6 +76,8 @@ pub struct StepProgress {
 pub trait TrainerCallback {
     /// After every optimizer step.
     fn on_step(&mut self, progress: &StepProgress);
+    /// After every evaluation batch: batches done and planned.
+    fn on_eval_batch(&mut self, done: usize, total: usize);
     fn on_log(&mut self, entry: &Value);
     fn on_save(&mut self, checkpoint: &Path);
 }
@@ -142,17 +144,21 @@ fn samples(
 }
 
 /// Loss, perplexity and next-token accuracy over `blocks`, without dropout;
-/// custom metrics from `sink` come back in `extra`.
+/// custom metrics from `sink` come back in `extra`. `on_batch(done, total)`
+/// follows the batches, for progress displays.
 pub fn evaluate<'s>(
     model: &Bloom,
     blocks: &Blocks,
     batch_size: usize,
     mut sink: Option<&mut (dyn MetricSink + 's)>,
+    on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalMetrics> {
     model.set_dropout_seed(None);
     let (mut loss_sum, mut tokens, mut correct) = (0f64, 0usize, 0usize);
     let rows: Vec<usize> = (0..blocks.len()).collect();
-    for chunk in rows.chunks(batch_size.max(1)) {
+    let batches = rows.chunks(batch_size.max(1));
+    let total = batches.len();
+    for (done, chunk) in batches.enumerate() {
         let batch = MicroBatch::from_rows(blocks, chunk);
         let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
         let (sum, count) = next_token_loss_sum(&logits, &batch.labels)?;
@@ -167,6 +173,7 @@ pub fn evaluate<'s>(
         if let Some(sink) = sink.as_deref_mut() {
             sink.add(&samples(&logits, &predictions, &batch)?)?;
         }
+        on_batch(done + 1, total);
     }
     if tokens == 0 {
         bail!("the evaluation set has no tokens to predict (is it empty? check data_report.json)");
@@ -462,6 +469,7 @@ impl<'a> Trainer<'a> {
             eval,
             self.args.per_device_eval_batch_size,
             metrics,
+            &mut |done, total| callback.on_eval_batch(done, total),
         )?;
         let entry = eval_results(&results, self.state.epoch, Some(self.state.global_step));
         self.record(entry, callback);
