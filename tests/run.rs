@@ -336,10 +336,19 @@ fn metric_plugins_score_the_evaluation() {
             plugin.to_str().unwrap(),
             "--plugin_config",
             r#"domain_terms={"terms":["the","的"]}"#,
+            "--report_to",
+            "tensorboard",
+            "--logging_dir",
+            dir.path().join("tb").to_str().unwrap(),
         ],
     );
     assert_ok(&output);
     let eval = json(&dir.path().join("eval/eval_results.json"));
+    if let Some(scalars) = tensorboard_scalars(&dir.path().join("tb")) {
+        // Plugin metrics are TensorBoard curves like HF's own.
+        let recall = scalars["eval/term_recall"][0][1].as_f64().unwrap();
+        assert!((recall - eval["eval_term_recall"].as_f64().unwrap()).abs() < 1e-6);
+    }
 
     // The reference side, counted here from the packed validation blocks.
     let tokenizer = pt_data::Tokenizer::from_dir(&fixture_model()).unwrap();
@@ -630,6 +639,31 @@ fn training_shows_progress_on_a_terminal_and_plain_lines_elsewhere() {
     );
 }
 
+/// Every scalar under `logging_dir` as TensorBoard's own reader sees it
+/// (`tests/python/read_tensorboard.py`): `{tag: [[step, value], ...]}`, or
+/// `None` (skipped) where the tensorboard package is missing.
+fn tensorboard_scalars(logging_dir: &Path) -> Option<serde_json::Value> {
+    let available = Command::new("python3")
+        .args(["-c", "import tensorboard"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            std::env::var_os("PT_REQUIRE_TENSORBOARD").is_none(),
+            "python3 -m pip install tensorboard"
+        );
+        eprintln!("SKIPPED TensorBoard read-back: the tensorboard Python package is not installed");
+        return None;
+    }
+    let read = Command::new("python3")
+        .arg(common::repo().join("tests/python/read_tensorboard.py"))
+        .arg(logging_dir)
+        .output()
+        .unwrap();
+    assert_ok(&read);
+    Some(serde_json::from_slice(&read.stdout).unwrap())
+}
+
 /// The events as TensorBoard reads them: HF's tags, the logged steps and
 /// values, and the data report's counts at step 0.
 #[test]
@@ -668,25 +702,9 @@ fn tensorboard_events_read_back_with_tensorboards_own_reader() {
         assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), 960);
         assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), 600);
     }
-    let available = Command::new("python3")
-        .args(["-c", "import tensorboard"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !available {
-        assert!(
-            std::env::var_os("PT_REQUIRE_TENSORBOARD").is_none(),
-            "python3 -m pip install tensorboard"
-        );
-        eprintln!("SKIPPED tensorboard read-back: the tensorboard Python package is not installed");
+    let Some(scalars) = tensorboard_scalars(&logging_dir) else {
         return;
-    }
-    let read = Command::new("python3")
-        .arg(common::repo().join("tests/python/read_tensorboard.py"))
-        .arg(&logging_dir)
-        .output()
-        .unwrap();
-    assert_ok(&read);
-    let scalars: serde_json::Value = serde_json::from_slice(&read.stdout).unwrap();
+    };
     let curve = |tag: &str| -> Vec<(u64, f64)> {
         scalars[tag]
             .as_array()
