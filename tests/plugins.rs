@@ -231,6 +231,53 @@ fn files_and_environment_are_out_of_reach() {
     }
 }
 
+/// Time and entropy are virtual: an hour's sleep returns at once with virtual
+/// time moved on (a plugin cannot block the host where the deadline cannot
+/// reach), the wall clock starts at 1970, randomness repeats from instance to
+/// instance (outputs depend only on input, config and seed); sockets are refused.
+#[test]
+fn clocks_and_randomness_are_virtual_and_sockets_refused() {
+    let runtime = PluginRuntime::new(None).unwrap();
+    let verdict = |mode: &str| -> Verdict {
+        let plugin = load(
+            &runtime,
+            "hostile",
+            &format!(r#"{{"mode":"{mode}","marker":""}}"#),
+            quick_limits(),
+        );
+        let out = plugin
+            .instance()
+            .unwrap()
+            .apply(StepKind::Filter, &docs(&one("any\n")), 0)
+            .unwrap();
+        let StepOutput::Verdicts(mut v) = out else {
+            panic!()
+        };
+        v.remove(0)
+    };
+    let started = Instant::now();
+    assert_eq!(verdict("sleep"), Verdict::Drop("slept 3600 s".into()));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let Verdict::Drop(clock) = verdict("clock") else {
+        panic!("clock")
+    };
+    let micros: u64 = clock
+        .trim_start_matches("wall clock ")
+        .trim_end_matches(" µs")
+        .parse()
+        .unwrap();
+    assert!(micros < 1_000_000, "{clock}: the real time leaked in");
+    let random = verdict("random");
+    assert!(matches!(&random, Verdict::Drop(r) if r.starts_with("random [")));
+    assert_eq!(random, verdict("random"), "randomness repeats per instance");
+    match verdict("socket") {
+        Verdict::Error(message) => {
+            assert!(message.starts_with("connect 127.0.0.1:9: "), "{message}")
+        }
+        other => panic!("the plugin got a socket: {other:?}"),
+    }
+}
+
 #[test]
 fn chatty_output_is_bounded_not_fatal() {
     let runtime = PluginRuntime::new(None).unwrap();

@@ -340,7 +340,8 @@ fn a_trapping_plugin_fails_the_run_naming_plugin_document_and_cause_or_is_skippe
         &[&base[..], &["--on_plugin_error", "skip"]].concat(),
     );
     assert!(skipped.status.success(), "{}", stderr(&skipped));
-    let step = &run.report().train.steps[0];
+    // steps[0] is hostile's mapper, which leaves these documents alone.
+    let step = &run.report().train.steps[1];
     assert_eq!((step.input, step.kept, step.errors), (4, 3, 1));
     let excluded = run.excluded();
     assert_eq!(excluded.len(), 1);
@@ -355,6 +356,49 @@ fn a_trapping_plugin_fails_the_run_naming_plugin_document_and_cause_or_is_skippe
             .as_str()
             .unwrap()
             .starts_with("error: trapped")
+    );
+}
+
+/// A mapper that returns a thousand times its input is refused for that
+/// document (the others go through), before its text reaches the dataset.
+#[test]
+fn output_far_larger_than_the_input_is_refused() {
+    let run = Run::new();
+    let dir = tempfile::tempdir().unwrap();
+    let long = format!("AMPLIFY {}", "x".repeat(2000));
+    let corpus = small_corpus(dir.path(), &["ok", &long, "ok too"]);
+    let plugin = component("hostile");
+    let base = [
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--plugin_config",
+        r#"hostile={"mode":"amplify","marker":"AMPLIFY"}"#,
+        "--validation_split_percentage",
+        "0",
+        "--block_size",
+        "4",
+    ];
+    let failed = run.prepare(&corpus, &base);
+    assert_eq!(failed.status.code(), Some(1));
+    let message = stderr(&failed);
+    assert!(
+        message.contains("plugin `hostile` (mapper) failed on document")
+            && message.contains("a.txt:2")
+            && message.contains("000 bytes of text for 20")
+            && message.contains("bytes of input (the limit is 100× the input or 1 MiB)"),
+        "{message}"
+    );
+    let skipped = run.prepare(
+        &corpus,
+        &[&base[..], &["--on_plugin_error", "skip"]].concat(),
+    );
+    assert!(skipped.status.success(), "{}", stderr(&skipped));
+    let report = run.report();
+    let mapper = &report.train.steps[0];
+    assert_eq!((mapper.input, mapper.kept, mapper.errors), (3, 2, 1));
+    assert!(
+        report.train.tokens < 100,
+        "the amplified text never reached the dataset"
     );
 }
 

@@ -348,7 +348,7 @@ fn attempt(
         })
         .collect();
     let result = instance.apply(kind, &refs, seed).and_then(|output| {
-        check_output(kind, docs.len(), &output)?;
+        check_output(kind, &refs, &output)?;
         Ok(output)
     });
     match result {

@@ -5,11 +5,25 @@
 //! variables, no arguments, no sockets or name lookups, an empty stdin, and
 //! stdout/stderr captured into bounded buffers. The one host function is
 //! `log`, bounded per call.
+//!
+//! Time and entropy are virtual, so that a plugin's output depends only on
+//! its input, its configuration and the seed — what the dataset cache key
+//! records. Clocks start at zero and advance a microsecond per reading;
+//! waiting on a clock (a sleep) returns at once, moving virtual time forward,
+//! so a plugin can never block the host in a call the deadline cannot
+//! interrupt; randomness is a fixed-seed generator per instance.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use wasmtime::component::{HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, StoreLimits, StoreLimitsBuilder};
+use rand::SeedableRng;
+use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
+use wasmtime::{Engine, StoreContextMut, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
+use wasmtime_wasi::p2::{DynPollable, Pollable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::bindings::{self, pt::plugin::host::Level};
@@ -21,9 +35,63 @@ const CAPTURED_BYTES: usize = 64 * 1024;
 const LOG_LINES_PER_CALL: u32 = 100;
 const LOG_LINE_BYTES: usize = 2048;
 
+/// Nanoseconds a clock reading advances virtual time.
+const TICK_NANOS: u64 = 1_000;
+/// The seed of every instance's random generators.
+const RANDOM_SEED: u64 = 0x7074_2d68_6f73_74; // "pt-host"
+
+/// Virtual time, in nanoseconds, shared by an instance's clocks.
+#[derive(Clone, Default)]
+struct VirtualTime(Arc<AtomicU64>);
+
+impl VirtualTime {
+    fn read(&self) -> u64 {
+        self.0.fetch_add(TICK_NANOS, Ordering::Relaxed) + TICK_NANOS
+    }
+
+    fn advance(&self, nanos: u64) {
+        self.0.fetch_add(nanos, Ordering::Relaxed);
+    }
+}
+
+impl HostMonotonicClock for VirtualTime {
+    fn resolution(&self) -> u64 {
+        TICK_NANOS
+    }
+
+    fn now(&self) -> u64 {
+        self.read()
+    }
+}
+
+/// The wall clock: virtual time since 1970-01-01.
+impl HostWallClock for VirtualTime {
+    fn resolution(&self) -> Duration {
+        Duration::from_nanos(TICK_NANOS)
+    }
+
+    fn now(&self) -> Duration {
+        Duration::from_nanos(self.read())
+    }
+}
+
+/// A pollable that is ready at once: what a sleep returns here.
+struct Elapsed;
+
+impl Pollable for Elapsed {
+    fn ready<'a, 'b>(&'a mut self) -> Pin<Box<dyn Future<Output = ()> + Send + 'b>>
+    where
+        'a: 'b,
+        Self: 'b,
+    {
+        Box::pin(std::future::ready(()))
+    }
+}
+
 /// The state of one plugin instance's store.
 pub struct PluginState {
     plugin: Arc<str>,
+    time: VirtualTime,
     wasi: WasiCtx,
     table: ResourceTable,
     pub(crate) limits: StoreLimits,
@@ -36,12 +104,18 @@ impl PluginState {
     pub(crate) fn new(plugin: Arc<str>, memory_bytes: usize) -> Self {
         let stdout = CapturedOutput::new(CAPTURED_BYTES);
         let stderr = CapturedOutput::new(CAPTURED_BYTES);
+        let time = VirtualTime::default();
         let wasi = WasiCtxBuilder::new()
             .stdout(stdout.clone())
             .stderr(stderr.clone())
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
+            .wall_clock(time.clone())
+            .monotonic_clock(time.clone())
+            .secure_random(rand::rngs::StdRng::seed_from_u64(RANDOM_SEED))
+            .insecure_random(rand::rngs::StdRng::seed_from_u64(RANDOM_SEED + 1))
+            .insecure_random_seed(u128::from(RANDOM_SEED))
             .build();
         // Python components create many core instances, memories and tables.
         let limits = StoreLimitsBuilder::new()
@@ -53,6 +127,7 @@ impl PluginState {
             .build();
         Self {
             plugin,
+            time,
             wasi,
             table: ResourceTable::new(),
             limits,
@@ -107,10 +182,33 @@ impl bindings::pt::plugin::host::Host for PluginState {
     }
 }
 
+/// A sleep: virtual time moves on by `nanos`, and the pollable is ready now.
+fn elapse(
+    mut store: StoreContextMut<'_, PluginState>,
+    nanos: u64,
+) -> wasmtime::Result<(Resource<DynPollable>,)> {
+    store.data().time.advance(nanos);
+    let table = &mut store.data_mut().table;
+    let elapsed = table.push(Elapsed)?;
+    Ok((wasmtime_wasi::p2::subscribe(table, elapsed)?,))
+}
+
 /// The linker every plugin is instantiated with.
 pub(crate) fn linker(engine: &Engine) -> wasmtime::Result<Linker<PluginState>> {
     let mut linker = Linker::new(engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+    // WASI's own sleeps wait in real time inside a host call, where the
+    // deadline cannot interrupt them; these replace them.
+    linker.allow_shadowing(true);
+    let mut clock = linker.instance("wasi:clocks/monotonic-clock@0.2.12")?;
+    clock.func_wrap("subscribe-duration", |store, (nanos,): (u64,)| {
+        elapse(store, nanos)
+    })?;
+    clock.func_wrap("subscribe-instant", |store, (when,): (u64,)| {
+        let now = store.data().time.0.load(Ordering::Relaxed);
+        elapse(store, when.saturating_sub(now))
+    })?;
+    linker.allow_shadowing(false);
     bindings::AnyPlugin::add_to_linker::<PluginState, HasSelf<PluginState>>(
         &mut linker,
         |state| state,

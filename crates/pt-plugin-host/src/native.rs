@@ -262,7 +262,7 @@ impl StepInstance for NativeInstance {
             })
             .collect::<Result<Vec<_>, CallFailure>>()?;
         let output = StepOutput::Verdicts(verdicts);
-        pt_data::steps::check_output(kind, docs.len(), &output)?;
+        pt_data::steps::check_output(kind, docs, &output)?;
         Ok(output)
     }
 }

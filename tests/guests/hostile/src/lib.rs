@@ -4,7 +4,7 @@
 // Off wasm, `register!` expands to nothing and the plugin is unused.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
-use pt_plugin_sdk::{Decision, Document, Kind, Plugin, register};
+use pt_plugin_sdk::{Decision, Document, Edit, Kind, Plugin, register};
 use serde::Deserialize;
 
 #[derive(Deserialize, Default)]
@@ -22,7 +22,7 @@ impl Plugin for Hostile {
     const ID: &'static str = "hostile";
     const VERSION: &'static str = "0.1.0";
     const DESCRIPTION: &'static str = "Misbehaves on request (tests only)";
-    const KINDS: &'static [Kind] = &[Kind::Filter];
+    const KINDS: &'static [Kind] = &[Kind::Mapper, Kind::Filter];
 
     fn configure(config: &str) -> Result<Self, String> {
         let config: Config = pt_plugin_sdk::parse_config(config)?;
@@ -35,11 +35,43 @@ impl Plugin for Hostile {
         }
     }
 
+    /// The mapper misbehaves in one mode only: output far larger than the input.
+    fn map(&self, doc: &Document) -> Edit {
+        if self.config.mode == "amplify" && doc.text.contains(&self.config.marker) {
+            Edit::Replace(doc.text.repeat(1000))
+        } else {
+            Edit::Unchanged
+        }
+    }
+
     fn filter(&self, doc: &Document) -> Decision {
         if !doc.text.contains(&self.config.marker) {
             return Decision::Keep;
         }
         match self.config.mode.as_str() {
+            "amplify" => Decision::Keep,
+            "sleep" => {
+                let started = std::time::Instant::now();
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                Decision::Drop(format!("slept {} s", started.elapsed().as_secs()))
+            }
+            "clock" => {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                Decision::Drop(format!("wall clock {} µs", now.as_micros()))
+            }
+            "random" => {
+                let mut bytes = [0u8; 8];
+                match getrandom::fill(&mut bytes) {
+                    Ok(()) => Decision::Drop(format!("random {bytes:02x?}")),
+                    Err(e) => Decision::Error(format!("random: {e}")),
+                }
+            }
+            "socket" => match std::net::TcpStream::connect("127.0.0.1:9") {
+                Ok(_) => Decision::Drop("connected to 127.0.0.1:9".into()),
+                Err(e) => Decision::Error(format!("connect 127.0.0.1:9: {e}")),
+            },
             "trap" => panic!("hostile plugin panicked on purpose"),
             "loop" => loop {
                 std::hint::black_box(doc);
