@@ -38,7 +38,7 @@ const LOG_LINE_BYTES: usize = 2048;
 /// Nanoseconds a clock reading advances virtual time.
 const TICK_NANOS: u64 = 1_000;
 /// The seed of every instance's random generators.
-const RANDOM_SEED: u64 = 0x7074_2d68_6f73_74; // "pt-host"
+const RANDOM_SEED: u64 = 0x0070_742d_686f_7374; // "pt-host" in ASCII
 
 /// Virtual time, in nanoseconds, shared by an instance's clocks.
 #[derive(Clone, Default)]
