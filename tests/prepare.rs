@@ -610,3 +610,143 @@ fn user_errors_are_one_clear_message() {
         stderr(&malformed)
     );
 }
+
+/// Bad records: each stops the run with file:line and the cause, or, with
+/// `--on_bad_record skip`, is skipped, counted per file and listed in
+/// excluded.jsonl while the good records go through. Never a panic.
+#[test]
+fn bad_records_fail_with_file_and_line_or_are_skipped_and_counted() {
+    let run = Run::new();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    fs::create_dir_all(&corpus).unwrap();
+    let huge = [b"ok\n".to_vec(), vec![b'x'; 100 << 20], b"\n".to_vec()].concat();
+    let cases: [(&str, Vec<u8>, &str); 6] = [
+        (
+            "gbk.txt",
+            b"fine\n\xb7\xa2\xc8\xc8\n".to_vec(),
+            "gbk.txt:2: invalid UTF-8 at byte 0 of the line",
+        ),
+        (
+            "nul.txt",
+            b"fine\nbin\0ary\n".to_vec(),
+            "nul.txt:2: NUL byte at byte 3 (a binary file?)",
+        ),
+        (
+            "bad.jsonl",
+            b"{\"text\": \"fine\"}\n{\"text\": \n".to_vec(),
+            "bad.jsonl:2: malformed JSON",
+        ),
+        (
+            "other.jsonl",
+            b"{\"text\": \"fine\"}\n{\"content\": \"b\"}\n".to_vec(),
+            "other.jsonl:2: record has no `text` field (it has: content); pass --text_field",
+        ),
+        (
+            "array.json",
+            b"[{\"text\": \"fine\"},\n {\"text\": 7}]".to_vec(),
+            "array.json:2: field `text` is not a string but 7",
+        ),
+        (
+            "huge.txt",
+            huge,
+            "huge.txt:2: the record is 100.0 MB, more than --max_document_mb 64",
+        ),
+    ];
+    for (name, bytes, expected) in &cases {
+        let alone = dir.path().join(format!("alone-{name}"));
+        fs::create_dir_all(&alone).unwrap();
+        fs::write(alone.join(name), bytes).unwrap();
+        let failed = run.prepare(&alone, &["--validation_split_percentage", "0"]);
+        let message = stderr(&failed);
+        assert_eq!(failed.status.code(), Some(1), "{name}: {message}");
+        assert!(
+            message.contains(expected),
+            "{name}: {expected:?} not in {message}"
+        );
+        assert!(message.contains("--on_bad_record skip"), "{message}");
+        assert!(!message.contains("panicked"), "{message}");
+        fs::write(corpus.join(name), bytes).unwrap();
+    }
+    // A file that is a symbolic link to itself cannot be read: named, not a hang.
+    let looped = dir.path().join("looped");
+    fs::create_dir_all(&looped).unwrap();
+    std::os::unix::fs::symlink("loop.txt", looped.join("loop.txt")).unwrap();
+    let failed = run.prepare(&looped, &[]);
+    assert!(
+        stderr(&failed).contains("loop.txt: cannot read file"),
+        "{}",
+        stderr(&failed)
+    );
+    // A byte-order mark is not text, an empty file is no error, and a
+    // directory link back to the corpus is not followed twice.
+    fs::write(corpus.join("bom.txt"), b"\xEF\xBB\xBFfine\n").unwrap();
+    fs::write(corpus.join("empty.txt"), b"").unwrap();
+    std::os::unix::fs::symlink(".", corpus.join("self")).unwrap();
+
+    let skipped = run.prepare(
+        &corpus,
+        &[
+            "--validation_split_percentage",
+            "0",
+            "--on_bad_record",
+            "skip",
+            "--block_size",
+            "2",
+        ],
+    );
+    assert!(skipped.status.success(), "{}", stderr(&skipped));
+    assert!(
+        stdout(&skipped).contains("6 unreadable records skipped"),
+        "{}",
+        stdout(&skipped)
+    );
+    let report = run.report();
+    let file = |name: &str| {
+        report
+            .files
+            .iter()
+            .find(|f| f.path.ends_with(name))
+            .unwrap()
+    };
+    for (name, _, _) in &cases {
+        assert_eq!(
+            (file(name).documents, file(name).bad_records),
+            (1, 1),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        (file("bom.txt").documents, file("empty.txt").documents),
+        (1, 0)
+    );
+    assert_eq!(
+        report.train.documents_read, 7,
+        "one good record per file, and bom.txt's"
+    );
+    let excluded = run.excluded();
+    let reader: Vec<_> = excluded
+        .iter()
+        .filter(|e| e["plugin"] == "(reader)")
+        .collect();
+    assert_eq!(reader.len(), 6);
+    assert!(
+        reader
+            .iter()
+            .any(|e| e["source"].as_str().unwrap().ends_with("nul.txt:2")
+                && e["reason"].as_str().unwrap().starts_with("NUL byte"))
+    );
+    // Only "fine", "ok" and their newlines made it into the dataset.
+    let tokenizer = pt_data::Tokenizer::from_dir(&fixture_model()).unwrap();
+    let blocks = run.cached_train();
+    let tokens: Vec<u32> = (0..blocks.len())
+        .flat_map(|i| blocks.row(i).to_vec())
+        .collect();
+    let text = tokenizer.decode(&tokens).unwrap();
+    assert!(!text.contains('\u{feff}'), "{text:?}");
+    assert_eq!(
+        text.matches("fine").count() + text.matches("ok").count(),
+        7,
+        "{text:?}"
+    );
+}

@@ -8,12 +8,22 @@ use pt_plugin_host::{LoadedPlugin, NativePlugin, PluginLimits, PluginRuntime};
 
 use crate::args::parse_key_value;
 
+/// `--on_plugin_error` and `--on_bad_record`.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum OnPluginError {
-    /// Stop with an error naming plugin, document and cause.
+pub enum OnError {
+    /// Stop with an error naming the file and line (and plugin) and the cause.
     Fail,
     /// Skip the document, count it, and list it in excluded.jsonl.
     Skip,
+}
+
+impl From<OnError> for pt_data::ErrorPolicy {
+    fn from(value: OnError) -> Self {
+        match value {
+            OnError::Fail => pt_data::ErrorPolicy::Fail,
+            OnError::Skip => pt_data::ErrorPolicy::Skip,
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -36,7 +46,7 @@ pub struct PluginArgs {
     /// What to do with a document a plugin fails on (trap, deadline, memory
     /// limit, or an error it reports).
     #[arg(long = "on_plugin_error", value_enum, default_value = "fail")]
-    pub on_plugin_error: OnPluginError,
+    pub on_plugin_error: OnError,
     /// Wall-clock limit of one plugin call, in milliseconds.
     #[arg(long = "plugin_timeout_ms", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub plugin_timeout_ms: u64,

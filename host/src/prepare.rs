@@ -4,13 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use pt_data::{
-    ErrorPolicy, PipelineOptions, PluginReport, PrepareOptions, PreparePlugin, ReadOptions,
-    StepKind, Tokenizer,
+    PipelineOptions, PluginReport, PrepareOptions, PreparePlugin, ReadOptions, StepKind, Tokenizer,
 };
 
 use crate::args::{default_cache_dir, parse_bool};
 use crate::hub::{self, HubArgs};
-use crate::plugins::{self, OnPluginError, PluginArgs};
+use crate::plugins::{self, OnError, PluginArgs};
 use crate::progress::PrepareProgress;
 
 #[derive(clap::Args, Debug)]
@@ -42,6 +41,14 @@ pub struct PrepareArgs {
     /// JSON field holding the text in .json/.jsonl files.
     #[arg(long = "text_field", default_value = "text")]
     pub text_field: String,
+    /// A record that cannot be read (invalid UTF-8, a NUL byte, malformed
+    /// JSON, no text field, over --max_document_mb): stop naming file and
+    /// line, or skip it, count it in data_report.json and list it in excluded.jsonl.
+    #[arg(long = "on_bad_record", value_enum, default_value = "fail")]
+    pub on_bad_record: OnError,
+    /// Largest document, in MiB; a larger record is a bad record.
+    #[arg(long = "max_document_mb", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub max_document_mb: u64,
     /// Keep at most this many training blocks.
     #[arg(long = "max_train_samples")]
     pub max_train_samples: Option<usize>,
@@ -152,6 +159,8 @@ pub fn prepare_data(args: &PrepareArgs) -> Result<PreparedData> {
         read: ReadOptions {
             keep_linebreaks: args.keep_linebreaks,
             text_field: args.text_field.clone(),
+            on_bad_record: args.on_bad_record.into(),
+            max_document_bytes: (args.max_document_mb as usize) << 20,
         },
         block_size: args.block_size as usize,
         packing: args.packing,
@@ -160,10 +169,7 @@ pub fn prepare_data(args: &PrepareArgs) -> Result<PreparedData> {
         pipeline: PipelineOptions {
             batch_size: args.plugins.plugin_batch_size as usize,
             workers,
-            on_error: match args.plugins.on_plugin_error {
-                OnPluginError::Fail => ErrorPolicy::Fail,
-                OnPluginError::Skip => ErrorPolicy::Skip,
-            },
+            on_error: args.plugins.on_plugin_error.into(),
             seed: args.seed,
         },
         cache_dir,
@@ -193,6 +199,22 @@ fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
             "{name}: {} documents read, {} after plugins, {} tokens, {} blocks of {}",
             split.documents_read, split.documents, split.tokens, split.blocks, report.block_size
         );
+        let split_name = if name == "train" {
+            "train"
+        } else {
+            "validation"
+        };
+        let bad: u64 = report
+            .files
+            .iter()
+            .filter(|f| f.split == split_name)
+            .map(|f| f.bad_records)
+            .sum();
+        if bad > 0 {
+            println!(
+                "  {bad} unreadable records skipped (--on_bad_record skip; listed in excluded.jsonl)"
+            );
+        }
         for step in &split.steps {
             let reasons: Vec<String> = step
                 .dropped_by_reason

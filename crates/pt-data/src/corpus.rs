@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 
+use crate::pipeline::ErrorPolicy;
+
 /// How text is taken out of files.
 #[derive(Clone, Debug)]
 pub struct ReadOptions {
@@ -14,6 +16,12 @@ pub struct ReadOptions {
     pub keep_linebreaks: bool,
     /// `.json`/`.jsonl`: the field holding the text.
     pub text_field: String,
+    /// A record that cannot be read (invalid UTF-8, a NUL byte, malformed
+    /// JSON, no text field, too large): stop, or skip and count it.
+    pub on_bad_record: ErrorPolicy,
+    /// Larger records are bad records: a whole file on one line is an
+    /// export gone wrong, not a document.
+    pub max_document_bytes: usize,
 }
 
 impl Default for ReadOptions {
@@ -21,8 +29,17 @@ impl Default for ReadOptions {
         Self {
             keep_linebreaks: true,
             text_field: "text".into(),
+            on_bad_record: ErrorPolicy::Fail,
+            max_document_bytes: 64 << 20,
         }
     }
+}
+
+/// A record skipped under `--on_bad_record skip`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BadRecord {
+    pub line: u32,
+    pub reason: String,
 }
 
 /// One document: a non-empty line of a `.txt` file or one JSON record.
@@ -41,6 +58,83 @@ pub struct SourceFile {
     /// sha256 of the contents, for the dataset cache key.
     pub digest: String,
     pub documents: Vec<Document>,
+    pub bad_records: Vec<BadRecord>,
+}
+
+/// The records of one file being read, and the policy for bad ones.
+struct Records<'a> {
+    path: &'a Path,
+    options: &'a ReadOptions,
+    documents: Vec<Document>,
+    bad: Vec<BadRecord>,
+}
+
+impl<'a> Records<'a> {
+    fn new(path: &'a Path, options: &'a ReadOptions) -> Self {
+        Self {
+            path,
+            options,
+            documents: Vec::new(),
+            bad: Vec::new(),
+        }
+    }
+
+    /// Keeps a non-empty document, or refuses one over the size limit.
+    fn document(&mut self, line: usize, text: String) -> Result<()> {
+        if text.len() > self.options.max_document_bytes {
+            return self.bad(line, too_large(text.len(), self.options));
+        }
+        if !text.is_empty() {
+            self.documents.push(Document {
+                line: line as u32,
+                text,
+            });
+        }
+        Ok(())
+    }
+
+    /// A bad record: an error naming file and line, or counted and skipped.
+    fn bad(&mut self, line: usize, reason: String) -> Result<()> {
+        match self.options.on_bad_record {
+            ErrorPolicy::Fail => bail!(
+                "{}:{line}: {reason} (--on_bad_record skip skips such records and counts them)",
+                self.path.display()
+            ),
+            ErrorPolicy::Skip => {
+                self.bad.push(BadRecord {
+                    line: line as u32,
+                    reason,
+                });
+                Ok(())
+            }
+        }
+    }
+
+    /// One line as text: UTF-8, no NUL byte, within the size limit.
+    fn line<'b>(&mut self, line: usize, bytes: &'b [u8]) -> Result<Option<&'b str>> {
+        let problem = if bytes.len() > self.options.max_document_bytes {
+            too_large(bytes.len(), self.options)
+        } else if let Some(at) = bytes.iter().position(|&b| b == 0) {
+            format!("NUL byte at byte {at} (a binary file?)")
+        } else {
+            match std::str::from_utf8(bytes) {
+                Ok(text) => return Ok(Some(text)),
+                Err(e) => format!(
+                    "invalid UTF-8 at byte {} of the line; convert the file to UTF-8 (e.g. `iconv -f GB18030 -t UTF-8`)",
+                    e.valid_up_to()
+                ),
+            }
+        };
+        self.bad(line, problem).map(|()| None)
+    }
+}
+
+fn too_large(bytes: usize, options: &ReadOptions) -> String {
+    format!(
+        "the record is {:.1} MB, more than --max_document_mb {}",
+        bytes as f64 / (1 << 20) as f64,
+        options.max_document_bytes >> 20
+    )
 }
 
 const EXTENSIONS: [&str; 3] = ["txt", "json", "jsonl"];
@@ -104,106 +198,117 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<SourceFile> {
     use sha2::{Digest, Sha256};
     let bytes = fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
     let digest = hex::encode(Sha256::digest(&bytes));
-    let text = decode_utf8(path, &bytes)?;
-    let documents = match path.extension().and_then(|e| e.to_str()) {
-        Some("txt") => read_txt(text, options.keep_linebreaks),
-        Some("json") if text.trim_start().starts_with('[') => {
-            read_json_array(path, text, &options.text_field)?
+    let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let mut records = Records::new(path, options);
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("txt") => read_txt(&mut records, body)?,
+        Some("json") if body.trim_ascii_start().starts_with(b"[") => {
+            read_json_array(&mut records, body)?
         }
-        _ => read_json_lines(path, text, &options.text_field)?,
-    };
+        _ => read_json_lines(&mut records, body)?,
+    }
     Ok(SourceFile {
         path: path.to_path_buf(),
         bytes: bytes.len() as u64,
         digest,
-        documents,
+        documents: records.documents,
+        bad_records: records.bad,
     })
 }
 
-/// The file as UTF-8 without a byte-order mark; invalid bytes are an error that
-/// names the line.
-fn decode_utf8<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str> {
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
-    std::str::from_utf8(bytes).map_err(|e| {
-        let line = bytes[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count() + 1;
-        anyhow::anyhow!(
-            "{}:{line}: invalid UTF-8 at byte {}; convert the file to UTF-8 (e.g. `iconv -f GB18030 -t UTF-8`)",
-            path.display(),
-            e.valid_up_to()
-        )
-    })
+/// Lines with their 1-based numbers, each with its `\n` if it had one.
+fn numbered_lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
+    bytes
+        .split_inclusive(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, line)| (i + 1, line))
 }
 
 /// Each non-empty line is a document; CRLF and CR line ends become `\n`.
-fn read_txt(text: &str, keep_linebreaks: bool) -> Vec<Document> {
-    let mut documents = Vec::new();
-    for (index, raw) in text.split_inclusive('\n').enumerate() {
-        let ended = raw.ends_with('\n');
-        let body = raw.trim_end_matches('\n').trim_end_matches('\r');
+fn read_txt(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
+    let keep_linebreaks = records.options.keep_linebreaks;
+    for (number, raw) in numbered_lines(bytes) {
+        let ended = raw.ends_with(b"\n");
+        let body = raw.strip_suffix(b"\n").unwrap_or(raw);
+        let body = body.strip_suffix(b"\r").unwrap_or(body);
         if body.is_empty() {
             continue;
         }
+        let Some(body) = records.line(number, body)? else {
+            continue;
+        };
         let mut text = body.replace('\r', "\n");
         if ended && keep_linebreaks {
             text.push('\n');
         }
-        documents.push(Document {
-            line: index as u32 + 1,
-            text,
-        });
+        records.document(number, text)?;
     }
-    documents
+    Ok(())
 }
 
-fn text_of(path: &Path, line: usize, value: serde_json::Value, field: &str) -> Result<String> {
+/// The text field of one JSON record, or why there is none.
+fn text_of(value: serde_json::Value, field: &str) -> Result<String, String> {
     match value {
         serde_json::Value::Object(mut map) => match map.remove(field) {
             Some(serde_json::Value::String(text)) => Ok(text),
-            Some(other) => bail!(
-                "{}:{line}: field `{field}` is not a string but {other}",
-                path.display()
-            ),
+            Some(other) => Err(format!("field `{field}` is not a string but {other}")),
             None => {
                 let keys: Vec<_> = map.keys().map(String::as_str).collect();
-                bail!(
-                    "{}:{line}: record has no `{field}` field (it has: {}); pass --text_field to choose another",
-                    path.display(),
+                Err(format!(
+                    "record has no `{field}` field (it has: {}); pass --text_field to choose another",
                     keys.join(", ")
-                )
+                ))
             }
         },
-        other => bail!(
-            "{}:{line}: expected a JSON object, found {other}",
-            path.display()
-        ),
+        other => Err(format!("expected a JSON object, found {other}")),
     }
 }
 
-fn read_json_lines(path: &Path, text: &str, field: &str) -> Result<Vec<Document>> {
-    let mut documents = Vec::new();
-    for (index, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+fn read_json_lines(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
+    let field = records.options.text_field.clone();
+    for (number, raw) in numbered_lines(bytes) {
+        if raw.trim_ascii().is_empty() {
             continue;
         }
-        let value: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-            anyhow::anyhow!("{}:{}: malformed JSON: {e}", path.display(), index + 1)
-        })?;
-        let text = text_of(path, index + 1, value, field)?;
-        if !text.is_empty() {
-            documents.push(Document {
-                line: index as u32 + 1,
-                text,
-            });
+        let Some(line) = records.line(number, raw)? else {
+            continue;
+        };
+        let record = serde_json::from_str(line)
+            .map_err(|e| format!("malformed JSON: {e}"))
+            .and_then(|value| text_of(value, &field));
+        match record {
+            Ok(text) => records.document(number, text)?,
+            Err(reason) => records.bad(number, reason)?,
         }
     }
-    Ok(documents)
+    Ok(())
 }
 
-/// A `.json` file holding one array of records; a record's line is where it starts.
-fn read_json_array(path: &Path, text: &str, field: &str) -> Result<Vec<Document>> {
+/// A `.json` file holding one array of records; a record's line is where it
+/// starts. A file that does not parse is one bad record.
+fn read_json_array(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let line = bytes[..e.valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1;
+            return records.bad(
+                line,
+                format!(
+                    "invalid UTF-8 at byte {} of the file; convert the file to UTF-8 (e.g. `iconv -f GB18030 -t UTF-8`)",
+                    e.valid_up_to()
+                ),
+            );
+        }
+    };
     let line_at = |offset: usize| text[..offset].matches('\n').count() + 1;
-    let values: Vec<serde_json::Value> = serde_json::from_str(text)
-        .map_err(|e| anyhow::anyhow!("{}:{}: malformed JSON: {e}", path.display(), e.line()))?;
+    let values: Vec<serde_json::Value> = match serde_json::from_str(text) {
+        Ok(values) => values,
+        Err(e) => return records.bad(e.line(), format!("malformed JSON: {e}")),
+    };
     // serde_json does not report offsets of array items; find each record's
     // opening brace by scanning, which is exact for arrays of objects.
     let mut starts = Vec::with_capacity(values.len());
@@ -226,18 +331,15 @@ fn read_json_array(path: &Path, text: &str, field: &str) -> Result<Vec<Document>
             _ => {}
         }
     }
-    let mut documents = Vec::new();
+    let field = records.options.text_field.clone();
     for (i, value) in values.into_iter().enumerate() {
         let line = starts.get(i).map_or(1, |&o| line_at(o));
-        let text = text_of(path, line, value, field)?;
-        if !text.is_empty() {
-            documents.push(Document {
-                line: line as u32,
-                text,
-            });
+        match text_of(value, &field) {
+            Ok(text) => records.document(line, text)?,
+            Err(reason) => records.bad(line, reason)?,
         }
     }
-    Ok(documents)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -270,7 +270,7 @@ impl BatchContext<'_> {
             let exclude = |reason: String, doc: WorkDoc| Excluded {
                 source: doc.source,
                 plugin: plugin.name().to_string(),
-                kind,
+                kind: Some(kind),
                 reason,
                 text: doc.text,
             };

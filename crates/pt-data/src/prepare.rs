@@ -75,6 +75,8 @@ struct CacheKey<'a> {
     plugins: Vec<(&'a str, &'a str, &'a str)>,
     keep_linebreaks: bool,
     text_field: &'a str,
+    on_bad_record: pipeline::ErrorPolicy,
+    max_document_bytes: usize,
     block_size: usize,
     packing: bool,
     max_train_samples: Option<usize>,
@@ -157,6 +159,8 @@ pub fn prepare(
             .collect(),
         keep_linebreaks: options.read.keep_linebreaks,
         text_field: &options.read.text_field,
+        on_bad_record: options.read.on_bad_record,
+        max_document_bytes: options.read.max_document_bytes,
         block_size: options.block_size,
         packing: options.packing,
         max_train_samples: options.max_train_samples,
@@ -191,6 +195,7 @@ pub fn prepare(
             split: split.into(),
             documents: f.documents.len() as u64,
             bytes: f.bytes,
+            bad_records: f.bad_records.len() as u64,
         })
         .collect();
     let sources = |files: &[SourceFile]| -> Vec<(String, String)> {
@@ -203,6 +208,20 @@ pub fn prepare(
             })
             .collect()
     };
+    // Records the reader skipped, listed with what plugins excluded.
+    let unreadable: Vec<Excluded> = train_files
+        .iter()
+        .chain(&validation_files)
+        .flat_map(|f| {
+            f.bad_records.iter().map(move |bad| Excluded {
+                source: format!("{}:{}", f.path.display(), bad.line),
+                plugin: "(reader)".into(),
+                kind: None,
+                reason: bad.reason.clone(),
+                text: String::new(),
+            })
+        })
+        .collect();
     let mut train_docs = sources(&train_files);
     drop(train_files);
     let validation_docs = if options.validation_dir.is_some() {
@@ -215,7 +234,7 @@ pub fn prepare(
     drop(validation_files);
 
     let step_plugins: Vec<&dyn StepPlugin> = plugins.iter().map(|p| p.plugin).collect();
-    let mut excluded = Vec::new();
+    let mut excluded: Vec<Excluded> = unreadable;
     let mut build = |split: &str,
                      docs: &[(String, String)],
                      augment: bool,

@@ -64,6 +64,9 @@ pub struct FileReport {
     pub split: String,
     pub documents: u64,
     pub bytes: u64,
+    /// Records skipped under `--on_bad_record skip` (listed in excluded.jsonl).
+    #[serde(default)]
+    pub bad_records: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -99,9 +102,13 @@ pub struct DataReport {
 pub struct Excluded {
     /// `path:line` of the document (`+augN` for derived ones).
     pub source: String,
+    /// The plugin that dropped it; `(reader)` for a record that could not be read.
     pub plugin: String,
-    pub kind: StepKind,
-    /// The plugin's drop reason, or `error: …` for a document it failed on.
+    /// The plugin's step (none for the reader).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<StepKind>,
+    /// The plugin's drop reason, `error: …` for a document it failed on, or
+    /// why the reader could not read the record.
     pub reason: String,
     pub text: String,
 }
