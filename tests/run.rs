@@ -1030,3 +1030,44 @@ fn the_adapter_loads_in_python_peft_with_the_same_eval_loss() {
         "pt-host {ours}, PEFT {theirs}"
     );
 }
+
+/// A loss that is no longer finite stops the run at that step, naming it and
+/// what to do; the checkpoints written before are complete.
+#[test]
+fn a_diverging_run_stops_naming_the_step_with_checkpoints_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(
+        dir.path(),
+        "out",
+        &[
+            "--do_train",
+            "--use_peft",
+            "false",
+            "--learning_rate",
+            "1e30",
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "1",
+        ],
+    );
+    assert!(!output.status.success());
+    let message = String::from_utf8_lossy(&output.stderr);
+    let step = message
+        .split("loss is ")
+        .nth(1)
+        .and_then(|rest| rest.split(" at step ").nth(1))
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("no step named: {message}"));
+    assert!(step >= 2, "a checkpoint was written before: {message}");
+    assert!(message.contains("stopping (the last checkpoint is intact); lower --learning_rate"));
+    assert!(!message.contains("panicked"), "{message}");
+    for n in 1..step {
+        let checkpoint = dir.path().join(format!("out/checkpoint-{n}"));
+        let state = json(&checkpoint.join("trainer_state.json"));
+        assert_eq!(state["global_step"], n);
+        assert!(checkpoint.join("model.safetensors").is_file());
+    }
+    assert!(!dir.path().join(format!("out/checkpoint-{step}")).exists());
+}
