@@ -509,6 +509,36 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
     )
     .unwrap();
     fs::create_dir_all(dir.path().join("full")).unwrap();
+    // A config.json that does not describe its weights.
+    let reshaped = dir.path().join("reshaped");
+    fs::create_dir_all(&reshaped).unwrap();
+    for file in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        fs::copy(fixture_model().join(file), reshaped.join(file)).unwrap();
+    }
+    let mut config = json(&fixture_model().join("config.json"));
+    config["hidden_size"] = 128.into();
+    fs::write(reshaped.join("config.json"), config.to_string()).unwrap();
+    // A tokenizer with 10 tokens more than the model's embedding has rows.
+    let bigger = dir.path().join("bigger_tokenizer");
+    fs::create_dir_all(&bigger).unwrap();
+    let mut tokenizer = json(&fixture_model().join("tokenizer.json"));
+    for i in 0..10 {
+        tokenizer["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"id": 2000 + i, "content": format!("<extra_{i}>"),
+                "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}));
+    }
+    fs::write(bigger.join("tokenizer.json"), tokenizer.to_string()).unwrap();
+    fs::copy(
+        fixture_model().join("tokenizer_config.json"),
+        bigger.join("tokenizer_config.json"),
+    )
+    .unwrap();
     fs::write(dir.path().join("full/x"), "").unwrap();
     let run = |extra: &[&str]| -> Vec<String> {
         let mut args: Vec<String> = ["run", "--model_name_or_path", &model, "--output_dir"]

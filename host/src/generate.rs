@@ -77,6 +77,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         model.load_adapter(adapter)?;
     }
     let tokenizer = Tokenizer::from_dir(&model_dir)?;
+    crate::run::check_vocabulary(&tokenizer, &model_dir, &model)?;
     let ids = prompts
         .iter()
         .enumerate()

@@ -229,6 +229,19 @@ fn check_output_dir(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Token ids index the embedding: a tokenizer with more tokens than the model
+/// has rows would fail mid-training, so it is refused before any work.
+pub fn check_vocabulary(tokenizer: &Tokenizer, tokenizer_dir: &Path, model: &Bloom) -> Result<()> {
+    let (tokens, rows) = (tokenizer.vocab_size(), model.config.vocab_size);
+    if tokens > rows {
+        bail!(
+            "the tokenizer in {} has {tokens} tokens, but the model's embedding has {rows} rows (vocab_size in config.json): use the model's own tokenizer (--tokenizer_name_or_path)",
+            tokenizer_dir.display()
+        );
+    }
+    Ok(())
+}
+
 fn target_modules(spec: &str) -> Result<Vec<String>> {
     if spec.trim() == "all" {
         return Ok(LORA_TARGETS.iter().map(|s| s.to_string()).collect());
@@ -371,6 +384,12 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             );
         }
     }
+    let tokenizer_dir = args
+        .data
+        .tokenizer_name_or_path
+        .as_ref()
+        .unwrap_or(&args.data.model_name_or_path);
+    check_vocabulary(&Tokenizer::from_dir(tokenizer_dir)?, tokenizer_dir, &model)?;
     let data = prepare_data(&args.data)?;
     let prepared = &data.prepared;
     if args.do_eval && prepared.validation.is_empty() {
