@@ -922,8 +922,9 @@ fn a_non_empty_output_dir_needs_overwrite_and_the_model_type_must_match() {
     );
 }
 
-/// kill -9 after a checkpoint, then resume: the same adapter, bit for bit, as
-/// a run that was never interrupted.
+/// kill -9 at five moments, each run resuming from the last checkpoint: the
+/// same adapter, bit for bit, as a run that was never interrupted, and never
+/// a half-written checkpoint.
 #[test]
 fn a_killed_run_resumes_to_the_same_adapter() {
     let dir = tempfile::tempdir().unwrap();
@@ -942,54 +943,71 @@ fn a_killed_run_resumes_to_the_same_adapter() {
         "--lora_dropout",
         "0.1",
     ];
+    let started = std::time::Instant::now();
     let straight = run(dir.path(), "straight", &recipe);
     assert_ok(&straight);
+    let duration = started.elapsed();
 
     let (train, valid) = corpus(dir.path());
     let killed_dir = dir.path().join("killed");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pt-host"))
-        .args([
-            "run",
-            "--model_name_or_path",
-            fixture_model().to_str().unwrap(),
-        ])
-        .args([
-            "--train_file_dir",
-            train.to_str().unwrap(),
-            "--validation_file_dir",
-            valid.to_str().unwrap(),
-        ])
-        .args([
-            "--output_dir",
-            killed_dir.to_str().unwrap(),
-            "--cache_dir",
-            dir.path().join("cache").to_str().unwrap(),
-        ])
-        .args(["--block_size", "32", "--disable_tqdm"])
-        .args(recipe)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while !killed_dir.join("checkpoint-10").is_dir() {
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(60),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(2));
+    let command = |resume: bool| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pt-host"));
+        command
+            .args(["run", "--model_name_or_path"])
+            .arg(fixture_model())
+            .arg("--train_file_dir")
+            .arg(&train)
+            .arg("--validation_file_dir")
+            .arg(&valid)
+            .arg("--output_dir")
+            .arg(&killed_dir)
+            .arg("--cache_dir")
+            .arg(dir.path().join("cache"))
+            .args([
+                "--block_size",
+                "32",
+                "--disable_tqdm",
+                "--overwrite_output_dir",
+            ])
+            .args(recipe)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if resume {
+            command.args(["--resume_from_checkpoint", "true"]);
+        }
+        command
+    };
+    // Five SIGKILLs at pseudo-random moments (a fixed xorshift, so a failure
+    // reproduces), each run resuming from whatever the last one left.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut kills = 0;
+    for _ in 0..5 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        // Within a fifth of a whole run: five such runs cannot finish the
+        // work (each resumes from the last checkpoint), so each is interrupted.
+        let fraction = (state % 1000) as f64 / 1000.0 / 5.0;
+        let resume = pt_train::trainer::list_checkpoints(&killed_dir).is_ok_and(|c| !c.is_empty());
+        let mut child = command(resume).spawn().unwrap();
+        std::thread::sleep(duration.mul_f64(fraction));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            kills += 1;
+        }
+        child.wait().unwrap();
+        // Whatever the moment, every checkpoint-N/ present is complete.
+        for (step, checkpoint) in
+            pt_train::trainer::list_checkpoints(&killed_dir).unwrap_or_default()
+        {
+            let state = json(&checkpoint.join("trainer_state.json"));
+            assert_eq!(state["global_step"], step);
+            assert!(checkpoint.join("adapter_model.safetensors").is_file());
+            assert!(checkpoint.join("optimizer.safetensors").is_file());
+        }
     }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(
-        !killed_dir.join("checkpoint-120").exists(),
-        "the run was interrupted"
-    );
-    let resumed = run(
-        dir.path(),
-        "killed",
-        &[&recipe[..], &["--resume_from_checkpoint", "true"]].concat(),
-    );
+    assert!(kills >= 4, "only {kills} of 5 runs were interrupted");
+    let resumed = command(true).output().unwrap();
     assert_ok(&resumed);
     assert_eq!(adapter(&dir.path().join("straight")), adapter(&killed_dir));
 }
@@ -1070,4 +1088,120 @@ fn a_diverging_run_stops_naming_the_step_with_checkpoints_intact() {
         assert!(checkpoint.join("model.safetensors").is_file());
     }
     assert!(!dir.path().join(format!("out/checkpoint-{step}")).exists());
+}
+
+/// A write that fails while saving a checkpoint (here the file-size limit,
+/// as a full disk would) ends the run with which checkpoint and why; the
+/// earlier checkpoints stay complete, nothing half-written remains, and the
+/// run resumes from the last one. A corrupt checkpoint is refused by name.
+#[test]
+fn a_failed_checkpoint_write_keeps_the_earlier_ones_and_corrupt_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_ok(&run(
+        dir.path(),
+        "out",
+        &["--do_train", "--max_steps", "3", "--save_steps", "1"],
+    ));
+    // The adapter checkpoint holds files over 64 KiB; the size limit makes
+    // writing them fail with EFBIG (SIGXFSZ ignored, as a shell would).
+    let (train, valid) = corpus(dir.path());
+    let limited = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "trap '' XFSZ; ulimit -f 64; exec {} run --model_name_or_path {} --train_file_dir {} \
+                 --validation_file_dir {} --output_dir {} --cache_dir {} --block_size 32 --disable_tqdm \
+                 --do_train --max_steps 6 --save_steps 1 --resume_from_checkpoint true",
+                env!("CARGO_BIN_EXE_pt-host"),
+                fixture_model().display(),
+                train.display(),
+                valid.display(),
+                dir.path().join("out").display(),
+                dir.path().join("cache").display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let message = String::from_utf8_lossy(&limited.stderr);
+    assert!(!limited.status.success(), "{message}");
+    assert!(
+        message.contains(
+            "checkpoint-4: cannot write the checkpoint (the earlier checkpoints are intact"
+        ) && message.contains("File too large"),
+        "{message}"
+    );
+    let out = dir.path().join("out");
+    let names: Vec<String> = fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("checkpoint"))
+        .collect();
+    assert_eq!(
+        names.len(),
+        3,
+        "no checkpoint-4, no staging left: {names:?}"
+    );
+    assert_eq!(
+        json(&out.join("checkpoint-3/trainer_state.json"))["global_step"],
+        3
+    );
+
+    // Resumed without the limit, the run finishes.
+    let resumed = run(
+        dir.path(),
+        "out",
+        &[
+            "--do_train",
+            "--max_steps",
+            "6",
+            "--save_steps",
+            "1",
+            "--resume_from_checkpoint",
+            "true",
+        ],
+    );
+    assert_ok(&resumed);
+    assert_eq!(json(&out.join("trainer_state.json"))["global_step"], 6);
+
+    // Corrupt checkpoints: each refused naming the file, with what to do.
+    let corruptions: [(&str, &str, &str); 3] = [
+        (
+            "checkpoint-6",
+            "adapter_model.safetensors",
+            "adapter_model.safetensors: corrupt or missing weights",
+        ),
+        (
+            "checkpoint-5",
+            "optimizer.safetensors",
+            "optimizer.safetensors: corrupt optimizer state",
+        ),
+        (
+            "checkpoint-4",
+            "trainer_state.json",
+            "trainer_state.json: corrupt trainer state",
+        ),
+    ];
+    for (checkpoint, file, expected) in corruptions {
+        let path = out.join(checkpoint).join(file);
+        let bytes = fs::read(&path).unwrap();
+        fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let refused = run(
+            dir.path(),
+            "out",
+            &[
+                "--do_train",
+                "--max_steps",
+                "8",
+                "--resume_from_checkpoint",
+                out.join(checkpoint).to_str().unwrap(),
+            ],
+        );
+        let message = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success());
+        assert!(
+            message.contains("name an earlier checkpoint-N directory instead")
+                && message.contains(expected),
+            "{checkpoint}/{file}: {message}"
+        );
+    }
 }

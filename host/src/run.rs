@@ -496,7 +496,12 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     if args.do_train {
         if let Some(spec) = &args.resume_from_checkpoint {
             let checkpoint = checkpoint_to_resume(spec, &output_dir)?;
-            trainer.resume(&checkpoint)?;
+            trainer.resume(&checkpoint).with_context(|| {
+                format!(
+                    "--resume_from_checkpoint: cannot resume from {} (name an earlier checkpoint-N directory instead)",
+                    checkpoint.display()
+                )
+            })?;
             eprintln!(
                 "resumed from {} at step {}",
                 checkpoint.display(),

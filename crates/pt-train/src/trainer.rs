@@ -489,18 +489,16 @@ impl<'a> Trainer<'a> {
         fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
         let name = format!("checkpoint-{}", self.state.global_step);
         let staging = out.join(format!(".{name}.partial"));
-        if staging.exists() {
-            fs::remove_dir_all(&staging)?;
-        }
-        self.save_weights(&staging)?;
-        self.optimizer.save(&staging.join(OPTIMIZER))?;
-        fs::write(staging.join(STATE), serde_json::to_vec_pretty(&self.state)?)?;
         let target = out.join(&name);
-        if target.exists() {
-            fs::remove_dir_all(&target)?;
+        let written = self.write_checkpoint(&staging, &target);
+        if let Err(error) = written {
+            // The earlier checkpoints are untouched; a resume picks the last one.
+            fs::remove_dir_all(&staging).ok();
+            return Err(error.context(format!(
+                "{}: cannot write the checkpoint (the earlier checkpoints are intact; --resume_from_checkpoint true continues from the last)",
+                target.display()
+            )));
         }
-        fs::rename(&staging, &target)
-            .with_context(|| format!("{}: cannot write checkpoint", target.display()))?;
         if let Some(limit) = self.args.save_total_limit {
             let mut checkpoints = list_checkpoints(out)?;
             while checkpoints.len() > limit.max(1) {
@@ -510,6 +508,23 @@ impl<'a> Trainer<'a> {
             }
         }
         Ok(target)
+    }
+
+    /// The checkpoint's files into `staging`, then `staging` renamed to `target`.
+    fn write_checkpoint(&mut self, staging: &Path, target: &Path) -> Result<()> {
+        if staging.exists() {
+            fs::remove_dir_all(staging)?;
+        }
+        self.save_weights(staging)?;
+        self.optimizer.save(&staging.join(OPTIMIZER))?;
+        let state = staging.join(STATE);
+        fs::write(&state, serde_json::to_vec_pretty(&self.state)?)
+            .with_context(|| format!("{}: cannot write", state.display()))?;
+        if target.exists() {
+            fs::remove_dir_all(target)?;
+        }
+        fs::rename(staging, target)?;
+        Ok(())
     }
 
     /// Restores weights, optimizer and trainer state from `checkpoint-N/`.
