@@ -402,6 +402,42 @@ fn output_far_larger_than_the_input_is_refused() {
     );
 }
 
+/// A component that answers a batch with more results than documents is
+/// caught: bisection pins it on the document, which fails or is skipped.
+#[test]
+fn a_wrong_number_of_results_is_refused() {
+    let run = Run::new();
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), &["ok", "MISCOUNT here", "ok too"]);
+    let plugin = component("hostile");
+    let base = [
+        "--plugin",
+        plugin.to_str().unwrap(),
+        "--plugin_config",
+        r#"hostile={"mode":"miscount","marker":"MISCOUNT"}"#,
+        "--validation_split_percentage",
+        "0",
+        "--block_size",
+        "4",
+    ];
+    let failed = run.prepare(&corpus, &base);
+    assert_eq!(failed.status.code(), Some(1));
+    let message = stderr(&failed);
+    assert!(
+        message.contains("plugin `hostile` (filter) failed on document")
+            && message.contains("a.txt:2")
+            && message.contains("returned 2 results for 1 documents"),
+        "{message}"
+    );
+    let skipped = run.prepare(
+        &corpus,
+        &[&base[..], &["--on_plugin_error", "skip"]].concat(),
+    );
+    assert!(skipped.status.success(), "{}", stderr(&skipped));
+    let filter = &run.report().train.steps[1];
+    assert_eq!((filter.input, filter.kept, filter.errors), (3, 2, 1));
+}
+
 #[test]
 fn a_looping_plugin_is_stopped_by_the_deadline() {
     let run = Run::new();

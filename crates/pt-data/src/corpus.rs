@@ -197,8 +197,24 @@ fn has_corpus_extension(path: &Path) -> bool {
 pub fn read_file(path: &Path, options: &ReadOptions) -> Result<SourceFile> {
     use sha2::{Digest, Sha256};
     let bytes = fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
-    let digest = hex::encode(Sha256::digest(&bytes));
-    let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let (documents, bad_records) = parse(path, &bytes, options)?;
+    Ok(SourceFile {
+        path: path.to_path_buf(),
+        bytes: bytes.len() as u64,
+        digest: hex::encode(Sha256::digest(&bytes)),
+        documents,
+        bad_records,
+    })
+}
+
+/// The documents (and skipped records) in `bytes`, read as the file `path`
+/// (its extension decides the format).
+pub fn parse(
+    path: &Path,
+    bytes: &[u8],
+    options: &ReadOptions,
+) -> Result<(Vec<Document>, Vec<BadRecord>)> {
+    let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
     let mut records = Records::new(path, options);
     match path.extension().and_then(|e| e.to_str()) {
         Some("txt") => read_txt(&mut records, body)?,
@@ -207,13 +223,7 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<SourceFile> {
         }
         _ => read_json_lines(&mut records, body)?,
     }
-    Ok(SourceFile {
-        path: path.to_path_buf(),
-        bytes: bytes.len() as u64,
-        digest,
-        documents: records.documents,
-        bad_records: records.bad,
-    })
+    Ok((records.documents, records.bad))
 }
 
 /// Lines with their 1-based numbers, each with its `\n` if it had one.

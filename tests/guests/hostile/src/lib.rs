@@ -4,7 +4,7 @@
 // Off wasm, `register!` expands to nothing and the plugin is unused.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
-use pt_plugin_sdk::{Decision, Document, Edit, Kind, Plugin, register};
+use pt_plugin_sdk::{Decision, Document, Edit, Kind, Plugin};
 use serde::Deserialize;
 
 #[derive(Deserialize, Default)]
@@ -49,7 +49,7 @@ impl Plugin for Hostile {
             return Decision::Keep;
         }
         match self.config.mode.as_str() {
-            "amplify" => Decision::Keep,
+            "amplify" | "miscount" => Decision::Keep,
             "sleep" => {
                 let started = std::time::Instant::now();
                 std::thread::sleep(std::time::Duration::from_secs(3600));
@@ -117,4 +117,82 @@ fn recurse(n: u64) -> u64 {
     recurse(frame[0] + 1) + frame[63]
 }
 
-register!(Hostile);
+// Not `register!`: the SDK always answers once per document, so the exports
+// are wrapped to break that contract in mode `miscount` (one verdict too many
+// when a document has the marker).
+#[cfg(target_arch = "wasm32")]
+mod exports {
+    use std::cell::Cell;
+
+    use pt_plugin_sdk::Adapter;
+    use pt_plugin_sdk::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, plugin};
+    use pt_plugin_sdk::bindings::pt::plugin::types as wit;
+
+    use super::{Config, Hostile};
+
+    type Inner = Adapter<Hostile>;
+
+    thread_local! {
+        static MISCOUNT: Cell<bool> = const { Cell::new(false) };
+        static MARKER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    }
+
+    pub struct Exports;
+
+    impl plugin::Guest for Exports {
+        fn describe() -> wit::Info {
+            <Inner as plugin::Guest>::describe()
+        }
+
+        fn configure(config: String) -> Result<(), String> {
+            let parsed: Config = pt_plugin_sdk::parse_config(&config)?;
+            MISCOUNT.with(|m| m.set(parsed.mode == "miscount"));
+            MARKER.with(|m| *m.borrow_mut() = parsed.marker);
+            <Inner as plugin::Guest>::configure(config)
+        }
+    }
+
+    impl filter::Guest for Exports {
+        fn filter_batch(docs: Vec<wit::Document>) -> Vec<wit::Decision> {
+            let marked = MARKER.with(|m| docs.iter().any(|d| d.text.contains(&*m.borrow())));
+            let mut decisions = <Inner as filter::Guest>::filter_batch(docs);
+            if MISCOUNT.with(Cell::get) && marked {
+                decisions.push(wit::Decision::Keep);
+            }
+            decisions
+        }
+    }
+
+    impl mapper::Guest for Exports {
+        fn map_batch(docs: Vec<wit::Document>) -> Vec<wit::Edit> {
+            <Inner as mapper::Guest>::map_batch(docs)
+        }
+    }
+
+    impl augmenter::Guest for Exports {
+        fn augment_batch(docs: Vec<wit::Document>, seed: u64) -> Vec<wit::DerivedDocument> {
+            <Inner as augmenter::Guest>::augment_batch(docs, seed)
+        }
+    }
+
+    /// Hostile is no metric; the world still has the export.
+    pub struct NoMetric;
+
+    impl metric::GuestAccumulator for NoMetric {
+        fn new() -> Self {
+            NoMetric
+        }
+
+        fn add_batch(&self, _samples: Vec<wit::Sample>) {}
+
+        fn compute(&self) -> Vec<wit::MetricValue> {
+            Vec::new()
+        }
+    }
+
+    impl metric::Guest for Exports {
+        type Accumulator = NoMetric;
+    }
+
+    pt_plugin_sdk::bindings::export_any_plugin!(Exports with_types_in pt_plugin_sdk::bindings);
+}
