@@ -92,6 +92,39 @@ impl Run {
         pt_host(&refs)
     }
 
+    /// `prepare`, with the host process's peak resident memory in KiB
+    /// (VmHWM, sampled until it exits).
+    fn prepare_measured(&self, train_dir: &Path, extra: &[&str]) -> (Output, u64) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+            .args(["prepare", "--model_name_or_path"])
+            .arg(fixture_model())
+            .arg("--train_file_dir")
+            .arg(train_dir)
+            .arg("--output_dir")
+            .arg(&self.out)
+            .arg("--cache_dir")
+            .arg(&self.cache)
+            .arg("--disable_tqdm")
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = format!("/proc/{}/status", child.id());
+        let mut peak = 0;
+        while child.try_wait().unwrap().is_none() {
+            if let Some(kib) = fs::read_to_string(&status).ok().and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            }) {
+                peak = peak.max(kib);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        (child.wait_with_output().unwrap(), peak)
+    }
+
     fn report(&self) -> DataReport {
         serde_json::from_slice(&fs::read(self.out.join("data_report.json")).unwrap()).unwrap()
     }
@@ -785,4 +818,78 @@ fn bad_records_fail_with_file_and_line_or_are_skipped_and_counted() {
         7,
         "{text:?}"
     );
+}
+
+/// Every hostile behaviour through a whole `prepare`, under both policies:
+/// with `fail` the run stops naming plugin, document and cause and leaves no
+/// report or dataset; with `skip` the document is counted and the run
+/// finishes. The host's peak memory stays bounded meanwhile (the plugin's
+/// own memory is capped at 64 MiB).
+#[test]
+fn every_hostile_behaviour_fails_or_is_skipped_with_bounded_host_memory() {
+    let cases = [
+        ("trap", "hostile plugin panicked on purpose"),
+        ("loop", "did not finish within the 500 ms deadline"),
+        ("memory_bomb", "exceeded its memory limit of 64 MiB"),
+        ("recurse", "stack overflow"),
+        ("read_file", "read /etc/passwd: "),
+        ("read_env", "env HOME: environment variable not found"),
+        ("socket", "connect 127.0.0.1:9: "),
+        ("report_error", "cannot judge this document"),
+        ("miscount", "returned 2 results for 1 documents"),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), &["fine", "HOSTILE here", "fine too"]);
+    let plugin = component("hostile");
+    for (mode, cause) in cases {
+        let run = Run::new();
+        let config = format!(r#"hostile={{"mode":"{mode}","marker":"HOSTILE"}}"#);
+        let args = [
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "--plugin_config",
+            &config,
+            "--plugin_timeout_ms",
+            "500",
+            "--plugin_memory_mb",
+            "64",
+            "--preprocessing_num_workers",
+            "2",
+            "--validation_split_percentage",
+            "0",
+            "--block_size",
+            "2",
+        ];
+        // Two workers, each with at most 64 MiB of plugin memory, on a host
+        // that needs ~45 MiB: 400 MiB leaves room and still catches a leak.
+        let (failed, peak_kib) = run.prepare_measured(&corpus, &args);
+        let message = stderr(&failed);
+        assert_eq!(failed.status.code(), Some(1), "{mode}: {message}");
+        assert!(
+            message.contains("plugin `hostile`")
+                && message.contains("a.txt:2")
+                && message.contains(cause),
+            "{mode}: {cause:?} not in {message}"
+        );
+        assert!(
+            !message.contains("thread 'main' panicked"),
+            "{mode}: {message}"
+        );
+        assert!(
+            !run.out.join("data_report.json").exists() && !run.cache.join("datasets").exists(),
+            "{mode}: a failed run leaves no report or dataset"
+        );
+        assert!(peak_kib < 400 << 10, "{mode}: host peak {peak_kib} KiB");
+        eprintln!("{mode}: host peak {} MiB", peak_kib >> 10);
+
+        let (skipped, peak_kib) = run.prepare_measured(
+            &corpus,
+            &[&args[..], &["--on_plugin_error", "skip"]].concat(),
+        );
+        assert!(skipped.status.success(), "{mode}: {}", stderr(&skipped));
+        let errors: u64 = run.report().train.steps.iter().map(|s| s.errors).sum();
+        assert_eq!(errors, 1, "{mode}");
+        assert_eq!(run.report().train.documents, 2, "{mode}");
+        assert!(peak_kib < 400 << 10, "{mode}: host peak {peak_kib} KiB");
+    }
 }
