@@ -893,3 +893,48 @@ fn every_hostile_behaviour_fails_or_is_skipped_with_bounded_host_memory() {
         assert!(peak_kib < 400 << 10, "{mode}: host peak {peak_kib} KiB");
     }
 }
+
+/// A `--block_size` beyond the tokenizer's `model_max_length` is capped to it
+/// with a warning, as MedicalGPT does.
+#[test]
+fn block_size_is_capped_at_the_tokenizers_model_max_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    fs::create_dir_all(&model).unwrap();
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        fs::copy(fixture_model().join(file), model.join(file)).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&fs::read(fixture_model().join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    config["model_max_length"] = 16.into();
+    fs::write(model.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let corpus = small_corpus(dir.path(), &["a few words to pack", "and a few more"]);
+    let out = dir.path().join("out");
+    let output = pt_host(&[
+        "prepare",
+        "--model_name_or_path",
+        model.to_str().unwrap(),
+        "--train_file_dir",
+        corpus.to_str().unwrap(),
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--cache_dir",
+        dir.path().join("cache").to_str().unwrap(),
+        "--block_size",
+        "32",
+        "--validation_split_percentage",
+        "0",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(
+            "warning: --block_size 32 is longer than the tokenizer's model_max_length 16 (tokenizer_config.json); using 16"
+        ),
+        "{}",
+        stderr(&output)
+    );
+    let report: DataReport =
+        serde_json::from_slice(&fs::read(out.join("data_report.json")).unwrap()).unwrap();
+    assert_eq!(report.block_size, 16);
+}

@@ -138,6 +138,18 @@ pub fn prepare_data(args: &PrepareArgs) -> Result<PreparedData> {
             .as_ref()
             .unwrap_or(&args.model_name_or_path),
     )?;
+    // As MedicalGPT: blocks longer than the tokenizer's model_max_length are
+    // capped to it, with a warning (BLOOM's ALiBi has no position table).
+    let block_size = match tokenizer.model_max_length {
+        Some(limit) if args.block_size as usize > limit => {
+            eprintln!(
+                "warning: --block_size {} is longer than the tokenizer's model_max_length {limit} (tokenizer_config.json); using {limit}",
+                args.block_size
+            );
+            limit
+        }
+        _ => args.block_size as usize,
+    };
     let (runtime, loaded) = plugins::load(&args.plugins, &cache_dir)?;
     let plugins: Vec<PreparePlugin<'_>> = loaded
         .iter()
@@ -162,7 +174,7 @@ pub fn prepare_data(args: &PrepareArgs) -> Result<PreparedData> {
             on_bad_record: args.on_bad_record.into(),
             max_document_bytes: (args.max_document_mb as usize) << 20,
         },
-        block_size: args.block_size as usize,
+        block_size,
         packing: args.packing,
         max_train_samples: args.max_train_samples,
         max_eval_samples: args.max_eval_samples,

@@ -12,6 +12,9 @@ pub struct Tokenizer {
     pub pad_id: u32,
     /// sha256 of `tokenizer.json` and `tokenizer_config.json`, for the cache key.
     pub digest: String,
+    /// `model_max_length` of `tokenizer_config.json`, when it is a real limit
+    /// (HF writes 1e30 for "none").
+    pub model_max_length: Option<usize>,
 }
 
 impl Tokenizer {
@@ -51,6 +54,10 @@ impl Tokenizer {
         let pad_id = inner
             .token_to_id(&token_name("pad_token", "<pad>"))
             .unwrap_or(eos_id);
+        let model_max_length = config["model_max_length"]
+            .as_f64()
+            .filter(|&n| n >= 1.0 && n < 1e12)
+            .map(|n| n as usize);
         let mut hasher = Sha256::new();
         hasher.update(&json);
         hasher.update(config.to_string());
@@ -59,6 +66,7 @@ impl Tokenizer {
             eos_id,
             pad_id,
             digest: hex::encode(hasher.finalize()),
+            model_max_length,
         })
     }
 
