@@ -56,7 +56,7 @@ impl Tokenizer {
             .unwrap_or(eos_id);
         let model_max_length = config["model_max_length"]
             .as_f64()
-            .filter(|&n| n >= 1.0 && n < 1e12)
+            .filter(|n| (1.0..1e12).contains(n))
             .map(|n| n as usize);
         let mut hasher = Sha256::new();
         hasher.update(&json);
