@@ -82,6 +82,20 @@ impl Setup {
         ]));
     }
 
+    /// A copy of the bundle re-signed by mallory, whom nobody trusts.
+    pub(crate) fn signed_by_mallory(&self) -> PathBuf {
+        let mallory = self.path("dist/mallory.ptplugin");
+        fs::copy(self.bundle(), &mallory).unwrap();
+        assert_ok(&pt_host(&[
+            "plugin",
+            "sign",
+            s(&mallory),
+            "--key",
+            s(&self.path("keys/mallory.key")),
+        ]));
+        mallory
+    }
+
     pub(crate) fn path(&self, relative: &str) -> PathBuf {
         self.dir.path().join(relative)
     }
@@ -262,15 +276,7 @@ fn tampering_and_untrusted_signatures_are_refused() {
     });
     refused(&manifest, "the signature does not match the manifest");
     // Signed by a key nobody trusts.
-    let mallory = setup.path("dist/mallory.ptplugin");
-    fs::copy(setup.bundle(), &mallory).unwrap();
-    assert_ok(&pt_host(&[
-        "plugin",
-        "sign",
-        s(&mallory),
-        "--key",
-        s(&setup.path("keys/mallory.key")),
-    ]));
+    let mallory = setup.signed_by_mallory();
     refused(&mallory, "which is not trusted");
     // Alice's signature, but Mallory's public key in the signature file.
     let mallory_pub = fs::read_to_string(setup.path("keys/mallory.pub")).unwrap();

@@ -200,6 +200,25 @@ fn deep_recursion_is_stopped() {
     );
 }
 
+/// The hostile filter's verdict on one document that holds its marker.
+fn hostile_verdict(runtime: &PluginRuntime, mode: &str) -> Verdict {
+    let plugin = load(
+        runtime,
+        "hostile",
+        &format!(r#"{{"mode":"{mode}","marker":""}}"#),
+        quick_limits(),
+    );
+    let out = plugin
+        .instance()
+        .unwrap()
+        .apply(StepKind::Filter, &docs(&one("any\n")), 0)
+        .unwrap();
+    let StepOutput::Verdicts(mut v) = out else {
+        panic!("a filter answers with verdicts")
+    };
+    v.remove(0)
+}
+
 #[test]
 fn files_and_environment_are_out_of_reach() {
     // The host process has both: the plugin must see neither.
@@ -210,21 +229,7 @@ fn files_and_environment_are_out_of_reach() {
         ("read_file", "read /etc/passwd: "),
         ("read_env", "env HOME: environment variable not found"),
     ] {
-        let plugin = load(
-            &runtime,
-            "hostile",
-            &format!(r#"{{"mode":"{mode}","marker":""}}"#),
-            quick_limits(),
-        );
-        let out = plugin
-            .instance()
-            .unwrap()
-            .apply(StepKind::Filter, &docs(&one("any\n")), 0)
-            .unwrap();
-        let StepOutput::Verdicts(v) = out else {
-            panic!()
-        };
-        match &v[0] {
+        match hostile_verdict(&runtime, mode) {
             Verdict::Error(message) => assert!(message.starts_with(expected), "{message}"),
             other => panic!("{mode}: the plugin got through: {other:?}"),
         }
@@ -238,23 +243,7 @@ fn files_and_environment_are_out_of_reach() {
 #[test]
 fn clocks_and_randomness_are_virtual_and_sockets_refused() {
     let runtime = PluginRuntime::new(None).unwrap();
-    let verdict = |mode: &str| -> Verdict {
-        let plugin = load(
-            &runtime,
-            "hostile",
-            &format!(r#"{{"mode":"{mode}","marker":""}}"#),
-            quick_limits(),
-        );
-        let out = plugin
-            .instance()
-            .unwrap()
-            .apply(StepKind::Filter, &docs(&one("any\n")), 0)
-            .unwrap();
-        let StepOutput::Verdicts(mut v) = out else {
-            panic!()
-        };
-        v.remove(0)
-    };
+    let verdict = |mode: &str| hostile_verdict(&runtime, mode);
     let started = Instant::now();
     assert_eq!(verdict("sleep"), Verdict::Drop("slept 3600 s".into()));
     assert!(started.elapsed() < Duration::from_secs(10));

@@ -200,15 +200,7 @@ fn a_registry_serving_untrusted_or_altered_bundles_is_refused() {
     );
 
     // Signed by a key the puller does not trust: published, but not installed.
-    let mallory = setup.path("dist/mallory.ptplugin");
-    fs::copy(setup.bundle(), &mallory).unwrap();
-    assert_ok(&pt_host(&[
-        "plugin",
-        "sign",
-        s(&mallory),
-        "--key",
-        s(&setup.path("keys/mallory.key")),
-    ]));
+    let mallory = setup.signed_by_mallory();
     let untrusted = format!("{}/plugins/mallory:0.1.0", registry.host);
     publish(&mallory, &untrusted);
     let output = pull(&setup, &untrusted);
