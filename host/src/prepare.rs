@@ -81,7 +81,8 @@ pub struct PrepareArgs {
 
 pub fn run(mut args: PrepareArgs) -> Result<()> {
     args.resolve_models()?;
-    prepare_data(&args).map(|_| ())
+    let tokenizer = Tokenizer::from_dir(args.tokenizer_dir())?;
+    prepare_data(&args, tokenizer).map(|_| ())
 }
 
 impl PrepareArgs {
@@ -117,9 +118,19 @@ pub struct PreparedData {
     _runtime: pt_plugin_host::PluginRuntime,
 }
 
-/// Reads, cleans, tokenizes and packs (or loads from the cache), prints the
-/// summary, and returns the blocks: the data half of `prepare` and `run`.
-pub fn prepare_data(args: &PrepareArgs) -> Result<PreparedData> {
+impl PrepareArgs {
+    /// Where the tokenizer is: --tokenizer_name_or_path, else the model's directory.
+    pub fn tokenizer_dir(&self) -> &std::path::Path {
+        self.tokenizer_name_or_path
+            .as_ref()
+            .unwrap_or(&self.model_name_or_path)
+    }
+}
+
+/// Reads, cleans, tokenizes with `tokenizer` and packs (or loads from the
+/// cache), prints the summary, and returns the blocks: the data half of
+/// `prepare` and `run`.
+pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer) -> Result<PreparedData> {
     if !(0.0..100.0).contains(&args.validation_split_percentage) {
         bail!(
             "--validation_split_percentage must be in [0, 100), got {}",
@@ -133,11 +144,6 @@ pub fn prepare_data(args: &PrepareArgs) -> Result<PreparedData> {
         bail!("--preprocessing_num_workers must be at least 1");
     }
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
-    let tokenizer = Tokenizer::from_dir(
-        args.tokenizer_name_or_path
-            .as_ref()
-            .unwrap_or(&args.model_name_or_path),
-    )?;
     // As MedicalGPT: blocks longer than the tokenizer's model_max_length are
     // capped to it, with a warning (BLOOM's ALiBi has no position table).
     let block_size = match tokenizer.model_max_length {
@@ -211,15 +217,10 @@ fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
             "{name}: {} documents read, {} after plugins, {} tokens, {} blocks of {}",
             split.documents_read, split.documents, split.tokens, split.blocks, report.block_size
         );
-        let split_name = if name == "train" {
-            "train"
-        } else {
-            "validation"
-        };
         let bad: u64 = report
             .files
             .iter()
-            .filter(|f| f.split == split_name)
+            .filter(|f| f.split == name)
             .map(|f| f.bad_records)
             .sum();
         if bad > 0 {

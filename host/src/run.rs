@@ -384,13 +384,9 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             );
         }
     }
-    let tokenizer_dir = args
-        .data
-        .tokenizer_name_or_path
-        .as_ref()
-        .unwrap_or(&args.data.model_name_or_path);
-    check_vocabulary(&Tokenizer::from_dir(tokenizer_dir)?, tokenizer_dir, &model)?;
-    let data = prepare_data(&args.data)?;
+    let tokenizer = Tokenizer::from_dir(args.data.tokenizer_dir())?;
+    check_vocabulary(&tokenizer, args.data.tokenizer_dir(), &model)?;
+    let data = prepare_data(&args.data, tokenizer)?;
     let prepared = &data.prepared;
     if args.do_eval && prepared.validation.is_empty() {
         bail!(

@@ -400,12 +400,14 @@ impl<'a> Trainer<'a> {
             logged_loss += loss;
             logged_steps += 1;
             run_loss += loss;
+            let tokens_per_second =
+                logged_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
             callback.on_step(&StepProgress {
                 step: self.state.global_step,
                 max_steps,
                 loss,
                 learning_rate: schedule.lr(step),
-                tokens_per_second: logged_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                tokens_per_second,
             });
 
             let done = step + 1 == max_steps;
@@ -416,14 +418,13 @@ impl<'a> Trainer<'a> {
                 Interval::No => false,
             } || (a.logging_first_step && step == 0);
             if log_now {
-                let seconds = started.elapsed().as_secs_f64();
                 let entry = json!({
                     "loss": logged_loss / logged_steps as f64,
                     "grad_norm": grad_norm,
                     "learning_rate": schedule.lr(step),
                     "epoch": self.state.epoch,
                     "step": self.state.global_step,
-                    "tokens_per_second": logged_tokens as f64 / seconds.max(1e-9),
+                    "tokens_per_second": tokens_per_second,
                 });
                 self.record(entry, callback);
                 (logged_loss, logged_steps) = (0.0, 0);
