@@ -969,14 +969,14 @@ fn a_killed_run_resumes_to_the_same_adapter() {
                 "--disable_tqdm",
                 "--overwrite_output_dir",
             ])
-            .args(recipe)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+            .args(recipe);
         if resume {
             command.args(["--resume_from_checkpoint", "true"]);
         }
         command
     };
+    let has_checkpoint =
+        || pt_train::trainer::list_checkpoints(&killed_dir).is_ok_and(|c| !c.is_empty());
     // Five SIGKILLs at pseudo-random moments (a fixed xorshift, so a failure
     // reproduces), each run resuming from whatever the last one left.
     let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -988,8 +988,11 @@ fn a_killed_run_resumes_to_the_same_adapter() {
         // Within a fifth of a whole run: five such runs cannot finish the
         // work (each resumes from the last checkpoint), so each is interrupted.
         let fraction = (state % 1000) as f64 / 1000.0 / 5.0;
-        let resume = pt_train::trainer::list_checkpoints(&killed_dir).is_ok_and(|c| !c.is_empty());
-        let mut child = command(resume).spawn().unwrap();
+        let mut child = command(has_checkpoint())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(duration.mul_f64(fraction));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
@@ -1007,7 +1010,8 @@ fn a_killed_run_resumes_to_the_same_adapter() {
         }
     }
     assert!(kills >= 4, "only {kills} of 5 runs were interrupted");
-    let resumed = command(true).output().unwrap();
+    // A loaded machine may have killed every run before its first checkpoint.
+    let resumed = command(has_checkpoint()).output().unwrap();
     assert_ok(&resumed);
     assert_eq!(adapter(&dir.path().join("straight")), adapter(&killed_dir));
 }
