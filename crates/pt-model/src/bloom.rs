@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -14,7 +15,11 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::checkpoint;
-use crate::ops::{frozen_matmul, layer_norm, softmax_last_dim};
+use crate::fused::AttentionBias;
+use crate::ops::{
+    IGNORE_INDEX, LoraPass, attention_probs, frozen_matmul, gelu, layer_norm, linear,
+    lm_head_loss_sum,
+};
 
 /// `config.json`, with the legacy key names of the original checkpoints.
 #[derive(Clone, Debug, Deserialize)]
@@ -105,25 +110,6 @@ pub struct Lora {
     pub dropout: f64,
 }
 
-/// Randomness of LoRA dropout: `None` outside training. Seeded per optimizer
-/// step by the trainer, so a resumed run draws the same masks.
-type DropoutRng = RefCell<Option<ChaCha8Rng>>;
-
-/// Inverted dropout with a mask drawn from `rng`.
-fn dropout(x: &Tensor, p: f64, rng: &mut ChaCha8Rng) -> candle_core::Result<Tensor> {
-    let keep = 1.0 - p;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| {
-            if rng.random::<f64>() < keep {
-                (1.0 / keep) as f32
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    x * Tensor::from_vec(mask, x.shape(), x.device())?
-}
-
 /// `y = x Wᵀ + b (+ LoRA)`, weights in HF's `[out, in]` layout.
 #[derive(Clone)]
 struct Linear {
@@ -133,30 +119,35 @@ struct Linear {
 }
 
 impl Linear {
-    /// `track`: false while a checkpointed block runs its forward without
-    /// building a graph (its backward recomputes with `track` true).
-    fn forward(&self, x: &Tensor, rng: &DropoutRng, track: bool) -> candle_core::Result<Tensor> {
+    /// `dropout_seed`: this layer's mask seed while training (`None`:
+    /// evaluation). `track`: false while a checkpointed block runs its
+    /// forward without building a graph (its backward recomputes with
+    /// `track` true).
+    fn forward(
+        &self,
+        x: &Tensor,
+        dropout_seed: Option<u64>,
+        track: bool,
+    ) -> candle_core::Result<Tensor> {
         let (b, s, d) = x.dims3()?;
-        let flat = x.reshape((b * s, d))?;
-        let mut y = frozen_matmul(&flat, &self.weight)?.broadcast_add(&self.bias)?;
-        if let Some(lora) = &self.lora {
-            // As PEFT does: the adapter computes in its own dtype (f32) and
-            // the sum is rounded back to the base layer's.
-            let flat = flat.to_dtype(DType::F32)?;
-            let input = match rng.borrow_mut().as_mut() {
-                Some(rng) if lora.dropout > 0.0 => dropout(&flat, lora.dropout, rng)?,
-                _ => flat,
-            };
-            let (a, b) = if track {
-                (lora.a.as_tensor().clone(), lora.b.as_tensor().clone())
-            } else {
-                (lora.a.as_tensor().detach(), lora.b.as_tensor().detach())
-            };
-            let update = input.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            y = (y.to_dtype(DType::F32)? + (update * lora.scale)?)?
-                .to_dtype(self.weight.dtype())?;
-        }
-        y.reshape((b, s, self.weight.dim(0)?))
+        let lora = self.lora.as_ref().map(|lora| {
+            let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+            LoraPass {
+                a: if track { a.clone() } else { a.detach() },
+                b: if track { b.clone() } else { b.detach() },
+                scale: lora.scale,
+                dropout: dropout_seed
+                    .filter(|_| lora.dropout > 0.0)
+                    .map(|seed| (lora.dropout, seed)),
+            }
+        });
+        linear(
+            &x.reshape((b * s, d))?,
+            &self.weight,
+            Some(&self.bias),
+            lora,
+        )?
+        .reshape((b, s, self.weight.dim(0)?))
     }
 }
 
@@ -244,8 +235,9 @@ pub(crate) struct Block {
 /// What a block's forward needs besides its weights (cheap to clone).
 #[derive(Clone)]
 pub(crate) struct BlockContext {
-    alibi: Tensor,
-    additive: Tensor,
+    bias: Arc<AttentionBias>,
+    /// ALiBi and mask as tensors, where the fused CPU kernel does not apply.
+    composite_bias: Option<(Tensor, Tensor)>,
     n_head: usize,
     post_ln: bool,
     dropout_seed: Option<u64>,
@@ -295,13 +287,17 @@ impl Block {
         track: bool,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
-        let rng: DropoutRng = RefCell::new(ctx.dropout_seed.map(ChaCha8Rng::seed_from_u64));
+        // Each linear layer draws its own dropout mask, so a recomputed block draws the same ones.
+        let seed = |layer: u64| {
+            ctx.dropout_seed
+                .map(|seed| seed ^ layer.wrapping_mul(0xD1B5_4A32_D192_ED03))
+        };
         let ln1 = self.input_layernorm.forward(x)?;
-        let attended =
-            (self.attention(&ln1, ctx, &rng, track, cache)? + if ctx.post_ln { &ln1 } else { x })?;
+        let attended = (self.attention(&ln1, ctx, [seed(1), seed(2)], track, cache)?
+            + if ctx.post_ln { &ln1 } else { x })?;
         let ln2 = self.post_attention_layernorm.forward(&attended)?;
-        let up = self.dense_h_to_4h.forward(&ln2, &rng, track)?.gelu()?;
-        let mlp = self.dense_4h_to_h.forward(&up, &rng, track)?;
+        let up = gelu(&self.dense_h_to_4h.forward(&ln2, seed(3), track)?)?;
+        let mlp = self.dense_4h_to_h.forward(&up, seed(4), track)?;
         mlp + if ctx.post_ln { &ln2 } else { &attended }
     }
 
@@ -309,7 +305,7 @@ impl Block {
         &self,
         x: &Tensor,
         ctx: &BlockContext,
-        rng: &DropoutRng,
+        [qkv_seed, dense_seed]: [Option<u64>; 2],
         track: bool,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
@@ -318,7 +314,7 @@ impl Block {
         // The fused projection is laid out per head: [.., head, (q|k|v), head_dim].
         let qkv = self
             .query_key_value
-            .forward(x, rng, track)?
+            .forward(x, qkv_seed, track)?
             .reshape((b, s, ctx.n_head, 3, head_dim))?;
         let part = |i| -> candle_core::Result<Tensor> {
             qkv.narrow(3, i, 1)?
@@ -334,16 +330,16 @@ impl Block {
             }
             *cache = Some((k.clone(), v.clone()));
         }
-        // Biases, mask and softmax in f32 as HF does: the mask's f32::MIN
-        // would round to -inf in bf16 and turn fully padded rows into NaN.
-        let scores = (q.matmul(&k.t()?)? / (head_dim as f64).sqrt())?
-            .to_dtype(DType::F32)?
-            .broadcast_add(&ctx.alibi)?
-            .broadcast_add(&ctx.additive)?;
-        let probs = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let probs = attention_probs(
+            &q.matmul(&k.t()?)?,
+            1.0 / (head_dim as f64).sqrt(),
+            &ctx.bias,
+            ctx.composite_bias.as_ref(),
+        )?
+        .to_dtype(v.dtype())?;
         let context = probs.matmul(&v)?;
         let merged = context.transpose(1, 2)?.reshape((b, s, h))?;
-        self.attention_dense.forward(&merged, rng, track)
+        self.attention_dense.forward(&merged, dense_seed, track)
     }
 
     /// The block's tensors that training updates (LoRA, or all in full fine-tuning).
@@ -720,36 +716,38 @@ impl Bloom {
             .collect()
     }
 
-    /// ALiBi bias `[b, n_head, 1, s]` and the additive causal + padding mask
-    /// `[b, 1, q, s]` for a left-padded batch (`mask`: 1 for tokens, 0 for
-    /// pads) whose last `q` positions are the queries.
-    fn attention_bias(&self, mask: &[Vec<u32>], q: usize) -> Result<(Tensor, Tensor)> {
+    /// ALiBi and the causal + padding mask of a left- or right-padded batch
+    /// (`mask`: 1 for tokens, 0 for pads) whose last `q` positions are the
+    /// queries, computed once per forward pass; as tensors too where the
+    /// fused CPU kernel does not apply.
+    fn attention_bias(
+        &self,
+        mask: &[Vec<u32>],
+        q: usize,
+    ) -> Result<(Arc<AttentionBias>, Option<(Tensor, Tensor)>)> {
         let (b, s) = (mask.len(), mask[0].len());
-        let slopes = alibi_slopes(self.config.n_head);
-        let mut alibi = Vec::with_capacity(b * slopes.len() * s);
-        let mut additive = Vec::with_capacity(b * s * s);
+        let mut positions = Vec::with_capacity(b * s);
         for row in mask {
             // Positions count tokens only, so left padding does not shift them.
             let mut seen = 0f32;
-            let positions: Vec<f32> = row
-                .iter()
-                .map(|&m| {
-                    seen += m as f32;
-                    if m == 1 { seen - 1.0 } else { 0.0 }
-                })
-                .collect();
-            for slope in &slopes {
-                alibi.extend(positions.iter().map(|p| slope * p));
-            }
-            // A finite minimum, as HF uses, keeps all-masked pad rows finite.
-            for i in s - q..s {
-                additive.extend((0..s).map(|j| if j > i || row[j] == 0 { f32::MIN } else { 0.0 }));
-            }
+            positions.extend(row.iter().map(|&m| {
+                seen += m as f32;
+                if m == 1 { seen - 1.0 } else { 0.0 }
+            }));
         }
-        Ok((
-            Tensor::from_vec(alibi, (b, slopes.len(), 1, s), &self.device)?,
-            Tensor::from_vec(additive, (b, 1, q, s), &self.device)?,
-        ))
+        let bias = Arc::new(AttentionBias {
+            batch: b,
+            keys: s,
+            queries: q,
+            slopes: alibi_slopes(self.config.n_head),
+            positions,
+            real: mask.iter().flatten().map(|&m| m == 1).collect(),
+        });
+        let composite = match self.device.is_cpu() && self.dtype() == DType::F32 {
+            true => None,
+            false => Some(bias.tensors(&self.device)?),
+        };
+        Ok((bias, composite))
     }
 
     /// Logits `[b, s, vocab]` of a batch of token ids with its attention mask.
@@ -759,6 +757,37 @@ impl Bloom {
         self.lm_head(&hidden.reshape((b * s, self.config.hidden_size))?)?
             .reshape((b, s, self.config.vocab_size))
             .map_err(Into::into)
+    }
+
+    /// The training loss of a batch: the sum of next-token cross-entropies
+    /// (`labels[i][t]` is predicted from position `t - 1`; `-100`: no loss)
+    /// and the number of counted tokens. The logits are never materialised
+    /// whole (see [`lm_head_loss_sum`]).
+    pub fn loss_sum(
+        &self,
+        input_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        labels: &[Vec<i64>],
+    ) -> Result<(Tensor, usize)> {
+        let (b, s) = (input_ids.len(), input_ids[0].len());
+        let hidden = self
+            .hidden_states(input_ids, mask, None)?
+            .reshape((b * s, self.config.hidden_size))?;
+        let targets: Vec<Option<u32>> = labels
+            .iter()
+            .flat_map(|row| {
+                (1..=s).map(move |t| {
+                    row.get(t)
+                        .filter(|&&label| label != IGNORE_INDEX)
+                        .map(|&label| label as u32)
+                })
+            })
+            .collect();
+        Ok(lm_head_loss_sum(
+            &self.ln_f.forward(&hidden)?,
+            &self.word_embeddings,
+            &targets,
+        )?)
     }
 
     /// Generation: logits `[b, vocab]` of the last position after appending
@@ -801,12 +830,12 @@ impl Bloom {
                 .index_select(&ids, 0)?
                 .reshape((b, s, self.config.hidden_size))?;
         let mut hidden = self.embeddings_layernorm.forward(&embedded)?;
-        let (alibi, additive) = self.attention_bias(mask, s)?;
+        let (bias, composite_bias) = self.attention_bias(mask, s)?;
         let step_seed = self.dropout_seed.get();
         for (index, block) in self.blocks.iter().enumerate() {
             let context = BlockContext {
-                alibi: alibi.clone(),
-                additive: additive.clone(),
+                bias: bias.clone(),
+                composite_bias: composite_bias.clone(),
                 n_head: self.config.n_head,
                 post_ln: self.config.apply_residual_connection_post_layernorm,
                 // Each block draws its own masks, so a recomputed block draws the same ones.

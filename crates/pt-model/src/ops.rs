@@ -1,16 +1,28 @@
 //! Differentiable building blocks that candle 0.11 provides only as fused,
 //! forward-only kernels.
 
+use std::sync::Arc;
+
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor, bail,
+};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::fused::{self, AttentionBias};
 
 /// Label of positions that carry no loss (HF's ignore index).
 pub const IGNORE_INDEX: i64 = -100;
 
-/// LayerNorm over the last dimension, from differentiable ops. Computed in
-/// f32 whatever the input's dtype (as PyTorch's bf16 kernel accumulates in
-/// f32), returned in the input's dtype.
+/// LayerNorm over the last dimension. Computed in f32 whatever the input's
+/// dtype (as PyTorch's bf16 kernel accumulates in f32), returned in the
+/// input's dtype. Fused on the CPU.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::applies(x) && fused::applies(weight) && fused::applies(bias) {
+        return fused::layer_norm_op(x, weight, bias, eps);
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -21,6 +33,40 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         .broadcast_mul(&weight.to_dtype(DType::F32)?)?
         .broadcast_add(&bias.to_dtype(DType::F32)?)?
         .to_dtype(dtype)
+}
+
+/// BLOOM's GELU (tanh approximation). Fused on the CPU.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fused::applies(x) {
+        return fused::gelu_op(x);
+    }
+    x.gelu()
+}
+
+/// Attention probabilities `[b, heads, q, keys]` from raw `q·kᵀ` scores:
+/// `softmax(scores · scale + ALiBi + mask)` in f32, as HF computes them
+/// (its mask's f32::MIN would round to -inf in bf16 and turn fully padded
+/// rows into NaN). Fused on the CPU; elsewhere from `composite`, the bias's
+/// tensors ([`AttentionBias::tensors`]).
+pub fn attention_probs(
+    scores: &Tensor,
+    scale: f64,
+    bias: &Arc<AttentionBias>,
+    composite: Option<&(Tensor, Tensor)>,
+) -> Result<Tensor> {
+    if fused::applies(scores) {
+        return fused::attention_softmax_op(scores, scale, bias);
+    }
+    let (alibi, additive) = match composite {
+        Some(tensors) => tensors.clone(),
+        None => bias.tensors(scores.device())?,
+    };
+    softmax_last_dim(
+        &(scores * scale)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(&alibi)?
+            .broadcast_add(&additive)?,
+    )
 }
 
 /// Softmax over the last dimension. The row maximum is subtracted for
@@ -93,27 +139,103 @@ pub(crate) fn cuda_output(y: &Tensor) -> Result<(candle_core::CudaStorage, Shape
     }
 }
 
-/// `x · Wᵀ` for a frozen `W` `[out, in]`: the backward pass computes the
-/// gradient of `x` only. candle's matmul backward would also compute `W`'s
-/// gradient — for BLOOM's tied LM head alone a `[vocab, hidden]` product per
-/// step — and throw it away.
-struct FrozenMatmul {
-    weight: Tensor,
+/// A LoRA adapter's part in a linear layer's forward pass: `scale · (drop(x)
+/// Aᵀ) Bᵀ`, in f32 as PEFT computes it.
+#[derive(Clone)]
+pub struct LoraPass {
+    /// `[r, in]`
+    pub a: Tensor,
+    /// `[out, r]`
+    pub b: Tensor,
+    pub scale: f64,
+    /// Dropout on the adapter's input: probability and the seed of its mask,
+    /// which the backward pass draws again instead of keeping it.
+    pub dropout: Option<(f64, u64)>,
 }
 
-impl FrozenMatmul {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.t()?)
+impl LoraPass {
+    /// `x` with the dropout mask applied (inverted dropout), or `x`.
+    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        let Some((p, seed)) = self.dropout else {
+            return Ok(x.clone());
+        };
+        let keep = 1.0 - p;
+        let threshold = (keep * u32::MAX as f64) as u32;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.random::<u32>() < threshold {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        x * Tensor::from_vec(mask, x.shape(), x.device())?
     }
 }
 
-impl CustomOp1 for FrozenMatmul {
+/// `x Wᵀ (+ bias) (+ LoRA)` for a frozen `W` `[out, in]` and `x` `[n, in]`.
+/// As one op, its backward computes the gradients of `x` and of the
+/// adapter only: candle's matmul backward would also compute `W`'s (for
+/// BLOOM's tied LM head alone a `[vocab, hidden]` product per step) and
+/// throw it away, and its graph would keep every intermediate tensor.
+struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// Scale and dropout of the adapter, whose A and B are the op's 2nd and 3rd inputs.
+    lora: Option<LoraPass>,
+}
+
+impl FrozenLinear {
+    fn forward(&self, x: &Tensor, lora: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let mut y = x.matmul(&self.weight.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let (Some(pass), Some((a, b))) = (&self.lora, lora) {
+            // The sum is rounded back to the base layer's dtype, as PEFT does.
+            let input = pass.dropped(&x.to_dtype(DType::F32)?)?;
+            let update = input.matmul(&a.t()?)?.matmul(&b.t()?)?;
+            y = (y.to_dtype(DType::F32)? + (update * pass.scale)?)?
+                .to_dtype(self.weight.dtype())?;
+        }
+        Ok(y)
+    }
+
+    /// Gradients of `x` and, with an adapter, of its A and B.
+    fn backward(
+        &self,
+        x: &Tensor,
+        lora: Option<(&Tensor, &Tensor)>,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        // Detached: a gradient that carried a graph would keep every tensor
+        // it was computed from alive until the whole backward pass ends.
+        let (x, grad) = (x.detach(), grad.detach());
+        let base = grad.matmul(&self.weight)?;
+        let (Some(pass), Some((a, b))) = (&self.lora, lora) else {
+            return Ok((base, None));
+        };
+        let (a, b) = (&a.detach(), &b.detach());
+        let grad = grad.to_dtype(DType::F32)?;
+        let input = pass.dropped(&x.to_dtype(DType::F32)?)?;
+        let grad_b = (grad.t()?.matmul(&input.matmul(&a.t()?)?)? * pass.scale)?;
+        let grad_down = (grad.matmul(b)? * pass.scale)?;
+        let grad_a = grad_down.t()?.matmul(&input)?;
+        let grad_x = (base.to_dtype(DType::F32)? + pass.dropped(&grad_down.matmul(a)?)?)?
+            .to_dtype(x.dtype())?;
+        Ok((grad_x, Some((grad_a, grad_b))))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
-        "frozen-matmul"
+        "frozen-linear"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_output(&self.forward(&input_tensor(Storage::Cpu(storage.clone()), layout)?)?)
+        cpu_output(&self.forward(&input_tensor(Storage::Cpu(storage.clone()), layout)?, None)?)
     }
 
     #[cfg(feature = "cuda")]
@@ -122,23 +244,100 @@ impl CustomOp1 for FrozenMatmul {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_output(&self.forward(&cuda_input(storage, layout)?)?)
+        cuda_output(&self.forward(&cuda_input(storage, layout)?, None)?)
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad_res.matmul(&self.weight)?))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.backward(x, None, grad)?.0))
+    }
+}
+
+impl CustomOp3 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = input_tensor(Storage::Cpu(xs.clone()), xl)?;
+        let a = input_tensor(Storage::Cpu(a_s.clone()), al)?;
+        let b = input_tensor(Storage::Cpu(bs.clone()), bl)?;
+        cpu_output(&self.forward(&x, Some((&a, &b)))?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        a_s: &candle_core::CudaStorage,
+        al: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (x, a, b) = (
+            cuda_input(xs, xl)?,
+            cuda_input(a_s, al)?,
+            cuda_input(bs, bl)?,
+        );
+        cuda_output(&self.forward(&x, Some((&a, &b)))?)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_x, grad_lora) = self.backward(x, Some((a, b)), grad)?;
+        let (grad_a, grad_b) = grad_lora.expect("an adapter's gradients");
+        Ok((Some(grad_x), Some(grad_a), Some(grad_b)))
+    }
+}
+
+/// `x Wᵀ (+ bias) (+ LoRA)` (`x`: `[n, in]`, `W`: `[out, in]`). A frozen `W`
+/// gets no gradient (see [`FrozenLinear`]); a trainable one (full
+/// fine-tuning) goes through candle's ops.
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<LoraPass>,
+) -> Result<Tensor> {
+    let op = FrozenLinear {
+        weight: weight.clone(),
+        bias: bias.cloned(),
+        lora: lora.clone(),
+    };
+    let adapter = lora.as_ref().map(|l| (&l.a, &l.b));
+    let tracked = x.track_op() || adapter.is_some_and(|(a, b)| a.track_op() || b.track_op());
+    if weight.is_variable() || !tracked {
+        return op.forward(x, adapter);
+    }
+    let x = graph_free_input(x)?;
+    match lora {
+        None => x.apply_op1_arc(Arc::new(Box::new(op))),
+        Some(pass) => x.apply_op3_arc(
+            &graph_free_input(&pass.a)?,
+            &graph_free_input(&pass.b)?,
+            Arc::new(Box::new(op)),
+        ),
     }
 }
 
 /// `x · Wᵀ` (`x`: `[n, in]`, `W`: `[out, in]`), computing no gradient for `W`
 /// unless it is a trainable variable (full fine-tuning).
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    if !x.track_op() || weight.is_variable() {
-        return x.matmul(&weight.t()?);
-    }
-    graph_free_input(x)?.apply_op1_arc(std::sync::Arc::new(Box::new(FrozenMatmul {
-        weight: weight.clone(),
-    })))
+    linear(x, weight, None, None)
 }
 
 /// Next-token cross-entropy: logits `[b, s, v]` predict `labels[:, 1:]` from
@@ -164,6 +363,100 @@ pub fn next_token_loss_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tens
     let targets = Tensor::new(targets, device)?.unsqueeze(1)?;
     let nll = log_probs.gather(&targets, 1)?.neg()?.sum_all()?;
     Ok((nll, count))
+}
+
+/// Logit elements computed at once by [`lm_head_loss_sum`] (16 MiB in f32)...
+const LOSS_CHUNK_ELEMENTS: usize = 1 << 22;
+/// ...but at least this many rows, so that each chunk's matmul stays efficient.
+const LOSS_CHUNK_MIN_ROWS: usize = 64;
+
+/// Sum of cross-entropies of the final hidden states `[n, h]` through the LM
+/// head `weight` `[vocab, h]` (BLOOM's tied embedding): row `i` predicts
+/// `targets[i]` (`None`: no loss). Returns the sum (f32 scalar) and the number
+/// of counted rows.
+///
+/// The logits exist a chunk of rows at a time: this computes each chunk's
+/// gradient (softmax − one-hot, times `weight`) on the way and attaches the
+/// gradients of `hidden`, and of `weight` when it trains, to the result with
+/// a term whose value is zero. The backward pass never sees `[n, vocab]`
+/// logits, which for bloomz-560m at 4 × 512 tokens would be 2 GB, kept.
+pub fn lm_head_loss_sum(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[Option<u32>],
+) -> Result<(Tensor, usize)> {
+    let (n, h) = hidden.dims2()?;
+    let vocab = weight.dim(0)?;
+    let device = hidden.device();
+    let (grad_hidden, grad_weight) = (hidden.track_op(), weight.track_op());
+    let (hidden_values, weight_values) = (hidden.detach(), weight.detach());
+    let rows = (LOSS_CHUNK_ELEMENTS / vocab)
+        .max(LOSS_CHUNK_MIN_ROWS)
+        .min(n);
+    let mut loss_sum = 0f64;
+    let mut hidden_grads = Vec::new();
+    let mut weight_grad: Option<Tensor> = None;
+    for start in (0..n).step_by(rows.max(1)) {
+        let len = rows.min(n - start);
+        let chunk_targets = &targets[start..start + len];
+        if chunk_targets.iter().all(Option::is_none) {
+            if grad_hidden {
+                hidden_grads.push(Tensor::zeros((len, h), hidden.dtype(), device)?);
+            }
+            continue;
+        }
+        let inputs = hidden_values.narrow(0, start, len)?;
+        let logits = inputs.matmul(&weight_values.t()?)?.to_dtype(DType::F32)?;
+        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
+        let exp = shifted.exp()?;
+        let sums = exp.sum_keepdim(1)?;
+        let index: Vec<u32> = chunk_targets.iter().map(|t| t.unwrap_or(0)).collect();
+        let index = Tensor::from_vec(index, (len, 1), device)?;
+        let counted: Vec<f32> = chunk_targets
+            .iter()
+            .map(|t| f32::from(t.is_some() as u8))
+            .collect();
+        let counted = Tensor::from_vec(counted, (len, 1), device)?;
+        let losses = (sums.log()? - shifted.gather(&index, 1)?)?.mul(&counted)?;
+        loss_sum += losses.sum_all()?.to_scalar::<f32>()? as f64;
+        if !(grad_hidden || grad_weight) {
+            continue;
+        }
+        // d loss / d logits = softmax − one-hot, on counted rows only.
+        let grad_logits = exp
+            .broadcast_div(&sums)?
+            .scatter_add(&index, &counted.neg()?, 1)?
+            .broadcast_mul(&counted)?
+            .to_dtype(weight.dtype())?;
+        if grad_hidden {
+            hidden_grads.push(grad_logits.matmul(&weight_values)?);
+        }
+        if grad_weight {
+            let grad = grad_logits.t()?.matmul(&inputs)?;
+            weight_grad = Some(match weight_grad {
+                Some(total) => (total + grad)?,
+                None => grad,
+            });
+        }
+    }
+    let count = targets.iter().filter(|t| t.is_some()).count();
+    let mut loss = Tensor::new(loss_sum as f32, device)?;
+    // `t − t.detach()` is zero, and its gradient is `t`'s: each term hands
+    // its tensor the gradient computed above.
+    let mut attach = |tensor: &Tensor, grad: Tensor| -> Result<()> {
+        let term = (tensor * grad.to_dtype(tensor.dtype())?)?
+            .sum_all()?
+            .to_dtype(DType::F32)?;
+        loss = (&loss + (&term - term.detach())?)?;
+        Ok(())
+    };
+    if grad_hidden {
+        attach(hidden, Tensor::cat(&hidden_grads, 0)?)?;
+    }
+    if let Some(grad) = weight_grad {
+        attach(weight, grad)?;
+    }
+    Ok((loss, count))
 }
 
 #[cfg(test)]

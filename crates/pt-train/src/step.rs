@@ -6,7 +6,6 @@ use anyhow::{Context, Result};
 use candle_core::{Tensor, Var};
 use pt_data::Blocks;
 use pt_model::Bloom;
-use pt_model::ops::next_token_loss_sum;
 
 /// A micro-batch: token ids, attention mask and labels (`-100`: no loss).
 pub struct MicroBatch {
@@ -43,8 +42,8 @@ pub fn accumulate_gradients(
     let mut totals: Vec<Option<Tensor>> = vec![None; variables.len()];
     let mut loss_sum = 0f64;
     for batch in micro_batches {
-        let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
-        let (sum, count) = next_token_loss_sum(&logits, &batch.labels)?;
+        let (sum, count) =
+            model.loss_sum(&batch.input_ids, &batch.attention_mask, &batch.labels)?;
         let loss = (sum / count.max(1) as f64)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
         let grads = (loss / micro_batches.len() as f64)?.backward()?;

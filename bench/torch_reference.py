@@ -1,0 +1,118 @@
+"""PyTorch + PEFT on the bench shape: what `pt-host bench` compares itself with.
+
+Runs one measurement and prints one JSON line, so that each mode's peak memory
+is its own process's:
+
+    python3 bench/torch_reference.py --mode lora|full|eval|generate \
+        [--hidden_size 512 --n_layer 8 --n_head 8 --vocab_size 16384 --block_size 256 \
+         --batch_size 4 --steps 3 --new_tokens 64]
+
+The recipe is pt-host's bench recipe: a random BLOOM (HF init), LoRA r=8,
+alpha=16, dropout 0.05 on query_key_value, dense, dense_h_to_4h and
+dense_4h_to_h (MedicalGPT's `--target_modules all`), AdamW lr 2e-4, f32, all
+cores (torch's default intra-op threads), random token blocks. `pt-host bench
+--torch` runs this script itself when torch, transformers and peft import.
+"""
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+from transformers import BloomConfig, BloomForCausalLM
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", required=True, choices=["lora", "full", "eval", "generate"])
+    p.add_argument("--hidden_size", type=int, default=512)
+    p.add_argument("--n_layer", type=int, default=8)
+    p.add_argument("--n_head", type=int, default=8)
+    p.add_argument("--vocab_size", type=int, default=16384)
+    p.add_argument("--block_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--new_tokens", type=int, default=64)
+    args = p.parse_args()
+
+    torch.manual_seed(42)
+    config = BloomConfig(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+    )
+    model = BloomForCausalLM(config)
+    ids = torch.randint(4, args.vocab_size, (args.batch_size, args.block_size))
+    tokens = args.batch_size * args.block_size
+
+    if args.mode in ("lora", "full"):
+        if args.mode == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=8,
+                    lora_alpha=16,
+                    lora_dropout=0.05,
+                    target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)
+
+        def step():
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+        step()  # warm-up: allocations and optimizer state
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        seconds = (time.perf_counter() - started) / args.steps
+        rate = tokens / seconds
+    elif args.mode == "eval":
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids, labels=ids)
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                model(input_ids=ids, labels=ids).loss.item()
+            rate = tokens * args.steps / (time.perf_counter() - started)
+    else:
+        model.eval()
+        prompt = ids[:1, :16]
+        kwargs = dict(
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+            pad_token_id=3,
+        )
+        with torch.no_grad():
+            model.generate(prompt, **kwargs)
+            started = time.perf_counter()
+            model.generate(prompt, **kwargs)
+            rate = args.new_tokens / (time.perf_counter() - started)
+
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({
+        "mode": args.mode,
+        "tokens_per_second": rate,
+        "peak_mib": peak_mib,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
