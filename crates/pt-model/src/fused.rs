@@ -36,13 +36,39 @@ pub(crate) fn applies(x: &Tensor) -> bool {
 const SQRT_2_OVER_PI: f32 = 0.797_884_56;
 const GELU_CUBIC: f32 = 0.044_715;
 
+/// `eˣ` without a libm call, so that loops over it vectorise: `x = n ln 2 +
+/// r` with |r| ≤ ln2/2, a degree-6 Taylor polynomial for `eʳ` (relative
+/// error < 2e-7) and `2ⁿ` built in the exponent bits.
+#[inline(always)]
+fn fast_exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 88.0);
+    // Round to nearest by adding and removing 1.5·2²³ (`round` is a libm call).
+    const ROUND: f32 = 12_582_912.0;
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r / 720.0)))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `1 + tanh(u) = 2 σ(2u)`, so BLOOM's `0.5 x (1 + tanh(u))` is `x σ(2u)`,
+/// with no cancellation where tanh is near −1. Returns `(σ(2u), du/dx)`.
+#[inline(always)]
+fn gelu_parts(x: f32) -> (f32, f32) {
+    let u = SQRT_2_OVER_PI * x * (1.0 + GELU_CUBIC * x * x);
+    let sigmoid = 1.0 / (1.0 + fast_exp(-2.0 * u));
+    (sigmoid, SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x))
+}
+
 fn gelu(x: f32) -> f32 {
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_CUBIC * x * x)).tanh())
+    x * gelu_parts(x).0
 }
 
 fn gelu_derivative(x: f32) -> f32 {
-    let t = (SQRT_2_OVER_PI * x * (1.0 + GELU_CUBIC * x * x)).tanh();
-    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x)
+    let (s, du) = gelu_parts(x);
+    s + x * s * (1.0 - s) * 2.0 * du
 }
 
 struct Gelu;
@@ -397,4 +423,112 @@ pub(crate) fn attention_softmax_op(
         scale: scale as f32,
         bias: bias.clone(),
     })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::ops::{attention_probs_composite, layer_norm_composite};
+    use candle_core::{Device, Var};
+    use rand::{Rng, SeedableRng};
+
+    pub(crate) fn random(shape: &[usize], seed: u64) -> Tensor {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    pub(crate) fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// Runs `f` (fused) and `g` (composite) on the same variables and
+    /// compares outputs and the gradients of a random weighted sum of them.
+    pub(crate) fn assert_same_function(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        composite: impl Fn(&[Tensor]) -> Tensor,
+        tolerance: f32,
+    ) {
+        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let (y_fused, y_composite) = (fused(&tensors), composite(&tensors));
+        assert!(max_difference(&y_fused, &y_composite) < tolerance);
+        let weights = random(y_fused.dims(), 99);
+        let grads_fused = (&y_fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads_composite = (&y_composite * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        for (i, v) in vars.iter().enumerate() {
+            let (a, b) = (grads_fused.get(v.as_tensor()), grads_composite.get(v.as_tensor()));
+            let (a, b) = (a.unwrap_or_else(|| panic!("input {i}: no gradient")), b.unwrap());
+            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(max_difference(a, b) < tolerance * scale.max(1.0), "input {i}: {}", max_difference(a, b));
+        }
+    }
+
+    #[test]
+    fn fused_gelu_equals_candles() {
+        assert_same_function(&[random(&[3, 70, 33], 1)], |t| gelu_op(&t[0]).unwrap(), |t| t[0].gelu().unwrap(), 1e-5);
+    }
+
+    #[test]
+    fn fused_layer_norm_equals_the_composite() {
+        let (x, w, b) = (random(&[2, 130, 48], 2), random(&[48], 3), random(&[48], 4));
+        assert_same_function(
+            &[x, w, b],
+            |t| layer_norm_op(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            |t| layer_norm_composite(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            1e-4,
+        );
+    }
+
+    #[test]
+    fn fused_attention_softmax_equals_the_composite_with_padding_and_a_cache() {
+        // Row 0 left-padded by 3 (its first 3 queries see no key), row 1
+        // right-padded by 2; 4 queries over 9 keys (5 cached).
+        let real = [[0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0, 0]];
+        for queries in [9, 4] {
+            let mut positions = Vec::new();
+            for row in &real {
+                let mut seen = 0.0;
+                positions.extend(row.iter().map(|&m| {
+                    seen += m as f32;
+                    if m == 1 { seen - 1.0 } else { 0.0 }
+                }));
+            }
+            let bias = Arc::new(AttentionBias {
+                batch: 2,
+                keys: 9,
+                queries,
+                slopes: crate::bloom::alibi_slopes(3),
+                positions,
+                real: real.iter().flatten().map(|&m| m == 1).collect(),
+            });
+            let scores = random(&[2, 3, queries, 9], 5);
+            assert_same_function(
+                &[scores],
+                |t| attention_softmax_op(&t[0], 0.25, &bias).unwrap(),
+                |t| attention_probs_composite(&t[0], 0.25, &bias, None).unwrap(),
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn fast_gelu_matches_the_tanh_formula() {
+        let exact = |x: f64| 0.5 * x * (1.0 + (0.797_884_560_802_865_4 * x * (1.0 + 0.044_715 * x * x)).tanh());
+        let mut worst = (0f64, 0f64);
+        for i in -20_000..=20_000 {
+            let x = i as f64 * 1e-3;
+            let error = (gelu(x as f32) as f64 - exact(x)).abs() / exact(x).abs().max(1e-3);
+            let h = 1e-4;
+            let slope = (exact(x + h) - exact(x - h)) / (2.0 * h);
+            let slope_error = (gelu_derivative(x as f32) as f64 - slope).abs();
+            worst = (worst.0.max(error), worst.1.max(slope_error));
+        }
+        // A few f32 ulps: the tanh form through libm is no closer to the f64 truth.
+        assert!(worst.0 < 2e-6 && worst.1 < 1e-5, "{worst:?}");
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert!((fast_exp(-87.0) / (-87f32).exp() - 1.0).abs() < 1e-6);
+    }
 }

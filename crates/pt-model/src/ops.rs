@@ -9,6 +9,7 @@ use candle_core::{
 };
 
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use rand_chacha::ChaCha8Rng;
 
 use crate::fused::{self, AttentionBias};
@@ -23,6 +24,16 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     if fused::applies(x) && fused::applies(weight) && fused::applies(bias) {
         return fused::layer_norm_op(x, weight, bias, eps);
     }
+    layer_norm_composite(x, weight, bias, eps)
+}
+
+/// [`layer_norm`] from candle's differentiable ops.
+pub(crate) fn layer_norm_composite(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -57,6 +68,16 @@ pub fn attention_probs(
     if fused::applies(scores) {
         return fused::attention_softmax_op(scores, scale, bias);
     }
+    attention_probs_composite(scores, scale, bias, composite)
+}
+
+/// [`attention_probs`] from candle's differentiable ops.
+pub(crate) fn attention_probs_composite(
+    scores: &Tensor,
+    scale: f64,
+    bias: &AttentionBias,
+    composite: Option<&(Tensor, Tensor)>,
+) -> Result<Tensor> {
     let (alibi, additive) = match composite {
         Some(tensors) => tensors.clone(),
         None => bias.tensors(scores.device())?,
@@ -153,25 +174,39 @@ pub struct LoraPass {
     pub dropout: Option<(f64, u64)>,
 }
 
+/// Mask elements drawn per parallel task; each task's stream is fixed by
+/// its index, so the mask does not depend on the thread count.
+const MASK_TASK: usize = 1 << 16;
+
 impl LoraPass {
-    /// `x` with the dropout mask applied (inverted dropout), or `x`.
-    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+    /// The inverted-dropout mask for an input of `shape` (0 or 1/keep), or
+    /// `None` without dropout.
+    fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some((p, seed)) = self.dropout else {
-            return Ok(x.clone());
+            return Ok(None);
         };
         let keep = 1.0 - p;
         let threshold = (keep * u32::MAX as f64) as u32;
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<u32>() < threshold {
-                    (1.0 / keep) as f32
-                } else {
-                    0.0
+        let kept = (1.0 / keep) as f32;
+        let mut mask = vec![0f32; x.elem_count()];
+        mask.par_chunks_mut(MASK_TASK)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_stream(task as u64);
+                for m in chunk {
+                    *m = if rng.random::<u32>() < threshold { kept } else { 0.0 };
                 }
-            })
-            .collect();
-        x * Tensor::from_vec(mask, x.shape(), x.device())?
+            });
+        Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?))
+    }
+}
+
+/// `x ⊙ mask`, or `x` without a mask.
+fn masked(x: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        Some(mask) => x * mask,
+        None => Ok(x),
     }
 }
 
@@ -194,11 +229,12 @@ impl FrozenLinear {
             y = y.broadcast_add(bias)?;
         }
         if let (Some(pass), Some((a, b))) = (&self.lora, lora) {
-            // The sum is rounded back to the base layer's dtype, as PEFT does.
-            let input = pass.dropped(&x.to_dtype(DType::F32)?)?;
-            let update = input.matmul(&a.t()?)?.matmul(&b.t()?)?;
-            y = (y.to_dtype(DType::F32)? + (update * pass.scale)?)?
-                .to_dtype(self.weight.dtype())?;
+            // The sum is rounded back to the base layer's dtype, as PEFT does;
+            // the scale applies to the narrow `[n, r]` product.
+            let x = x.to_dtype(DType::F32)?;
+            let input = masked(x.clone(), pass.dropout_mask(&x)?.as_ref())?;
+            let update = (input.matmul(&a.t()?)? * pass.scale)?.matmul(&b.t()?)?;
+            y = (y.to_dtype(DType::F32)? + update)?.to_dtype(self.weight.dtype())?;
         }
         Ok(y)
     }
@@ -219,11 +255,13 @@ impl FrozenLinear {
         };
         let (a, b) = (&a.detach(), &b.detach());
         let grad = grad.to_dtype(DType::F32)?;
-        let input = pass.dropped(&x.to_dtype(DType::F32)?)?;
-        let grad_b = (grad.t()?.matmul(&input.matmul(&a.t()?)?)? * pass.scale)?;
+        let x32 = x.to_dtype(DType::F32)?;
+        let mask = pass.dropout_mask(&x32)?;
+        let input = masked(x32, mask.as_ref())?;
+        let grad_b = grad.t()?.matmul(&(input.matmul(&a.t()?)? * pass.scale)?)?;
         let grad_down = (grad.matmul(b)? * pass.scale)?;
         let grad_a = grad_down.t()?.matmul(&input)?;
-        let grad_x = (base.to_dtype(DType::F32)? + pass.dropped(&grad_down.matmul(a)?)?)?
+        let grad_x = (base.to_dtype(DType::F32)? + masked(grad_down.matmul(a)?, mask.as_ref())?)?
             .to_dtype(x.dtype())?;
         Ok((grad_x, Some((grad_a, grad_b))))
     }
@@ -385,18 +423,26 @@ pub fn lm_head_loss_sum(
     weight: &Tensor,
     targets: &[Option<u32>],
 ) -> Result<(Tensor, usize)> {
+    let rows = (LOSS_CHUNK_ELEMENTS / weight.dim(0)?).max(LOSS_CHUNK_MIN_ROWS);
+    loss_sum_in_chunks(hidden, weight, targets, rows)
+}
+
+/// [`lm_head_loss_sum`], `rows` rows of logits at a time.
+fn loss_sum_in_chunks(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[Option<u32>],
+    rows: usize,
+) -> Result<(Tensor, usize)> {
     let (n, h) = hidden.dims2()?;
-    let vocab = weight.dim(0)?;
     let device = hidden.device();
     let (grad_hidden, grad_weight) = (hidden.track_op(), weight.track_op());
     let (hidden_values, weight_values) = (hidden.detach(), weight.detach());
-    let rows = (LOSS_CHUNK_ELEMENTS / vocab)
-        .max(LOSS_CHUNK_MIN_ROWS)
-        .min(n);
+    let rows = rows.clamp(1, n.max(1));
     let mut loss_sum = 0f64;
     let mut hidden_grads = Vec::new();
     let mut weight_grad: Option<Tensor> = None;
-    for start in (0..n).step_by(rows.max(1)) {
+    for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
         let chunk_targets = &targets[start..start + len];
         if chunk_targets.iter().all(Option::is_none) {
@@ -523,5 +569,66 @@ mod tests {
         let (sum, count) = next_token_loss_sum(&logits, &[vec![0, 1, IGNORE_INDEX]]).unwrap();
         assert_eq!(count, 1);
         assert!((sum.to_scalar::<f32>().unwrap() - 4f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn frozen_linear_with_lora_and_dropout_equals_the_composite() {
+        use crate::fused::tests::{assert_same_function, random};
+        let (weight, bias) = (random(&[24, 40], 11), random(&[24], 12));
+        let pass = |a: &Tensor, b: &Tensor| LoraPass {
+            a: a.clone(),
+            b: b.clone(),
+            scale: 2.0,
+            dropout: Some((0.3, 7)),
+        };
+        let inputs = [random(&[70, 40], 13), random(&[4, 40], 14), random(&[24, 4], 15)];
+        assert_same_function(
+            &inputs,
+            |t| linear(&t[0], &weight, Some(&bias), Some(pass(&t[1], &t[2]))).unwrap(),
+            |t| {
+                let lora = pass(&t[1], &t[2]);
+                let mask = lora.dropout_mask(&t[0]).unwrap().unwrap();
+                let kept = mask.ne(0f32).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap();
+                // About 70% kept, so the mask is a real dropout mask.
+                assert!((kept.to_scalar::<f32>().unwrap() - 0.7).abs() < 0.05);
+                let base = t[0].matmul(&weight.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+                let update = (&t[0] * &mask).unwrap().matmul(&t[1].t().unwrap()).unwrap();
+                (base + (update.matmul(&t[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap()
+            },
+            1e-4,
+        );
+    }
+
+    #[test]
+    fn chunked_lm_head_loss_equals_the_loss_of_full_logits() {
+        use crate::fused::tests::{max_difference, random};
+        use candle_core::Var;
+        // 150 rows in 3 chunks (64, 64, 22 rows).
+        let (n, h, vocab) = (150, 16, 2048);
+        let hidden = Var::from_tensor(&random(&[n, h], 21)).unwrap();
+        let weight = Var::from_tensor(&random(&[vocab, h], 22)).unwrap();
+        let labels: Vec<i64> = (0..n as i64)
+            .map(|i| if i % 7 == 3 { IGNORE_INDEX } else { (i * 13) % vocab as i64 })
+            .collect();
+        let targets: Vec<Option<u32>> = (1..=n)
+            .map(|t| labels.get(t).filter(|&&l| l != IGNORE_INDEX).map(|&l| l as u32))
+            .collect();
+        let (chunked, count) =
+            loss_sum_in_chunks(hidden.as_tensor(), weight.as_tensor(), &targets, 64).unwrap();
+        let logits = hidden
+            .as_tensor()
+            .matmul(&weight.as_tensor().t().unwrap())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let (full, full_count) = next_token_loss_sum(&logits, &[labels]).unwrap();
+        assert_eq!(count, full_count);
+        let (a, b) = (chunked.to_scalar::<f32>().unwrap(), full.to_scalar::<f32>().unwrap());
+        assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
+        let (grads, full_grads) = (chunked.backward().unwrap(), full.backward().unwrap());
+        for var in [&hidden, &weight] {
+            let (g, f) = (grads.get(var.as_tensor()).unwrap(), full_grads.get(var.as_tensor()).unwrap());
+            assert!(max_difference(g, f) < 1e-5, "{}", max_difference(g, f));
+        }
     }
 }
