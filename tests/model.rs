@@ -183,7 +183,10 @@ fn full_fine_tuning_gives_every_weight_a_gradient() {
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("{name}: no gradient"));
         let largest = g.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        assert!(largest.to_scalar::<f32>().unwrap() > 0.0, "{name}: zero gradient");
+        assert!(
+            largest.to_scalar::<f32>().unwrap() > 0.0,
+            "{name}: zero gradient"
+        );
     }
 }
 

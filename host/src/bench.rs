@@ -21,8 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// One measurement, as a child process runs it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Measure {
     /// LoRA training (r 8, alpha 16, dropout 0.05, all four linear layers).
     Lora,
@@ -32,16 +31,50 @@ pub enum Measure {
     Eval,
     /// Greedy generation with the KV cache, one prompt.
     Generate,
+    /// `prepare` of the corpus: read, tokenize, pack.
+    Prepare,
+    /// `prepare` with --plugin.
+    PreparePlugin,
+    /// The first of --plugin_pair alone over the corpus (a component).
+    PluginWasm,
+    /// The second of --plugin_pair alone (a native library).
+    PluginNative,
 }
 
 impl Measure {
-    fn name(self) -> &'static str {
+    fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .expect("no skipped variants")
+            .get_name()
+            .to_string()
+    }
+
+    fn label(self, args: &BenchArgs) -> String {
+        let file = |path: &Option<PathBuf>| {
+            path.as_ref()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let pair = |i: usize| file(&args.plugin_pair.get(i).cloned());
         match self {
-            Measure::Lora => "lora",
-            Measure::Full => "full",
-            Measure::Eval => "eval",
-            Measure::Generate => "generate",
+            Measure::Lora => "train tok/s (LoRA)".into(),
+            Measure::Full => "train tok/s (full)".into(),
+            Measure::Eval => "eval tok/s".into(),
+            Measure::Generate => "generate tok/s".into(),
+            Measure::Prepare => "prepare MB/s".into(),
+            Measure::PreparePlugin => format!("prepare MB/s + {}", file(&args.plugin)),
+            Measure::PluginWasm => format!("plugin MB/s {}", pair(0)),
+            Measure::PluginNative => format!("plugin MB/s {}", pair(1)),
         }
+    }
+
+    /// Whether bench/torch_reference.py measures the same work.
+    fn has_reference(self) -> bool {
+        matches!(
+            self,
+            Measure::Lora | Measure::Full | Measure::Eval | Measure::Generate
+        )
     }
 }
 
@@ -76,9 +109,32 @@ pub struct BenchArgs {
     /// New tokens per generation measurement.
     #[arg(long = "new_tokens", default_value_t = 64)]
     pub new_tokens: usize,
-    /// Measurements to run (default: all).
+    /// Measurements to run (default: all those whose inputs exist).
     #[arg(long = "only", value_delimiter = ',')]
     pub only: Vec<Measure>,
+    /// Also measure how LoRA training scales with block size, batch and depth.
+    #[arg(long = "scaling", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = crate::args::parse_bool)]
+    pub scaling: bool,
+    /// Corpus of the `prepare` measurements.
+    #[arg(long = "train_file_dir", default_value = "data/pretrain")]
+    pub train_file_dir: PathBuf,
+    /// Tokenizer of the `prepare` measurements.
+    #[arg(
+        long = "tokenizer_name_or_path",
+        default_value = "tests/fixtures/bloom-tiny/model"
+    )]
+    pub tokenizer_name_or_path: PathBuf,
+    /// A plugin for `prepare` with a plugin (e.g. medical_clean.wasm).
+    #[arg(long = "plugin")]
+    pub plugin: Option<PathBuf>,
+    /// The same plugin as a component and as a native library
+    /// (`length_filter.wasm,liblength_filter_native.so`): the sandbox's cost.
+    #[arg(
+        long = "plugin_pair",
+        value_delimiter = ',',
+        value_name = "WASM,NATIVE"
+    )]
+    pub plugin_pair: Vec<PathBuf>,
     /// PyTorch + PEFT reference (bench/torch_reference.py) on the same work.
     #[arg(long = "torch", value_enum, default_value = "auto")]
     pub torch: TorchArg,
@@ -93,11 +149,19 @@ pub struct BenchArgs {
 /// What one measurement printed.
 #[derive(Debug, Serialize, Deserialize)]
 struct Measured {
-    tokens_per_second: f64,
+    /// Tokens (or MB) per second.
+    #[serde(alias = "tokens_per_second")]
+    rate: f64,
     peak_mib: f64,
+    /// Training: the share of step time spent assembling batches.
+    #[serde(default)]
+    data_share: Option<f64>,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if !matches!(args.plugin_pair.len(), 0 | 2) {
+        bail!("--plugin_pair takes two plugins: WASM,NATIVE");
+    }
     if let Some(measure) = args.measure {
         let measured = measure_here(&args, measure)?;
         println!("{}", serde_json::to_string(&measured)?);
@@ -109,69 +173,148 @@ pub fn run(args: BenchArgs) -> Result<()> {
         TorchArg::Auto => torch_available(),
     };
     let measures = if args.only.is_empty() {
-        vec![
-            Measure::Lora,
-            Measure::Full,
-            Measure::Eval,
-            Measure::Generate,
-        ]
+        available_measures(&args)
     } else {
         args.only.clone()
     };
     println!(
-        "bench shape: random BLOOM hidden {} × {} layers × {} heads, vocab {}, block {}, micro-batch {}, f32, {} threads",
+        "bench: random BLOOM hidden {} × {} layers × {} heads, vocab {}, block {}, micro-batch {}, f32, {} threads{}",
         args.hidden_size,
         args.n_layer,
         args.n_head,
         args.vocab_size,
         args.block_size,
         args.batch_size,
-        candle_core::utils::get_num_threads()
+        candle_core::utils::get_num_threads(),
+        if torch {
+            "; torch = PyTorch + PEFT on the same work"
+        } else {
+            ""
+        }
     );
     println!(
-        "{:<22} {:>12} {:>10} {:>12} {:>10} {:>8} {:>8}",
-        "measure", "pt-host/s", "peak MiB", "torch/s", "peak MiB", "speed×", "memory×"
+        "{:<34} {:>10} {:>9} {:>10} {:>9} {:>7} {:>8}",
+        "measure", "pt-host", "peak MiB", "torch", "peak MiB", "speed×", "memory×"
     );
+    let mut plugin_rates = Vec::new();
+    let mut data_share = None;
     for measure in measures {
-        let ours = measure_in_child(&args, measure)?;
-        let reference = if torch {
-            Some(torch_reference(&args, measure)?)
-        } else {
-            None
+        let ours = measure_in_child(&args, measure, &[])?;
+        let reference = match torch && measure.has_reference() {
+            true => Some(torch_reference(&args, measure)?),
+            false => None,
         };
-        print_row(measure, &ours, reference.as_ref());
+        print_row(&measure.label(&args), &ours, reference.as_ref());
+        if matches!(measure, Measure::PluginWasm | Measure::PluginNative) {
+            plugin_rates.push(ours.rate);
+        }
+        if measure == Measure::Lora {
+            data_share = ours.data_share;
+        }
+    }
+    if let [wasm, native] = plugin_rates[..] {
+        println!(
+            "sandbox cost: the component runs at {:.2}× the native library's speed",
+            wasm / native
+        );
+    }
+    if let Some(share) = data_share {
+        println!(
+            "data: the training loop spent {:.3}% of its time assembling batches",
+            share * 100.0
+        );
+    }
+    if args.scaling {
+        scaling_table(&args)?;
     }
     Ok(())
 }
 
-fn unit(measure: Measure) -> &'static str {
-    match measure {
-        Measure::Lora => "train tok/s (LoRA)",
-        Measure::Full => "train tok/s (full)",
-        Measure::Eval => "eval tok/s",
-        Measure::Generate => "generate tok/s",
+/// The default measurements: the model ones, and the data ones whose inputs exist.
+fn available_measures(args: &BenchArgs) -> Vec<Measure> {
+    let mut measures = vec![
+        Measure::Lora,
+        Measure::Full,
+        Measure::Eval,
+        Measure::Generate,
+    ];
+    let data = args.train_file_dir.exists() && args.tokenizer_name_or_path.exists();
+    if data {
+        measures.push(Measure::Prepare);
     }
+    if data && args.plugin.as_ref().is_some_and(|p| p.exists()) {
+        measures.push(Measure::PreparePlugin);
+    }
+    if args.train_file_dir.exists()
+        && args.plugin_pair.iter().all(|p| p.exists())
+        && args.plugin_pair.len() == 2
+    {
+        measures.extend([Measure::PluginWasm, Measure::PluginNative]);
+    }
+    measures
 }
 
-fn print_row(measure: Measure, ours: &Measured, reference: Option<&Measured>) {
+/// LoRA training throughput and peak memory as the block size, micro-batch
+/// and depth vary around the bench shape, one at a time.
+fn scaling_table(args: &BenchArgs) -> Result<()> {
+    println!("\nLoRA training scaling (one dimension varied from the bench shape)");
+    println!(
+        "{:<22} {:>10} {:>9} {:>16}",
+        "shape", "tok/s", "peak MiB", "MiB per 1k tok"
+    );
+    let variations: [(&str, usize, [usize; 3]); 3] = [
+        ("--block_size", args.block_size, [128, 256, 512]),
+        ("--batch_size", args.batch_size, [1, 4, 8]),
+        ("--n_layer", args.n_layer, [4, 8, 16]),
+    ];
+    for (flag, base, values) in variations {
+        for value in values {
+            let measured = measure_in_child(
+                args,
+                Measure::Lora,
+                &[
+                    flag.to_string(),
+                    value.to_string(),
+                    "--steps".into(),
+                    "2".into(),
+                ],
+            )?;
+            let tokens = match flag {
+                "--block_size" => value * args.batch_size,
+                "--batch_size" => args.block_size * value,
+                _ => args.block_size * args.batch_size,
+            };
+            let marker = if value == base { " (bench)" } else { "" };
+            println!(
+                "{:<22} {:>10.0} {:>9.0} {:>16.1}",
+                format!("{}={value}{marker}", flag.trim_start_matches("--")),
+                measured.rate,
+                measured.peak_mib,
+                measured.peak_mib / tokens as f64 * 1000.0
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_row(label: &str, ours: &Measured, reference: Option<&Measured>) {
     let (theirs, peak, speed, memory) = match reference {
         Some(r) => (
-            format!("{:.0}", r.tokens_per_second),
+            format!("{:.0}", r.rate),
             format!("{:.0}", r.peak_mib),
-            format!("{:.2}", ours.tokens_per_second / r.tokens_per_second),
+            format!("{:.2}", ours.rate / r.rate),
             format!("{:.2}", ours.peak_mib / r.peak_mib),
         ),
         None => ("-".into(), "-".into(), "-".into(), "-".into()),
     };
+    let rate = if ours.rate >= 100.0 {
+        format!("{:.0}", ours.rate)
+    } else {
+        format!("{:.2}", ours.rate)
+    };
     println!(
-        "{:<22} {:>12.0} {:>10.0} {:>12} {:>10} {:>8} {:>8}",
-        unit(measure),
-        ours.tokens_per_second,
-        ours.peak_mib,
-        theirs,
-        peak,
-        speed,
-        memory
+        "{label:<34} {rate:>10} {:>9.0} {theirs:>10} {peak:>9} {speed:>7} {memory:>8}",
+        ours.peak_mib
     );
 }
 
@@ -192,12 +335,27 @@ fn shape_flags(args: &BenchArgs) -> Vec<String> {
     .collect()
 }
 
-fn measure_in_child(args: &BenchArgs, measure: Measure) -> Result<Measured> {
+/// Runs `measure` in a child process; `overrides` replace shape flags.
+fn measure_in_child(args: &BenchArgs, measure: Measure, overrides: &[String]) -> Result<Measured> {
     let exe = std::env::current_exe().context("cannot find the pt-host executable")?;
     let mut command = Command::new(exe);
     command
-        .args(["bench", "--measure", measure.name()])
-        .args(shape_flags(args));
+        .args(["bench", "--measure", &measure.name()])
+        .args(shape_flags(args))
+        .arg("--train_file_dir")
+        .arg(&args.train_file_dir)
+        .arg("--tokenizer_name_or_path")
+        .arg(&args.tokenizer_name_or_path)
+        .args(overrides);
+    if let Some(plugin) = &args.plugin {
+        command.arg("--plugin").arg(plugin);
+    }
+    if let [wasm, native] = &args.plugin_pair[..] {
+        let mut pair = wasm.as_os_str().to_owned();
+        pair.push(",");
+        pair.push(native);
+        command.arg("--plugin_pair").arg(pair);
+    }
     last_json_line(command, &format!("bench --measure {}", measure.name()))
 }
 
@@ -220,7 +378,7 @@ fn torch_reference(args: &BenchArgs, measure: Measure) -> Result<Measured> {
     let mut command = Command::new("python3");
     command
         .arg(&args.torch_script)
-        .args(["--mode", measure.name()])
+        .args(["--mode", &measure.name()])
         .args(flags);
     last_json_line(
         command,
@@ -283,6 +441,32 @@ impl TrainerCallback for StepClock {
 }
 
 fn measure_here(args: &BenchArgs, measure: Measure) -> Result<Measured> {
+    let (rate, data_share) = match measure {
+        Measure::Prepare => (prepare_rate(args, None)?, None),
+        Measure::PreparePlugin => (prepare_rate(args, args.plugin.as_deref())?, None),
+        Measure::PluginWasm | Measure::PluginNative => {
+            let index = usize::from(measure == Measure::PluginNative);
+            let path = args
+                .plugin_pair
+                .get(index)
+                .context("--plugin_pair WASM,NATIVE is needed")?;
+            (plugin_rate(args, path)?, None)
+        }
+        Measure::Lora | Measure::Full | Measure::Eval | Measure::Generate => {
+            model_rate(args, measure)?
+        }
+    };
+    Ok(Measured {
+        rate,
+        peak_mib: peak_mib()?,
+        data_share,
+    })
+}
+
+/// Tokens/s of a model measurement, and for training the share of time
+/// spent assembling batches.
+fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> {
+    let mut data_share = None;
     let dir = tempfile::tempdir()?;
     let config: Config = serde_json::from_value(serde_json::json!({
         "hidden_size": args.hidden_size,
@@ -320,7 +504,11 @@ fn measure_here(args: &BenchArgs, measure: Measure) -> Result<Measured> {
                 dir.path().display().to_string(),
             )?;
             let mut clock = StepClock { ends: Vec::new() };
-            trainer.train(&blocks, None, None, &mut clock)?;
+            let summary = trainer.train(&blocks, None, None, &mut clock)?;
+            data_share = Some(
+                summary["train_data_seconds"].as_f64().unwrap_or(0.0)
+                    / summary["train_runtime"].as_f64().unwrap_or(1.0),
+            );
             // The first step is the warm-up: allocations and optimizer state.
             let timed = clock.ends[steps - 1] - clock.ends[0];
             tokens_per_batch * args.steps as f64 / timed.as_secs_f64()
@@ -353,11 +541,105 @@ fn measure_here(args: &BenchArgs, measure: Measure) -> Result<Measured> {
             pt_model::generate::generate(&model, &prompts, &config, &mut |_, _| Ok(()))?;
             args.new_tokens as f64 / started.elapsed().as_secs_f64()
         }
+        _ => bail!("{measure:?} is not a model measurement"),
     };
-    Ok(Measured {
-        tokens_per_second,
-        peak_mib: peak_mib()?,
-    })
+    Ok((tokens_per_second, data_share))
+}
+
+#[derive(clap::Parser)]
+struct PrepareCommand {
+    #[command(flatten)]
+    args: crate::prepare::PrepareArgs,
+}
+
+#[derive(clap::Parser)]
+struct PluginCommand {
+    #[command(flatten)]
+    plugins: crate::plugins::PluginArgs,
+}
+
+fn corpus_bytes(args: &BenchArgs) -> Result<u64> {
+    let mut bytes = 0;
+    for path in pt_data::corpus::discover(&args.train_file_dir)? {
+        bytes += std::fs::metadata(&path)?.len();
+    }
+    Ok(bytes)
+}
+
+/// MB/s of a whole `prepare` (read, plugins, tokenize, pack; the dataset
+/// cache bypassed, the compiled plugin cached), best of two after a warm-up.
+fn prepare_rate(args: &BenchArgs, plugin: Option<&Path>) -> Result<f64> {
+    let dir = tempfile::tempdir()?;
+    let mut argv: Vec<std::ffi::OsString> = vec!["prepare".into()];
+    for (flag, value) in [
+        (
+            "--model_name_or_path",
+            args.tokenizer_name_or_path.as_os_str(),
+        ),
+        ("--train_file_dir", args.train_file_dir.as_os_str()),
+        ("--output_dir", dir.path().join("out").as_os_str()),
+        ("--cache_dir", dir.path().join("cache").as_os_str()),
+    ] {
+        argv.extend([flag.into(), value.to_owned()]);
+    }
+    argv.extend(["--overwrite_cache".into(), "--disable_tqdm".into()]);
+    if let Some(plugin) = plugin {
+        argv.extend(["--plugin".into(), plugin.as_os_str().to_owned()]);
+    }
+    let prepare = <PrepareCommand as clap::Parser>::try_parse_from(argv)?.args;
+    let mut best = f64::INFINITY;
+    for run in 0..3 {
+        let tokenizer = pt_data::Tokenizer::from_dir(prepare.tokenizer_dir())?;
+        let started = Instant::now();
+        crate::prepare::prepare_data(&prepare, tokenizer)?;
+        if run > 0 {
+            best = best.min(started.elapsed().as_secs_f64());
+        }
+    }
+    Ok(corpus_bytes(args)? as f64 / 1e6 / best)
+}
+
+/// MB/s of one plugin's steps alone over the corpus documents, in batches
+/// as `prepare` sends them, best of three.
+fn plugin_rate(args: &BenchArgs, path: &Path) -> Result<f64> {
+    let cache = tempfile::tempdir()?;
+    let argv = [
+        "plugin".as_ref(),
+        "--plugin".as_ref(),
+        path.as_os_str(),
+        "--allow_native".as_ref(),
+    ];
+    let parsed = <PluginCommand as clap::Parser>::try_parse_from(argv)?;
+    let (_runtime, loaded) = crate::plugins::load(&parsed.plugins, cache.path())?;
+    let steps = loaded[0].steps();
+    let mut instance = steps.instantiate()?;
+    let mut documents = Vec::new();
+    for file in pt_data::corpus::discover(&args.train_file_dir)? {
+        let read = pt_data::corpus::read_file(&file, &pt_data::ReadOptions::default())?;
+        documents.extend(
+            read.documents
+                .into_iter()
+                .map(|d| (format!("{}:{}", file.display(), d.line), d.text)),
+        );
+    }
+    let bytes: usize = documents.iter().map(|(_, text)| text.len()).sum();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let started = Instant::now();
+        for batch in documents.chunks(64) {
+            let refs: Vec<pt_data::DocRef<'_>> = batch
+                .iter()
+                .map(|(source, text)| pt_data::DocRef { source, text })
+                .collect();
+            for kind in steps.steps() {
+                instance
+                    .apply(kind, &refs, 0)
+                    .map_err(|failure| anyhow::anyhow!("{}: {}", path.display(), failure.0))?;
+            }
+        }
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(bytes as f64 / 1e6 / best)
 }
 
 /// The bench recipe: AdamW lr 2e-4, no weight decay, clipping at 1, constant

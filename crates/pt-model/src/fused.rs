@@ -49,7 +49,8 @@ fn fast_exp(x: f32) -> f32 {
     let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
-        + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r / 720.0)))));
+        + r * (1.0
+            + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r / 720.0)))));
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
@@ -440,7 +441,16 @@ pub(crate) mod tests {
     }
 
     pub(crate) fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     /// Runs `f` (fused) and `g` (composite) on the same variables and
@@ -451,24 +461,60 @@ pub(crate) mod tests {
         composite: impl Fn(&[Tensor]) -> Tensor,
         tolerance: f32,
     ) {
-        let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
         let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let (y_fused, y_composite) = (fused(&tensors), composite(&tensors));
         assert!(max_difference(&y_fused, &y_composite) < tolerance);
         let weights = random(y_fused.dims(), 99);
-        let grads_fused = (&y_fused * &weights).unwrap().sum_all().unwrap().backward().unwrap();
-        let grads_composite = (&y_composite * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads_fused = (&y_fused * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let grads_composite = (&y_composite * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for (i, v) in vars.iter().enumerate() {
-            let (a, b) = (grads_fused.get(v.as_tensor()), grads_composite.get(v.as_tensor()));
-            let (a, b) = (a.unwrap_or_else(|| panic!("input {i}: no gradient")), b.unwrap());
-            let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            assert!(max_difference(a, b) < tolerance * scale.max(1.0), "input {i}: {}", max_difference(a, b));
+            let (a, b) = (
+                grads_fused.get(v.as_tensor()),
+                grads_composite.get(v.as_tensor()),
+            );
+            let (a, b) = (
+                a.unwrap_or_else(|| panic!("input {i}: no gradient")),
+                b.unwrap(),
+            );
+            let scale = b
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                max_difference(a, b) < tolerance * scale.max(1.0),
+                "input {i}: {}",
+                max_difference(a, b)
+            );
         }
     }
 
     #[test]
     fn fused_gelu_equals_candles() {
-        assert_same_function(&[random(&[3, 70, 33], 1)], |t| gelu_op(&t[0]).unwrap(), |t| t[0].gelu().unwrap(), 1e-5);
+        assert_same_function(
+            &[random(&[3, 70, 33], 1)],
+            |t| gelu_op(&t[0]).unwrap(),
+            |t| t[0].gelu().unwrap(),
+            1e-5,
+        );
     }
 
     #[test]
@@ -516,7 +562,9 @@ pub(crate) mod tests {
 
     #[test]
     fn fast_gelu_matches_the_tanh_formula() {
-        let exact = |x: f64| 0.5 * x * (1.0 + (0.797_884_560_802_865_4 * x * (1.0 + 0.044_715 * x * x)).tanh());
+        let exact = |x: f64| {
+            0.5 * x * (1.0 + (0.797_884_560_802_865_4 * x * (1.0 + 0.044_715 * x * x)).tanh())
+        };
         let mut worst = (0f64, 0f64);
         for i in -20_000..=20_000 {
             let x = i as f64 * 1e-3;

@@ -9,8 +9,8 @@ use candle_core::{
 };
 
 use rand::{Rng, SeedableRng};
-use rayon::prelude::*;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::fused::{self, AttentionBias};
 
@@ -195,7 +195,11 @@ impl LoraPass {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 rng.set_stream(task as u64);
                 for m in chunk {
-                    *m = if rng.random::<u32>() < threshold { kept } else { 0.0 };
+                    *m = if rng.random::<u32>() < threshold {
+                        kept
+                    } else {
+                        0.0
+                    };
                 }
             });
         Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?))
@@ -581,17 +585,31 @@ mod tests {
             scale: 2.0,
             dropout: Some((0.3, 7)),
         };
-        let inputs = [random(&[70, 40], 13), random(&[4, 40], 14), random(&[24, 4], 15)];
+        let inputs = [
+            random(&[70, 40], 13),
+            random(&[4, 40], 14),
+            random(&[24, 4], 15),
+        ];
         assert_same_function(
             &inputs,
             |t| linear(&t[0], &weight, Some(&bias), Some(pass(&t[1], &t[2]))).unwrap(),
             |t| {
                 let lora = pass(&t[1], &t[2]);
                 let mask = lora.dropout_mask(&t[0]).unwrap().unwrap();
-                let kept = mask.ne(0f32).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap();
+                let kept = mask
+                    .ne(0f32)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .mean_all()
+                    .unwrap();
                 // About 70% kept, so the mask is a real dropout mask.
                 assert!((kept.to_scalar::<f32>().unwrap() - 0.7).abs() < 0.05);
-                let base = t[0].matmul(&weight.t().unwrap()).unwrap().broadcast_add(&bias).unwrap();
+                let base = t[0]
+                    .matmul(&weight.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap();
                 let update = (&t[0] * &mask).unwrap().matmul(&t[1].t().unwrap()).unwrap();
                 (base + (update.matmul(&t[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap()
             },
@@ -608,10 +626,21 @@ mod tests {
         let hidden = Var::from_tensor(&random(&[n, h], 21)).unwrap();
         let weight = Var::from_tensor(&random(&[vocab, h], 22)).unwrap();
         let labels: Vec<i64> = (0..n as i64)
-            .map(|i| if i % 7 == 3 { IGNORE_INDEX } else { (i * 13) % vocab as i64 })
+            .map(|i| {
+                if i % 7 == 3 {
+                    IGNORE_INDEX
+                } else {
+                    (i * 13) % vocab as i64
+                }
+            })
             .collect();
         let targets: Vec<Option<u32>> = (1..=n)
-            .map(|t| labels.get(t).filter(|&&l| l != IGNORE_INDEX).map(|&l| l as u32))
+            .map(|t| {
+                labels
+                    .get(t)
+                    .filter(|&&l| l != IGNORE_INDEX)
+                    .map(|&l| l as u32)
+            })
             .collect();
         let (chunked, count) =
             loss_sum_in_chunks(hidden.as_tensor(), weight.as_tensor(), &targets, 64).unwrap();
@@ -623,11 +652,17 @@ mod tests {
             .unwrap();
         let (full, full_count) = next_token_loss_sum(&logits, &[labels]).unwrap();
         assert_eq!(count, full_count);
-        let (a, b) = (chunked.to_scalar::<f32>().unwrap(), full.to_scalar::<f32>().unwrap());
+        let (a, b) = (
+            chunked.to_scalar::<f32>().unwrap(),
+            full.to_scalar::<f32>().unwrap(),
+        );
         assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
         let (grads, full_grads) = (chunked.backward().unwrap(), full.backward().unwrap());
         for var in [&hidden, &weight] {
-            let (g, f) = (grads.get(var.as_tensor()).unwrap(), full_grads.get(var.as_tensor()).unwrap());
+            let (g, f) = (
+                grads.get(var.as_tensor()).unwrap(),
+                full_grads.get(var.as_tensor()).unwrap(),
+            );
             assert!(max_difference(g, f) < 1e-5, "{}", max_difference(g, f));
         }
     }

@@ -352,6 +352,9 @@ impl<'a> Trainer<'a> {
         // HF's `train_loss`: the mean step loss of this run.
         let mut run_loss = 0f64;
         let (mut logged_loss, mut logged_steps, mut logged_tokens) = (0f64, 0usize, 0usize);
+        // Time the loop spends assembling batches: the blocks are prepared
+        // and in memory, so this is all it ever waits for data.
+        let mut data_seconds = 0f64;
 
         if let (true, 0, Some(eval)) = (a.eval_on_start, first_step, eval) {
             self.evaluate_and_record(eval, metrics.as_deref_mut(), callback)?;
@@ -367,6 +370,7 @@ impl<'a> Trainer<'a> {
                 epoch_order = (Some(epoch), self.epoch_order(epoch, train.len()));
             }
             let order = &epoch_order.1;
+            let assembling = Instant::now();
             let first = in_epoch * a.gradient_accumulation_steps;
             let last = (first + a.gradient_accumulation_steps).min(micro_per_epoch);
             let micro_batches: Vec<MicroBatch> = (first..last)
@@ -380,6 +384,7 @@ impl<'a> Trainer<'a> {
                 .iter()
                 .map(|b| b.input_ids.iter().map(Vec::len).sum::<usize>())
                 .sum::<usize>();
+            data_seconds += assembling.elapsed().as_secs_f64();
 
             self.model.set_dropout_seed(Some(
                 a.seed
@@ -454,6 +459,7 @@ impl<'a> Trainer<'a> {
             "epoch": self.state.epoch,
             "step": self.state.global_step,
             "train_loss": run_loss / (max_steps - first_step).max(1) as f64,
+            "train_data_seconds": data_seconds,
         });
         Ok(summary)
     }
