@@ -3,7 +3,7 @@
 Runs one measurement and prints one JSON line, so that each mode's peak memory
 is its own process's:
 
-    python3 bench/torch_reference.py --mode lora|full|eval|generate \
+    python3 bench/torch_reference.py --mode lora|full|eval|generate|matmul \
         [--hidden_size 512 --n_layer 8 --n_head 8 --vocab_size 16384 --block_size 256 \
          --batch_size 4 --steps 3 --new_tokens 64]
 
@@ -25,7 +25,7 @@ from transformers import BloomConfig, BloomForCausalLM
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", required=True, choices=["lora", "full", "eval", "generate"])
+    p.add_argument("--mode", required=True, choices=["lora", "full", "eval", "generate", "matmul"])
     p.add_argument("--hidden_size", type=int, default=512)
     p.add_argument("--n_layer", type=int, default=8)
     p.add_argument("--n_head", type=int, default=8)
@@ -49,7 +49,17 @@ def main():
     ids = torch.randint(4, args.vocab_size, (args.batch_size, args.block_size))
     tokens = args.batch_size * args.block_size
 
-    if args.mode in ("lora", "full"):
+    if args.mode == "matmul":
+        n, h = args.block_size * args.batch_size, args.hidden_size
+        x, w = torch.rand(n, h) * 2 - 1, torch.rand(h, 4 * h) * 2 - 1
+        x @ w
+        best = float("inf")
+        for _ in range(10):
+            started = time.perf_counter()
+            x @ w
+            best = min(best, time.perf_counter() - started)
+        rate = 2 * n * h * 4 * h / best / 1e9
+    elif args.mode in ("lora", "full"):
         if args.mode == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -107,7 +117,7 @@ def main():
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({
         "mode": args.mode,
-        "tokens_per_second": rate,
+        "rate": rate,
         "peak_mib": peak_mib,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

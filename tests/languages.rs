@@ -285,18 +285,7 @@ fn a_component_for_another_interface_version_is_refused() {
 /// and with it the same result as the Rust component of the same rules.
 #[test]
 fn a_native_plugin_needs_allow_native_and_matches_its_component() {
-    // target/debug/deps/this-test -> target/release/
-    let library = std::env::current_exe()
-        .unwrap()
-        .ancestors()
-        .nth(3)
-        .unwrap()
-        .join("release/liblength_filter_native.so");
-    assert!(
-        library.is_file(),
-        "{} missing: run scripts/build-plugins.sh",
-        library.display()
-    );
+    let library = crate::common::native_library("length_filter_native");
     let lines =
         "太短\n一段足够长的正常文本内容在这里。\n哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈\n";
     let dir = tempfile::tempdir().unwrap();

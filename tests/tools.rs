@@ -454,11 +454,18 @@ fn hub_ids_download_through_the_environment_and_then_work_offline() {
 #[test]
 fn the_cli_reference_names_every_flag() {
     let reference = std::fs::read_to_string(common::repo().join("docs/cli.md")).unwrap();
-    let mut commands: Vec<Vec<&str>> =
-        ["run", "prepare", "eval", "generate", "merge", "init-model"]
-            .iter()
-            .map(|c| vec![*c])
-            .collect();
+    let mut commands: Vec<Vec<&str>> = [
+        "run",
+        "prepare",
+        "eval",
+        "generate",
+        "merge",
+        "init-model",
+        "bench",
+    ]
+    .iter()
+    .map(|c| vec![*c])
+    .collect();
     for plugin in [
         "new", "keygen", "pack", "sign", "verify", "inspect", "install", "list", "remove",
         "publish", "pull", "test",
@@ -492,6 +499,106 @@ fn the_cli_reference_names_every_flag() {
         }
     }
     assert!(checked > 150, "only {checked} flags found in --help");
+}
+
+/// `pt-host bench` on a tiny shape prints every measurement with a positive
+/// rate, the sandbox ratio, the data share and the scaling table; with
+/// torch installed, the PyTorch + PEFT columns too.
+#[test]
+fn bench_prints_every_measurement() {
+    let torch = common::python_has("bench_prints_every_measurement (PyTorch columns)");
+    let repo = common::repo();
+    let pair = format!(
+        "{},{}",
+        path(&common::component("length_filter")),
+        path(&common::native_library("length_filter_native"))
+    );
+    let medical_clean = common::component("medical_clean");
+    let output = pt_host(&[
+        "bench",
+        "--hidden_size",
+        "32",
+        "--n_layer",
+        "2",
+        "--n_head",
+        "4",
+        "--vocab_size",
+        "512",
+        "--block_size",
+        "32",
+        "--batch_size",
+        "2",
+        "--steps",
+        "1",
+        "--new_tokens",
+        "4",
+        "--train_file_dir",
+        path(&repo.join("data/pretrain")),
+        "--tokenizer_name_or_path",
+        path(&fixture_model()),
+        "--plugin",
+        path(&medical_clean),
+        "--plugin_pair",
+        &pair,
+        "--torch",
+        if torch { "always" } else { "never" },
+        "--torch_script",
+        path(&repo.join("bench/torch_reference.py")),
+    ]);
+    assert_ok(&output);
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    let row = |label: &str| -> Vec<String> {
+        let line = table
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("no `{label}` row in\n{table}"));
+        line[label.len()..]
+            .split_whitespace()
+            .map(String::from)
+            .collect()
+    };
+    for label in [
+        "train tok/s (LoRA)",
+        "train tok/s (full)",
+        "eval tok/s",
+        "generate tok/s",
+        "matmul GFLOP/s",
+        "prepare MB/s + medical_clean.wasm",
+        "plugin MB/s length_filter.wasm",
+        "plugin MB/s liblength_filter_native.so",
+    ] {
+        let cells = row(label);
+        let (rate, peak): (f64, f64) = (cells[0].parse().unwrap(), cells[1].parse().unwrap());
+        assert!(rate > 0.0 && peak > 10.0, "{label}: {cells:?}");
+        let modelled = label.starts_with("train")
+            || label.starts_with("eval")
+            || label.starts_with("generate")
+            || label.starts_with("matmul");
+        if torch && modelled {
+            let speed: f64 = cells[4].parse().unwrap();
+            assert!(speed > 0.0, "{label}: {cells:?}");
+        } else {
+            assert_eq!(cells[2], "-", "{label}: {cells:?}");
+        }
+    }
+    assert!(row("prepare MB/s")[0].parse::<f64>().unwrap() > 0.0);
+    assert!(
+        table.contains("sandbox cost: the component runs at"),
+        "{table}"
+    );
+    assert!(table.contains("data: the training loop spent"), "{table}");
+    for shape in ["block_size=512", "batch_size=8", "n_layer=16"] {
+        let tokens_per_second: f64 = row(shape)[0].parse().unwrap();
+        assert!(tokens_per_second > 0.0, "{shape}");
+    }
+    // A pair needs both halves.
+    let refused = pt_host(&["bench", "--plugin_pair", path(&medical_clean)]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("--plugin_pair takes two plugins"),
+        "{}",
+        stderr(&refused)
+    );
 }
 
 /// User errors across the commands: each a non-zero exit and a short

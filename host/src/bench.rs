@@ -31,6 +31,8 @@ pub enum Measure {
     Eval,
     /// Greedy generation with the KV cache, one prompt.
     Generate,
+    /// One f32 matrix product of the MLP's shape (`[tokens, h]·[h, 4h]`), GFLOP/s.
+    Matmul,
     /// `prepare` of the corpus: read, tokenize, pack.
     Prepare,
     /// `prepare` with --plugin.
@@ -62,6 +64,7 @@ impl Measure {
             Measure::Full => "train tok/s (full)".into(),
             Measure::Eval => "eval tok/s".into(),
             Measure::Generate => "generate tok/s".into(),
+            Measure::Matmul => "matmul GFLOP/s".into(),
             Measure::Prepare => "prepare MB/s".into(),
             Measure::PreparePlugin => format!("prepare MB/s + {}", file(&args.plugin)),
             Measure::PluginWasm => format!("plugin MB/s {}", pair(0)),
@@ -73,7 +76,7 @@ impl Measure {
     fn has_reference(self) -> bool {
         matches!(
             self,
-            Measure::Lora | Measure::Full | Measure::Eval | Measure::Generate
+            Measure::Lora | Measure::Full | Measure::Eval | Measure::Generate | Measure::Matmul
         )
     }
 }
@@ -452,6 +455,7 @@ fn measure_here(args: &BenchArgs, measure: Measure) -> Result<Measured> {
                 .context("--plugin_pair WASM,NATIVE is needed")?;
             (plugin_rate(args, path)?, None)
         }
+        Measure::Matmul => (matmul_rate(args)?, None),
         Measure::Lora | Measure::Full | Measure::Eval | Measure::Generate => {
             model_rate(args, measure)?
         }
@@ -544,6 +548,31 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
         _ => bail!("{measure:?} is not a model measurement"),
     };
     Ok((tokens_per_second, data_share))
+}
+
+/// GFLOP/s of `[block·batch, h]·[h, 4h]` in f32, best of ten after a warm-up.
+fn matmul_rate(args: &BenchArgs) -> Result<f64> {
+    let (n, h) = (args.block_size * args.batch_size, args.hidden_size);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut random = |rows: usize, cols: usize| -> Result<candle_core::Tensor> {
+        let values: Vec<f32> = (0..rows * cols)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Ok(candle_core::Tensor::from_vec(
+            values,
+            (rows, cols),
+            &Device::Cpu,
+        )?)
+    };
+    let (x, w) = (random(n, h)?, random(h, 4 * h)?);
+    x.matmul(&w)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..10 {
+        let started = Instant::now();
+        std::hint::black_box(x.matmul(&w)?);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * h * 4 * h) as f64 / best / 1e9)
 }
 
 #[derive(clap::Parser)]

@@ -39,6 +39,24 @@ pub fn component(name: &str) -> PathBuf {
     path
 }
 
+/// A native plugin library built by `scripts/build-plugins.sh`
+/// (`target/release/libNAME.so`).
+pub fn native_library(name: &str) -> PathBuf {
+    // target/debug/deps/this-test -> target/release/
+    let library = std::env::current_exe()
+        .unwrap()
+        .ancestors()
+        .nth(3)
+        .unwrap()
+        .join(format!("release/lib{name}.so"));
+    assert!(
+        library.is_file(),
+        "{} missing: run scripts/build-plugins.sh",
+        library.display()
+    );
+    library
+}
+
 /// Corpus lines as the pipeline reads them (non-empty lines, with `\n`).
 pub fn corpus_documents() -> Vec<(String, String)> {
     let mut docs = Vec::new();

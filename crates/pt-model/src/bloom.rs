@@ -232,12 +232,15 @@ pub(crate) struct Block {
     dense_4h_to_h: Linear,
 }
 
+/// ALiBi `[b, heads, 1, keys]` and the additive mask `[b, 1, queries, keys]`.
+type CompositeBias = (Tensor, Tensor);
+
 /// What a block's forward needs besides its weights (cheap to clone).
 #[derive(Clone)]
 pub(crate) struct BlockContext {
     bias: Arc<AttentionBias>,
     /// ALiBi and mask as tensors, where the fused CPU kernel does not apply.
-    composite_bias: Option<(Tensor, Tensor)>,
+    composite_bias: Option<CompositeBias>,
     n_head: usize,
     post_ln: bool,
     dropout_seed: Option<u64>,
@@ -724,7 +727,7 @@ impl Bloom {
         &self,
         mask: &[Vec<u32>],
         q: usize,
-    ) -> Result<(Arc<AttentionBias>, Option<(Tensor, Tensor)>)> {
+    ) -> Result<(Arc<AttentionBias>, Option<CompositeBias>)> {
         let (b, s) = (mask.len(), mask[0].len());
         let mut positions = Vec::with_capacity(b * s);
         for row in mask {

@@ -33,7 +33,7 @@ pub(crate) fn applies(x: &Tensor) -> bool {
 
 // --- GELU, the tanh approximation BLOOM uses --------------------------------
 
-const SQRT_2_OVER_PI: f32 = 0.797_884_56;
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const GELU_CUBIC: f32 = 0.044_715;
 
 /// `eˣ` without a libm call, so that loops over it vectorise: `x = n ln 2 +
@@ -358,13 +358,13 @@ impl CustomOp1 for AttentionSoftmax {
                     return;
                 }
                 let mut sum = 0f32;
-                for j in 0..s {
-                    p[j] = if bias.allowed(b, i, j) {
-                        (p[j] - max).exp()
+                for (j, p) in p.iter_mut().enumerate() {
+                    *p = if bias.allowed(b, i, j) {
+                        fast_exp(*p - max)
                     } else {
                         0.0
                     };
-                    sum += p[j];
+                    sum += *p;
                 }
                 p.iter_mut().for_each(|v| *v /= sum);
             });

@@ -346,9 +346,76 @@ impl CustomOp3 for FrozenLinear {
     }
 }
 
+/// `x Wᵀ + bias` with a trainable `W` (full fine-tuning) as one op whose
+/// backward hands out detached gradients: through candle's ops each weight
+/// gradient would carry its graph, keeping the layer's activations alive
+/// until the whole backward pass ends.
+struct TrainableLinear;
+
+impl TrainableLinear {
+    fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        x.matmul(&weight.t()?)?.broadcast_add(bias)
+    }
+}
+
+impl CustomOp3 for TrainableLinear {
+    fn name(&self) -> &'static str {
+        "trainable-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = input_tensor(Storage::Cpu(xs.clone()), xl)?;
+        let w = input_tensor(Storage::Cpu(ws.clone()), wl)?;
+        let b = input_tensor(Storage::Cpu(bs.clone()), bl)?;
+        cpu_output(&Self::forward(&x, &w, &b)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (x, w, b) = (
+            cuda_input(xs, xl)?,
+            cuda_input(ws, wl)?,
+            cuda_input(bs, bl)?,
+        );
+        cuda_output(&Self::forward(&x, &w, &b)?)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
+        Ok((
+            Some(grad.matmul(&weight)?),
+            Some(grad.t()?.matmul(&x)?),
+            Some(grad.sum(0)?),
+        ))
+    }
+}
+
 /// `x Wᵀ (+ bias) (+ LoRA)` (`x`: `[n, in]`, `W`: `[out, in]`). A frozen `W`
 /// gets no gradient (see [`FrozenLinear`]); a trainable one (full
-/// fine-tuning) goes through candle's ops.
+/// fine-tuning) gets it from [`TrainableLinear`].
 pub fn linear(
     x: &Tensor,
     weight: &Tensor,
@@ -362,6 +429,13 @@ pub fn linear(
     };
     let adapter = lora.as_ref().map(|l| (&l.a, &l.b));
     let tracked = x.track_op() || adapter.is_some_and(|(a, b)| a.track_op() || b.track_op());
+    if let (true, Some(bias), None) = (weight.is_variable(), bias, &lora) {
+        return graph_free_input(x)?.apply_op3_arc(
+            &graph_free_input(weight)?,
+            &graph_free_input(bias)?,
+            Arc::new(Box::new(TrainableLinear)),
+        );
+    }
     if weight.is_variable() || !tracked {
         return op.forward(x, adapter);
     }
@@ -665,5 +739,26 @@ mod tests {
             );
             assert!(max_difference(g, f) < 1e-5, "{}", max_difference(g, f));
         }
+    }
+
+    #[test]
+    fn trainable_linear_equals_candles_ops() {
+        use crate::fused::tests::{assert_same_function, random};
+        let inputs = [
+            random(&[70, 40], 31),
+            random(&[24, 40], 32),
+            random(&[24], 33),
+        ];
+        assert_same_function(
+            &inputs,
+            |t| linear(&t[0], &t[1], Some(&t[2]), None).unwrap(),
+            |t| {
+                t[0].matmul(&t[1].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
+            1e-5,
+        );
     }
 }

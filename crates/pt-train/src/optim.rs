@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Layout, Storage, Tensor, Var};
+use rayon::prelude::*;
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
 use serde::{Deserialize, Serialize};
@@ -148,6 +149,9 @@ impl AdamW {
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
+            if update_on_cpu(slot, grad, lr, &c, bias1, bias2)? {
+                continue;
+            }
             let grad = grad.to_dtype(DType::F32)?;
             let mut param = slot.param.as_tensor().to_dtype(DType::F32)?;
             if slot.decay && c.weight_decay != 0.0 {
@@ -162,6 +166,77 @@ impl AdamW {
         }
         Ok(())
     }
+}
+
+/// A contiguous f32 CPU tensor's values.
+fn cpu_values<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => {
+            let (start, end) = layout.contiguous_offsets()?;
+            Some(&cpu.as_slice::<f32>().ok()?[start..end])
+        }
+        _ => None,
+    }
+}
+
+/// Elements per parallel task of the CPU update.
+const UPDATE_TASK: usize = 1 << 14;
+
+/// [`AdamW::apply`]'s update of one f32 CPU parameter in one parallel pass
+/// over parameter, gradient and moments (the tensor ops make and read a
+/// dozen full-size temporaries). Returns false, changing nothing, where it
+/// does not apply (CUDA, bf16).
+fn update_on_cpu(
+    slot: &mut Slot,
+    grad: &Tensor,
+    lr: f64,
+    c: &AdamWConfig,
+    bias1: f64,
+    bias2: f64,
+) -> Result<bool> {
+    let n = grad.elem_count();
+    let (mut param, mut exp_avg, mut exp_avg_sq) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+    {
+        let (gs, gl) = grad.storage_and_layout();
+        let (ps, pl) = slot.param.as_tensor().storage_and_layout();
+        let (ms, ml) = slot.exp_avg.storage_and_layout();
+        let (vs, vl) = slot.exp_avg_sq.storage_and_layout();
+        let (Some(g), Some(p), Some(m), Some(v)) = (
+            cpu_values(&gs, gl),
+            cpu_values(&ps, pl),
+            cpu_values(&ms, ml),
+            cpu_values(&vs, vl),
+        ) else {
+            return Ok(false);
+        };
+        let decay = if slot.decay {
+            1.0 - lr * c.weight_decay
+        } else {
+            1.0
+        } as f32;
+        let (beta1, beta2) = (c.beta1 as f32, c.beta2 as f32);
+        let (step_size, bias2_sqrt, eps) = ((lr / bias1) as f32, bias2.sqrt() as f32, c.eps as f32);
+        param
+            .par_chunks_mut(UPDATE_TASK)
+            .zip(exp_avg.par_chunks_mut(UPDATE_TASK))
+            .zip(exp_avg_sq.par_chunks_mut(UPDATE_TASK))
+            .enumerate()
+            .for_each(|(task, ((new_p, new_m), new_v))| {
+                let start = task * UPDATE_TASK;
+                for i in 0..new_p.len() {
+                    let (g, k) = (g[start + i], start + i);
+                    new_m[i] = beta1 * m[k] + (1.0 - beta1) * g;
+                    new_v[i] = beta2 * v[k] + (1.0 - beta2) * g * g;
+                    let denominator = new_v[i].sqrt() / bias2_sqrt + eps;
+                    new_p[i] = p[k] * decay - step_size * (new_m[i] / denominator);
+                }
+            });
+    }
+    let (shape, device) = (grad.shape().clone(), grad.device().clone());
+    slot.exp_avg = Tensor::from_vec(exp_avg, shape.clone(), &device)?;
+    slot.exp_avg_sq = Tensor::from_vec(exp_avg_sq, shape.clone(), &device)?;
+    slot.param.set(&Tensor::from_vec(param, shape, &device)?)?;
+    Ok(true)
 }
 
 /// The global L2 norm of `grads` (returned, before clipping); when above
@@ -215,5 +290,42 @@ mod tests {
         assert_eq!(clip_grad_norm(&mut grads, 1.0).unwrap(), 5.0);
         let clipped: Vec<f32> = grads[0].to_vec1().unwrap();
         assert!((clipped[0] - 0.6).abs() < 1e-6 && (clipped[1] - 0.8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn cpu_update_follows_pytorchs_formula_over_steps() {
+        // PyTorch's AdamW, element by element in f64.
+        let config = AdamWConfig {
+            weight_decay: 0.05,
+            ..AdamWConfig::default()
+        };
+        let start = [0.3f32, -1.2, 2.0, 0.0, -0.7];
+        let grads = [
+            [0.5f32, -3.0, 0.01, 1.0, -0.2],
+            [-0.4, 2.0, 0.02, 1.0, 0.3],
+            [0.1, -0.5, -0.03, 1.0, 0.0],
+        ];
+        let lr = 0.01;
+        let p = Var::new(&start, &Device::Cpu).unwrap();
+        // f32 on the CPU takes the fused update; bf16 would take the tensor ops.
+        let mut opt = AdamW::new(vec![(p.clone(), true)], config).unwrap();
+        let (mut param, mut m, mut v) = (start.map(f64::from), [0f64; 5], [0f64; 5]);
+        for (step, g) in grads.iter().enumerate() {
+            opt.apply(&[Tensor::new(g, &Device::Cpu).unwrap()], lr)
+                .unwrap();
+            let t = step as i32 + 1;
+            for i in 0..5 {
+                let g = g[i] as f64;
+                param[i] *= 1.0 - lr * config.weight_decay;
+                m[i] = 0.9 * m[i] + 0.1 * g;
+                v[i] = 0.999 * v[i] + 0.001 * g * g;
+                let denominator = v[i].sqrt() / (1.0 - 0.999f64.powi(t)).sqrt() + 1e-8;
+                param[i] -= lr / (1.0 - 0.9f64.powi(t)) * m[i] / denominator;
+            }
+        }
+        let got: Vec<f32> = p.as_tensor().to_vec1().unwrap();
+        for (a, b) in got.iter().zip(param) {
+            assert!((*a as f64 - b).abs() < 1e-6, "{got:?} vs {param:?}");
+        }
     }
 }
