@@ -10,7 +10,10 @@ is its own process's:
 The recipe is pt-host's bench recipe: a random BLOOM (HF init), LoRA r=8,
 alpha=16, dropout 0.05 on query_key_value, dense, dense_h_to_4h and
 dense_4h_to_h (MedicalGPT's `--target_modules all`), AdamW lr 2e-4, f32, all
-cores (torch's default intra-op threads), random token blocks. `pt-host bench
+cores (torch's default intra-op threads), random token blocks. With
+`--device cuda`: bf16 base weights, f32 adapters, TF32 matmuls, as pt-host
+runs on a GPU. Peak memory is the process's resident set (ru_maxrss); on a GPU
+the JSON also has torch's peak allocated GPU memory. `pt-host bench
 --torch` runs this script itself when torch, transformers and peft import.
 """
 
@@ -34,6 +37,7 @@ def main():
     p.add_argument("--batch_size", type=int, default=4)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--new_tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
 
     torch.manual_seed(42)
@@ -45,18 +49,32 @@ def main():
         hidden_dropout=0.0,
         attention_dropout=0.0,
     )
-    model = BloomForCausalLM(config)
-    ids = torch.randint(4, args.vocab_size, (args.batch_size, args.block_size))
+    # On a GPU as pt-host runs there: bf16 base weights (PEFT keeps the
+    # adapters in f32), TF32 for f32 matmuls.
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    dtype = torch.bfloat16 if cuda else torch.float32
+    model = BloomForCausalLM(config).to(args.device, dtype=dtype)
+    ids = torch.randint(4, args.vocab_size, (args.batch_size, args.block_size), device=args.device)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
     tokens = args.batch_size * args.block_size
 
     if args.mode == "matmul":
         n, h = args.block_size * args.batch_size, args.hidden_size
-        x, w = torch.rand(n, h) * 2 - 1, torch.rand(h, 4 * h) * 2 - 1
+        x = (torch.rand(n, h, device=args.device) * 2 - 1).to(dtype)
+        w = (torch.rand(h, 4 * h, device=args.device) * 2 - 1).to(dtype)
         x @ w
+        sync()
         best = float("inf")
         for _ in range(10):
             started = time.perf_counter()
             x @ w
+            sync()
             best = min(best, time.perf_counter() - started)
         rate = 2 * n * h * 4 * h / best / 1e9
     elif args.mode in ("lora", "full"):
@@ -119,6 +137,7 @@ def main():
         "mode": args.mode,
         "rate": rate,
         "peak_mib": peak_mib,
+        "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
     }))

@@ -5,13 +5,13 @@
 #[path = "support/bloom_tiny.rs"]
 mod bloom_tiny;
 
-use bloom_tiny::{expected, fixture, max_abs_diff, rows};
+use bloom_tiny::{expected, fixture, max_abs_diff, rows, test_device};
 use candle_core::{DType, Device};
 use pt_model::Bloom;
 use pt_model::ops::next_token_loss_sum;
 
 fn fixture_model(dtype: DType) -> Bloom {
-    Bloom::load(&fixture().join("model"), &Device::Cpu, dtype).unwrap()
+    Bloom::load(&fixture().join("model"), &test_device(), dtype).unwrap()
 }
 
 /// The largest logit difference from HF's at the probes' real tokens.

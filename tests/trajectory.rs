@@ -5,7 +5,7 @@
 #[path = "support/bloom_tiny.rs"]
 mod bloom_tiny;
 
-use bloom_tiny::{expected, fixture, max_abs_diff, packed, rows, trajectory};
+use bloom_tiny::{expected, fixture, max_abs_diff, packed, rows, test_device, trajectory};
 use candle_core::{DType, Device, Var};
 use pt_data::Blocks;
 use pt_model::Bloom;
@@ -73,7 +73,7 @@ fn bf16_lora_training_stays_close_to_peft() {
 fn follow_peft(dtype: DType, gradient_checkpointing: bool, tolerance: Tolerance) {
     let expected_run = trajectory();
     let args = &expected_run["args"];
-    let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu, dtype).unwrap();
+    let mut model = Bloom::load(&fixture().join("model"), &test_device(), dtype).unwrap();
     // HF's "before" is the base model's loss (it equals expected.safetensors' valid_loss).
     let before = validation_loss(&model);
     assert!(
@@ -183,7 +183,7 @@ fn checkpointed_gradients_equal_plain_ones_with_dropout() {
         MicroBatch::from_rows(&blocks, &[2, 3]),
     ];
     let gradients = |checkpointing: bool| {
-        let mut model = Bloom::load(&fixture().join("model"), &Device::Cpu, DType::F32).unwrap();
+        let mut model = Bloom::load(&fixture().join("model"), &test_device(), DType::F32).unwrap();
         model.load_adapter(&fixture().join("lora_init")).unwrap();
         model.set_lora_dropout(0.1);
         model.gradient_checkpointing = checkpointing;

@@ -10,7 +10,8 @@ use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
+
+use crate::device::{DeviceArg, DtypeArg};
 use pt_data::Blocks;
 use pt_model::{AdapterConfig, Bloom, Config};
 use pt_train::trainer::{Interval, StepProgress, Trainable, Trainer, TrainerCallback, evaluate};
@@ -85,7 +86,9 @@ impl Measure {
 pub enum TorchArg {
     /// Run the reference when python3 imports torch, transformers and peft.
     Auto,
+    /// Run it; fail without torch.
     Always,
+    /// Measure pt-host only.
     Never,
 }
 
@@ -94,10 +97,13 @@ pub struct BenchArgs {
     /// Model width of the random BLOOM.
     #[arg(long = "hidden_size", default_value_t = 512)]
     pub hidden_size: usize,
+    /// Blocks of the random BLOOM.
     #[arg(long = "n_layer", default_value_t = 8)]
     pub n_layer: usize,
+    /// Attention heads.
     #[arg(long = "n_head", default_value_t = 8)]
     pub n_head: usize,
+    /// Vocabulary size (the LM head's width).
     #[arg(long = "vocab_size", default_value_t = 16384)]
     pub vocab_size: usize,
     /// Tokens per block.
@@ -112,6 +118,11 @@ pub struct BenchArgs {
     /// New tokens per generation measurement.
     #[arg(long = "new_tokens", default_value_t = 64)]
     pub new_tokens: usize,
+    /// Where the model measurements run: cpu (f32), or cuda (bf16 base
+    /// weights, f32 adapters, optimizer, softmax, LayerNorm and loss; the
+    /// reference runs on the same GPU).
+    #[arg(long = "device_map", value_enum, default_value = "cpu")]
+    pub device_map: DeviceArg,
     /// Measurements to run (default: all those whose inputs exist).
     #[arg(long = "only", value_delimiter = ',')]
     pub only: Vec<Measure>,
@@ -181,13 +192,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.only.clone()
     };
     println!(
-        "bench: random BLOOM hidden {} × {} layers × {} heads, vocab {}, block {}, micro-batch {}, f32, {} threads{}",
+        "bench: random BLOOM hidden {} × {} layers × {} heads, vocab {}, block {}, micro-batch {}, {}, {} CPU threads{}",
         args.hidden_size,
         args.n_layer,
         args.n_head,
         args.vocab_size,
         args.block_size,
         args.batch_size,
+        match args.device_map {
+            DeviceArg::Cuda => "CUDA bf16",
+            DeviceArg::Cpu | DeviceArg::Auto => "CPU f32",
+        },
         candle_core::utils::get_num_threads(),
         if torch {
             "; torch = PyTorch + PEFT on the same work"
@@ -196,7 +211,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     );
     println!(
-        "{:<34} {:>10} {:>9} {:>10} {:>9} {:>7} {:>8}",
+        "{:<40} {:>10} {:>9} {:>10} {:>9} {:>7} {:>8}",
         "measure", "pt-host", "peak MiB", "torch", "peak MiB", "speed×", "memory×"
     );
     let mut plugin_rates = Vec::new();
@@ -223,7 +238,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if let Some(share) = data_share {
         println!(
-            "data: the training loop spent {:.3}% of its time assembling batches",
+            "data: the training loop spent {:.4}% of its time assembling batches",
             share * 100.0
         );
     }
@@ -240,6 +255,7 @@ fn available_measures(args: &BenchArgs) -> Vec<Measure> {
         Measure::Full,
         Measure::Eval,
         Measure::Generate,
+        Measure::Matmul,
     ];
     let data = args.train_file_dir.exists() && args.tokenizer_name_or_path.exists();
     if data {
@@ -316,7 +332,7 @@ fn print_row(label: &str, ours: &Measured, reference: Option<&Measured>) {
         format!("{:.2}", ours.rate)
     };
     println!(
-        "{label:<34} {rate:>10} {:>9.0} {theirs:>10} {peak:>9} {speed:>7} {memory:>8}",
+        "{label:<40} {rate:>10} {:>9.0} {theirs:>10} {peak:>9} {speed:>7} {memory:>8}",
         ours.peak_mib
     );
 }
@@ -349,6 +365,7 @@ fn measure_in_child(args: &BenchArgs, measure: Measure, overrides: &[String]) ->
         .arg(&args.train_file_dir)
         .arg("--tokenizer_name_or_path")
         .arg(&args.tokenizer_name_or_path)
+        .args(["--device_map", device_name(args.device_map)])
         .args(overrides);
     if let Some(plugin) = &args.plugin {
         command.arg("--plugin").arg(plugin);
@@ -360,6 +377,13 @@ fn measure_in_child(args: &BenchArgs, measure: Measure, overrides: &[String]) ->
         command.arg("--plugin_pair").arg(pair);
     }
     last_json_line(command, &format!("bench --measure {}", measure.name()))
+}
+
+fn device_name(device: DeviceArg) -> &'static str {
+    match device {
+        DeviceArg::Cuda => "cuda",
+        DeviceArg::Cpu | DeviceArg::Auto => "cpu",
+    }
 }
 
 fn torch_available() -> bool {
@@ -382,7 +406,8 @@ fn torch_reference(args: &BenchArgs, measure: Measure) -> Result<Measured> {
     command
         .arg(&args.torch_script)
         .args(["--mode", &measure.name()])
-        .args(flags);
+        .args(flags)
+        .args(["--device", device_name(args.device_map)]);
     last_json_line(
         command,
         &format!("{} --mode {}", args.torch_script.display(), measure.name()),
@@ -479,7 +504,8 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
         "vocab_size": args.vocab_size,
     }))?;
     pt_model::init::write_random_model(dir.path(), &config, 0.02, 42)?;
-    let mut model = Bloom::load(dir.path(), &Device::Cpu, DType::F32)?;
+    let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true)?;
+    let mut model = Bloom::load(dir.path(), &device, dtype)?;
     let tokens_per_batch = (args.block_size * args.batch_size) as f64;
     let tokens_per_second = match measure {
         Measure::Lora | Measure::Full => {
@@ -550,26 +576,25 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
     Ok((tokens_per_second, data_share))
 }
 
-/// GFLOP/s of `[block·batch, h]·[h, 4h]` in f32, best of ten after a warm-up.
+/// GFLOP/s of `[block·batch, h]·[h, 4h]` in the compute dtype, best of ten after a warm-up.
 fn matmul_rate(args: &BenchArgs) -> Result<f64> {
+    let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true)?;
     let (n, h) = (args.block_size * args.batch_size, args.hidden_size);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut random = |rows: usize, cols: usize| -> Result<candle_core::Tensor> {
         let values: Vec<f32> = (0..rows * cols)
             .map(|_| rng.random_range(-1.0..1.0))
             .collect();
-        Ok(candle_core::Tensor::from_vec(
-            values,
-            (rows, cols),
-            &Device::Cpu,
-        )?)
+        Ok(candle_core::Tensor::from_vec(values, (rows, cols), &device)?.to_dtype(dtype)?)
     };
     let (x, w) = (random(n, h)?, random(h, 4 * h)?);
     x.matmul(&w)?;
+    device.synchronize()?;
     let mut best = f64::INFINITY;
     for _ in 0..10 {
         let started = Instant::now();
         std::hint::black_box(x.matmul(&w)?);
+        device.synchronize()?;
         best = best.min(started.elapsed().as_secs_f64());
     }
     Ok(2.0 * (n * h * 4 * h) as f64 / best / 1e9)

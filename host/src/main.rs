@@ -108,7 +108,25 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     init_logging(cli.verbose);
-    let result = match cli.command {
+    // The command runs on a worker of rayon's pool, where candle's matmuls
+    // and the fused kernels run: the thread that calls them then works on
+    // them, instead of a third thread competing for the cores with the
+    // pool's workers.
+    let result = rayon::ThreadPoolBuilder::new()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|pool| pool.install(|| dispatch(cli.command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Prepare(args) => prepare::run(*args),
         Command::Run(args) => run::run(*args),
         Command::Eval(args) => run::eval(*args),
@@ -117,12 +135,5 @@ fn main() -> ExitCode {
         Command::InitModel(args) => init_model::run(args),
         Command::Plugin(command) => plugin_cmd::run(command),
         Command::Bench(args) => bench::run(*args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
     }
 }

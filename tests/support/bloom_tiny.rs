@@ -16,6 +16,16 @@ pub fn fixture() -> PathBuf {
         .expect("tests/fixtures/bloom-tiny above the crate")
 }
 
+/// Where the parity tests compute: the CPU, or the GPU with
+/// `PT_TEST_DEVICE=cuda` (a `--features cuda` build; `bench/gpu_check.sh`).
+pub fn test_device() -> Device {
+    match std::env::var("PT_TEST_DEVICE").as_deref() {
+        Ok("cuda") => Device::new_cuda(0).expect("PT_TEST_DEVICE=cuda: no usable CUDA device"),
+        Ok("cpu") | Err(_) => Device::Cpu,
+        Ok(other) => panic!("PT_TEST_DEVICE={other}: expected cpu or cuda"),
+    }
+}
+
 /// `expected.safetensors`: probes, their logits, validation blocks and loss.
 pub fn expected() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu).unwrap()
