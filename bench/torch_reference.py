@@ -38,6 +38,7 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--gradient_checkpointing", action="store_true")
     args = p.parse_args()
 
     torch.manual_seed(42)
@@ -91,6 +92,9 @@ def main():
                     task_type="CAUSAL_LM",
                 ),
             )
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=2e-4, weight_decay=0.0)

@@ -123,6 +123,9 @@ pub struct BenchArgs {
     /// reference runs on the same GPU).
     #[arg(long = "device_map", value_enum, default_value = "cpu")]
     pub device_map: DeviceArg,
+    /// Recompute each block's activations in the backward pass (training measurements).
+    #[arg(long = "gradient_checkpointing", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = crate::args::parse_bool)]
+    pub gradient_checkpointing: bool,
     /// Measurements to run (default: all those whose inputs exist).
     #[arg(long = "only", value_delimiter = ',')]
     pub only: Vec<Measure>,
@@ -366,6 +369,7 @@ fn measure_in_child(args: &BenchArgs, measure: Measure, overrides: &[String]) ->
         .arg("--tokenizer_name_or_path")
         .arg(&args.tokenizer_name_or_path)
         .args(["--device_map", device_name(args.device_map)])
+        .arg(format!("--gradient_checkpointing={}", args.gradient_checkpointing))
         .args(overrides);
     if let Some(plugin) = &args.plugin {
         command.arg("--plugin").arg(plugin);
@@ -408,6 +412,9 @@ fn torch_reference(args: &BenchArgs, measure: Measure) -> Result<Measured> {
         .args(["--mode", &measure.name()])
         .args(flags)
         .args(["--device", device_name(args.device_map)]);
+    if args.gradient_checkpointing {
+        command.arg("--gradient_checkpointing");
+    }
     last_json_line(
         command,
         &format!("{} --mode {}", args.torch_script.display(), measure.name()),
@@ -506,6 +513,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
     pt_model::init::write_random_model(dir.path(), &config, 0.02, 42)?;
     let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true)?;
     let mut model = Bloom::load(dir.path(), &device, dtype)?;
+    model.gradient_checkpointing = args.gradient_checkpointing;
     let tokens_per_batch = (args.block_size * args.batch_size) as f64;
     let tokens_per_second = match measure {
         Measure::Lora | Measure::Full => {
