@@ -369,7 +369,10 @@ fn measure_in_child(args: &BenchArgs, measure: Measure, overrides: &[String]) ->
         .arg("--tokenizer_name_or_path")
         .arg(&args.tokenizer_name_or_path)
         .args(["--device_map", device_name(args.device_map)])
-        .arg(format!("--gradient_checkpointing={}", args.gradient_checkpointing))
+        .arg(format!(
+            "--gradient_checkpointing={}",
+            args.gradient_checkpointing
+        ))
         .args(overrides);
     if let Some(plugin) = &args.plugin {
         command.arg("--plugin").arg(plugin);

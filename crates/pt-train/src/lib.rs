@@ -6,5 +6,5 @@ pub mod schedule;
 pub mod step;
 pub mod trainer;
 
-pub use optim::{AdamW, AdamWConfig, clip_grad_norm};
+pub use optim::{AdamW, AdamWConfig, clip_scale, grad_norm};
 pub use schedule::{Schedule, SchedulerType};

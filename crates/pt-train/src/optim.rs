@@ -135,8 +135,9 @@ impl AdamW {
         Ok(())
     }
 
-    /// One update with learning rate `lr`; `grads[i]` belongs to parameter `i`.
-    pub fn apply(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One update with learning rate `lr` from `grads` times `grad_scale`
+    /// (gradient clipping, [`clip_scale`]); `grads[i]` belongs to parameter `i`.
+    pub fn apply(&mut self, grads: &[Tensor], lr: f64, grad_scale: f64) -> Result<()> {
         if grads.len() != self.slots.len() {
             bail!(
                 "{} gradients for {} parameters",
@@ -149,10 +150,10 @@ impl AdamW {
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
-            if update_on_cpu(slot, grad, lr, &c, bias1, bias2)? {
+            if update_on_cpu(slot, grad, grad_scale, lr, &c, bias1, bias2)? {
                 continue;
             }
-            let grad = grad.to_dtype(DType::F32)?;
+            let grad = (grad.to_dtype(DType::F32)? * grad_scale)?;
             let mut param = slot.param.as_tensor().to_dtype(DType::F32)?;
             if slot.decay && c.weight_decay != 0.0 {
                 param = (param * (1.0 - lr * c.weight_decay))?;
@@ -189,6 +190,7 @@ const UPDATE_TASK: usize = 1 << 14;
 fn update_on_cpu(
     slot: &mut Slot,
     grad: &Tensor,
+    grad_scale: f64,
     lr: f64,
     c: &AdamWConfig,
     bias1: f64,
@@ -214,7 +216,7 @@ fn update_on_cpu(
         } else {
             1.0
         } as f32;
-        let (beta1, beta2) = (c.beta1 as f32, c.beta2 as f32);
+        let (beta1, beta2, scale) = (c.beta1 as f32, c.beta2 as f32, grad_scale as f32);
         let (step_size, bias2_sqrt, eps) = ((lr / bias1) as f32, bias2.sqrt() as f32, c.eps as f32);
         param
             .par_chunks_mut(UPDATE_TASK)
@@ -224,7 +226,7 @@ fn update_on_cpu(
             .for_each(|(task, ((new_p, new_m), new_v))| {
                 let start = task * UPDATE_TASK;
                 for i in 0..new_p.len() {
-                    let (g, k) = (g[start + i], start + i);
+                    let (g, k) = (g[start + i] * scale, start + i);
                     new_m[i] = beta1 * m[k] + (1.0 - beta1) * g;
                     new_v[i] = beta2 * v[k] + (1.0 - beta2) * g * g;
                     let denominator = new_v[i].sqrt() / bias2_sqrt + eps;
@@ -239,26 +241,43 @@ fn update_on_cpu(
     Ok(true)
 }
 
-/// The global L2 norm of `grads` (returned, before clipping); when above
-/// `max_norm`, scales them by `max_norm / (norm + 1e-6)` as PyTorch's
-/// `clip_grad_norm_` does.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+/// The global L2 norm of `grads` (accumulated in f64).
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     let mut squares = 0f64;
-    for g in grads.iter() {
-        squares += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_scalar::<f32>()? as f64;
+    for g in grads {
+        let (storage, layout) = g.storage_and_layout();
+        squares += match cpu_values(&storage, layout) {
+            Some(values) => values
+                .par_chunks(UPDATE_TASK)
+                .map(|chunk| {
+                    chunk
+                        .iter()
+                        .map(|&v| f64::from(v) * f64::from(v))
+                        .sum::<f64>()
+                })
+                .sum(),
+            None => {
+                drop(storage);
+                g.to_dtype(DType::F32)?
+                    .sqr()?
+                    .sum_all()?
+                    .to_scalar::<f32>()? as f64
+            }
+        };
     }
-    let norm = squares.sqrt();
+    Ok(squares.sqrt())
+}
+
+/// What PyTorch's `clip_grad_norm_` scales gradients by: `max_norm / (norm
+/// + 1e-6)` when that is below 1 (and `max_norm` > 0), else 1. Pass it to
+/// [`AdamW::apply`], which scales as it reads.
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     let coefficient = max_norm / (norm + 1e-6);
     if max_norm > 0.0 && coefficient < 1.0 {
-        for g in grads.iter_mut() {
-            *g = (&*g * coefficient)?;
-        }
+        coefficient
+    } else {
+        1.0
     }
-    Ok(norm)
 }
 
 #[cfg(test)]
@@ -276,7 +295,7 @@ mod tests {
         };
         let mut opt = AdamW::new(vec![(p.clone(), true)], config).unwrap();
         let g = Tensor::new(&[0.5f32, -3.], &Device::Cpu).unwrap();
-        opt.apply(&[g], 0.01).unwrap();
+        opt.apply(&[g], 0.01, 1.0).unwrap();
         let v: Vec<f32> = p.as_tensor().to_vec1().unwrap();
         let expected = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) + 0.01];
         for (a, b) in v.iter().zip(expected) {
@@ -286,10 +305,22 @@ mod tests {
 
     #[test]
     fn clipping_scales_to_the_max_norm() {
-        let mut grads = vec![Tensor::new(&[3f32, 4.], &Device::Cpu).unwrap()];
-        assert_eq!(clip_grad_norm(&mut grads, 1.0).unwrap(), 5.0);
-        let clipped: Vec<f32> = grads[0].to_vec1().unwrap();
-        assert!((clipped[0] - 0.6).abs() < 1e-6 && (clipped[1] - 0.8).abs() < 1e-6);
+        let grads = [Tensor::new(&[3f32, 4.], &Device::Cpu).unwrap()];
+        let norm = grad_norm(&grads).unwrap();
+        assert_eq!(norm, 5.0);
+        assert!((clip_scale(norm, 1.0) - 1.0 / (5.0 + 1e-6)).abs() < 1e-12);
+        assert_eq!(clip_scale(norm, 10.0), 1.0);
+        assert_eq!(clip_scale(norm, 0.0), 1.0);
+        // Scaled as the update reads them: the first step moves by lr
+        // whatever the scale, so compare the moments through a second step.
+        let p = Var::new(&[0f32, 0.], &Device::Cpu).unwrap();
+        let mut opt = AdamW::new(vec![(p.clone(), false)], AdamWConfig::default()).unwrap();
+        opt.apply(&grads, 1.0, 0.5).unwrap();
+        let m: Vec<f32> = opt.slots[0].exp_avg.to_vec1().unwrap();
+        assert!(
+            (m[0] - 0.15).abs() < 1e-7 && (m[1] - 0.2).abs() < 1e-7,
+            "{m:?}"
+        );
     }
 
     #[test]
@@ -311,7 +342,7 @@ mod tests {
         let mut opt = AdamW::new(vec![(p.clone(), true)], config).unwrap();
         let (mut param, mut m, mut v) = (start.map(f64::from), [0f64; 5], [0f64; 5]);
         for (step, g) in grads.iter().enumerate() {
-            opt.apply(&[Tensor::new(g, &Device::Cpu).unwrap()], lr)
+            opt.apply(&[Tensor::new(g, &Device::Cpu).unwrap()], lr, 1.0)
                 .unwrap();
             let t = step as i32 + 1;
             for i in 0..5 {

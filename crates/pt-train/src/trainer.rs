@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::step::{MicroBatch, accumulate_gradients};
-use crate::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_grad_norm};
+use crate::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_scale, grad_norm};
 
 /// When evaluation or saving happens (HF `IntervalStrategy`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -391,15 +391,16 @@ impl<'a> Trainer<'a> {
                     .wrapping_add(step as u64)
                     .wrapping_mul(0x2545_F491_4F6C_DD1D),
             ));
-            let (loss, mut grads) = accumulate_gradients(self.model, &variables, &micro_batches)?;
+            let (loss, grads) = accumulate_gradients(self.model, &variables, &micro_batches)?;
             if !loss.is_finite() {
                 bail!(
                     "loss is {loss} at step {}: stopping (the last checkpoint is intact); lower --learning_rate",
                     step + 1
                 );
             }
-            let grad_norm = clip_grad_norm(&mut grads, a.max_grad_norm)?;
-            self.optimizer.apply(&grads, schedule.lr(step))?;
+            let grad_norm = grad_norm(&grads)?;
+            let clip = clip_scale(grad_norm, a.max_grad_norm);
+            self.optimizer.apply(&grads, schedule.lr(step), clip)?;
             self.state.global_step = step + 1;
             self.state.epoch = self.state.global_step as f64 / steps_per_epoch as f64;
             logged_loss += loss;
