@@ -2,9 +2,9 @@
 # The GPU check, run from the repository root on a GPU machine with the
 # binaries of scripts/build-cuda.sh in gpu/ and python3 with torch,
 # transformers and peft:
-#   1. makes the GPU's CUDA libraries findable: the binaries were built
-#      against CUDA 11.8 and cudarc looks for libcublas.so, .so.11 or .so.12,
-#      while the machine may have only .so.13 (pip's nvidia wheels);
+#   1. checks that the binaries find the CUDA libraries they were linked
+#      against (build them with the machine's CUDA major version:
+#      scripts/build-cuda.sh) and stops early, naming what is missing;
 #   2. runs the parity tests (HF logits, loss, greedy generation, the PEFT
 #      LoRA trajectory) on the GPU, f32 and bf16;
 #   3. benches a bloomz-560m-shaped random BLOOM at block 512, micro-batch 4
@@ -14,19 +14,17 @@
 set -uo pipefail
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
-libs=$(mktemp -d)
+# pip's CUDA wheels (PyTorch's) and the toolkit's own directory.
 site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-for lib in cublas cublasLt curand nvrtc; do
-    found=$(find "$site/nvidia" /usr/local/cuda*/lib64 /usr/lib/x86_64-linux-gnu \
-        -name "lib$lib.so*" 2>/dev/null | sort | head -1)
-    if [ -n "$found" ]; then
-        ln -sf "$found" "$libs/lib$lib.so"
-        # nvrtc loads its builtins from its own directory's neighbours.
-        LD_LIBRARY_PATH="$(dirname "$found"):${LD_LIBRARY_PATH:-}"
-    fi
-    echo "lib$lib.so -> ${found:-NOT FOUND}" | tee -a "$out/libraries.txt"
+for dir in "$site"/nvidia/cu*/lib "$site"/nvidia/*/lib /usr/local/cuda/lib64; do
+    [ -d "$dir" ] && LD_LIBRARY_PATH="$dir:${LD_LIBRARY_PATH:-}"
 done
-export LD_LIBRARY_PATH="$libs:$LD_LIBRARY_PATH"
+export LD_LIBRARY_PATH
+ldd gpu/pt-host | grep -E "cublas|cudart|curand|libcuda" | tee "$out/libraries.txt"
+if grep -q "not found" "$out/libraries.txt" || ! LD_BIND_NOW=1 gpu/pt-host --version; then
+    echo "the CUDA libraries pt-host was linked against are missing here: rebuild with this machine's CUDA version (scripts/build-cuda.sh)" >&2
+    exit 1
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 for tests in model trajectory; do
     PT_TEST_DEVICE=cuda "gpu/$tests-tests" --test-threads 1 2>&1 | tee "$out/$tests-tests.txt"

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
-# Builds, on a machine with nvcc (Debian: nvidia-cuda-toolkit from non-free),
-# what bench/gpu_check.sh runs on a GPU machine that has no Rust toolchain:
-# pt-host and the two parity-test binaries with --features cuda, stripped,
-# into gpu/ (about 60 MiB, small enough to carry). CUDA_COMPUTE_CAP (default
-# 80) picks the kernels' PTX target; newer GPUs JIT it.
+# Builds, on a machine with nvcc, what bench/gpu_check.sh runs on a GPU machine
+# that has no Rust toolchain: pt-host and the two parity-test binaries with
+# --features cuda, stripped, into gpu/. CUDA_COMPUTE_CAP (default 80) picks the
+# kernels' PTX target; newer GPUs JIT it.
+#
+# The binaries link the CUDA libraries of the toolkit they are built with
+# (libcublas.so.N, libcudart.so.N, with versioned symbols), so build with the
+# GPU machine's major version: Debian's nvidia-cuda-toolkit (non-free) is 11.8;
+# for CUDA 13, `scripts/cuda-toolkit-from-pypi.sh 13.2 /opt/cuda13` and then
+# `CUDA_ROOT=/opt/cuda13 scripts/build-cuda.sh`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${CUDA_ROOT:-}" ]; then
+    export PATH="$CUDA_ROOT/bin:$PATH"
+fi
 command -v nvcc >/dev/null || {
-    echo "nvcc is needed: apt-get install nvidia-cuda-toolkit (Debian non-free)" >&2
+    echo "nvcc is needed: apt-get install nvidia-cuda-toolkit (Debian non-free), or CUDA_ROOT (see above)" >&2
     exit 1
 }
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
@@ -28,3 +36,5 @@ while read -r name executable; do
 done <<<"$tests"
 strip gpu/*
 ls -la gpu
+echo "CUDA libraries the binaries need at run time:"
+ldd gpu/pt-host | grep -E "cublas|cudart|curand|libcuda" || true
