@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, run from the repository root on a GPU machine with the
-# binaries of scripts/build-cuda.sh in gpu/ and python3 with torch,
+# binaries of scripts/build-cuda.sh in gpu/ (or its gpu/cuda-binaries.tar.xz,
+# unpacked here) and python3 with torch,
 # transformers and peft:
 #   1. checks that the binaries find the CUDA libraries they were linked
 #      against (build them with the machine's CUDA major version:
@@ -14,6 +15,9 @@
 set -uo pipefail
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
+if [ ! -x gpu/pt-host ] && [ -f gpu/cuda-binaries.tar.xz ]; then
+    tar -C gpu -xJf gpu/cuda-binaries.tar.xz
+fi
 # pip's CUDA wheels (PyTorch's) and the toolkit's own directory.
 site=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 for dir in "$site"/nvidia/cu*/lib "$site"/nvidia/*/lib /usr/local/cuda/lib64; do
@@ -25,7 +29,10 @@ if grep -q "not found" "$out/libraries.txt" || ! LD_BIND_NOW=1 gpu/pt-host --ver
     echo "the CUDA libraries pt-host was linked against are missing here: rebuild with this machine's CUDA version (scripts/build-cuda.sh)" >&2
     exit 1
 fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
+if ! nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"; then
+    echo "no GPU here (nvidia-smi failed)" >&2
+    exit 1
+fi
 for tests in model trajectory; do
     PT_TEST_DEVICE=cuda "gpu/$tests-tests" --test-threads 1 2>&1 | tee "$out/$tests-tests.txt"
 done

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Builds, on a machine with nvcc, what bench/gpu_check.sh runs on a GPU machine
 # that has no Rust toolchain: pt-host and the two parity-test binaries with
-# --features cuda, stripped, into gpu/. CUDA_COMPUTE_CAP (default 80) picks the
+# --features cuda, stripped, into gpu/, and packed as gpu/cuda-binaries.tar.xz
+# (about 25 MiB: the kernels' PTX compresses well; carry that file, the
+# binaries are 175 MiB). CUDA_COMPUTE_CAP (default 80) picks the
 # kernels' PTX target; newer GPUs JIT it.
 #
 # The binaries link the CUDA libraries of the toolkit they are built with
@@ -34,7 +36,8 @@ cp "$CARGO_TARGET_DIR/release/pt-host" gpu/pt-host
 while read -r name executable; do
     cp "$executable" "gpu/$name-tests"
 done <<<"$tests"
-strip gpu/*
+strip gpu/pt-host gpu/*-tests
+tar -C gpu -cJf gpu/cuda-binaries.tar.xz pt-host model-tests trajectory-tests
 ls -la gpu
 echo "CUDA libraries the binaries need at run time:"
 ldd gpu/pt-host | grep -E "cublas|cudart|curand|libcuda" || true

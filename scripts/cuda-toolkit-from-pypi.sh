@@ -16,7 +16,9 @@ wheels="$dir/.wheels"
 python3 -m pip install --quiet --target "$wheels" \
     "nvidia-cuda-nvcc==$version.*" "nvidia-cuda-runtime==$version.*" \
     "nvidia-cuda-nvrtc==$version.*" "nvidia-cublas" "nvidia-curand" \
-    "nvidia-cuda-cccl==$version.*"
+    "nvidia-cuda-cccl==$version.*" "nvidia-nvvm==$version.*" "nvidia-cuda-crt==$version.*"
+# (nvvm and crt pinned too: left free, pip takes the newest, whose PTX this
+# version's ptxas rejects.)
 # Wheels for CUDA 13 install under nvidia/cu13; older ones under nvidia/<component>.
 for tree in "$wheels"/nvidia/cu"$major" "$wheels"/nvidia/*/; do
     [ -d "$tree" ] && cp -rsn "$(realpath "$tree")"/. "$dir"/
