@@ -9,8 +9,12 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 
 use crate::Config;
+
+/// Values per parallel task of the initialisation.
+const INIT_TASK: usize = 1 << 16;
 
 /// Writes `config.json`, `generation_config.json` and `model.safetensors`
 /// (HF key names, tied LM head) for `config` into `dir`.
@@ -21,18 +25,30 @@ pub fn write_random_model(
     seed: u64,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // One ChaCha stream in tensor order, each value from two u64 draws (four
+    // 32-bit words). Tasks seek to their first value's word, so the values
+    // are those of a sequential pass, computed in parallel.
+    let mut drawn = 0u128;
     let mut normal = |shape: &[usize]| -> Result<Tensor> {
         let n: usize = shape.iter().product();
-        // Box–Muller: two uniforms give one standard normal.
-        let values: Vec<f32> = (0..n)
-            .map(|_| {
-                let u: f64 = 1.0 - rng.random::<f64>();
-                let v: f64 = rng.random();
-                (initializer_range * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos())
-                    as f32
-            })
-            .collect();
+        let mut values = vec![0f32; n];
+        let first_word = drawn;
+        values
+            .par_chunks_mut(INIT_TASK)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                let mut rng = ChaCha8Rng::seed_from_u64(seed);
+                rng.set_word_pos(first_word + 4 * (task * INIT_TASK) as u128);
+                for value in chunk {
+                    // Box–Muller: two uniforms give one standard normal.
+                    let u: f64 = 1.0 - rng.random::<f64>();
+                    let v: f64 = rng.random();
+                    *value = (initializer_range
+                        * (-2.0 * u.ln()).sqrt()
+                        * (std::f64::consts::TAU * v).cos()) as f32;
+                }
+            });
+        drawn += 4 * n as u128;
         Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
     };
     let constant = |shape: &[usize], value: f64| -> Result<Tensor> {
@@ -103,4 +119,44 @@ pub fn write_random_model(
             .with_context(|| format!("{}: cannot write", dir.join(file).display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The parallel draw equals one sequential ChaCha stream in tensor order,
+    /// across task boundaries and from one tensor to the next.
+    #[test]
+    fn parallel_initialisation_equals_one_sequential_stream() {
+        let config: Config = serde_json::from_value(serde_json::json!({
+            "hidden_size": 16, "n_head": 2, "n_layer": 1, "vocab_size": 5000,
+        }))
+        .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        write_random_model(dir.path(), &config, 0.02, 7).unwrap();
+        let tensors =
+            candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let mut next = || {
+            let u: f64 = 1.0 - rng.random::<f64>();
+            let v: f64 = rng.random();
+            (0.02 * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+        };
+        // 80000 embedding values span two tasks; the QKV weight comes next.
+        let expected: Vec<f32> = (0..5000 * 16 + 48 * 16).map(|_| next()).collect();
+        let embedding: Vec<f32> = tensors["transformer.word_embeddings.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let qkv: Vec<f32> = tensors["transformer.h.0.self_attention.query_key_value.weight"]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(embedding, expected[..5000 * 16]);
+        assert_eq!(qkv, expected[5000 * 16..]);
+    }
 }
