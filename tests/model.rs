@@ -157,22 +157,29 @@ fn adapters_that_target_nothing_or_miss_weights_are_refused() {
     );
 }
 
-/// Backward reaches every LoRA weight and computes nothing for the frozen
-/// base, in f32 and with bf16 base weights (the f32 adapters still get f32
-/// gradients).
+/// Token ids, attention mask and labels of a batch.
+type Batch = (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<i64>>);
+
+/// Two validation blocks with a full attention mask.
+fn two_blocks() -> Batch {
+    let batch = rows(&expected()["valid_blocks"])[..2].to_vec();
+    let mask = batch.iter().map(|r| vec![1; r.len()]).collect();
+    let labels = batch
+        .iter()
+        .map(|r| r.iter().map(|&v| v as i64).collect())
+        .collect();
+    (batch, mask, labels)
+}
+
+/// The training path (chunked loss, trainable linear layers) gives every
+/// base weight of a fully fine-tuned model a gradient.
 #[test]
 fn full_fine_tuning_gives_every_weight_a_gradient() {
     let mut model = fixture_model(DType::F32);
     let trainable = model.make_base_trainable().unwrap();
-    let blocks = rows(&expected()["valid_blocks"]);
-    let batch = &blocks[..2];
-    let mask: Vec<Vec<u32>> = batch.iter().map(|r| vec![1; r.len()]).collect();
-    let labels: Vec<Vec<i64>> = batch
-        .iter()
-        .map(|r| r.iter().map(|&v| v as i64).collect())
-        .collect();
+    let (batch, mask, labels) = two_blocks();
     let grads = model
-        .loss_sum(batch, &mask, &labels)
+        .loss_sum(&batch, &mask, &labels)
         .unwrap()
         .0
         .backward()
@@ -190,6 +197,9 @@ fn full_fine_tuning_gives_every_weight_a_gradient() {
     }
 }
 
+/// Backward reaches every LoRA weight and computes nothing for the frozen
+/// base, in f32 and with bf16 base weights (the f32 adapters still get f32
+/// gradients).
 #[test]
 fn only_adapter_weights_get_gradients() {
     for dtype in [DType::F32, DType::BF16] {
@@ -199,13 +209,8 @@ fn only_adapter_weights_get_gradients() {
 
 fn assert_only_adapters_get_gradients(mut model: Bloom) {
     model.load_adapter(&fixture().join("lora_init")).unwrap();
-    let blocks = rows(&expected()["valid_blocks"]);
-    let batch = &blocks[..2];
-    let mask: Vec<Vec<u32>> = batch.iter().map(|r| vec![1; r.len()]).collect();
-    let labels: Vec<Vec<i64>> = batch
-        .iter()
-        .map(|r| r.iter().map(|&v| v as i64).collect())
-        .collect();
+    let (batch, mask, labels) = two_blocks();
+    let batch = &batch[..];
     // The training path (chunked loss, fused ops) computes what the plain
     // forward pass and loss compute.
     let (loss, _) = model.loss_sum(batch, &mask, &labels).unwrap();
