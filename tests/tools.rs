@@ -591,14 +591,33 @@ fn bench_prints_every_measurement() {
         let tokens_per_second: f64 = row(shape)[0].parse().unwrap();
         assert!(tokens_per_second > 0.0, "{shape}");
     }
-    // A pair needs both halves.
-    let refused = pt_host(&["bench", "--plugin_pair", path(&medical_clean)]);
-    assert!(!refused.status.success());
-    assert!(
-        stderr(&refused).contains("--plugin_pair takes two plugins"),
-        "{}",
-        stderr(&refused)
-    );
+    // A pair needs both halves; a plugin measurement needs the pair; the
+    // reference needs its script. Each is refused before any measurement.
+    for (args, expected) in [
+        (
+            vec!["--plugin_pair", path(&medical_clean)],
+            "--plugin_pair takes two plugins",
+        ),
+        (
+            vec![
+                "--only",
+                "plugin-wasm",
+                "--scaling",
+                "false",
+                "--torch",
+                "never",
+            ],
+            "--only plugin-wasm: needs --plugin_pair WASM,NATIVE",
+        ),
+        (
+            vec!["--torch", "always", "--torch_script", "no/such.py"],
+            "--torch_script no/such.py: no such file",
+        ),
+    ] {
+        let refused = pt_host(&[vec!["bench"], args].concat());
+        assert!(!refused.status.success());
+        assert!(stderr(&refused).contains(expected), "{}", stderr(&refused));
+    }
 }
 
 /// User errors across the commands: each a non-zero exit and a short

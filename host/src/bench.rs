@@ -167,7 +167,6 @@ pub struct BenchArgs {
 #[derive(Debug, Serialize, Deserialize)]
 struct Measured {
     /// Tokens (or MB) per second.
-    #[serde(alias = "tokens_per_second")]
     rate: f64,
     peak_mib: f64,
     /// Training: the share of step time spent assembling batches.
@@ -189,11 +188,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
         TorchArg::Always => true,
         TorchArg::Auto => torch_available(),
     };
+    if torch && !args.torch_script.is_file() {
+        bail!(
+            "--torch_script {}: no such file (run from the repository root, pass --torch_script PATH, or --torch never)",
+            args.torch_script.display()
+        );
+    }
     let measures = if args.only.is_empty() {
         available_measures(&args)
     } else {
         args.only.clone()
     };
+    for measure in &measures {
+        let needs = match measure {
+            Measure::PreparePlugin if args.plugin.is_none() => "--plugin PATH",
+            Measure::PluginWasm | Measure::PluginNative if args.plugin_pair.is_empty() => {
+                "--plugin_pair WASM,NATIVE"
+            }
+            _ => continue,
+        };
+        bail!("--only {}: needs {needs}", measure.name());
+    }
     println!(
         "bench: random BLOOM hidden {} × {} layers × {} heads, vocab {}, block {}, micro-batch {}, {}, {} CPU threads{}",
         args.hidden_size,
@@ -401,12 +416,6 @@ fn torch_available() -> bool {
 }
 
 fn torch_reference(args: &BenchArgs, measure: Measure) -> Result<Measured> {
-    if !args.torch_script.is_file() {
-        bail!(
-            "{}: no reference script (run from the repository root, or pass --torch_script / --torch never)",
-            args.torch_script.display()
-        );
-    }
     // The script names its flags after HF's BloomConfig.
     let flags = shape_flags(args);
     let mut command = Command::new("python3");

@@ -26,7 +26,8 @@ fn output(values: Vec<f32>, shape: &Shape) -> Result<(CpuStorage, Shape)> {
     Ok((CpuStorage::F32(values), shape.clone()))
 }
 
-/// `x` as the kernels need it: f32 and contiguous.
+/// Whether the fused kernels take `x`: an f32 tensor on the CPU (they make
+/// their inputs contiguous themselves).
 pub(crate) fn applies(x: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == candle_core::DType::F32
 }

@@ -178,9 +178,26 @@ pub struct LoraPass {
 /// its index, so the mask does not depend on the thread count.
 const MASK_TASK: usize = 1 << 16;
 
+/// What [`FrozenLinear`] keeps of a [`LoraPass`]: A and B are the op's
+/// inputs, so the op holds only the scale and the dropout.
+#[derive(Clone, Copy)]
+struct LoraSettings {
+    scale: f64,
+    dropout: Option<(f64, u64)>,
+}
+
 impl LoraPass {
-    /// The inverted-dropout mask for an input of `shape` (0 or 1/keep), or
-    /// `None` without dropout.
+    fn settings(&self) -> LoraSettings {
+        LoraSettings {
+            scale: self.scale,
+            dropout: self.dropout,
+        }
+    }
+}
+
+impl LoraSettings {
+    /// The inverted-dropout mask for an input of `x`'s shape (0 or 1/keep),
+    /// or `None` without dropout.
     fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some((p, seed)) = self.dropout else {
             return Ok(None);
@@ -223,7 +240,7 @@ struct FrozenLinear {
     weight: Tensor,
     bias: Option<Tensor>,
     /// Scale and dropout of the adapter, whose A and B are the op's 2nd and 3rd inputs.
-    lora: Option<LoraPass>,
+    lora: Option<LoraSettings>,
 }
 
 impl FrozenLinear {
@@ -425,7 +442,7 @@ pub fn linear(
     let op = FrozenLinear {
         weight: weight.clone(),
         bias: bias.cloned(),
-        lora: lora.clone(),
+        lora: lora.as_ref().map(LoraPass::settings),
     };
     let adapter = lora.as_ref().map(|l| (&l.a, &l.b));
     let tracked = x.track_op() || adapter.is_some_and(|(a, b)| a.track_op() || b.track_op());
@@ -669,7 +686,7 @@ mod tests {
             |t| linear(&t[0], &weight, Some(&bias), Some(pass(&t[1], &t[2]))).unwrap(),
             |t| {
                 let lora = pass(&t[1], &t[2]);
-                let mask = lora.dropout_mask(&t[0]).unwrap().unwrap();
+                let mask = lora.settings().dropout_mask(&t[0]).unwrap().unwrap();
                 let kept = mask
                     .ne(0f32)
                     .unwrap()
