@@ -871,3 +871,99 @@ fn block_size_is_capped_at_the_tokenizers_model_max_length() {
         serde_json::from_slice(&fs::read(out.join("data_report.json")).unwrap()).unwrap();
     assert_eq!(report.block_size, 16);
 }
+
+/// A report with its timings zeroed: what must match between two
+/// preparations of the same data.
+fn untimed(mut report: DataReport) -> DataReport {
+    report.seconds = 0.0;
+    for split in [&mut report.train, &mut report.validation] {
+        for step in &mut split.steps {
+            step.seconds = 0.0;
+        }
+    }
+    report
+}
+
+#[test]
+fn sharded_preparation_merges_into_the_unsharded_dataset() {
+    let (clean, augment) = (component("medical_clean"), component("augment_eda"));
+    // Small plugin batches, so that shards split the corpus at many places,
+    // and an augmenter, whose seeds follow the batch position.
+    let args = [
+        "--plugin",
+        clean.to_str().unwrap(),
+        "--plugin",
+        augment.to_str().unwrap(),
+        "--plugin_batch_size",
+        "50",
+        "--block_size",
+        "128",
+        "--validation_split_percentage",
+        "3",
+    ];
+    let whole = Run::new();
+    let output = whole.prepare(&corpus_dir(), &args);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let sharded = Run::new();
+    let shard = |index: &str| {
+        let output = sharded.prepare(
+            &corpus_dir(),
+            &[&args[..], &["--num_shards", "3", "--shard_index", index]].concat(),
+        );
+        assert!(output.status.success(), "{}", stderr(&output));
+        assert!(
+            stdout(&output).contains(&format!("shard {index} of 3")),
+            "{}",
+            stdout(&output)
+        );
+    };
+    let merge = || sharded.prepare(&corpus_dir(), &[&args[..], &["--num_shards", "3"]].concat());
+    shard("2");
+    shard("0");
+    let early = merge();
+    assert!(!early.status.success());
+    assert!(
+        stderr(&early).contains("shard 1 of 3 is not prepared")
+            && stderr(&early).contains("--num_shards 3 --shard_index 1"),
+        "{}",
+        stderr(&early)
+    );
+    shard("1");
+    let merged = merge();
+    assert!(merged.status.success(), "{}", stderr(&merged));
+
+    let (expected, actual) = (untimed(whole.report()), untimed(sharded.report()));
+    assert!(
+        expected.train.steps.iter().any(|s| s.added > 0),
+        "the augmenter ran"
+    );
+    assert_eq!(actual, expected);
+    assert_eq!(sharded.cached_train(), whole.cached_train());
+    let validation = |run: &Run| {
+        Blocks::load(
+            &run.cache
+                .join("datasets")
+                .join(&expected.cache_key)
+                .join("validation.safetensors"),
+        )
+        .unwrap()
+    };
+    assert_eq!(validation(&sharded), validation(&whole));
+    assert!(!whole.excluded().is_empty());
+    assert_eq!(sharded.excluded(), whole.excluded());
+
+    // The merged dataset is the unsharded one's cache entry: a plain
+    // preparation (or a run) finds it.
+    let again = sharded.prepare(&corpus_dir(), &args);
+    assert!(stdout(&again).contains("(cache hit)"), "{}", stdout(&again));
+    let bad = sharded.prepare(
+        &corpus_dir(),
+        &[&args[..], &["--num_shards", "3", "--shard_index", "3"]].concat(),
+    );
+    assert!(
+        stderr(&bad).contains("--shard_index 3 is not below --num_shards 3"),
+        "{}",
+        stderr(&bad)
+    );
+}

@@ -1209,3 +1209,215 @@ fn a_failed_checkpoint_write_keeps_the_earlier_ones_and_corrupt_ones_are_refused
         );
     }
 }
+
+/// `mpirun` for this machine's loopback, or `None` (with SKIPPED printed)
+/// where pt-host was built without MPI or Open MPI is missing; scripts/test.sh
+/// sets PT_REQUIRE_MPI, so CI never skips.
+fn mpirun() -> Option<Command> {
+    let available = cfg!(feature = "mpi")
+        && Command::new("mpirun")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !available {
+        assert!(
+            std::env::var_os("PT_REQUIRE_MPI").is_none(),
+            "PT_REQUIRE_MPI is set but pt-host was built without --features mpi or mpirun is missing"
+        );
+        eprintln!("SKIPPED: needs `--features mpi` and Open MPI's mpirun");
+        return None;
+    }
+    let mut command = Command::new("mpirun");
+    command
+        .args(["--oversubscribe", "--mca", "btl", "self,tcp"])
+        .args(["--mca", "btl_tcp_if_include", "lo"])
+        // CI containers run as root.
+        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
+    Some(command)
+}
+
+/// `run`'s arguments for a data-parallel comparison: LoRA with dropout and
+/// gradient accumulation, evaluation, checkpoints at step 3 and 6.
+fn parallel_args(dir: &Path, output: &str, batch: usize) -> Vec<String> {
+    let (train, valid) = corpus(dir);
+    [
+        "run",
+        "--model_name_or_path",
+        fixture_model().to_str().unwrap(),
+        "--train_file_dir",
+        train.to_str().unwrap(),
+        "--validation_file_dir",
+        valid.to_str().unwrap(),
+        "--output_dir",
+        dir.join(output).to_str().unwrap(),
+        "--cache_dir",
+        dir.join("cache").to_str().unwrap(),
+        "--block_size",
+        "32",
+        "--disable_tqdm",
+        "--do_train",
+        "--do_eval",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "3",
+        "--learning_rate",
+        "1e-2",
+        "--max_steps",
+        "6",
+        "--gradient_accumulation_steps",
+        "2",
+        "--lora_dropout",
+        "0.1",
+        "--logging_steps",
+        "1",
+        "--save_steps",
+        "3",
+        "--per_device_train_batch_size",
+        &batch.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `(step, loss)` of every training log line, and the eval losses.
+fn losses(output_dir: &Path) -> (Vec<(u64, f64)>, Vec<f64>) {
+    let log = fs::read_to_string(output_dir.join("trainer_log.jsonl")).unwrap();
+    let entries: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (
+        entries
+            .iter()
+            .filter_map(|e| Some((e["step"].as_u64()?, e["loss"].as_f64()?)))
+            .collect(),
+        entries
+            .iter()
+            .filter_map(|e| e["eval_loss"].as_f64())
+            .collect(),
+    )
+}
+
+fn assert_same_adapter(actual: &Path, expected: &Path) {
+    for ((name, a), (_, e)) in adapter(actual).iter().zip(adapter(expected)) {
+        let worst = a
+            .iter()
+            .zip(&e)
+            .map(|(a, e)| (a - e).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{name}: differs by {worst}");
+    }
+}
+
+#[test]
+fn two_mpi_ranks_train_what_one_process_trains_with_twice_the_micro_batch() {
+    let Some(mut mpirun) = mpirun() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let alone = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(parallel_args(dir.path(), "alone", 4))
+        .output()
+        .unwrap();
+    assert_ok(&alone);
+    let parallel = mpirun
+        .args(["-n", "2", env!("CARGO_BIN_EXE_pt-host")])
+        .args(parallel_args(dir.path(), "parallel", 2))
+        .output()
+        .unwrap();
+    assert_ok(&parallel);
+    let said = String::from_utf8_lossy(&parallel.stderr);
+    assert!(
+        said.contains("data parallel: 2 ranks (mpirun, mpi), 2 × 2 blocks per micro-batch"),
+        "{said}"
+    );
+    // Rank 0 alone speaks and writes.
+    assert_eq!(said.matches("outputs in").count(), 1, "{said}");
+    assert_eq!(said.matches("saved ").count(), 2, "{said}");
+
+    // Same adapter, same step losses, same evaluations, dropout included:
+    // each rank draws the masks its rows have in the whole micro-batch.
+    let (alone_dir, parallel_dir) = (dir.path().join("alone"), dir.path().join("parallel"));
+    assert_same_adapter(&parallel_dir, &alone_dir);
+    assert_same_adapter(
+        &parallel_dir.join("checkpoint-3"),
+        &alone_dir.join("checkpoint-3"),
+    );
+    let ((steps, evals), (expected_steps, expected_evals)) =
+        (losses(&parallel_dir), losses(&alone_dir));
+    assert_eq!(steps.len(), 6);
+    for ((step, loss), (_, expected)) in steps.iter().zip(&expected_steps) {
+        assert!(
+            (loss - expected).abs() < 1e-5 * expected,
+            "step {step}: {loss} vs {expected}"
+        );
+    }
+    assert_eq!(evals.len(), 2);
+    for (loss, expected) in evals.iter().zip(&expected_evals) {
+        assert!(
+            (loss - expected).abs() < 1e-6 * expected,
+            "eval {loss} vs {expected}"
+        );
+    }
+    let state = json(&parallel_dir.join("checkpoint-3/trainer_state.json"));
+    assert_eq!(
+        (
+            state["world_size"].as_u64(),
+            state["train_batch_size"].as_u64()
+        ),
+        (Some(2), Some(2))
+    );
+
+    // One process resumes the 2-rank checkpoint with the same blocks per
+    // micro-batch (1 × 4) and ends where the uninterrupted runs ended...
+    let resume = |batch: usize| {
+        let mut args = parallel_args(dir.path(), "parallel", batch);
+        args.extend([
+            "--resume_from_checkpoint".to_string(),
+            parallel_dir.join("checkpoint-3").display().to_string(),
+        ]);
+        Command::new(env!("CARGO_BIN_EXE_pt-host"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert_ok(&resume(4));
+    assert_same_adapter(&parallel_dir, &alone_dir);
+    // ...and is refused with 1 × 2, which would not continue the data order.
+    let refused = resume(2);
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        said.contains("trained by 2 rank(s) × 2 blocks per micro-batch, this run has 1 × 2")
+            && said.contains("ranks × --per_device_train_batch_size = 4"),
+        "{said}"
+    );
+}
+
+#[test]
+fn ranks_that_disagree_end_the_job_with_both_counts() {
+    let Some(mut mpirun) = mpirun() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut other = parallel_args(dir.path(), "other", 2);
+    let at = other.iter().position(|a| a == "--block_size").unwrap();
+    other[at + 1] = "16".into();
+    // MPMD: rank 1 cuts other blocks, as a node with other flags or files would.
+    let output = mpirun
+        .args(["-n", "1", env!("CARGO_BIN_EXE_pt-host")])
+        .args(parallel_args(dir.path(), "other", 2))
+        .args([":", "-n", "1", env!("CARGO_BIN_EXE_pt-host")])
+        .args(other)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        said.contains("ranks disagree on the number of training blocks (rank 0: 262, rank 1: 525)"),
+        "{said}"
+    );
+}

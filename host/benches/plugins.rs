@@ -104,7 +104,7 @@ fn main() {
             seed: 0,
         };
         best_of(budget, || {
-            pt_data::pipeline::run(&inputs, plugins, true, &tokenizer, &options, &|_, _| {})
+            pt_data::pipeline::run(&inputs, plugins, true, &tokenizer, &options, 0, &|_, _| {})
                 .unwrap();
         })
     };

@@ -523,7 +523,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
         "vocab_size": args.vocab_size,
     }))?;
     pt_model::init::write_random_model(dir.path(), &config, 0.02, 42)?;
-    let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true)?;
+    let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true, 0)?;
     let mut model = Bloom::load(dir.path(), &device, dtype)?;
     model.gradient_checkpointing = args.gradient_checkpointing;
     let tokens_per_batch = (args.block_size * args.batch_size) as f64;
@@ -598,7 +598,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
 
 /// GFLOP/s of `[block·batch, h]·[h, 4h]` in the compute dtype, best of ten after a warm-up.
 fn matmul_rate(args: &BenchArgs) -> Result<f64> {
-    let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true)?;
+    let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true, 0)?;
     let (n, h) = (args.block_size * args.batch_size, args.hidden_size);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let mut random = |rows: usize, cols: usize| -> Result<candle_core::Tensor> {
@@ -665,7 +665,7 @@ fn prepare_rate(args: &BenchArgs, plugin: Option<&Path>) -> Result<f64> {
     for run in 0..3 {
         let tokenizer = pt_data::Tokenizer::from_dir(prepare.tokenizer_dir())?;
         let started = Instant::now();
-        crate::prepare::prepare_data(&prepare, tokenizer)?;
+        crate::prepare::prepare_data(&prepare, tokenizer, true)?;
         if run > 0 {
             best = best.min(started.elapsed().as_secs_f64());
         }

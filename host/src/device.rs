@@ -23,8 +23,14 @@ pub enum DeviceArg {
 /// The device and the dtype of the base weights. CPU computes in f32 (its
 /// bf16 matmuls are widened per call and slower); CUDA computes in bf16
 /// unless f32 or f16 is asked for. A request that cannot be honoured is
-/// said, never silently changed.
-pub fn select(device_map: DeviceArg, torch_dtype: DtypeArg, tf32: bool) -> Result<(Device, DType)> {
+/// said, never silently changed. `gpu` is the CUDA device to use (a
+/// data-parallel rank's local rank).
+pub fn select(
+    device_map: DeviceArg,
+    torch_dtype: DtypeArg,
+    tf32: bool,
+    gpu: usize,
+) -> Result<(Device, DType)> {
     let device = match device_map {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => {
@@ -33,14 +39,14 @@ pub fn select(device_map: DeviceArg, torch_dtype: DtypeArg, tf32: bool) -> Resul
                     "--device_map cuda: this pt-host was built without CUDA; rebuild with `cargo build --release --features cuda` (needs nvcc) or use --device_map cpu"
                 );
             }
-            Device::new_cuda(0).context(
-                "--device_map cuda: no usable CUDA device (check nvidia-smi and that the CUDA runtime libraries are on LD_LIBRARY_PATH)",
-            )?
+            Device::new_cuda(gpu).with_context(|| format!(
+                "--device_map cuda: CUDA device {gpu} is not usable (check nvidia-smi, that each rank has a GPU, and that the CUDA runtime libraries are on LD_LIBRARY_PATH)",
+            ))?
         }
         DeviceArg::Auto => match candle_core::utils::cuda_is_available() {
             false => Device::Cpu,
-            true => Device::new_cuda(0).unwrap_or_else(|e| {
-                eprintln!("note: no usable CUDA device ({e}); training on CPU");
+            true => Device::new_cuda(gpu).unwrap_or_else(|e| {
+                eprintln!("note: CUDA device {gpu} is not usable ({e}); training on CPU");
                 Device::Cpu
             }),
         },
@@ -82,7 +88,7 @@ mod tests {
             DtypeArg::Float16,
             DtypeArg::Auto,
         ] {
-            let (device, chosen) = select(DeviceArg::Cpu, dtype, false).unwrap();
+            let (device, chosen) = select(DeviceArg::Cpu, dtype, false, 0).unwrap();
             assert!(device.is_cpu());
             assert_eq!(chosen, DType::F32);
         }
@@ -91,13 +97,13 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_without_the_feature_is_refused_with_how_to_build_it() {
-        let err = select(DeviceArg::Cuda, DtypeArg::Auto, false)
+        let err = select(DeviceArg::Cuda, DtypeArg::Auto, false, 0)
             .unwrap_err()
             .to_string();
         assert!(err.contains("--features cuda"), "{err}");
         // auto falls back to the CPU.
         assert!(
-            select(DeviceArg::Auto, DtypeArg::Bfloat16, false)
+            select(DeviceArg::Auto, DtypeArg::Bfloat16, false, 0)
                 .unwrap()
                 .0
                 .is_cpu()

@@ -70,7 +70,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if args.repetition_penalty <= 0.0 {
         bail!("--repetition_penalty must be positive");
     }
-    let (device, dtype) = device::select(args.device_map, args.torch_dtype, true)?;
+    let (device, dtype) = device::select(args.device_map, args.torch_dtype, true, 0)?;
     let model_dir = args.model.resolve()?;
     let mut model = Bloom::load(&model_dir, &device, dtype)?;
     if let Some(adapter) = &args.peft_path {

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use pt_data::{
-    PipelineOptions, PluginReport, PrepareOptions, PreparePlugin, ReadOptions, StepKind, Tokenizer,
+    PipelineOptions, PluginReport, PrepareOptions, PreparePlugin, ReadOptions, Sharding, StepKind,
+    Tokenizer,
 };
 
 use crate::args::{default_cache_dir, parse_bool};
@@ -73,6 +74,14 @@ pub struct PrepareArgs {
     /// No progress bars, only summary lines.
     #[arg(long = "disable_tqdm", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub disable_tqdm: bool,
+    /// Prepare in this many shards (with --shard_index: one of them; alone:
+    /// merge the prepared shards into the dataset). See docs/distributed.md.
+    #[arg(long = "num_shards", value_parser = clap::value_parser!(u64).range(1..))]
+    pub num_shards: Option<u64>,
+    /// Which shard this process prepares (0-based; SLURM_ARRAY_TASK_ID,
+    /// JOB_COMPLETION_INDEX), into the cache: no blocks until the merge.
+    #[arg(long = "shard_index", requires = "num_shards")]
+    pub shard_index: Option<u64>,
     #[command(flatten)]
     pub plugins: PluginArgs,
     #[command(flatten)]
@@ -82,7 +91,7 @@ pub struct PrepareArgs {
 pub fn run(mut args: PrepareArgs) -> Result<()> {
     args.resolve_models()?;
     let tokenizer = Tokenizer::from_dir(args.tokenizer_dir())?;
-    prepare_data(&args, tokenizer).map(|_| ())
+    prepare_data(&args, tokenizer, true).map(|_| ())
 }
 
 impl PrepareArgs {
@@ -129,8 +138,9 @@ impl PrepareArgs {
 
 /// Reads, cleans, tokenizes with `tokenizer` and packs (or loads from the
 /// cache), prints the summary, and returns the blocks: the data half of
-/// `prepare` and `run`.
-pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer) -> Result<PreparedData> {
+/// `prepare` and `run`. `main`: false for the other ranks of a
+/// data-parallel job, which load what rank 0 prepared without a word.
+pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer, main: bool) -> Result<PreparedData> {
     if !(0.0..100.0).contains(&args.validation_split_percentage) {
         bail!(
             "--validation_split_percentage must be in [0, 100), got {}",
@@ -191,11 +201,30 @@ pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer) -> Result<Prepared
             seed: args.seed,
         },
         cache_dir,
-        overwrite_cache: args.overwrite_cache,
+        // Rank 0 has rebuilt it.
+        overwrite_cache: args.overwrite_cache && main,
+        sharding: match (args.num_shards, args.shard_index) {
+            (Some(count), Some(index)) => Some(Sharding::Part {
+                index: index as usize,
+                count: count as usize,
+            }),
+            (Some(count), None) => Some(Sharding::Merge {
+                count: count as usize,
+            }),
+            _ => None,
+        },
     };
     let progress = PrepareProgress::new(args.disable_tqdm);
-    let prepared = pt_data::prepare(&options, &plugins, &tokenizer, &args.output_dir, &progress)?;
-    print_summary(&prepared.report, &args.output_dir);
+    let prepared = pt_data::prepare(
+        &options,
+        &plugins,
+        &tokenizer,
+        main.then_some(args.output_dir.as_path()),
+        if main { &progress } else { &() },
+    )?;
+    if main {
+        print_summary(&prepared.report, &args.output_dir);
+    }
     drop(plugins);
     Ok(PreparedData {
         prepared,
@@ -211,7 +240,13 @@ fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
     } else {
         "built"
     };
-    println!("dataset {} ({cache})", &report.cache_key[..16]);
+    match &report.shard {
+        Some(shard) => println!(
+            "dataset {} shard {shard} ({cache}; blocks are cut when the shards are merged)",
+            &report.cache_key[..16]
+        ),
+        None => println!("dataset {} ({cache})", &report.cache_key[..16]),
+    }
     for (name, split) in [("train", &report.train), ("validation", &report.validation)] {
         println!(
             "{name}: {} documents read, {} after plugins, {} tokens, {} blocks of {}",
@@ -258,9 +293,11 @@ fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
             println!("{line}");
         }
     }
-    println!(
-        "report: {}  excluded: {}",
-        output_dir.join(pt_data::prepare::REPORT).display(),
-        output_dir.join(pt_data::prepare::EXCLUDED).display()
-    );
+    if report.shard.is_none() {
+        println!(
+            "report: {}  excluded: {}",
+            output_dir.join(pt_data::prepare::REPORT).display(),
+            output_dir.join(pt_data::prepare::EXCLUDED).display()
+        );
+    }
 }

@@ -2,14 +2,17 @@
 //! with the flags of MedicalGPT's `pretraining.py` and HF `TrainingArguments`.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
 use pt_data::Tokenizer;
+use pt_dist::{Backend, Collective, Launch};
 use pt_model::{AdapterConfig, Bloom, LORA_TARGETS};
 use pt_plugin_host::{Kind, LoadedPlugin, MetricSession, Sample};
 use pt_train::trainer::{
     EvalSample, Interval, MetricSink, StepProgress, Trainable, Trainer, TrainerCallback,
-    TrainingArguments, eval_results, evaluate, list_checkpoints, write_results,
+    TrainingArguments, eval_results, evaluate_across, list_checkpoints, write_results,
 };
 use pt_train::{AdamWConfig, SchedulerType};
 use serde_json::{Value, json};
@@ -169,19 +172,30 @@ pub struct RunArgs {
     /// TensorBoard's directory (default: OUTPUT_DIR/runs/MON-DD_HH-MM-SS_HOST, as HF).
     #[arg(long = "logging_dir", value_name = "DIR")]
     pub logging_dir: Option<PathBuf>,
-    /// Accepted and ignored: pt-host runs one process.
-    #[arg(long = "ddp_timeout")]
-    pub ddp_timeout: Option<u64>,
-    /// Accepted and ignored: pt-host runs one process.
+    /// How the ranks of a data-parallel job (mpirun, srun, torchrun) sum
+    /// gradients: nccl (GPUs) or mpi (CPUs). Default: nccl on CUDA, mpi on CPU.
+    #[arg(long = "ddp_backend", value_enum)]
+    pub ddp_backend: Option<BackendArg>,
+    /// Seconds a rank waits in a collective (the gradient sum, or for rank 0
+    /// to prepare the data) before the job ends with an error.
+    #[arg(long = "ddp_timeout", default_value_t = 1800)]
+    pub ddp_timeout: u64,
+    /// Accepted and ignored: every trainable tensor receives a gradient (checked each step).
     #[arg(long = "ddp_find_unused_parameters", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub ddp_find_unused_parameters: Option<bool>,
 }
 
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum BackendArg {
+    Nccl,
+    Mpi,
+}
+
 /// Says plainly which accepted flags do nothing in this run.
 fn report_ignored_flags(args: &RunArgs) {
-    if args.ddp_timeout.is_some() || args.ddp_find_unused_parameters.is_some() {
+    if args.ddp_find_unused_parameters.is_some() {
         eprintln!(
-            "note: --ddp_timeout and --ddp_find_unused_parameters are ignored: this is a single-process run"
+            "note: --ddp_find_unused_parameters is ignored: every trainable tensor receives a gradient"
         );
     }
 }
@@ -280,6 +294,8 @@ struct Console {
     progress: TrainProgress,
     log: Vec<u8>,
     tensorboard: Option<EventWriter>,
+    /// The other ranks of a data-parallel job say nothing; rank 0 speaks.
+    quiet: bool,
 }
 
 impl Console {
@@ -305,6 +321,9 @@ impl TrainerCallback for Console {
     }
 
     fn on_log(&mut self, entry: &Value) {
+        if self.quiet {
+            return;
+        }
         self.progress.suspend(|| println!("{entry}"));
         serde_json::to_writer(&mut self.log, entry).expect("JSON to memory");
         self.log.push(b'\n');
@@ -313,6 +332,9 @@ impl TrainerCallback for Console {
     }
 
     fn on_save(&mut self, checkpoint: &Path) {
+        if self.quiet {
+            return;
+        }
         self.progress
             .suspend(|| eprintln!("saved {}", checkpoint.display()));
     }
@@ -331,6 +353,48 @@ pub fn eval(mut args: RunArgs) -> Result<()> {
 }
 
 pub fn run(mut args: RunArgs) -> Result<()> {
+    check_flags(&args)?;
+    // One process, or one rank of a job its launcher describes.
+    let launch = Launch::from_env()?;
+    let (device, dtype) = device::select(
+        args.device_map,
+        args.torch_dtype,
+        args.tf32,
+        launch.local_rank,
+    )?;
+    let backend = match args.ddp_backend {
+        Some(BackendArg::Nccl) => Backend::Nccl,
+        Some(BackendArg::Mpi) => Backend::Mpi,
+        None => Backend::for_device(&device),
+    };
+    let timeout = Duration::from_secs(args.ddp_timeout.max(1));
+    let collective = pt_dist::connect(&launch, backend, &device, timeout)?;
+    if collective.world_size() > 1 && collective.is_main() {
+        eprintln!(
+            "data parallel: {} ranks ({}, {}), {} × {} blocks per micro-batch",
+            collective.world_size(),
+            launch.launcher.name(),
+            collective.backend(),
+            collective.world_size(),
+            args.per_device_train_batch_size
+        );
+    }
+    let result = run_rank(&mut args, &*collective, device, dtype);
+    if let (Err(error), true) = (&result, collective.world_size() > 1) {
+        // The other ranks would wait for this one until --ddp_timeout.
+        eprintln!("error: rank {}: {error:#}", collective.rank());
+        collective.abort();
+    }
+    result
+}
+
+/// The flags' own consistency, before any work.
+fn check_flags(args: &RunArgs) -> Result<()> {
+    if args.data.shard_index.is_some() {
+        bail!(
+            "--shard_index prepares one shard: use `pt-host prepare` for that; `run --num_shards N` merges the prepared shards"
+        );
+    }
     if !args.do_train && !args.do_eval {
         bail!("nothing to do: pass --do_train and/or --do_eval");
     }
@@ -365,10 +429,25 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             args.lora_dropout
         );
     }
+    Ok(())
+}
 
-    let (device, dtype) = device::select(args.device_map, args.torch_dtype, args.tf32)?;
-    report_ignored_flags(&args);
-    check_output_dir(&args)?;
+/// The run on this rank (the only one, alone).
+fn run_rank(
+    args: &mut RunArgs,
+    collective: &dyn Collective,
+    device: Device,
+    dtype: DType,
+) -> Result<()> {
+    let main = collective.is_main();
+    if main {
+        report_ignored_flags(args);
+        check_output_dir(args)?;
+    } else {
+        // Rank 0 downloads the model and prepares the data first (HF's
+        // `main_process_first`); the others then find both in the cache.
+        collective.barrier()?;
+    }
     // Adapters name the base model as the user did (a hub id stays one).
     let base_model_name = args.data.model_name_or_path.display().to_string();
     args.data.resolve_models()?;
@@ -386,7 +465,10 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     }
     let tokenizer = Tokenizer::from_dir(args.data.tokenizer_dir())?;
     check_vocabulary(&tokenizer, args.data.tokenizer_dir(), &model)?;
-    let data = prepare_data(&args.data, tokenizer)?;
+    let data = prepare_data(&args.data, tokenizer, main)?;
+    if main {
+        collective.barrier()?;
+    }
     let prepared = &data.prepared;
     if args.do_eval && prepared.validation.is_empty() {
         bail!(
@@ -395,7 +477,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         );
     }
     model.gradient_checkpointing = args.gradient_checkpointing;
-    if args.gradient_checkpointing {
+    if args.gradient_checkpointing && main {
         eprintln!("gradient checkpointing: block activations are recomputed in the backward pass");
     }
     let base: usize = model
@@ -435,11 +517,13 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     } else {
         adapter_size
     };
-    eprintln!(
-        "trainable params: {trained} || all params: {} || trainable%: {:.4}",
-        base + adapter_size,
-        100.0 * trained as f64 / (base + adapter_size) as f64
-    );
+    if main {
+        eprintln!(
+            "trainable params: {trained} || all params: {} || trainable%: {:.4}",
+            base + adapter_size,
+            100.0 * trained as f64 / (base + adapter_size) as f64
+        );
+    }
     let output_dir = args.data.output_dir.clone();
     let training = TrainingArguments {
         output_dir: output_dir.clone(),
@@ -480,11 +564,13 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         seed: args.data.seed,
         shuffle: args.shuffle,
     };
-    let mut trainer = Trainer::new(training, &mut model, trainable, base_model_name)?;
+    let mut trainer =
+        Trainer::new(training, &mut model, trainable, base_model_name)?.across(collective);
     let mut console = Console {
-        progress: TrainProgress::new(args.data.disable_tqdm),
+        progress: TrainProgress::new(args.data.disable_tqdm || !main),
         log: Vec::new(),
-        tensorboard: tensorboard(&args)?,
+        tensorboard: if main { tensorboard(args)? } else { None },
+        quiet: !main,
     };
     console.scalars(0, &tensorboard::data_scalars(&prepared.report));
     let mut all_results = json!({});
@@ -498,28 +584,33 @@ pub fn run(mut args: RunArgs) -> Result<()> {
                     checkpoint.display()
                 )
             })?;
-            eprintln!(
-                "resumed from {} at step {}",
-                checkpoint.display(),
-                trainer.state.global_step
-            );
+            if main {
+                eprintln!(
+                    "resumed from {} at step {}",
+                    checkpoint.display(),
+                    trainer.state.global_step
+                );
+            }
         }
         let eval =
             (args.do_eval && !prepared.validation.is_empty()).then_some(&prepared.validation);
         let mut metrics = PluginMetrics::new(&data);
         let summary = trainer.train(&prepared.train, eval, metrics.as_sink(), &mut console)?;
         trainer.save_final()?;
-        if args.plot_loss {
+        if args.plot_loss && main {
             for plot in crate::plot::plot_loss(&output_dir, &trainer.state.log_history)? {
                 eprintln!("plotted {}", plot.display());
             }
         }
-        write_results(&output_dir, "train_results.json", &summary)?;
+        if main {
+            write_results(&output_dir, "train_results.json", &summary)?;
+        }
         merge(&mut all_results, &summary);
     }
     if args.do_eval {
         let mut metrics = PluginMetrics::new(&data);
-        let evaluation = evaluate(
+        let evaluation = evaluate_across(
+            collective,
             trainer.model,
             &prepared.validation,
             args.per_device_eval_batch_size,
@@ -527,15 +618,20 @@ pub fn run(mut args: RunArgs) -> Result<()> {
             &mut |done, total| console.progress.eval_batch(done, total),
         )?;
         let results = eval_results(&evaluation, trainer.state.epoch, None);
-        println!("{results}");
-        console.scalars(
-            trainer.state.global_step as u64,
-            &tensorboard::log_scalars(&results),
-        );
-        write_results(&output_dir, "eval_results.json", &results)?;
+        if main {
+            println!("{results}");
+            console.scalars(
+                trainer.state.global_step as u64,
+                &tensorboard::log_scalars(&results),
+            );
+            write_results(&output_dir, "eval_results.json", &results)?;
+        }
         merge(&mut all_results, &results);
     }
     console.progress.finish();
+    if !main {
+        return Ok(());
+    }
     write_results(&output_dir, "all_results.json", &all_results)?;
     pt_data::prepare::write_atomically(&output_dir.join("trainer_log.jsonl"), &console.log)?;
     eprintln!("outputs in {}", output_dir.display());

@@ -15,7 +15,7 @@ pub mod tokenize;
 pub use corpus::ReadOptions;
 pub use packing::Blocks;
 pub use pipeline::{ErrorPolicy, PipelineOptions};
-pub use prepare::{PrepareOptions, PreparePlugin, Prepared, Progress, prepare};
+pub use prepare::{PrepareOptions, PreparePlugin, Prepared, Progress, Sharding, prepare};
 pub use report::{DataReport, PluginReport};
 pub use steps::{
     CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, StepPlugin, Verdict,

@@ -71,12 +71,15 @@ struct BatchOutput {
 
 /// Runs `docs` through every plugin step (augmenters only when `augment`) and
 /// the tokenizer. `progress` is told of each finished batch: (documents, bytes).
+/// `first_batch`: where `docs` start in the split, in batches (a shard's
+/// part), so that augmenters draw the seeds the whole split would give them.
 pub fn run(
     docs: &[InputDoc<'_>],
     plugins: &[&dyn StepPlugin],
     augment: bool,
     tokenizer: &Tokenizer,
     options: &PipelineOptions,
+    first_batch: usize,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<SplitOutput> {
     let steps: Vec<(usize, StepKind)> = plugins
@@ -105,7 +108,7 @@ pub fn run(
                         break;
                     };
                     let context = BatchContext {
-                        index,
+                        index: first_batch + index,
                         plugins,
                         steps,
                         tokenizer,
@@ -502,6 +505,7 @@ mod tests {
             augment,
             &tokenizer(),
             opts,
+            0,
             &|_, _| {},
         )
     }

@@ -95,6 +95,9 @@ pub struct DataReport {
     pub validation: SplitReport,
     /// Wall-clock seconds of the run that built the dataset.
     pub seconds: f64,
+    /// `i of n` for one shard of a sharded preparation (no blocks yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<String>,
 }
 
 /// One line of `excluded.jsonl`.

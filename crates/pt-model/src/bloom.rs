@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::checkpoint;
 use crate::fused::AttentionBias;
 use crate::ops::{
-    IGNORE_INDEX, LoraPass, attention_probs, frozen_matmul, gelu, layer_norm, linear,
+    Dropout, IGNORE_INDEX, LoraPass, attention_probs, frozen_matmul, gelu, layer_norm, linear,
     lm_head_loss_sum,
 };
 
@@ -98,6 +98,15 @@ impl LayerNorm {
     }
 }
 
+/// How a training micro-batch draws its dropout masks: from `seed`, as rows
+/// `first_row..` of a larger batch draw them (a rank's share of a
+/// data-parallel batch gets the masks its rows would get in one process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropoutDraw {
+    pub seed: u64,
+    pub first_row: usize,
+}
+
 /// A LoRA adapter on a linear layer, as PEFT defines it: `scale · B(A x)`.
 #[derive(Clone)]
 pub struct Lora {
@@ -119,14 +128,14 @@ struct Linear {
 }
 
 impl Linear {
-    /// `dropout_seed`: this layer's mask seed while training (`None`:
+    /// `dropout`: how this layer draws its mask while training (`None`:
     /// evaluation). `track`: false while a checkpointed block runs its
     /// forward without building a graph (its backward recomputes with
     /// `track` true).
     fn forward(
         &self,
         x: &Tensor,
-        dropout_seed: Option<u64>,
+        dropout: Option<DropoutDraw>,
         track: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, s, d) = x.dims3()?;
@@ -136,9 +145,11 @@ impl Linear {
                 a: if track { a.clone() } else { a.detach() },
                 b: if track { b.clone() } else { b.detach() },
                 scale: lora.scale,
-                dropout: dropout_seed
-                    .filter(|_| lora.dropout > 0.0)
-                    .map(|seed| (lora.dropout, seed)),
+                dropout: dropout.filter(|_| lora.dropout > 0.0).map(|draw| Dropout {
+                    p: lora.dropout,
+                    seed: draw.seed,
+                    first_element: draw.first_row * s * d,
+                }),
             }
         });
         linear(
@@ -243,7 +254,7 @@ pub(crate) struct BlockContext {
     composite_bias: Option<CompositeBias>,
     n_head: usize,
     post_ln: bool,
-    dropout_seed: Option<u64>,
+    dropout: Option<DropoutDraw>,
 }
 
 impl Block {
@@ -292,8 +303,10 @@ impl Block {
     ) -> candle_core::Result<Tensor> {
         // Each linear layer draws its own dropout mask, so a recomputed block draws the same ones.
         let seed = |layer: u64| {
-            ctx.dropout_seed
-                .map(|seed| seed ^ layer.wrapping_mul(0xD1B5_4A32_D192_ED03))
+            ctx.dropout.map(|draw| DropoutDraw {
+                seed: draw.seed ^ layer.wrapping_mul(0xD1B5_4A32_D192_ED03),
+                ..draw
+            })
         };
         let ln1 = self.input_layernorm.forward(x)?;
         let attended = (self.attention(&ln1, ctx, [seed(1), seed(2)], track, cache)?
@@ -308,7 +321,7 @@ impl Block {
         &self,
         x: &Tensor,
         ctx: &BlockContext,
-        [qkv_seed, dense_seed]: [Option<u64>; 2],
+        [qkv_seed, dense_seed]: [Option<DropoutDraw>; 2],
         track: bool,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
@@ -380,8 +393,8 @@ pub struct Bloom {
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     device: Device,
-    /// The optimizer step's dropout seed; `None` outside training.
-    dropout_seed: Cell<Option<u64>>,
+    /// How the current micro-batch draws its dropout masks; `None` outside training.
+    dropout: Cell<Option<DropoutDraw>>,
     /// Recompute each block's activations in the backward pass instead of keeping them.
     pub gradient_checkpointing: bool,
     /// Gradients of trainable tensors inside checkpointed blocks, which the
@@ -491,7 +504,7 @@ impl Bloom {
             blocks,
             ln_f,
             device: device.clone(),
-            dropout_seed: Cell::new(None),
+            dropout: Cell::new(None),
             gradient_checkpointing: false,
             recomputed_grads: Default::default(),
         })
@@ -574,10 +587,10 @@ impl Bloom {
         Ok(config)
     }
 
-    /// Training mode with dropout masks drawn from `seed` (`Some`), or
+    /// Training mode with dropout masks drawn as `draw` says (`Some`), or
     /// evaluation mode without dropout (`None`).
-    pub fn set_dropout_seed(&self, seed: Option<u64>) {
-        self.dropout_seed.set(seed);
+    pub fn set_dropout(&self, draw: Option<DropoutDraw>) {
+        self.dropout.set(draw);
     }
 
     /// Gradients that checkpointed blocks computed for `tensor` since the last
@@ -834,7 +847,7 @@ impl Bloom {
                 .reshape((b, s, self.config.hidden_size))?;
         let mut hidden = self.embeddings_layernorm.forward(&embedded)?;
         let (bias, composite_bias) = self.attention_bias(mask, s)?;
-        let step_seed = self.dropout_seed.get();
+        let draw = self.dropout.get();
         for (index, block) in self.blocks.iter().enumerate() {
             let context = BlockContext {
                 bias: bias.clone(),
@@ -842,8 +855,10 @@ impl Bloom {
                 n_head: self.config.n_head,
                 post_ln: self.config.apply_residual_connection_post_layernorm,
                 // Each block draws its own masks, so a recomputed block draws the same ones.
-                dropout_seed: step_seed
-                    .map(|seed| seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                dropout: draw.map(|draw| DropoutDraw {
+                    seed: draw.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    ..draw
+                }),
             };
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
             hidden = if self.gradient_checkpointing && hidden.track_op() {

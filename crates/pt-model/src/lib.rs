@@ -12,4 +12,4 @@ pub mod generate;
 pub mod init;
 pub mod ops;
 
-pub use bloom::{AdapterConfig, Bloom, Config, KvCache, LORA_TARGETS, Lora};
+pub use bloom::{AdapterConfig, Bloom, Config, DropoutDraw, KvCache, LORA_TARGETS, Lora};

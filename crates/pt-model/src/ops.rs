@@ -169,13 +169,25 @@ pub struct LoraPass {
     /// `[out, r]`
     pub b: Tensor,
     pub scale: f64,
-    /// Dropout on the adapter's input: probability and the seed of its mask,
-    /// which the backward pass draws again instead of keeping it.
-    pub dropout: Option<(f64, u64)>,
+    /// Dropout on the adapter's input; the backward pass draws the mask
+    /// again instead of keeping it.
+    pub dropout: Option<Dropout>,
 }
 
-/// Mask elements drawn per parallel task; each task's stream is fixed by
-/// its index, so the mask does not depend on the thread count.
+/// An inverted-dropout mask: probability `p`, drawn from `seed` as the
+/// elements from `first_element` on of a larger input. A rank's share of a
+/// data-parallel batch thus draws exactly the mask its rows would have had
+/// in the whole batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+    pub first_element: usize,
+}
+
+/// Mask elements per random stream: element `e` is word `e % MASK_TASK` of
+/// stream `e / MASK_TASK`, so the mask depends neither on the thread count
+/// nor on where the input starts in the batch.
 const MASK_TASK: usize = 1 << 16;
 
 /// What [`FrozenLinear`] keeps of a [`LoraPass`]: A and B are the op's
@@ -183,7 +195,7 @@ const MASK_TASK: usize = 1 << 16;
 #[derive(Clone, Copy)]
 struct LoraSettings {
     scale: f64,
-    dropout: Option<(f64, u64)>,
+    dropout: Option<Dropout>,
 }
 
 impl LoraPass {
@@ -199,26 +211,39 @@ impl LoraSettings {
     /// The inverted-dropout mask for an input of `x`'s shape (0 or 1/keep),
     /// or `None` without dropout.
     fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some((p, seed)) = self.dropout else {
+        let Some(Dropout {
+            p,
+            seed,
+            first_element,
+        }) = self.dropout
+        else {
             return Ok(None);
         };
         let keep = 1.0 - p;
         let threshold = (keep * u32::MAX as f64) as u32;
         let kept = (1.0 / keep) as f32;
         let mut mask = vec![0f32; x.elem_count()];
-        mask.par_chunks_mut(MASK_TASK)
-            .enumerate()
-            .for_each(|(task, chunk)| {
-                let mut rng = ChaCha8Rng::seed_from_u64(seed);
-                rng.set_stream(task as u64);
-                for m in chunk {
-                    *m = if rng.random::<u32>() < threshold {
-                        kept
-                    } else {
-                        0.0
-                    };
-                }
-            });
+        // Pieces that each lie within one stream, drawn in parallel.
+        let mut pieces = Vec::new();
+        let (mut rest, mut at) = (mask.as_mut_slice(), first_element);
+        while !rest.is_empty() {
+            let length = (MASK_TASK - at % MASK_TASK).min(rest.len());
+            let (piece, tail) = rest.split_at_mut(length);
+            pieces.push((at, piece));
+            (rest, at) = (tail, at + length);
+        }
+        pieces.into_par_iter().for_each(|(at, piece)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream((at / MASK_TASK) as u64);
+            rng.set_word_pos((at % MASK_TASK) as u128);
+            for m in piece {
+                *m = if rng.random::<u32>() < threshold {
+                    kept
+                } else {
+                    0.0
+                };
+            }
+        });
         Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?))
     }
 }
@@ -667,6 +692,35 @@ mod tests {
     }
 
     #[test]
+    fn a_share_of_a_batch_draws_its_rows_of_the_whole_batchs_mask() {
+        let settings = |first_element| LoraSettings {
+            scale: 1.0,
+            dropout: Some(Dropout {
+                p: 0.1,
+                seed: 99,
+                first_element,
+            }),
+        };
+        let mask = |rows: usize, first_row: usize| -> Vec<f32> {
+            let x = Tensor::zeros((rows, 1000), DType::F32, &Device::Cpu).unwrap();
+            settings(first_row * 1000)
+                .dropout_mask(&x)
+                .unwrap()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        // 200 rows span several streams; the split at row 77 is not aligned to one.
+        let whole = mask(200, 0);
+        let (head, tail) = (mask(77, 0), mask(123, 77));
+        assert_eq!(whole[..77_000], head[..]);
+        assert_eq!(whole[77_000..], tail[..]);
+        assert_ne!(head[..1000], tail[..1000]);
+    }
+
+    #[test]
     fn frozen_linear_with_lora_and_dropout_equals_the_composite() {
         use crate::fused::tests::{assert_same_function, random};
         let (weight, bias) = (random(&[24, 40], 11), random(&[24], 12));
@@ -674,7 +728,11 @@ mod tests {
             a: a.clone(),
             b: b.clone(),
             scale: 2.0,
-            dropout: Some((0.3, 7)),
+            dropout: Some(Dropout {
+                p: 0.3,
+                seed: 7,
+                first_element: 0,
+            }),
         };
         let inputs = [
             random(&[70, 40], 13),

@@ -1,22 +1,50 @@
 //! One optimizer step's worth of gradients, accumulated over micro-batches as
 //! the HF Trainer does: each micro-batch loss divided by the number of
-//! micro-batches before backward, gradients summed.
+//! micro-batches before backward, gradients summed. Under data parallelism
+//! each rank computes its share of every micro-batch, scaled so that the sum
+//! over ranks is what one process computes on the whole micro-batch.
 
-use anyhow::{Context, Result};
+use std::ops::Range;
+
+use anyhow::Result;
 use candle_core::{Tensor, Var};
 use pt_data::Blocks;
-use pt_model::Bloom;
+use pt_model::{Bloom, DropoutDraw};
 
-/// A micro-batch: token ids, attention mask and labels (`-100`: no loss).
+/// A micro-batch, or one rank's share of one: token ids, attention mask and
+/// labels (`-100`: no loss).
 pub struct MicroBatch {
     pub input_ids: Vec<Vec<u32>>,
     pub attention_mask: Vec<Vec<u32>>,
     pub labels: Vec<Vec<i64>>,
+    /// Tokens with a loss in the whole micro-batch (every rank's share): the
+    /// mean loss divides by it.
+    pub loss_tokens: usize,
+    /// Where this share's rows start in the whole micro-batch.
+    pub first_row: usize,
+}
+
+/// Positions with a loss: every labelled token but a row's first (nothing
+/// predicts it).
+fn loss_tokens(labels: &[Vec<i64>]) -> usize {
+    labels
+        .iter()
+        .map(|row| row.iter().skip(1).filter(|&&l| l >= 0).count())
+        .sum()
 }
 
 impl MicroBatch {
-    /// Rows of a block dataset: padding is masked and carries no label.
+    /// Rows of a block dataset, as one whole micro-batch.
     pub fn from_rows(blocks: &Blocks, rows: &[usize]) -> Self {
+        Self::share_of(blocks, rows, 0..rows.len())
+    }
+
+    /// The rows `mine` of the micro-batch `rows`: one rank's share.
+    pub fn share_of(blocks: &Blocks, rows: &[usize], mine: Range<usize>) -> Self {
+        let labels: Vec<Vec<i64>> = rows.iter().map(|&i| blocks.labels(i)).collect();
+        let loss_tokens = loss_tokens(&labels);
+        let first_row = mine.start;
+        let rows = &rows[mine.clone()];
         Self {
             input_ids: rows.iter().map(|&i| blocks.row(i).to_vec()).collect(),
             attention_mask: rows
@@ -27,24 +55,41 @@ impl MicroBatch {
                         .collect()
                 })
                 .collect(),
-            labels: rows.iter().map(|&i| blocks.labels(i)).collect(),
+            labels: labels[mine].to_vec(),
+            loss_tokens,
+            first_row,
         }
     }
 }
 
+/// Micro-batch `index`'s dropout seed within a step: each draws its own masks.
+fn micro_batch_seed(step_seed: u64, index: usize) -> u64 {
+    step_seed ^ (index as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407)
+}
+
 /// Gradients of `variables` summed over `micro_batches`, and the mean of the
-/// micro-batch losses (what HF logs as `loss`).
+/// micro-batch losses (what HF logs as `loss`); of shares, this rank's part
+/// of both. With `dropout_seed`, the model trains with dropout (seeded per
+/// micro-batch); without, it computes deterministically.
 pub fn accumulate_gradients(
     model: &Bloom,
     variables: &[Var],
     micro_batches: &[MicroBatch],
+    dropout_seed: Option<u64>,
 ) -> Result<(f64, Vec<Tensor>)> {
     let mut totals: Vec<Option<Tensor>> = vec![None; variables.len()];
     let mut loss_sum = 0f64;
-    for batch in micro_batches {
-        let (sum, count) =
-            model.loss_sum(&batch.input_ids, &batch.attention_mask, &batch.labels)?;
-        let loss = (sum / count.max(1) as f64)?;
+    for (index, batch) in micro_batches.iter().enumerate() {
+        // The last step of an epoch may leave a rank without rows.
+        if batch.input_ids.is_empty() {
+            continue;
+        }
+        model.set_dropout(dropout_seed.map(|seed| DropoutDraw {
+            seed: micro_batch_seed(seed, index),
+            first_row: batch.first_row,
+        }));
+        let (sum, _) = model.loss_sum(&batch.input_ids, &batch.attention_mask, &batch.labels)?;
+        let loss = (sum / batch.loss_tokens.max(1) as f64)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
         let grads = (loss / micro_batches.len() as f64)?.backward()?;
         for (variable, total) in variables.iter().zip(&mut totals) {
@@ -64,9 +109,15 @@ pub fn accumulate_gradients(
             });
         }
     }
+    model.set_dropout(None);
+    anyhow::ensure!(!micro_batches.is_empty(), "no micro-batches");
     let grads = totals
         .into_iter()
-        .map(|g| g.context("no micro-batches"))
+        .zip(variables)
+        .map(|(total, variable)| match total {
+            Some(total) => Ok(total),
+            None => Ok(variable.zeros_like()?),
+        })
         .collect::<Result<_>>()?;
     Ok((loss_sum / micro_batches.len() as f64, grads))
 }

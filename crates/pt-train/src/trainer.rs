@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor, Var};
 use pt_data::Blocks;
+use pt_dist::{Collective, Single};
 use pt_model::ops::{log_softmax_last_dim, next_token_loss_sum};
 use pt_model::{AdapterConfig, Bloom};
 use rand::SeedableRng;
@@ -150,12 +151,33 @@ pub fn evaluate<'s>(
     model: &Bloom,
     blocks: &Blocks,
     batch_size: usize,
+    sink: Option<&mut (dyn MetricSink + 's)>,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<EvalMetrics> {
+    evaluate_across(&Single, model, blocks, batch_size, sink, on_batch)
+}
+
+/// [`evaluate`] shared by the ranks of `collective`: each evaluates a
+/// contiguous part of the blocks and the sums are added up, so every rank
+/// gets the metrics of all blocks. Metric plugins need every sample in one
+/// place: with a `sink`, rank 0 evaluates all blocks and the others wait.
+pub fn evaluate_across<'s>(
+    collective: &dyn Collective,
+    model: &Bloom,
+    blocks: &Blocks,
+    batch_size: usize,
     mut sink: Option<&mut (dyn MetricSink + 's)>,
     on_batch: &mut dyn FnMut(usize, usize),
 ) -> Result<EvalMetrics> {
-    model.set_dropout_seed(None);
+    model.set_dropout(None);
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let mine = match sink {
+        Some(_) if rank == 0 => 0..blocks.len(),
+        Some(_) => 0..0,
+        None => rank * blocks.len() / world..(rank + 1) * blocks.len() / world,
+    };
     let (mut loss_sum, mut tokens, mut correct) = (0f64, 0usize, 0usize);
-    let rows: Vec<usize> = (0..blocks.len()).collect();
+    let rows: Vec<usize> = mine.collect();
     let batches = rows.chunks(batch_size.max(1));
     let total = batches.len();
     for (done, chunk) in batches.enumerate() {
@@ -175,12 +197,21 @@ pub fn evaluate<'s>(
         }
         on_batch(done + 1, total);
     }
+    if world > 1 {
+        let sums = collective
+            .all_reduce_sum(&Tensor::new(
+                &[loss_sum, tokens as f64, correct as f64],
+                &Device::Cpu,
+            )?)?
+            .to_vec1::<f64>()?;
+        (loss_sum, tokens, correct) = (sums[0], sums[1] as usize, sums[2] as usize);
+    }
     if tokens == 0 {
         bail!("the evaluation set has no tokens to predict (is it empty? check data_report.json)");
     }
     let extra = match sink {
-        Some(sink) => sink.finish()?,
-        None => Vec::new(),
+        Some(sink) if rank == 0 => sink.finish()?,
+        _ => Vec::new(),
     };
     let eval_loss = loss_sum / tokens as f64;
     Ok(EvalMetrics {
@@ -207,6 +238,13 @@ pub struct TrainerState {
     pub log_history: Vec<Value>,
     /// Training blocks the run was planned for; a resume with other data is refused.
     pub train_blocks: usize,
+    /// Ranks that trained it (1: one process; 0: written before pt-host
+    /// recorded it). A resume keeps `world_size × train_batch_size` and the
+    /// accumulation steps, which fix the data order and the schedule.
+    #[serde(default)]
+    pub world_size: usize,
+    #[serde(default)]
+    pub gradient_accumulation_steps: usize,
 }
 
 /// What trains, and how its weights are saved.
@@ -241,6 +279,8 @@ pub struct Trainer<'a> {
     named: Vec<(String, Var)>,
     optimizer: AdamW,
     pub state: TrainerState,
+    /// The other ranks of a data-parallel job ([`Single`] alone).
+    collective: &'a dyn Collective,
 }
 
 const OPTIMIZER: &str = "optimizer.safetensors";
@@ -271,7 +311,22 @@ impl<'a> Trainer<'a> {
             named,
             optimizer,
             state: TrainerState::default(),
+            collective: &Single,
         })
+    }
+
+    /// Trains as one rank of `collective`'s job: each rank computes its
+    /// share of every micro-batch of `world_size × per_device_train_batch_size`
+    /// blocks, gradients are summed across ranks before every optimizer
+    /// step, and only rank 0 writes checkpoints and outputs.
+    pub fn across(mut self, collective: &'a dyn Collective) -> Self {
+        self.collective = collective;
+        self
+    }
+
+    /// Blocks per micro-batch over all ranks.
+    fn global_batch_size(&self) -> usize {
+        self.args.per_device_train_batch_size * self.collective.world_size()
     }
 
     /// The adapter or the full model, into `dir`.
@@ -286,7 +341,7 @@ impl<'a> Trainer<'a> {
     }
 
     fn steps_per_epoch(&self, train_blocks: usize) -> usize {
-        let micro_batches = train_blocks.div_ceil(self.args.per_device_train_batch_size);
+        let micro_batches = train_blocks.div_ceil(self.global_batch_size());
         micro_batches
             .div_ceil(self.args.gradient_accumulation_steps)
             .max(1)
@@ -326,12 +381,15 @@ impl<'a> Trainer<'a> {
                 .ceil()
                 .max(1.0) as usize
         };
-        if self.state.global_step > 0 && self.state.train_blocks != train.len() {
-            bail!(
-                "the checkpoint was trained on {} blocks, this run has {}: resume with the same data and --block_size",
-                self.state.train_blocks,
-                train.len()
-            );
+        let (world, rank) = (self.collective.world_size(), self.collective.rank());
+        if world > 1 {
+            self.collective
+                .check_agreement("the number of training blocks", train.len() as u64)?;
+            self.collective
+                .check_agreement("the step to resume from", self.state.global_step as u64)?;
+        }
+        if self.state.global_step > 0 {
+            self.check_resumable(train.len())?;
         }
         self.state.max_steps = max_steps;
         self.state.num_train_epochs = a.num_train_epochs;
@@ -340,13 +398,21 @@ impl<'a> Trainer<'a> {
         self.state.save_steps = a.save_steps;
         self.state.train_batch_size = a.per_device_train_batch_size;
         self.state.train_blocks = train.len();
+        self.state.world_size = world;
+        self.state.gradient_accumulation_steps = a.gradient_accumulation_steps;
         let schedule = Schedule {
             kind: a.lr_scheduler_type,
             peak_lr: a.learning_rate,
             warmup_steps: Schedule::warmup(a.warmup_steps, a.warmup_ratio, max_steps),
             total_steps: max_steps,
         };
-        let micro_per_epoch = train.len().div_ceil(a.per_device_train_batch_size);
+        let global_batch = self.global_batch_size();
+        let micro_per_epoch = train.len().div_ceil(global_batch);
+        // This rank's rows of every micro-batch.
+        let share = |rows: usize| {
+            let start = (rank * a.per_device_train_batch_size).min(rows);
+            start..(start + a.per_device_train_batch_size).min(rows)
+        };
         let started = Instant::now();
         let first_step = self.state.global_step;
         // HF's `train_loss`: the mean step loss of this run.
@@ -375,23 +441,21 @@ impl<'a> Trainer<'a> {
             let last = (first + a.gradient_accumulation_steps).min(micro_per_epoch);
             let micro_batches: Vec<MicroBatch> = (first..last)
                 .map(|m| {
-                    let rows = &order[m * a.per_device_train_batch_size
-                        ..((m + 1) * a.per_device_train_batch_size).min(order.len())];
-                    MicroBatch::from_rows(train, rows)
+                    let rows = &order[m * global_batch..((m + 1) * global_batch).min(order.len())];
+                    // The job's throughput: every rank's tokens.
+                    logged_tokens += rows.len() * train.block_size;
+                    MicroBatch::share_of(train, rows, share(rows.len()))
                 })
                 .collect();
-            logged_tokens += micro_batches
-                .iter()
-                .map(|b| b.input_ids.iter().map(Vec::len).sum::<usize>())
-                .sum::<usize>();
             data_seconds += assembling.elapsed().as_secs_f64();
 
-            self.model.set_dropout_seed(Some(
-                a.seed
-                    .wrapping_add(step as u64)
-                    .wrapping_mul(0x2545_F491_4F6C_DD1D),
-            ));
-            let (loss, grads) = accumulate_gradients(self.model, &variables, &micro_batches)?;
+            let dropout_seed = a
+                .seed
+                .wrapping_add(step as u64)
+                .wrapping_mul(0x2545_F491_4F6C_DD1D);
+            let (loss, grads) =
+                accumulate_gradients(self.model, &variables, &micro_batches, Some(dropout_seed))?;
+            let (loss, grads) = self.sum_over_ranks(loss, grads)?;
             if !loss.is_finite() {
                 bail!(
                     "loss is {loss} at step {}: stopping (the last checkpoint is intact); lower --learning_rate",
@@ -465,6 +529,71 @@ impl<'a> Trainer<'a> {
         Ok(summary)
     }
 
+    /// The step's loss and gradients summed over the ranks (unchanged alone):
+    /// one all-reduce of every gradient and the loss, packed flat.
+    fn sum_over_ranks(&self, loss: f64, grads: Vec<Tensor>) -> Result<(f64, Vec<Tensor>)> {
+        if self.collective.world_size() == 1 {
+            return Ok((loss, grads));
+        }
+        let device = grads.first().map_or(Device::Cpu, |g| g.device().clone());
+        let mut parts = grads
+            .iter()
+            .map(|g| g.flatten_all()?.to_dtype(DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        parts.push(Tensor::new(&[loss as f32], &device)?);
+        let sum = self.collective.all_reduce_sum(&Tensor::cat(&parts, 0)?)?;
+        let mut offset = 0;
+        let mut summed = Vec::with_capacity(grads.len());
+        for grad in &grads {
+            let n = grad.elem_count();
+            summed.push(
+                sum.narrow(0, offset, n)?
+                    .reshape(grad.shape())?
+                    .to_dtype(grad.dtype())?,
+            );
+            offset += n;
+        }
+        let loss = sum.narrow(0, offset, 1)?.to_vec1::<f32>()?[0] as f64;
+        Ok((loss, summed))
+    }
+
+    /// A resumed run must continue the checkpoint's data order and
+    /// schedule: the same blocks, blocks per micro-batch over all ranks,
+    /// and accumulation steps. Another world size is fine when
+    /// `ranks × per_device_train_batch_size` stays the same.
+    fn check_resumable(&self, train_blocks: usize) -> Result<()> {
+        let state = &self.state;
+        if state.train_blocks != train_blocks {
+            bail!(
+                "the checkpoint was trained on {} blocks, this run has {train_blocks}: resume with the same data and --block_size",
+                state.train_blocks,
+            );
+        }
+        let (world, batch) = (
+            self.collective.world_size(),
+            self.args.per_device_train_batch_size,
+        );
+        let saved_world = state.world_size.max(1);
+        let saved_batch = saved_world * state.train_batch_size;
+        if saved_batch != world * batch {
+            bail!(
+                "the checkpoint was trained by {saved_world} rank(s) × {} blocks per micro-batch, this run has \
+                 {world} × {batch}: the data order and the schedule would not continue. Resume with ranks × \
+                 --per_device_train_batch_size = {saved_batch} (e.g. {saved_world} × {})",
+                state.train_batch_size,
+                state.train_batch_size,
+            );
+        }
+        let accumulation = state.gradient_accumulation_steps;
+        if accumulation != 0 && accumulation != self.args.gradient_accumulation_steps {
+            bail!(
+                "the checkpoint was trained with --gradient_accumulation_steps {accumulation}, this run has {}: resume with {accumulation}",
+                self.args.gradient_accumulation_steps
+            );
+        }
+        Ok(())
+    }
+
     /// Evaluates on `eval` and logs the result at the current step.
     fn evaluate_and_record<'s>(
         &mut self,
@@ -472,7 +601,8 @@ impl<'a> Trainer<'a> {
         metrics: Option<&mut (dyn MetricSink + 's)>,
         callback: &mut dyn TrainerCallback,
     ) -> Result<()> {
-        let results = evaluate(
+        let results = evaluate_across(
+            self.collective,
             self.model,
             eval,
             self.args.per_device_eval_batch_size,
@@ -494,8 +624,12 @@ impl<'a> Trainer<'a> {
     /// deletes the oldest checkpoints beyond `save_total_limit`.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let out = &self.args.output_dir.clone();
-        fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
         let name = format!("checkpoint-{}", self.state.global_step);
+        // Every rank holds the same weights and optimizer state: rank 0 writes them.
+        if !self.collective.is_main() {
+            return Ok(out.join(name));
+        }
+        fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
         let staging = out.join(format!(".{name}.partial"));
         let target = out.join(&name);
         let written = self.write_checkpoint(&staging, &target);
@@ -565,6 +699,9 @@ impl<'a> Trainer<'a> {
     /// files and `trainer_state.json`. Written into a staging directory, then
     /// each file renamed into place: a reader never sees a half-written file.
     pub fn save_final(&mut self) -> Result<()> {
+        if !self.collective.is_main() {
+            return Ok(());
+        }
         let dir = self.args.output_dir.clone();
         let staging = dir.join(".final.partial");
         if staging.exists() {

@@ -1,0 +1,113 @@
+//! The MPI backend: rsmpi over the system's MPI (Open MPI on Debian), for
+//! CPU clusters and for testing data parallelism on one machine.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use candle_core::Tensor;
+use mpi::collective::SystemOperation;
+use mpi::environment::Universe;
+use mpi::topology::SimpleCommunicator;
+use mpi::traits::*;
+
+use crate::{Collective, HostValues, Launch, host_values, wait_until};
+
+pub struct Mpi {
+    world: SimpleCommunicator,
+    rank: usize,
+    size: usize,
+    timeout: Duration,
+    /// Finalizes MPI when dropped, after the communicator.
+    _universe: Universe,
+}
+
+impl Mpi {
+    /// Initializes MPI and checks that it sees the job `launch` describes.
+    pub fn init(launch: &Launch, timeout: Duration) -> Result<Self> {
+        // Serialized: training runs on a worker thread of the host's pool,
+        // not on the thread that started the process.
+        let Some((universe, _)) = mpi::initialize_with_threading(mpi::Threading::Serialized) else {
+            bail!("MPI was already initialized in this process");
+        };
+        let world = universe.world();
+        let (rank, size) = (world.rank() as usize, world.size() as usize);
+        if (rank, size) != (launch.rank, launch.world_size) {
+            bail!(
+                "{} says rank {} of {}, but MPI sees rank {rank} of {size}: the MPI backend needs \
+                 the ranks started by mpirun or `srun --mpi=pmix` (torchrun-style launches use --ddp_backend nccl)",
+                launch.launcher.name(),
+                launch.rank,
+                launch.world_size
+            );
+        }
+        Ok(Self {
+            world,
+            rank,
+            size,
+            timeout,
+            _universe: universe,
+        })
+    }
+
+    /// Sums `send` over ranks into `receive`, waiting at most the timeout;
+    /// past it, reports and aborts the job (a collective cannot be left
+    /// half-done).
+    fn sum_into<T: Equivalence>(&self, send: &[T], receive: &mut [T]) {
+        mpi::request::scope(|scope| {
+            let mut pending = Some(self.world.immediate_all_reduce_into(
+                scope,
+                send,
+                receive,
+                SystemOperation::sum(),
+            ));
+            let waited = wait_until(self.timeout, "an MPI all-reduce", || {
+                let request = pending.take().expect("pending until complete");
+                match request.test() {
+                    Ok(_) => Ok(true),
+                    Err(request) => {
+                        pending = Some(request);
+                        Ok(false)
+                    }
+                }
+            });
+            if let Err(error) = waited {
+                eprintln!("error: rank {}: {error:#}", self.rank);
+                self.world.abort(1);
+            }
+        });
+    }
+}
+
+impl Collective for Mpi {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
+        let sum = match host_values(tensor)? {
+            HostValues::F32(values) => {
+                let mut sum = vec![0f32; values.len()];
+                self.sum_into(&values, &mut sum);
+                HostValues::F32(sum)
+            }
+            HostValues::F64(values) => {
+                let mut sum = vec![0f64; values.len()];
+                self.sum_into(&values, &mut sum);
+                HostValues::F64(sum)
+            }
+        };
+        sum.into_tensor(tensor)
+    }
+
+    fn abort(&self) {
+        self.world.abort(1);
+    }
+
+    fn backend(&self) -> &'static str {
+        "mpi"
+    }
+}
