@@ -3,7 +3,7 @@
 Runs one measurement and prints one JSON line, so that each mode's peak memory
 is its own process's:
 
-    python3 bench/torch_reference.py --mode lora|full|eval|generate|matmul \
+    python3 bench/torch_reference.py --mode lora|full|eval|generate|matmul|allreduce-lora|allreduce-full \
         [--hidden_size 512 --n_layer 8 --n_head 8 --vocab_size 16384 --block_size 256 \
          --batch_size 4 --steps 3 --new_tokens 64]
 
@@ -12,7 +12,9 @@ alpha=16, dropout 0.05 on query_key_value, dense, dense_h_to_4h and
 dense_4h_to_h (MedicalGPT's `--target_modules all`), AdamW lr 2e-4, f32, all
 cores (torch's default intra-op threads), random token blocks. With
 `--device cuda`: bf16 base weights, f32 adapters, TF32 matmuls, as pt-host
-runs on a GPU. Peak memory is the process's resident set (ru_maxrss); on a GPU
+runs on a GPU. The allreduce modes sum `--allreduce_floats` f32 over two
+processes with torch.distributed's gloo backend on loopback, as DDP on CPUs
+does. Peak memory is the process's resident set (ru_maxrss); on a GPU
 the JSON also has torch's peak allocated GPU memory. `pt-host bench
 --torch` runs this script itself when torch, transformers and peft import.
 """
@@ -20,15 +22,48 @@ the JSON also has torch's peak allocated GPU memory. `pt-host bench
 import argparse
 import json
 import resource
+import socket
 import time
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import BloomConfig, BloomForCausalLM
+
+
+def allreduce_rank(rank, port, floats, results):
+    """One of two gloo ranks: the best of 10 sums of `floats` ones."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    gradients = torch.ones(floats)
+    dist.all_reduce(gradients)
+    assert gradients.min().item() == gradients.max().item() == 2.0
+    best = float("inf")
+    for _ in range(10):
+        gradients = torch.ones(floats)
+        started = time.perf_counter()
+        dist.all_reduce(gradients)
+        best = min(best, time.perf_counter() - started)
+    dist.destroy_process_group()
+    if rank == 0:
+        results.put((floats * 4e-6 / best, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def allreduce(floats):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(allreduce_rank, args=(port, floats, results), nprocs=2)
+    return results.get()
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", required=True, choices=["lora", "full", "eval", "generate", "matmul"])
+    p.add_argument(
+        "--mode",
+        required=True,
+        choices=["lora", "full", "eval", "generate", "matmul", "allreduce-lora", "allreduce-full"],
+    )
     p.add_argument("--hidden_size", type=int, default=512)
     p.add_argument("--n_layer", type=int, default=8)
     p.add_argument("--n_head", type=int, default=8)
@@ -39,7 +74,13 @@ def main():
     p.add_argument("--new_tokens", type=int, default=64)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--allreduce_floats", type=int, default=0)
     args = p.parse_args()
+
+    if args.mode.startswith("allreduce"):
+        rate, peak_mib = allreduce(args.allreduce_floats)
+        print(json.dumps({"mode": args.mode, "rate": rate, "peak_mib": peak_mib, "torch": torch.__version__}))
+        return
 
     torch.manual_seed(42)
     config = BloomConfig(

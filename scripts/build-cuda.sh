@@ -22,7 +22,8 @@ command -v nvcc >/dev/null || {
 }
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
 export CARGO_TARGET_DIR="${CUDA_TARGET_DIR:-target-cuda}"
-cargo build --release --features cuda -p pt-host
+# NCCL too: the data-parallel backend for GPUs (libnccl from the toolkit dir).
+cargo build --release --features cuda,nccl -p pt-host
 # The test executables, by target name, from cargo's build messages.
 tests=$(cargo test --release --features cuda -p pt-model -p pt-train --no-run --message-format=json |
     python3 -c '
@@ -40,4 +41,4 @@ strip gpu/pt-host gpu/*-tests
 tar -C gpu -cJf gpu/cuda-binaries.tar.xz pt-host model-tests trajectory-tests
 ls -la gpu
 echo "CUDA libraries the binaries need at run time:"
-ldd gpu/pt-host | grep -E "cublas|cudart|curand|libcuda" || true
+ldd gpu/pt-host | grep -E "cublas|cudart|curand|nccl|libcuda" || true

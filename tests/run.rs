@@ -1362,6 +1362,28 @@ fn two_mpi_ranks_train_what_one_process_trains_with_twice_the_micro_batch() {
             "eval {loss} vs {expected}"
         );
     }
+    // One process that asks for the backend runs the same sums over one
+    // rank (how one GPU proves the NCCL path).
+    let mut args = parallel_args(dir.path(), "one-rank", 4);
+    args.extend(["--ddp_backend".to_string(), "mpi".to_string()]);
+    let one_rank = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert_ok(&one_rank);
+    assert!(
+        String::from_utf8_lossy(&one_rank.stderr)
+            .contains("data parallel: 1 rank (a single process, mpi)"),
+        "{}",
+        String::from_utf8_lossy(&one_rank.stderr)
+    );
+    assert_same_adapter(&dir.path().join("one-rank"), &alone_dir);
+    let summary = json(&dir.path().join("one-rank/train_results.json"));
+    assert!(
+        summary["train_allreduce_seconds"].as_f64().unwrap() > 0.0,
+        "{summary}"
+    );
+
     let state = json(&parallel_dir.join("checkpoint-3/trainer_state.json"));
     assert_eq!(
         (
@@ -1398,8 +1420,8 @@ fn two_mpi_ranks_train_what_one_process_trains_with_twice_the_micro_batch() {
 }
 
 #[test]
-fn ranks_that_disagree_end_the_job_with_both_counts() {
-    let Some(mut mpirun) = mpirun() else {
+fn ranks_that_disagree_or_fail_end_the_job() {
+    let (Some(mut mpirun), Some(mut mpirun_again)) = (mpirun(), mpirun()) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -1420,4 +1442,23 @@ fn ranks_that_disagree_end_the_job_with_both_counts() {
         said.contains("ranks disagree on the number of training blocks (rank 0: 262, rank 1: 525)"),
         "{said}"
     );
+
+    // A rank that fails before it joins ends the job too, promptly.
+    let mut broken = parallel_args(dir.path(), "broken", 2);
+    broken.extend(["--lora_rank".to_string(), "0".to_string()]);
+    let started = std::time::Instant::now();
+    let output = mpirun_again
+        .args(["-n", "1", env!("CARGO_BIN_EXE_pt-host")])
+        .args(parallel_args(dir.path(), "broken", 2))
+        .args([":", "-n", "1", env!("CARGO_BIN_EXE_pt-host")])
+        .args(broken)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--lora_rank must be at least 1"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
 }

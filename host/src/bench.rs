@@ -42,6 +42,11 @@ pub enum Measure {
     PluginWasm,
     /// The second of --plugin_pair alone (a native library).
     PluginNative,
+    /// Summing the LoRA gradients of the bench shape over 2 ranks (mpirun
+    /// on this machine, MPI backend), MB/s of gradient.
+    AllreduceLora,
+    /// The same with every weight's gradient (full fine-tuning).
+    AllreduceFull,
 }
 
 impl Measure {
@@ -70,16 +75,50 @@ impl Measure {
             Measure::PreparePlugin => format!("prepare MB/s + {}", file(&args.plugin)),
             Measure::PluginWasm => format!("plugin MB/s {}", pair(0)),
             Measure::PluginNative => format!("plugin MB/s {}", pair(1)),
+            Measure::AllreduceLora | Measure::AllreduceFull => format!(
+                "all-reduce MB/s {} grads {:.2} MB",
+                if self == Measure::AllreduceLora {
+                    "LoRA"
+                } else {
+                    "full"
+                },
+                gradient_floats(args, self == Measure::AllreduceLora) as f64 * 4e-6
+            ),
         }
     }
 
     /// Whether bench/torch_reference.py measures the same work.
     fn has_reference(self) -> bool {
-        matches!(
+        !matches!(
             self,
-            Measure::Lora | Measure::Full | Measure::Eval | Measure::Generate | Measure::Matmul
+            Measure::Prepare | Measure::PreparePlugin | Measure::PluginWasm | Measure::PluginNative
         )
     }
+
+    fn is_allreduce(self) -> bool {
+        matches!(self, Measure::AllreduceLora | Measure::AllreduceFull)
+    }
+}
+
+/// Trainable floats of the bench shape: LoRA r 8 on the four linear layers
+/// (`r·(in + out)` each), or every weight of the (tied-head) model.
+fn gradient_floats(args: &BenchArgs, lora: bool) -> usize {
+    let h = args.hidden_size;
+    let per_layer = if lora {
+        8 * ((h + 3 * h) + (h + h) + 2 * (h + 4 * h))
+    } else {
+        12 * h * h + 13 * h
+    };
+    args.n_layer * per_layer + if lora { 0 } else { args.vocab_size * h + 4 * h }
+}
+
+/// Whether this pt-host can run the all-reduce measurements here.
+fn mpirun_available() -> bool {
+    cfg!(feature = "mpi")
+        && Command::new("mpirun")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -205,6 +244,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
             Measure::PluginWasm | Measure::PluginNative if args.plugin_pair.is_empty() => {
                 "--plugin_pair WASM,NATIVE"
             }
+            m if m.is_allreduce() && !mpirun_available() => {
+                "a pt-host built with --features mpi, and Open MPI's mpirun"
+            }
             _ => continue,
         };
         bail!("--only {}: needs {needs}", measure.name());
@@ -287,6 +329,9 @@ fn available_measures(args: &BenchArgs) -> Vec<Measure> {
         && args.plugin_pair.len() == 2
     {
         measures.extend([Measure::PluginWasm, Measure::PluginNative]);
+    }
+    if mpirun_available() {
+        measures.extend([Measure::AllreduceLora, Measure::AllreduceFull]);
     }
     measures
 }
@@ -375,7 +420,20 @@ fn shape_flags(args: &BenchArgs) -> Vec<String> {
 /// Runs `measure` in a child process; `overrides` replace shape flags.
 fn measure_in_child(args: &BenchArgs, measure: Measure, overrides: &[String]) -> Result<Measured> {
     let exe = std::env::current_exe().context("cannot find the pt-host executable")?;
-    let mut command = Command::new(exe);
+    let mut command = if measure.is_allreduce() {
+        // Two ranks on loopback; each prints its measurement, the last line is read.
+        let mut mpirun = Command::new("mpirun");
+        mpirun
+            .args(["-n", "2", "--oversubscribe", "--mca", "btl", "self,tcp"])
+            .args(["--mca", "btl_tcp_if_include", "lo"])
+            // Open MPI refuses root without these; the ranks only talk to each other here.
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .arg(exe);
+        mpirun
+    } else {
+        Command::new(exe)
+    };
     command
         .args(["bench", "--measure", &measure.name()])
         .args(shape_flags(args))
@@ -423,6 +481,10 @@ fn torch_reference(args: &BenchArgs, measure: Measure) -> Result<Measured> {
         .arg(&args.torch_script)
         .args(["--mode", &measure.name()])
         .args(flags)
+        .args([
+            "--allreduce_floats",
+            &gradient_floats(args, measure == Measure::AllreduceLora).to_string(),
+        ])
         .args(["--device", device_name(args.device_map)]);
     if args.gradient_checkpointing {
         command.arg("--gradient_checkpointing");
@@ -500,6 +562,10 @@ fn measure_here(args: &BenchArgs, measure: Measure) -> Result<Measured> {
             (plugin_rate(args, path)?, None)
         }
         Measure::Matmul => (matmul_rate(args)?, None),
+        Measure::AllreduceLora | Measure::AllreduceFull => (
+            allreduce_rate(gradient_floats(args, measure == Measure::AllreduceLora))?,
+            None,
+        ),
         Measure::Lora | Measure::Full | Measure::Eval | Measure::Generate => {
             model_rate(args, measure)?
         }
@@ -509,6 +575,32 @@ fn measure_here(args: &BenchArgs, measure: Measure) -> Result<Measured> {
         peak_mib: peak_mib()?,
         data_share,
     })
+}
+
+/// MB/s of `floats` f32 summed over the ranks that mpirun started, as the
+/// trainer sums a step's gradients (best of 10, after a warm-up).
+fn allreduce_rate(floats: usize) -> Result<f64> {
+    let launch = pt_dist::Launch::from_env()?;
+    if launch.world_size < 2 {
+        bail!("the all-reduce measurements run under mpirun -n 2 (pt-host bench starts it)");
+    }
+    let device = candle_core::Device::Cpu;
+    let timeout = std::time::Duration::from_secs(600);
+    let collective = pt_dist::connect(&launch, Some(pt_dist::Backend::Mpi), &device, timeout)?;
+    let gradients = candle_core::Tensor::ones(floats, candle_core::DType::F32, &device)?;
+    let sum = collective.all_reduce_sum(&gradients)?;
+    // Every rank added its ones.
+    let expected = collective.world_size() as f32;
+    if sum.max(0)?.to_scalar::<f32>()? != expected || sum.min(0)?.to_scalar::<f32>()? != expected {
+        bail!("the all-reduce returned a wrong sum");
+    }
+    let mut best = f64::INFINITY;
+    for _ in 0..10 {
+        let started = Instant::now();
+        collective.all_reduce_sum(&gradients)?;
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(floats as f64 * 4e-6 / best)
 }
 
 /// Tokens/s of a model measurement, and for training the share of time

@@ -173,7 +173,8 @@ pub struct RunArgs {
     #[arg(long = "logging_dir", value_name = "DIR")]
     pub logging_dir: Option<PathBuf>,
     /// How the ranks of a data-parallel job (mpirun, srun, torchrun) sum
-    /// gradients: nccl (GPUs) or mpi (CPUs). Default: nccl on CUDA, mpi on CPU.
+    /// gradients: nccl (GPUs) or mpi (CPUs). Default: nccl on CUDA, mpi on
+    /// CPU, and none for one process (given, one process uses it too).
     #[arg(long = "ddp_backend", value_enum)]
     pub ddp_backend: Option<BackendArg>,
     /// Seconds a rank waits in a collective (the gradient sum, or for rank 0
@@ -362,17 +363,17 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         args.tf32,
         launch.local_rank,
     )?;
-    let backend = match args.ddp_backend {
-        Some(BackendArg::Nccl) => Backend::Nccl,
-        Some(BackendArg::Mpi) => Backend::Mpi,
-        None => Backend::for_device(&device),
-    };
+    let backend = args.ddp_backend.map(|backend| match backend {
+        BackendArg::Nccl => Backend::Nccl,
+        BackendArg::Mpi => Backend::Mpi,
+    });
     let timeout = Duration::from_secs(args.ddp_timeout.max(1));
     let collective = pt_dist::connect(&launch, backend, &device, timeout)?;
-    if collective.world_size() > 1 && collective.is_main() {
+    if (collective.world_size() > 1 || backend.is_some()) && collective.is_main() {
+        let ranks = collective.world_size();
         eprintln!(
-            "data parallel: {} ranks ({}, {}), {} × {} blocks per micro-batch",
-            collective.world_size(),
+            "data parallel: {ranks} rank{} ({}, {}), {} × {} blocks per micro-batch",
+            if ranks == 1 { "" } else { "s" },
             launch.launcher.name(),
             collective.backend(),
             collective.world_size(),

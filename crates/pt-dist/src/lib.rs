@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 pub mod launch;
@@ -31,6 +31,13 @@ pub trait Collective {
     fn abort(&self);
     /// The backend's name, for messages.
     fn backend(&self) -> &'static str;
+
+    /// Whether collectives are real: false for [`Single`] alone, whose sums
+    /// are skipped (one process with an explicit backend still runs them,
+    /// which proves the backend on one GPU).
+    fn communicates(&self) -> bool {
+        self.backend() != Single.backend()
+    }
 
     /// Whether this rank writes the job's outputs (logs, checkpoints, results).
     fn is_main(&self) -> bool {
@@ -105,17 +112,29 @@ impl Backend {
     }
 }
 
-/// Joins the job `launch` describes over `backend`; one process alone needs
-/// no backend. `device` is this rank's (NCCL communicates on its stream).
+/// Joins the job `launch` describes over `backend`, by default the one
+/// made for `device`; one process alone needs none, unless a backend is
+/// asked for (one rank over NCCL proves the GPU path on one GPU). `device`
+/// is this rank's (NCCL communicates on its stream).
 pub fn connect(
+    launch: &Launch,
+    backend: Option<Backend>,
+    device: &Device,
+    timeout: Duration,
+) -> Result<Box<dyn Collective>> {
+    match backend {
+        None if launch.world_size == 1 => Ok(Box::new(Single)),
+        None => connect_to(launch, Backend::for_device(device), device, timeout),
+        Some(backend) => connect_to(launch, backend, device, timeout),
+    }
+}
+
+fn connect_to(
     launch: &Launch,
     backend: Backend,
     device: &Device,
     timeout: Duration,
 ) -> Result<Box<dyn Collective>> {
-    if launch.world_size == 1 {
-        return Ok(Box::new(Single));
-    }
     match backend {
         Backend::Mpi => connect_mpi(launch, device, timeout),
         Backend::Nccl => connect_nccl(launch, device, timeout),
@@ -184,36 +203,6 @@ pub(crate) fn wait_until(
         }
     }
     Ok(())
-}
-
-/// `tensor` as one contiguous f32 or f64 vector on the CPU, with its dtype.
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
-pub(crate) fn host_values(tensor: &Tensor) -> Result<HostValues> {
-    let flat = tensor.flatten_all()?;
-    Ok(match tensor.dtype() {
-        DType::F64 => HostValues::F64(flat.to_vec1()?),
-        DType::F32 => HostValues::F32(flat.to_vec1()?),
-        other => bail!("all-reduce of {other:?} tensors: pass f32 or f64"),
-    })
-}
-
-#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
-pub(crate) enum HostValues {
-    F32(Vec<f32>),
-    F64(Vec<f64>),
-}
-
-impl HostValues {
-    #[cfg_attr(not(feature = "mpi"), allow(dead_code))]
-    pub(crate) fn into_tensor(self, like: &Tensor) -> Result<Tensor> {
-        let flat = match self {
-            HostValues::F32(v) => Tensor::from_vec(v, like.elem_count(), like.device()),
-            HostValues::F64(v) => Tensor::from_vec(v, like.elem_count(), like.device()),
-        };
-        flat?
-            .reshape(like.shape())
-            .context("all-reduce: reshaping the sum")
-    }
 }
 
 #[cfg(test)]

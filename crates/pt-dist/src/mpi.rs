@@ -4,13 +4,13 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use candle_core::Tensor;
+use candle_core::{CpuStorage, Device, Storage, Tensor};
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
 
-use crate::{Collective, HostValues, Launch, host_values, wait_until};
+use crate::{Collective, Launch, wait_until};
 
 pub struct Mpi {
     world: SimpleCommunicator,
@@ -88,19 +88,30 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_sum(&self, tensor: &Tensor) -> Result<Tensor> {
-        let sum = match host_values(tensor)? {
-            HostValues::F32(values) => {
-                let mut sum = vec![0f32; values.len()];
-                self.sum_into(&values, &mut sum);
-                HostValues::F32(sum)
-            }
-            HostValues::F64(values) => {
-                let mut sum = vec![0f64; values.len()];
-                self.sum_into(&values, &mut sum);
-                HostValues::F64(sum)
-            }
+        let on_cpu = tensor.to_device(&Device::Cpu)?.contiguous()?;
+        let (storage, layout) = on_cpu.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            unreachable!("moved to the CPU above")
         };
-        sum.into_tensor(tensor)
+        let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
+        // MPI reads candle's buffer in place: no copy on the way out.
+        let sum = match storage {
+            CpuStorage::F32(values) => {
+                let mut sum = vec![0f32; end - start];
+                self.sum_into(&values[start..end], &mut sum);
+                Tensor::from_vec(sum, tensor.shape(), &Device::Cpu)?
+            }
+            CpuStorage::F64(values) => {
+                let mut sum = vec![0f64; end - start];
+                self.sum_into(&values[start..end], &mut sum);
+                Tensor::from_vec(sum, tensor.shape(), &Device::Cpu)?
+            }
+            _ => bail!(
+                "all-reduce of {:?} tensors: pass f32 or f64",
+                tensor.dtype()
+            ),
+        };
+        Ok(sum.to_device(tensor.device())?)
     }
 
     fn abort(&self) {

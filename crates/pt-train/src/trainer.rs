@@ -197,7 +197,7 @@ pub fn evaluate_across<'s>(
         }
         on_batch(done + 1, total);
     }
-    if world > 1 {
+    if collective.communicates() {
         let sums = collective
             .all_reduce_sum(&Tensor::new(
                 &[loss_sum, tokens as f64, correct as f64],
@@ -383,10 +383,19 @@ impl<'a> Trainer<'a> {
         };
         let (world, rank) = (self.collective.world_size(), self.collective.rank());
         if world > 1 {
-            self.collective
-                .check_agreement("the number of training blocks", train.len() as u64)?;
-            self.collective
-                .check_agreement("the step to resume from", self.state.global_step as u64)?;
+            // Ranks that planned different work would pair unrelated
+            // collectives: compare the plan before the first step.
+            for (what, value) in [
+                ("the number of training blocks", train.len()),
+                (
+                    "the number of validation blocks",
+                    eval.map_or(0, Blocks::len),
+                ),
+                ("the number of steps", max_steps),
+                ("the step to resume from", self.state.global_step),
+            ] {
+                self.collective.check_agreement(what, value as u64)?;
+            }
         }
         if self.state.global_step > 0 {
             self.check_resumable(train.len())?;
@@ -421,6 +430,8 @@ impl<'a> Trainer<'a> {
         // Time the loop spends assembling batches: the blocks are prepared
         // and in memory, so this is all it ever waits for data.
         let mut data_seconds = 0f64;
+        // Time spent summing gradients across ranks (waiting for the slowest included).
+        let mut allreduce_seconds = 0f64;
 
         if let (true, 0, Some(eval)) = (a.eval_on_start, first_step, eval) {
             self.evaluate_and_record(eval, metrics.as_deref_mut(), callback)?;
@@ -455,7 +466,9 @@ impl<'a> Trainer<'a> {
                 .wrapping_mul(0x2545_F491_4F6C_DD1D);
             let (loss, grads) =
                 accumulate_gradients(self.model, &variables, &micro_batches, Some(dropout_seed))?;
+            let summing = Instant::now();
             let (loss, grads) = self.sum_over_ranks(loss, grads)?;
+            allreduce_seconds += summing.elapsed().as_secs_f64();
             if !loss.is_finite() {
                 bail!(
                     "loss is {loss} at step {}: stopping (the last checkpoint is intact); lower --learning_rate",
@@ -525,6 +538,8 @@ impl<'a> Trainer<'a> {
             "step": self.state.global_step,
             "train_loss": run_loss / (max_steps - first_step).max(1) as f64,
             "train_data_seconds": data_seconds,
+            "train_allreduce_seconds": allreduce_seconds,
+            "world_size": world,
         });
         Ok(summary)
     }
@@ -532,7 +547,7 @@ impl<'a> Trainer<'a> {
     /// The step's loss and gradients summed over the ranks (unchanged alone):
     /// one all-reduce of every gradient and the loss, packed flat.
     fn sum_over_ranks(&self, loss: f64, grads: Vec<Tensor>) -> Result<(f64, Vec<Tensor>)> {
-        if self.collective.world_size() == 1 {
+        if !self.collective.communicates() {
             return Ok((loss, grads));
         }
         let device = grads.first().map_or(Device::Cpu, |g| g.device().clone());
