@@ -10,7 +10,10 @@
 #      LoRA trajectory) on the GPU, f32 and bf16;
 #   3. benches a bloomz-560m-shaped random BLOOM at block 512, micro-batch 4
 #      (LoRA, full, eval, generation, a matmul) against PyTorch + PEFT on the
-#      same GPU.
+#      same GPU;
+#   4. proves the NCCL path with one rank (`--ddp_backend nccl`: rendezvous,
+#      communicator, a gradient all-reduce per step) against the same run
+#      without a backend: the step losses must match.
 # Everything goes to ${OUT:-gpu-results}/. See docs/performance.md.
 set -uo pipefail
 out="${OUT:-gpu-results}"
@@ -24,7 +27,7 @@ for dir in "$site"/nvidia/cu*/lib "$site"/nvidia/*/lib /usr/local/cuda/lib64; do
     [ -d "$dir" ] && LD_LIBRARY_PATH="$dir:${LD_LIBRARY_PATH:-}"
 done
 export LD_LIBRARY_PATH
-ldd gpu/pt-host | grep -E "cublas|cudart|curand|libcuda" | tee "$out/libraries.txt"
+ldd gpu/pt-host | grep -E "cublas|cudart|curand|nccl|libcuda" | tee "$out/libraries.txt"
 if grep -q "not found" "$out/libraries.txt" || ! LD_BIND_NOW=1 gpu/pt-host --version; then
     echo "the CUDA libraries pt-host was linked against are missing here: rebuild with this machine's CUDA version (scripts/build-cuda.sh)" >&2
     exit 1
@@ -40,3 +43,20 @@ gpu/pt-host bench --device_map cuda --torch always --scaling false \
     --only lora,full,eval,generate,matmul --steps 5 --new_tokens 128 \
     --hidden_size 1024 --n_layer 24 --n_head 16 --vocab_size 250880 \
     --block_size 512 --batch_size 4 2>&1 | tee "$out/bench.txt"
+for backend in none nccl; do
+    flags=(); [ "$backend" = nccl ] && flags=(--ddp_backend nccl)
+    gpu/pt-host run --model_name_or_path tests/fixtures/bloom-tiny/model \
+        --train_file_dir tests/fixtures/bloom-tiny/train.txt --block_size 32 \
+        --do_train --device_map cuda --torch_dtype float32 --max_steps 5 --logging_steps 1 \
+        --save_strategy no --disable_tqdm --overwrite_output_dir --cache_dir "$out/cache" \
+        --output_dir "$out/one-rank-$backend" "${flags[@]}" 2>&1 | tee "$out/one-rank-$backend.txt"
+done
+python3 - "$out" <<'PY' | tee "$out/nccl-check.txt"
+import json, sys
+losses = {}
+for backend in ("none", "nccl"):
+    lines = open(f"{sys.argv[1]}/one-rank-{backend}/trainer_log.jsonl").read().splitlines()
+    losses[backend] = [json.loads(l)["loss"] for l in lines if '"loss"' in l]
+worst = max(abs(a - b) for a, b in zip(losses["none"], losses["nccl"]))
+print(f"one-rank NCCL vs no backend: {len(losses['nccl'])} steps, largest loss difference {worst:.3g}")
+PY
