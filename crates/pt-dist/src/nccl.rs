@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda::CudaStorage;
-use candle_core::cuda::cudarc::driver::DeviceSlice;
 use candle_core::cuda::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CustomOp1, DType, Device, Layout, Shape, Tensor};
 
