@@ -7,7 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/build-plugins.sh >/dev/null
-cargo build --release -p pt-host
+# With Open MPI installed (libopenmpi-dev, openmpi-bin, libclang-dev), the
+# bench also measures the gradient all-reduce between 2 ranks.
+features=()
+if dpkg -s libopenmpi-dev openmpi-bin libclang-dev >/dev/null 2>&1; then
+    features=(--features mpi)
+fi
+cargo build --release -p pt-host "${features[@]}"
 target="${CARGO_TARGET_DIR:-target}"
 "$target/release/pt-host" bench \
     --plugin "$target/wasm32-wasip2/release/medical_clean.wasm" \

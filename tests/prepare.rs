@@ -957,6 +957,24 @@ fn sharded_preparation_merges_into_the_unsharded_dataset() {
     // preparation (or a run) finds it.
     let again = sharded.prepare(&corpus_dir(), &args);
     assert!(stdout(&again).contains("(cache hit)"), "{}", stdout(&again));
+    // Under a launcher, every copy would prepare the same files.
+    let launched = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(["prepare", "--model_name_or_path"])
+        .arg(fixture_model())
+        .arg("--train_file_dir")
+        .arg(corpus_dir())
+        .arg("--output_dir")
+        .arg(&sharded.out)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&launched).contains("torchrun started 2 copies of `pt-host prepare`")
+            && stderr(&launched).contains("--num_shards 2 --shard_index <this rank>"),
+        "{}",
+        stderr(&launched)
+    );
     let bad = sharded.prepare(
         &corpus_dir(),
         &[&args[..], &["--num_shards", "3", "--shard_index", "3"]].concat(),

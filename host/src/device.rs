@@ -45,6 +45,13 @@ pub fn select(
         }
         DeviceArg::Auto => match candle_core::utils::cuda_is_available() {
             false => Device::Cpu,
+            // A rank past the first GPU must not quietly train on the CPU
+            // while its peers train on GPUs.
+            true if gpu > 0 => Device::new_cuda(gpu).with_context(|| {
+                format!(
+                    "CUDA device {gpu} (this rank's local rank) is not usable: are there fewer GPUs than ranks on this machine? (nvidia-smi)"
+                )
+            })?,
             true => Device::new_cuda(gpu).unwrap_or_else(|e| {
                 eprintln!("note: CUDA device {gpu} is not usable ({e}); training on CPU");
                 Device::Cpu

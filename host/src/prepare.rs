@@ -89,6 +89,17 @@ pub struct PrepareArgs {
 }
 
 pub fn run(mut args: PrepareArgs) -> Result<()> {
+    let launch = pt_dist::Launch::from_env()?;
+    if launch.world_size > 1 && args.shard_index.is_none() {
+        bail!(
+            "{} started {} copies of `pt-host prepare`, which would all prepare the same data into the same files: \
+             pass --num_shards {} --shard_index <this rank> to split the work (then merge with --num_shards alone), \
+             or run it once outside the launcher",
+            launch.launcher.name(),
+            launch.world_size,
+            launch.world_size
+        );
+    }
     args.resolve_models()?;
     let tokenizer = Tokenizer::from_dir(args.tokenizer_dir())?;
     prepare_data(&args, tokenizer, true).map(|_| ())
