@@ -217,7 +217,7 @@ impl CustomOp3 for LayerNormBackward {
         let h = w.len();
         let mut dx = vec![0f32; x.len()];
         let task = h * ROWS_PER_TASK;
-        let (dw, db) = dx
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
             .par_chunks_mut(task)
             .zip(x.par_chunks(task).zip(g.par_chunks(task)))
             .map(|(dx, (x, g))| {
@@ -241,14 +241,14 @@ impl CustomOp3 for LayerNormBackward {
                 }
                 (dw, db)
             })
-            .reduce(
-                || (vec![0f32; h], vec![0f32; h]),
-                |(mut dw, mut db), (w2, b2)| {
-                    dw.iter_mut().zip(&w2).for_each(|(a, b)| *a += b);
-                    db.iter_mut().zip(&b2).for_each(|(a, b)| *a += b);
-                    (dw, db)
-                },
-            );
+            .collect();
+        // Summed in task order, not rayon's reduction tree (which follows
+        // work stealing): the same gradients on every run.
+        let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+        for (w2, b2) in &partials {
+            dw.iter_mut().zip(w2).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(b2).for_each(|(a, b)| *a += b);
+        }
         let n = dx.len();
         dx.extend(dw);
         dx.extend(db);
@@ -505,6 +505,41 @@ pub(crate) mod tests {
                 "input {i}: {}",
                 max_difference(a, b)
             );
+        }
+    }
+
+    /// LayerNorm's weight and bias gradients sum over every row: in task
+    /// order, they are the same bits whatever the thread count.
+    #[test]
+    fn layer_norm_gradients_do_not_depend_on_the_thread_count() {
+        let x = Var::from_tensor(&random(&[40 * ROWS_PER_TASK, 32], 5)).unwrap();
+        let (w, b) = (
+            Var::from_tensor(&random(&[32], 6)).unwrap(),
+            Var::from_tensor(&random(&[32], 7)).unwrap(),
+        );
+        let weights = random(&[40 * ROWS_PER_TASK, 32], 8);
+        let gradients = |threads: usize| -> Vec<Vec<f32>> {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let y = layer_norm_op(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1e-5).unwrap();
+                let grads = (y * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                [&w, &b]
+                    .iter()
+                    .map(|v| grads.get(v.as_tensor()).unwrap().to_vec1().unwrap())
+                    .collect()
+            })
+        };
+        let one = gradients(1);
+        for threads in [2, 3, 7] {
+            assert_eq!(gradients(threads), one, "{threads} threads");
         }
     }
 

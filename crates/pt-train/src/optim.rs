@@ -247,6 +247,7 @@ pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
     for g in grads {
         let (storage, layout) = g.storage_and_layout();
         squares += match cpu_values(&storage, layout) {
+            // Partial sums added in order: rayon's `sum` follows work stealing.
             Some(values) => values
                 .par_chunks(UPDATE_TASK)
                 .map(|chunk| {
@@ -255,6 +256,8 @@ pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
                         .map(|&v| f64::from(v) * f64::from(v))
                         .sum::<f64>()
                 })
+                .collect::<Vec<f64>>()
+                .iter()
                 .sum(),
             None => {
                 drop(storage);
