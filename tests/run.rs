@@ -22,9 +22,10 @@ fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
     (train, valid)
 }
 
-fn run(dir: &Path, output: &str, extra: &[&str]) -> Output {
+/// `run` on the fixture corpus into `dir/output`, with `extra` flags.
+fn run_args(dir: &Path, output: &str, extra: &[&str]) -> Vec<String> {
     let (train, valid) = corpus(dir);
-    let mut args: Vec<String> = [
+    [
         "run",
         "--model_name_or_path",
         fixture_model().to_str().unwrap(),
@@ -41,11 +42,14 @@ fn run(dir: &Path, output: &str, extra: &[&str]) -> Output {
         "--disable_tqdm",
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
+    .collect()
+}
+
+fn run(dir: &Path, output: &str, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pt-host"))
-        .args(&args)
+        .args(run_args(dir, output, extra))
         .output()
         .unwrap()
 }
@@ -1240,46 +1244,32 @@ fn mpirun() -> Option<Command> {
 /// `run`'s arguments for a data-parallel comparison: LoRA with dropout and
 /// gradient accumulation, evaluation, checkpoints at step 3 and 6.
 fn parallel_args(dir: &Path, output: &str, batch: usize) -> Vec<String> {
-    let (train, valid) = corpus(dir);
-    [
-        "run",
-        "--model_name_or_path",
-        fixture_model().to_str().unwrap(),
-        "--train_file_dir",
-        train.to_str().unwrap(),
-        "--validation_file_dir",
-        valid.to_str().unwrap(),
-        "--output_dir",
-        dir.join(output).to_str().unwrap(),
-        "--cache_dir",
-        dir.join("cache").to_str().unwrap(),
-        "--block_size",
-        "32",
-        "--disable_tqdm",
-        "--do_train",
-        "--do_eval",
-        "--eval_strategy",
-        "steps",
-        "--eval_steps",
-        "3",
-        "--learning_rate",
-        "1e-2",
-        "--max_steps",
-        "6",
-        "--gradient_accumulation_steps",
-        "2",
-        "--lora_dropout",
-        "0.1",
-        "--logging_steps",
-        "1",
-        "--save_steps",
-        "3",
-        "--per_device_train_batch_size",
-        &batch.to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    run_args(
+        dir,
+        output,
+        &[
+            "--do_train",
+            "--do_eval",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "3",
+            "--learning_rate",
+            "1e-2",
+            "--max_steps",
+            "6",
+            "--gradient_accumulation_steps",
+            "2",
+            "--lora_dropout",
+            "0.1",
+            "--logging_steps",
+            "1",
+            "--save_steps",
+            "3",
+            "--per_device_train_batch_size",
+            &batch.to_string(),
+        ],
+    )
 }
 
 /// `(step, loss)` of every training log line, and the eval losses.

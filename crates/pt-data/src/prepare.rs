@@ -330,26 +330,32 @@ pub fn prepare(
     let (validation_read, validation_output) = process("validation", &validation_docs, false)?;
     let (train_read, train_output) = process("train", &train_docs, true)?;
 
+    // A split's counts before packing: all a shard's report has.
+    let counted = |read: u64, output: &SplitOutput| SplitReport {
+        documents_read: read,
+        documents: output.documents.len() as u64,
+        tokens: output.documents.iter().map(|d| d.len() as u64).sum(),
+        steps: output.steps.clone(),
+        ..SplitReport::default()
+    };
+    let report = |train: SplitReport, validation: SplitReport, shard: Option<String>| DataReport {
+        cache_key: key.clone(),
+        cache_hit: false,
+        block_size: options.block_size,
+        packing: options.packing,
+        files: files.clone(),
+        plugins: plugins.iter().map(|p| p.report.clone()).collect(),
+        train,
+        validation,
+        seconds: started.elapsed().as_secs_f64(),
+        shard,
+    };
     if let Some((index, count, shard)) = &part {
-        let split_report = |read: u64, output: &SplitOutput| SplitReport {
-            documents_read: read,
-            documents: output.documents.len() as u64,
-            tokens: output.documents.iter().map(|d| d.len() as u64).sum(),
-            steps: output.steps.clone(),
-            ..SplitReport::default()
-        };
-        let report = DataReport {
-            cache_key: key,
-            cache_hit: false,
-            block_size: options.block_size,
-            packing: options.packing,
-            files,
-            plugins: plugins.iter().map(|p| p.report.clone()).collect(),
-            train: split_report(train_read, &train_output),
-            validation: split_report(validation_read, &validation_output),
-            seconds: started.elapsed().as_secs_f64(),
-            shard: Some(format!("{index} of {count}")),
-        };
+        let report = report(
+            counted(train_read, &train_output),
+            counted(validation_read, &validation_output),
+            Some(format!("{index} of {count}")),
+        );
         save_shard(shard, &report, &validation_output, &train_output)?;
         return Ok(Prepared {
             train: Blocks::default(),
@@ -366,34 +372,20 @@ pub fn prepare(
             packing::pad_each(&output.documents, options.block_size, tokenizer.pad_id)
         };
         let blocks_truncated = max.map_or(0, |n| blocks.truncate(n)) as u64;
-        excluded.extend(output.excluded);
         let report = SplitReport {
-            documents_read: read,
-            documents: output.documents.len() as u64,
-            tokens: output.documents.iter().map(|d| d.len() as u64).sum(),
             blocks: blocks.len() as u64,
             tokens_dropped,
             blocks_truncated,
-            steps: output.steps,
+            ..counted(read, &output)
         };
+        excluded.extend(output.excluded);
         (blocks, report)
     };
     let (validation, validation_report) =
         pack(validation_read, validation_output, options.max_eval_samples);
     let (train, train_report) = pack(train_read, train_output, options.max_train_samples);
 
-    let report = DataReport {
-        cache_key: key,
-        cache_hit: false,
-        block_size: options.block_size,
-        packing: options.packing,
-        files,
-        plugins: plugins.iter().map(|p| p.report.clone()).collect(),
-        train: train_report,
-        validation: validation_report,
-        seconds: started.elapsed().as_secs_f64(),
-        shard: None,
-    };
+    let report = report(train_report, validation_report, None);
     let prepared = Prepared {
         train,
         validation,
