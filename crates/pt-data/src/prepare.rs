@@ -227,13 +227,7 @@ pub fn prepare(
         let mut prepared = load_entry(&entry)?;
         // The key fixes the components; where they were loaded from is this run's.
         prepared.report.plugins = plugins.iter().map(|p| p.report.clone()).collect();
-        if let Some(dir) = output_dir {
-            write_atomically(
-                &dir.join(REPORT),
-                &serde_json::to_vec_pretty(&prepared.report)?,
-            )?;
-            copy_atomically(&entry.join(EXCLUDED), &dir.join(EXCLUDED))?;
-        }
+        publish(&entry, &prepared.report, output_dir)?;
         return Ok(prepared);
     }
 
@@ -392,14 +386,17 @@ pub fn prepare(
         report,
     };
     save_entry(&entry, &prepared, &excluded)?;
+    publish(&entry, &prepared.report, output_dir)?;
+    Ok(prepared)
+}
+
+/// `data_report.json` and the entry's `excluded.jsonl` into `output_dir`, if given.
+fn publish(entry: &Path, report: &DataReport, output_dir: Option<&Path>) -> Result<()> {
     if let Some(dir) = output_dir {
-        write_atomically(
-            &dir.join(REPORT),
-            &serde_json::to_vec_pretty(&prepared.report)?,
-        )?;
+        write_atomically(&dir.join(REPORT), &serde_json::to_vec_pretty(report)?)?;
         copy_atomically(&entry.join(EXCLUDED), &dir.join(EXCLUDED))?;
     }
-    Ok(prepared)
+    Ok(())
 }
 
 /// A shard's record of one split: what `pack` needs besides the tokens.
