@@ -1452,3 +1452,43 @@ fn ranks_that_disagree_or_fail_end_the_job() {
     );
     assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
 }
+
+#[test]
+fn launcher_variables_without_a_usable_backend_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let launched = |extra: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+            .args(run_args(
+                dir.path(),
+                "out",
+                &[&["--do_train"], extra].concat(),
+            ))
+            .env("RANK", "0")
+            .env("WORLD_SIZE", "2")
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    // torchrun-style variables on a CPU default to MPI, which did not start these ranks.
+    let said = launched(&[]);
+    if cfg!(feature = "mpi") {
+        assert!(
+            said.contains("torchrun says rank 0 of 2, but MPI sees rank 0 of 1")
+                && said.contains("--ddp_backend nccl"),
+            "{said}"
+        );
+    } else {
+        assert!(
+            said.contains("built without MPI") && said.contains("--features mpi"),
+            "{said}"
+        );
+    }
+    if !cfg!(feature = "nccl") {
+        let said = launched(&["--ddp_backend", "nccl"]);
+        assert!(
+            said.contains("built without NCCL") && said.contains("--features cuda,nccl"),
+            "{said}"
+        );
+    }
+}

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use candle_core::{CpuStorage, Device, Storage, Tensor};
+use candle_core::{CpuStorage, Device, Shape, Storage, Tensor, WithDType};
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
 use mpi::topology::SimpleCommunicator;
@@ -78,6 +78,19 @@ impl Mpi {
     }
 }
 
+impl Mpi {
+    /// The sum over ranks of `values`, as a CPU tensor of `shape`.
+    fn sum_to_tensor<T: Equivalence + WithDType>(
+        &self,
+        values: &[T],
+        shape: &Shape,
+    ) -> Result<Tensor> {
+        let mut sum = vec![T::from_f64(0.0); values.len()];
+        self.sum_into(values, &mut sum);
+        Ok(Tensor::from_vec(sum, shape, &Device::Cpu)?)
+    }
+}
+
 impl Collective for Mpi {
     fn rank(&self) -> usize {
         self.rank
@@ -96,16 +109,8 @@ impl Collective for Mpi {
         let (start, end) = layout.contiguous_offsets().expect("made contiguous above");
         // MPI reads candle's buffer in place: no copy on the way out.
         let sum = match storage {
-            CpuStorage::F32(values) => {
-                let mut sum = vec![0f32; end - start];
-                self.sum_into(&values[start..end], &mut sum);
-                Tensor::from_vec(sum, tensor.shape(), &Device::Cpu)?
-            }
-            CpuStorage::F64(values) => {
-                let mut sum = vec![0f64; end - start];
-                self.sum_into(&values[start..end], &mut sum);
-                Tensor::from_vec(sum, tensor.shape(), &Device::Cpu)?
-            }
+            CpuStorage::F32(values) => self.sum_to_tensor(&values[start..end], tensor.shape())?,
+            CpuStorage::F64(values) => self.sum_to_tensor(&values[start..end], tensor.shape())?,
             _ => bail!(
                 "all-reduce of {:?} tensors: pass f32 or f64",
                 tensor.dtype()

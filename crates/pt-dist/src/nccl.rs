@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::backend::BackendStorage;
-use candle_core::cuda::CudaStorage;
-use candle_core::cuda::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::cuda::cudarc::driver::DeviceRepr;
+use candle_core::cuda::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
+use candle_core::cuda::{CudaDType, CudaStorage};
 use candle_core::{CustomOp1, DType, Device, Layout, Shape, Tensor};
 
 use crate::{Collective, Launch, rendezvous, wait_until};
@@ -95,28 +96,29 @@ impl CustomOp1 for AllReduce<'_> {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("the NCCL all-reduce needs a contiguous tensor");
         };
-        let device = storage.device().clone();
-        let reduce = |e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}"));
         let output = match storage.dtype() {
-            DType::F32 => {
-                let input = storage.as_cuda_slice::<f32>()?.slice(start..end);
-                let mut output = unsafe { device.alloc::<f32>(input.len()) }?;
-                self.comm
-                    .all_reduce(&input, &mut output, &ReduceOp::Sum)
-                    .map_err(reduce)?;
-                CudaStorage::wrap_cuda_slice(output, device)
-            }
-            DType::F64 => {
-                let input = storage.as_cuda_slice::<f64>()?.slice(start..end);
-                let mut output = unsafe { device.alloc::<f64>(input.len()) }?;
-                self.comm
-                    .all_reduce(&input, &mut output, &ReduceOp::Sum)
-                    .map_err(reduce)?;
-                CudaStorage::wrap_cuda_slice(output, device)
-            }
+            DType::F32 => self.sum::<f32>(storage, start..end)?,
+            DType::F64 => self.sum::<f64>(storage, start..end)?,
             other => candle_core::bail!("NCCL all-reduce of {other:?}: pass f32 or f64"),
         };
         Ok((output, layout.shape().clone()))
+    }
+}
+
+impl AllReduce<'_> {
+    /// The sum over ranks of `storage[range]`, in a new device buffer.
+    fn sum<T: NcclType + CudaDType + DeviceRepr>(
+        &self,
+        storage: &CudaStorage,
+        range: std::ops::Range<usize>,
+    ) -> candle_core::Result<CudaStorage> {
+        let device = storage.device().clone();
+        let input = storage.as_cuda_slice::<T>()?.slice(range);
+        let mut output = unsafe { device.alloc::<T>(input.len()) }?;
+        self.comm
+            .all_reduce(&input, &mut output, &ReduceOp::Sum)
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+        Ok(CudaStorage::wrap_cuda_slice(output, device))
     }
 }
 

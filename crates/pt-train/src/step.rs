@@ -24,12 +24,11 @@ pub struct MicroBatch {
     pub first_row: usize,
 }
 
-/// Positions with a loss: every labelled token but a row's first (nothing
-/// predicts it).
-fn loss_tokens(labels: &[Vec<i64>]) -> usize {
-    labels
-        .iter()
-        .map(|row| row.iter().skip(1).filter(|&&l| l >= 0).count())
+/// Positions with a loss in `rows`: every real token but a row's first
+/// (nothing predicts it); padding has no label.
+fn loss_tokens(blocks: &Blocks, rows: &[usize]) -> usize {
+    rows.iter()
+        .map(|&i| (blocks.lengths[i] as usize).saturating_sub(1))
         .sum()
 }
 
@@ -41,10 +40,9 @@ impl MicroBatch {
 
     /// The rows `mine` of the micro-batch `rows`: one rank's share.
     pub fn share_of(blocks: &Blocks, rows: &[usize], mine: Range<usize>) -> Self {
-        let labels: Vec<Vec<i64>> = rows.iter().map(|&i| blocks.labels(i)).collect();
-        let loss_tokens = loss_tokens(&labels);
+        let loss_tokens = loss_tokens(blocks, rows);
         let first_row = mine.start;
-        let rows = &rows[mine.clone()];
+        let rows = &rows[mine];
         Self {
             input_ids: rows.iter().map(|&i| blocks.row(i).to_vec()).collect(),
             attention_mask: rows
@@ -55,7 +53,7 @@ impl MicroBatch {
                         .collect()
                 })
                 .collect(),
-            labels: labels[mine].to_vec(),
+            labels: rows.iter().map(|&i| blocks.labels(i)).collect(),
             loss_tokens,
             first_row,
         }
