@@ -12,10 +12,12 @@ cargo build --release -p pt-host
 target="${CARGO_TARGET_DIR:-target}"
 pt_host="$target/release/pt-host"
 
+# The example plugins go into the local plugin store as bundles signed by this
+# machine's own key: `--plugin medical_clean.wasm` then works from any directory.
+bash scripts/install-plugins.sh "$pt_host"
 "$pt_host" init-model --preset tiny --train_file_dir data/pretrain --output_dir out/quickstart-model
-# The training run is a recipe; the plugin path follows this build's target directory.
-"$pt_host" run examples/quickstart.yaml \
-    --plugin "$target/wasm32-wasip2/release/medical_clean.wasm" "$@"
+# The training run is a recipe (its plugin: medical_clean.wasm, from the store).
+"$pt_host" run examples/quickstart.yaml "$@"
 echo "--- samples from out/quickstart"
 "$pt_host" generate --model_name_or_path out/quickstart \
     --prompt "发热是" --prompt "传染病的" --prompt "The history of" \

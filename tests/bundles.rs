@@ -449,3 +449,68 @@ fn new_plugin_projects_build_and_pass_their_fixtures() {
         stderr(&bad)
     );
 }
+
+/// The design's `--plugin medical_clean.wasm`, a bare name, works from any
+/// directory once scripts/install-plugins.sh (the quick start runs it) has
+/// put the example plugins into the local store as signed bundles; a path
+/// still wins, and a name found nowhere says how to build or install it.
+#[test]
+fn a_bare_plugin_name_resolves_to_the_installed_example_plugins() {
+    let home = tempfile::tempdir().unwrap();
+    let (config, data) = (home.path().join("config"), home.path().join("data"));
+    // target/wasm32-wasip2/release/medical_clean.wasm -> target
+    let target = component("medical_clean").ancestors().nth(3).unwrap().to_path_buf();
+    let script = |args: &[&str]| {
+        Command::new("bash")
+            .arg(repo().join("scripts/install-plugins.sh"))
+            .arg(env!("CARGO_BIN_EXE_pt-host"))
+            .args(args)
+            .env("XDG_CONFIG_HOME", &config)
+            .env("XDG_DATA_HOME", &data)
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("PT_TRUSTED_KEYS")
+            .env_remove("PT_PLUGIN_STORE")
+            .output()
+            .unwrap()
+    };
+    let installed = script(&[]);
+    assert_ok(&installed);
+    assert!(
+        String::from_utf8_lossy(&installed.stdout).contains("installed medical_clean@0.1.0"),
+        "{}",
+        String::from_utf8_lossy(&installed.stdout)
+    );
+    // Twice is fine: the same key, the bundles replaced.
+    assert_ok(&script(&[]));
+
+    let work = tempfile::tempdir().unwrap();
+    fs::write(work.path().join("a.txt"), "发热是传染病最常见的症状之一，应及时就医。\n").unwrap();
+    let prepare = |plugin: &str| {
+        Command::new(env!("CARGO_BIN_EXE_pt-host"))
+            .current_dir(work.path())
+            .args(["prepare", "--model_name_or_path"])
+            .arg(fixture_model())
+            .args(["--train_file_dir", "a.txt", "--validation_split_percentage", "0"])
+            .args(["--output_dir", "out", "--cache_dir", "cache", "--disable_tqdm"])
+            .args(["--plugin", plugin])
+            .env("XDG_CONFIG_HOME", &config)
+            .env("XDG_DATA_HOME", &data)
+            .env_remove("PT_TRUSTED_KEYS")
+            .env_remove("PT_PLUGIN_STORE")
+            .output()
+            .unwrap()
+    };
+    for name in ["medical_clean.wasm", "medical_clean", "medical_clean@0.1.0"] {
+        let output = prepare(name);
+        assert_ok(&output);
+        assert!(stderr(&output).contains("plugin medical_clean 0.1.0"), "{name}: {}", stderr(&output));
+    }
+    let missing = prepare("no_such_plugin.wasm");
+    assert_eq!(missing.status.code(), Some(1));
+    let message = stderr(&missing);
+    assert!(
+        message.contains("--plugin no_such_plugin.wasm: no such file here, and no bundle `no_such_plugin`")
+            && message.contains("scripts/install-plugins.sh"),
+        "{message}"
+    );
+}

@@ -48,7 +48,12 @@ struct Loaded {
 impl Loaded {
     fn new(name: &'static str) -> Self {
         let cache = tempfile::tempdir().unwrap();
-        let runtime = PluginRuntime::new(Some(cache.path().to_path_buf())).unwrap();
+        // The cache `pt-host prepare --cache_dir` below uses, under the same user key.
+        let runtime = PluginRuntime::new(Some(pt_plugin_host::ComponentCache {
+            dir: cache.path().to_path_buf(),
+            key_file: crate::common::component_cache_key(),
+        }))
+        .unwrap();
         // An interpreter's start-up runs inside instantiation.
         let limits = PluginLimits {
             memory_bytes: 512 << 20,
@@ -75,7 +80,7 @@ impl Loaded {
             .collect();
         match self
             .plugin
-            .instantiate()
+            .instantiate(0)
             .unwrap()
             .apply(kind, &docs, 0)
             .unwrap()

@@ -14,8 +14,8 @@ mod registry;
 use std::time::{Duration, Instant};
 
 use common::{component, corpus_documents};
-use pt_data::{DocRef, StepInstance, StepKind, StepOutput, Verdict};
-use pt_plugin_host::{LoadedPlugin, PluginLimits, PluginRuntime, Sample};
+use pt_data::{CallFailure, DocRef, StepInstance, StepKind, StepOutput, Verdict};
+use pt_plugin_host::{ComponentCache, LoadedPlugin, PluginLimits, PluginRuntime, Sample};
 use pt_plugin_sdk::{Decision, Document, Edit, Plugin};
 
 fn load(runtime: &PluginRuntime, name: &str, config: &str, limits: PluginLimits) -> LoadedPlugin {
@@ -49,7 +49,7 @@ fn medical_clean_component_matches_native_code_on_the_corpus() {
     let runtime = PluginRuntime::new(None).unwrap();
     let plugin = load(&runtime, "medical_clean", "{}", PluginLimits::default());
     assert_eq!(plugin.info.id, "medical_clean");
-    let mut instance = plugin.instance().unwrap();
+    let mut instance = plugin.instance(0).unwrap();
     let native = medical_clean::MedicalClean::configure("{}").unwrap();
     let corpus = corpus_documents();
     for chunk in corpus.chunks(256) {
@@ -94,14 +94,14 @@ fn a_panic_traps_with_its_message_and_a_fresh_instance_works() {
         r#"{"mode":"trap","marker":"BOOM"}"#,
         quick_limits(),
     );
-    let mut instance = plugin.instance().unwrap();
+    let mut instance = plugin.instance(0).unwrap();
     let err = instance
         .apply(StepKind::Filter, &docs(&one("BOOM\n")), 0)
         .unwrap_err()
-        .0;
+        .to_string();
     assert!(err.contains("hostile plugin panicked on purpose"), "{err}");
     // The trapped instance is poisoned; a new one serves the next batch.
-    let mut fresh = plugin.instance().unwrap();
+    let mut fresh = plugin.instance(0).unwrap();
     let ok = fresh
         .apply(StepKind::Filter, &docs(&one("fine\n")), 0)
         .unwrap();
@@ -117,12 +117,12 @@ fn an_endless_loop_is_stopped_at_the_deadline() {
         r#"{"mode":"loop","marker":"LOOP"}"#,
         quick_limits(),
     );
-    let mut instance = plugin.instance().unwrap();
+    let mut instance = plugin.instance(0).unwrap();
     let started = Instant::now();
     let err = instance
         .apply(StepKind::Filter, &docs(&one("LOOP\n")), 0)
         .unwrap_err()
-        .0;
+        .to_string();
     let elapsed = started.elapsed();
     assert!(
         err.contains("did not finish within the 300 ms deadline"),
@@ -171,11 +171,11 @@ fn a_memory_bomb_hits_the_cap() {
         quick_limits(),
     );
     let err = plugin
-        .instance()
+        .instance(0)
         .unwrap()
         .apply(StepKind::Filter, &docs(&one("EAT\n")), 0)
         .unwrap_err()
-        .0;
+        .to_string();
     assert!(err.contains("exceeded its memory limit of 64 MiB"), "{err}");
 }
 
@@ -189,11 +189,11 @@ fn deep_recursion_is_stopped() {
         quick_limits(),
     );
     let err = plugin
-        .instance()
+        .instance(0)
         .unwrap()
         .apply(StepKind::Filter, &docs(&one("DEEP\n")), 0)
         .unwrap_err()
-        .0;
+        .to_string();
     assert!(
         err.contains("stack overflowed from deep recursion"),
         "{err}"
@@ -209,7 +209,7 @@ fn hostile_verdict(runtime: &PluginRuntime, mode: &str) -> Verdict {
         quick_limits(),
     );
     let out = plugin
-        .instance()
+        .instance(0)
         .unwrap()
         .apply(StepKind::Filter, &docs(&one("any\n")), 0)
         .unwrap();
@@ -281,7 +281,7 @@ fn chatty_output_is_bounded_not_fatal() {
         limits,
     );
     let out = plugin
-        .instance()
+        .instance(0)
         .unwrap()
         .apply(StepKind::Filter, &docs(&one("x\n")), 0)
         .unwrap();
@@ -311,7 +311,7 @@ fn the_log_import_reaches_the_host_log_bounded() {
         r#"{"mode":"log_flood","marker":""}"#,
         quick_limits(),
     );
-    let mut instance = plugin.instance().unwrap();
+    let mut instance = plugin.instance(0).unwrap();
     let captured = Captured::default();
     let writer = captured.clone();
     let subscriber = tracing_subscriber::fmt()
@@ -339,25 +339,141 @@ fn the_log_import_reaches_the_host_log_bounded() {
     assert!(longest < 2_300, "lines are cut to 2 KiB: {longest}");
 }
 
+fn cache_in(dir: &std::path::Path) -> Option<ComponentCache> {
+    Some(ComponentCache {
+        dir: dir.join("cache"),
+        key_file: dir.join("config/component-cache.key"),
+    })
+}
+
 #[test]
 fn compiled_components_are_cached_by_content() {
-    let cache = tempfile::tempdir().unwrap();
-    let first = PluginRuntime::new(Some(cache.path().to_path_buf())).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let first = PluginRuntime::new(cache_in(dir.path())).unwrap();
     assert!(
         !first
             .load(&component("domain_terms"), PluginLimits::default())
             .unwrap()
             .from_cache
     );
-    let second = PluginRuntime::new(Some(cache.path().to_path_buf())).unwrap();
+    let second = PluginRuntime::new(cache_in(dir.path())).unwrap();
     let plugin = second
         .load(&component("domain_terms"), PluginLimits::default())
         .unwrap();
     assert!(plugin.from_cache);
-    let cached: Vec<_> = std::fs::read_dir(cache.path().join("components"))
+    let cached: Vec<_> = std::fs::read_dir(dir.path().join("cache/components"))
         .unwrap()
         .collect();
     assert_eq!(cached.len(), 1);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let key = std::fs::metadata(dir.path().join("config/component-cache.key")).unwrap();
+        assert_eq!(key.permissions().mode() & 0o077, 0, "the key is private");
+    }
+}
+
+/// The cache directory is not a way to run native code: a compiled
+/// artefact this user's pt-host did not write (planted in a shared
+/// `--cache_dir`, copied from another user, or altered) fails its MAC and is
+/// recompiled from the component, never loaded.
+#[test]
+fn a_planted_or_altered_compiled_component_is_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    PluginRuntime::new(cache_in(dir.path()))
+        .unwrap()
+        .load(&component("medical_clean"), PluginLimits::default())
+        .unwrap();
+    let cached = std::fs::read_dir(dir.path().join("cache/components"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let loads_from_cache = |key_dir: &std::path::Path| {
+        let cache = ComponentCache {
+            dir: dir.path().join("cache"),
+            key_file: key_dir.join("component-cache.key"),
+        };
+        PluginRuntime::new(Some(cache))
+            .unwrap()
+            .load(&component("medical_clean"), PluginLimits::default())
+            .unwrap()
+            .from_cache
+    };
+    let original = std::fs::read(&cached).unwrap();
+    // Another user's key (an attacker who wrote a valid artefact for theirs).
+    let other = tempfile::tempdir().unwrap();
+    assert!(!loads_from_cache(other.path()), "another key's artefact was loaded");
+    // The recompiled artefact now carries the other key; restore ours and alter one byte.
+    let mut altered = original.clone();
+    altered[original.len() / 2] ^= 0x40;
+    std::fs::write(&cached, &altered).unwrap();
+    assert!(!loads_from_cache(&dir.path().join("config")), "an altered artefact was loaded");
+    // What the miss wrote back verifies again.
+    assert!(loads_from_cache(&dir.path().join("config")));
+}
+
+/// Failures are typed from wasmtime's traps: a plugin calling `exit`, or
+/// creating resource handles until the runtime refuses, says so in one line
+/// with no wasm backtrace.
+#[test]
+fn exit_and_handle_exhaustion_are_typed_failures() {
+    let runtime = PluginRuntime::new(None).unwrap();
+    let fail = |mode: &str| {
+        let plugin = load(
+            &runtime,
+            "hostile",
+            &format!(r#"{{"mode":"{mode}","marker":""}}"#),
+            PluginLimits {
+                call_timeout: Duration::from_secs(20),
+                ..quick_limits()
+            },
+        );
+        plugin
+            .instance(0)
+            .unwrap()
+            .apply(StepKind::Filter, &docs(&one("x\n")), 0)
+            .unwrap_err()
+    };
+    let exit = fail("exit");
+    assert!(matches!(exit, CallFailure::Exit { code: 1, .. }), "{exit:?}");
+    let handles = fail("handles");
+    match &handles {
+        CallFailure::ResourceLimit(what) => {
+            assert!(what.contains("cannot allocate another handle"), "{what}")
+        }
+        other => panic!("{other:?}"),
+    }
+    for failure in [exit, handles] {
+        let text = failure.to_string();
+        assert!(!text.contains("wasm backtrace") && !text.contains('\n'), "{text}");
+    }
+}
+
+/// A drop reason or an error message of any length is cut where it enters
+/// the host.
+#[test]
+fn plugin_strings_are_cut_where_they_enter_the_host() {
+    let runtime = PluginRuntime::new(None).unwrap();
+    let plugin = load(
+        &runtime,
+        "hostile",
+        r#"{"mode":"huge_reason","marker":""}"#,
+        quick_limits(),
+    );
+    let out = plugin
+        .instance(0)
+        .unwrap()
+        .apply(StepKind::Filter, &docs(&one("x\n")), 0)
+        .unwrap();
+    let StepOutput::Verdicts(verdicts) = out else {
+        panic!()
+    };
+    let Verdict::Drop(reason) = &verdicts[0] else {
+        panic!("{verdicts:?}")
+    };
+    assert!(reason.len() <= 120 && reason.ends_with('…'), "{}", reason.len());
 }
 
 #[test]
@@ -449,7 +565,7 @@ fn augmenter_is_seeded_and_names_parents() {
             "患者出现发热、咳嗽等症状，医生建议立即治疗并检查。\n".to_string(),
         ),
     ];
-    let mut instance = plugin.instance().unwrap();
+    let mut instance = plugin.instance(0).unwrap();
     let first = instance
         .apply(StepKind::Augmenter, &docs(&texts), 7)
         .unwrap();

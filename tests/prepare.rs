@@ -414,17 +414,61 @@ fn a_looping_plugin_is_stopped_by_the_deadline() {
     );
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
+    // Under `fail` a deadline is not bisected: the run ends after one
+    // deadline, naming the batch by its first document, with what helps.
     assert!(
-        message.contains("a.txt:2")
-            && message.contains("did not finish within the 200 ms deadline"),
+        message.contains(
+            "plugin `hostile` (filter) failed on the batch of 3 documents starting at"
+        ) && message.contains("a.txt:1")
+            && message.contains("did not finish within the 200 ms deadline")
+            && message.contains("Raise --plugin_timeout_ms"),
         "{message}"
     );
-    // Bisection: one batch, then each half, then the single document.
     assert!(
-        started.elapsed() < std::time::Duration::from_secs(20),
+        started.elapsed() < std::time::Duration::from_secs(5),
         "{:?}",
         started.elapsed()
     );
+}
+
+/// Under `skip`, bisection for deadlines has a budget per batch: one slow
+/// document costs one deadline per halving (log2 of the batch, plus one),
+/// and a batch of slow documents stops after `log2(batch) + 2` deadlines
+/// with its undecided documents skipped, not after one deadline each.
+#[test]
+fn deadline_bisection_under_skip_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = component("hostile");
+    let lines: Vec<String> = (0..16).map(|i| format!("LOOP {i}")).collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let corpus = small_corpus(dir.path(), &lines);
+    let run = Run::new();
+    let started = std::time::Instant::now();
+    let output = run.prepare(
+        &corpus,
+        &[
+            "--plugin",
+            plugin.to_str().unwrap(),
+            "--plugin_config",
+            r#"hostile={"mode":"loop","marker":"LOOP"}"#,
+            "--plugin_timeout_ms",
+            "100",
+            "--plugin_batch_size",
+            "16",
+            "--on_plugin_error",
+            "skip",
+            "--validation_split_percentage",
+            "0",
+            "--block_size",
+            "2",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    let filter = &run.report().train.steps[1];
+    assert_eq!((filter.input, filter.errors), (16, 16));
+    // 6 deadlines of 100 ms (log2 16 + 2), not 16 + 15 calls' worth.
+    let elapsed = started.elapsed();
+    assert!(elapsed < std::time::Duration::from_millis(2500), "{elapsed:?}");
 }
 
 #[test]
@@ -754,6 +798,9 @@ fn every_hostile_behaviour_fails_or_is_skipped_with_bounded_host_memory() {
         ("loop", "did not finish within the 500 ms deadline"),
         ("memory_bomb", "exceeded its memory limit of 64 MiB"),
         ("recurse", "stack overflow"),
+        // WASI's exit carries success or failure only: any non-zero code is 1.
+        ("exit", "called exit(1) instead of returning"),
+        ("handles", "ran out of"),
         ("read_file", "read /etc/passwd: "),
         ("read_env", "env HOME: environment variable not found"),
         ("socket", "connect 127.0.0.1:9: "),
@@ -794,14 +841,24 @@ fn every_hostile_behaviour_fails_or_is_skipped_with_bounded_host_memory() {
         let (failed, peak_kib) = run.prepare_measured(&corpus, &args);
         let message = stderr(&failed);
         assert_eq!(failed.status.code(), Some(1), "{mode}: {message}");
+        // A deadline or the memory cap ends the run at once, naming the batch.
+        let document = match mode {
+            "loop" | "memory_bomb" => "a.txt:1",
+            _ => "a.txt:2",
+        };
         assert!(
             message.contains("plugin `hostile`")
-                && message.contains("a.txt:2")
+                && message.contains(document)
                 && message.contains(cause),
             "{mode}: {cause:?} not in {message}"
         );
         assert!(
             !message.contains("thread 'main' panicked"),
+            "{mode}: {message}"
+        );
+        // Typed failures print no wasm backtrace.
+        assert!(
+            !message.contains("wasm backtrace") && !message.contains("<unknown>!"),
             "{mode}: {message}"
         );
         assert!(
@@ -984,4 +1041,167 @@ fn sharded_preparation_merges_into_the_unsharded_dataset() {
         "{}",
         stderr(&bad)
     );
+}
+
+/// The hostile plugin (`tests/guests/hostile`) configured as `mode` on
+/// documents holding HOSTILE.
+fn hostile_args(mode: &str) -> Vec<String> {
+    [
+        "--plugin".to_string(),
+        component("hostile").to_str().unwrap().to_string(),
+        "--plugin_config".to_string(),
+        format!(r#"hostile={{"mode":"{mode}","marker":"HOSTILE"}}"#),
+        "--validation_split_percentage".to_string(),
+        "0".to_string(),
+        "--block_size".to_string(),
+        "2".to_string(),
+    ]
+    .to_vec()
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// Bytes a terminal acts on: C0 controls but newline and tab, DEL, C1.
+fn raw_controls(bytes: &[u8]) -> Vec<char> {
+    String::from_utf8_lossy(bytes)
+        .chars()
+        .filter(|&c| c.is_control() && c != '\n' && c != '\t' || c == '\u{202e}')
+        .collect()
+}
+
+/// A plugin's text (drop reasons, error messages) carrying terminal escape
+/// sequences — ESC, OSC, BEL, the C1 CSI, a bidi override — never reaches
+/// stdout or stderr raw, while `excluded.jsonl` keeps it exactly (JSON
+/// escapes every one of them, C1 included).
+#[test]
+fn plugin_text_is_escaped_on_the_terminal_and_exact_in_json() {
+    let attack = "\u{1b}[2J\u{1b}]0;pwned\u{7}\u{9b}31mred\u{202e}txt.exe";
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), &["fine", "HOSTILE text", "fine too"]);
+    let run = Run::new();
+    let skipped = run.prepare(&corpus, &strs(&hostile_args("escape_reason")));
+    assert!(skipped.status.success(), "{}", stderr(&skipped));
+    for stream in [&skipped.stdout, &skipped.stderr] {
+        assert_eq!(raw_controls(stream), Vec::<char>::new());
+    }
+    // The summary names the reason, escaped.
+    assert!(stdout(&skipped).contains("\\u{1b}[2J"), "{}", stdout(&skipped));
+    let raw = fs::read_to_string(run.out.join("excluded.jsonl")).unwrap();
+    assert!(raw.contains("\\u009b") && raw.contains("\\u001b") && raw.contains("\\u202e"), "{raw}");
+    assert_eq!(raw_controls(raw.as_bytes()), Vec::<char>::new());
+    assert_eq!(run.excluded()[0]["reason"], attack);
+    let report = fs::read_to_string(run.out.join("data_report.json")).unwrap();
+    assert_eq!(raw_controls(report.as_bytes()), Vec::<char>::new());
+    assert_eq!(run.report().train.steps[1].dropped_by_reason[attack], 1);
+
+    let run = Run::new();
+    let failed = run.prepare(&corpus, &strs(&hostile_args("escape_error")));
+    assert_eq!(failed.status.code(), Some(1));
+    assert_eq!(raw_controls(&failed.stderr), Vec::<char>::new());
+    let message = stderr(&failed);
+    assert!(
+        message.contains("a.txt:2") && message.contains("\\u{1b}]0;pwned\\u{7}\\u{9b}31m"),
+        "{message}"
+    );
+}
+
+/// A plugin's strings are cut before they are stored or counted: a 10 MiB
+/// drop reason takes 120 bytes in the report and in excluded.jsonl, and a
+/// plugin inventing a reason per document fills 64 report keys, then
+/// "(other reasons)".
+#[test]
+fn plugin_strings_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..300).map(|i| format!("HOSTILE {}", "x".repeat(i))).collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let corpus = small_corpus(dir.path(), &lines);
+    let run = Run::new();
+    // 4 documents a call: 40 MiB of reasons inside the plugin's memory cap.
+    let mut args = hostile_args("huge_reason");
+    args.extend(["--plugin_batch_size", "4"].map(String::from));
+    let (output, peak_kib) = run.prepare_measured(&corpus, &strs(&args));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let reasons = &run.report().train.steps[1].dropped_by_reason;
+    assert_eq!(reasons.len(), 1);
+    let (reason, count) = reasons.iter().next().unwrap();
+    assert_eq!((reason.len() <= 120, *count), (true, 300), "{}", reason.len());
+    let excluded = fs::metadata(run.out.join("excluded.jsonl")).unwrap().len();
+    assert!(excluded < 300 * 800, "excluded.jsonl is {excluded} bytes");
+    // The plugin made 300 reasons of 10 MiB: 3 GB if the host kept them (it
+    // did, in cut strings that still held their buffers). What remains is
+    // each worker's plugin memory and one call's lifted results: ~280 MiB.
+    assert!(peak_kib < 400 << 10, "host peak {peak_kib} KiB");
+
+    let run = Run::new();
+    let output = run.prepare(&corpus, &strs(&hostile_args("unique_reasons")));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let step = &run.report().train.steps[1];
+    assert_eq!(step.dropped, 300);
+    assert_eq!(step.dropped_by_reason.len(), 65);
+    assert!(step.dropped_by_reason["(other reasons)"] >= 300 - 64);
+}
+
+/// A plugin that keeps state across calls (a call counter), draws
+/// randomness and reads the clock gives the same dataset whatever the
+/// worker count: each batch has fresh instances seeded from its index.
+#[test]
+fn results_do_not_depend_on_the_worker_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..200).map(|i| format!("HOSTILE document {i}")).collect();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let corpus = small_corpus(dir.path(), &lines);
+    let mut datasets = Vec::new();
+    for workers in ["1", "2", "3"] {
+        let run = Run::new();
+        let mut args = hostile_args("stateful");
+        args.extend(["--plugin_batch_size", "8", "--preprocessing_num_workers", workers].map(String::from));
+        let output = run.prepare(&corpus, &strs(&args));
+        assert!(output.status.success(), "{}", stderr(&output));
+        let report = run.report();
+        let entry = run.cache.join("datasets").join(&report.cache_key);
+        datasets.push((
+            fs::read(entry.join("train.safetensors")).unwrap(),
+            untimed(report),
+        ));
+    }
+    assert!(datasets[0] == datasets[1], "1 and 2 workers differ");
+    assert!(datasets[0] == datasets[2], "1 and 3 workers differ");
+    // The mapper did rewrite every document with its state.
+    assert_eq!(datasets[0].1.train.steps[0].replaced, 200);
+}
+
+/// Augmenter output is bounded in count: more derived documents per input
+/// document than --max_derived_per_document is a plugin error; past
+/// --max_derived_documents the run fails, or under skip the rest are
+/// discarded and counted; empty derived documents are dropped and counted.
+#[test]
+fn augmenter_output_is_bounded_in_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), &["fine", "HOSTILE one", "HOSTILE two"]);
+    let run = Run::new();
+    let flood = run.prepare(&corpus, &strs(&hostile_args("augment_flood")));
+    assert_eq!(flood.status.code(), Some(1));
+    let message = stderr(&flood);
+    assert!(
+        message.contains("(augmenter) failed on document")
+            && message.contains("returned 1000 derived documents for 1 documents (the limit is 16 per document)")
+            && message.contains("--max_derived_per_document"),
+        "{message}"
+    );
+    let mut args = hostile_args("augment_flood");
+    args.extend(["--max_derived_per_document", "1000", "--max_derived_documents", "1500", "--on_plugin_error", "skip"].map(String::from));
+    let capped = run.prepare(&corpus, &strs(&args));
+    assert!(capped.status.success(), "{}", stderr(&capped));
+    let augmenter = &run.report().train.steps[2];
+    assert_eq!((augmenter.added, augmenter.derived_over_limit), (2000, 500));
+    assert_eq!(run.report().train.documents, 3 + 1500);
+
+    let run = Run::new();
+    let empty = run.prepare(&corpus, &strs(&hostile_args("augment_empty")));
+    assert!(empty.status.success(), "{}", stderr(&empty));
+    let augmenter = &run.report().train.steps[2];
+    assert_eq!((augmenter.added, augmenter.derived_empty), (6, 4));
+    assert_eq!(run.report().train.documents, 3 + 2);
 }

@@ -41,6 +41,12 @@ pub fn default_trusted_keys() -> std::path::PathBuf {
     user_dir("XDG_CONFIG_HOME", ".config").join("trusted_keys")
 }
 
+/// The secret that vouches for compiled plugins in the cache:
+/// `~/.config/pt-host/component-cache.key` (created private on first use).
+pub fn component_cache_key() -> std::path::PathBuf {
+    user_dir("XDG_CONFIG_HOME", ".config").join("component-cache.key")
+}
+
 /// Installed plugin bundles: `~/.local/share/pt-host/plugins`.
 pub fn default_plugin_store() -> std::path::PathBuf {
     user_dir("XDG_DATA_HOME", ".local/share").join("plugins")

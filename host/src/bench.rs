@@ -778,7 +778,7 @@ fn plugin_rate(args: &BenchArgs, path: &Path) -> Result<f64> {
     let parsed = <PluginCommand as clap::Parser>::try_parse_from(argv)?;
     let (_runtime, loaded) = crate::plugins::load(&parsed.plugins, cache.path())?;
     let steps = loaded[0].steps();
-    let mut instance = steps.instantiate()?;
+    let mut instance = steps.instantiate(0)?;
     let mut documents = Vec::new();
     for file in pt_data::corpus::discover(&args.train_file_dir)? {
         let read = pt_data::corpus::read_file(&file, &pt_data::ReadOptions::default())?;
@@ -800,7 +800,7 @@ fn plugin_rate(args: &BenchArgs, path: &Path) -> Result<f64> {
             for kind in steps.steps() {
                 instance
                     .apply(kind, &refs, 0)
-                    .map_err(|failure| anyhow::anyhow!("{}: {}", path.display(), failure.0))?;
+                    .map_err(|failure| anyhow::anyhow!("{}: {}", path.display(), failure))?;
             }
         }
         best = best.min(started.elapsed().as_secs_f64());

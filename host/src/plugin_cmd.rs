@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use pt_bundle::{Bundle, Limits, Manifest};
 use pt_data::{DocRef, StepInstance, StepKind, StepPlugin, Verdict};
+use pt_data::text::escape_controls;
 use pt_plugin_host::{LoadedPlugin, PluginLimits, PluginRuntime};
 use serde::Deserialize;
 
@@ -237,7 +238,7 @@ pub fn run(command: PluginCommand) -> Result<()> {
                     i.version,
                     &i.digest[..12],
                     i.signer.unwrap_or_else(|| "-".into()),
-                    i.description
+                    escape_controls(&i.description, false)
                 );
             }
         }
@@ -389,7 +390,7 @@ fn inspect(path: &Path) -> Result<()> {
     if let Some(bundle) = &bundle {
         println!(
             "manifest:\n{}",
-            String::from_utf8_lossy(bundle.manifest_bytes())
+            escape_controls(&String::from_utf8_lossy(bundle.manifest_bytes()), true)
         );
         println!(
             "signature: {}",
@@ -410,7 +411,10 @@ fn inspect(path: &Path) -> Result<()> {
     }
     println!(
         "plugin: {} {} — {}\nkinds: {:?}",
-        loaded.info.id, loaded.info.version, loaded.info.description, loaded.info.kinds
+        loaded.info.id,
+        loaded.info.version,
+        escape_controls(&loaded.info.description, false),
+        loaded.info.kinds
     );
     Ok(())
 }
@@ -423,7 +427,7 @@ fn test_bundle(bundle: &Bundle, path: &Path) -> Result<()> {
     let cases = parse_cases(bytes, FIXTURES)?;
     let (_runtime, mut loaded) = load_component(path, bundle.component())?;
     loaded.configure("{}")?;
-    let mut instance = loaded.instantiate()?;
+    let mut instance = loaded.instantiate(0)?;
     let steps: Vec<StepKind> = loaded
         .steps()
         .into_iter()
@@ -463,7 +467,7 @@ fn outcome(instance: &mut dyn StepInstance, steps: &[StepKind], text: &str) -> R
         }];
         let output = instance
             .apply(kind, &docs, 0)
-            .map_err(|e| anyhow::anyhow!("{kind:?} call failed: {}", e.0))?;
+            .map_err(|e| anyhow::anyhow!("{kind:?} call failed: {}", e))?;
         let pt_data::StepOutput::Verdicts(verdicts) = output else {
             bail!("{kind:?} returned no verdicts");
         };

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use pt_plugin_host::{LoadedPlugin, NativePlugin, PluginLimits, PluginRuntime};
+use pt_plugin_host::{ComponentCache, LoadedPlugin, NativePlugin, PluginLimits, PluginRuntime};
 
 use crate::args::parse_key_value;
 
@@ -60,6 +60,15 @@ pub struct PluginArgs {
     /// Documents per plugin call.
     #[arg(long = "plugin_batch_size", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub plugin_batch_size: u64,
+    /// Derived documents an augmenter may return per input document in one
+    /// call; more is a plugin error (--on_plugin_error decides).
+    #[arg(long = "max_derived_per_document", default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_derived_per_document: u64,
+    /// Derived documents each augmenter may add to the training data in all
+    /// (per shard when sharded); past it, the run fails, or with
+    /// --on_plugin_error skip the rest are discarded and counted.
+    #[arg(long = "max_derived_documents", default_value_t = 10_000_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_derived_documents: u64,
 }
 
 /// Where trusted keys and installed bundles live.
@@ -271,20 +280,28 @@ fn load_wasm(runtime: &PluginRuntime, reference: &Path, args: &PluginArgs) -> Re
     if reference.is_file() {
         return runtime.load(reference, args.limits());
     }
+    // Not a file: a bare NAME, NAME@VERSION or NAME.wasm is an installed
+    // bundle (the design's `--plugin medical_clean.wasm` from any directory).
     let name = reference.to_string_lossy();
-    if !name.contains('/') && (name.contains('@') || reference.extension().is_none()) {
-        let bundle = args
-            .dirs
-            .store()
-            .load(&name)
-            .with_context(|| format!("--plugin {name}"))?;
-        return load_bundle(runtime, &bundle, reference, args)
-            .with_context(|| format!("--plugin {name}"));
+    if name.contains('/') {
+        bail!(
+            "--plugin {name}: no such file (give a .wasm component, a .ptplugin bundle, or an installed NAME@VERSION)"
+        );
     }
-    bail!(
-        "--plugin {}: no such file (give a .wasm component, a .ptplugin bundle, or an installed NAME@VERSION)",
-        reference.display()
-    )
+    let id = name.strip_suffix(".wasm").unwrap_or(&name);
+    let store = args.dirs.store();
+    let bundle = store.load(id).with_context(|| {
+        format!(
+            "--plugin {name}: no such file here, and no bundle `{id}` in the plugin store ({}).\n\
+             The example plugins install with scripts/install-plugins.sh (scripts/quickstart.sh runs it); \
+             yours with `pt-host plugin install BUNDLE`; or give the component's path, \
+             e.g. target/wasm32-wasip2/release/{id}.wasm after scripts/build-plugins.sh",
+            store.root().display()
+        )
+    })?;
+    let installed = format!("{}@{}", bundle.manifest.id, bundle.manifest.version);
+    load_bundle(runtime, &bundle, Path::new(&installed), args)
+        .with_context(|| format!("--plugin {name}"))
 }
 
 /// A registry bundle: from the store when this digest was pulled before
@@ -328,9 +345,14 @@ fn config_json(name: &str, value: &str) -> Result<String> {
     Ok(json.to_string())
 }
 
-/// Loads and configures every `--plugin`, in order.
+/// Loads and configures every `--plugin`, in order. Compiled components are
+/// cached in `cache_dir/components`, vouched for by the user's key
+/// (`~/.config/pt-host/component-cache.key`).
 pub fn load(args: &PluginArgs, cache_dir: &Path) -> Result<(PluginRuntime, Vec<HostPlugin>)> {
-    let runtime = PluginRuntime::new(Some(cache_dir.to_path_buf()))?;
+    let runtime = PluginRuntime::new(Some(ComponentCache {
+        dir: cache_dir.to_path_buf(),
+        key_file: crate::args::component_cache_key(),
+    }))?;
     let mut loaded = Vec::new();
     for reference in &args.plugins {
         loaded.push(load_one(&runtime, reference, args)?);

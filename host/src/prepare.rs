@@ -8,6 +8,8 @@ use pt_data::{
     Tokenizer,
 };
 
+use pt_data::text::escape_controls;
+
 use crate::args::{default_cache_dir, parse_bool};
 use crate::hub::{self, HubArgs};
 use crate::plugins::{self, OnError, PluginArgs};
@@ -210,6 +212,8 @@ pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer, main: bool) -> Res
             workers,
             on_error: args.plugins.on_plugin_error.into(),
             seed: args.seed,
+            max_derived_per_document: args.plugins.max_derived_per_document as usize,
+            max_derived_documents: args.plugins.max_derived_documents,
         },
         cache_dir,
         // Rank 0 has rebuilt it.
@@ -278,7 +282,7 @@ fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
             let reasons: Vec<String> = step
                 .dropped_by_reason
                 .iter()
-                .map(|(r, n)| format!("{r} {n}"))
+                .map(|(r, n)| format!("{} {n}", escape_controls(r, false)))
                 .collect();
             let mut line = format!("  {} ", step.plugin);
             match step.kind {
@@ -292,7 +296,16 @@ fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
                     line += &format!("filter: {} in, {} kept", step.input, step.kept)
                 }
                 Some(StepKind::Augmenter) => {
-                    line += &format!("augmenter: {} in, {} added", step.input, step.added)
+                    line += &format!("augmenter: {} in, {} added", step.input, step.added);
+                    if step.derived_empty > 0 {
+                        line += &format!(" ({} empty, dropped)", step.derived_empty);
+                    }
+                    if step.derived_over_limit > 0 {
+                        line += &format!(
+                            ", {} past --max_derived_documents discarded",
+                            step.derived_over_limit
+                        );
+                    }
                 }
                 None => line += &format!("{} in, {} kept", step.input, step.kept),
             }

@@ -158,9 +158,19 @@ pub struct RunArgs {
     /// Evaluate once before the first training step (HF `eval_on_start`).
     #[arg(long = "eval_on_start", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub eval_on_start: bool,
-    /// Accepted: packed blocks all have one length, so grouping changes nothing.
-    #[arg(long = "group_by_length", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
-    pub group_by_length: bool,
+    /// MedicalGPT's meaning: true packs documents into blocks (group_texts;
+    /// the default), false gives each document its own padded block (as
+    /// --packing false).
+    #[arg(long = "group_by_length", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub group_by_length: Option<bool>,
+    /// HF's bf16 mixed precision: on CUDA the base weights compute in
+    /// bfloat16 (--torch_dtype bfloat16); the CPU computes in float32.
+    #[arg(long = "bf16", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub bf16: bool,
+    /// HF's fp16 mixed precision: on CUDA float16 base weights (--torch_dtype
+    /// float16); the CPU computes in float32.
+    #[arg(long = "fp16", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub fp16: bool,
     /// Where logs go besides trainer_log.jsonl: `tensorboard` (event files
     /// in --logging_dir), `all` (the same), or `none`. Comma-separated or repeated.
     #[arg(long = "report_to", default_value = "none", value_delimiter = ',', value_parser = ["none", "all", "tensorboard"])]
@@ -355,6 +365,7 @@ pub fn eval(mut args: RunArgs) -> Result<()> {
 
 pub fn run(mut args: RunArgs) -> Result<()> {
     check_flags(&args)?;
+    apply_hf_flags(&mut args);
     // One process, or one rank of a job its launcher describes.
     let launch = Launch::from_env()?;
     let (device, dtype) = device::select(
@@ -383,7 +394,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     let result = run_rank(&mut args, &*collective, device, dtype);
     if let (Err(error), true) = (&result, collective.world_size() > 1) {
         // The other ranks would wait for this one until --ddp_timeout.
-        eprintln!("error: rank {}: {error:#}", collective.rank());
+        eprintln!("error: rank {}: {}", collective.rank(), crate::explain(error));
         collective.abort();
     }
     result
@@ -430,7 +441,49 @@ fn check_flags(args: &RunArgs) -> Result<()> {
             args.lora_dropout
         );
     }
+    // As HF's TrainingArguments and PEFT's LoraConfig refuse them, before any data work.
+    if !(0.0..=1.0).contains(&args.warmup_ratio) {
+        bail!(
+            "--warmup_ratio must be in [0, 1] (a fraction of the training steps), got {}",
+            args.warmup_ratio
+        );
+    }
+    for (flag, value) in [
+        ("--lora_alpha", args.lora_alpha),
+        ("--learning_rate", args.learning_rate),
+        ("--weight_decay", args.weight_decay),
+        ("--max_grad_norm", args.max_grad_norm),
+        ("--num_train_epochs", args.num_train_epochs),
+    ] {
+        if !value.is_finite() || value < 0.0 {
+            bail!("{flag} must be a finite number ≥ 0, got {value}");
+        }
+    }
+    if args.lora_alpha == 0.0 {
+        bail!("--lora_alpha must be positive (the adapter's scale is lora_alpha / lora_rank)");
+    }
+    if args.bf16 && args.fp16 {
+        bail!("--bf16 and --fp16 exclude each other (as in HF): pick one");
+    }
+    target_modules(&args.target_modules)?;
     Ok(())
+}
+
+/// HF's precision and MedicalGPT's grouping flags, in pt-host's terms.
+fn apply_hf_flags(args: &mut RunArgs) {
+    if let DtypeArg::Auto = args.torch_dtype {
+        if args.bf16 {
+            args.torch_dtype = DtypeArg::Bfloat16;
+        } else if args.fp16 {
+            args.torch_dtype = DtypeArg::Float16;
+        }
+    }
+    if args.group_by_length == Some(false) && args.data.packing {
+        eprintln!(
+            "note: --group_by_length false: one padded block per document, as MedicalGPT's pretraining.py (= --packing false; padding is masked out of the loss)"
+        );
+        args.data.packing = false;
+    }
 }
 
 /// The run on this rank (the only one, alone).
@@ -639,6 +692,21 @@ fn run_rank(
     Ok(())
 }
 
+/// Metric names a plugin may not use: written as `eval_NAME` they would
+/// overwrite (or be mistaken for) the host's own evaluation keys.
+const RESERVED_METRIC_NAMES: &[&str] = &[
+    "loss",
+    "accuracy",
+    "perplexity",
+    "samples",
+    "tokens",
+    "runtime",
+    "samples_per_second",
+    "steps_per_second",
+    "epoch",
+    "step",
+];
+
 /// The metric plugins among `--plugin`, fed the evaluation's samples: one
 /// accumulator per plugin per evaluation.
 struct PluginMetrics<'a> {
@@ -697,10 +765,30 @@ impl MetricSink for PluginMetrics<'_> {
         Ok(())
     }
 
+    /// Every plugin's values, each to be written as `eval_NAME`: a name that
+    /// would overwrite a host-owned key, or one another plugin already gave,
+    /// is refused with the plugin's name.
     fn finish(&mut self) -> Result<Vec<(String, f64)>> {
-        let mut values = Vec::new();
-        for mut session in std::mem::take(&mut self.sessions) {
-            values.extend(session.compute()?.into_iter().map(|m| (m.name, m.value)));
+        let mut values: Vec<(String, f64)> = Vec::new();
+        for (plugin, mut session) in self.plugins.iter().zip(std::mem::take(&mut self.sessions)) {
+            for metric in session.compute()? {
+                if RESERVED_METRIC_NAMES.contains(&metric.name.as_str()) {
+                    bail!(
+                        "metric plugin `{}` returned metric `{}`, which is pt-host's own (reserved: {}); rename it in the plugin",
+                        plugin.name,
+                        metric.name,
+                        RESERVED_METRIC_NAMES.join(", ")
+                    );
+                }
+                if values.iter().any(|(name, _)| *name == metric.name) {
+                    bail!(
+                        "metric plugin `{}` returned metric `{}`, which another metric plugin already returned",
+                        plugin.name,
+                        metric.name
+                    );
+                }
+                values.push((metric.name, metric.value));
+            }
         }
         Ok(values)
     }

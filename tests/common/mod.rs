@@ -79,13 +79,18 @@ pub fn assert_ok(output: &Output) {
 }
 
 /// Whether python3 with torch, transformers and peft is installed; when not,
-/// prints that `test` was skipped.
+/// prints that `test` was skipped — or, under `PT_REQUIRE_PYTHON` (which
+/// `scripts/test.sh` sets after installing them), fails.
 pub fn python_has(test: &str) -> bool {
     let available = Command::new("python3")
         .args(["-c", "import torch, transformers, peft"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !available {
+        assert!(
+            std::env::var_os("PT_REQUIRE_PYTHON").is_none(),
+            "{test}: PT_REQUIRE_PYTHON is set but python3 cannot import torch, transformers and peft"
+        );
         eprintln!("SKIPPED {test}: python3 with torch, transformers and peft is not installed");
     }
     available
@@ -104,4 +109,13 @@ pub fn hf_eval_loss(model_dir: &Path, adapter: Option<&Path>) -> f64 {
     assert_ok(&output);
     let result: serde_json::Value = serde_json::from_slice(output.stdout.trim_ascii()).unwrap();
     result["eval_loss"].as_f64().unwrap()
+}
+
+/// The key pt-host vouches for its compiled-plugin cache with, where the
+/// binary looks for it (`$XDG_CONFIG_HOME/pt-host`, else `~/.config/pt-host`).
+pub fn component_cache_key() -> PathBuf {
+    std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".config"))
+        .join("pt-host/component-cache.key")
 }

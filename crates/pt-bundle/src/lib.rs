@@ -345,6 +345,22 @@ impl Bundle {
         if !files.contains_key(COMPONENT) {
             bail!("{source}: no `{COMPONENT}` in the bundle");
         }
+        // The id and version name files and store entries and are printed:
+        // the same identifiers a component's `describe` must give.
+        let identifier = |text: &str, max: usize| {
+            (1..=max).contains(&text.len())
+                && text.starts_with(|c: char| c.is_ascii_alphanumeric())
+                && text
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.+".contains(c))
+        };
+        if !identifier(&manifest.id, 64) || !identifier(&manifest.version, 32) {
+            bail!(
+                "{source}: {MANIFEST} names plugin `{}` version `{}`: ids and versions are ASCII letters, digits, `_`, `-`, `.`, `+`",
+                manifest.id.escape_debug(),
+                manifest.version.escape_debug()
+            );
+        }
         Ok(Self {
             manifest,
             manifest_bytes,

@@ -44,6 +44,11 @@ impl Store {
         }
     }
 
+    /// Where the store keeps its bundles.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     fn index(&self) -> Result<BTreeMap<String, Installed>> {
         let path = self.root.join("index.json");
         match std::fs::read(&path) {

@@ -10,6 +10,7 @@ pub mod pipeline;
 pub mod prepare;
 pub mod report;
 pub mod steps;
+pub mod text;
 pub mod tokenize;
 
 pub use corpus::ReadOptions;
@@ -18,6 +19,7 @@ pub use pipeline::{ErrorPolicy, PipelineOptions};
 pub use prepare::{PrepareOptions, PreparePlugin, Prepared, Progress, Sharding, prepare};
 pub use report::{DataReport, PluginReport};
 pub use steps::{
-    CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, StepPlugin, Verdict,
+    CallFailure, Derived, DocRef, PluginError, PluginErrorCause, StepInstance, StepKind,
+    StepOutput, StepPlugin, Verdict,
 };
 pub use tokenize::Tokenizer;

@@ -1,25 +1,33 @@
 //! Documents through plugins and the tokenizer, in parallel.
 //!
 //! A split's documents are cut into fixed batches. Worker threads take batches
-//! in turn; each worker owns one instance of every plugin and runs the whole
-//! chain (mappers, filters, augmenters in plugin order) and then the tokenizer
-//! on its batch. Results are reassembled in batch order, so the output does not
-//! depend on the number of workers. A call that traps is retried on a fresh
-//! instance with the batch halved until the failing document is found; the
-//! error policy then fails the run or skips that document.
+//! in turn and run the whole chain (mappers, filters, augmenters in plugin
+//! order) and then the tokenizer on each. Every batch gets fresh plugin
+//! instances seeded from (run seed, plugin, batch index), so a batch's result
+//! is a function of the plugins, their configuration, the seed and the batch
+//! alone — never of the worker count, nor of what an instance saw before —
+//! and results are reassembled in batch order.
+//!
+//! A call that fails is retried on a fresh instance with the batch halved
+//! until the failing document is found; the error policy then fails the run
+//! or skips that document. Deadlines and the memory cap cost a whole deadline
+//! each: under `fail` they end the run at once, naming the batch; under `skip`
+//! a batch may spend [`deadline_budget`] of them before its undecided
+//! documents are skipped unsearched.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use anyhow::{Result, anyhow, bail};
+use anyhow::{Result, anyhow};
 
 use crate::report::{Excluded, StepReport};
 use crate::steps::{
-    CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, StepPlugin, Verdict,
-    check_output,
+    CallFailure, Derived, DocRef, PluginError, PluginErrorCause, StepInstance, StepKind,
+    StepOutput, StepPlugin, Verdict, check_output,
 };
+use crate::text::bounded;
 use crate::tokenize::Tokenizer;
 
 /// What to do with a document a plugin fails on.
@@ -39,7 +47,21 @@ pub struct PipelineOptions {
     pub on_error: ErrorPolicy,
     /// Run seed; augmenters get a seed derived from it and the batch position.
     pub seed: u64,
+    /// Derived documents one augmenter call may return per input document.
+    pub max_derived_per_document: usize,
+    /// Derived documents each augmenter may add to a split in all.
+    pub max_derived_documents: u64,
 }
+
+/// Longest drop reason kept: reasons are report keys, not messages.
+pub const REASON_BYTES: usize = 120;
+/// Longest error message a plugin reports for a document that is kept.
+pub const MESSAGE_BYTES: usize = 1024;
+/// Distinct drop reasons counted per step; the rest are counted together, so
+/// a plugin inventing a reason per document cannot grow the report.
+pub const DISTINCT_REASONS: usize = 64;
+/// Where reasons past [`DISTINCT_REASONS`] are counted.
+pub const OTHER_REASONS: &str = "(other reasons)";
 
 /// A document going in: where it came from and its text.
 #[derive(Clone, Copy, Debug)]
@@ -61,10 +83,14 @@ pub struct SplitOutput {
 struct WorkDoc {
     source: String,
     text: String,
+    /// The step whose augmenter derived this document, if one did.
+    derived_by: Option<usize>,
 }
 
 struct BatchOutput {
     documents: Vec<Vec<u32>>,
+    /// For each document, the augmenter step that derived it.
+    derived_by: Vec<Option<usize>>,
     steps: Vec<StepReport>,
     excluded: Vec<Excluded>,
 }
@@ -72,7 +98,7 @@ struct BatchOutput {
 /// Runs `docs` through every plugin step (augmenters only when `augment`) and
 /// the tokenizer. `progress` is told of each finished batch: (documents, bytes).
 /// `first_batch`: where `docs` start in the split, in batches (a shard's
-/// part), so that augmenters draw the seeds the whole split would give them.
+/// part), so that plugins draw the seeds the whole split would give them.
 pub fn run(
     docs: &[InputDoc<'_>],
     plugins: &[&dyn StepPlugin],
@@ -100,8 +126,6 @@ pub fn run(
             let sender = sender.clone();
             let (next, cancelled, batches, steps) = (&next, &cancelled, &batches, &steps);
             scope.spawn(move || {
-                let mut instances: Vec<Option<Box<dyn StepInstance>>> =
-                    plugins.iter().map(|_| None).collect();
                 while !cancelled.load(Ordering::Relaxed) {
                     let index = next.fetch_add(1, Ordering::Relaxed);
                     let Some(batch) = batches.get(index) else {
@@ -114,7 +138,7 @@ pub fn run(
                         tokenizer,
                         options,
                     };
-                    let result = context.process(batch, &mut instances);
+                    let result = context.process(batch);
                     if result.is_err() {
                         cancelled.store(true, Ordering::Relaxed);
                     }
@@ -159,7 +183,29 @@ pub fn run(
         .into_iter()
         .map(|o| o.expect("every batch finished"))
     {
-        split.documents.extend(output.documents);
+        for (document, derived_by) in output.documents.into_iter().zip(output.derived_by) {
+            if let Some(step) = derived_by {
+                let report = &mut split.steps[step];
+                if report.derived_kept >= options.max_derived_documents {
+                    if options.on_error == ErrorPolicy::Fail {
+                        return Err(PluginError {
+                            plugin: report.plugin.clone(),
+                            kind: StepKind::Augmenter,
+                            document: "(derived documents)".into(),
+                            documents_in_call: 1,
+                            cause: PluginErrorCause::Call(CallFailure::DerivedPastLimit {
+                                limit: options.max_derived_documents,
+                            }),
+                        }
+                        .into());
+                    }
+                    report.derived_over_limit += 1;
+                    continue;
+                }
+                report.derived_kept += 1;
+            }
+            split.documents.push(document);
+        }
         split.excluded.extend(output.excluded);
         for (total, part) in split.steps.iter_mut().zip(&output.steps) {
             total.merge(part);
@@ -168,12 +214,25 @@ pub fn run(
     Ok(split)
 }
 
-/// SplitMix64 finaliser: independent augmenter seeds per step and batch.
+/// SplitMix64 finaliser: independent seeds per step (or plugin) and batch.
 fn derive_seed(seed: u64, step: usize, batch: usize) -> u64 {
     let mut z = seed ^ ((step as u64) << 48) ^ batch as u64;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// The seed of plugin `plugin`'s instances for `batch`: apart from the
+/// augmenters' per-call seeds, which [`derive_seed`] gives from the run seed.
+fn instance_seed(seed: u64, plugin: usize, batch: usize) -> u64 {
+    derive_seed(derive_seed(seed, 0xFFFF, 0), plugin, batch)
+}
+
+/// Deadline-class failures (deadline, memory cap) one batch step may spend
+/// under `skip` before its undecided documents are skipped unsearched: enough
+/// to bisect a batch of `documents` down to one slow document.
+pub fn deadline_budget(documents: usize) -> usize {
+    documents.max(1).next_power_of_two().trailing_zeros() as usize + 2
 }
 
 /// Results of one step over a batch after recovery: a verdict per document
@@ -182,7 +241,7 @@ fn derive_seed(seed: u64, step: usize, batch: usize) -> u64 {
 struct Recovered {
     verdicts: Vec<Verdict>,
     derived: Vec<Derived>,
-    failed: BTreeMap<usize, String>,
+    failed: BTreeMap<usize, CallFailure>,
 }
 
 struct BatchContext<'a> {
@@ -194,24 +253,23 @@ struct BatchContext<'a> {
 }
 
 impl BatchContext<'_> {
-    fn process(
-        &self,
-        batch: &[InputDoc<'_>],
-        instances: &mut [Option<Box<dyn StepInstance>>],
-    ) -> Result<BatchOutput> {
+    fn process(&self, batch: &[InputDoc<'_>]) -> Result<BatchOutput> {
         let mut docs: Vec<WorkDoc> = batch
             .iter()
             .map(|d| WorkDoc {
                 source: d.source.to_string(),
                 text: d.text.to_string(),
+                derived_by: None,
             })
             .collect();
+        // One instance per plugin for this batch alone, made on first use.
+        let mut instances: Vec<Option<Box<dyn StepInstance>>> =
+            self.plugins.iter().map(|_| None).collect();
         let mut reports = Vec::with_capacity(self.steps.len());
         let mut excluded = Vec::new();
         for (step_index, &(plugin_index, kind)) in self.steps.iter().enumerate() {
-            let plugin = self.plugins[plugin_index];
             let mut report = StepReport {
-                plugin: plugin.name().to_string(),
+                plugin: self.plugins[plugin_index].name().to_string(),
                 kind: Some(kind),
                 ..StepReport::default()
             };
@@ -219,23 +277,22 @@ impl BatchContext<'_> {
             let started = Instant::now();
             let mut recovered = Recovered::default();
             if !docs.is_empty() {
-                let seed = derive_seed(self.options.seed, step_index, self.index);
                 recovered.verdicts = vec![Verdict::Keep; docs.len()];
-                attempt(
-                    &mut instances[plugin_index],
-                    plugin,
+                let mut call = Call {
+                    slot: &mut instances[plugin_index],
+                    plugin: self.plugins[plugin_index],
                     kind,
-                    &docs,
-                    0,
-                    seed,
-                    &mut recovered,
-                )?;
+                    instance_seed: instance_seed(self.options.seed, plugin_index, self.index),
+                    seed: derive_seed(self.options.seed, step_index, self.index),
+                    options: self.options,
+                    deadlines_left: deadline_budget(docs.len()),
+                    exhausted: None,
+                    out: &mut recovered,
+                };
+                call.attempt(&docs, 0)?;
             }
             report.seconds = started.elapsed().as_secs_f64();
-            for (&i, cause) in &recovered.failed {
-                recovered.verdicts[i] = Verdict::Error(cause.clone());
-            }
-            docs = self.apply(plugin, kind, docs, recovered, &mut report, &mut excluded)?;
+            docs = self.apply(step_index, docs, recovered, &mut report, &mut excluded)?;
             reports.push(report);
         }
         let documents = docs
@@ -248,6 +305,7 @@ impl BatchContext<'_> {
             .collect::<Result<_>>()?;
         Ok(BatchOutput {
             documents,
+            derived_by: docs.iter().map(|d| d.derived_by).collect(),
             steps: reports,
             excluded,
         })
@@ -255,56 +313,75 @@ impl BatchContext<'_> {
 
     fn apply(
         &self,
-        plugin: &dyn StepPlugin,
-        kind: StepKind,
+        step_index: usize,
         docs: Vec<WorkDoc>,
         recovered: Recovered,
         report: &mut StepReport,
         excluded: &mut Vec<Excluded>,
     ) -> Result<Vec<WorkDoc>> {
+        let (plugin_index, kind) = self.steps[step_index];
+        let plugin = self.plugins[plugin_index].name();
         let mut derived_by_parent: BTreeMap<u32, Vec<String>> = BTreeMap::new();
         for d in recovered.derived {
-            derived_by_parent.entry(d.parent).or_default().push(d.text);
+            report.added += 1;
+            if d.text.trim().is_empty() {
+                report.derived_empty += 1;
+            } else {
+                derived_by_parent.entry(d.parent).or_default().push(d.text);
+            }
         }
-        report.added = derived_by_parent.values().map(|v| v.len() as u64).sum();
-        let mut verdicts = recovered.verdicts.into_iter();
+        let mut failed = recovered.failed;
         let mut kept = Vec::with_capacity(docs.len());
-        for (i, mut doc) in docs.into_iter().enumerate() {
+        for (i, (mut doc, verdict)) in docs.into_iter().zip(recovered.verdicts).enumerate() {
+            let verdict = match failed.remove(&i) {
+                Some(failure) => Err(PluginErrorCause::Call(failure)),
+                None => Ok(verdict),
+            };
             let exclude = |reason: String, doc: WorkDoc| Excluded {
                 source: doc.source,
-                plugin: plugin.name().to_string(),
+                plugin: plugin.to_string(),
                 kind: Some(kind),
                 reason,
                 text: doc.text,
             };
-            match verdicts.next().unwrap_or(Verdict::Keep) {
-                Verdict::Keep => report.kept += 1,
-                Verdict::Replace(text) => {
-                    report.kept += 1;
+            let cause = match verdict {
+                Ok(Verdict::Keep) => None,
+                Ok(Verdict::Replace(text)) => {
                     report.replaced += 1;
                     doc.text = text;
+                    None
                 }
-                Verdict::Drop(reason) => {
-                    report.dropped += 1;
-                    *report.dropped_by_reason.entry(reason.clone()).or_default() += 1;
+                Ok(Verdict::Drop(reason)) => {
+                    let reason = bounded(reason, REASON_BYTES);
+                    report.count_drop(&reason, 1);
                     excluded.push(exclude(reason, doc));
                     continue;
                 }
-                Verdict::Error(cause) => {
-                    if self.options.on_error == ErrorPolicy::Fail {
-                        bail!(
-                            "plugin `{}` ({}) failed on document {}: {cause}\n\
-                             Fix the plugin or the document, or pass --on_plugin_error skip to skip such documents.",
-                            plugin.name(),
-                            kind_name(kind),
-                            doc.source
-                        );
-                    }
-                    report.errors += 1;
-                    excluded.push(exclude(format!("error: {cause}"), doc));
-                    continue;
+                Ok(Verdict::Error(message)) => {
+                    Some(PluginErrorCause::Reported(bounded(message, MESSAGE_BYTES)))
                 }
+                Err(cause) => Some(cause),
+            };
+            if let Some(cause) = cause {
+                if self.options.on_error == ErrorPolicy::Fail {
+                    return Err(PluginError {
+                        plugin: plugin.to_string(),
+                        kind,
+                        document: doc.source,
+                        documents_in_call: 1,
+                        cause,
+                    }
+                    .into());
+                }
+                report.errors += 1;
+                let message = match cause {
+                    PluginErrorCause::Call(failure) => failure.to_string(),
+                    PluginErrorCause::Reported(message) => message,
+                };
+                excluded.push(exclude(format!("error: {message}"), doc));
+                continue;
             }
+            report.kept += 1;
             let children = derived_by_parent.remove(&(i as u32)).unwrap_or_default();
             let parent_source = doc.source.clone();
             kept.push(doc);
@@ -312,6 +389,7 @@ impl BatchContext<'_> {
                 kept.push(WorkDoc {
                     source: format!("{parent_source}+aug{}", n + 1),
                     text,
+                    derived_by: Some(step_index),
                 });
             }
         }
@@ -319,88 +397,123 @@ impl BatchContext<'_> {
     }
 }
 
-fn kind_name(kind: StepKind) -> &'static str {
-    match kind {
-        StepKind::Mapper => "mapper",
-        StepKind::Filter => "filter",
-        StepKind::Augmenter => "augmenter",
-    }
+/// One step's calls over a batch, with what bisection needs.
+struct Call<'a> {
+    slot: &'a mut Option<Box<dyn StepInstance>>,
+    plugin: &'a dyn StepPlugin,
+    kind: StepKind,
+    instance_seed: u64,
+    /// The augmenter's seed argument.
+    seed: u64,
+    options: &'a PipelineOptions,
+    /// Deadline-class failures this batch step may still spend under `skip`.
+    deadlines_left: usize,
+    /// The deadline-class failure that spent the budget, once it is spent.
+    exhausted: Option<CallFailure>,
+    out: &'a mut Recovered,
 }
 
-/// Calls `plugin` on `docs` (which start at `offset` in the batch); on a failed
-/// call, discards the instance and retries each half, down to single documents.
-#[allow(clippy::too_many_arguments)]
-fn attempt(
-    slot: &mut Option<Box<dyn StepInstance>>,
-    plugin: &dyn StepPlugin,
-    kind: StepKind,
-    docs: &[WorkDoc],
-    offset: usize,
-    seed: u64,
-    out: &mut Recovered,
-) -> Result<()> {
-    let instance = match slot {
-        Some(instance) => instance,
-        None => slot.insert(plugin.instantiate()?),
-    };
-    let refs: Vec<DocRef<'_>> = docs
-        .iter()
-        .map(|d| DocRef {
-            source: &d.source,
-            text: &d.text,
-        })
-        .collect();
-    let result = instance.apply(kind, &refs, seed).and_then(|output| {
-        check_output(kind, &refs, &output)?;
-        Ok(output)
-    });
-    match result {
-        Ok(StepOutput::Verdicts(verdicts)) => {
-            out.verdicts
-                .splice(offset..offset + verdicts.len(), verdicts);
+impl Call<'_> {
+    /// Calls the plugin on `docs` (which start at `offset` in the batch); on
+    /// a failed call, discards the instance and retries each half, down to
+    /// single documents.
+    fn attempt(&mut self, docs: &[WorkDoc], offset: usize) -> Result<()> {
+        if let Some(failure) = &self.exhausted {
+            // Out of budget: the rest of the batch is skipped unsearched.
+            for i in offset..offset + docs.len() {
+                self.out.failed.insert(i, failure.clone());
+            }
+            return Ok(());
         }
-        Ok(StepOutput::Derived(derived)) => {
-            out.derived.extend(derived.into_iter().map(|d| Derived {
-                parent: d.parent + offset as u32,
-                ..d
-            }));
-        }
-        Err(CallFailure(cause)) => {
-            *slot = None;
-            if docs.len() == 1 {
-                out.failed.insert(offset, cause);
-            } else {
-                let middle = docs.len() / 2;
-                attempt(slot, plugin, kind, &docs[..middle], offset, seed, out)?;
-                attempt(
-                    slot,
-                    plugin,
-                    kind,
-                    &docs[middle..],
-                    offset + middle,
-                    seed,
-                    out,
-                )?;
+        let instance = match self.slot {
+            Some(instance) => instance,
+            None => self
+                .slot
+                .insert(self.plugin.instantiate(self.instance_seed)?),
+        };
+        let refs: Vec<DocRef<'_>> = docs
+            .iter()
+            .map(|d| DocRef {
+                source: &d.source,
+                text: &d.text,
+            })
+            .collect();
+        let result = instance.apply(self.kind, &refs, self.seed).and_then(|output| {
+            check_output(
+                self.kind,
+                &refs,
+                &output,
+                self.options.max_derived_per_document,
+            )?;
+            Ok(output)
+        });
+        let failure = match result {
+            Ok(StepOutput::Verdicts(verdicts)) => {
+                self.out
+                    .verdicts
+                    .splice(offset..offset + verdicts.len(), verdicts);
+                return Ok(());
+            }
+            Ok(StepOutput::Derived(derived)) => {
+                self.out.derived.extend(derived.into_iter().map(|d| Derived {
+                    parent: d.parent + offset as u32,
+                    ..d
+                }));
+                return Ok(());
+            }
+            Err(failure) => failure,
+        };
+        *self.slot = None;
+        if failure.is_exhaustion() {
+            if self.options.on_error == ErrorPolicy::Fail {
+                return Err(PluginError {
+                    plugin: self.plugin.name().to_string(),
+                    kind: self.kind,
+                    document: docs[0].source.clone(),
+                    documents_in_call: docs.len(),
+                    cause: PluginErrorCause::Call(failure),
+                }
+                .into());
+            }
+            self.deadlines_left = self.deadlines_left.saturating_sub(1);
+            if self.deadlines_left == 0 {
+                self.exhausted = Some(failure);
+                return self.attempt(docs, offset);
             }
         }
+        if docs.len() == 1 {
+            self.out.failed.insert(offset, failure);
+            return Ok(());
+        }
+        let middle = docs.len() / 2;
+        self.attempt(&docs[..middle], offset)?;
+        self.attempt(&docs[middle..], offset + middle)
     }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
     use std::sync::atomic::AtomicU32;
 
     /// A native plugin: uppercases (mapper), drops texts containing "drop"
-    /// (filter), panics-as-failure on "trap", reports an error on "bad",
-    /// returns a short result list on "short", duplicates (augmenter).
+    /// (filter), panics-as-failure on "trap", times out on "slow", reports an
+    /// error on "bad", returns a short result list on "short", duplicates
+    /// (augmenter; an empty copy on "empty"). Its instances count their calls
+    /// and tag output with that count and their seed: state that must not
+    /// leak between batches.
     struct Fake {
         kinds: Vec<StepKind>,
         instances: AtomicU32,
+        calls: Arc<AtomicU32>,
     }
 
-    struct FakeInstance;
+    struct FakeInstance {
+        seed: u64,
+        calls_so_far: u32,
+        calls: Arc<AtomicU32>,
+    }
 
     impl StepPlugin for Fake {
         fn name(&self) -> &str {
@@ -409,9 +522,13 @@ mod tests {
         fn steps(&self) -> Vec<StepKind> {
             self.kinds.clone()
         }
-        fn instantiate(&self) -> Result<Box<dyn StepInstance>> {
+        fn instantiate(&self, seed: u64) -> Result<Box<dyn StepInstance>> {
             self.instances.fetch_add(1, Ordering::Relaxed);
-            Ok(Box::new(FakeInstance))
+            Ok(Box::new(FakeInstance {
+                seed,
+                calls_so_far: 0,
+                calls: self.calls.clone(),
+            }))
         }
     }
 
@@ -422,8 +539,16 @@ mod tests {
             docs: &[DocRef<'_>],
             seed: u64,
         ) -> Result<StepOutput, CallFailure> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.calls_so_far += 1;
             if docs.iter().any(|d| d.text.contains("trap")) {
-                return Err(CallFailure("wasm trap: unreachable".into()));
+                return Err(CallFailure::Trap {
+                    trap: "wasm `unreachable` instruction executed".into(),
+                    stderr: String::new(),
+                });
+            }
+            if docs.iter().any(|d| d.text.contains("slow")) {
+                return Err(CallFailure::Deadline { millis: 300 });
             }
             if docs.iter().any(|d| d.text.contains("short")) {
                 return Ok(StepOutput::Verdicts(vec![]));
@@ -435,7 +560,12 @@ mod tests {
                             if d.text.contains("bad") {
                                 Verdict::Error("cannot".into())
                             } else {
-                                Verdict::Replace(d.text.to_uppercase())
+                                Verdict::Replace(format!(
+                                    "{} {} {}",
+                                    d.text.to_uppercase(),
+                                    self.calls_so_far,
+                                    self.seed % 1000
+                                ))
                             }
                         })
                         .collect(),
@@ -455,7 +585,11 @@ mod tests {
                     (0..docs.len())
                         .map(|i| Derived {
                             parent: i as u32,
-                            text: format!("{}#{}", docs[i].text, seed % 2),
+                            text: if docs[i].text.contains("empty") {
+                                " \n".into()
+                            } else {
+                                format!("{}#{}", docs[i].text, seed % 2)
+                            },
                         })
                         .collect(),
                 ),
@@ -477,6 +611,8 @@ mod tests {
             workers,
             on_error,
             seed: 42,
+            max_derived_per_document: 4,
+            max_derived_documents: u64::MAX,
         }
     }
 
@@ -514,6 +650,7 @@ mod tests {
         Fake {
             kinds: kinds.to_vec(),
             instances: AtomicU32::new(0),
+            calls: Arc::new(AtomicU32::new(0)),
         }
     }
 
@@ -531,7 +668,10 @@ mod tests {
         let plugin = fake(&[StepKind::Mapper, StepKind::Filter, StepKind::Augmenter]);
         let one = run_texts(&texts, &plugin, true, &options(1, ErrorPolicy::Fail)).unwrap();
         let two = run_texts(&texts, &plugin, true, &options(2, ErrorPolicy::Fail)).unwrap();
+        let three = run_texts(&texts, &plugin, true, &options(3, ErrorPolicy::Fail)).unwrap();
+        // The fake's output carries its per-instance call count and seed.
         assert_eq!(one.documents, two.documents);
+        assert_eq!(one.documents, three.documents);
         let [mapper, filter, augmenter] = &one.steps[..] else {
             panic!()
         };
@@ -542,6 +682,12 @@ mod tests {
             (augmenter.input, augmenter.kept, augmenter.added),
             (29, 29, 29)
         );
+        // Every batch got fresh instances: each mapper call was its instance's first.
+        let tokenizer = tokenizer();
+        for document in &one.documents {
+            let text = tokenizer.decode(document).unwrap();
+            assert!(text.contains("\n 1 "), "{text:?}");
+        }
         assert_eq!(one.documents.len(), 58);
         assert_eq!(one.excluded.len(), 8);
         assert_eq!(one.excluded[0].source, "c.txt:1");
@@ -561,12 +707,13 @@ mod tests {
             .to_string();
         assert!(
             err.contains(
-                "plugin `fake` (mapper) failed on document c.txt:7: wasm trap: unreachable"
+                "plugin `fake` (mapper) failed on document c.txt:7: trapped: wasm `unreachable` instruction executed"
             ),
             "{err}"
         );
-        // Batch 4..8 traps; halves and quarters each get a fresh instance: 1 + 3.
-        assert_eq!(plugin.instances.load(Ordering::Relaxed), 4);
+        // Batch 0..4 gets one instance; batch 4..8 traps, and its halves and
+        // quarters each get a fresh one: 1 + 1 + 3.
+        assert_eq!(plugin.instances.load(Ordering::Relaxed), 5);
         let skipped = run_texts(
             &texts,
             &fake(&[StepKind::Mapper]),
@@ -577,7 +724,72 @@ mod tests {
         assert_eq!(skipped.steps[0].errors, 1);
         assert_eq!(skipped.steps[0].kept, 7);
         assert_eq!(skipped.excluded[0].source, "c.txt:7");
-        assert!(skipped.excluded[0].reason.starts_with("error: wasm trap"));
+        assert!(skipped.excluded[0].reason.starts_with("error: trapped: wasm"));
+    }
+
+    #[test]
+    fn a_deadline_ends_a_fail_run_at_once_and_is_bisected_within_budget_under_skip() {
+        let mut texts: Vec<String> = (0..16).map(|i| format!("doc {i}\n")).collect();
+        texts[13] = "slow one\n".into();
+        let plugin = fake(&[StepKind::Filter]);
+        let mut opts = options(1, ErrorPolicy::Fail);
+        opts.batch_size = 16;
+        let err = run_texts(&texts, &plugin, false, &opts).unwrap_err();
+        let failure = err.downcast_ref::<PluginError>().expect("a typed plugin error");
+        assert_eq!((failure.document.as_str(), failure.documents_in_call), ("c.txt:1", 16));
+        assert!(
+            err.to_string().starts_with(
+                "plugin `fake` (filter) failed on the batch of 16 documents starting at c.txt:1: did not finish within the 300 ms deadline"
+            ),
+            "{err}"
+        );
+        assert_eq!(plugin.calls.load(Ordering::Relaxed), 1, "no bisection under fail");
+
+        // Under skip, one slow document costs one deadline per level: 16, 8, 4, 2, 1.
+        let plugin = fake(&[StepKind::Filter]);
+        opts.on_error = ErrorPolicy::Skip;
+        let out = run_texts(&texts, &plugin, false, &opts).unwrap();
+        assert_eq!(out.steps[0].errors, 1);
+        assert_eq!(out.excluded[0].source, "c.txt:14");
+        assert_eq!(deadline_budget(16), 6);
+        // Every document slow: the budget (6 deadlines) ends the search, and
+        // the batch's documents are skipped without one call each.
+        let slow: Vec<String> = (0..16).map(|i| format!("slow {i}\n")).collect();
+        let plugin = fake(&[StepKind::Filter]);
+        let out = run_texts(&slow, &plugin, false, &opts).unwrap();
+        assert_eq!(out.steps[0].errors, 16);
+        assert_eq!(plugin.calls.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn empty_derived_documents_are_dropped_and_derived_ones_bounded_per_split() {
+        let texts: Vec<String> = vec!["a\n".into(), "empty\n".into(), "b\n".into()];
+        let plugin = fake(&[StepKind::Augmenter]);
+        let out = run_texts(&texts, &plugin, true, &options(1, ErrorPolicy::Fail)).unwrap();
+        assert_eq!((out.steps[0].added, out.steps[0].derived_empty), (3, 1));
+        assert_eq!(out.documents.len(), 5);
+        let mut opts = options(1, ErrorPolicy::Skip);
+        opts.max_derived_documents = 1;
+        let out = run_texts(&texts, &plugin, true, &opts).unwrap();
+        assert_eq!(out.documents.len(), 4);
+        assert_eq!(out.steps[0].derived_over_limit, 1);
+        opts.on_error = ErrorPolicy::Fail;
+        let err = run_texts(&texts, &plugin, true, &opts).unwrap_err().to_string();
+        assert!(
+            err.contains("(augmenter)") && err.contains("derived more than the split's limit of 1 documents"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn distinct_drop_reasons_are_bounded() {
+        let mut report = StepReport::default();
+        for i in 0..1000 {
+            report.count_drop(&format!("reason {i}"), 1);
+        }
+        assert_eq!(report.dropped, 1000);
+        assert_eq!(report.dropped_by_reason.len(), DISTINCT_REASONS + 1);
+        assert_eq!(report.dropped_by_reason[OTHER_REASONS], 1000 - DISTINCT_REASONS as u64);
     }
 
     #[test]

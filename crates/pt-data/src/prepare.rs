@@ -25,7 +25,9 @@ use crate::steps::StepPlugin;
 use crate::tokenize::Tokenizer;
 
 /// Bump when the cached dataset's layout or meaning changes.
-const CACHE_FORMAT: u32 = 1;
+/// 2: plugin instances fresh per batch (results independent of workers),
+/// bounded augmentation.
+const CACHE_FORMAT: u32 = 2;
 
 #[derive(Clone, Debug)]
 pub struct PrepareOptions {
@@ -104,6 +106,8 @@ struct CacheKey<'a> {
     batch_size: usize,
     seed: u64,
     on_error: pipeline::ErrorPolicy,
+    max_derived_per_document: usize,
+    max_derived_documents: u64,
 }
 
 fn read_dir(dir: &Path, options: &ReadOptions) -> Result<Vec<SourceFile>> {
@@ -189,6 +193,8 @@ pub fn prepare(
         batch_size: options.pipeline.batch_size,
         seed: options.pipeline.seed,
         on_error: options.pipeline.on_error,
+        max_derived_per_document: options.pipeline.max_derived_per_document,
+        max_derived_documents: options.pipeline.max_derived_documents,
     };
     let key = hex::encode(Sha256::digest(serde_json::to_vec(&key)?));
     let entry = options.cache_dir.join("datasets").join(&key);
@@ -393,7 +399,10 @@ pub fn prepare(
 /// `data_report.json` and the entry's `excluded.jsonl` into `output_dir`, if given.
 fn publish(entry: &Path, report: &DataReport, output_dir: Option<&Path>) -> Result<()> {
     if let Some(dir) = output_dir {
-        write_atomically(&dir.join(REPORT), &serde_json::to_vec_pretty(report)?)?;
+        write_atomically(
+            &dir.join(REPORT),
+            &crate::text::to_inert_json_pretty(report)?,
+        )?;
         copy_atomically(&entry.join(EXCLUDED), &dir.join(EXCLUDED))?;
     }
     Ok(())
@@ -588,13 +597,16 @@ fn save_entry(entry: &Path, prepared: &Prepared, excluded: &[Excluded]) -> Resul
         prepared.validation.save(&staging.join(VALIDATION))?;
         let mut lines = Vec::new();
         for record in excluded {
-            serde_json::to_writer(&mut lines, record)?;
+            lines.extend(crate::text::to_inert_json(record)?);
             lines.push(b'\n');
         }
         fs::write(staging.join(EXCLUDED), lines)?;
         let mut cached = prepared.report.clone();
         cached.cache_hit = true;
-        fs::write(staging.join(REPORT), serde_json::to_vec_pretty(&cached)?)?;
+        fs::write(
+            staging.join(REPORT),
+            crate::text::to_inert_json_pretty(&cached)?,
+        )?;
         Ok(())
     })
 }

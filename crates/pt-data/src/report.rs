@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::pipeline::{DISTINCT_REASONS, OTHER_REASONS};
 use crate::steps::StepKind;
 
 /// Counts of one plugin step on one split. Invariant:
@@ -23,21 +24,49 @@ pub struct StepReport {
     pub errors: u64,
     /// Documents an augmenter created.
     pub added: u64,
+    /// Of those, empty (or blank) ones, dropped rather than packed.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub derived_empty: u64,
+    /// Derived documents discarded past the split's limit (`skip` policy).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub derived_over_limit: u64,
+    /// Derived documents of this step in the split so far (counted against the limit).
+    #[serde(skip)]
+    pub(crate) derived_kept: u64,
     /// Time spent in the plugin, summed over worker threads.
     pub seconds: f64,
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl StepReport {
+    /// Counts `n` documents dropped for `reason`. Past
+    /// [`DISTINCT_REASONS`] distinct reasons, new ones count as [`OTHER_REASONS`].
+    pub(crate) fn count_drop(&mut self, reason: &str, n: u64) {
+        self.dropped += n;
+        let key = if self.dropped_by_reason.contains_key(reason)
+            || self.dropped_by_reason.len() < DISTINCT_REASONS
+        {
+            reason
+        } else {
+            OTHER_REASONS
+        };
+        *self.dropped_by_reason.entry(key.to_string()).or_default() += n;
+    }
+
     pub(crate) fn merge(&mut self, other: &StepReport) {
         self.input += other.input;
         self.kept += other.kept;
         self.replaced += other.replaced;
-        self.dropped += other.dropped;
         for (reason, n) in &other.dropped_by_reason {
-            *self.dropped_by_reason.entry(reason.clone()).or_default() += n;
+            self.count_drop(reason, *n);
         }
         self.errors += other.errors;
         self.added += other.added;
+        self.derived_empty += other.derived_empty;
+        self.derived_over_limit += other.derived_over_limit;
         self.seconds += other.seconds;
     }
 }

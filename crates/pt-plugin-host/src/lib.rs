@@ -3,10 +3,12 @@
 //! Plugins are components implementing `pt:plugin@0.1.0` (`wit/since_v0.1.0`).
 //! The code is split as the work is: [`load`] compiles (or fetches from the
 //! cache) and validates a component, [`link`] decides what a plugin may touch
-//! (nothing but a bounded log and captured output), [`run`] executes calls
-//! under a memory cap and a wall-clock deadline and turns traps into errors.
+//! (nothing but a bounded log and captured output), [`limits`] bounds each
+//! instance (one memory cap, a deadline per call), [`run`] executes calls and
+//! turns traps into typed failures.
 
 mod bindings;
+pub mod limits;
 pub mod link;
 pub mod load;
 pub mod native;
@@ -14,7 +16,8 @@ mod output;
 pub mod run;
 
 pub use bindings::pt::plugin::types::{Kind, MetricValue, Sample};
-pub use load::{LoadedPlugin, PluginLimits, PluginRuntime};
+pub use limits::PluginLimits;
+pub use load::{ComponentCache, LoadedPlugin, PluginRuntime};
 pub use native::NativePlugin;
 pub use run::{MetricSession, PluginInstance};
 

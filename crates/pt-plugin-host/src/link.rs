@@ -8,10 +8,11 @@
 //!
 //! Time and entropy are virtual, so that a plugin's output depends only on
 //! its input, its configuration and the seed — what the dataset cache key
-//! records. Clocks start at zero and advance a microsecond per reading;
-//! waiting on a clock (a sleep) returns at once, moving virtual time forward,
-//! so a plugin can never block the host in a call the deadline cannot
-//! interrupt; randomness is a fixed-seed generator per instance.
+//! records. Clocks start at zero with each instance and advance a microsecond
+//! per reading; waiting on a clock (a sleep) returns at once, moving virtual
+//! time forward, so a plugin can never block the host in a call the deadline
+//! cannot interrupt; randomness is a generator seeded per instance (the data
+//! pipeline seeds it from the run seed, the plugin and the batch index).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,13 +22,15 @@ use std::time::Duration;
 
 use rand::SeedableRng;
 use wasmtime::component::{HasSelf, Linker, Resource, ResourceTable};
-use wasmtime::{Engine, StoreContextMut, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Engine, StoreContextMut};
 use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
 use wasmtime_wasi::p2::{DynPollable, Pollable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::bindings::{self, pt::plugin::host::Level};
+use crate::limits::InstanceLimiter;
 use crate::output::CapturedOutput;
+use pt_data::text::{bounded, escape_controls};
 
 /// Bytes of stdout and of stderr kept per call.
 const CAPTURED_BYTES: usize = 64 * 1024;
@@ -37,8 +40,8 @@ const LOG_LINE_BYTES: usize = 2048;
 
 /// Nanoseconds a clock reading advances virtual time.
 const TICK_NANOS: u64 = 1_000;
-/// The seed of every instance's random generators.
-const RANDOM_SEED: u64 = 0x0070_742d_686f_7374; // "pt-host" in ASCII
+/// The seed of instances made outside the data pipeline (probes, metrics).
+pub(crate) const DEFAULT_SEED: u64 = 0x0070_742d_686f_7374; // "pt-host" in ASCII
 
 /// Virtual time, in nanoseconds, shared by an instance's clocks.
 #[derive(Clone, Default)]
@@ -94,14 +97,14 @@ pub struct PluginState {
     time: VirtualTime,
     wasi: WasiCtx,
     table: ResourceTable,
-    pub(crate) limits: StoreLimits,
+    pub(crate) limits: InstanceLimiter,
     pub(crate) stdout: CapturedOutput,
     pub(crate) stderr: CapturedOutput,
     log_lines_left: u32,
 }
 
 impl PluginState {
-    pub(crate) fn new(plugin: Arc<str>, memory_bytes: usize) -> Self {
+    pub(crate) fn new(plugin: Arc<str>, memory_bytes: usize, seed: u64) -> Self {
         let stdout = CapturedOutput::new(CAPTURED_BYTES);
         let stderr = CapturedOutput::new(CAPTURED_BYTES);
         let time = VirtualTime::default();
@@ -113,24 +116,16 @@ impl PluginState {
             .allow_ip_name_lookup(false)
             .wall_clock(time.clone())
             .monotonic_clock(time.clone())
-            .secure_random(rand::rngs::StdRng::seed_from_u64(RANDOM_SEED))
-            .insecure_random(rand::rngs::StdRng::seed_from_u64(RANDOM_SEED + 1))
-            .insecure_random_seed(u128::from(RANDOM_SEED))
-            .build();
-        // Python components create many core instances, memories and tables.
-        let limits = StoreLimitsBuilder::new()
-            .memory_size(memory_bytes)
-            .instances(64)
-            .memories(16)
-            .tables(64)
-            .trap_on_grow_failure(true)
+            .secure_random(rand::rngs::StdRng::seed_from_u64(seed))
+            .insecure_random(rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(1)))
+            .insecure_random_seed(u128::from(seed))
             .build();
         Self {
             plugin,
             time,
             wasi,
             table: ResourceTable::new(),
-            limits,
+            limits: InstanceLimiter::new(memory_bytes),
             stdout,
             stderr,
             log_lines_left: LOG_LINES_PER_CALL,
@@ -155,19 +150,13 @@ impl WasiView for PluginState {
 impl bindings::pt::plugin::types::Host for PluginState {}
 
 impl bindings::pt::plugin::host::Host for PluginState {
-    fn log(&mut self, level: Level, mut message: String) {
+    fn log(&mut self, level: Level, message: String) {
         if self.log_lines_left == 0 {
             return;
         }
         self.log_lines_left -= 1;
-        if message.len() > LOG_LINE_BYTES {
-            let mut cut = LOG_LINE_BYTES;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push('…');
-        }
+        let message = bounded(message, LOG_LINE_BYTES);
+        let message = escape_controls(&message, false);
         let plugin = &*self.plugin;
         match level {
             Level::Trace => tracing::trace!(target: "plugin", plugin, "{message}"),

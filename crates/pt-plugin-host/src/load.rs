@@ -3,93 +3,123 @@
 //! declares, and validate its configuration once before any work starts.
 
 use std::hash::{Hash, Hasher};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use hmac::{Hmac, Mac};
+use pt_data::text::{bounded, escape_controls};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Engine};
 
 use crate::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, plugin};
 use crate::bindings::pt::plugin::types::{Info, Kind};
-use crate::link::{self, PluginState};
+use crate::limits::{PluginLimits, Ticker};
+use crate::link::{self, DEFAULT_SEED, PluginState};
 use crate::run::PluginInstance;
+use pt_data::pipeline::MESSAGE_BYTES;
 
-/// How often the deadline clock ticks; deadlines are rounded up to ticks.
-pub(crate) const TICK: Duration = Duration::from_millis(5);
+/// Longest description and configuration schema kept from `describe`.
+const DESCRIPTION_BYTES: usize = 512;
+const SCHEMA_BYTES: usize = 64 * 1024;
 
-/// Resource limits of each plugin instance.
-#[derive(Clone, Copy, Debug)]
-pub struct PluginLimits {
-    /// Linear memory of the instance, all memories together.
-    pub memory_bytes: usize,
-    /// Wall-clock limit of one call (instantiation and configure included).
-    pub call_timeout: Duration,
+/// Where compiled components are kept, and the key that vouches for them.
+///
+/// A compiled component is native code that wasmtime loads without checks,
+/// so the cache directory must not be a way to run code: every artefact
+/// carries an HMAC-SHA256 under a per-user secret (`key_file`, created
+/// readable by its owner alone). A file this user's pt-host did not write —
+/// planted, copied from another machine, or altered — fails the check and
+/// is recompiled from the component.
+#[derive(Clone, Debug)]
+pub struct ComponentCache {
+    pub dir: PathBuf,
+    pub key_file: PathBuf,
 }
 
-impl Default for PluginLimits {
-    fn default() -> Self {
-        Self {
-            memory_bytes: 512 << 20,
-            call_timeout: Duration::from_secs(30),
+type CacheMac = Hmac<Sha256>;
+const MAC_BYTES: usize = 32;
+
+impl ComponentCache {
+    /// The secret, created on first use. `None` (no caching, with a warning)
+    /// when it cannot be kept private.
+    fn key(&self) -> Option<Vec<u8>> {
+        match read_or_create_key(&self.key_file) {
+            Ok(key) => Some(key),
+            Err(error) => {
+                tracing::warn!(
+                    "{}: compiled plugins are not cached: {error:#}",
+                    self.key_file.display()
+                );
+                None
+            }
         }
     }
 }
 
-/// Advances the engine's epoch every [`TICK`] until dropped.
-struct Ticker {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Ticker {
-    fn start(engine: Engine) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("plugin-deadlines".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(TICK);
-                    engine.increment_epoch();
-                }
-            })
-            .expect("spawn the deadline thread");
-        Self {
-            stop,
-            thread: Some(thread),
+fn read_or_create_key(path: &Path) -> Result<Vec<u8>> {
+    if !path.exists() {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| anyhow!("no randomness for a key: {e}"))?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        match options.open(path) {
+            Ok(mut file) => {
+                file.write_all(hex::encode(key).as_bytes())?;
+                file.sync_all()?;
+            }
+            // Another process made it first: use theirs.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e.into()),
         }
     }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        if meta.mode() & 0o077 != 0 {
+            bail!(
+                "readable or writable by others (mode {:o}); `chmod 600` it",
+                meta.mode() & 0o777
+            );
         }
     }
+    let text = std::fs::read_to_string(path)?;
+    hex::decode(text.trim()).context("not a hex key")
+}
+
+fn cache_mac(key: &[u8], name: &str, code: &[u8]) -> CacheMac {
+    let mut mac = CacheMac::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(name.as_bytes());
+    mac.update(code);
+    mac
 }
 
 /// The wasmtime engine, linker and component cache shared by all plugins.
 pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<PluginState>,
-    cache_dir: Option<PathBuf>,
+    cache: Option<ComponentCache>,
     _ticker: Ticker,
 }
 
 impl PluginRuntime {
-    /// `cache_dir`: where compiled components are kept (`None`: no caching).
-    pub fn new(cache_dir: Option<PathBuf>) -> Result<Self> {
+    /// `cache`: where compiled components are kept (`None`: no caching).
+    pub fn new(cache: Option<ComponentCache>) -> Result<Self> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         config.wasm_component_model(true);
         config.parallel_compilation(true);
+        // Failures are classified from typed traps; a wasm backtrace would
+        // only put the plugin's frames into the user's error message.
+        config.wasm_backtrace_max_frames(None);
         let engine = Engine::new(&config)
             .map_err(|e| anyhow!("cannot start the WebAssembly engine: {e}"))?;
         let linker =
@@ -98,15 +128,16 @@ impl PluginRuntime {
         Ok(Self {
             engine,
             linker,
-            cache_dir,
+            cache,
             _ticker: ticker,
         })
     }
 
-    /// Compiles `bytes`, or loads the precompiled form from the cache. The key
-    /// is the component's sha256 and the engine's compatibility hash, so a new
-    /// wasmtime or different settings never load stale code. Returns whether
-    /// the cache was hit.
+    /// Compiles `bytes`, or loads the precompiled form from the cache. The
+    /// name is the component's sha256 and the engine's compatibility hash,
+    /// so a new wasmtime or different settings never load stale code; the
+    /// content is trusted only under this user's MAC. Returns whether the
+    /// cache was hit.
     fn compile(&self, path: &Path, bytes: &[u8], digest: &str) -> Result<(Component, bool)> {
         let compile = || {
             Component::new(&self.engine, bytes).map_err(|e| {
@@ -117,32 +148,49 @@ impl PluginRuntime {
                 )
             })
         };
-        let Some(dir) = &self.cache_dir else {
+        let Some((cache, key)) = self
+            .cache
+            .as_ref()
+            .and_then(|cache| Some((cache, cache.key()?)))
+        else {
             return Ok((compile()?, false));
         };
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         self.engine
             .precompile_compatibility_hash()
             .hash(&mut hasher);
-        let cached = dir
-            .join("components")
-            .join(format!("{digest}-{:016x}.cwasm", hasher.finish()));
-        if cached.is_file() {
-            // SAFETY: the file was written by `Component::serialize` of an
-            // engine with the same compatibility hash, into the user's own
-            // cache directory, under the component's content hash.
-            match unsafe { Component::deserialize_file(&self.engine, &cached) } {
-                Ok(component) => return Ok((component, true)),
-                Err(e) => tracing::warn!(
-                    "{}: unusable cached component, recompiling: {e}",
+        let name = format!("{digest}-{:016x}.cwasm", hasher.finish());
+        let cached = cache.dir.join("components").join(&name);
+        if let Ok(stored) = std::fs::read(&cached) {
+            let trusted = stored.len() > MAC_BYTES && {
+                let (code, tag) = stored.split_at(stored.len() - MAC_BYTES);
+                cache_mac(&key, &name, code).verify_slice(tag).is_ok()
+            };
+            if !trusted {
+                tracing::warn!(
+                    "{}: not written by this user's pt-host (its MAC does not verify); recompiling",
                     cached.display()
-                ),
+                );
+            } else {
+                let code = &stored[..stored.len() - MAC_BYTES];
+                // SAFETY: `code` is what `Component::serialize` wrote for an
+                // engine of this compatibility hash: its MAC under this
+                // user's private key verified just above.
+                match unsafe { Component::deserialize(&self.engine, code) } {
+                    Ok(component) => return Ok((component, true)),
+                    Err(e) => tracing::warn!(
+                        "{}: unusable cached component, recompiling: {e}",
+                        cached.display()
+                    ),
+                }
             }
         }
         let component = compile()?;
-        let serialized = component
+        let mut serialized = component
             .serialize()
             .map_err(|e| anyhow!("cannot serialise the compiled component: {e}"))?;
+        let tag = cache_mac(&key, &name, &serialized).finalize().into_bytes();
+        serialized.extend_from_slice(&tag);
         std::fs::create_dir_all(cached.parent().unwrap())
             .and_then(|()| {
                 let temporary = cached.with_extension(format!("partial-{}", std::process::id()));
@@ -228,11 +276,12 @@ impl PluginRuntime {
             pre,
         };
         let mut probe = loaded
-            .instance_unconfigured()
+            .instance_unconfigured(DEFAULT_SEED)
             .with_context(|| format!("plugin {}", path.display()))?;
-        loaded.info = probe
+        let info = probe
             .describe()
-            .map_err(|e| anyhow!("plugin {}: describe failed: {}", path.display(), e.0))?;
+            .map_err(|e| anyhow!("plugin {}: describe failed: {e}", path.display()))?;
+        loaded.info = checked_info(path, info)?;
         loaded.name = loaded.info.id.clone().into();
         for kind in &loaded.info.kinds {
             let exported = match kind {
@@ -265,6 +314,41 @@ impl PluginRuntime {
     }
 }
 
+/// Whether `text` is a plugin id: 1–64 ASCII letters, digits, `_`, `-` or
+/// `.`, starting with a letter or digit — safe in a terminal, a file name,
+/// `--plugin_config NAME=…` and `NAME@VERSION`.
+fn is_identifier(text: &str, max: usize, extra: &[char]) -> bool {
+    (1..=max).contains(&text.len())
+        && text.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || extra.contains(&c))
+}
+
+/// `describe`'s answer, validated (id, version) and bounded (description,
+/// schema), naming the file when it is refused.
+fn checked_info(path: &Path, mut info: Info) -> Result<Info> {
+    let shown = |text: &str| escape_controls(&bounded(text.to_string(), 80), false).into_owned();
+    if !is_identifier(&info.id, 64, &[]) {
+        bail!(
+            "{}: the plugin's id `{}` is not an identifier (1–64 ASCII letters, digits, `_`, `-`, `.`, starting with a letter or digit)",
+            path.display(),
+            shown(&info.id)
+        );
+    }
+    if !is_identifier(&info.version, 32, &['+']) {
+        bail!(
+            "{}: plugin `{}` has version `{}`, which is not a version (1–32 ASCII letters, digits, `.`, `-`, `+`, `_`, e.g. 1.2.0)",
+            path.display(),
+            info.id,
+            shown(&info.version)
+        );
+    }
+    info.description = bounded(info.description, DESCRIPTION_BYTES);
+    info.config_schema = bounded(info.config_schema, SCHEMA_BYTES);
+    Ok(info)
+}
+
 pub(crate) struct Exports {
     pub plugin: plugin::GuestIndices,
     pub filter: Option<filter::GuestIndices>,
@@ -292,9 +376,9 @@ pub struct LoadedPlugin {
 }
 
 impl LoadedPlugin {
-    /// A fresh, configured instance.
-    pub fn instance(&self) -> Result<PluginInstance> {
-        let mut instance = self.instance_unconfigured()?;
+    /// A fresh, configured instance whose randomness starts from `seed`.
+    pub fn instance(&self, seed: u64) -> Result<PluginInstance> {
+        let mut instance = self.instance_unconfigured(seed)?;
         instance
             .configure(&self.config)
             .map_err(|e| anyhow!("plugin `{}`: {e}", self.name))?;
@@ -305,11 +389,16 @@ impl LoadedPlugin {
     /// that the plugin accepts it (on a probe instance, before any work).
     pub fn configure(&mut self, config: &str) -> Result<()> {
         let mut probe = self
-            .instance_unconfigured()
+            .instance_unconfigured(DEFAULT_SEED)
             .with_context(|| format!("plugin `{}`", self.name))?;
-        probe
-            .configure(config)
-            .map_err(|e| anyhow!("plugin `{}` ({}): {e}", self.name, self.path.display()))?;
+        probe.configure(config).map_err(|e| {
+            anyhow!(
+                "plugin `{}` ({}): {}",
+                self.name,
+                self.path.display(),
+                bounded(e, MESSAGE_BYTES)
+            )
+        })?;
         self.config = config.to_string();
         Ok(())
     }
@@ -325,5 +414,41 @@ impl LoadedPlugin {
         let imports = kind.imports(engine).map(|(n, _)| n.to_string()).collect();
         let exports = kind.exports(engine).map(|(n, _)| n.to_string()).collect();
         (imports, exports)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str, version: &str, description: String) -> Info {
+        Info {
+            id: id.into(),
+            version: version.into(),
+            description,
+            kinds: vec![Kind::Filter],
+            config_schema: String::new(),
+        }
+    }
+
+    #[test]
+    fn ids_and_versions_are_identifiers() {
+        let path = Path::new("evil.wasm");
+        let ok = checked_info(path, info("zh_normalize-2.py", "1.2.0+build.5", "x".repeat(10_000)))
+            .unwrap();
+        assert_eq!(ok.description.len(), DESCRIPTION_BYTES);
+        for (id, version, expected) in [
+            ("red\u{1b}[31m", "1.0.0", "evil.wasm: the plugin's id `red\\u{1b}[31m` is not an identifier"),
+            ("", "1.0.0", "the plugin's id `` is not an identifier"),
+            ("a/b", "1.0.0", "id `a/b`"),
+            ("name@1", "1.0.0", "id `name@1`"),
+            ("ok", "1.0 beta", "plugin `ok` has version `1.0 beta`, which is not a version"),
+        ] {
+            let error = checked_info(path, info(id, version, String::new())).unwrap_err();
+            assert!(error.to_string().contains(expected), "{error}");
+        }
+        // A huge id is refused with a bounded message.
+        let error = checked_info(path, info(&"i".repeat(1 << 20), "1", String::new())).unwrap_err();
+        assert!(error.to_string().len() < 400);
     }
 }

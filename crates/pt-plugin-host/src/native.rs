@@ -220,7 +220,7 @@ impl StepInstance for NativeInstance {
         let code = match kind {
             StepKind::Mapper => 0,
             StepKind::Filter => 1,
-            StepKind::Augmenter => return Err(CallFailure("native plugins cannot augment".into())),
+            StepKind::Augmenter => return Err(CallFailure::Contract("native plugins cannot augment".into())),
         };
         let inputs: Vec<RawStr> = docs.iter().map(|d| RawStr::of(d.text)).collect();
         let mut out = vec![
@@ -244,25 +244,30 @@ impl StepInstance for NativeInstance {
             )
         };
         if status != 0 {
-            return Err(CallFailure(format!(
+            return Err(CallFailure::Contract(format!(
                 "native call failed with status {status}"
             )));
         }
         let verdicts = out
             .into_iter()
             .map(|v| {
-                let text = || unsafe { v.text.to_string() }.map_err(CallFailure);
+                let text = || unsafe { v.text.to_string() }.map_err(CallFailure::Contract);
                 Ok(match v.tag {
                     0 => Verdict::Keep,
                     1 => Verdict::Replace(text()?),
                     2 => Verdict::Drop(text()?),
                     3 => Verdict::Error(text()?),
-                    other => return Err(CallFailure(format!("unknown verdict tag {other}"))),
+                    other => {
+                        return Err(CallFailure::Contract(format!(
+                            "unknown verdict tag {other}"
+                        )));
+                    }
                 })
             })
             .collect::<Result<Vec<_>, CallFailure>>()?;
         let output = StepOutput::Verdicts(verdicts);
-        pt_data::steps::check_output(kind, docs, &output)?;
+        // Mappers and filters derive nothing: the per-document bound is moot.
+        pt_data::steps::check_output(kind, docs, &output, 0)?;
         Ok(output)
     }
 }
@@ -276,7 +281,8 @@ impl StepPlugin for NativePlugin {
         self.steps.clone()
     }
 
-    fn instantiate(&self) -> Result<Box<dyn StepInstance>> {
+    /// Native code sees no host-seeded randomness: `seed` is unused.
+    fn instantiate(&self, _seed: u64) -> Result<Box<dyn StepInstance>> {
         Ok(Box::new(
             self.instance_with(&self.config)
                 .map_err(|e| anyhow!("plugin `{}`: {e}", self.info.id))?,

@@ -4,22 +4,29 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, anyhow};
+use anyhow::{Result, anyhow, bail};
+use pt_data::pipeline::{MESSAGE_BYTES, REASON_BYTES};
+use pt_data::text::{bounded, escape_controls};
 use pt_data::{
     CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, StepPlugin, Verdict,
 };
 use wasmtime::Store;
-use wasmtime::component::ResourceAny;
+use wasmtime::component::{ResourceAny, ResourceTableError};
 
 use crate::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, plugin};
 use crate::bindings::pt::plugin::types::{
     Decision, Document, Edit, Info, Kind, MetricValue, Sample,
 };
-use crate::link::PluginState;
-use crate::load::{LoadedPlugin, PluginLimits, TICK};
+use crate::limits::{MemoryCapReached, PluginLimits};
+use crate::link::{DEFAULT_SEED, PluginState};
+use crate::load::LoadedPlugin;
 
-/// Longest drop reason kept: reasons are report keys, not messages.
-const REASON_BYTES: usize = 120;
+/// Characters of a trapping plugin's stderr quoted in the error.
+const STDERR_CHARS: usize = 600;
+/// Values one metric plugin may return from one evaluation.
+pub const METRIC_VALUES: usize = 32;
+/// Longest metric name (it becomes a JSON key and a TensorBoard tag).
+pub const METRIC_NAME_BYTES: usize = 64;
 
 /// One instance of a plugin with its own store. Not shared between threads.
 pub struct PluginInstance {
@@ -33,110 +40,121 @@ pub struct PluginInstance {
     metric: Option<metric::Guest>,
 }
 
-fn deadline_ticks(limits: &PluginLimits) -> u64 {
-    limits.call_timeout.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1
-}
-
-/// Says why a call failed, in the user's terms.
-fn describe_failure(
-    store: &mut Store<PluginState>,
-    limits: &PluginLimits,
-    error: &wasmtime::Error,
-) -> String {
-    let debug = format!("{error:?}");
-    let mut cause = match error.downcast_ref::<wasmtime::Trap>() {
-        Some(wasmtime::Trap::Interrupt) => format!(
-            "did not finish within the {} ms deadline (an endless loop, or too much work per call: \
-             raise --plugin_timeout_ms or lower --plugin_batch_size)",
-            limits.call_timeout.as_millis()
-        ),
-        Some(wasmtime::Trap::StackOverflow) => "stack overflow (recursion too deep)".to_string(),
-        // Languages like Rust and C keep their stack in linear memory: deep
-        // recursion runs off its start and shows up as a bad access.
-        Some(wasmtime::Trap::MemoryOutOfBounds) => {
-            "out-of-bounds memory access (a bug in the plugin, or its stack overflowed from deep recursion)".to_string()
-        }
-        _ if debug.contains("forcing trap when growing memory") => format!(
-            "exceeded its memory limit of {} MiB (raise --plugin_memory_mb if the plugin legitimately needs more)",
-            limits.memory_bytes >> 20
-        ),
-        Some(trap) => format!("trapped: {trap}"),
-        None => format!("failed: {error:#}"),
-    };
+/// The tail of what the plugin wrote to stderr, minus a Rust guest's hint
+/// about RUST_BACKTRACE (which cannot be acted on inside the sandbox).
+fn stderr_tail(store: &Store<PluginState>) -> String {
     let (stderr, _) = store.data().stderr.take();
-    // A Rust guest's hint about RUST_BACKTRACE cannot be acted on inside the sandbox.
-    let stderr: Vec<&str> = stderr
+    let lines: Vec<&str> = stderr
         .lines()
         .filter(|l| !l.starts_with("note: run with `RUST_BACKTRACE"))
         .collect();
-    let stderr = stderr.join("\n");
-    let stderr = stderr.trim();
-    if !stderr.is_empty() {
-        let tail: String = stderr
-            .chars()
-            .rev()
-            .take(600)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        cause.push_str(&format!("; plugin stderr: {tail}"));
-    }
-    cause
+    let text = lines.join("\n");
+    let text = text.trim();
+    let skip = text.chars().count().saturating_sub(STDERR_CHARS);
+    text.chars().skip(skip).collect()
 }
 
-/// Runs `f` under the deadline; logs captured output; describes failures.
+/// What a failed call means, from wasmtime's typed errors and the limiter's
+/// flag (never from the text of a backtrace, which is switched off).
+fn classify(
+    store: &mut Store<PluginState>,
+    limits: &PluginLimits,
+    error: &wasmtime::Error,
+) -> CallFailure {
+    let stderr = stderr_tail(store);
+    if store.data().limits.memory_cap_hit || error.chain().any(|e| e.is::<MemoryCapReached>()) {
+        return CallFailure::MemoryCap {
+            mebibytes: (limits.memory_bytes >> 20) as u64,
+        };
+    }
+    if let Some(exit) = error.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        return CallFailure::Exit {
+            code: exit.0,
+            stderr,
+        };
+    }
+    if let Some(table) = error.chain().find_map(|e| e.downcast_ref::<ResourceTableError>()) {
+        return CallFailure::ResourceLimit(format!("resource handles ({table})"));
+    }
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => CallFailure::Deadline {
+            millis: limits.call_timeout.as_millis() as u64,
+        },
+        Some(wasmtime::Trap::StackOverflow) => CallFailure::StackOverflow,
+        // Languages like Rust and C keep their stack in linear memory: deep
+        // recursion runs off its start and shows up as a bad access.
+        Some(wasmtime::Trap::MemoryOutOfBounds) => CallFailure::Trap {
+            trap: "out-of-bounds memory access (a bug in the plugin, or its stack overflowed from deep recursion)".into(),
+            stderr,
+        },
+        Some(trap) => CallFailure::Trap {
+            trap: trap.to_string(),
+            stderr,
+        },
+        None => {
+            let message = bounded(error.to_string(), MESSAGE_BYTES);
+            // wasmtime raises these limits as untyped errors: its handle
+            // cap, the limiter's instance/memory/table counts, copy fuel.
+            let limits = [
+                "cannot allocate another handle",
+                "resource limit exceeded",
+                "too much data is being copied",
+            ];
+            if limits.iter().any(|l| message.contains(l)) {
+                CallFailure::ResourceLimit(message)
+            } else {
+                CallFailure::Trap {
+                    trap: message,
+                    stderr,
+                }
+            }
+        }
+    }
+}
+
+/// Runs `f` under the deadline; logs captured output; classifies failures.
 fn guarded<R>(
     store: &mut Store<PluginState>,
     name: &str,
     limits: &PluginLimits,
     f: impl FnOnce(&mut Store<PluginState>) -> wasmtime::Result<R>,
 ) -> Result<R, CallFailure> {
-    store.set_epoch_deadline(deadline_ticks(limits));
+    store.set_epoch_deadline(limits.deadline_ticks());
     store.data_mut().reset_log_budget();
     let result = f(store);
     let (stdout, discarded) = store.data().stdout.take();
     if !stdout.is_empty() {
-        tracing::debug!(target: "plugin", plugin = name, discarded, "stdout: {}", stdout.trim_end());
+        let stdout = escape_controls(stdout.trim_end(), true);
+        tracing::debug!(target: "plugin", plugin = name, discarded, "stdout: {stdout}");
     }
     match result {
         Ok(value) => {
             let (stderr, _) = store.data().stderr.take();
             if !stderr.is_empty() {
-                tracing::debug!(target: "plugin", plugin = name, "stderr: {}", stderr.trim_end());
+                let stderr = escape_controls(stderr.trim_end(), true);
+                tracing::debug!(target: "plugin", plugin = name, "stderr: {stderr}");
             }
             Ok(value)
         }
-        Err(error) => Err(CallFailure(describe_failure(store, limits, &error))),
+        Err(error) => Err(classify(store, limits, &error)),
     }
-}
-
-fn short(mut reason: String) -> String {
-    if reason.len() > REASON_BYTES {
-        let mut cut = REASON_BYTES;
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        reason.truncate(cut);
-    }
-    reason
 }
 
 impl LoadedPlugin {
-    /// Instantiates without calling `configure`.
-    pub(crate) fn instance_unconfigured(&self) -> Result<PluginInstance> {
+    /// Instantiates without calling `configure`; `seed` seeds its randomness.
+    pub(crate) fn instance_unconfigured(&self, seed: u64) -> Result<PluginInstance> {
         let mut store = Store::new(
             self.pre.engine(),
-            PluginState::new(self.name.clone(), self.limits.memory_bytes),
+            PluginState::new(self.name.clone(), self.limits.memory_bytes, seed),
         );
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_trap();
         // Instantiation runs guest start-up code: the deadline applies to it too.
-        store.set_epoch_deadline(deadline_ticks(&self.limits));
+        store.set_epoch_deadline(self.limits.deadline_ticks());
         let instance = self.pre.instantiate(&mut store).map_err(|e| {
             anyhow!(
                 "instantiation {}",
-                describe_failure(&mut store, &self.limits, &e)
+                classify(&mut store, &self.limits, &e)
             )
         })?;
         // The probe instance binds every export it has: kinds are not known yet.
@@ -174,7 +192,7 @@ impl LoadedPlugin {
                 self.info.kinds
             ));
         }
-        let mut instance = self.instance()?;
+        let mut instance = self.instance(DEFAULT_SEED)?;
         let metric = instance
             .metric
             .clone()
@@ -182,7 +200,7 @@ impl LoadedPlugin {
         let accumulator = guarded(&mut instance.store, &self.name, &self.limits, |s| {
             metric.accumulator().call_constructor(s)
         })
-        .map_err(|e| anyhow!("plugin `{}`: creating the accumulator {}", self.name, e.0))?;
+        .map_err(|e| anyhow!("plugin `{}`: creating the accumulator {e}", self.name))?;
         Ok(MetricSession {
             instance,
             accumulator,
@@ -205,13 +223,21 @@ impl PluginInstance {
         }) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(message)) => Err(format!("rejected its configuration {config}: {message}")),
-            Err(CallFailure(cause)) => Err(format!("configure {cause}")),
+            Err(failure) => Err(format!("configure {failure}")),
         }
     }
 }
 
 fn missing(plugin: &str, kind: StepKind) -> CallFailure {
-    CallFailure(format!("plugin `{plugin}` has no {kind:?} export"))
+    CallFailure::Contract(format!("plugin `{plugin}` has no {kind:?} export"))
+}
+
+fn reason(text: String) -> String {
+    bounded(text, REASON_BYTES)
+}
+
+fn message(text: String) -> String {
+    bounded(text, MESSAGE_BYTES)
 }
 
 impl StepInstance for PluginInstance {
@@ -239,8 +265,8 @@ impl StepInstance for PluginInstance {
                         .into_iter()
                         .map(|d| match d {
                             Decision::Keep => Verdict::Keep,
-                            Decision::Drop(reason) => Verdict::Drop(short(reason)),
-                            Decision::Error(message) => Verdict::Error(message),
+                            Decision::Drop(text) => Verdict::Drop(reason(text)),
+                            Decision::Error(text) => Verdict::Error(message(text)),
                         })
                         .collect(),
                 ))
@@ -254,8 +280,8 @@ impl StepInstance for PluginInstance {
                         .map(|e| match e {
                             Edit::Unchanged => Verdict::Keep,
                             Edit::Replace(text) => Verdict::Replace(text),
-                            Edit::Drop(reason) => Verdict::Drop(short(reason)),
-                            Edit::Error(message) => Verdict::Error(message),
+                            Edit::Drop(text) => Verdict::Drop(reason(text)),
+                            Edit::Error(text) => Verdict::Error(message(text)),
                         })
                         .collect(),
                 ))
@@ -296,8 +322,8 @@ impl StepPlugin for LoadedPlugin {
         .collect()
     }
 
-    fn instantiate(&self) -> Result<Box<dyn StepInstance>> {
-        Ok(Box::new(self.instance()?))
+    fn instantiate(&self, seed: u64) -> Result<Box<dyn StepInstance>> {
+        Ok(Box::new(self.instance(seed)?))
     }
 }
 
@@ -316,10 +342,36 @@ impl MetricSession {
         })
     }
 
+    /// The metric values, each name checked: at most [`METRIC_VALUES`]
+    /// values, names of letters, digits and `_` (at most
+    /// [`METRIC_NAME_BYTES`]), none twice.
     pub fn compute(&mut self) -> Result<Vec<MetricValue>> {
-        self.call("compute", |metric, store, accumulator| {
+        let values = self.call("compute", |metric, store, accumulator| {
             metric.accumulator().call_compute(store, accumulator)
-        })
+        })?;
+        let plugin = &self.instance.name;
+        if values.len() > METRIC_VALUES {
+            bail!(
+                "metric plugin `{plugin}` returned {} values; the limit is {METRIC_VALUES}",
+                values.len()
+            );
+        }
+        for (i, value) in values.iter().enumerate() {
+            let name = &value.name;
+            let valid = name.len() <= METRIC_NAME_BYTES
+                && name.starts_with(|c: char| c.is_ascii_alphabetic())
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                bail!(
+                    "metric plugin `{plugin}` returned a metric named `{}`: names are 1–{METRIC_NAME_BYTES} letters, digits and `_`, starting with a letter",
+                    escape_controls(&bounded(name.clone(), 80), false)
+                );
+            }
+            if values[..i].iter().any(|earlier| earlier.name == *name) {
+                bail!("metric plugin `{plugin}` returned metric `{name}` twice");
+            }
+        }
+        Ok(values)
     }
 
     /// Calls the accumulator under the instance's limits.
@@ -337,6 +389,6 @@ impl MetricSession {
         guarded(&mut i.store, &i.name, &i.limits, |store| {
             f(metric, store, accumulator)
         })
-        .map_err(|e| anyhow!("metric plugin `{}` failed in {what}: {}", i.name, e.0))
+        .map_err(|e| anyhow!("metric plugin `{}` failed in {what}: {e}", i.name))
     }
 }

@@ -224,27 +224,134 @@ pub fn evaluate_across<'s>(
     })
 }
 
-/// The state that `trainer_state.json` holds, as HF writes it.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+/// `trainer_state.json` as transformers writes it: exactly the keys of HF's
+/// `TrainerState`, so that `TrainerState.load_from_json` (which takes no
+/// others) reads it. What pt-host adds rides in `stateful_callbacks` as a
+/// callback's state, which HF keeps and does not act on.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct TrainerState {
-    pub global_step: usize,
     pub epoch: f64,
+    pub global_step: usize,
     pub max_steps: usize,
-    pub num_train_epochs: f64,
     pub logging_steps: usize,
     pub eval_steps: usize,
     pub save_steps: usize,
     pub train_batch_size: usize,
+    pub num_train_epochs: f64,
+    #[serde(default)]
+    pub num_input_tokens_seen: u64,
+    /// HF's estimate: 6 × tokens × non-embedding parameters.
+    #[serde(default)]
+    pub total_flos: f64,
     pub log_history: Vec<Value>,
+    #[serde(default)]
+    pub best_metric: Option<f64>,
+    #[serde(default)]
+    pub best_global_step: Option<usize>,
+    #[serde(default)]
+    pub best_model_checkpoint: Option<String>,
+    #[serde(default = "yes")]
+    pub is_local_process_zero: bool,
+    #[serde(default = "yes")]
+    pub is_world_process_zero: bool,
+    #[serde(default)]
+    pub is_hyper_param_search: bool,
+    #[serde(default)]
+    pub trial_name: Option<String>,
+    #[serde(default)]
+    pub trial_params: Option<Value>,
+    #[serde(default)]
+    pub stateful_callbacks: StatefulCallbacks,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for TrainerState {
+    fn default() -> Self {
+        Self {
+            epoch: 0.0,
+            global_step: 0,
+            max_steps: 0,
+            logging_steps: 0,
+            eval_steps: 0,
+            save_steps: 0,
+            train_batch_size: 0,
+            num_train_epochs: 0.0,
+            num_input_tokens_seen: 0,
+            total_flos: 0.0,
+            log_history: Vec::new(),
+            best_metric: None,
+            best_global_step: None,
+            best_model_checkpoint: None,
+            is_local_process_zero: true,
+            is_world_process_zero: true,
+            is_hyper_param_search: false,
+            trial_name: None,
+            trial_params: None,
+            stateful_callbacks: StatefulCallbacks::default(),
+        }
+    }
+}
+
+/// HF's `stateful_callbacks`: callback name → `{"args", "attributes"}`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StatefulCallbacks {
+    #[serde(rename = "PtHost", default)]
+    pub pt_host: PtHostCallback,
+    /// Other callbacks' states (an HF checkpoint's), kept as they were.
+    #[serde(flatten)]
+    pub others: serde_json::Map<String, Value>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PtHostCallback {
+    #[serde(default)]
+    pub args: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub attributes: RunShape,
+}
+
+/// What a resume must keep to continue the data order and the schedule.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RunShape {
     /// Training blocks the run was planned for; a resume with other data is refused.
+    #[serde(default)]
     pub train_blocks: usize,
-    /// Ranks that trained it (1: one process; 0: written before pt-host
-    /// recorded it). A resume keeps `world_size × train_batch_size` and the
-    /// accumulation steps, which fix the data order and the schedule.
+    /// Ranks that trained it (1: one process; 0: not recorded). A resume
+    /// keeps `world_size × train_batch_size` and the accumulation steps.
     #[serde(default)]
     pub world_size: usize,
     #[serde(default)]
     pub gradient_accumulation_steps: usize,
+}
+
+impl TrainerState {
+    /// Reads `trainer_state.json`, including pt-host's earlier layout that
+    /// kept the run shape at the top level.
+    pub fn from_json(bytes: &[u8]) -> serde_json::Result<Self> {
+        let mut value: Value = serde_json::from_slice(bytes)?;
+        if let Some(object) = value.as_object_mut()
+            && object.contains_key("train_blocks")
+        {
+            let mut shape = serde_json::Map::new();
+            for key in ["train_blocks", "world_size", "gradient_accumulation_steps"] {
+                if let Some(v) = object.remove(key) {
+                    shape.insert(key.into(), v);
+                }
+            }
+            object.insert(
+                "stateful_callbacks".into(),
+                json!({ "PtHost": { "args": {}, "attributes": shape } }),
+            );
+        }
+        serde_json::from_value(value)
+    }
+
+    pub fn shape(&self) -> &RunShape {
+        &self.stateful_callbacks.pt_host.attributes
+    }
 }
 
 /// What trains, and how its weights are saved.
@@ -281,6 +388,8 @@ pub struct Trainer<'a> {
     pub state: TrainerState,
     /// The other ranks of a data-parallel job ([`Single`] alone).
     collective: &'a dyn Collective,
+    /// HF's `floating_point_ops` per token: 6 × non-embedding parameters.
+    flops_per_token: f64,
 }
 
 const OPTIMIZER: &str = "optimizer.safetensors";
@@ -303,6 +412,19 @@ impl<'a> Trainer<'a> {
             .map(|(name, v)| (v.clone(), decays(name)))
             .collect();
         let optimizer = AdamW::new(groups, args.adamw)?;
+        let base: usize = model
+            .base_tensors_mut()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        let adapter: usize = model
+            .lora_variables()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        let parameters = base + adapter;
+        let embedding = model.config.vocab_size * model.config.hidden_size;
+        let flops_per_token = 6.0 * parameters.saturating_sub(embedding) as f64;
         Ok(Self {
             args,
             model,
@@ -312,6 +434,7 @@ impl<'a> Trainer<'a> {
             optimizer,
             state: TrainerState::default(),
             collective: &Single,
+            flops_per_token,
         })
     }
 
@@ -406,9 +529,12 @@ impl<'a> Trainer<'a> {
         self.state.eval_steps = a.eval_steps;
         self.state.save_steps = a.save_steps;
         self.state.train_batch_size = a.per_device_train_batch_size;
-        self.state.train_blocks = train.len();
-        self.state.world_size = world;
-        self.state.gradient_accumulation_steps = a.gradient_accumulation_steps;
+        self.state.is_world_process_zero = self.collective.is_main();
+        self.state.stateful_callbacks.pt_host.attributes = RunShape {
+            train_blocks: train.len(),
+            world_size: world,
+            gradient_accumulation_steps: a.gradient_accumulation_steps,
+        };
         let schedule = Schedule {
             kind: a.lr_scheduler_type,
             peak_lr: a.learning_rate,
@@ -427,6 +553,8 @@ impl<'a> Trainer<'a> {
         // HF's `train_loss`: the mean step loss of this run.
         let mut run_loss = 0f64;
         let (mut logged_loss, mut logged_steps, mut logged_tokens) = (0f64, 0usize, 0usize);
+        // Blocks trained by this run, over all ranks (HF's samples).
+        let mut samples = 0usize;
         // Time the loop spends assembling batches: the blocks are prepared
         // and in memory, so this is all it ever waits for data.
         let mut data_seconds = 0f64;
@@ -455,6 +583,10 @@ impl<'a> Trainer<'a> {
                     let rows = &order[m * global_batch..((m + 1) * global_batch).min(order.len())];
                     // The job's throughput: every rank's tokens.
                     logged_tokens += rows.len() * train.block_size;
+                    samples += rows.len();
+                    let tokens = (rows.len() * train.block_size) as u64;
+                    self.state.num_input_tokens_seen += tokens;
+                    self.state.total_flos += self.flops_per_token * tokens as f64;
                     MicroBatch::share_of(train, rows, share(rows.len()))
                 })
                 .collect();
@@ -533,7 +665,9 @@ impl<'a> Trainer<'a> {
         let seconds = started.elapsed().as_secs_f64();
         let summary = json!({
             "train_runtime": seconds,
+            "train_samples_per_second": samples as f64 / seconds.max(1e-9),
             "train_steps_per_second": (max_steps - first_step) as f64 / seconds.max(1e-9),
+            "total_flos": self.state.total_flos,
             "epoch": self.state.epoch,
             "step": self.state.global_step,
             "train_loss": run_loss / (max_steps - first_step).max(1) as f64,
@@ -577,18 +711,18 @@ impl<'a> Trainer<'a> {
     /// and accumulation steps. Another world size is fine when
     /// `ranks × per_device_train_batch_size` stays the same.
     fn check_resumable(&self, train_blocks: usize) -> Result<()> {
-        let state = &self.state;
-        if state.train_blocks != train_blocks {
+        let (state, shape) = (&self.state, self.state.shape());
+        if shape.train_blocks != train_blocks {
             bail!(
                 "the checkpoint was trained on {} blocks, this run has {train_blocks}: resume with the same data and --block_size",
-                state.train_blocks,
+                shape.train_blocks,
             );
         }
         let (world, batch) = (
             self.collective.world_size(),
             self.args.per_device_train_batch_size,
         );
-        let saved_world = state.world_size.max(1);
+        let saved_world = shape.world_size.max(1);
         let saved_batch = saved_world * state.train_batch_size;
         if saved_batch != world * batch {
             bail!(
@@ -599,7 +733,7 @@ impl<'a> Trainer<'a> {
                 state.train_batch_size,
             );
         }
-        let accumulation = state.gradient_accumulation_steps;
+        let accumulation = shape.gradient_accumulation_steps;
         if accumulation != 0 && accumulation != self.args.gradient_accumulation_steps {
             bail!(
                 "the checkpoint was trained with --gradient_accumulation_steps {accumulation}, this run has {}: resume with {accumulation}",
@@ -677,21 +811,21 @@ impl<'a> Trainer<'a> {
         let state = staging.join(STATE);
         fs::write(&state, serde_json::to_vec_pretty(&self.state)?)
             .with_context(|| format!("{}: cannot write", state.display()))?;
+        sync_directory(staging)?;
         if target.exists() {
             fs::remove_dir_all(target)?;
         }
         fs::rename(staging, target)?;
-        Ok(())
+        sync_directory(target.parent().unwrap_or(Path::new(".")))
     }
 
     /// Restores weights, optimizer and trainer state from `checkpoint-N/`.
     pub fn resume(&mut self, checkpoint: &Path) -> Result<()> {
         let state_path = checkpoint.join(STATE);
-        let state: TrainerState =
-            serde_json::from_slice(&fs::read(&state_path).with_context(|| {
-                format!("{}: not a checkpoint (no {STATE})", checkpoint.display())
-            })?)
-            .with_context(|| format!("{}: corrupt trainer state", state_path.display()))?;
+        let state = TrainerState::from_json(&fs::read(&state_path).with_context(|| {
+            format!("{}: not a checkpoint (no {STATE})", checkpoint.display())
+        })?)
+        .with_context(|| format!("{}: corrupt trainer state", state_path.display()))?;
         let file = checkpoint.join(self.trainable.weights_file());
         let weights = candle_core::safetensors::load(&file, &Device::Cpu)
             .with_context(|| format!("{}: corrupt or missing weights", file.display()))?;
@@ -725,6 +859,7 @@ impl<'a> Trainer<'a> {
         self.save_weights(&staging)?;
         pt_model::bloom::copy_tokenizer_files(Path::new(&self.base_model), &staging)?;
         fs::write(staging.join(STATE), serde_json::to_vec_pretty(&self.state)?)?;
+        sync_directory(&staging)?;
         for entry in fs::read_dir(&staging)? {
             let path = entry?.path();
             let target = dir.join(path.file_name().expect("a file name"));
@@ -732,8 +867,22 @@ impl<'a> Trainer<'a> {
                 .with_context(|| format!("{}: cannot write", target.display()))?;
         }
         fs::remove_dir(&staging)?;
-        Ok(())
+        sync_directory(&dir)
     }
+}
+
+/// Flushes every file of `dir`, and `dir` itself, to disk: a rename then
+/// publishes files that a crash cannot leave empty or half-written.
+fn sync_directory(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_file() {
+            fs::File::open(&path)?.sync_all()?;
+        }
+    }
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("{}: cannot sync", dir.display()))
 }
 
 /// `checkpoint-N` directories of `dir`, oldest (smallest N) first.

@@ -1,5 +1,7 @@
-//! A filter that misbehaves on request, to prove that pt-host contains it.
-//! `{"mode": M, "marker": S}`: documents containing the marker trigger mode M.
+//! A plugin that misbehaves on request, to prove that pt-host contains it.
+//! `{"mode": M, "marker": S}`: documents containing the marker trigger mode M
+//! (in the filter, or for `amplify`/`stateful` the mapper, for `augment_*`
+//! the augmenter).
 
 // Off wasm, `register!` expands to nothing and the plugin is unused.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
@@ -22,7 +24,7 @@ impl Plugin for Hostile {
     const ID: &'static str = "hostile";
     const VERSION: &'static str = "0.1.0";
     const DESCRIPTION: &'static str = "Misbehaves on request (tests only)";
-    const KINDS: &'static [Kind] = &[Kind::Mapper, Kind::Filter];
+    const KINDS: &'static [Kind] = &[Kind::Mapper, Kind::Filter, Kind::Augmenter, Kind::Metric];
 
     fn configure(config: &str) -> Result<Self, String> {
         let config: Config = pt_plugin_sdk::parse_config(config)?;
@@ -35,12 +37,44 @@ impl Plugin for Hostile {
         }
     }
 
-    /// The mapper misbehaves in one mode only: output far larger than the input.
+    /// The mapper misbehaves in two modes: output far larger than the input
+    /// (`amplify`), and output that depends on what the instance did before
+    /// and on its randomness and clock (`stateful`): a call counter kept
+    /// across calls, random bytes, the virtual time.
     fn map(&self, doc: &Document) -> Edit {
-        if self.config.mode == "amplify" && doc.text.contains(&self.config.marker) {
-            Edit::Replace(doc.text.repeat(1000))
-        } else {
-            Edit::Unchanged
+        if !doc.text.contains(&self.config.marker) {
+            return Edit::Unchanged;
+        }
+        match self.config.mode.as_str() {
+            "amplify" => Edit::Replace(doc.text.repeat(1000)),
+            "stateful" => {
+                static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut random = [0u8; 4];
+                let _ = getrandom::fill(&mut random);
+                let clock = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_micros();
+                Edit::Replace(format!(
+                    "{} [call {call} random {random:02x?} clock {clock}]\n",
+                    doc.text.trim_end()
+                ))
+            }
+            _ => Edit::Unchanged,
+        }
+    }
+
+    /// Derived documents on request: far too many (`augment_flood`), or
+    /// empty ones (`augment_empty`).
+    fn augment(&self, doc: &Document, _rng: &mut pt_plugin_sdk::Rng) -> Vec<String> {
+        if !doc.text.contains(&self.config.marker) {
+            return Vec::new();
+        }
+        match self.config.mode.as_str() {
+            "augment_flood" => vec!["a copy\n".to_string(); 1000],
+            "augment_empty" => vec![String::new(), " \n".to_string(), "kept\n".to_string()],
+            _ => Vec::new(),
         }
     }
 
@@ -49,7 +83,11 @@ impl Plugin for Hostile {
             return Decision::Keep;
         }
         match self.config.mode.as_str() {
-            "amplify" | "miscount" => Decision::Keep,
+            // Modes of the other exports.
+            "amplify" | "miscount" | "stateful" | "augment_flood" | "augment_empty" => {
+                Decision::Keep
+            }
+            mode if mode.starts_with("metric_") => Decision::Keep,
             "sleep" => {
                 let started = std::time::Instant::now();
                 std::thread::sleep(std::time::Duration::from_secs(3600));
@@ -106,9 +144,35 @@ impl Plugin for Hostile {
                 Decision::Keep
             }
             "report_error" => Decision::Error("cannot judge this document".into()),
+            // Terminal control sequences in what the host prints: clear the
+            // screen, retitle the window (OSC), ring the bell, a C1 CSI, a
+            // bidi override; in a drop reason and in an error message.
+            "escape_reason" => Decision::Drop(TERMINAL_ATTACK.into()),
+            "escape_error" => Decision::Error(TERMINAL_ATTACK.into()),
+            "huge_reason" => Decision::Drop("r".repeat(10 << 20)),
+            "unique_reasons" => Decision::Drop(format!("reason {}", doc.text.len() * 7919 % 100_003)),
+            "exit" => std::process::exit(3),
+            "handles" => exhaust_handles(),
             other => Decision::Error(format!("unknown mode {other}")),
         }
     }
+}
+
+/// Clears the screen, sets the window title, rings the bell, a C1 CSI, a
+/// right-to-left override.
+const TERMINAL_ATTACK: &str = "\u{1b}[2J\u{1b}]0;pwned\u{7}\u{9b}31mred\u{202e}txt.exe";
+
+/// Creates resource handles until the runtime refuses.
+#[cfg(target_arch = "wasm32")]
+fn exhaust_handles() -> Decision {
+    loop {
+        std::mem::forget(exports::new_handle());
+    }
+}
+
+#[cfg(not(target_arch = "wasm32"))]
+fn exhaust_handles() -> Decision {
+    Decision::Keep
 }
 
 #[allow(unconditional_recursion)]
@@ -135,6 +199,7 @@ mod exports {
     thread_local! {
         static MISCOUNT: Cell<bool> = const { Cell::new(false) };
         static MARKER: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        static MODE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
     }
 
     pub struct Exports;
@@ -148,6 +213,7 @@ mod exports {
             let parsed: Config = pt_plugin_sdk::parse_config(&config)?;
             MISCOUNT.with(|m| m.set(parsed.mode == "miscount"));
             MARKER.with(|m| *m.borrow_mut() = parsed.marker);
+            MODE.with(|m| *m.borrow_mut() = parsed.mode);
             <Inner as plugin::Guest>::configure(config)
         }
     }
@@ -175,8 +241,15 @@ mod exports {
         }
     }
 
-    /// Hostile is no metric; the world still has the export.
+    /// A metric that returns what its mode asks: a host-owned name
+    /// (`metric_reserved`), a name with terminal escapes (`metric_escape`),
+    /// far too many values (`metric_flood`), nothing otherwise.
     pub struct NoMetric;
+
+    /// A fresh handle in the component's resource table (never dropped by the caller).
+    pub fn new_handle() -> metric::Accumulator {
+        metric::Accumulator::new(NoMetric)
+    }
 
     impl metric::GuestAccumulator for NoMetric {
         fn new() -> Self {
@@ -186,7 +259,17 @@ mod exports {
         fn add_batch(&self, _samples: Vec<wit::Sample>) {}
 
         fn compute(&self) -> Vec<wit::MetricValue> {
-            Vec::new()
+            let value = |name: &str| wit::MetricValue {
+                name: name.to_string(),
+                value: 1.0,
+                higher_is_better: true,
+            };
+            match MODE.with(|m| m.borrow().clone()).as_str() {
+                "metric_reserved" => vec![value("loss")],
+                "metric_escape" => vec![value("score\u{1b}[2J")],
+                "metric_flood" => (0..100_000).map(|i| value(&format!("m{i}"))).collect(),
+                _ => Vec::new(),
+            }
         }
     }
 

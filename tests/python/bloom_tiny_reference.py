@@ -1,0 +1,145 @@
+"""Rebuilds the reference numbers of tests/fixtures/bloom-tiny with HF
+transformers + PEFT (f32, CPU), from the fixture's inputs: the model and
+tokenizer (model/), the starting adapter (lora_init/), train.txt, valid.txt,
+and the probe batch (probe_input_ids, probe_attention_mask in
+expected.safetensors). Writes into OUT_DIR:
+
+- expected.safetensors: probe_input_ids, probe_attention_mask, probe_logits,
+  valid_blocks (valid.txt packed), valid_loss;
+- trajectory.json: 6 steps of LoRA training from lora_init (the recipe in
+  `args` and `semantics`), with losses, gradient norms and learning rates;
+- lora_final/: the adapter after those steps, as PEFT saves it.
+
+tests/trajectory.rs runs it and compares with the committed fixture, so the
+claim "numerics match HF" is reproducible. Usage:
+
+    python3 tests/python/bloom_tiny_reference.py tests/fixtures/bloom-tiny OUT_DIR
+"""
+
+import json
+import os
+import sys
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, BloomForCausalLM, get_linear_schedule_with_warmup
+
+BLOCK = 32
+BATCH = 2
+ACCUM = 2
+STEPS = 6
+WARMUP = 2
+LR = 1e-2
+WEIGHT_DECAY = 0.01
+CLIP = 1.0
+
+
+def pack(tokenizer, path):
+    """The fixture's packing rule: each non-empty line (with its trailing
+    newline) a document, EOS appended, all concatenated, cut into blocks,
+    the remainder dropped."""
+    eos = tokenizer.eos_token_id
+    ids = []
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    for line in text.splitlines(keepends=True):
+        if not line.strip("\r\n"):
+            continue
+        if not line.endswith("\n"):
+            line += "\n"
+        doc = tokenizer(line, add_special_tokens=False)["input_ids"]
+        if not doc or doc[-1] != eos:
+            doc.append(eos)
+        ids.extend(doc)
+    n = len(ids) // BLOCK
+    return torch.tensor(ids[: n * BLOCK], dtype=torch.long).view(n, BLOCK)
+
+
+def mean_loss(model, blocks):
+    with torch.no_grad():
+        return model(input_ids=blocks, labels=blocks).loss.item()
+
+
+def main() -> None:
+    fixture, out = sys.argv[1], sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(f"{fixture}/model")
+    model = BloomForCausalLM.from_pretrained(f"{fixture}/model", dtype=torch.float32)
+    model.eval()
+
+    probe = load_file(f"{fixture}/expected.safetensors")
+    ids, mask = probe["probe_input_ids"], probe["probe_attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=ids.long(), attention_mask=mask.long()).logits
+    valid = pack(tokenizer, f"{fixture}/valid.txt")
+    save_file(
+        {
+            "probe_input_ids": ids,
+            "probe_attention_mask": mask,
+            "probe_logits": logits.contiguous(),
+            "valid_blocks": valid.to(probe["valid_blocks"].dtype),
+            "valid_loss": torch.tensor([mean_loss(model, valid)], dtype=torch.float32),
+        },
+        f"{out}/expected.safetensors",
+    )
+
+    # "Before" is the base model's loss, as expected.safetensors' valid_loss.
+    valid_before = mean_loss(model, valid)
+    peft = PeftModel.from_pretrained(model, f"{fixture}/lora_init", is_trainable=True)
+    train = pack(tokenizer, f"{fixture}/train.txt")
+    params = [p for p in peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY
+    )
+    schedule = get_linear_schedule_with_warmup(optimizer, WARMUP, STEPS)
+    peft.train()
+    log = []
+    for step in range(STEPS):
+        losses = []
+        for micro in range(step * ACCUM, (step + 1) * ACCUM):
+            x = train[micro * BATCH : (micro + 1) * BATCH]
+            loss = peft(input_ids=x, labels=x).loss
+            (loss / ACCUM).backward()
+            losses.append(loss.item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, CLIP).item()
+        learning_rate = schedule.get_last_lr()[0]
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        log.append(
+            {
+                "step": step + 1,
+                "loss": sum(losses) / len(losses),
+                "grad_norm": grad_norm,
+                "learning_rate": learning_rate,
+            }
+        )
+    peft.eval()
+    trajectory = {
+        "args": {
+            "block": BLOCK,
+            "batch": BATCH,
+            "accum": ACCUM,
+            "steps": STEPS,
+            "warmup": WARMUP,
+            "lr": LR,
+            "wd": WEIGHT_DECAY,
+            "clip": CLIP,
+        },
+        "semantics": "torch AdamW over the LoRA weights, get_linear_schedule_with_warmup, "
+        "clip_grad_norm_ (the logged grad_norm is before clipping), loss per step = mean of "
+        "micro-batch losses, micro-batches are consecutive blocks in file order",
+        "n_train_blocks": len(train),
+        "valid_loss_before": valid_before,
+        "valid_loss_after": mean_loss(peft, valid),
+        "log": log,
+    }
+    with open(f"{out}/trajectory.json", "w") as f:
+        json.dump(trajectory, f, indent=1)
+    peft.save_pretrained(f"{out}/lora_final")
+
+
+if __name__ == "__main__":
+    main()
