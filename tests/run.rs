@@ -1381,7 +1381,7 @@ fn two_mpi_ranks_train_what_one_process_trains_with_twice_the_micro_batch() {
     let state = json(&parallel_dir.join("checkpoint-3/trainer_state.json"));
     assert_eq!(
         (
-            state["world_size"].as_u64(),
+            state["stateful_callbacks"]["PtHost"]["attributes"]["world_size"].as_u64(),
             state["train_batch_size"].as_u64()
         ),
         (Some(2), Some(2))
