@@ -459,7 +459,11 @@ fn a_bare_plugin_name_resolves_to_the_installed_example_plugins() {
     let home = tempfile::tempdir().unwrap();
     let (config, data) = (home.path().join("config"), home.path().join("data"));
     // target/wasm32-wasip2/release/medical_clean.wasm -> target
-    let target = component("medical_clean").ancestors().nth(3).unwrap().to_path_buf();
+    let target = component("medical_clean")
+        .ancestors()
+        .nth(3)
+        .unwrap()
+        .to_path_buf();
     let script = |args: &[&str]| {
         Command::new("bash")
             .arg(repo().join("scripts/install-plugins.sh"))
@@ -484,14 +488,29 @@ fn a_bare_plugin_name_resolves_to_the_installed_example_plugins() {
     assert_ok(&script(&[]));
 
     let work = tempfile::tempdir().unwrap();
-    fs::write(work.path().join("a.txt"), "发热是传染病最常见的症状之一，应及时就医。\n").unwrap();
+    fs::write(
+        work.path().join("a.txt"),
+        "发热是传染病最常见的症状之一，应及时就医。\n",
+    )
+    .unwrap();
     let prepare = |plugin: &str| {
         Command::new(env!("CARGO_BIN_EXE_pt-host"))
             .current_dir(work.path())
             .args(["prepare", "--model_name_or_path"])
             .arg(fixture_model())
-            .args(["--train_file_dir", "a.txt", "--validation_split_percentage", "0"])
-            .args(["--output_dir", "out", "--cache_dir", "cache", "--disable_tqdm"])
+            .args([
+                "--train_file_dir",
+                "a.txt",
+                "--validation_split_percentage",
+                "0",
+            ])
+            .args([
+                "--output_dir",
+                "out",
+                "--cache_dir",
+                "cache",
+                "--disable_tqdm",
+            ])
             .args(["--plugin", plugin])
             .env("XDG_CONFIG_HOME", &config)
             .env("XDG_DATA_HOME", &data)
@@ -503,14 +522,19 @@ fn a_bare_plugin_name_resolves_to_the_installed_example_plugins() {
     for name in ["medical_clean.wasm", "medical_clean", "medical_clean@0.1.0"] {
         let output = prepare(name);
         assert_ok(&output);
-        assert!(stderr(&output).contains("plugin medical_clean 0.1.0"), "{name}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains("plugin medical_clean 0.1.0"),
+            "{name}: {}",
+            stderr(&output)
+        );
     }
     let missing = prepare("no_such_plugin.wasm");
     assert_eq!(missing.status.code(), Some(1));
     let message = stderr(&missing);
     assert!(
-        message.contains("--plugin no_such_plugin.wasm: no such file here, and no bundle `no_such_plugin`")
-            && message.contains("scripts/install-plugins.sh"),
+        message.contains(
+            "--plugin no_such_plugin.wasm: no such file here, and no bundle `no_such_plugin`"
+        ) && message.contains("scripts/install-plugins.sh"),
         "{message}"
     );
 }

@@ -404,12 +404,18 @@ fn a_planted_or_altered_compiled_component_is_not_loaded() {
     let original = std::fs::read(&cached).unwrap();
     // Another user's key (an attacker who wrote a valid artefact for theirs).
     let other = tempfile::tempdir().unwrap();
-    assert!(!loads_from_cache(other.path()), "another key's artefact was loaded");
+    assert!(
+        !loads_from_cache(other.path()),
+        "another key's artefact was loaded"
+    );
     // The recompiled artefact now carries the other key; restore ours and alter one byte.
     let mut altered = original.clone();
     altered[original.len() / 2] ^= 0x40;
     std::fs::write(&cached, &altered).unwrap();
-    assert!(!loads_from_cache(&dir.path().join("config")), "an altered artefact was loaded");
+    assert!(
+        !loads_from_cache(&dir.path().join("config")),
+        "an altered artefact was loaded"
+    );
     // What the miss wrote back verifies again.
     assert!(loads_from_cache(&dir.path().join("config")));
 }
@@ -437,7 +443,10 @@ fn exit_and_handle_exhaustion_are_typed_failures() {
             .unwrap_err()
     };
     let exit = fail("exit");
-    assert!(matches!(exit, CallFailure::Exit { code: 1, .. }), "{exit:?}");
+    assert!(
+        matches!(exit, CallFailure::Exit { code: 1, .. }),
+        "{exit:?}"
+    );
     let handles = fail("handles");
     match &handles {
         CallFailure::ResourceLimit(what) => {
@@ -447,7 +456,10 @@ fn exit_and_handle_exhaustion_are_typed_failures() {
     }
     for failure in [exit, handles] {
         let text = failure.to_string();
-        assert!(!text.contains("wasm backtrace") && !text.contains('\n'), "{text}");
+        assert!(
+            !text.contains("wasm backtrace") && !text.contains('\n'),
+            "{text}"
+        );
     }
 }
 
@@ -473,7 +485,11 @@ fn plugin_strings_are_cut_where_they_enter_the_host() {
     let Verdict::Drop(reason) = &verdicts[0] else {
         panic!("{verdicts:?}")
     };
-    assert!(reason.len() <= 120 && reason.ends_with('…'), "{}", reason.len());
+    assert!(
+        reason.len() <= 120 && reason.ends_with('…'),
+        "{}",
+        reason.len()
+    );
 }
 
 #[test]

@@ -417,9 +417,9 @@ fn a_looping_plugin_is_stopped_by_the_deadline() {
     // Under `fail` a deadline is not bisected: the run ends after one
     // deadline, naming the batch by its first document, with what helps.
     assert!(
-        message.contains(
-            "plugin `hostile` (filter) failed on the batch of 3 documents starting at"
-        ) && message.contains("a.txt:1")
+        message
+            .contains("plugin `hostile` (filter) failed on the batch of 3 documents starting at")
+            && message.contains("a.txt:1")
             && message.contains("did not finish within the 200 ms deadline")
             && message.contains("Raise --plugin_timeout_ms"),
         "{message}"
@@ -438,37 +438,33 @@ fn a_looping_plugin_is_stopped_by_the_deadline() {
 #[test]
 fn deadline_bisection_under_skip_is_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let plugin = component("hostile");
-    let lines: Vec<String> = (0..16).map(|i| format!("LOOP {i}")).collect();
+    let lines: Vec<String> = (0..16).map(|i| format!("HOSTILE {i}")).collect();
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     let corpus = small_corpus(dir.path(), &lines);
     let run = Run::new();
-    let started = std::time::Instant::now();
-    let output = run.prepare(
-        &corpus,
-        &[
-            "--plugin",
-            plugin.to_str().unwrap(),
-            "--plugin_config",
-            r#"hostile={"mode":"loop","marker":"LOOP"}"#,
+    let mut args = hostile_args("loop");
+    args.extend(
+        [
             "--plugin_timeout_ms",
             "100",
             "--plugin_batch_size",
             "16",
             "--on_plugin_error",
             "skip",
-            "--validation_split_percentage",
-            "0",
-            "--block_size",
-            "2",
-        ],
+        ]
+        .map(String::from),
     );
+    let started = std::time::Instant::now();
+    let output = run.prepare(&corpus, &strs(&args));
     assert!(output.status.success(), "{}", stderr(&output));
     let filter = &run.report().train.steps[1];
     assert_eq!((filter.input, filter.errors), (16, 16));
     // 6 deadlines of 100 ms (log2 16 + 2), not 16 + 15 calls' worth.
     let elapsed = started.elapsed();
-    assert!(elapsed < std::time::Duration::from_millis(2500), "{elapsed:?}");
+    assert!(
+        elapsed < std::time::Duration::from_millis(2500),
+        "{elapsed:?}"
+    );
 }
 
 #[test]
@@ -1087,9 +1083,16 @@ fn plugin_text_is_escaped_on_the_terminal_and_exact_in_json() {
         assert_eq!(raw_controls(stream), Vec::<char>::new());
     }
     // The summary names the reason, escaped.
-    assert!(stdout(&skipped).contains("\\u{1b}[2J"), "{}", stdout(&skipped));
+    assert!(
+        stdout(&skipped).contains("\\u{1b}[2J"),
+        "{}",
+        stdout(&skipped)
+    );
     let raw = fs::read_to_string(run.out.join("excluded.jsonl")).unwrap();
-    assert!(raw.contains("\\u009b") && raw.contains("\\u001b") && raw.contains("\\u202e"), "{raw}");
+    assert!(
+        raw.contains("\\u009b") && raw.contains("\\u001b") && raw.contains("\\u202e"),
+        "{raw}"
+    );
     assert_eq!(raw_controls(raw.as_bytes()), Vec::<char>::new());
     assert_eq!(run.excluded()[0]["reason"], attack);
     let report = fs::read_to_string(run.out.join("data_report.json")).unwrap();
@@ -1114,7 +1117,9 @@ fn plugin_text_is_escaped_on_the_terminal_and_exact_in_json() {
 #[test]
 fn plugin_strings_are_bounded() {
     let dir = tempfile::tempdir().unwrap();
-    let lines: Vec<String> = (0..300).map(|i| format!("HOSTILE {}", "x".repeat(i))).collect();
+    let lines: Vec<String> = (0..300)
+        .map(|i| format!("HOSTILE {}", "x".repeat(i)))
+        .collect();
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     let corpus = small_corpus(dir.path(), &lines);
     let run = Run::new();
@@ -1126,7 +1131,12 @@ fn plugin_strings_are_bounded() {
     let reasons = &run.report().train.steps[1].dropped_by_reason;
     assert_eq!(reasons.len(), 1);
     let (reason, count) = reasons.iter().next().unwrap();
-    assert_eq!((reason.len() <= 120, *count), (true, 300), "{}", reason.len());
+    assert_eq!(
+        (reason.len() <= 120, *count),
+        (true, 300),
+        "{}",
+        reason.len()
+    );
     let excluded = fs::metadata(run.out.join("excluded.jsonl")).unwrap().len();
     assert!(excluded < 300 * 800, "excluded.jsonl is {excluded} bytes");
     // The plugin made 300 reasons of 10 MiB: 3 GB if the host kept them (it
@@ -1156,7 +1166,15 @@ fn results_do_not_depend_on_the_worker_count() {
     for workers in ["1", "2", "3"] {
         let run = Run::new();
         let mut args = hostile_args("stateful");
-        args.extend(["--plugin_batch_size", "8", "--preprocessing_num_workers", workers].map(String::from));
+        args.extend(
+            [
+                "--plugin_batch_size",
+                "8",
+                "--preprocessing_num_workers",
+                workers,
+            ]
+            .map(String::from),
+        );
         let output = run.prepare(&corpus, &strs(&args));
         assert!(output.status.success(), "{}", stderr(&output));
         let report = run.report();
@@ -1186,12 +1204,24 @@ fn augmenter_output_is_bounded_in_count() {
     let message = stderr(&flood);
     assert!(
         message.contains("(augmenter) failed on document")
-            && message.contains("returned 1000 derived documents for 1 documents (the limit is 16 per document)")
+            && message.contains(
+                "returned 1000 derived documents for 1 documents (the limit is 16 per document)"
+            )
             && message.contains("--max_derived_per_document"),
         "{message}"
     );
     let mut args = hostile_args("augment_flood");
-    args.extend(["--max_derived_per_document", "1000", "--max_derived_documents", "1500", "--on_plugin_error", "skip"].map(String::from));
+    args.extend(
+        [
+            "--max_derived_per_document",
+            "1000",
+            "--max_derived_documents",
+            "1500",
+            "--on_plugin_error",
+            "skip",
+        ]
+        .map(String::from),
+    );
     let capped = run.prepare(&corpus, &strs(&args));
     assert!(capped.status.success(), "{}", stderr(&capped));
     let augmenter = &run.report().train.steps[2];

@@ -1505,20 +1505,35 @@ fn metric_plugins_cannot_overwrite_or_flood_the_results() {
     let dir = tempfile::tempdir().unwrap();
     let plugin = common::component("hostile");
     for (mode, expected) in [
-        ("metric_reserved", "metric plugin `hostile` returned metric `loss`, which is pt-host's own"),
+        (
+            "metric_reserved",
+            "metric plugin `hostile` returned metric `loss`, which is pt-host's own",
+        ),
         ("metric_escape", "returned a metric named `score\\u{1b}[2J`"),
-        ("metric_flood", "metric plugin `hostile` returned 100000 values; the limit is 32"),
+        (
+            "metric_flood",
+            "metric plugin `hostile` returned 100000 values; the limit is 32",
+        ),
     ] {
         let config = format!(r#"hostile={{"mode":"{mode}","marker":""}}"#);
         let output = run(
             dir.path(),
             mode,
-            &["--do_eval", "--plugin", plugin.to_str().unwrap(), "--plugin_config", &config],
+            &[
+                "--do_eval",
+                "--plugin",
+                plugin.to_str().unwrap(),
+                "--plugin_config",
+                &config,
+            ],
         );
         assert_eq!(output.status.code(), Some(1), "{mode}");
         let message = String::from_utf8_lossy(&output.stderr);
         assert!(message.contains(expected), "{mode}: {message}");
-        assert!(!message.contains('\u{1b}'), "{mode}: raw escape in {message}");
+        assert!(
+            !message.contains('\u{1b}'),
+            "{mode}: raw escape in {message}"
+        );
         assert!(!dir.path().join(mode).join("eval_results.json").exists());
     }
 }
@@ -1529,16 +1544,31 @@ fn metric_plugins_cannot_overwrite_or_flood_the_results() {
 fn hf_flag_values_are_checked_and_mean_what_they_mean_in_hf() {
     let dir = tempfile::tempdir().unwrap();
     for (flags, expected) in [
-        (&["--warmup_ratio", "1.5"][..], "--warmup_ratio must be in [0, 1]"),
-        (&["--lora_alpha", "nan"][..], "--lora_alpha must be a finite number"),
-        (&["--target_modules", "query_key_value,q_proj"][..], "`q_proj` is not a BLOOM linear layer"),
-        (&["--bf16", "--fp16"][..], "--bf16 and --fp16 exclude each other"),
+        (
+            &["--warmup_ratio", "1.5"][..],
+            "--warmup_ratio must be in [0, 1]",
+        ),
+        (
+            &["--lora_alpha", "nan"][..],
+            "--lora_alpha must be a finite number",
+        ),
+        (
+            &["--target_modules", "query_key_value,q_proj"][..],
+            "`q_proj` is not a BLOOM linear layer",
+        ),
+        (
+            &["--bf16", "--fp16"][..],
+            "--bf16 and --fp16 exclude each other",
+        ),
     ] {
         let output = run(dir.path(), "refused", &[&["--do_train"], flags].concat());
         assert_eq!(output.status.code(), Some(1), "{flags:?}");
         let message = String::from_utf8_lossy(&output.stderr);
         assert!(message.contains(expected), "{flags:?}: {message}");
-        assert!(!dir.path().join("cache/datasets").exists(), "{flags:?}: data work started");
+        assert!(
+            !dir.path().join("cache/datasets").exists(),
+            "{flags:?}: data work started"
+        );
     }
     let output = run(
         dir.path(),
@@ -1547,7 +1577,10 @@ fn hf_flag_values_are_checked_and_mean_what_they_mean_in_hf() {
     );
     assert_ok(&output);
     let message = String::from_utf8_lossy(&output.stderr);
-    assert!(message.contains("--group_by_length false: one padded block per document"), "{message}");
+    assert!(
+        message.contains("--group_by_length false: one padded block per document"),
+        "{message}"
+    );
     let report = json(&dir.path().join("padded/data_report.json"));
     assert_eq!(report["packing"], false);
     // One block per validation document (40 lines), not the 20 packed ones.
@@ -1563,7 +1596,16 @@ fn trainer_state_and_results_are_what_hf_reads() {
     let output = run(
         dir.path(),
         "out",
-        &["--do_train", "--do_eval", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1"],
+        &[
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "2",
+            "--logging_steps",
+            "1",
+        ],
     );
     assert_ok(&output);
     let out = dir.path().join("out");
@@ -1576,18 +1618,30 @@ fn trainer_state_and_results_are_what_hf_reads() {
         "train_loss",
         "epoch",
     ] {
-        assert!(results[key].is_number(), "train_results.json has no {key}: {results}");
-        assert!(json(&out.join("all_results.json"))[key].is_number(), "all_results.json: {key}");
+        assert!(
+            results[key].is_number(),
+            "train_results.json has no {key}: {results}"
+        );
+        assert!(
+            json(&out.join("all_results.json"))[key].is_number(),
+            "all_results.json: {key}"
+        );
     }
     // 4 steps × 8 blocks × 32 tokens, × 6 × the non-embedding parameters.
     let state = json(&out.join("trainer_state.json"));
     assert_eq!(state["num_input_tokens_seen"], 4 * 8 * 32);
     assert!(state["total_flos"].as_f64().unwrap() > 0.0);
-    assert_eq!(state["stateful_callbacks"]["PtHost"]["attributes"]["world_size"], 1);
+    assert_eq!(
+        state["stateful_callbacks"]["PtHost"]["attributes"]["world_size"],
+        1
+    );
     if !common::python_has("trainer_state_and_results_are_what_hf_reads") {
         return;
     }
-    for path in [out.join("trainer_state.json"), out.join("checkpoint-2/trainer_state.json")] {
+    for path in [
+        out.join("trainer_state.json"),
+        out.join("checkpoint-2/trainer_state.json"),
+    ] {
         let loaded = Command::new("python3")
             .args([
                 "-c",
@@ -1599,7 +1653,15 @@ fn trainer_state_and_results_are_what_hf_reads() {
             .unwrap();
         assert_ok(&loaded);
         let said = String::from_utf8_lossy(&loaded.stdout);
-        let step = if path.ends_with("checkpoint-2/trainer_state.json") { "2" } else { "4" };
-        assert!(said.starts_with(&format!("{step} ")), "{}: {said}", path.display());
+        let step = if path.ends_with("checkpoint-2/trainer_state.json") {
+            "2"
+        } else {
+            "4"
+        };
+        assert!(
+            said.starts_with(&format!("{step} ")),
+            "{}: {said}",
+            path.display()
+        );
     }
 }

@@ -154,9 +154,10 @@ fn plugin_hint(error: &pt_data::PluginError) -> String {
         PluginErrorCause::Call(CallFailure::TooManyDerived { .. }) => {
             format!("Raise --max_derived_per_document if the plugin is right to, {skip}.")
         }
-        PluginErrorCause::Call(CallFailure::DerivedPastLimit { .. }) => format!(
+        PluginErrorCause::Call(CallFailure::DerivedPastLimit { .. }) => {
             "Raise --max_derived_documents, or pass --on_plugin_error skip to keep the first ones and discard the rest."
-        ),
+                .to_string()
+        }
         _ => format!("Fix the plugin or the document, {skip}."),
     }
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use pt_bundle::{Bundle, Limits, Manifest};
-use pt_data::{DocRef, StepInstance, StepKind, StepPlugin, Verdict};
 use pt_data::text::escape_controls;
+use pt_data::{DocRef, StepInstance, StepKind, StepPlugin, Verdict};
 use pt_plugin_host::{LoadedPlugin, PluginLimits, PluginRuntime};
 use serde::Deserialize;
 

@@ -394,7 +394,11 @@ pub fn run(mut args: RunArgs) -> Result<()> {
     let result = run_rank(&mut args, &*collective, device, dtype);
     if let (Err(error), true) = (&result, collective.world_size() > 1) {
         // The other ranks would wait for this one until --ddp_timeout.
-        eprintln!("error: rank {}: {}", collective.rank(), crate::explain(error));
+        eprintln!(
+            "error: rank {}: {}",
+            collective.rank(),
+            crate::explain(error)
+        );
         collective.abort();
     }
     result

@@ -438,15 +438,17 @@ impl Call<'_> {
                 text: &d.text,
             })
             .collect();
-        let result = instance.apply(self.kind, &refs, self.seed).and_then(|output| {
-            check_output(
-                self.kind,
-                &refs,
-                &output,
-                self.options.max_derived_per_document,
-            )?;
-            Ok(output)
-        });
+        let result = instance
+            .apply(self.kind, &refs, self.seed)
+            .and_then(|output| {
+                check_output(
+                    self.kind,
+                    &refs,
+                    &output,
+                    self.options.max_derived_per_document,
+                )?;
+                Ok(output)
+            });
         let failure = match result {
             Ok(StepOutput::Verdicts(verdicts)) => {
                 self.out
@@ -455,10 +457,12 @@ impl Call<'_> {
                 return Ok(());
             }
             Ok(StepOutput::Derived(derived)) => {
-                self.out.derived.extend(derived.into_iter().map(|d| Derived {
-                    parent: d.parent + offset as u32,
-                    ..d
-                }));
+                self.out
+                    .derived
+                    .extend(derived.into_iter().map(|d| Derived {
+                        parent: d.parent + offset as u32,
+                        ..d
+                    }));
                 return Ok(());
             }
             Err(failure) => failure,
@@ -724,7 +728,11 @@ mod tests {
         assert_eq!(skipped.steps[0].errors, 1);
         assert_eq!(skipped.steps[0].kept, 7);
         assert_eq!(skipped.excluded[0].source, "c.txt:7");
-        assert!(skipped.excluded[0].reason.starts_with("error: trapped: wasm"));
+        assert!(
+            skipped.excluded[0]
+                .reason
+                .starts_with("error: trapped: wasm")
+        );
     }
 
     #[test]
@@ -735,15 +743,24 @@ mod tests {
         let mut opts = options(1, ErrorPolicy::Fail);
         opts.batch_size = 16;
         let err = run_texts(&texts, &plugin, false, &opts).unwrap_err();
-        let failure = err.downcast_ref::<PluginError>().expect("a typed plugin error");
-        assert_eq!((failure.document.as_str(), failure.documents_in_call), ("c.txt:1", 16));
+        let failure = err
+            .downcast_ref::<PluginError>()
+            .expect("a typed plugin error");
+        assert_eq!(
+            (failure.document.as_str(), failure.documents_in_call),
+            ("c.txt:1", 16)
+        );
         assert!(
             err.to_string().starts_with(
                 "plugin `fake` (filter) failed on the batch of 16 documents starting at c.txt:1: did not finish within the 300 ms deadline"
             ),
             "{err}"
         );
-        assert_eq!(plugin.calls.load(Ordering::Relaxed), 1, "no bisection under fail");
+        assert_eq!(
+            plugin.calls.load(Ordering::Relaxed),
+            1,
+            "no bisection under fail"
+        );
 
         // Under skip, one slow document costs one deadline per level: 16, 8, 4, 2, 1.
         let plugin = fake(&[StepKind::Filter]);
@@ -774,9 +791,12 @@ mod tests {
         assert_eq!(out.documents.len(), 4);
         assert_eq!(out.steps[0].derived_over_limit, 1);
         opts.on_error = ErrorPolicy::Fail;
-        let err = run_texts(&texts, &plugin, true, &opts).unwrap_err().to_string();
+        let err = run_texts(&texts, &plugin, true, &opts)
+            .unwrap_err()
+            .to_string();
         assert!(
-            err.contains("(augmenter)") && err.contains("derived more than the split's limit of 1 documents"),
+            err.contains("(augmenter)")
+                && err.contains("derived more than the split's limit of 1 documents"),
             "{err}"
         );
     }
@@ -789,7 +809,10 @@ mod tests {
         }
         assert_eq!(report.dropped, 1000);
         assert_eq!(report.dropped_by_reason.len(), DISTINCT_REASONS + 1);
-        assert_eq!(report.dropped_by_reason[OTHER_REASONS], 1000 - DISTINCT_REASONS as u64);
+        assert_eq!(
+            report.dropped_by_reason[OTHER_REASONS],
+            1000 - DISTINCT_REASONS as u64
+        );
     }
 
     #[test]

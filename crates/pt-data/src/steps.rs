@@ -91,7 +91,10 @@ impl CallFailure {
     /// Deadlines and the memory cap cost a full deadline (or a full heap) to
     /// hit: they are not worth finding document by document under `fail`.
     pub fn is_exhaustion(&self) -> bool {
-        matches!(self, CallFailure::Deadline { .. } | CallFailure::MemoryCap { .. })
+        matches!(
+            self,
+            CallFailure::Deadline { .. } | CallFailure::MemoryCap { .. }
+        )
     }
 }
 
@@ -131,7 +134,10 @@ impl std::fmt::Display for CallFailure {
                 "returned {returned} derived documents for {documents} documents (the limit is {per_document} per document)"
             ),
             CallFailure::DerivedPastLimit { limit } => {
-                write!(f, "derived more than the split's limit of {limit} documents")
+                write!(
+                    f,
+                    "derived more than the split's limit of {limit} documents"
+                )
             }
             CallFailure::Contract(what) => write!(f, "{what}"),
         }
@@ -318,13 +324,22 @@ mod tests {
     #[test]
     fn derived_documents_are_bounded_in_count() {
         let docs = [
-            DocRef { source: "a.txt:1", text: "a" },
-            DocRef { source: "a.txt:2", text: "b" },
+            DocRef {
+                source: "a.txt:1",
+                text: "a",
+            },
+            DocRef {
+                source: "a.txt:2",
+                text: "b",
+            },
         ];
         let derived = |n: usize| {
             StepOutput::Derived(
                 (0..n)
-                    .map(|i| Derived { parent: (i % 2) as u32, text: "x".into() })
+                    .map(|i| Derived {
+                        parent: (i % 2) as u32,
+                        text: "x".into(),
+                    })
                     .collect(),
             )
         };

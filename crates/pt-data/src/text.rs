@@ -8,7 +8,8 @@ use std::fmt::Write as _;
 /// Characters a terminal may act on rather than show: C0 and C1 controls,
 /// DEL, and the bidirectional overrides that reorder what a reader sees.
 fn is_hazard(c: char) -> bool {
-    c.is_control() || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    c.is_control()
+        || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `text` with every terminal hazard written as `\u{XX}`, so that ESC, BEL,

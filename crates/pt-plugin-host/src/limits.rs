@@ -195,7 +195,10 @@ mod tests {
         assert_eq!(grow(&mut store, "a").unwrap(), 0, "40 MiB of 64 fit");
         assert!(!store.data().memory_cap_hit);
         let error = grow(&mut store, "b").unwrap_err();
-        assert!(error.chain().any(|e| e.is::<MemoryCapReached>()), "{error:?}");
+        assert!(
+            error.chain().any(|e| e.is::<MemoryCapReached>()),
+            "{error:?}"
+        );
         assert!(store.data().memory_cap_hit);
     }
 }

@@ -320,9 +320,9 @@ impl PluginRuntime {
 fn is_identifier(text: &str, max: usize, extra: &[char]) -> bool {
     (1..=max).contains(&text.len())
         && text.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || extra.contains(&c))
+        && text.chars().all(|c| {
+            c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || extra.contains(&c)
+        })
 }
 
 /// `describe`'s answer, validated (id, version) and bounded (description,
@@ -434,15 +434,26 @@ mod tests {
     #[test]
     fn ids_and_versions_are_identifiers() {
         let path = Path::new("evil.wasm");
-        let ok = checked_info(path, info("zh_normalize-2.py", "1.2.0+build.5", "x".repeat(10_000)))
-            .unwrap();
+        let ok = checked_info(
+            path,
+            info("zh_normalize-2.py", "1.2.0+build.5", "x".repeat(10_000)),
+        )
+        .unwrap();
         assert_eq!(ok.description.len(), DESCRIPTION_BYTES);
         for (id, version, expected) in [
-            ("red\u{1b}[31m", "1.0.0", "evil.wasm: the plugin's id `red\\u{1b}[31m` is not an identifier"),
+            (
+                "red\u{1b}[31m",
+                "1.0.0",
+                "evil.wasm: the plugin's id `red\\u{1b}[31m` is not an identifier",
+            ),
             ("", "1.0.0", "the plugin's id `` is not an identifier"),
             ("a/b", "1.0.0", "id `a/b`"),
             ("name@1", "1.0.0", "id `name@1`"),
-            ("ok", "1.0 beta", "plugin `ok` has version `1.0 beta`, which is not a version"),
+            (
+                "ok",
+                "1.0 beta",
+                "plugin `ok` has version `1.0 beta`, which is not a version",
+            ),
         ] {
             let error = checked_info(path, info(id, version, String::new())).unwrap_err();
             assert!(error.to_string().contains(expected), "{error}");

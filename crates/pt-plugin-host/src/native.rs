@@ -220,7 +220,11 @@ impl StepInstance for NativeInstance {
         let code = match kind {
             StepKind::Mapper => 0,
             StepKind::Filter => 1,
-            StepKind::Augmenter => return Err(CallFailure::Contract("native plugins cannot augment".into())),
+            StepKind::Augmenter => {
+                return Err(CallFailure::Contract(
+                    "native plugins cannot augment".into(),
+                ));
+            }
         };
         let inputs: Vec<RawStr> = docs.iter().map(|d| RawStr::of(d.text)).collect();
         let mut out = vec![

@@ -73,7 +73,10 @@ fn classify(
             stderr,
         };
     }
-    if let Some(table) = error.chain().find_map(|e| e.downcast_ref::<ResourceTableError>()) {
+    if let Some(table) = error
+        .chain()
+        .find_map(|e| e.downcast_ref::<ResourceTableError>())
+    {
         return CallFailure::ResourceLimit(format!("resource handles ({table})"));
     }
     match error.downcast_ref::<wasmtime::Trap>() {
@@ -151,12 +154,10 @@ impl LoadedPlugin {
         store.epoch_deadline_trap();
         // Instantiation runs guest start-up code: the deadline applies to it too.
         store.set_epoch_deadline(self.limits.deadline_ticks());
-        let instance = self.pre.instantiate(&mut store).map_err(|e| {
-            anyhow!(
-                "instantiation {}",
-                classify(&mut store, &self.limits, &e)
-            )
-        })?;
+        let instance = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| anyhow!("instantiation {}", classify(&mut store, &self.limits, &e)))?;
         // The probe instance binds every export it has: kinds are not known yet.
         let exported = |kind| self.info.kinds.is_empty() || self.has_kind(kind);
         let bind_error = |e: wasmtime::Error| anyhow!("cannot bind exports: {e:#}");

@@ -822,10 +822,11 @@ impl<'a> Trainer<'a> {
     /// Restores weights, optimizer and trainer state from `checkpoint-N/`.
     pub fn resume(&mut self, checkpoint: &Path) -> Result<()> {
         let state_path = checkpoint.join(STATE);
-        let state = TrainerState::from_json(&fs::read(&state_path).with_context(|| {
-            format!("{}: not a checkpoint (no {STATE})", checkpoint.display())
-        })?)
-        .with_context(|| format!("{}: corrupt trainer state", state_path.display()))?;
+        let state =
+            TrainerState::from_json(&fs::read(&state_path).with_context(|| {
+                format!("{}: not a checkpoint (no {STATE})", checkpoint.display())
+            })?)
+            .with_context(|| format!("{}: corrupt trainer state", state_path.display()))?;
         let file = checkpoint.join(self.trainable.weights_file());
         let weights = candle_core::safetensors::load(&file, &Device::Cpu)
             .with_context(|| format!("{}: corrupt or missing weights", file.display()))?;

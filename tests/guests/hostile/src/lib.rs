@@ -150,7 +150,9 @@ impl Plugin for Hostile {
             "escape_reason" => Decision::Drop(TERMINAL_ATTACK.into()),
             "escape_error" => Decision::Error(TERMINAL_ATTACK.into()),
             "huge_reason" => Decision::Drop("r".repeat(10 << 20)),
-            "unique_reasons" => Decision::Drop(format!("reason {}", doc.text.len() * 7919 % 100_003)),
+            "unique_reasons" => {
+                Decision::Drop(format!("reason {}", doc.text.len() * 7919 % 100_003))
+            }
             "exit" => std::process::exit(3),
             "handles" => exhaust_handles(),
             other => Decision::Error(format!("unknown mode {other}")),
