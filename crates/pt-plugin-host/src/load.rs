@@ -381,7 +381,7 @@ impl LoadedPlugin {
         let mut instance = self.instance_unconfigured(seed)?;
         instance
             .configure(&self.config)
-            .map_err(|e| anyhow!("plugin `{}`: {e}", self.name))?;
+            .map_err(|e| anyhow!("plugin `{}`: {}", self.name, bounded(e, MESSAGE_BYTES)))?;
         Ok(instance)
     }
 

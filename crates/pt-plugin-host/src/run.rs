@@ -17,7 +17,7 @@ use crate::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, pl
 use crate::bindings::pt::plugin::types::{
     Decision, Document, Edit, Info, Kind, MetricValue, Sample,
 };
-use crate::limits::{MemoryCapReached, PluginLimits};
+use crate::limits::PluginLimits;
 use crate::link::{DEFAULT_SEED, PluginState};
 use crate::load::LoadedPlugin;
 
@@ -62,7 +62,7 @@ fn classify(
     error: &wasmtime::Error,
 ) -> CallFailure {
     let stderr = stderr_tail(store);
-    if store.data().limits.memory_cap_hit || error.chain().any(|e| e.is::<MemoryCapReached>()) {
+    if store.data().limits.memory_cap_hit {
         return CallFailure::MemoryCap {
             mebibytes: (limits.memory_bytes >> 20) as u64,
         };
