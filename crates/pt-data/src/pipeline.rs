@@ -89,8 +89,8 @@ struct WorkDoc {
 
 struct BatchOutput {
     documents: Vec<Vec<u32>>,
-    /// For each document, the augmenter step that derived it.
-    derived_by: Vec<Option<usize>>,
+    /// For each document, the augmenter step that derived it, and its source.
+    derived_by: Vec<Option<(usize, String)>>,
     steps: Vec<StepReport>,
     excluded: Vec<Excluded>,
 }
@@ -184,14 +184,14 @@ pub fn run(
         .map(|o| o.expect("every batch finished"))
     {
         for (document, derived_by) in output.documents.into_iter().zip(output.derived_by) {
-            if let Some(step) = derived_by {
+            if let Some((step, source)) = derived_by {
                 let report = &mut split.steps[step];
                 if report.derived_kept >= options.max_derived_documents {
                     if options.on_error == ErrorPolicy::Fail {
                         return Err(PluginError {
                             plugin: report.plugin.clone(),
                             kind: StepKind::Augmenter,
-                            document: "(derived documents)".into(),
+                            document: source,
                             documents_in_call: 1,
                             cause: PluginErrorCause::Call(CallFailure::DerivedPastLimit {
                                 limit: options.max_derived_documents,
@@ -305,7 +305,10 @@ impl BatchContext<'_> {
             .collect::<Result<_>>()?;
         Ok(BatchOutput {
             documents,
-            derived_by: docs.iter().map(|d| d.derived_by).collect(),
+            derived_by: docs
+                .iter()
+                .map(|d| d.derived_by.map(|step| (step, d.source.clone())))
+                .collect(),
             steps: reports,
             excluded,
         })
