@@ -1108,6 +1108,31 @@ fn plugin_text_is_escaped_on_the_terminal_and_exact_in_json() {
         message.contains("a.txt:2") && message.contains("\\u{1b}]0;pwned\\u{7}\\u{9b}31m"),
         "{message}"
     );
+    assert!(!run.out.join("data_report.json").exists() && !run.cache.join("datasets").exists());
+}
+
+/// A plugin naming itself with terminal escapes (`hostile_evil_id.wasm`,
+/// the hostile guest built with `--features evil_id`) is refused at load,
+/// naming the file, with its id shown escaped.
+#[test]
+fn a_plugin_id_that_is_not_an_identifier_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = small_corpus(dir.path(), &["fine"]);
+    let run = Run::new();
+    let evil = component("hostile_evil_id");
+    let output = run.prepare(&corpus, &["--plugin", evil.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(raw_controls(&output.stderr), Vec::<char>::new());
+    let message = stderr(&output);
+    assert!(
+        message.contains("hostile_evil_id.wasm: the plugin's id `hostile\\u{1b}]0;pwned\\u{7}\\u{9b}2J` is not an identifier"),
+        "{message}"
+    );
+    assert!(!run.out.join("data_report.json").exists() && !run.cache.join("datasets").exists());
+    let inspect = pt_host(&["plugin", "inspect", evil.to_str().unwrap()]);
+    assert_eq!(inspect.status.code(), Some(1));
+    assert_eq!(raw_controls(&inspect.stdout), Vec::<char>::new());
+    assert_eq!(raw_controls(&inspect.stderr), Vec::<char>::new());
 }
 
 /// A plugin's strings are cut before they are stored or counted: a 10 MiB
@@ -1210,6 +1235,7 @@ fn augmenter_output_is_bounded_in_count() {
             && message.contains("--max_derived_per_document"),
         "{message}"
     );
+    assert!(!run.out.join("data_report.json").exists() && !run.cache.join("datasets").exists());
     let mut args = hostile_args("augment_flood");
     args.extend(
         [

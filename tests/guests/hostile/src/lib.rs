@@ -207,8 +207,15 @@ mod exports {
     pub struct Exports;
 
     impl plugin::Guest for Exports {
+        /// Built with `--features evil_id` (as `hostile_evil_id.wasm`), it
+        /// names itself with terminal escape sequences.
         fn describe() -> wit::Info {
-            <Inner as plugin::Guest>::describe()
+            let mut info = <Inner as plugin::Guest>::describe();
+            if cfg!(feature = "evil_id") {
+                info.id = "hostile\u{1b}]0;pwned\u{7}\u{9b}2J".into();
+                info.description = super::TERMINAL_ATTACK.repeat(1000);
+            }
+            info
         }
 
         fn configure(config: String) -> Result<(), String> {
