@@ -194,7 +194,7 @@ fn languages(docs: &[(String, String)], mb: f64, budget: Duration) {
         .nth(2)
         .unwrap()
         .join("liblength_filter_native.so");
-    let native_plugin = pt_plugin_host::NativePlugin::load(&library).unwrap();
+    let native_plugin = pt_native_plugin::NativePlugin::load(&library).unwrap();
     let mut plugins: Vec<(&str, Box<dyn StepPlugin>)> = vec![(
         "native library (--allow_native, C ABI)",
         Box::new(native_plugin),

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use pt_plugin_host::{ComponentCache, LoadedPlugin, NativePlugin, PluginLimits, PluginRuntime};
+use pt_native_plugin::NativePlugin;
+use pt_plugin_host::{ComponentCache, LoadedPlugin, PluginLimits, PluginRuntime};
 
 use crate::args::parse_key_value;
 

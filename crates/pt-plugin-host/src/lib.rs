@@ -1,24 +1,25 @@
 //! The sandboxed WebAssembly plugin runtime of pt-host.
 //!
 //! Plugins are components implementing `pt:plugin@0.1.0` (`wit/since_v0.1.0`).
-//! The code is split as the work is: [`load`] compiles (or fetches from the
-//! cache) and validates a component, [`link`] decides what a plugin may touch
+//! Native (unsandboxed) plugins are another crate, `pt-native-plugin`: this
+//! one holds only the sandbox. The code is split as the work is: [`load`]
+//! compiles (or fetches from the cache) and validates a component and owns
+//! [`LoadedPlugin`], [`link`] decides what a plugin may touch
 //! (nothing but a bounded log and captured output), [`limits`] bounds each
-//! instance (one memory cap, a deadline per call), [`run`] executes calls and
-//! turns traps into typed failures.
+//! instance (one memory cap, a deadline per call), [`run`] owns instances: it
+//! executes calls and turns traps into typed failures. Dependencies run one
+//! way: `load` → `run` → `limits`, `link`.
 
 mod bindings;
 pub mod limits;
 pub mod link;
 pub mod load;
-pub mod native;
 mod output;
 pub mod run;
 
 pub use bindings::pt::plugin::types::{Kind, MetricValue, Sample};
 pub use limits::PluginLimits;
 pub use load::{ComponentCache, LoadedPlugin, PluginRuntime};
-pub use native::NativePlugin;
 pub use run::{MetricSession, PluginInstance};
 
 /// The interface version this host implements.

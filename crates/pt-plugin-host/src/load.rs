@@ -10,6 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use hmac::{Hmac, Mac};
 use pt_data::text::{bounded, escape_controls};
+use pt_data::{StepInstance, StepKind, StepPlugin};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Engine};
@@ -18,7 +19,7 @@ use crate::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, pl
 use crate::bindings::pt::plugin::types::{Info, Kind};
 use crate::limits::{PluginLimits, Ticker};
 use crate::link::{self, DEFAULT_SEED, PluginState};
-use crate::run::PluginInstance;
+use crate::run::{Exports, MetricSession, PluginInstance};
 use pt_data::pipeline::MESSAGE_BYTES;
 
 /// Longest description and configuration schema kept from `describe`.
@@ -349,14 +350,6 @@ fn checked_info(path: &Path, mut info: Info) -> Result<Info> {
     Ok(info)
 }
 
-pub(crate) struct Exports {
-    pub plugin: plugin::GuestIndices,
-    pub filter: Option<filter::GuestIndices>,
-    pub mapper: Option<mapper::GuestIndices>,
-    pub augmenter: Option<augmenter::GuestIndices>,
-    pub metric: Option<metric::GuestIndices>,
-}
-
 /// A compiled, validated plugin. Cheap to instantiate: one instance per worker
 /// thread, and a fresh one after any trap.
 pub struct LoadedPlugin {
@@ -403,6 +396,30 @@ impl LoadedPlugin {
         Ok(())
     }
 
+    /// Instantiates without calling `configure`; `seed` seeds its randomness.
+    pub(crate) fn instance_unconfigured(&self, seed: u64) -> Result<PluginInstance> {
+        PluginInstance::new(
+            &self.pre,
+            &self.exports,
+            self.name.clone(),
+            self.limits,
+            &self.info.kinds,
+            seed,
+        )
+    }
+
+    /// A fresh instance holding a new metric accumulator.
+    pub fn metric_session(&self) -> Result<MetricSession> {
+        if !self.has_kind(Kind::Metric) {
+            bail!(
+                "plugin `{}` is not a metric plugin (its kinds: {:?})",
+                self.name,
+                self.info.kinds
+            );
+        }
+        MetricSession::new(self.instance(DEFAULT_SEED)?)
+    }
+
     pub fn has_kind(&self, kind: Kind) -> bool {
         self.info.kinds.contains(&kind)
     }
@@ -414,6 +431,28 @@ impl LoadedPlugin {
         let imports = kind.imports(engine).map(|(n, _)| n.to_string()).collect();
         let exports = kind.exports(engine).map(|(n, _)| n.to_string()).collect();
         (imports, exports)
+    }
+}
+
+impl StepPlugin for LoadedPlugin {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn steps(&self) -> Vec<StepKind> {
+        [
+            (Kind::Mapper, StepKind::Mapper),
+            (Kind::Filter, StepKind::Filter),
+            (Kind::Augmenter, StepKind::Augmenter),
+        ]
+        .into_iter()
+        .filter(|(kind, _)| self.has_kind(*kind))
+        .map(|(_, step)| step)
+        .collect()
+    }
+
+    fn instantiate(&self, seed: u64) -> Result<Box<dyn StepInstance>> {
+        Ok(Box::new(self.instance(seed)?))
     }
 }
 

@@ -7,19 +7,16 @@ use std::sync::Arc;
 use anyhow::{Result, anyhow, bail};
 use pt_data::pipeline::{MESSAGE_BYTES, REASON_BYTES};
 use pt_data::text::{bounded, escape_controls};
-use pt_data::{
-    CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, StepPlugin, Verdict,
-};
+use pt_data::{CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, Verdict};
 use wasmtime::Store;
-use wasmtime::component::{ResourceAny, ResourceTableError};
+use wasmtime::component::{InstancePre, ResourceAny, ResourceTableError};
 
 use crate::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, plugin};
 use crate::bindings::pt::plugin::types::{
     Decision, Document, Edit, Info, Kind, MetricValue, Sample,
 };
 use crate::limits::PluginLimits;
-use crate::link::{DEFAULT_SEED, PluginState};
-use crate::load::LoadedPlugin;
+use crate::link::PluginState;
 
 /// Characters of a trapping plugin's stderr quoted in the error.
 const STDERR_CHARS: usize = 600;
@@ -143,23 +140,39 @@ fn guarded<R>(
     }
 }
 
-impl LoadedPlugin {
-    /// Instantiates without calling `configure`; `seed` seeds its randomness.
-    pub(crate) fn instance_unconfigured(&self, seed: u64) -> Result<PluginInstance> {
+/// The export indices of a pre-linked component: what an instance binds.
+pub(crate) struct Exports {
+    pub plugin: plugin::GuestIndices,
+    pub filter: Option<filter::GuestIndices>,
+    pub mapper: Option<mapper::GuestIndices>,
+    pub augmenter: Option<augmenter::GuestIndices>,
+    pub metric: Option<metric::GuestIndices>,
+}
+
+impl PluginInstance {
+    /// Instantiates `pre` in a store of its own, without calling `configure`;
+    /// `seed` seeds its randomness. Binds the exports of `kinds` (all it has
+    /// when `kinds` is empty: the probe that asks who the plugin is).
+    pub(crate) fn new(
+        pre: &InstancePre<PluginState>,
+        exports: &Exports,
+        name: Arc<str>,
+        limits: PluginLimits,
+        kinds: &[Kind],
+        seed: u64,
+    ) -> Result<Self> {
         let mut store = Store::new(
-            self.pre.engine(),
-            PluginState::new(self.name.clone(), self.limits.memory_bytes, seed),
+            pre.engine(),
+            PluginState::new(name.clone(), limits.memory_bytes, seed),
         );
         store.limiter(|state| &mut state.limits);
         store.epoch_deadline_trap();
         // Instantiation runs guest start-up code: the deadline applies to it too.
-        store.set_epoch_deadline(self.limits.deadline_ticks());
-        let instance = self
-            .pre
+        store.set_epoch_deadline(limits.deadline_ticks());
+        let instance = pre
             .instantiate(&mut store)
-            .map_err(|e| anyhow!("instantiation {}", classify(&mut store, &self.limits, &e)))?;
-        // The probe instance binds every export it has: kinds are not known yet.
-        let exported = |kind| self.info.kinds.is_empty() || self.has_kind(kind);
+            .map_err(|e| anyhow!("instantiation {}", classify(&mut store, &limits, &e)))?;
+        let exported = |kind| kinds.is_empty() || kinds.contains(&kind);
         let bind_error = |e: wasmtime::Error| anyhow!("cannot bind exports: {e:#}");
         macro_rules! bind {
             ($indices:expr, $kind:expr) => {
@@ -171,45 +184,21 @@ impl LoadedPlugin {
                     .map_err(bind_error)?
             };
         }
-        let e = &self.exports;
         Ok(PluginInstance {
-            name: self.name.clone(),
-            limits: self.limits,
-            plugin: e.plugin.load(&mut store, &instance).map_err(bind_error)?,
-            filter: bind!(e.filter, Kind::Filter),
-            mapper: bind!(e.mapper, Kind::Mapper),
-            augmenter: bind!(e.augmenter, Kind::Augmenter),
-            metric: bind!(e.metric, Kind::Metric),
+            plugin: exports
+                .plugin
+                .load(&mut store, &instance)
+                .map_err(bind_error)?,
+            filter: bind!(exports.filter, Kind::Filter),
+            mapper: bind!(exports.mapper, Kind::Mapper),
+            augmenter: bind!(exports.augmenter, Kind::Augmenter),
+            metric: bind!(exports.metric, Kind::Metric),
+            name,
+            limits,
             store,
         })
     }
 
-    /// A fresh instance holding a new metric accumulator.
-    pub fn metric_session(&self) -> Result<MetricSession> {
-        if !self.has_kind(Kind::Metric) {
-            return Err(anyhow!(
-                "plugin `{}` is not a metric plugin (its kinds: {:?})",
-                self.name,
-                self.info.kinds
-            ));
-        }
-        let mut instance = self.instance(DEFAULT_SEED)?;
-        let metric = instance
-            .metric
-            .clone()
-            .expect("metric kind checked at load");
-        let accumulator = guarded(&mut instance.store, &self.name, &self.limits, |s| {
-            metric.accumulator().call_constructor(s)
-        })
-        .map_err(|e| anyhow!("plugin `{}`: creating the accumulator {e}", self.name))?;
-        Ok(MetricSession {
-            instance,
-            accumulator,
-        })
-    }
-}
-
-impl PluginInstance {
     pub(crate) fn describe(&mut self) -> Result<Info, CallFailure> {
         let plugin = &self.plugin;
         guarded(&mut self.store, &self.name, &self.limits, |s| {
@@ -306,28 +295,6 @@ impl StepInstance for PluginInstance {
     }
 }
 
-impl StepPlugin for LoadedPlugin {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn steps(&self) -> Vec<StepKind> {
-        [
-            (Kind::Mapper, StepKind::Mapper),
-            (Kind::Filter, StepKind::Filter),
-            (Kind::Augmenter, StepKind::Augmenter),
-        ]
-        .into_iter()
-        .filter(|(kind, _)| self.has_kind(*kind))
-        .map(|(_, step)| step)
-        .collect()
-    }
-
-    fn instantiate(&self, seed: u64) -> Result<Box<dyn StepInstance>> {
-        Ok(Box::new(self.instance(seed)?))
-    }
-}
-
 /// One evaluation's accumulator inside a metric plugin.
 pub struct MetricSession {
     instance: PluginInstance,
@@ -335,6 +302,22 @@ pub struct MetricSession {
 }
 
 impl MetricSession {
+    /// A new accumulator in `instance`, a metric plugin's.
+    pub(crate) fn new(mut instance: PluginInstance) -> Result<Self> {
+        let metric = instance
+            .metric
+            .clone()
+            .ok_or_else(|| anyhow!("plugin `{}` has no metric export", instance.name))?;
+        let accumulator = guarded(&mut instance.store, &instance.name, &instance.limits, |s| {
+            metric.accumulator().call_constructor(s)
+        })
+        .map_err(|e| anyhow!("plugin `{}`: creating the accumulator {e}", instance.name))?;
+        Ok(Self {
+            instance,
+            accumulator,
+        })
+    }
+
     pub fn add_batch(&mut self, samples: &[Sample]) -> Result<()> {
         self.call("add-batch", |metric, store, accumulator| {
             metric

@@ -1,5 +1,5 @@
 //! length_filter as a native plugin: the Rust rules of `plugins/length_filter`
-//! behind pt-host's native C ABI (`include/pt_native_plugin.h`, version 1).
+//! behind pt-host's native C ABI (`crates/pt-native-plugin/include/pt_native_plugin.h`, version 1).
 //! Loaded only with `--allow_native`: native code is not sandboxed.
 
 use std::ffi::c_void;

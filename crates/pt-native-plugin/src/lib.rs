@@ -3,7 +3,7 @@
 //! they run with the host's rights — so pt-host loads them only with
 //! `--allow_native`. Mapper and filter steps only.
 //!
-//! ABI version 1 (`include/pt_native_plugin.h`):
+//! ABI version 1 (`crates/pt-native-plugin/include/pt_native_plugin.h`):
 //!
 //! ```c
 //! typedef struct { const uint8_t *ptr; size_t len; } pt_str;      // UTF-8, not NUL-terminated
@@ -136,7 +136,7 @@ impl NativePlugin {
         let abi = unsafe { version() };
         if abi != NATIVE_ABI_VERSION {
             bail!(
-                "{}: native plugin ABI version {abi}, this pt-host speaks version {NATIVE_ABI_VERSION}; rebuild the plugin against include/pt_native_plugin.h",
+                "{}: native plugin ABI version {abi}, this pt-host speaks version {NATIVE_ABI_VERSION}; rebuild the plugin against crates/pt-native-plugin/include/pt_native_plugin.h",
                 path.display()
             );
         }
