@@ -6,7 +6,7 @@
 #   JavaScript: componentize-js (npm) -> markdown_strip.wasm
 #   C:      clang + wasi-libc (Debian), wit-bindgen-cli and wasm-tools (crates.io)
 #                                    -> length_filter_c.wasm
-# plus length_filter's rules in Python and JavaScript (benches/length_filter),
+# plus length_filter's rules in Python and JavaScript (plugins/length_filter_py, _js),
 # for the language benchmark and the cross-language agreement test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ fi
 componentize-py -d wit/since_v0.1.0 -w mapper-plugin componentize \
     -p plugins/zh_normalize_py app -o "$out/zh_normalize.wasm" >/dev/null
 componentize-py -d wit/since_v0.1.0 -w filter-plugin componentize \
-    -p benches/length_filter app -o "$out/length_filter_py.wasm" >/dev/null
+    -p plugins/length_filter_py app -o "$out/length_filter_py.wasm" >/dev/null
 echo "plugins: $out/zh_normalize.wasm, length_filter_py.wasm (Python)"
 
 # JavaScript
@@ -34,7 +34,7 @@ fi
 # No HTTP: a pt-host plugin has no network, and the host links no wasi:http.
 "$componentize_js" plugins/markdown_strip_js/plugin.js --wit wit/since_v0.1.0 -n mapper-plugin \
     -d http fetch-event -o "$out/markdown_strip.wasm" >/dev/null
-"$componentize_js" benches/length_filter/plugin.js --wit wit/since_v0.1.0 -n filter-plugin \
+"$componentize_js" plugins/length_filter_js/plugin.js --wit wit/since_v0.1.0 -n filter-plugin \
     -d http fetch-event -o "$out/length_filter_js.wasm" >/dev/null
 echo "plugins: $out/markdown_strip.wasm, length_filter_js.wasm (JavaScript)"
 

@@ -7,7 +7,7 @@
 //! components. Needs the components built (`scripts/build-plugins.sh`,
 //! `scripts/build-lang-plugins.sh`).
 
-#[path = "../../tests/common/mod.rs"]
+#[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::time::{Duration, Instant};
