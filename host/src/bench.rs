@@ -626,7 +626,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
                     peft_type: "LORA".into(),
                     r: 8,
                     lora_alpha: 16.0,
-                    target_modules: pt_model::bloom::LORA_TARGETS.map(String::from).to_vec(),
+                    target_modules: pt_model::LORA_TARGETS.map(String::from).to_vec(),
                     use_rslora: false,
                     use_dora: false,
                 };

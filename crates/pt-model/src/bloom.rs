@@ -2,7 +2,6 @@
 //! per-head fused QKV, GELU (tanh) MLP, final LayerNorm, LM head tied to the
 //! embedding.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -10,12 +9,11 @@ use std::cell::Cell;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor, Var};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::checkpoint;
 use crate::fused::AttentionBias;
+use crate::hf_dir::{self, Weights};
 use crate::ops::{
     Dropout, IGNORE_INDEX, LoraPass, attention_probs, frozen_matmul, gelu, layer_norm, linear,
     lm_head_loss_sum,
@@ -121,10 +119,10 @@ pub struct Lora {
 
 /// `y = x Wᵀ + b (+ LoRA)`, weights in HF's `[out, in]` layout.
 #[derive(Clone)]
-struct Linear {
-    weight: Tensor,
-    bias: Tensor,
-    lora: Option<Lora>,
+pub(crate) struct Linear {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) lora: Option<Lora>,
 }
 
 impl Linear {
@@ -159,77 +157,6 @@ impl Linear {
             lora,
         )?
         .reshape((b, s, self.weight.dim(0)?))
-    }
-}
-
-/// The four linear layers PEFT can target in a BLOOM block, by module name.
-pub const LORA_TARGETS: [&str; 4] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"];
-
-/// What pt-host reads of a PEFT `adapter_config.json`; other keys are ignored.
-#[derive(Clone, Debug, Deserialize)]
-pub struct AdapterConfig {
-    pub peft_type: String,
-    pub r: usize,
-    pub lora_alpha: f64,
-    #[serde(deserialize_with = "one_or_many")]
-    pub target_modules: Vec<String>,
-    #[serde(default)]
-    pub use_rslora: bool,
-    #[serde(default)]
-    pub use_dora: bool,
-}
-
-fn one_or_many<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> std::result::Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    Ok(match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => vec![s],
-        OneOrMany::Many(v) => v,
-    })
-}
-
-fn copy_if_present(source: &Path, dir: &Path, file: &str) -> Result<()> {
-    if source.join(file).is_file() {
-        std::fs::copy(source.join(file), dir.join(file))
-            .with_context(|| format!("{}: cannot copy {file}", dir.display()))?;
-    }
-    Ok(())
-}
-
-/// The tokenizer files of a model directory, copied next to saved weights as
-/// HF's `save_pretrained` does.
-pub fn copy_tokenizer_files(source: &Path, dir: &Path) -> Result<()> {
-    for file in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-    ] {
-        copy_if_present(source, dir, file)?;
-    }
-    Ok(())
-}
-
-/// PEFT's matching: a target names a module exactly or is a suffix after a dot.
-fn targets_module(targets: &[String], path: &str) -> bool {
-    targets
-        .iter()
-        .any(|t| path == t || path.ends_with(&format!(".{t}")))
-}
-
-impl AdapterConfig {
-    /// PEFT's scaling: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
-    pub fn scale(&self) -> f64 {
-        if self.use_rslora {
-            self.lora_alpha / (self.r as f64).sqrt()
-        } else {
-            self.lora_alpha / self.r as f64
-        }
     }
 }
 
@@ -392,7 +319,7 @@ pub struct Bloom {
     embeddings_layernorm: LayerNorm,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    device: Device,
+    pub(crate) device: Device,
     /// How the current micro-batch draws its dropout masks; `None` outside training.
     dropout: Cell<Option<DropoutDraw>>,
     /// Recompute each block's activations in the backward pass instead of keeping them.
@@ -402,47 +329,20 @@ pub struct Bloom {
     recomputed_grads: checkpoint::SideGradients,
 }
 
-/// Weights by name, without the optional `transformer.` prefix, converted to
-/// the compute dtype.
-struct Weights {
-    tensors: HashMap<String, Tensor>,
-    source: String,
-    dtype: DType,
+fn load_layer_norm(w: &mut Weights, prefix: &str, size: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm {
+        weight: w.take(&format!("{prefix}.weight"), &[size])?,
+        bias: w.take(&format!("{prefix}.bias"), &[size])?,
+        eps,
+    })
 }
 
-impl Weights {
-    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let tensor = self.tensors.remove(name).with_context(|| {
-            format!(
-                "{}: no weight `{name}` (is this a BLOOM checkpoint?)",
-                self.source
-            )
-        })?;
-        if tensor.dims() != shape {
-            bail!(
-                "{}: `{name}` has shape {:?}, config.json implies {shape:?}",
-                self.source,
-                tensor.dims()
-            );
-        }
-        Ok(tensor.to_dtype(self.dtype)?)
-    }
-
-    fn layer_norm(&mut self, prefix: &str, size: usize, eps: f64) -> Result<LayerNorm> {
-        Ok(LayerNorm {
-            weight: self.take(&format!("{prefix}.weight"), &[size])?,
-            bias: self.take(&format!("{prefix}.bias"), &[size])?,
-            eps,
-        })
-    }
-
-    fn linear(&mut self, prefix: &str, input: usize, output: usize) -> Result<Linear> {
-        Ok(Linear {
-            weight: self.take(&format!("{prefix}.weight"), &[output, input])?,
-            bias: self.take(&format!("{prefix}.bias"), &[output])?,
-            lora: None,
-        })
-    }
+fn load_linear(w: &mut Weights, prefix: &str, input: usize, output: usize) -> Result<Linear> {
+    Ok(Linear {
+        weight: w.take(&format!("{prefix}.weight"), &[output, input])?,
+        bias: w.take(&format!("{prefix}.bias"), &[output])?,
+        lora: None,
+    })
 }
 
 impl Bloom {
@@ -453,50 +353,54 @@ impl Bloom {
     /// the loss stay in f32 whatever `dtype` is.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let path = dir.join("model.safetensors");
-        let loaded = candle_core::safetensors::load(&path, device)
-            .with_context(|| format!("{}: cannot load weights", path.display()))?;
-        let tensors = loaded
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    k.strip_prefix("transformer.")
-                        .map(str::to_string)
-                        .unwrap_or(k),
-                    v,
-                )
-            })
-            .collect();
-        let mut w = Weights {
-            tensors,
-            source: path.display().to_string(),
-            dtype,
-        };
+        let mut w = Weights::open(&dir.join("model.safetensors"), device, dtype)?;
         let (h, eps) = (config.hidden_size, config.layer_norm_epsilon);
         let word_embeddings = w.take("word_embeddings.weight", &[config.vocab_size, h])?;
-        let embeddings_layernorm = w.layer_norm("word_embeddings_layernorm", h, eps)?;
+        let embeddings_layernorm = load_layer_norm(&mut w, "word_embeddings_layernorm", h, eps)?;
         let blocks = (0..config.n_layer)
             .map(|i| {
                 let p = format!("h.{i}");
                 Ok(Block {
-                    input_layernorm: w.layer_norm(&format!("{p}.input_layernorm"), h, eps)?,
-                    query_key_value: w.linear(
+                    input_layernorm: load_layer_norm(
+                        &mut w,
+                        &format!("{p}.input_layernorm"),
+                        h,
+                        eps,
+                    )?,
+                    query_key_value: load_linear(
+                        &mut w,
                         &format!("{p}.self_attention.query_key_value"),
                         h,
                         3 * h,
                     )?,
-                    attention_dense: w.linear(&format!("{p}.self_attention.dense"), h, h)?,
-                    post_attention_layernorm: w.layer_norm(
+                    attention_dense: load_linear(
+                        &mut w,
+                        &format!("{p}.self_attention.dense"),
+                        h,
+                        h,
+                    )?,
+                    post_attention_layernorm: load_layer_norm(
+                        &mut w,
                         &format!("{p}.post_attention_layernorm"),
                         h,
                         eps,
                     )?,
-                    dense_h_to_4h: w.linear(&format!("{p}.mlp.dense_h_to_4h"), h, 4 * h)?,
-                    dense_4h_to_h: w.linear(&format!("{p}.mlp.dense_4h_to_h"), 4 * h, h)?,
+                    dense_h_to_4h: load_linear(
+                        &mut w,
+                        &format!("{p}.mlp.dense_h_to_4h"),
+                        h,
+                        4 * h,
+                    )?,
+                    dense_4h_to_h: load_linear(
+                        &mut w,
+                        &format!("{p}.mlp.dense_4h_to_h"),
+                        4 * h,
+                        h,
+                    )?,
                 })
             })
             .collect::<Result<_>>()?;
-        let ln_f = w.layer_norm("ln_f", h, eps)?;
+        let ln_f = load_layer_norm(&mut w, "ln_f", h, eps)?;
         Ok(Self {
             config,
             word_embeddings,
@@ -520,71 +424,12 @@ impl Bloom {
     }
 
     /// Every linear layer with its PEFT module path (`transformer.h.0.self_attention.dense`).
-    fn linears_mut(&mut self) -> impl Iterator<Item = (String, &mut Linear)> {
+    pub(crate) fn linears_mut(&mut self) -> impl Iterator<Item = (String, &mut Linear)> {
         self.blocks.iter_mut().enumerate().flat_map(|(i, b)| {
             b.parts_mut()
                 .1
                 .map(|(name, linear)| (format!("transformer.h.{i}.{name}"), linear))
         })
-    }
-
-    /// Loads a PEFT LoRA adapter directory (`adapter_config.json`,
-    /// `adapter_model.safetensors`) onto the model, as trainable variables.
-    pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterConfig> {
-        let config_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("{}: cannot read", config_path.display()))?;
-        let config: AdapterConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a PEFT adapter config", config_path.display()))?;
-        if config.peft_type != "LORA" || config.use_dora {
-            bail!(
-                "{}: only plain LoRA adapters are supported (peft_type {}, use_dora {})",
-                config_path.display(),
-                config.peft_type,
-                config.use_dora
-            );
-        }
-        let weights_path = dir.join("adapter_model.safetensors");
-        let mut tensors = candle_core::safetensors::load(&weights_path, &self.device)
-            .with_context(|| format!("{}: cannot load adapter weights", weights_path.display()))?;
-        let (r, scale) = (config.r, config.scale());
-        let mut attached = 0;
-        for (path, linear) in self.linears_mut() {
-            if !targets_module(&config.target_modules, &path) {
-                continue;
-            }
-            let mut take = |part: &str, shape: [usize; 2]| -> Result<Var> {
-                let key = format!("base_model.model.{path}.{part}.weight");
-                let tensor = tensors
-                    .remove(&key)
-                    .with_context(|| format!("{}: no `{key}`", weights_path.display()))?;
-                if tensor.dims() != shape {
-                    bail!(
-                        "{}: `{key}` has shape {:?}, expected {shape:?}",
-                        weights_path.display(),
-                        tensor.dims()
-                    );
-                }
-                Ok(Var::from_tensor(&tensor.to_dtype(DType::F32)?)?)
-            };
-            let (out, input) = linear.weight.dims2()?;
-            let (a, b) = (take("lora_A", [r, input])?, take("lora_B", [out, r])?);
-            linear.lora = Some(Lora {
-                a,
-                b,
-                scale,
-                dropout: 0.0,
-            });
-            attached += 1;
-        }
-        if attached == 0 {
-            bail!(
-                "{}: target_modules {:?} match no layer (BLOOM has {LORA_TARGETS:?})",
-                config_path.display(),
-                config.target_modules
-            );
-        }
-        Ok(config)
     }
 
     /// Training mode with dropout masks drawn as `draw` says (`Some`), or
@@ -597,139 +442,6 @@ impl Bloom {
     /// call, removed from the store; add them to the main backward's.
     pub fn take_recomputed_gradient(&self, tensor: &Tensor) -> Option<Tensor> {
         self.recomputed_grads.take(tensor)
-    }
-
-    /// Sets the dropout probability of every LoRA adapter.
-    pub fn set_lora_dropout(&mut self, p: f64) {
-        for (_, linear) in self.linears_mut() {
-            if let Some(lora) = &mut linear.lora {
-                lora.dropout = p;
-            }
-        }
-    }
-
-    /// Adds fresh LoRA adapters as PEFT initialises them: A ~ U(±1/√in)
-    /// (Kaiming-uniform with a = √5), B = 0, so training starts from the base
-    /// model. `targets` are module names (`query_key_value`, `dense`, …).
-    pub fn add_lora(&mut self, config: &AdapterConfig, dropout: f64, seed: u64) -> Result<usize> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let (r, scale, device) = (config.r, config.scale(), self.device.clone());
-        let mut attached = 0;
-        for (path, linear) in self.linears_mut() {
-            if !targets_module(&config.target_modules, &path) {
-                continue;
-            }
-            let (out, input) = linear.weight.dims2()?;
-            let bound = 1.0 / (input as f64).sqrt();
-            let a: Vec<f32> = (0..r * input)
-                .map(|_| rng.random_range(-bound..bound) as f32)
-                .collect();
-            let a = Var::from_tensor(&Tensor::from_vec(a, (r, input), &device)?)?;
-            let b = Var::from_tensor(&Tensor::zeros((out, r), DType::F32, &device)?)?;
-            linear.lora = Some(Lora {
-                a,
-                b,
-                scale,
-                dropout,
-            });
-            attached += 1;
-        }
-        if attached == 0 {
-            bail!(
-                "--target_modules {:?} match no layer (BLOOM has {LORA_TARGETS:?})",
-                config.target_modules
-            );
-        }
-        Ok(attached)
-    }
-
-    /// Writes a PEFT adapter directory: `adapter_config.json` and
-    /// `adapter_model.safetensors` (metadata `format: pt`), which PEFT's
-    /// `PeftModel.from_pretrained` loads.
-    pub fn save_adapter(
-        &mut self,
-        dir: &Path,
-        config: &AdapterConfig,
-        base_model: &str,
-    ) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
-        let dropout = self
-            .linears_mut()
-            .find_map(|(_, l)| l.lora.as_ref().map(|l| l.dropout))
-            .unwrap_or(0.0);
-        let peft_config = serde_json::json!({
-            "peft_type": "LORA",
-            "task_type": "CAUSAL_LM",
-            "r": config.r,
-            "lora_alpha": config.lora_alpha,
-            "lora_dropout": dropout,
-            "target_modules": config.target_modules,
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "inference_mode": true,
-            "init_lora_weights": true,
-            "base_model_name_or_path": base_model,
-            "use_rslora": config.use_rslora,
-            "use_dora": false,
-            "modules_to_save": null,
-            "revision": null,
-        });
-        std::fs::write(
-            dir.join("adapter_config.json"),
-            serde_json::to_vec_pretty(&peft_config)?,
-        )?;
-        let variables = self.lora_variables();
-        let tensors: Vec<(String, Tensor)> = variables
-            .into_iter()
-            .map(|(name, var)| (name, var.as_tensor().clone()))
-            .collect();
-        let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-        let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
-            .iter()
-            .map(|(name, t)| {
-                let values = t.flatten_all()?.to_vec1::<f32>()?;
-                Ok((
-                    name.clone(),
-                    values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                    t.dims().to_vec(),
-                ))
-            })
-            .collect::<Result<_>>()?;
-        let views = data
-            .iter()
-            .map(|(name, bytes, shape)| {
-                Ok((
-                    name.as_str(),
-                    safetensors::tensor::TensorView::new(
-                        safetensors::Dtype::F32,
-                        shape.clone(),
-                        bytes,
-                    )?,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let path = dir.join("adapter_model.safetensors");
-        safetensors::serialize_to_file(views, Some(metadata), &path)
-            .with_context(|| format!("{}: cannot write", path.display()))
-    }
-
-    /// The trainable LoRA variables with their PEFT key names.
-    pub fn lora_variables(&mut self) -> Vec<(String, Var)> {
-        self.linears_mut()
-            .filter_map(|(path, linear)| {
-                linear
-                    .lora
-                    .as_ref()
-                    .map(|l| (path, l.a.clone(), l.b.clone()))
-            })
-            .flat_map(|(path, a, b)| {
-                [
-                    (format!("base_model.model.{path}.lora_A.weight"), a),
-                    (format!("base_model.model.{path}.lora_B.weight"), b),
-                ]
-            })
-            .collect()
     }
 
     /// ALiBi and the causal + padding mask of a left- or right-padded batch
@@ -916,56 +628,15 @@ impl Bloom {
             .collect()
     }
 
-    /// Folds every LoRA adapter into its base weight (`W + scale · B A`, in
-    /// f32, rounded to the weight's dtype) and removes the adapters: PEFT's
-    /// `merge_and_unload`. Returns how many layers were merged.
-    pub fn merge_adapters(&mut self) -> Result<usize> {
-        let mut merged = 0;
-        for (_, linear) in self.linears_mut() {
-            if let Some(lora) = linear.lora.take() {
-                let delta = (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?;
-                let dtype = linear.weight.dtype();
-                linear.weight = (linear.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
-                merged += 1;
-            }
-        }
-        Ok(merged)
-    }
-
-    /// Writes the base weights as an HF model directory: `model.safetensors`
-    /// in `dtype` (with the `transformer.` prefix, no `lm_head`: it is tied),
-    /// `config.json` (its dtype updated), the generation config and the
-    /// tokenizer files copied from `source`.
+    /// Writes the base weights as an HF model directory in `dtype`, with
+    /// `source`'s config (dtype updated), generation config and tokenizer files.
     pub fn save_model(&mut self, dir: &Path, source: &Path, dtype: DType) -> Result<()> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
         let tensors = self
             .base_tensors_mut()
             .into_iter()
-            .map(|(name, t)| Ok((name, t.detach().to_dtype(dtype)?)))
-            .collect::<Result<HashMap<String, Tensor>>>()?;
-        let path = dir.join("model.safetensors");
-        candle_core::safetensors::save(&tensors, &path)
-            .with_context(|| format!("{}: cannot write", path.display()))?;
-        let config_path = source.join("config.json");
-        let mut config: serde_json::Value = serde_json::from_slice(
-            &std::fs::read(&config_path)
-                .with_context(|| format!("{}: cannot read", config_path.display()))?,
-        )
-        .with_context(|| format!("{}: malformed JSON", config_path.display()))?;
-        let name = match dtype {
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            _ => "float32",
-        };
-        config["dtype"] = name.into();
-        if config.get("torch_dtype").is_some() {
-            config["torch_dtype"] = name.into();
-        }
-        std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)
-            .with_context(|| format!("{}: cannot write config.json", dir.display()))?;
-        copy_if_present(source, dir, "generation_config.json")?;
-        copy_tokenizer_files(source, dir)
+            .map(|(name, t)| (name, &*t))
+            .collect();
+        hf_dir::save_model(dir, tensors, source, dtype)
     }
 }
 

@@ -5,11 +5,20 @@
 //! fused kernels with hand-written backward passes (`fused`), checked against
 //! the composite ops that CUDA runs.
 
+//!
+//! Files by job: `bloom` is the architecture (config, layers, forward, the
+//! base tensors); `peft` is PEFT's LoRA adapter format (config, init, load,
+//! save, merge); `hf_dir` is HF model-directory I/O; `ops` and `fused` are
+//! the differentiable and fused kernels; `generate` and `init` use a model.
+
 pub mod bloom;
 mod checkpoint;
 pub mod fused;
 pub mod generate;
+pub mod hf_dir;
 pub mod init;
 pub mod ops;
+pub mod peft;
 
-pub use bloom::{AdapterConfig, Bloom, Config, DropoutDraw, KvCache, LORA_TARGETS, Lora};
+pub use bloom::{Bloom, Config, DropoutDraw, KvCache, Lora};
+pub use peft::{AdapterConfig, LORA_TARGETS};

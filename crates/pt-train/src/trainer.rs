@@ -858,7 +858,7 @@ impl<'a> Trainer<'a> {
             fs::remove_dir_all(&staging)?;
         }
         self.save_weights(&staging)?;
-        pt_model::bloom::copy_tokenizer_files(Path::new(&self.base_model), &staging)?;
+        pt_model::hf_dir::copy_tokenizer_files(Path::new(&self.base_model), &staging)?;
         fs::write(staging.join(STATE), serde_json::to_vec_pretty(&self.state)?)?;
         sync_directory(&staging)?;
         for entry in fs::read_dir(&staging)? {
