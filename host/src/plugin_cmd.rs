@@ -291,7 +291,7 @@ fn write_bundle(bundle: &Bundle, path: &Path) -> Result<()> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("{}: cannot create", dir.display()))?;
     }
-    pt_data::prepare::write_atomically(path, &bundle.to_bytes()?)
+    pt_fs::write_atomically(path, &bundle.to_bytes()?)
 }
 
 /// Loads a component without a cache (tools, not runs).

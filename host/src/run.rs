@@ -691,7 +691,7 @@ fn run_rank(
         return Ok(());
     }
     write_results(&output_dir, "all_results.json", &all_results)?;
-    pt_data::prepare::write_atomically(&output_dir.join("trainer_log.jsonl"), &console.log)?;
+    pt_fs::write_atomically(&output_dir.join("trainer_log.jsonl"), &console.log)?;
     eprintln!("outputs in {}", output_dir.display());
     Ok(())
 }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
+use pt_fs::write_atomically;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -29,12 +30,6 @@ pub struct Installed {
 
 pub struct Store {
     root: PathBuf,
-}
-
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temp = path.with_extension("partial");
-    std::fs::write(&temp, bytes).with_context(|| format!("{}: cannot write", temp.display()))?;
-    std::fs::rename(&temp, path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
 impl Store {

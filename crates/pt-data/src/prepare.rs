@@ -8,7 +8,6 @@
 //! key, that one unsharded preparation builds.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -16,6 +15,8 @@ use anyhow::{Context, Result};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use pt_fs::{copy_atomically, write_atomically};
 
 use crate::corpus::{self, ReadOptions, SourceFile};
 use crate::packing::{self, Blocks};
@@ -648,21 +649,4 @@ fn load_entry(entry: &Path) -> Result<Prepared> {
         validation: Blocks::load(&entry.join(VALIDATION))?,
         report,
     })
-}
-
-/// Writes via a temporary file and rename: readers see the old or the new file.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let temporary = path.with_extension("partial");
-    let mut file = fs::File::create(&temporary)
-        .with_context(|| format!("{}: cannot write", temporary.display()))?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    fs::rename(&temporary, path).with_context(|| format!("{}: cannot write", path.display()))
-}
-
-fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
-    write_atomically(
-        to,
-        &fs::read(from).with_context(|| format!("{}: cannot read", from.display()))?,
-    )
 }

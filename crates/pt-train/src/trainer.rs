@@ -811,12 +811,12 @@ impl<'a> Trainer<'a> {
         let state = staging.join(STATE);
         fs::write(&state, serde_json::to_vec_pretty(&self.state)?)
             .with_context(|| format!("{}: cannot write", state.display()))?;
-        sync_directory(staging)?;
+        pt_fs::sync_directory(staging)?;
         if target.exists() {
             fs::remove_dir_all(target)?;
         }
         fs::rename(staging, target)?;
-        sync_directory(target.parent().unwrap_or(Path::new(".")))
+        pt_fs::sync_directory(target.parent().unwrap_or(Path::new(".")))
     }
 
     /// Restores weights, optimizer and trainer state from `checkpoint-N/`.
@@ -860,7 +860,7 @@ impl<'a> Trainer<'a> {
         self.save_weights(&staging)?;
         pt_model::hf_dir::copy_tokenizer_files(Path::new(&self.base_model), &staging)?;
         fs::write(staging.join(STATE), serde_json::to_vec_pretty(&self.state)?)?;
-        sync_directory(&staging)?;
+        pt_fs::sync_directory(&staging)?;
         for entry in fs::read_dir(&staging)? {
             let path = entry?.path();
             let target = dir.join(path.file_name().expect("a file name"));
@@ -868,22 +868,8 @@ impl<'a> Trainer<'a> {
                 .with_context(|| format!("{}: cannot write", target.display()))?;
         }
         fs::remove_dir(&staging)?;
-        sync_directory(&dir)
+        pt_fs::sync_directory(&dir)
     }
-}
-
-/// Flushes every file of `dir`, and `dir` itself, to disk: a rename then
-/// publishes files that a crash cannot leave empty or half-written.
-fn sync_directory(dir: &Path) -> Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let path = entry?.path();
-        if path.is_file() {
-            fs::File::open(&path)?.sync_all()?;
-        }
-    }
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("{}: cannot sync", dir.display()))
 }
 
 /// `checkpoint-N` directories of `dir`, oldest (smallest N) first.
@@ -910,7 +896,7 @@ pub fn list_checkpoints(dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
 /// Writes `name` into `dir` as pretty JSON (HF's `*_results.json`).
 pub fn write_results(dir: &Path, name: &str, value: &Value) -> Result<()> {
     fs::create_dir_all(dir)?;
-    pt_data::prepare::write_atomically(&dir.join(name), &serde_json::to_vec_pretty(value)?)
+    pt_fs::write_atomically(&dir.join(name), &serde_json::to_vec_pretty(value)?)
 }
 
 /// Evaluation results as HF names them (`eval_loss`, …; custom metrics as
