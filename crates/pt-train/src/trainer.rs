@@ -29,6 +29,18 @@ pub enum Interval {
     Epoch,
 }
 
+impl Interval {
+    /// Whether the interval falls on the step just finished (`steps_done`,
+    /// counted from 1): every `every` steps, or when `epoch_ends`.
+    pub fn due(self, steps_done: usize, every: usize, epoch_ends: bool) -> bool {
+        match self {
+            Interval::Steps => every > 0 && steps_done.is_multiple_of(every),
+            Interval::Epoch => epoch_ends,
+            Interval::No => false,
+        }
+    }
+}
+
 /// The subset of HF `TrainingArguments` the loop reads.
 #[derive(Clone, Debug)]
 pub struct TrainingArguments {
@@ -496,45 +508,8 @@ impl<'a> Trainer<'a> {
             );
         }
         let a = self.args.clone();
-        let steps_per_epoch = self.steps_per_epoch(train.len());
-        let max_steps = if a.max_steps > 0 {
-            a.max_steps
-        } else {
-            (a.num_train_epochs * steps_per_epoch as f64)
-                .ceil()
-                .max(1.0) as usize
-        };
+        let (steps_per_epoch, max_steps) = self.plan(train, eval)?;
         let (world, rank) = (self.collective.world_size(), self.collective.rank());
-        if world > 1 {
-            // Ranks that planned different work would pair unrelated
-            // collectives: compare the plan before the first step.
-            for (what, value) in [
-                ("the number of training blocks", train.len()),
-                (
-                    "the number of validation blocks",
-                    eval.map_or(0, Blocks::len),
-                ),
-                ("the number of steps", max_steps),
-                ("the step to resume from", self.state.global_step),
-            ] {
-                self.collective.check_agreement(what, value as u64)?;
-            }
-        }
-        if self.state.global_step > 0 {
-            self.check_resumable(train.len())?;
-        }
-        self.state.max_steps = max_steps;
-        self.state.num_train_epochs = a.num_train_epochs;
-        self.state.logging_steps = a.logging_steps;
-        self.state.eval_steps = a.eval_steps;
-        self.state.save_steps = a.save_steps;
-        self.state.train_batch_size = a.per_device_train_batch_size;
-        self.state.is_world_process_zero = self.collective.is_main();
-        self.state.stateful_callbacks.pt_host.attributes = RunShape {
-            train_blocks: train.len(),
-            world_size: world,
-            gradient_accumulation_steps: a.gradient_accumulation_steps,
-        };
         let schedule = Schedule {
             kind: a.lr_scheduler_type,
             peak_lr: a.learning_rate,
@@ -627,11 +602,12 @@ impl<'a> Trainer<'a> {
 
             let done = step + 1 == max_steps;
             let end_of_epoch = (step + 1) % steps_per_epoch == 0;
-            let log_now = match a.logging_strategy {
-                Interval::Steps => a.logging_steps > 0 && (step + 1) % a.logging_steps == 0,
-                Interval::Epoch => end_of_epoch || done,
-                Interval::No => false,
-            } || (a.logging_first_step && step == 0);
+            // HF logs and evaluates at the last step of an epoch-wise run
+            // even when it ends mid-epoch, but saves at whole epochs only.
+            let log_now = a
+                .logging_strategy
+                .due(step + 1, a.logging_steps, end_of_epoch || done)
+                || (a.logging_first_step && step == 0);
             if log_now {
                 let entry = json!({
                     "loss": logged_loss / logged_steps as f64,
@@ -644,19 +620,13 @@ impl<'a> Trainer<'a> {
                 self.record(entry, callback);
                 (logged_loss, logged_steps) = (0.0, 0);
             }
-            let eval_now = match a.eval_strategy {
-                Interval::Steps => a.eval_steps > 0 && (step + 1) % a.eval_steps == 0,
-                Interval::Epoch => end_of_epoch || done,
-                Interval::No => false,
-            };
+            let eval_now = a
+                .eval_strategy
+                .due(step + 1, a.eval_steps, end_of_epoch || done);
             if let (true, Some(eval)) = (eval_now, eval) {
                 self.evaluate_and_record(eval, metrics.as_deref_mut(), callback)?;
             }
-            let save_now = match a.save_strategy {
-                Interval::Steps => a.save_steps > 0 && (step + 1) % a.save_steps == 0,
-                Interval::Epoch => end_of_epoch,
-                Interval::No => false,
-            };
+            let save_now = a.save_strategy.due(step + 1, a.save_steps, end_of_epoch);
             if save_now {
                 let path = self.save_checkpoint()?;
                 callback.on_save(&path);
@@ -676,6 +646,53 @@ impl<'a> Trainer<'a> {
             "world_size": world,
         });
         Ok(summary)
+    }
+
+    /// Before the first step: the run's length (steps per epoch, steps in
+    /// all), agreed on by every rank and consistent with a resumed
+    /// checkpoint, recorded in the trainer state.
+    fn plan(&mut self, train: &Blocks, eval: Option<&Blocks>) -> Result<(usize, usize)> {
+        let a = &self.args;
+        let steps_per_epoch = self.steps_per_epoch(train.len());
+        let max_steps = if a.max_steps > 0 {
+            a.max_steps
+        } else {
+            (a.num_train_epochs * steps_per_epoch as f64)
+                .ceil()
+                .max(1.0) as usize
+        };
+        let world = self.collective.world_size();
+        if world > 1 {
+            // Ranks that planned different work would pair unrelated
+            // collectives: compare the plan before the first step.
+            for (what, value) in [
+                ("the number of training blocks", train.len()),
+                (
+                    "the number of validation blocks",
+                    eval.map_or(0, Blocks::len),
+                ),
+                ("the number of steps", max_steps),
+                ("the step to resume from", self.state.global_step),
+            ] {
+                self.collective.check_agreement(what, value as u64)?;
+            }
+        }
+        if self.state.global_step > 0 {
+            self.check_resumable(train.len())?;
+        }
+        self.state.max_steps = max_steps;
+        self.state.num_train_epochs = a.num_train_epochs;
+        self.state.logging_steps = a.logging_steps;
+        self.state.eval_steps = a.eval_steps;
+        self.state.save_steps = a.save_steps;
+        self.state.train_batch_size = a.per_device_train_batch_size;
+        self.state.is_world_process_zero = self.collective.is_main();
+        self.state.stateful_callbacks.pt_host.attributes = RunShape {
+            train_blocks: train.len(),
+            world_size: world,
+            gradient_accumulation_steps: a.gradient_accumulation_steps,
+        };
+        Ok((steps_per_epoch, max_steps))
     }
 
     /// The step's loss and gradients summed over the ranks (unchanged alone):
