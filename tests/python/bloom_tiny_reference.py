@@ -10,7 +10,8 @@ expected.safetensors). Writes into OUT_DIR:
   `args` and `semantics`), with losses, gradient norms and learning rates;
 - lora_final/: the adapter after those steps, as PEFT saves it.
 
-tests/trajectory.rs runs it and compares with the committed fixture, so the
+tests/tools.rs (the_fixture_is_what_transformers_and_peft_compute) runs it and
+compares with the committed fixture, so the
 claim "numerics match HF" is reproducible. Usage:
 
     python3 tests/python/bloom_tiny_reference.py tests/fixtures/bloom-tiny OUT_DIR

@@ -1,7 +1,7 @@
 """Writes tests/fixtures/bloom-tiny/generate.json: what HF transformers'
 `generate` produces on the fixture for a left-padded batch of prompts —
 greedy, and greedy with a repetition penalty. pt-host's generation is tested
-against it (tests/model.rs). Run from the repository root:
+against it (crates/pt-model/tests/model.rs). Run from the repository root:
 
     python3 tests/python/generate_reference.py
 """

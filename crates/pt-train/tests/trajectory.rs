@@ -2,7 +2,7 @@
 //! per-step loss, gradient norm (before clipping) and learning rate, the
 //! validation loss after training, and the final adapter weights.
 
-#[path = "support/bloom_tiny.rs"]
+#[path = "../../../tests/support/bloom_tiny.rs"]
 mod bloom_tiny;
 
 use bloom_tiny::{expected, fixture, max_abs_diff, packed, rows, test_device, trajectory};

@@ -2,7 +2,7 @@
 //! (f32, CPU): logits within 1e-4 absolute, loss within 1e-5 relative; the
 //! bf16 compute path within bf16 rounding.
 
-#[path = "support/bloom_tiny.rs"]
+#[path = "../../../tests/support/bloom_tiny.rs"]
 mod bloom_tiny;
 
 use bloom_tiny::{expected, fixture, max_abs_diff, rows, test_device};

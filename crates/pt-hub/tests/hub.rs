@@ -2,7 +2,7 @@
 //! ModelScope do: the files arrive intact, the cache serves repeats and
 //! offline runs, a dropped connection resumes, a wrong checksum is refused.
 
-#[path = "support/fake_hub.rs"]
+#[path = "../../../tests/support/fake_hub.rs"]
 mod fake_hub;
 
 use std::cell::RefCell;
