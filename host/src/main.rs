@@ -1,6 +1,8 @@
 //! `pt-host`: continued pretraining of LLMs on domain corpora, extensible with
 //! sandboxed WebAssembly plugins.
 
+#![forbid(unsafe_code)]
+
 mod args;
 mod bench;
 mod device;

@@ -9,6 +9,8 @@
 //! found: in a file (its hash), in the manifest (the signature), or in the
 //! signature itself.
 
+#![forbid(unsafe_code)]
+
 mod keys;
 mod store;
 

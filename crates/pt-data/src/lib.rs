@@ -4,6 +4,8 @@
 //! WebAssembly runtime (and the training core that reads blocks does not
 //! rebuild when the runtime changes).
 
+#![forbid(unsafe_code)]
+
 pub mod corpus;
 pub mod packing;
 pub mod pipeline;

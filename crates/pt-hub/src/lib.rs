@@ -5,6 +5,8 @@
 //! sha256 where the hub gives one) is checked, and `HF_HUB_OFFLINE=1` uses the
 //! cache alone.
 
+#![forbid(unsafe_code)]
+
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};

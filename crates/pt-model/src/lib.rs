@@ -5,6 +5,8 @@
 //! fused kernels with hand-written backward passes (`fused`), checked against
 //! the composite ops that CUDA runs.
 
+#![forbid(unsafe_code)]
+
 //!
 //! Files by job: `bloom` is the architecture (config, layers, forward, the
 //! base tensors); `peft` is PEFT's LoRA adapter format (config, init, load,
