@@ -786,7 +786,7 @@ impl MetricSink for PluginMetrics<'_> {
                 }
                 if values.iter().any(|(name, _)| *name == metric.name) {
                     bail!(
-                        "metric plugin `{}` returned metric `{}`, which another metric plugin already returned",
+                        "metric plugin `{}` returned metric `{}` more than once (or another metric plugin did too)",
                         plugin.name,
                         metric.name
                     );

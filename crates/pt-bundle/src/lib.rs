@@ -43,6 +43,28 @@ pub struct Limits {
     pub timeout_ms: Option<u64>,
 }
 
+/// What a plugin id and version may be, said to whoever gave another.
+pub const PLUGIN_ID_GRAMMAR: &str = "ids are 1–64 ASCII letters, digits, `_`, `-` or `.`, starting with a letter or digit; versions 1–32 of those or `+`";
+
+/// A plugin id: it names store entries, files, `--plugin_config NAME=…` and
+/// `NAME@VERSION`, and is printed, so nothing a terminal or a path would act on.
+pub fn is_plugin_id(text: &str) -> bool {
+    is_identifier(text, 64, "_-.")
+}
+
+/// A plugin version (`1.2.0`, `0.3.0+build.5`).
+pub fn is_plugin_version(text: &str) -> bool {
+    is_identifier(text, 32, "_-.+")
+}
+
+fn is_identifier(text: &str, max: usize, punctuation: &str) -> bool {
+    (1..=max).contains(&text.len())
+        && text.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || punctuation.contains(c))
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: u32,
@@ -347,18 +369,9 @@ impl Bundle {
         if !files.contains_key(COMPONENT) {
             bail!("{source}: no `{COMPONENT}` in the bundle");
         }
-        // The id and version name files and store entries and are printed:
-        // the same identifiers a component's `describe` must give.
-        let identifier = |text: &str, max: usize| {
-            (1..=max).contains(&text.len())
-                && text.starts_with(|c: char| c.is_ascii_alphanumeric())
-                && text
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "_-.+".contains(c))
-        };
-        if !identifier(&manifest.id, 64) || !identifier(&manifest.version, 32) {
+        if !is_plugin_id(&manifest.id) || !is_plugin_version(&manifest.version) {
             bail!(
-                "{source}: {MANIFEST} names plugin `{}` version `{}`: ids and versions are ASCII letters, digits, `_`, `-`, `.`, `+`",
+                "{source}: {MANIFEST} names plugin `{}` version `{}`: {PLUGIN_ID_GRAMMAR}",
                 manifest.id.escape_debug(),
                 manifest.version.escape_debug()
             );

@@ -27,7 +27,6 @@ use crate::steps::{
     CallFailure, Derived, DocRef, PluginError, PluginErrorCause, StepInstance, StepKind,
     StepOutput, StepPlugin, Verdict, check_output,
 };
-use crate::text::bounded;
 use crate::tokenize::Tokenizer;
 
 /// What to do with a document a plugin fails on.
@@ -53,10 +52,6 @@ pub struct PipelineOptions {
     pub max_derived_documents: u64,
 }
 
-/// Longest drop reason kept: reasons are report keys, not messages.
-pub const REASON_BYTES: usize = 120;
-/// Longest error message a plugin reports for a document that is kept.
-pub const MESSAGE_BYTES: usize = 1024;
 /// Distinct drop reasons counted per step; the rest are counted together, so
 /// a plugin inventing a reason per document cannot grow the report.
 pub const DISTINCT_REASONS: usize = 64;
@@ -179,6 +174,8 @@ pub fn run(
             .collect(),
         ..SplitOutput::default()
     };
+    // Derived documents each step has added so far, against the split's limit.
+    let mut derived_kept = vec![0u64; steps.len()];
     for output in outputs
         .into_iter()
         .map(|o| o.expect("every batch finished"))
@@ -186,7 +183,7 @@ pub fn run(
         for (document, derived_by) in output.documents.into_iter().zip(output.derived_by) {
             if let Some((step, source)) = derived_by {
                 let report = &mut split.steps[step];
-                if report.derived_kept >= options.max_derived_documents {
+                if derived_kept[step] >= options.max_derived_documents {
                     if options.on_error == ErrorPolicy::Fail {
                         return Err(PluginError {
                             plugin: report.plugin.clone(),
@@ -202,7 +199,7 @@ pub fn run(
                     report.derived_over_limit += 1;
                     continue;
                 }
-                report.derived_kept += 1;
+                derived_kept[step] += 1;
             }
             split.documents.push(document);
         }
@@ -355,14 +352,11 @@ impl BatchContext<'_> {
                     None
                 }
                 Ok(Verdict::Drop(reason)) => {
-                    let reason = bounded(reason, REASON_BYTES);
                     report.count_drop(&reason, 1);
                     excluded.push(exclude(reason, doc));
                     continue;
                 }
-                Ok(Verdict::Error(message)) => {
-                    Some(PluginErrorCause::Reported(bounded(message, MESSAGE_BYTES)))
-                }
+                Ok(Verdict::Error(message)) => Some(PluginErrorCause::Reported(message)),
                 Err(cause) => Some(cause),
             };
             if let Some(cause) = cause {

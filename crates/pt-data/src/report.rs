@@ -30,9 +30,6 @@ pub struct StepReport {
     /// Derived documents discarded past the split's limit (`skip` policy).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub derived_over_limit: u64,
-    /// Derived documents of this step in the split so far (counted against the limit).
-    #[serde(skip)]
-    pub(crate) derived_kept: u64,
     /// Time spent in the plugin, summed over worker threads.
     pub seconds: f64,
 }

@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::text::bounded;
+
 /// The document-processing kinds, in the order a plugin's steps run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -39,6 +41,25 @@ pub enum Verdict {
     Drop(String),
     /// The plugin could not process this document; `--on_plugin_error` decides.
     Error(String),
+}
+
+/// Longest drop reason kept: reasons are report keys, not messages.
+pub const REASON_BYTES: usize = 120;
+/// Longest error message a plugin reports for a document.
+pub const MESSAGE_BYTES: usize = 1024;
+
+impl Verdict {
+    /// The verdict with its plugin-given text cut: a drop reason to
+    /// [`REASON_BYTES`], an error message to [`MESSAGE_BYTES`]. Plugin answers
+    /// pass through this where they enter the host, so no longer text is
+    /// ever stored, counted or printed.
+    pub fn bounded(self) -> Self {
+        match self {
+            Verdict::Drop(reason) => Verdict::Drop(bounded(reason, REASON_BYTES)),
+            Verdict::Error(message) => Verdict::Error(bounded(message, MESSAGE_BYTES)),
+            other => other,
+        }
+    }
 }
 
 /// A new document from an augmenter.

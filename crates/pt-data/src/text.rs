@@ -18,18 +18,31 @@ fn is_hazard(c: char) -> bool {
 /// (one-line values such as a drop reason).
 pub fn escape_controls(text: &str, keep_newlines: bool) -> Cow<'_, str> {
     let kept = |c: char| keep_newlines && (c == '\n' || c == '\t');
-    if !text.chars().any(|c| is_hazard(c) && !kept(c)) {
+    escape_where(
+        text,
+        |c| is_hazard(c) && !kept(c),
+        |out, c| write!(out, "\\u{{{:x}}}", c as u32),
+    )
+}
+
+/// `text` with each character `escaped` selects written by `write`.
+fn escape_where(
+    text: &str,
+    escaped: impl Fn(char) -> bool,
+    write: impl Fn(&mut String, char) -> std::fmt::Result,
+) -> Cow<'_, str> {
+    if !text.chars().any(&escaped) {
         return Cow::Borrowed(text);
     }
-    let mut escaped = String::with_capacity(text.len() + 16);
+    let mut out = String::with_capacity(text.len() + 16);
     for c in text.chars() {
-        if is_hazard(c) && !kept(c) {
-            let _ = write!(escaped, "\\u{{{:x}}}", c as u32);
+        if escaped(c) {
+            let _ = write(&mut out, c);
         } else {
-            escaped.push(c);
+            out.push(c);
         }
     }
-    Cow::Owned(escaped)
+    Cow::Owned(out)
 }
 
 /// `text` cut to at most `max_bytes` (on a character boundary), with `…`
@@ -55,20 +68,15 @@ pub fn bounded(text: String, max_bytes: usize) -> String {
 /// text. (Outside strings JSON is ASCII, and its only C0 characters are the
 /// layout's newlines and indentation, which stay.)
 fn inert(json: Vec<u8>) -> Vec<u8> {
-    let escaped = |c: char| is_hazard(c) && !c.is_ascii_control();
     let text = String::from_utf8(json).expect("serde_json writes UTF-8");
-    if !text.chars().any(escaped) {
-        return text.into_bytes();
+    match escape_where(
+        &text,
+        |c| is_hazard(c) && !c.is_ascii_control(),
+        |out, c| write!(out, "\\u{:04x}", c as u32),
+    ) {
+        Cow::Borrowed(_) => text.into_bytes(),
+        Cow::Owned(escaped) => escaped.into_bytes(),
     }
-    let mut out = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        if escaped(c) {
-            let _ = write!(out, "\\u{:04x}", c as u32);
-        } else {
-            out.push(c);
-        }
-    }
-    out.into_bytes()
 }
 
 /// `value` as one line of JSON with every terminal hazard escaped.

@@ -259,8 +259,8 @@ impl StepInstance for NativeInstance {
                 Ok(match v.tag {
                     0 => Verdict::Keep,
                     1 => Verdict::Replace(text()?),
-                    2 => Verdict::Drop(text()?),
-                    3 => Verdict::Error(text()?),
+                    2 => Verdict::Drop(text()?).bounded(),
+                    3 => Verdict::Error(text()?).bounded(),
                     other => {
                         return Err(CallFailure::Contract(format!(
                             "unknown verdict tag {other}"

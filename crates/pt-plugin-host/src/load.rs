@@ -20,7 +20,7 @@ use crate::bindings::pt::plugin::types::{Info, Kind};
 use crate::limits::{PluginLimits, Ticker};
 use crate::link::{self, DEFAULT_SEED, PluginState};
 use crate::run::{Exports, MetricSession, PluginInstance};
-use pt_data::pipeline::MESSAGE_BYTES;
+use pt_data::steps::MESSAGE_BYTES;
 
 /// Longest description and configuration schema kept from `describe`.
 const DESCRIPTION_BYTES: usize = 512;
@@ -315,34 +315,25 @@ impl PluginRuntime {
     }
 }
 
-/// Whether `text` is a plugin id: 1–64 ASCII letters, digits, `_`, `-` or
-/// `.`, starting with a letter or digit — safe in a terminal, a file name,
-/// `--plugin_config NAME=…` and `NAME@VERSION`.
-fn is_identifier(text: &str, max: usize, extra: &[char]) -> bool {
-    (1..=max).contains(&text.len())
-        && text.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && text.chars().all(|c| {
-            c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || extra.contains(&c)
-        })
-}
-
 /// `describe`'s answer, validated (id, version) and bounded (description,
 /// schema), naming the file when it is refused.
 fn checked_info(path: &Path, mut info: Info) -> Result<Info> {
     let shown = |text: &str| escape_controls(&bounded(text.to_string(), 80), false).into_owned();
-    if !is_identifier(&info.id, 64, &[]) {
+    if !pt_bundle::is_plugin_id(&info.id) {
         bail!(
-            "{}: the plugin's id `{}` is not an identifier (1–64 ASCII letters, digits, `_`, `-`, `.`, starting with a letter or digit)",
+            "{}: the plugin's id `{}` is not an identifier ({})",
             path.display(),
-            shown(&info.id)
+            shown(&info.id),
+            pt_bundle::PLUGIN_ID_GRAMMAR
         );
     }
-    if !is_identifier(&info.version, 32, &['+']) {
+    if !pt_bundle::is_plugin_version(&info.version) {
         bail!(
-            "{}: plugin `{}` has version `{}`, which is not a version (1–32 ASCII letters, digits, `.`, `-`, `+`, `_`, e.g. 1.2.0)",
+            "{}: plugin `{}` has version `{}`, which is not a version ({})",
             path.display(),
             info.id,
-            shown(&info.version)
+            shown(&info.version),
+            pt_bundle::PLUGIN_ID_GRAMMAR
         );
     }
     info.description = bounded(info.description, DESCRIPTION_BYTES);

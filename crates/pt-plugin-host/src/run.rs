@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::{Result, anyhow, bail};
-use pt_data::pipeline::{MESSAGE_BYTES, REASON_BYTES};
+use pt_data::steps::MESSAGE_BYTES;
 use pt_data::text::{bounded, escape_controls};
 use pt_data::{CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, Verdict};
 use wasmtime::Store;
@@ -95,12 +95,12 @@ fn classify(
             let message = bounded(error.to_string(), MESSAGE_BYTES);
             // wasmtime raises these limits as untyped errors: its handle
             // cap, the limiter's instance/memory/table counts, copy fuel.
-            let limits = [
+            let runtime_limits = [
                 "cannot allocate another handle",
                 "resource limit exceeded",
                 "too much data is being copied",
             ];
-            if limits.iter().any(|l| message.contains(l)) {
+            if runtime_limits.iter().any(|l| message.contains(l)) {
                 CallFailure::ResourceLimit(message)
             } else {
                 CallFailure::Trap {
@@ -222,14 +222,6 @@ fn missing(plugin: &str, kind: StepKind) -> CallFailure {
     CallFailure::Contract(format!("plugin `{plugin}` has no {kind:?} export"))
 }
 
-fn reason(text: String) -> String {
-    bounded(text, REASON_BYTES)
-}
-
-fn message(text: String) -> String {
-    bounded(text, MESSAGE_BYTES)
-}
-
 impl StepInstance for PluginInstance {
     fn apply(
         &mut self,
@@ -255,8 +247,8 @@ impl StepInstance for PluginInstance {
                         .into_iter()
                         .map(|d| match d {
                             Decision::Keep => Verdict::Keep,
-                            Decision::Drop(text) => Verdict::Drop(reason(text)),
-                            Decision::Error(text) => Verdict::Error(message(text)),
+                            Decision::Drop(reason) => Verdict::Drop(reason).bounded(),
+                            Decision::Error(message) => Verdict::Error(message).bounded(),
                         })
                         .collect(),
                 ))
@@ -270,8 +262,8 @@ impl StepInstance for PluginInstance {
                         .map(|e| match e {
                             Edit::Unchanged => Verdict::Keep,
                             Edit::Replace(text) => Verdict::Replace(text),
-                            Edit::Drop(text) => Verdict::Drop(reason(text)),
-                            Edit::Error(text) => Verdict::Error(message(text)),
+                            Edit::Drop(reason) => Verdict::Drop(reason).bounded(),
+                            Edit::Error(message) => Verdict::Error(message).bounded(),
                         })
                         .collect(),
                 ))
@@ -328,7 +320,7 @@ impl MetricSession {
 
     /// The metric values, each name checked: at most [`METRIC_VALUES`]
     /// values, names of letters, digits and `_` (at most
-    /// [`METRIC_NAME_BYTES`]), none twice.
+    /// [`METRIC_NAME_BYTES`]). Names across plugins are the caller's to check.
     pub fn compute(&mut self) -> Result<Vec<MetricValue>> {
         let values = self.call("compute", |metric, store, accumulator| {
             metric.accumulator().call_compute(store, accumulator)
@@ -340,7 +332,7 @@ impl MetricSession {
                 values.len()
             );
         }
-        for (i, value) in values.iter().enumerate() {
+        for value in &values {
             let name = &value.name;
             let valid = name.len() <= METRIC_NAME_BYTES
                 && name.starts_with(|c: char| c.is_ascii_alphabetic())
@@ -350,9 +342,6 @@ impl MetricSession {
                     "metric plugin `{plugin}` returned a metric named `{}`: names are 1–{METRIC_NAME_BYTES} letters, digits and `_`, starting with a letter",
                     escape_controls(&bounded(name.clone(), 80), false)
                 );
-            }
-            if values[..i].iter().any(|earlier| earlier.name == *name) {
-                bail!("metric plugin `{plugin}` returned metric `{name}` twice");
             }
         }
         Ok(values)
