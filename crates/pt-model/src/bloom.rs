@@ -8,16 +8,16 @@ use anyhow::{Context, Result, bail};
 use std::cell::Cell;
 use std::sync::Arc;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::Deserialize;
 
-use crate::checkpoint;
+use crate::checkpoint::{self, Recompute};
 use crate::fused::AttentionBias;
 use crate::hf_dir::{self, Weights};
-use crate::ops::{
-    Dropout, IGNORE_INDEX, LoraPass, attention_probs, frozen_matmul, gelu, layer_norm, linear,
-    lm_head_loss_sum,
-};
+use crate::linear::{Dropout, LoraPass, frozen_matmul, linear};
+use crate::loss::{IGNORE_INDEX, lm_head_loss_sum};
+use crate::ops::{attention_probs, gelu, layer_norm};
 
 /// `config.json`, with the legacy key names of the original checkpoints.
 #[derive(Clone, Debug, Deserialize)]
@@ -210,15 +210,6 @@ impl Block {
         )
     }
 
-    pub(crate) fn forward(
-        &self,
-        x: &Tensor,
-        ctx: &BlockContext,
-        track: bool,
-    ) -> candle_core::Result<Tensor> {
-        self.forward_with_cache(x, ctx, track, None)
-    }
-
     /// `cache`: this block's keys and values of earlier positions, extended
     /// with `x`'s (generation).
     fn forward_with_cache(
@@ -284,9 +275,17 @@ impl Block {
         let merged = context.transpose(1, 2)?.reshape((b, s, h))?;
         self.attention_dense.forward(&merged, dense_seed, track)
     }
+}
+
+impl Recompute for Block {
+    type Context = BlockContext;
+
+    fn forward(&self, x: &Tensor, ctx: &BlockContext, track: bool) -> candle_core::Result<Tensor> {
+        self.forward_with_cache(x, ctx, track, None)
+    }
 
     /// The block's tensors that training updates (LoRA, or all in full fine-tuning).
-    pub(crate) fn trainable_tensors(&self) -> Vec<Tensor> {
+    fn trainable_tensors(&self) -> Vec<Tensor> {
         let mut tensors = Vec::new();
         for norm in [&self.input_layernorm, &self.post_attention_layernorm] {
             tensors.extend([norm.weight.clone(), norm.bias.clone()]);
@@ -438,10 +437,10 @@ impl Bloom {
         self.dropout.set(draw);
     }
 
-    /// Gradients that checkpointed blocks computed for `tensor` since the last
-    /// call, removed from the store; add them to the main backward's.
-    pub fn take_recomputed_gradient(&self, tensor: &Tensor) -> Option<Tensor> {
-        self.recomputed_grads.take(tensor)
+    /// Gradients of `loss` by tensor, those that checkpointed blocks
+    /// computed while recomputing included.
+    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        self.recomputed_grads.backward(loss)
     }
 
     /// ALiBi and the causal + padding mask of a left- or right-padded batch

@@ -2,47 +2,71 @@
 //! activations (no graph is built), and its backward recomputes the block
 //! with a graph to get the gradients. candle has no such mechanism; a custom
 //! op per block provides it. The op can hand back only its input's gradient,
-//! so the gradients of the block's trainable tensors go to a side store that
-//! the trainer merges with the main backward's.
+//! so the gradients of the block's trainable tensors go to a side store,
+//! merged into the main backward's by [`SideGradients::backward`].
+//!
+//! Any architecture's block can be checkpointed: it only has to implement
+//! [`Recompute`].
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, TensorId, Var};
 
-use crate::bloom::{Block, BlockContext};
-use crate::ops::{cpu_output, graph_free_input, input_tensor};
+use crate::custom_op::{cpu_output, graph_free_input, input_tensor};
+
+/// What checkpointing needs of a block: its forward pass, run with or
+/// without a graph, and the trainable tensors it uses.
+pub(crate) trait Recompute: Clone + Send + Sync + 'static {
+    /// What the forward needs besides the input and the weights (masks,
+    /// dropout draws); cheap to clone.
+    type Context: Clone + Send + Sync + 'static;
+
+    /// `track`: false while the block runs without a graph.
+    fn forward(&self, x: &Tensor, context: &Self::Context, track: bool) -> Result<Tensor>;
+
+    fn trainable_tensors(&self) -> Vec<Tensor>;
+}
 
 /// Gradients computed during recomputation, by tensor.
 #[derive(Clone, Default)]
-pub struct SideGradients(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+pub(crate) struct SideGradients(Arc<Mutex<HashMap<TensorId, (Tensor, Tensor)>>>);
 
 impl SideGradients {
     fn add(&self, tensor: &Tensor, grad: Tensor) -> Result<()> {
         let mut map = self.0.lock().expect("side gradients lock");
         let sum = match map.remove(&tensor.id()) {
-            Some(previous) => (previous + grad)?,
+            Some((_, previous)) => (previous + grad)?,
             None => grad,
         };
-        map.insert(tensor.id(), sum);
+        map.insert(tensor.id(), (tensor.clone(), sum));
         Ok(())
     }
 
-    pub fn take(&self, tensor: &Tensor) -> Option<Tensor> {
-        self.0
-            .lock()
-            .expect("side gradients lock")
-            .remove(&tensor.id())
+    /// `loss.backward()` with the gradients that checkpointed blocks computed
+    /// on the way added in (and taken out of the store).
+    pub(crate) fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        let side = std::mem::take(&mut *self.0.lock().expect("side gradients lock"));
+        for (tensor, grad) in side.into_values() {
+            let total = match grads.remove(&tensor) {
+                Some(main) => (main + grad)?,
+                None => grad,
+            };
+            grads.insert(&tensor, total);
+        }
+        Ok(grads)
     }
 }
 
-struct CheckpointedBlock {
-    block: Block,
-    context: BlockContext,
+struct CheckpointedBlock<B: Recompute> {
+    block: B,
+    context: B::Context,
     side: SideGradients,
 }
 
-impl CustomOp1 for CheckpointedBlock {
+impl<B: Recompute> CustomOp1 for CheckpointedBlock<B> {
     fn name(&self) -> &'static str {
         "checkpointed-block"
     }
@@ -58,8 +82,8 @@ impl CustomOp1 for CheckpointedBlock {
         storage: &candle_core::CudaStorage,
         layout: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let x = crate::ops::cuda_input(storage, layout)?;
-        crate::ops::cuda_output(&self.block.forward(&x, &self.context, false)?)
+        let x = crate::custom_op::cuda_input(storage, layout)?;
+        crate::custom_op::cuda_output(&self.block.forward(&x, &self.context, false)?)
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -75,11 +99,12 @@ impl CustomOp1 for CheckpointedBlock {
     }
 }
 
-/// The block applied to `x` with recomputation in the backward pass.
-pub(crate) fn checkpointed(
-    block: &Block,
+/// `block` applied to `x` with recomputation in the backward pass; the
+/// gradients of its trainable tensors go to `side`.
+pub(crate) fn checkpointed<B: Recompute>(
+    block: &B,
     x: &Tensor,
-    context: BlockContext,
+    context: B::Context,
     side: &SideGradients,
 ) -> Result<Tensor> {
     let op = CheckpointedBlock {

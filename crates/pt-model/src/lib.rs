@@ -5,20 +5,27 @@
 //! fused kernels with hand-written backward passes (`fused`), checked against
 //! the composite ops that CUDA runs.
 
-#![forbid(unsafe_code)]
-
 //!
 //! Files by job: `bloom` is the architecture (config, layers, forward, the
 //! base tensors); `peft` is PEFT's LoRA adapter format (config, init, load,
-//! save, merge); `hf_dir` is HF model-directory I/O; `ops` and `fused` are
-//! the differentiable and fused kernels; `generate` and `init` use a model.
+//! save, merge); `hf_dir` is HF model-directory I/O; `ops` (norms,
+//! activations, softmax), `linear` (frozen and trainable linear layers with
+//! LoRA), `loss` (chunked cross-entropy) and `fused` (their CPU kernels) are
+//! the differentiable building blocks, `custom_op` their shared plumbing;
+//! `checkpoint` recomputes any block that implements its trait; `generate`
+//! and `init` use a model.
+
+#![forbid(unsafe_code)]
 
 pub mod bloom;
 mod checkpoint;
+mod custom_op;
 pub mod fused;
 pub mod generate;
 pub mod hf_dir;
 pub mod init;
+pub mod linear;
+pub mod loss;
 pub mod ops;
 pub mod peft;
 

@@ -8,7 +8,7 @@ mod bloom_tiny;
 use bloom_tiny::{expected, fixture, max_abs_diff, rows, test_device};
 use candle_core::{DType, Device};
 use pt_model::Bloom;
-use pt_model::ops::next_token_loss_sum;
+use pt_model::loss::next_token_loss_sum;
 
 fn fixture_model(dtype: DType) -> Bloom {
     Bloom::load(&fixture().join("model"), &test_device(), dtype).unwrap()

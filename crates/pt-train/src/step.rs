@@ -89,17 +89,10 @@ pub fn accumulate_gradients(
         let (sum, _) = model.loss_sum(&batch.input_ids, &batch.attention_mask, &batch.labels)?;
         let loss = (sum / batch.loss_tokens.max(1) as f64)?;
         loss_sum += loss.to_scalar::<f32>()? as f64;
-        let grads = (loss / micro_batches.len() as f64)?.backward()?;
+        let grads = model.backward(&(loss / micro_batches.len() as f64)?)?;
         for (variable, total) in variables.iter().zip(&mut totals) {
-            // Checkpointed blocks deliver their gradients beside the main pass.
-            let grad = match (
-                grads.get(variable.as_tensor()),
-                model.take_recomputed_gradient(variable.as_tensor()),
-            ) {
-                (Some(main), Some(side)) => (main + side)?,
-                (Some(main), None) => main.clone(),
-                (None, Some(side)) => side,
-                (None, None) => anyhow::bail!("a trainable tensor received no gradient"),
+            let Some(grad) = grads.get(variable.as_tensor()).cloned() else {
+                anyhow::bail!("a trainable tensor received no gradient");
             };
             *total = Some(match total.take() {
                 Some(t) => (t + grad)?,

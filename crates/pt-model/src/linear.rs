@@ -1,0 +1,456 @@
+//! Linear layers as custom ops: a frozen weight (with an optional LoRA
+//! adapter and its dropout) that gets no gradient, and a trainable weight
+//! (full fine-tuning) whose gradients carry no graph.
+
+use std::sync::Arc;
+
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
+};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+use crate::custom_op::{cpu_output, graph_free_input, input_tensor};
+#[cfg(feature = "cuda")]
+use crate::custom_op::{cuda_input, cuda_output};
+
+/// A LoRA adapter's part in a linear layer's forward pass: `scale · (drop(x)
+/// Aᵀ) Bᵀ`, in f32 as PEFT computes it.
+#[derive(Clone)]
+pub struct LoraPass {
+    /// `[r, in]`
+    pub a: Tensor,
+    /// `[out, r]`
+    pub b: Tensor,
+    pub scale: f64,
+    /// Dropout on the adapter's input; the backward pass draws the mask
+    /// again instead of keeping it.
+    pub dropout: Option<Dropout>,
+}
+
+/// An inverted-dropout mask: probability `p`, drawn from `seed` as the
+/// elements from `first_element` on of a larger input. A rank's share of a
+/// data-parallel batch thus draws exactly the mask its rows would have had
+/// in the whole batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub p: f64,
+    pub seed: u64,
+    pub first_element: usize,
+}
+
+/// Mask elements per random stream: element `e` is word `e % MASK_TASK` of
+/// stream `e / MASK_TASK`, so the mask depends neither on the thread count
+/// nor on where the input starts in the batch.
+const MASK_TASK: usize = 1 << 16;
+
+/// What [`FrozenLinear`] keeps of a [`LoraPass`]: A and B are the op's
+/// inputs, so the op holds only the scale and the dropout.
+#[derive(Clone, Copy)]
+struct LoraSettings {
+    scale: f64,
+    dropout: Option<Dropout>,
+}
+
+impl LoraPass {
+    fn settings(&self) -> LoraSettings {
+        LoraSettings {
+            scale: self.scale,
+            dropout: self.dropout,
+        }
+    }
+}
+
+impl LoraSettings {
+    /// The inverted-dropout mask for an input of `x`'s shape (0 or 1/keep),
+    /// or `None` without dropout.
+    fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(Dropout {
+            p,
+            seed,
+            first_element,
+        }) = self.dropout
+        else {
+            return Ok(None);
+        };
+        let keep = 1.0 - p;
+        let threshold = (keep * u32::MAX as f64) as u32;
+        let kept = (1.0 / keep) as f32;
+        let mut mask = vec![0f32; x.elem_count()];
+        // Pieces that each lie within one stream, drawn in parallel.
+        let mut pieces = Vec::new();
+        let (mut rest, mut at) = (mask.as_mut_slice(), first_element);
+        while !rest.is_empty() {
+            let length = (MASK_TASK - at % MASK_TASK).min(rest.len());
+            let (piece, tail) = rest.split_at_mut(length);
+            pieces.push((at, piece));
+            (rest, at) = (tail, at + length);
+        }
+        pieces.into_par_iter().for_each(|(at, piece)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            rng.set_stream((at / MASK_TASK) as u64);
+            rng.set_word_pos((at % MASK_TASK) as u128);
+            for m in piece {
+                *m = if rng.random::<u32>() < threshold {
+                    kept
+                } else {
+                    0.0
+                };
+            }
+        });
+        Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?))
+    }
+}
+
+/// `x ⊙ mask`, or `x` without a mask.
+fn masked(x: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+    match mask {
+        Some(mask) => x * mask,
+        None => Ok(x),
+    }
+}
+
+/// `x Wᵀ (+ bias) (+ LoRA)` for a frozen `W` `[out, in]` and `x` `[n, in]`.
+/// As one op, its backward computes the gradients of `x` and of the
+/// adapter only: candle's matmul backward would also compute `W`'s (for
+/// BLOOM's tied LM head alone a `[vocab, hidden]` product per step) and
+/// throw it away, and its graph would keep every intermediate tensor.
+struct FrozenLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    /// Scale and dropout of the adapter, whose A and B are the op's 2nd and 3rd inputs.
+    lora: Option<LoraSettings>,
+}
+
+impl FrozenLinear {
+    fn forward(&self, x: &Tensor, lora: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+        let mut y = x.matmul(&self.weight.t()?)?;
+        if let Some(bias) = &self.bias {
+            y = y.broadcast_add(bias)?;
+        }
+        if let (Some(pass), Some((a, b))) = (&self.lora, lora) {
+            // The sum is rounded back to the base layer's dtype, as PEFT does;
+            // the scale applies to the narrow `[n, r]` product.
+            let x = x.to_dtype(DType::F32)?;
+            let input = masked(x.clone(), pass.dropout_mask(&x)?.as_ref())?;
+            let update = (input.matmul(&a.t()?)? * pass.scale)?.matmul(&b.t()?)?;
+            y = (y.to_dtype(DType::F32)? + update)?.to_dtype(self.weight.dtype())?;
+        }
+        Ok(y)
+    }
+
+    /// Gradients of `x` and, with an adapter, of its A and B.
+    fn backward(
+        &self,
+        x: &Tensor,
+        lora: Option<(&Tensor, &Tensor)>,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        // Detached: a gradient that carried a graph would keep every tensor
+        // it was computed from alive until the whole backward pass ends.
+        let (x, grad) = (x.detach(), grad.detach());
+        let base = grad.matmul(&self.weight)?;
+        let (Some(pass), Some((a, b))) = (&self.lora, lora) else {
+            return Ok((base, None));
+        };
+        let (a, b) = (&a.detach(), &b.detach());
+        let grad = grad.to_dtype(DType::F32)?;
+        let x32 = x.to_dtype(DType::F32)?;
+        let mask = pass.dropout_mask(&x32)?;
+        let input = masked(x32, mask.as_ref())?;
+        let grad_b = grad.t()?.matmul(&(input.matmul(&a.t()?)? * pass.scale)?)?;
+        let grad_down = (grad.matmul(b)? * pass.scale)?;
+        let grad_a = grad_down.t()?.matmul(&input)?;
+        let grad_x = (base.to_dtype(DType::F32)? + masked(grad_down.matmul(a)?, mask.as_ref())?)?
+            .to_dtype(x.dtype())?;
+        Ok((grad_x, Some((grad_a, grad_b))))
+    }
+}
+
+impl CustomOp1 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_output(&self.forward(&input_tensor(Storage::Cpu(storage.clone()), layout)?, None)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_output(&self.forward(&cuda_input(storage, layout)?, None)?)
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(self.backward(x, None, grad)?.0))
+    }
+}
+
+impl CustomOp3 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "frozen-linear-lora"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        a_s: &CpuStorage,
+        al: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = input_tensor(Storage::Cpu(xs.clone()), xl)?;
+        let a = input_tensor(Storage::Cpu(a_s.clone()), al)?;
+        let b = input_tensor(Storage::Cpu(bs.clone()), bl)?;
+        cpu_output(&self.forward(&x, Some((&a, &b)))?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        a_s: &candle_core::CudaStorage,
+        al: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (x, a, b) = (
+            cuda_input(xs, xl)?,
+            cuda_input(a_s, al)?,
+            cuda_input(bs, bl)?,
+        );
+        cuda_output(&self.forward(&x, Some((&a, &b)))?)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (grad_x, grad_lora) = self.backward(x, Some((a, b)), grad)?;
+        let (grad_a, grad_b) = grad_lora.expect("an adapter's gradients");
+        Ok((Some(grad_x), Some(grad_a), Some(grad_b)))
+    }
+}
+
+/// `x Wᵀ + bias` with a trainable `W` (full fine-tuning) as one op whose
+/// backward hands out detached gradients: through candle's ops each weight
+/// gradient would carry its graph, keeping the layer's activations alive
+/// until the whole backward pass ends.
+struct TrainableLinear;
+
+impl TrainableLinear {
+    fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        x.matmul(&weight.t()?)?.broadcast_add(bias)
+    }
+}
+
+impl CustomOp3 for TrainableLinear {
+    fn name(&self) -> &'static str {
+        "trainable-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = input_tensor(Storage::Cpu(xs.clone()), xl)?;
+        let w = input_tensor(Storage::Cpu(ws.clone()), wl)?;
+        let b = input_tensor(Storage::Cpu(bs.clone()), bl)?;
+        cpu_output(&Self::forward(&x, &w, &b)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (x, w, b) = (
+            cuda_input(xs, xl)?,
+            cuda_input(ws, wl)?,
+            cuda_input(bs, bl)?,
+        );
+        cuda_output(&Self::forward(&x, &w, &b)?)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
+        Ok((
+            Some(grad.matmul(&weight)?),
+            Some(grad.t()?.matmul(&x)?),
+            Some(grad.sum(0)?),
+        ))
+    }
+}
+
+/// `x Wᵀ (+ bias) (+ LoRA)` (`x`: `[n, in]`, `W`: `[out, in]`). A frozen `W`
+/// gets no gradient (see [`FrozenLinear`]); a trainable one (full
+/// fine-tuning) gets it from [`TrainableLinear`].
+pub fn linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    lora: Option<LoraPass>,
+) -> Result<Tensor> {
+    let op = FrozenLinear {
+        weight: weight.clone(),
+        bias: bias.cloned(),
+        lora: lora.as_ref().map(LoraPass::settings),
+    };
+    let adapter = lora.as_ref().map(|l| (&l.a, &l.b));
+    let tracked = x.track_op() || adapter.is_some_and(|(a, b)| a.track_op() || b.track_op());
+    if let (true, Some(bias), None) = (weight.is_variable(), bias, &lora) {
+        return graph_free_input(x)?.apply_op3_arc(
+            &graph_free_input(weight)?,
+            &graph_free_input(bias)?,
+            Arc::new(Box::new(TrainableLinear)),
+        );
+    }
+    if weight.is_variable() || !tracked {
+        return op.forward(x, adapter);
+    }
+    let x = graph_free_input(x)?;
+    match lora {
+        None => x.apply_op1_arc(Arc::new(Box::new(op))),
+        Some(pass) => x.apply_op3_arc(
+            &graph_free_input(&pass.a)?,
+            &graph_free_input(&pass.b)?,
+            Arc::new(Box::new(op)),
+        ),
+    }
+}
+
+/// `x · Wᵀ` (`x`: `[n, in]`, `W`: `[out, in]`), computing no gradient for `W`
+/// unless it is a trainable variable (full fine-tuning).
+pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    linear(x, weight, None, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn a_share_of_a_batch_draws_its_rows_of_the_whole_batchs_mask() {
+        let settings = |first_element| LoraSettings {
+            scale: 1.0,
+            dropout: Some(Dropout {
+                p: 0.1,
+                seed: 99,
+                first_element,
+            }),
+        };
+        let mask = |rows: usize, first_row: usize| -> Vec<f32> {
+            let x = Tensor::zeros((rows, 1000), DType::F32, &Device::Cpu).unwrap();
+            settings(first_row * 1000)
+                .dropout_mask(&x)
+                .unwrap()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        };
+        // 200 rows span several streams; the split at row 77 is not aligned to one.
+        let whole = mask(200, 0);
+        let (head, tail) = (mask(77, 0), mask(123, 77));
+        assert_eq!(whole[..77_000], head[..]);
+        assert_eq!(whole[77_000..], tail[..]);
+        assert_ne!(head[..1000], tail[..1000]);
+    }
+
+    #[test]
+    fn frozen_linear_with_lora_and_dropout_equals_the_composite() {
+        use crate::fused::tests::{assert_same_function, random};
+        let (weight, bias) = (random(&[24, 40], 11), random(&[24], 12));
+        let pass = |a: &Tensor, b: &Tensor| LoraPass {
+            a: a.clone(),
+            b: b.clone(),
+            scale: 2.0,
+            dropout: Some(Dropout {
+                p: 0.3,
+                seed: 7,
+                first_element: 0,
+            }),
+        };
+        let inputs = [
+            random(&[70, 40], 13),
+            random(&[4, 40], 14),
+            random(&[24, 4], 15),
+        ];
+        assert_same_function(
+            &inputs,
+            |t| linear(&t[0], &weight, Some(&bias), Some(pass(&t[1], &t[2]))).unwrap(),
+            |t| {
+                let lora = pass(&t[1], &t[2]);
+                let mask = lora.settings().dropout_mask(&t[0]).unwrap().unwrap();
+                let kept = mask
+                    .ne(0f32)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .mean_all()
+                    .unwrap();
+                // About 70% kept, so the mask is a real dropout mask.
+                assert!((kept.to_scalar::<f32>().unwrap() - 0.7).abs() < 0.05);
+                let base = t[0]
+                    .matmul(&weight.t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&bias)
+                    .unwrap();
+                let update = (&t[0] * &mask).unwrap().matmul(&t[1].t().unwrap()).unwrap();
+                (base + (update.matmul(&t[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap()
+            },
+            1e-4,
+        );
+    }
+
+    #[test]
+    fn trainable_linear_equals_candles_ops() {
+        use crate::fused::tests::{assert_same_function, random};
+        let inputs = [
+            random(&[70, 40], 31),
+            random(&[24, 40], 32),
+            random(&[24], 33),
+        ];
+        assert_same_function(
+            &inputs,
+            |t| linear(&t[0], &t[1], Some(&t[2]), None).unwrap(),
+            |t| {
+                t[0].matmul(&t[1].t().unwrap())
+                    .unwrap()
+                    .broadcast_add(&t[2])
+                    .unwrap()
+            },
+            1e-5,
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! Cross-entropy losses: over given logits, and through the LM head a chunk
+//! of rows at a time so that `[tokens, vocab]` logits never exist whole.
+
+use candle_core::{DType, Result, Tensor};
+
+use crate::ops::log_softmax_last_dim;
+
+/// Label of positions that carry no loss (HF's ignore index).
+pub const IGNORE_INDEX: i64 = -100;
+/// Next-token cross-entropy: logits `[b, s, v]` predict `labels[:, 1:]` from
+/// positions `..s-1`; labels equal to [`IGNORE_INDEX`] do not count. Returns
+/// the sum of the losses (f32 scalar) and the number of counted tokens.
+pub fn next_token_loss_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tensor, usize)> {
+    let (b, s, v) = logits.dims3()?;
+    let shifted = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (i, row) in labels.iter().enumerate() {
+        for (t, &label) in row.iter().enumerate().skip(1) {
+            if label != IGNORE_INDEX {
+                rows.push((i * (s - 1) + t - 1) as u32);
+                targets.push(label as u32);
+            }
+        }
+    }
+    let count = rows.len();
+    let device = logits.device();
+    let picked = shifted.index_select(&Tensor::new(rows, device)?, 0)?;
+    let log_probs = log_softmax_last_dim(&picked.to_dtype(DType::F32)?)?;
+    let targets = Tensor::new(targets, device)?.unsqueeze(1)?;
+    let nll = log_probs.gather(&targets, 1)?.neg()?.sum_all()?;
+    Ok((nll, count))
+}
+
+/// Logit elements computed at once by [`lm_head_loss_sum`] (16 MiB in f32)...
+const LOSS_CHUNK_ELEMENTS: usize = 1 << 22;
+/// ...but at least this many rows, so that each chunk's matmul stays efficient.
+const LOSS_CHUNK_MIN_ROWS: usize = 64;
+
+/// Sum of cross-entropies of the final hidden states `[n, h]` through the LM
+/// head `weight` `[vocab, h]` (BLOOM's tied embedding): row `i` predicts
+/// `targets[i]` (`None`: no loss). Returns the sum (f32 scalar) and the number
+/// of counted rows.
+///
+/// The logits exist a chunk of rows at a time: this computes each chunk's
+/// gradient (softmax − one-hot, times `weight`) on the way and attaches the
+/// gradients of `hidden`, and of `weight` when it trains, to the result with
+/// a term whose value is zero. The backward pass never sees `[n, vocab]`
+/// logits, which for bloomz-560m at 4 × 512 tokens would be 2 GB, kept.
+pub fn lm_head_loss_sum(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[Option<u32>],
+) -> Result<(Tensor, usize)> {
+    let rows = (LOSS_CHUNK_ELEMENTS / weight.dim(0)?).max(LOSS_CHUNK_MIN_ROWS);
+    loss_sum_in_chunks(hidden, weight, targets, rows)
+}
+
+/// [`lm_head_loss_sum`], `rows` rows of logits at a time.
+fn loss_sum_in_chunks(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[Option<u32>],
+    rows: usize,
+) -> Result<(Tensor, usize)> {
+    let (n, h) = hidden.dims2()?;
+    let device = hidden.device();
+    let (grad_hidden, grad_weight) = (hidden.track_op(), weight.track_op());
+    let (hidden_values, weight_values) = (hidden.detach(), weight.detach());
+    let rows = rows.clamp(1, n.max(1));
+    let mut loss_sum = 0f64;
+    let mut hidden_grads = Vec::new();
+    let mut weight_grad: Option<Tensor> = None;
+    for start in (0..n).step_by(rows) {
+        let len = rows.min(n - start);
+        let chunk_targets = &targets[start..start + len];
+        if chunk_targets.iter().all(Option::is_none) {
+            if grad_hidden {
+                hidden_grads.push(Tensor::zeros((len, h), hidden.dtype(), device)?);
+            }
+            continue;
+        }
+        let inputs = hidden_values.narrow(0, start, len)?;
+        let logits = inputs.matmul(&weight_values.t()?)?.to_dtype(DType::F32)?;
+        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
+        let exp = shifted.exp()?;
+        let sums = exp.sum_keepdim(1)?;
+        let index: Vec<u32> = chunk_targets.iter().map(|t| t.unwrap_or(0)).collect();
+        let index = Tensor::from_vec(index, (len, 1), device)?;
+        let counted: Vec<f32> = chunk_targets
+            .iter()
+            .map(|t| f32::from(t.is_some() as u8))
+            .collect();
+        let counted = Tensor::from_vec(counted, (len, 1), device)?;
+        let losses = (sums.log()? - shifted.gather(&index, 1)?)?.mul(&counted)?;
+        loss_sum += losses.sum_all()?.to_scalar::<f32>()? as f64;
+        if !(grad_hidden || grad_weight) {
+            continue;
+        }
+        // d loss / d logits = softmax − one-hot, on counted rows only.
+        let grad_logits = exp
+            .broadcast_div(&sums)?
+            .scatter_add(&index, &counted.neg()?, 1)?
+            .broadcast_mul(&counted)?
+            .to_dtype(weight.dtype())?;
+        if grad_hidden {
+            hidden_grads.push(grad_logits.matmul(&weight_values)?);
+        }
+        if grad_weight {
+            let grad = grad_logits.t()?.matmul(&inputs)?;
+            weight_grad = Some(match weight_grad {
+                Some(total) => (total + grad)?,
+                None => grad,
+            });
+        }
+    }
+    let count = targets.iter().filter(|t| t.is_some()).count();
+    let mut loss = Tensor::new(loss_sum as f32, device)?;
+    // `t − t.detach()` is zero, and its gradient is `t`'s: each term hands
+    // its tensor the gradient computed above.
+    let mut attach = |tensor: &Tensor, grad: Tensor| -> Result<()> {
+        let term = (tensor * grad.to_dtype(tensor.dtype())?)?
+            .sum_all()?
+            .to_dtype(DType::F32)?;
+        loss = (&loss + (&term - term.detach())?)?;
+        Ok(())
+    };
+    if grad_hidden {
+        attach(hidden, Tensor::cat(&hidden_grads, 0)?)?;
+    }
+    if let Some(grad) = weight_grad {
+        attach(weight, grad)?;
+    }
+    Ok((loss, count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn loss_ignores_labels_and_shifts() {
+        // Uniform logits over 4 classes: every counted token costs ln 4.
+        let logits = Tensor::zeros((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
+        let (sum, count) = next_token_loss_sum(&logits, &[vec![0, 1, IGNORE_INDEX]]).unwrap();
+        assert_eq!(count, 1);
+        assert!((sum.to_scalar::<f32>().unwrap() - 4f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn chunked_lm_head_loss_equals_the_loss_of_full_logits() {
+        use crate::fused::tests::{max_difference, random};
+        use candle_core::Var;
+        // 150 rows in 3 chunks (64, 64, 22 rows).
+        let (n, h, vocab) = (150, 16, 2048);
+        let hidden = Var::from_tensor(&random(&[n, h], 21)).unwrap();
+        let weight = Var::from_tensor(&random(&[vocab, h], 22)).unwrap();
+        let labels: Vec<i64> = (0..n as i64)
+            .map(|i| {
+                if i % 7 == 3 {
+                    IGNORE_INDEX
+                } else {
+                    (i * 13) % vocab as i64
+                }
+            })
+            .collect();
+        let targets: Vec<Option<u32>> = (1..=n)
+            .map(|t| {
+                labels
+                    .get(t)
+                    .filter(|&&l| l != IGNORE_INDEX)
+                    .map(|&l| l as u32)
+            })
+            .collect();
+        let (chunked, count) =
+            loss_sum_in_chunks(hidden.as_tensor(), weight.as_tensor(), &targets, 64).unwrap();
+        let logits = hidden
+            .as_tensor()
+            .matmul(&weight.as_tensor().t().unwrap())
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let (full, full_count) = next_token_loss_sum(&logits, &[labels]).unwrap();
+        assert_eq!(count, full_count);
+        let (a, b) = (
+            chunked.to_scalar::<f32>().unwrap(),
+            full.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5 * b.abs(), "{a} vs {b}");
+        let (grads, full_grads) = (chunked.backward().unwrap(), full.backward().unwrap());
+        for var in [&hidden, &weight] {
+            let (g, f) = (
+                grads.get(var.as_tensor()).unwrap(),
+                full_grads.get(var.as_tensor()).unwrap(),
+            );
+            assert!(max_difference(g, f) < 1e-5, "{}", max_difference(g, f));
+        }
+    }
+}
