@@ -680,7 +680,7 @@ fn bad_records_fail_with_file_and_line_or_are_skipped_and_counted() {
         (
             "huge.txt",
             huge,
-            "huge.txt:2: the record is 100.0 MB, more than --max_document_mb 64",
+            "huge.txt:2: the record is 100.0 MB, more than the limit of 64 MB\nRaise --max_document_mb (now 64)",
         ),
     ];
     for (name, bytes, expected) in &cases {

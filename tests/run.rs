@@ -983,8 +983,7 @@ fn a_killed_run_resumes_to_the_same_adapter() {
         }
         command
     };
-    let has_checkpoint =
-        || pt_train::trainer::list_checkpoints(&killed_dir).is_ok_and(|c| !c.is_empty());
+    let has_checkpoint = || pt_train::list_checkpoints(&killed_dir).is_ok_and(|c| !c.is_empty());
     // Five SIGKILLs at pseudo-random moments (a fixed xorshift, so a failure
     // reproduces), each run resuming from whatever the last one left.
     let mut state = 0x2545_f491_4f6c_dd1du64;
@@ -1008,9 +1007,7 @@ fn a_killed_run_resumes_to_the_same_adapter() {
         }
         child.wait().unwrap();
         // Whatever the moment, every checkpoint-N/ present is complete.
-        for (step, checkpoint) in
-            pt_train::trainer::list_checkpoints(&killed_dir).unwrap_or_default()
-        {
+        for (step, checkpoint) in pt_train::list_checkpoints(&killed_dir).unwrap_or_default() {
             let state = json(&checkpoint.join("trainer_state.json"));
             assert_eq!(state["global_step"], step);
             assert!(checkpoint.join("adapter_model.safetensors").is_file());
@@ -1091,7 +1088,7 @@ fn a_diverging_run_stops_naming_the_step_with_checkpoints_intact() {
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or_else(|| panic!("no step named: {message}"));
     assert!(step >= 2, "a checkpoint was written before: {message}");
-    assert!(message.contains("stopping (the last checkpoint is intact); lower --learning_rate"));
+    assert!(message.contains("stopping (the last checkpoint is intact)\nLower --learning_rate"));
     assert!(!message.contains("panicked"), "{message}");
     for n in 1..step {
         let checkpoint = dir.path().join(format!("out/checkpoint-{n}"));

@@ -7,6 +7,7 @@ mod args;
 mod bench;
 mod device;
 mod generate;
+mod hints;
 mod hub;
 mod init_model;
 mod merge;
@@ -121,46 +122,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {}", explain(&error));
+            eprintln!("error: {}", hints::explain(&error));
             ExitCode::FAILURE
         }
-    }
-}
-
-/// An error as the user reads it: text a plugin controls (quoted in the
-/// message) escaped so that it cannot drive the terminal, and for a plugin
-/// failure the flags that help.
-pub fn explain(error: &anyhow::Error) -> String {
-    let mut text = pt_data::text::escape_controls(&format!("{error:#}"), true).into_owned();
-    if let Some(failure) = error
-        .chain()
-        .find_map(|e| e.downcast_ref::<pt_data::PluginError>())
-    {
-        text.push('\n');
-        text.push_str(&plugin_hint(failure));
-    }
-    text
-}
-
-/// What a user can do about a plugin failure, in this binary's flags.
-fn plugin_hint(error: &pt_data::PluginError) -> String {
-    use pt_data::{CallFailure, PluginErrorCause};
-    let skip = "or pass --on_plugin_error skip to skip such documents";
-    match &error.cause {
-        PluginErrorCause::Call(CallFailure::Deadline { .. }) => format!(
-            "Raise --plugin_timeout_ms if the plugin needs more time per call, lower --plugin_batch_size, {skip}."
-        ),
-        PluginErrorCause::Call(CallFailure::MemoryCap { .. }) => format!(
-            "Raise --plugin_memory_mb if the plugin legitimately needs more, lower --plugin_batch_size, {skip}."
-        ),
-        PluginErrorCause::Call(CallFailure::TooManyDerived { .. }) => {
-            format!("Raise --max_derived_per_document if the plugin is right to, {skip}.")
-        }
-        PluginErrorCause::Call(CallFailure::DerivedPastLimit { .. }) => {
-            "Raise --max_derived_documents, or pass --on_plugin_error skip to keep the first ones and discard the rest."
-                .to_string()
-        }
-        _ => format!("Fix the plugin or the document, {skip}."),
     }
 }
 

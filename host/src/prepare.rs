@@ -320,8 +320,8 @@ fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
     if report.shard.is_none() {
         println!(
             "report: {}  excluded: {}",
-            output_dir.join(pt_data::prepare::REPORT).display(),
-            output_dir.join(pt_data::prepare::EXCLUDED).display()
+            output_dir.join(pt_data::cache::REPORT).display(),
+            output_dir.join(pt_data::cache::EXCLUDED).display()
         );
     }
 }

@@ -10,11 +10,12 @@ use pt_data::Tokenizer;
 use pt_dist::{Backend, Collective, Launch};
 use pt_model::{AdapterConfig, Bloom, LORA_TARGETS};
 use pt_plugin_host::{Kind, LoadedPlugin, MetricSession, Sample};
+use pt_train::evaluate::{EvalSample, MetricSink, eval_results, evaluate_across};
 use pt_train::trainer::{
-    EvalSample, Interval, MetricSink, StepProgress, Trainable, Trainer, TrainerCallback,
-    TrainingArguments, eval_results, evaluate_across, list_checkpoints, write_results,
+    Interval, StepProgress, Trainable, Trainer, TrainerCallback, TrainingArguments,
 };
 use pt_train::{AdamWConfig, SchedulerType};
+use pt_train::{list_checkpoints, write_results};
 use serde_json::{Value, json};
 
 use crate::args::parse_bool;
@@ -397,7 +398,7 @@ pub fn run(mut args: RunArgs) -> Result<()> {
         eprintln!(
             "error: rank {}: {}",
             collective.rank(),
-            crate::explain(error)
+            crate::hints::explain(error)
         );
         collective.abort();
     }

@@ -22,6 +22,14 @@ pub fn generate_key() -> Result<SigningKey> {
     Ok(SigningKey::from_bytes(&secret))
 }
 
+/// A key pair of that name is already in the directory (never overwritten).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: a key named {name} exists", dir.display())]
+pub struct KeyExists {
+    pub dir: PathBuf,
+    pub name: String,
+}
+
 /// Writes `DIR/NAME.key` (owner-only where the platform allows) and
 /// `DIR/NAME.pub`; refuses to overwrite a key.
 pub fn write_key_pair(key: &SigningKey, dir: &Path, name: &str) -> Result<(PathBuf, PathBuf)> {
@@ -31,10 +39,11 @@ pub fn write_key_pair(key: &SigningKey, dir: &Path, name: &str) -> Result<(PathB
         dir.join(format!("{name}.pub")),
     );
     if secret.exists() || public.exists() {
-        bail!(
-            "{}: a key named {name} exists; choose another --name",
-            dir.display()
-        );
+        return Err(KeyExists {
+            dir: dir.to_path_buf(),
+            name: name.into(),
+        }
+        .into());
     }
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);

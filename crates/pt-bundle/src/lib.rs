@@ -22,7 +22,7 @@ use ed25519_dalek::{Signature, Signer, Verifier, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub use keys::{TrustedKeys, generate_key, key_id, read_signing_key, write_key_pair};
+pub use keys::{KeyExists, TrustedKeys, generate_key, key_id, read_signing_key, write_key_pair};
 pub use store::{Installed, Store};
 
 /// Version of the bundle layout itself.

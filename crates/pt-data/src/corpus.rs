@@ -82,7 +82,7 @@ impl<'a> Records<'a> {
     /// Keeps a non-empty document, or refuses one over the size limit.
     fn document(&mut self, line: usize, text: String) -> Result<()> {
         if text.len() > self.options.max_document_bytes {
-            return self.bad(line, too_large(text.len(), self.options));
+            return self.bad(line, self.too_large(text.len()));
         }
         if !text.is_empty() {
             self.documents.push(Document {
@@ -94,16 +94,18 @@ impl<'a> Records<'a> {
     }
 
     /// A bad record: an error naming file and line, or counted and skipped.
-    fn bad(&mut self, line: usize, reason: String) -> Result<()> {
+    fn bad(&mut self, line: usize, problem: RecordProblem) -> Result<()> {
         match self.options.on_bad_record {
-            ErrorPolicy::Fail => bail!(
-                "{}:{line}: {reason} (--on_bad_record skip skips such records and counts them)",
-                self.path.display()
-            ),
+            ErrorPolicy::Fail => Err(BadRecordError {
+                path: self.path.to_path_buf(),
+                line,
+                problem,
+            }
+            .into()),
             ErrorPolicy::Skip => {
                 self.bad.push(BadRecord {
                     line: line as u32,
-                    reason,
+                    reason: problem.to_string(),
                 });
                 Ok(())
             }
@@ -113,28 +115,59 @@ impl<'a> Records<'a> {
     /// One line as text: UTF-8, no NUL byte, within the size limit.
     fn line<'b>(&mut self, line: usize, bytes: &'b [u8]) -> Result<Option<&'b str>> {
         let problem = if bytes.len() > self.options.max_document_bytes {
-            too_large(bytes.len(), self.options)
+            self.too_large(bytes.len())
         } else if let Some(at) = bytes.iter().position(|&b| b == 0) {
-            format!("NUL byte at byte {at} (a binary file?)")
+            RecordProblem::NulByte { at }
         } else {
             match std::str::from_utf8(bytes) {
                 Ok(text) => return Ok(Some(text)),
-                Err(e) => format!(
-                    "invalid UTF-8 at byte {} of the line; convert the file to UTF-8 (e.g. `iconv -f GB18030 -t UTF-8`)",
-                    e.valid_up_to()
-                ),
+                Err(e) => RecordProblem::InvalidUtf8 {
+                    at: e.valid_up_to(),
+                    of: "line",
+                },
             }
         };
         self.bad(line, problem).map(|()| None)
     }
+
+    fn too_large(&self, bytes: usize) -> RecordProblem {
+        RecordProblem::TooLarge {
+            bytes,
+            limit: self.options.max_document_bytes,
+        }
+    }
 }
 
-fn too_large(bytes: usize, options: &ReadOptions) -> String {
-    format!(
-        "the record is {:.1} MB, more than --max_document_mb {}",
-        bytes as f64 / (1 << 20) as f64,
-        options.max_document_bytes >> 20
-    )
+/// Why a record is not a document.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum RecordProblem {
+    #[error("the record is {:.1} MB, more than the limit of {} MB", *bytes as f64 / MIB, limit >> 20)]
+    TooLarge { bytes: usize, limit: usize },
+    #[error("NUL byte at byte {at} (a binary file?)")]
+    NulByte { at: usize },
+    #[error(
+        "invalid UTF-8 at byte {at} of the {of}; convert the file to UTF-8 (e.g. `iconv -f GB18030 -t UTF-8`)"
+    )]
+    InvalidUtf8 { at: usize, of: &'static str },
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("field `{field}` is not a string but {found}")]
+    NotAString { field: String, found: String },
+    #[error("record has no `{field}` field (it has: {})", keys.join(", "))]
+    NoTextField { field: String, keys: Vec<String> },
+    #[error("expected a JSON object, found {0}")]
+    NotAnObject(String),
+}
+
+const MIB: f64 = (1 << 20) as f64;
+
+/// A bad record where bad records fail the run.
+#[derive(Debug, thiserror::Error)]
+#[error("{}:{line}: {problem}", path.display())]
+pub struct BadRecordError {
+    pub path: PathBuf,
+    pub line: usize,
+    pub problem: RecordProblem,
 }
 
 const EXTENSIONS: [&str; 3] = ["txt", "json", "jsonl"];
@@ -257,20 +290,20 @@ fn read_txt(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
 }
 
 /// The text field of one JSON record, or why there is none.
-fn text_of(value: serde_json::Value, field: &str) -> Result<String, String> {
+fn text_of(value: serde_json::Value, field: &str) -> Result<String, RecordProblem> {
     match value {
         serde_json::Value::Object(mut map) => match map.remove(field) {
             Some(serde_json::Value::String(text)) => Ok(text),
-            Some(other) => Err(format!("field `{field}` is not a string but {other}")),
-            None => {
-                let keys: Vec<_> = map.keys().map(String::as_str).collect();
-                Err(format!(
-                    "record has no `{field}` field (it has: {}); pass --text_field to choose another",
-                    keys.join(", ")
-                ))
-            }
+            Some(other) => Err(RecordProblem::NotAString {
+                field: field.into(),
+                found: other.to_string(),
+            }),
+            None => Err(RecordProblem::NoTextField {
+                field: field.into(),
+                keys: map.keys().cloned().collect(),
+            }),
         },
-        other => Err(format!("expected a JSON object, found {other}")),
+        other => Err(RecordProblem::NotAnObject(other.to_string())),
     }
 }
 
@@ -284,7 +317,7 @@ fn read_json_lines(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
             continue;
         };
         let record = serde_json::from_str(line)
-            .map_err(|e| format!("malformed JSON: {e}"))
+            .map_err(|e| RecordProblem::MalformedJson(e.to_string()))
             .and_then(|value| text_of(value, &field));
         match record {
             Ok(text) => records.document(number, text)?,
@@ -307,17 +340,17 @@ fn read_json_array(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
                 + 1;
             return records.bad(
                 line,
-                format!(
-                    "invalid UTF-8 at byte {} of the file; convert the file to UTF-8 (e.g. `iconv -f GB18030 -t UTF-8`)",
-                    e.valid_up_to()
-                ),
+                RecordProblem::InvalidUtf8 {
+                    at: e.valid_up_to(),
+                    of: "file",
+                },
             );
         }
     };
     let line_at = |offset: usize| text[..offset].matches('\n').count() + 1;
     let values: Vec<serde_json::Value> = match serde_json::from_str(text) {
         Ok(values) => values,
-        Err(e) => return records.bad(e.line(), format!("malformed JSON: {e}")),
+        Err(e) => return records.bad(e.line(), RecordProblem::MalformedJson(e.to_string())),
     };
     // serde_json does not report offsets of array items; find each record's
     // opening brace by scanning, which is exact for arrays of objects.

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod corpus;
 pub mod packing;
 pub mod pipeline;
@@ -15,13 +16,16 @@ pub mod steps;
 pub mod text;
 pub mod tokenize;
 
-pub use corpus::ReadOptions;
+pub use cache::CacheError;
+pub use corpus::{BadRecordError, ReadOptions, RecordProblem};
 pub use packing::Blocks;
 pub use pipeline::{ErrorPolicy, PipelineOptions};
-pub use prepare::{PrepareOptions, PreparePlugin, Prepared, Progress, Sharding, prepare};
+pub use prepare::{
+    PrepareError, PrepareOptions, PreparePlugin, Prepared, Progress, Sharding, prepare,
+};
 pub use report::{DataReport, PluginReport};
 pub use steps::{
     CallFailure, Derived, DocRef, PluginError, PluginErrorCause, StepInstance, StepKind,
     StepOutput, StepPlugin, Verdict,
 };
-pub use tokenize::Tokenizer;
+pub use tokenize::{MissingTokenizer, Tokenizer};

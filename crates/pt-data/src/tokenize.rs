@@ -17,14 +17,17 @@ pub struct Tokenizer {
     pub model_max_length: Option<usize>,
 }
 
+/// A model directory without a readable `tokenizer.json`.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: cannot read the tokenizer", .0.display())]
+pub struct MissingTokenizer(pub std::path::PathBuf);
+
 impl Tokenizer {
     /// Loads `tokenizer.json` from a model directory; EOS and pad tokens come
     /// from `tokenizer_config.json` when present, else `</s>` / `<pad>`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let json_path = dir.join("tokenizer.json");
-        let json = std::fs::read(&json_path).with_context(|| {
-            format!("{}: cannot read the tokenizer; --model_name_or_path (or --tokenizer_name_or_path) must be a directory holding tokenizer.json", json_path.display())
-        })?;
+        let json = std::fs::read(&json_path).context(MissingTokenizer(json_path.clone()))?;
         let inner = tokenizers::Tokenizer::from_bytes(&json)
             .map_err(|e| anyhow!("{}: not a valid tokenizer: {e}", json_path.display()))?;
         let config_path = dir.join("tokenizer_config.json");

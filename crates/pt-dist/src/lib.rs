@@ -5,9 +5,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
+mod error;
 pub mod launch;
 #[cfg(feature = "mpi")]
 pub mod mpi;
@@ -15,6 +16,7 @@ pub mod mpi;
 pub mod nccl;
 pub mod rendezvous;
 
+pub use error::DistError;
 pub use launch::{Launch, Launcher};
 
 /// Collective operations over the ranks of one training job. Every rank
@@ -65,11 +67,11 @@ pub trait Collective {
                 .enumerate()
                 .map(|(rank, v)| format!("rank {rank}: {v}"))
                 .collect();
-            bail!(
-                "ranks disagree on {what} ({}): every rank must see the same data, flags and files \
-                 (a shared --cache_dir and --output_dir)",
-                listed.join(", ")
-            );
+            return Err(DistError::Disagreement {
+                what: what.into(),
+                values: listed.join(", "),
+            }
+            .into());
         }
         Ok(())
     }
@@ -148,12 +150,11 @@ fn connect_mpi(launch: &Launch, _: &Device, timeout: Duration) -> Result<Box<dyn
 
 #[cfg(not(feature = "mpi"))]
 fn connect_mpi(launch: &Launch, _: &Device, _: Duration) -> Result<Box<dyn Collective>> {
-    bail!(
-        "{} started {} ranks, but this pt-host was built without MPI: rebuild with \
-         `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)",
-        launch.launcher.name(),
-        launch.world_size
-    )
+    Err(DistError::BuiltWithoutMpi {
+        launcher: launch.launcher.name(),
+        ranks: launch.world_size,
+    }
+    .into())
 }
 
 #[cfg(feature = "nccl")]
@@ -167,12 +168,11 @@ fn connect_nccl(
 
 #[cfg(not(feature = "nccl"))]
 fn connect_nccl(launch: &Launch, _: &Device, _: Duration) -> Result<Box<dyn Collective>> {
-    bail!(
-        "{} started {} ranks with --ddp_backend nccl, but this pt-host was built without NCCL: \
-         rebuild with `cargo build --release --features cuda,nccl`, or train on CPUs with --ddp_backend mpi",
-        launch.launcher.name(),
-        launch.world_size
-    )
+    Err(DistError::BuiltWithoutNccl {
+        launcher: launch.launcher.name(),
+        ranks: launch.world_size,
+    }
+    .into())
 }
 
 /// Polls `done` until it says true or `timeout` passes: how the backends
@@ -188,12 +188,15 @@ pub(crate) fn wait_until(
     let mut polls = 0u32;
     while !done()? {
         if started.elapsed() > timeout {
-            bail!(
-                "{what} did not complete within --ddp_timeout {} s: another rank stopped or is far behind \
-                 (its error is in its own log); raise --ddp_timeout if ranks legitimately wait that long, \
-                 e.g. while rank 0 prepares a large corpus",
-                timeout.as_secs()
-            );
+            return Err(DistError::Timeout {
+                message: format!(
+                    "{what} did not complete within {} s: another rank stopped or is far behind \
+                     (its error is in its own log)",
+                    timeout.as_secs()
+                ),
+                seconds: timeout.as_secs(),
+            }
+            .into());
         }
         polls += 1;
         if polls < 1000 {
@@ -263,11 +266,15 @@ mod tests {
     }
 
     #[test]
-    fn a_wait_that_never_completes_ends_with_the_flag_to_raise() {
-        let err = wait_until(Duration::from_millis(20), "all-reduce", || Ok(false))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--ddp_timeout"), "{err}");
+    fn a_wait_that_never_completes_ends_with_a_timeout_error() {
+        let err = wait_until(Duration::from_secs(1), "all-reduce", || Ok(false)).unwrap_err();
+        assert!(
+            matches!(
+                err.downcast_ref(),
+                Some(DistError::Timeout { seconds: 1, message }) if message.starts_with("all-reduce did not complete")
+            ),
+            "{err}"
+        );
         let mut calls = 0;
         wait_until(Duration::from_secs(5), "all-reduce", || {
             calls += 1;

@@ -32,13 +32,14 @@ impl Mpi {
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
         if (rank, size) != (launch.rank, launch.world_size) {
-            bail!(
-                "{} says rank {} of {}, but MPI sees rank {rank} of {size}: the MPI backend needs \
-                 the ranks started by mpirun or `srun --mpi=pmix` (torchrun-style launches use --ddp_backend nccl)",
-                launch.launcher.name(),
-                launch.rank,
-                launch.world_size
-            );
+            return Err(crate::DistError::NotStartedByMpi {
+                launcher: launch.launcher.name(),
+                rank: launch.rank,
+                ranks: launch.world_size,
+                mpi_rank: rank,
+                mpi_ranks: size,
+            }
+            .into());
         }
         Ok(Self {
             world,

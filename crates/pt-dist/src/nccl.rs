@@ -25,9 +25,7 @@ impl Nccl {
     /// Joins the NCCL communicator of the job, on `device`'s stream.
     pub fn init(launch: &Launch, device: &Device, timeout: Duration) -> Result<Self> {
         let Device::Cuda(cuda) = device else {
-            bail!(
-                "--ddp_backend nccl needs a CUDA device (--device_map cuda); on CPUs use --ddp_backend mpi"
-            );
+            return Err(crate::DistError::NcclWithoutCuda.into());
         };
         let id = if launch.rank == 0 {
             Id::new().map_err(|e| anyhow!("NCCL cannot create a unique id: {e:?}"))?

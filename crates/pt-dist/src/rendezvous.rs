@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
+use crate::DistError;
+
 /// Identifies this protocol, so that a stray connection is refused.
 const GREETING: &[u8; 16] = b"pt-host/rdzv/v1\n";
 
@@ -63,11 +65,15 @@ fn serve(port: u16, world_size: usize, payload: &[u8], timeout: Duration) -> Res
                         .filter(|&r| !served[r])
                         .map(|r| r.to_string())
                         .collect();
-                    bail!(
-                        "ranks {} did not connect within --ddp_timeout {} s (did they start? do they see MASTER_ADDR?)",
-                        missing.join(", "),
-                        timeout.as_secs()
-                    );
+                    return Err(DistError::Timeout {
+                        message: format!(
+                            "ranks {} did not connect within {} s (did they start? do they see MASTER_ADDR?)",
+                            missing.join(", "),
+                            timeout.as_secs()
+                        ),
+                        seconds: timeout.as_secs(),
+                    }
+                    .into());
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -110,10 +116,16 @@ fn fetch(
             .find_map(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok());
         match attempt {
             Some(stream) => break stream,
-            None if started.elapsed() > timeout => bail!(
-                "rank 0 did not answer within --ddp_timeout {} s (did it start? is MASTER_ADDR its address?)",
-                timeout.as_secs()
-            ),
+            None if started.elapsed() > timeout => {
+                return Err(DistError::Timeout {
+                    message: format!(
+                        "rank 0 did not answer within {} s (did it start? is MASTER_ADDR its address?)",
+                        timeout.as_secs()
+                    ),
+                    seconds: timeout.as_secs(),
+                }
+                .into());
+            }
             None => std::thread::sleep(Duration::from_millis(50)),
         }
     };

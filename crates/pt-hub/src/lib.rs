@@ -260,11 +260,19 @@ fn get(
     if range_from > 0 {
         request = request.header("Range", &format!("bytes={range_from}-"));
     }
-    request.call().with_context(|| {
-        format!(
-            "{url}: cannot connect (offline? behind a firewall, try HF_ENDPOINT=https://hf-mirror.com or --hub modelscope)"
-        )
-    })
+    request
+        .call()
+        .with_context(|| HubError::Unreachable { url: url.into() })
+}
+
+/// A hub that cannot be reached or has no such model; the binary says which
+/// flags choose another.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("{url}: cannot connect (offline? behind a firewall?)")]
+    Unreachable { url: String },
+    #[error("{url}: HTTP 404: no model {repo_id} at this revision on this hub")]
+    NotFound { url: String, repo_id: String },
 }
 
 fn check_status(url: &str, status: u16, repo_id: &str) -> Result<()> {
@@ -273,9 +281,11 @@ fn check_status(url: &str, status: u16, repo_id: &str) -> Result<()> {
         401 | 403 => bail!(
             "{url}: HTTP {status}: {repo_id} is gated or private; set HF_TOKEN (or MODELSCOPE_API_TOKEN)"
         ),
-        404 => bail!(
-            "{url}: HTTP 404: no model {repo_id} at this revision on this hub (check the id, --model_revision and --hub)"
-        ),
+        404 => Err(HubError::NotFound {
+            url: url.into(),
+            repo_id: repo_id.into(),
+        }
+        .into()),
         _ => bail!("{url}: HTTP {status}"),
     }
 }

@@ -9,8 +9,8 @@ use bloom_tiny::{expected, fixture, max_abs_diff, packed, rows, test_device, tra
 use candle_core::{DType, Device, Var};
 use pt_data::Blocks;
 use pt_model::Bloom;
+use pt_train::evaluate::evaluate;
 use pt_train::step::{MicroBatch, accumulate_gradients};
-use pt_train::trainer::evaluate;
 use pt_train::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_scale, grad_norm};
 
 /// HF's packed validation blocks, through the trainer's own evaluation.

@@ -1,0 +1,176 @@
+//! Evaluation as HF's Trainer reports it (loss over tokens, perplexity,
+//! next-token accuracy), alone or across the ranks of a job, with custom
+//! metrics fed the per-block samples.
+
+use anyhow::{Result, bail};
+use candle_core::{D, DType, Device, Tensor};
+use pt_data::Blocks;
+use pt_dist::{Collective, Single};
+use pt_model::Bloom;
+use pt_model::loss::next_token_loss_sum;
+use pt_model::ops::log_softmax_last_dim;
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::step::MicroBatch;
+
+/// Evaluation results: `eval_loss` (mean over tokens), `perplexity`, `accuracy`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct EvalMetrics {
+    pub eval_loss: f64,
+    pub perplexity: f64,
+    pub accuracy: f64,
+    pub eval_tokens: usize,
+    /// Evaluation blocks.
+    pub samples: usize,
+    /// Custom metrics by name (without the `eval_` prefix).
+    pub extra: Vec<(String, f64)>,
+}
+
+/// What a metric plugin sees of one evaluation block.
+pub struct EvalSample {
+    /// The block's real tokens.
+    pub tokens: Vec<u32>,
+    /// Greedy prediction at each position but the last: `predicted[t]` is the
+    /// model's guess for `tokens[t + 1]`.
+    pub predicted: Vec<u32>,
+    /// Log-probability the model gave `tokens[t + 1]`.
+    pub logprobs: Vec<f32>,
+}
+
+/// Receives evaluation samples (custom metrics, e.g. WebAssembly plugins).
+pub trait MetricSink {
+    fn add(&mut self, samples: &[EvalSample]) -> Result<()>;
+    /// The metrics of the evaluation that just ended; the next one starts afresh.
+    fn finish(&mut self) -> Result<Vec<(String, f64)>>;
+}
+
+/// Samples of a batch: per row, so that only one row's log-softmax
+/// `[seq, vocab]` exists at a time.
+fn samples(
+    logits: &Tensor,
+    predictions: &[Vec<u32>],
+    batch: &MicroBatch,
+) -> Result<Vec<EvalSample>> {
+    let mut samples = Vec::with_capacity(predictions.len());
+    for (row, predicted) in predictions.iter().enumerate() {
+        let real = batch.attention_mask[row]
+            .iter()
+            .filter(|&&m| m == 1)
+            .count();
+        let tokens = batch.input_ids[row][..real].to_vec();
+        let predicting = logits.get(row)?.narrow(0, 0, real.saturating_sub(1))?;
+        let log_probs = log_softmax_last_dim(&predicting.to_dtype(DType::F32)?)?;
+        let targets = Tensor::new(&tokens[1..], logits.device())?.unsqueeze(1)?;
+        let logprobs = log_probs
+            .gather(&targets, 1)?
+            .squeeze(1)?
+            .to_vec1::<f32>()?;
+        samples.push(EvalSample {
+            predicted: predicted[..real.saturating_sub(1)].to_vec(),
+            tokens,
+            logprobs,
+        });
+    }
+    Ok(samples)
+}
+
+/// Loss, perplexity and next-token accuracy over `blocks`, without dropout;
+/// custom metrics from `sink` come back in `extra`. `on_batch(done, total)`
+/// follows the batches, for progress displays.
+pub fn evaluate<'s>(
+    model: &Bloom,
+    blocks: &Blocks,
+    batch_size: usize,
+    sink: Option<&mut (dyn MetricSink + 's)>,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<EvalMetrics> {
+    evaluate_across(&Single, model, blocks, batch_size, sink, on_batch)
+}
+
+/// [`evaluate`] shared by the ranks of `collective`: each evaluates a
+/// contiguous part of the blocks and the sums are added up, so every rank
+/// gets the metrics of all blocks. Metric plugins need every sample in one
+/// place: with a `sink`, rank 0 evaluates all blocks and the others wait.
+pub fn evaluate_across<'s>(
+    collective: &dyn Collective,
+    model: &Bloom,
+    blocks: &Blocks,
+    batch_size: usize,
+    mut sink: Option<&mut (dyn MetricSink + 's)>,
+    on_batch: &mut dyn FnMut(usize, usize),
+) -> Result<EvalMetrics> {
+    model.set_dropout(None);
+    let (rank, world) = (collective.rank(), collective.world_size());
+    let mine = match sink {
+        Some(_) if rank == 0 => 0..blocks.len(),
+        Some(_) => 0..0,
+        None => rank * blocks.len() / world..(rank + 1) * blocks.len() / world,
+    };
+    let (mut loss_sum, mut tokens, mut correct) = (0f64, 0usize, 0usize);
+    let rows: Vec<usize> = mine.collect();
+    let batches = rows.chunks(batch_size.max(1));
+    let total = batches.len();
+    for (done, chunk) in batches.enumerate() {
+        let batch = MicroBatch::from_rows(blocks, chunk);
+        let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
+        let (sum, count) = next_token_loss_sum(&logits, &batch.labels)?;
+        loss_sum += sum.to_scalar::<f32>()? as f64;
+        tokens += count;
+        let predictions = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
+        for (row, labels) in predictions.iter().zip(&batch.labels) {
+            correct += (1..labels.len())
+                .filter(|&t| labels[t] >= 0 && row[t - 1] as i64 == labels[t])
+                .count();
+        }
+        if let Some(sink) = sink.as_deref_mut() {
+            sink.add(&samples(&logits, &predictions, &batch)?)?;
+        }
+        on_batch(done + 1, total);
+    }
+    if collective.communicates() {
+        let sums = collective
+            .all_reduce_sum(&Tensor::new(
+                &[loss_sum, tokens as f64, correct as f64],
+                &Device::Cpu,
+            )?)?
+            .to_vec1::<f64>()?;
+        (loss_sum, tokens, correct) = (sums[0], sums[1] as usize, sums[2] as usize);
+    }
+    if tokens == 0 {
+        bail!("the evaluation set has no tokens to predict (is it empty? check data_report.json)");
+    }
+    let extra = match sink {
+        Some(sink) if rank == 0 => sink.finish()?,
+        _ => Vec::new(),
+    };
+    let eval_loss = loss_sum / tokens as f64;
+    Ok(EvalMetrics {
+        eval_loss,
+        perplexity: eval_loss.exp(),
+        accuracy: correct as f64 / tokens as f64,
+        eval_tokens: tokens,
+        samples: blocks.len(),
+        extra,
+    })
+}
+
+/// Evaluation results as HF names them (`eval_loss`, …; custom metrics as
+/// `eval_NAME`), for the log history and `eval_results.json`.
+pub fn eval_results(metrics: &EvalMetrics, epoch: f64, step: Option<usize>) -> Value {
+    let mut results = json!({
+        "eval_loss": metrics.eval_loss,
+        "perplexity": metrics.perplexity,
+        "eval_accuracy": metrics.accuracy,
+        "eval_tokens": metrics.eval_tokens,
+        "eval_samples": metrics.samples,
+        "epoch": epoch,
+    });
+    for (name, value) in &metrics.extra {
+        results[format!("eval_{name}")] = json!(value);
+    }
+    if let Some(step) = step {
+        results["step"] = json!(step);
+    }
+    results
+}
