@@ -2,27 +2,20 @@
 //! install, run, and every kind of tampering refused with a message that
 //! says what was wrong. (A module of the `plugins` test crate.)
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use crate::common::{assert_ok, component, fixture_model, repo};
+use crate::common::{PtHost, arg as s, assert_ok, component, fixture_model, repo, stderr};
 
-pub(crate) fn pt_host<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pt-host"))
-        .args(args)
+/// `pt-host ARGS`, trusting no keys and using no plugin store from the
+/// environment.
+pub(crate) fn pt_host<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    PtHost::new(args)
         .env_remove("PT_TRUSTED_KEYS")
         .env_remove("PT_PLUGIN_STORE")
         .output()
-        .unwrap()
-}
-
-pub(crate) fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-pub(crate) fn s(path: &Path) -> &str {
-    path.to_str().unwrap()
 }
 
 /// A key pair `alice` (trusted) and `mallory` (not), and medical_clean

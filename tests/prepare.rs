@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{component, fixture_model, repo};
+use common::{PtHost, arg, component, fixture_model, pt_host, repo, stderr, stdout};
 use pt_data::{Blocks, DataReport, Tokenizer, corpus, packing};
 use safetensors::SafeTensors;
 
@@ -39,21 +39,6 @@ fn packing_matches_hf_valid_blocks_exactly() {
     assert_eq!(blocks.input_ids, expected_ids);
 }
 
-fn pt_host(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pt-host"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
 struct Run {
     _dir: tempfile::TempDir,
     out: PathBuf,
@@ -71,25 +56,22 @@ impl Run {
         }
     }
 
+    /// `pt-host prepare` of `train_dir` into this run's directories.
+    fn command(&self, train_dir: &Path, extra: &[&str]) -> PtHost {
+        let model = fixture_model();
+        PtHost::new(["prepare", "--model_name_or_path", arg(&model)])
+            .args([
+                "--train_file_dir",
+                arg(train_dir),
+                "--output_dir",
+                arg(&self.out),
+            ])
+            .args(["--cache_dir", arg(&self.cache), "--disable_tqdm"])
+            .args(extra)
+    }
+
     fn prepare(&self, train_dir: &Path, extra: &[&str]) -> Output {
-        let mut args = vec![
-            "prepare",
-            "--model_name_or_path",
-            fixture_model().to_str().unwrap(),
-            "--train_file_dir",
-            train_dir.to_str().unwrap(),
-            "--output_dir",
-            self.out.to_str().unwrap(),
-            "--cache_dir",
-            self.cache.to_str().unwrap(),
-            "--disable_tqdm",
-        ]
-        .into_iter()
-        .map(String::from)
-        .collect::<Vec<_>>();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        pt_host(&refs)
+        self.command(train_dir, extra).output()
     }
 
     /// `prepare`, with the host process's peak resident memory in KiB
@@ -554,76 +536,26 @@ fn validation_dir_and_padding_without_packing() {
 #[test]
 fn user_errors_are_one_clear_message() {
     let run = Run::new();
-    let missing = run.prepare(Path::new("/nonexistent/corpus"), &[]);
-    assert_eq!(missing.status.code(), Some(1));
-    assert!(
-        stderr(&missing).contains("/nonexistent/corpus: no such directory"),
-        "{}",
-        stderr(&missing)
-    );
-
-    let bad_flag = pt_host(&["prepare", "--train_file_dirr", "x"]);
-    assert_eq!(bad_flag.status.code(), Some(2));
-    assert!(
-        stderr(&bad_flag).contains("--train_file_dir"),
-        "clap suggests the right flag: {}",
-        stderr(&bad_flag)
-    );
+    run.command(Path::new("/nonexistent/corpus"), &[])
+        .fails_with("/nonexistent/corpus: no such directory");
+    // clap suggests the right flag.
+    PtHost::new(["prepare", "--train_file_dirr", "x"]).fails_with("--train_file_dir");
 
     let plugin = component("medical_clean");
-    let unknown = run.prepare(
-        &corpus_dir(),
-        &[
-            "--plugin",
-            plugin.to_str().unwrap(),
-            "--plugin_config",
-            "medical=",
-            "--block_size",
-            "64",
-        ],
+    let with_config = |config: &str| {
+        let args = ["--plugin", arg(&plugin), "--plugin_config", config];
+        run.command(&corpus_dir(), &args)
+    };
+    with_config("medical=").fails_with(
+        "--plugin_config medical: no plugin of that name is loaded (loaded: medical_clean)",
     );
-    assert!(
-        stderr(&unknown).contains(
-            "--plugin_config medical: no plugin of that name is loaded (loaded: medical_clean)"
-        ),
-        "{}",
-        stderr(&unknown)
-    );
-    let bad_json = run.prepare(
-        &corpus_dir(),
-        &[
-            "--plugin",
-            plugin.to_str().unwrap(),
-            "--plugin_config",
-            "medical_clean={min_chars:3}",
-        ],
-    );
-    assert!(
-        stderr(&bad_json).contains("--plugin_config medical_clean: invalid JSON"),
-        "{}",
-        stderr(&bad_json)
-    );
-    let rejected = run.prepare(
-        &corpus_dir(),
-        &[
-            "--plugin",
-            plugin.to_str().unwrap(),
-            "--plugin_config",
-            r#"medical_clean={"min_chars":"many"}"#,
-        ],
-    );
-    let message = stderr(&rejected);
-    assert!(
-        message.contains("plugin `medical_clean`")
-            && message.contains("invalid type: string \"many\""),
-        "{message}"
-    );
-    let no_plugin = run.prepare(&corpus_dir(), &["--plugin", "nope.wasm"]);
-    assert!(
-        stderr(&no_plugin).contains("--plugin nope.wasm: no such file"),
-        "{}",
-        stderr(&no_plugin)
-    );
+    with_config("medical_clean={min_chars:3}")
+        .fails_with("--plugin_config medical_clean: invalid JSON");
+    let message = with_config(r#"medical_clean={"min_chars":"many"}"#)
+        .fails_with("invalid type: string \"many\"");
+    assert!(message.contains("plugin `medical_clean`"), "{message}");
+    run.command(&corpus_dir(), &["--plugin", "nope.wasm"])
+        .fails_with("--plugin nope.wasm: no such file");
 
     let dir = tempfile::tempdir().unwrap();
     let corpus = dir.path().join("corpus");
@@ -633,12 +565,8 @@ fn user_errors_are_one_clear_message() {
         "{\"text\": \"fine\"}\n{\"text\": \n",
     )
     .unwrap();
-    let malformed = run.prepare(&corpus, &[]);
-    assert!(
-        stderr(&malformed).contains("bad.jsonl:2: malformed JSON"),
-        "{}",
-        stderr(&malformed)
-    );
+    run.command(&corpus, &[])
+        .fails_with("bad.jsonl:2: malformed JSON");
 }
 
 /// Bad records: each stops the run with file:line and the cause, or, with
@@ -650,64 +578,23 @@ fn bad_records_fail_with_file_and_line_or_are_skipped_and_counted() {
     let dir = tempfile::tempdir().unwrap();
     let corpus = dir.path().join("corpus");
     fs::create_dir_all(&corpus).unwrap();
-    let huge = [b"ok\n".to_vec(), vec![b'x'; 100 << 20], b"\n".to_vec()].concat();
-    let cases: [(&str, Vec<u8>, &str); 6] = [
-        (
-            "gbk.txt",
-            b"fine\n\xb7\xa2\xc8\xc8\n".to_vec(),
-            "gbk.txt:2: invalid UTF-8 at byte 0 of the line",
-        ),
-        (
-            "nul.txt",
-            b"fine\nbin\0ary\n".to_vec(),
-            "nul.txt:2: NUL byte at byte 3 (a binary file?)",
-        ),
-        (
-            "bad.jsonl",
-            b"{\"text\": \"fine\"}\n{\"text\": \n".to_vec(),
-            "bad.jsonl:2: malformed JSON",
-        ),
-        (
-            "other.jsonl",
-            b"{\"text\": \"fine\"}\n{\"content\": \"b\"}\n".to_vec(),
-            "other.jsonl:2: record has no `text` field (it has: content); pass --text_field",
-        ),
-        (
-            "array.json",
-            b"[{\"text\": \"fine\"},\n {\"text\": 7}]".to_vec(),
-            "array.json:2: field `text` is not a string but 7",
-        ),
-        (
-            "huge.txt",
-            huge,
-            "huge.txt:2: the record is 100.0 MB, more than the limit of 64 MB\nRaise --max_document_mb (now 64)",
-        ),
-    ];
+    let cases = bad_records();
     for (name, bytes, expected) in &cases {
         let alone = dir.path().join(format!("alone-{name}"));
         fs::create_dir_all(&alone).unwrap();
         fs::write(alone.join(name), bytes).unwrap();
-        let failed = run.prepare(&alone, &["--validation_split_percentage", "0"]);
-        let message = stderr(&failed);
-        assert_eq!(failed.status.code(), Some(1), "{name}: {message}");
-        assert!(
-            message.contains(expected),
-            "{name}: {expected:?} not in {message}"
-        );
+        let message = run
+            .command(&alone, &["--validation_split_percentage", "0"])
+            .fails_with(expected);
         assert!(message.contains("--on_bad_record skip"), "{message}");
-        assert!(!message.contains("panicked"), "{message}");
         fs::write(corpus.join(name), bytes).unwrap();
     }
     // A file that is a symbolic link to itself cannot be read: named, not a hang.
     let looped = dir.path().join("looped");
     fs::create_dir_all(&looped).unwrap();
     std::os::unix::fs::symlink("loop.txt", looped.join("loop.txt")).unwrap();
-    let failed = run.prepare(&looped, &[]);
-    assert!(
-        stderr(&failed).contains("loop.txt: cannot read file"),
-        "{}",
-        stderr(&failed)
-    );
+    run.command(&looped, &[])
+        .fails_with("loop.txt: cannot read file");
     // A byte-order mark is not text, an empty file is no error, and a
     // directory link back to the corpus is not followed twice.
     fs::write(corpus.join("bom.txt"), b"\xEF\xBB\xBFfine\n").unwrap();
@@ -779,6 +666,44 @@ fn bad_records_fail_with_file_and_line_or_are_skipped_and_counted() {
         7,
         "{text:?}"
     );
+}
+
+/// One bad record of each kind after a good one: file name, contents, and
+/// what the error must say.
+fn bad_records() -> [(&'static str, Vec<u8>, &'static str); 6] {
+    let huge = [b"ok\n".to_vec(), vec![b'x'; 100 << 20], b"\n".to_vec()].concat();
+    [
+        (
+            "gbk.txt",
+            b"fine\n\xb7\xa2\xc8\xc8\n".to_vec(),
+            "gbk.txt:2: invalid UTF-8 at byte 0 of the line",
+        ),
+        (
+            "nul.txt",
+            b"fine\nbin\0ary\n".to_vec(),
+            "nul.txt:2: NUL byte at byte 3 (a binary file?)",
+        ),
+        (
+            "bad.jsonl",
+            b"{\"text\": \"fine\"}\n{\"text\": \n".to_vec(),
+            "bad.jsonl:2: malformed JSON",
+        ),
+        (
+            "other.jsonl",
+            b"{\"text\": \"fine\"}\n{\"content\": \"b\"}\n".to_vec(),
+            "other.jsonl:2: record has no `text` field (it has: content)\nPass --text_field",
+        ),
+        (
+            "array.json",
+            b"[{\"text\": \"fine\"},\n {\"text\": 7}]".to_vec(),
+            "array.json:2: field `text` is not a string but 7",
+        ),
+        (
+            "huge.txt",
+            huge,
+            "huge.txt:2: the record is 100.0 MB, more than the limit of 64 MB\nRaise --max_document_mb (now 64)",
+        ),
+    ]
 }
 
 /// Every hostile behaviour through a whole `prepare`, under both policies

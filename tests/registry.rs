@@ -6,15 +6,11 @@ use std::fs;
 
 use sha2::{Digest, Sha256};
 
-use crate::bundles::{Setup, pt_host, s, stderr};
-use crate::common::{assert_ok, component, repo};
+use crate::bundles::{Setup, pt_host};
+use crate::common::{arg as s, assert_ok, component, repo, stderr, stdout};
 use crate::oci_registry::LoopbackRegistry;
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
-fn stdout(output: &std::process::Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
 
 fn sha256(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))

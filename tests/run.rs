@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use bloom_tiny::fixture;
-use common::{assert_ok, fixture_model};
+use common::{assert_ok, fixture_model, json};
 
 /// `train/train.txt` and `valid/valid.txt` of the fixture, as corpus dirs.
 fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
@@ -51,11 +51,6 @@ fn run(dir: &Path, output: &str, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pt-host"))
         .args(run_args(dir, output, extra))
         .output()
-        .unwrap()
-}
-
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_slice(&fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
         .unwrap()
 }
 

@@ -161,38 +161,13 @@ pub fn run(command: PluginCommand) -> Result<()> {
                 project.display()
             );
         }
-        PluginCommand::Keygen { name, output_dir } => {
-            let key = pt_bundle::generate_key()?;
-            let (secret, public) = pt_bundle::write_key_pair(&key, &output_dir, &name)?;
-            println!(
-                "key {} written: {} (secret: keep it private) and {} (give it to users; they trust it by copying it into {})",
-                pt_bundle::key_id(key.verifying_key().as_bytes()),
-                secret.display(),
-                public.display(),
-                crate::args::default_trusted_keys().display()
-            );
-        }
+        PluginCommand::Keygen { name, output_dir } => keygen(&name, &output_dir)?,
         PluginCommand::Pack {
             component,
             plugin_dir,
             output_dir,
             key,
-        } => {
-            let mut bundle = pack(&component, &plugin_dir)?;
-            if let Some(key) = key {
-                bundle.sign(&pt_bundle::read_signing_key(&key)?);
-            }
-            let path = output_dir.join(bundle.file_name());
-            write_bundle(&bundle, &path)?;
-            let signed = bundle
-                .signer()
-                .map_or("unsigned".into(), |k| format!("signed by {k}"));
-            println!(
-                "{} ({signed}, {} files)",
-                path.display(),
-                bundle.files().len()
-            );
-        }
+        } => pack_command(&component, &plugin_dir, &output_dir, key.as_deref())?,
         PluginCommand::Sign { bundle: path, key } => {
             let mut bundle = Bundle::read(&path)?;
             bundle.sign(&pt_bundle::read_signing_key(&key)?);
@@ -226,22 +201,7 @@ pub fn run(command: PluginCommand) -> Result<()> {
                 installed.id, installed.version, installed.digest, installed.id, installed.version
             );
         }
-        PluginCommand::List { dirs } => {
-            let installed = dirs.store().list()?;
-            if installed.is_empty() {
-                println!("no plugins installed");
-            }
-            for i in installed {
-                println!(
-                    "{}@{}  sha256:{}  signer {}  {}",
-                    i.id,
-                    i.version,
-                    &i.digest[..12],
-                    i.signer.unwrap_or_else(|| "-".into()),
-                    escape_controls(&i.description, false)
-                );
-            }
-        }
+        PluginCommand::List { dirs } => list(&dirs)?,
         PluginCommand::Remove { reference, dirs } => {
             let removed = dirs.store().remove(&reference)?;
             println!("removed {}@{}", removed.id, removed.version);
@@ -264,25 +224,82 @@ pub fn run(command: PluginCommand) -> Result<()> {
             reference,
             dirs,
             registry,
-        } => {
-            let (installed, _) = crate::plugins::pull_bundle(&reference, &dirs, &registry)?;
-            println!(
-                "installed {}@{} from {} (signed by trusted key {}); use it with --plugin {}@{} or --plugin {}",
-                installed.id,
-                installed.version,
-                installed.origin.as_deref().unwrap_or_default(),
-                installed.signer.as_deref().unwrap_or_default(),
-                installed.id,
-                installed.version,
-                installed.origin.as_deref().unwrap_or_default(),
-            );
-        }
+        } => pull(&reference, &dirs, &registry)?,
         PluginCommand::Test { bundle: path, dirs } => {
             let bundle = Bundle::read(&path)?;
             verify_bundle(&bundle, &dirs)?;
             test_bundle(&bundle, &path)?;
         }
     }
+    Ok(())
+}
+
+fn keygen(name: &str, output_dir: &Path) -> Result<()> {
+    let key = pt_bundle::generate_key()?;
+    let (secret, public) = pt_bundle::write_key_pair(&key, output_dir, name)?;
+    println!(
+        "key {} written: {} (secret: keep it private) and {} (give it to users; they trust it by copying it into {})",
+        pt_bundle::key_id(key.verifying_key().as_bytes()),
+        secret.display(),
+        public.display(),
+        crate::args::default_trusted_keys().display()
+    );
+    Ok(())
+}
+
+/// `plugin pack`: the bundle, signed if a key is given, into `output_dir`.
+fn pack_command(
+    component: &Path,
+    plugin_dir: &Path,
+    output_dir: &Path,
+    key: Option<&Path>,
+) -> Result<()> {
+    let mut bundle = pack(component, plugin_dir)?;
+    if let Some(key) = key {
+        bundle.sign(&pt_bundle::read_signing_key(key)?);
+    }
+    let path = output_dir.join(bundle.file_name());
+    write_bundle(&bundle, &path)?;
+    let signed = bundle
+        .signer()
+        .map_or("unsigned".into(), |k| format!("signed by {k}"));
+    println!(
+        "{} ({signed}, {} files)",
+        path.display(),
+        bundle.files().len()
+    );
+    Ok(())
+}
+
+fn list(dirs: &BundleDirs) -> Result<()> {
+    let installed = dirs.store().list()?;
+    if installed.is_empty() {
+        println!("no plugins installed");
+    }
+    for i in installed {
+        println!(
+            "{}@{}  sha256:{}  signer {}  {}",
+            i.id,
+            i.version,
+            &i.digest[..12],
+            i.signer.unwrap_or_else(|| "-".into()),
+            escape_controls(&i.description, false)
+        );
+    }
+    Ok(())
+}
+
+fn pull(reference: &str, dirs: &BundleDirs, registry: &RegistryArgs) -> Result<()> {
+    let (installed, _) = crate::plugins::pull_bundle(reference, dirs, registry)?;
+    let origin = installed.origin.as_deref().unwrap_or_default();
+    println!(
+        "installed {}@{} from {origin} (signed by trusted key {}); use it with --plugin {}@{} or --plugin {origin}",
+        installed.id,
+        installed.version,
+        installed.signer.as_deref().unwrap_or_default(),
+        installed.id,
+        installed.version,
+    );
     Ok(())
 }
 

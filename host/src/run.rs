@@ -491,7 +491,8 @@ fn apply_hf_flags(args: &mut RunArgs) {
     }
 }
 
-/// The run on this rank (the only one, alone).
+/// The run on this rank (the only one, alone): model and data, what
+/// trains, training, evaluation, outputs.
 fn run_rank(
     args: &mut RunArgs,
     collective: &dyn Collective,
@@ -499,20 +500,69 @@ fn run_rank(
     dtype: DType,
 ) -> Result<()> {
     let main = collective.is_main();
+    // Adapters name the base model as the user did (a hub id stays one).
+    let base_model_name = args.data.model_name_or_path.display().to_string();
+    let (mut model, data) = load_model_and_data(args, collective, device, dtype)?;
+    let prepared = &data.prepared;
+    model.gradient_checkpointing = args.gradient_checkpointing;
+    if args.gradient_checkpointing && main {
+        eprintln!("gradient checkpointing: block activations are recomputed in the backward pass");
+    }
+    let trainable = attach_trainable(args, &mut model, main)?;
+    let output_dir = args.data.output_dir.clone();
+    let mut trainer = Trainer::new(
+        training_arguments(args),
+        &mut model,
+        trainable,
+        base_model_name,
+    )?
+    .across(collective);
+    let mut console = Console {
+        progress: TrainProgress::new(args.data.disable_tqdm || !main),
+        log: Vec::new(),
+        tensorboard: if main { tensorboard(args)? } else { None },
+        quiet: !main,
+    };
+    console.scalars(0, &tensorboard::data_scalars(&prepared.report));
+    let mut all_results = json!({});
+    if args.do_train {
+        let summary = train(args, &mut trainer, &data, &mut console)?;
+        merge(&mut all_results, &summary);
+    }
+    if args.do_eval {
+        let results = evaluate(args, collective, &trainer, &data, &mut console)?;
+        merge(&mut all_results, &results);
+    }
+    console.progress.finish();
+    if !main {
+        return Ok(());
+    }
+    write_results(&output_dir, "all_results.json", &all_results)?;
+    pt_fs::write_atomically(&output_dir.join("trainer_log.jsonl"), &console.log)?;
+    eprintln!("outputs in {}", output_dir.display());
+    Ok(())
+}
+
+/// The model, checked against `--model_type` and the tokenizer, and the
+/// prepared data. Rank 0 downloads the model and prepares the data first
+/// (HF's `main_process_first`); the others then find both in the cache.
+fn load_model_and_data(
+    args: &mut RunArgs,
+    collective: &dyn Collective,
+    device: Device,
+    dtype: DType,
+) -> Result<(Bloom, PreparedData)> {
+    let main = collective.is_main();
     if main {
         report_ignored_flags(args);
         check_output_dir(args)?;
     } else {
-        // Rank 0 downloads the model and prepares the data first (HF's
-        // `main_process_first`); the others then find both in the cache.
         collective.barrier()?;
     }
-    // Adapters name the base model as the user did (a hub id stays one).
-    let base_model_name = args.data.model_name_or_path.display().to_string();
     args.data.resolve_models()?;
     // The model first: a wrong model fails before any data work.
     let model_dir = &args.data.model_name_or_path;
-    let mut model = Bloom::load(model_dir, &device, dtype)?;
+    let model = Bloom::load(model_dir, &device, dtype)?;
     if let Some(model_type) = &args.model_type {
         let actual = model.config.model_type.as_deref().unwrap_or("bloom");
         if model_type != actual {
@@ -528,22 +578,18 @@ fn run_rank(
     if main {
         collective.barrier()?;
     }
-    let prepared = &data.prepared;
-    if args.do_eval && prepared.validation.is_empty() {
+    if args.do_eval && data.prepared.validation.is_empty() {
         bail!(
             "--do_eval: there are no validation blocks (data_report.json has the counts); give --validation_file_dir, \
              raise --validation_split_percentage or --max_eval_samples, or lower --block_size"
         );
     }
-    model.gradient_checkpointing = args.gradient_checkpointing;
-    if args.gradient_checkpointing && main {
-        eprintln!("gradient checkpointing: block activations are recomputed in the backward pass");
-    }
-    let base: usize = model
-        .base_tensors_mut()
-        .iter()
-        .map(|(_, t)| t.elem_count())
-        .sum();
+    Ok((model, data))
+}
+
+/// What trains: a loaded or new LoRA adapter, or every weight; its size
+/// reported as PEFT's `print_trainable_parameters` does.
+fn attach_trainable(args: &RunArgs, model: &mut Bloom, main: bool) -> Result<Trainable> {
     let trainable = match (&args.peft_path, args.use_peft) {
         (Some(path), _) => {
             let config = model.load_adapter(path)?;
@@ -563,29 +609,27 @@ fn run_rank(
             Trainable::Adapter(config)
         }
         (None, false) => Trainable::Full {
-            source: model_dir.clone(),
+            source: args.data.model_name_or_path.clone(),
         },
     };
-    let adapter_size: usize = model
-        .lora_variables()
-        .iter()
-        .map(|(_, v)| v.elem_count())
-        .sum();
-    let trained = if matches!(trainable, Trainable::Full { .. }) {
-        base
-    } else {
-        adapter_size
+    let (base, adapter) = model.parameter_counts();
+    let trained = match trainable {
+        Trainable::Full { .. } => base,
+        Trainable::Adapter(_) => adapter,
     };
     if main {
         eprintln!(
             "trainable params: {trained} || all params: {} || trainable%: {:.4}",
-            base + adapter_size,
-            100.0 * trained as f64 / (base + adapter_size) as f64
+            base + adapter,
+            100.0 * trained as f64 / (base + adapter) as f64
         );
     }
-    let output_dir = args.data.output_dir.clone();
-    let training = TrainingArguments {
-        output_dir: output_dir.clone(),
+    Ok(trainable)
+}
+
+fn training_arguments(args: &RunArgs) -> TrainingArguments {
+    TrainingArguments {
+        output_dir: args.data.output_dir.clone(),
         per_device_train_batch_size: args.per_device_train_batch_size,
         per_device_eval_batch_size: args.per_device_eval_batch_size,
         gradient_accumulation_steps: args.gradient_accumulation_steps,
@@ -622,79 +666,78 @@ fn run_rank(
         save_total_limit: args.save_total_limit,
         seed: args.data.seed,
         shuffle: args.shuffle,
-    };
-    let mut trainer =
-        Trainer::new(training, &mut model, trainable, base_model_name)?.across(collective);
-    let mut console = Console {
-        progress: TrainProgress::new(args.data.disable_tqdm || !main),
-        log: Vec::new(),
-        tensorboard: if main { tensorboard(args)? } else { None },
-        quiet: !main,
-    };
-    console.scalars(0, &tensorboard::data_scalars(&prepared.report));
-    let mut all_results = json!({});
+    }
+}
 
-    if args.do_train {
-        if let Some(spec) = &args.resume_from_checkpoint {
-            let checkpoint = checkpoint_to_resume(spec, &output_dir)?;
-            trainer.resume(&checkpoint).with_context(|| {
-                format!(
-                    "--resume_from_checkpoint: cannot resume from {} (name an earlier checkpoint-N directory instead)",
-                    checkpoint.display()
-                )
-            })?;
-            if main {
-                eprintln!(
-                    "resumed from {} at step {}",
-                    checkpoint.display(),
-                    trainer.state.global_step
-                );
-            }
-        }
-        let eval =
-            (args.do_eval && !prepared.validation.is_empty()).then_some(&prepared.validation);
-        let mut metrics = PluginMetrics::new(&data);
-        let summary = trainer.train(&prepared.train, eval, metrics.as_sink(), &mut console)?;
-        trainer.save_final()?;
-        if args.plot_loss && main {
-            for plot in crate::plot::plot_loss(&output_dir, &trainer.state.log_history)? {
-                eprintln!("plotted {}", plot.display());
-            }
-        }
+/// `--do_train`: resumes if asked, trains, writes the final outputs and
+/// `train_results.json`; returns the training summary.
+fn train(
+    args: &RunArgs,
+    trainer: &mut Trainer<'_>,
+    data: &PreparedData,
+    console: &mut Console,
+) -> Result<Value> {
+    let main = !console.quiet;
+    let output_dir = &args.data.output_dir;
+    if let Some(spec) = &args.resume_from_checkpoint {
+        let checkpoint = checkpoint_to_resume(spec, output_dir)?;
+        trainer.resume(&checkpoint).with_context(|| {
+            format!(
+                "--resume_from_checkpoint: cannot resume from {} (name an earlier checkpoint-N directory instead)",
+                checkpoint.display()
+            )
+        })?;
         if main {
-            write_results(&output_dir, "train_results.json", &summary)?;
-        }
-        merge(&mut all_results, &summary);
-    }
-    if args.do_eval {
-        let mut metrics = PluginMetrics::new(&data);
-        let evaluation = evaluate_across(
-            collective,
-            trainer.model,
-            &prepared.validation,
-            args.per_device_eval_batch_size,
-            metrics.as_sink(),
-            &mut |done, total| console.progress.eval_batch(done, total),
-        )?;
-        let results = eval_results(&evaluation, trainer.state.epoch, None);
-        if main {
-            println!("{results}");
-            console.scalars(
-                trainer.state.global_step as u64,
-                &tensorboard::log_scalars(&results),
+            eprintln!(
+                "resumed from {} at step {}",
+                checkpoint.display(),
+                trainer.state.global_step
             );
-            write_results(&output_dir, "eval_results.json", &results)?;
         }
-        merge(&mut all_results, &results);
     }
-    console.progress.finish();
-    if !main {
-        return Ok(());
+    let prepared = &data.prepared;
+    let eval = (args.do_eval && !prepared.validation.is_empty()).then_some(&prepared.validation);
+    let mut metrics = PluginMetrics::new(data);
+    let summary = trainer.train(&prepared.train, eval, metrics.as_sink(), console)?;
+    trainer.save_final()?;
+    if args.plot_loss && main {
+        for plot in crate::plot::plot_loss(output_dir, &trainer.state.log_history)? {
+            eprintln!("plotted {}", plot.display());
+        }
     }
-    write_results(&output_dir, "all_results.json", &all_results)?;
-    pt_fs::write_atomically(&output_dir.join("trainer_log.jsonl"), &console.log)?;
-    eprintln!("outputs in {}", output_dir.display());
-    Ok(())
+    if main {
+        write_results(output_dir, "train_results.json", &summary)?;
+    }
+    Ok(summary)
+}
+
+/// `--do_eval`: the final evaluation, printed and in `eval_results.json`.
+fn evaluate(
+    args: &RunArgs,
+    collective: &dyn Collective,
+    trainer: &Trainer<'_>,
+    data: &PreparedData,
+    console: &mut Console,
+) -> Result<Value> {
+    let mut metrics = PluginMetrics::new(data);
+    let evaluation = evaluate_across(
+        collective,
+        trainer.model,
+        &data.prepared.validation,
+        args.per_device_eval_batch_size,
+        metrics.as_sink(),
+        &mut |done, total| console.progress.eval_batch(done, total),
+    )?;
+    let results = eval_results(&evaluation, trainer.state.epoch, None);
+    if !console.quiet {
+        println!("{results}");
+        console.scalars(
+            trainer.state.global_step as u64,
+            &tensorboard::log_scalars(&results),
+        );
+        write_results(&args.data.output_dir, "eval_results.json", &results)?;
+    }
+    Ok(results)
 }
 
 /// Metric names a plugin may not use: written as `eval_NAME` they would

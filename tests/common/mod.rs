@@ -1,10 +1,111 @@
-//! Shared by the integration tests: where the fixtures and the plugin
-//! components (built by `scripts/build-plugins.sh`) are.
+//! Shared by the integration tests: the one way they run `pt-host`
+//! ([`PtHost`]), and where the fixtures and the plugin components (built by
+//! `scripts/build-plugins.sh`) are.
 
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+/// A `pt-host` command line, run and checked (as ripgrep's `TestCommand`):
+/// `PtHost::new(["prepare", …]).env(…).succeeds()`, or
+/// `.fails_with("what the message must say")`.
+pub struct PtHost(Command);
+
+impl PtHost {
+    pub fn new<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pt-host"));
+        command.args(args);
+        Self(command)
+    }
+
+    pub fn args<S: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.0.args(args);
+        self
+    }
+
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.0.env(key, value);
+        self
+    }
+
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Self {
+        self.0.env_remove(key);
+        self
+    }
+
+    /// The command itself, for what the builder does not cover.
+    pub fn command(&mut self) -> &mut Command {
+        &mut self.0
+    }
+
+    pub fn output(mut self) -> Output {
+        self.0.output().unwrap()
+    }
+
+    /// Runs, asserting success (showing stderr if not).
+    pub fn succeeds(self) -> Output {
+        let output = self.output();
+        assert_ok(&output);
+        output
+    }
+
+    /// Runs, asserting a failure that a user can read: an error exit,
+    /// `expected` in the message, no panic or backtrace, a message rather
+    /// than a dump.
+    /// Returns the message.
+    pub fn fails_with(self, expected: &str) -> String {
+        let shown = format!("{:?}", self.0);
+        let output = self.output();
+        let message = stderr(&output);
+        // 1: pt-host's error, 2: a usage error; a panic exits with 101, a crash by a signal.
+        assert!(
+            matches!(output.status.code(), Some(1 | 2)),
+            "{shown}: {:?}, not an error exit: {message}",
+            output.status
+        );
+        assert!(
+            message.contains(expected),
+            "{shown}: {expected:?} not in {message}"
+        );
+        assert!(
+            !message.contains("panicked") && !message.contains("RUST_BACKTRACE"),
+            "{shown}: {message}"
+        );
+        assert!(
+            message.lines().count() <= 12,
+            "{shown}: a message, not a dump: {message}"
+        );
+        message
+    }
+}
+
+/// `pt-host ARGS`, run.
+pub fn pt_host<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    PtHost::new(args).output()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A JSON file, parsed (the path named if it cannot be read).
+pub fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_slice(
+        &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
+    )
+    .unwrap()
+}
+
+/// A path as a command-line argument.
+pub fn arg(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
 
 pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

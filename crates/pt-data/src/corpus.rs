@@ -389,6 +389,14 @@ fn read_json_array(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The error of reading `path` with the default options, with its causes.
+    fn read_error(path: &Path) -> String {
+        format!(
+            "{:#}",
+            read_file(path, &ReadOptions::default()).unwrap_err()
+        )
+    }
+
     fn write(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
         let path = dir.join(name);
         fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -432,20 +440,14 @@ mod tests {
             "a.jsonl",
             b"{\"text\": \"ok\"}\n\n{\"text\": oops}\n",
         );
-        let err = format!(
-            "{:#}",
-            read_file(&path, &ReadOptions::default()).unwrap_err()
-        );
+        let err = read_error(&path);
         assert!(err.contains("a.jsonl:3: malformed JSON"), "{err}");
         let path = write(
             dir.path(),
             "b.jsonl",
             b"{\"text\": \"ok\"}\n{\"content\": \"x\"}\n",
         );
-        let err = format!(
-            "{:#}",
-            read_file(&path, &ReadOptions::default()).unwrap_err()
-        );
+        let err = read_error(&path);
         assert!(
             err.contains("b.jsonl:2: record has no `text` field (it has: content)"),
             "{err}"
@@ -460,10 +462,7 @@ mod tests {
             "a.json",
             b"[\n {\"text\": \"one {\"},\n {\"text\": \"two\"},\n {\"text\": 3}\n]",
         );
-        let err = format!(
-            "{:#}",
-            read_file(&path, &ReadOptions::default()).unwrap_err()
-        );
+        let err = read_error(&path);
         assert!(
             err.contains("a.json:4: field `text` is not a string"),
             "{err}"
@@ -474,10 +473,7 @@ mod tests {
     fn invalid_utf8_names_the_line() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), "gbk.txt", b"ok\nstill ok\n\xD6\xD0\xCE\xC4\n");
-        let err = format!(
-            "{:#}",
-            read_file(&path, &ReadOptions::default()).unwrap_err()
-        );
+        let err = read_error(&path);
         assert!(err.contains("gbk.txt:3: invalid UTF-8"), "{err}");
     }
 

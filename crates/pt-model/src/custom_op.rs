@@ -59,3 +59,25 @@ pub(crate) fn cuda_output(y: &Tensor) -> Result<(candle_core::CudaStorage, Shape
         _ => bail!("custom op: CUDA input gave a result on another device"),
     }
 }
+
+/// A three-input custom op's CPU forward: `forward` of the inputs as tensors.
+pub(crate) fn cpu_forward3(
+    [(s0, l0), (s1, l1), (s2, l2)]: [(&CpuStorage, &Layout); 3],
+    forward: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<(CpuStorage, Shape)> {
+    let input = |storage: &CpuStorage, layout| input_tensor(Storage::Cpu(storage.clone()), layout);
+    cpu_output(&forward(&input(s0, l0)?, &input(s1, l1)?, &input(s2, l2)?)?)
+}
+
+/// [`cpu_forward3`] on CUDA.
+#[cfg(feature = "cuda")]
+pub(crate) fn cuda_forward3(
+    [(s0, l0), (s1, l1), (s2, l2)]: [(&candle_core::CudaStorage, &Layout); 3],
+    forward: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<(candle_core::CudaStorage, Shape)> {
+    cuda_output(&forward(
+        &cuda_input(s0, l0)?,
+        &cuda_input(s1, l1)?,
+        &cuda_input(s2, l2)?,
+    )?)
+}

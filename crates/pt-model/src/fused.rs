@@ -73,6 +73,21 @@ fn gelu_derivative(x: f32) -> f32 {
     s + x * s * (1.0 - s) * 2.0 * du
 }
 
+/// `each(out, a, b)` over matching `chunk`-element pieces of `a`, `b` and a
+/// new output of their length, in parallel.
+fn zip_chunks(
+    a: &[f32],
+    b: &[f32],
+    chunk: usize,
+    each: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
+) -> Vec<f32> {
+    let mut out = vec![0f32; a.len()];
+    out.par_chunks_mut(chunk)
+        .zip(a.par_chunks(chunk).zip(b.par_chunks(chunk)))
+        .for_each(|(out, (a, b))| each(out, a, b));
+    out
+}
+
 struct Gelu;
 
 impl CustomOp1 for Gelu {
@@ -111,15 +126,11 @@ impl CustomOp2 for GeluBackward {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, g) = (values(xs, xl)?, values(gs, gl)?);
-        let mut dx = vec![0f32; x.len()];
-        dx.par_chunks_mut(TASK)
-            .zip(x.par_chunks(TASK).zip(g.par_chunks(TASK)))
-            .for_each(|(dx, (x, g))| {
-                for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                    *dx = g * gelu_derivative(x);
-                }
-            });
+        let dx = zip_chunks(&values(xs, xl)?, &values(gs, gl)?, TASK, |dx, x, g| {
+            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                *dx = g * gelu_derivative(x);
+            }
+        });
         output(dx, xl.shape())
     }
 }
@@ -402,16 +413,13 @@ impl CustomOp2 for SoftmaxBackward {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (p, g) = (values(ps, pl)?, values(gs, gl)?);
-        let mut dz = vec![0f32; p.len()];
-        dz.par_chunks_mut(self.keys)
-            .zip(p.par_chunks(self.keys).zip(g.par_chunks(self.keys)))
-            .for_each(|(dz, (p, g))| {
-                let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
-                for ((dz, p), g) in dz.iter_mut().zip(p).zip(g) {
-                    *dz = self.scale * p * (g - dot);
-                }
-            });
+        // A row at a time: each row's dot product is its own.
+        let dz = zip_chunks(&values(ps, pl)?, &values(gs, gl)?, self.keys, |dz, p, g| {
+            let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+            for ((dz, p), g) in dz.iter_mut().zip(p).zip(g) {
+                *dz = self.scale * p * (g - dot);
+            }
+        });
         output(dz, pl.shape())
     }
 }

@@ -11,9 +11,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::custom_op::{cpu_output, graph_free_input, input_tensor};
+use crate::custom_op::{cpu_forward3, cpu_output, graph_free_input, input_tensor};
 #[cfg(feature = "cuda")]
-use crate::custom_op::{cuda_input, cuda_output};
+use crate::custom_op::{cuda_forward3, cuda_input, cuda_output};
 
 /// A LoRA adapter's part in a linear layer's forward pass: `scale · (drop(x)
 /// Aᵀ) Bᵀ`, in f32 as PEFT computes it.
@@ -205,10 +205,9 @@ impl CustomOp3 for FrozenLinear {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = input_tensor(Storage::Cpu(xs.clone()), xl)?;
-        let a = input_tensor(Storage::Cpu(a_s.clone()), al)?;
-        let b = input_tensor(Storage::Cpu(bs.clone()), bl)?;
-        cpu_output(&self.forward(&x, Some((&a, &b)))?)
+        cpu_forward3([(xs, xl), (a_s, al), (bs, bl)], |x, a, b| {
+            self.forward(x, Some((a, b)))
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -221,12 +220,9 @@ impl CustomOp3 for FrozenLinear {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (x, a, b) = (
-            cuda_input(xs, xl)?,
-            cuda_input(a_s, al)?,
-            cuda_input(bs, bl)?,
-        );
-        cuda_output(&self.forward(&x, Some((&a, &b)))?)
+        cuda_forward3([(xs, xl), (a_s, al), (bs, bl)], |x, a, b| {
+            self.forward(x, Some((a, b)))
+        })
     }
 
     fn bwd(
@@ -269,10 +265,7 @@ impl CustomOp3 for TrainableLinear {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = input_tensor(Storage::Cpu(xs.clone()), xl)?;
-        let w = input_tensor(Storage::Cpu(ws.clone()), wl)?;
-        let b = input_tensor(Storage::Cpu(bs.clone()), bl)?;
-        cpu_output(&Self::forward(&x, &w, &b)?)
+        cpu_forward3([(xs, xl), (ws, wl), (bs, bl)], Self::forward)
     }
 
     #[cfg(feature = "cuda")]
@@ -285,12 +278,7 @@ impl CustomOp3 for TrainableLinear {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (x, w, b) = (
-            cuda_input(xs, xl)?,
-            cuda_input(ws, wl)?,
-            cuda_input(bs, bl)?,
-        );
-        cuda_output(&Self::forward(&x, &w, &b)?)
+        cuda_forward3([(xs, xl), (ws, wl), (bs, bl)], Self::forward)
     }
 
     fn bwd(

@@ -237,6 +237,22 @@ impl Bloom {
             .with_context(|| format!("{}: cannot write", path.display()))
     }
 
+    /// Elements of the base model's tensors and of its LoRA adapters (PEFT's
+    /// `print_trainable_parameters` counts).
+    pub fn parameter_counts(&mut self) -> (usize, usize) {
+        let base = self
+            .base_tensors_mut()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        let adapter = self
+            .lora_variables()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum();
+        (base, adapter)
+    }
+
     /// The trainable LoRA variables with their PEFT key names.
     pub fn lora_variables(&mut self) -> Vec<(String, Var)> {
         self.linears_mut()

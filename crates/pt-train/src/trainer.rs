@@ -184,16 +184,7 @@ impl<'a> Trainer<'a> {
             .map(|(name, v)| (v.clone(), decays(name)))
             .collect();
         let optimizer = AdamW::new(groups, args.adamw)?;
-        let base: usize = model
-            .base_tensors_mut()
-            .iter()
-            .map(|(_, t)| t.elem_count())
-            .sum();
-        let adapter: usize = model
-            .lora_variables()
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum();
+        let (base, adapter) = model.parameter_counts();
         let parameters = base + adapter;
         let embedding = model.config.vocab_size * model.config.hidden_size;
         let flops_per_token = 6.0 * parameters.saturating_sub(embedding) as f64;
