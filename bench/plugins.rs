@@ -38,57 +38,32 @@ fn main() {
     let bytes: usize = docs.iter().map(|(_, t)| t.len()).sum();
     let mb = bytes as f64 / 1e6;
     let budget = Duration::from_secs(3);
-
-    let native = medical_clean::MedicalClean::configure("{}").unwrap();
-    let native_s = best_of(budget, || {
-        for (source, text) in &docs {
-            let doc = Document {
-                source: source.clone(),
-                text: text.clone(),
-            };
-            let cleaned = match native.map(&doc) {
-                Edit::Replace(t) => Document { text: t, ..doc },
-                _ => doc,
-            };
-            std::hint::black_box(native.filter(&cleaned));
-        }
-    });
+    let rate = |label: &str, seconds: f64| {
+        println!(
+            "{label:<44} {:>10.1} {:>12.0}",
+            mb / seconds,
+            docs.len() as f64 / seconds
+        );
+    };
+    println!(
+        "corpus: {} documents, {mb:.2} MB (data/pretrain)",
+        docs.len()
+    );
 
     let runtime = PluginRuntime::new(None).unwrap();
     let mut plugin = runtime
         .load(&common::component("medical_clean"), PluginLimits::default())
         .unwrap();
     plugin.configure("{}").unwrap();
+    let native = medical_clean::MedicalClean::configure("{}").unwrap();
+    let native_s = best_of(budget, || native_medical_clean(&native, &docs));
     let mut instance = plugin.instance(0).unwrap();
-    let component_s = best_of(budget, || {
-        for chunk in docs.chunks(BATCH) {
-            let refs: Vec<DocRef<'_>> = chunk
-                .iter()
-                .map(|(s, t)| DocRef { source: s, text: t })
-                .collect();
-            let StepOutput::Verdicts(mapped) = instance.apply(StepKind::Mapper, &refs, 0).unwrap()
-            else {
-                unreachable!()
-            };
-            let texts: Vec<&str> = chunk
-                .iter()
-                .zip(&mapped)
-                .map(|((_, t), v)| {
-                    if let Verdict::Replace(new) = v {
-                        new.as_str()
-                    } else {
-                        t.as_str()
-                    }
-                })
-                .collect();
-            let refs: Vec<DocRef<'_>> = chunk
-                .iter()
-                .zip(&texts)
-                .map(|((s, _), t)| DocRef { source: s, text: t })
-                .collect();
-            std::hint::black_box(instance.apply(StepKind::Filter, &refs, 0).unwrap());
-        }
-    });
+    let component_s = best_of(budget, || component_medical_clean(&mut instance, &docs));
+    let header = |title: &str| println!("{title:<44} {:>10} {:>12}", "MB/s", "documents/s");
+    header("medical_clean (mapper + filter)");
+    rate("native Rust, 1 thread", native_s);
+    rate("WebAssembly component, 1 thread", component_s);
+    println!("component / native ratio: {:.2}", native_s / component_s);
 
     let tokenizer = Tokenizer::from_dir(&common::fixture_model()).unwrap();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -113,56 +88,62 @@ fn main() {
     let tokenize_only = pipeline(&[], cores);
     let with_plugin_1 = pipeline(&[&plugin], 1);
     let with_plugin_n = pipeline(&[&plugin], cores);
-
-    let n = docs.len() as f64;
-    println!(
-        "corpus: {} documents, {mb:.2} MB (data/pretrain)",
-        docs.len()
-    );
-    println!(
-        "{:<44} {:>10} {:>12}",
-        "medical_clean (mapper + filter)", "MB/s", "documents/s"
-    );
-    println!(
-        "{:<44} {:>10.1} {:>12.0}",
-        "native Rust, 1 thread",
-        mb / native_s,
-        n / native_s
-    );
-    println!(
-        "{:<44} {:>10.1} {:>12.0}",
-        "WebAssembly component, 1 thread",
-        mb / component_s,
-        n / component_s
-    );
-    println!("component / native ratio: {:.2}", native_s / component_s);
-    println!(
-        "{:<44} {:>10} {:>12}",
-        "pipeline (plugins + tokenizer, bloom-tiny)", "MB/s", "documents/s"
-    );
-    println!(
-        "{:<44} {:>10.1} {:>12.0}",
-        format!("tokenize only, {cores} workers"),
-        mb / tokenize_only,
-        n / tokenize_only
-    );
-    println!(
-        "{:<44} {:>10.1} {:>12.0}",
-        "medical_clean + tokenize, 1 worker",
-        mb / with_plugin_1,
-        n / with_plugin_1
-    );
-    println!(
-        "{:<44} {:>10.1} {:>12.0}",
-        format!("medical_clean + tokenize, {cores} workers"),
-        mb / with_plugin_n,
-        n / with_plugin_n
+    header("pipeline (plugins + tokenizer, bloom-tiny)");
+    rate(&format!("tokenize only, {cores} workers"), tokenize_only);
+    rate("medical_clean + tokenize, 1 worker", with_plugin_1);
+    rate(
+        &format!("medical_clean + tokenize, {cores} workers"),
+        with_plugin_n,
     );
     println!(
         "scaling 1 -> {cores} workers: {:.2}x",
         with_plugin_1 / with_plugin_n
     );
     languages(&docs, mb, budget);
+}
+
+/// medical_clean's rules as native Rust over the corpus, one document at a time.
+fn native_medical_clean(native: &medical_clean::MedicalClean, docs: &[(String, String)]) {
+    for (source, text) in docs {
+        let doc = Document {
+            source: source.clone(),
+            text: text.clone(),
+        };
+        let cleaned = match native.map(&doc) {
+            Edit::Replace(t) => Document { text: t, ..doc },
+            _ => doc,
+        };
+        std::hint::black_box(native.filter(&cleaned));
+    }
+}
+
+/// medical_clean's component over the corpus in batches: map, then filter
+/// the mapped texts.
+fn component_medical_clean(instance: &mut dyn StepInstance, docs: &[(String, String)]) {
+    for chunk in docs.chunks(BATCH) {
+        let refs: Vec<DocRef<'_>> = chunk
+            .iter()
+            .map(|(s, t)| DocRef { source: s, text: t })
+            .collect();
+        let StepOutput::Verdicts(mapped) = instance.apply(StepKind::Mapper, &refs, 0).unwrap()
+        else {
+            unreachable!()
+        };
+        let texts: Vec<&str> = chunk
+            .iter()
+            .zip(&mapped)
+            .map(|((_, t), v)| match v {
+                Verdict::Replace(new) => new.as_str(),
+                _ => t.as_str(),
+            })
+            .collect();
+        let refs: Vec<DocRef<'_>> = chunk
+            .iter()
+            .zip(&texts)
+            .map(|((s, _), t)| DocRef { source: s, text: t })
+            .collect();
+        std::hint::black_box(instance.apply(StepKind::Filter, &refs, 0).unwrap());
+    }
 }
 
 /// length_filter, the same rules in every form, 1 thread, batches of BATCH.

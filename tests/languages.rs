@@ -3,13 +3,12 @@
 //! `pt-host prepare`. (A module of the `plugins` test crate.)
 
 use std::fs;
-use std::process::Command;
 use std::time::Duration;
 
 use pt_data::{DocRef, StepKind, StepOutput, StepPlugin, Verdict};
 use pt_plugin_host::{LoadedPlugin, PluginLimits, PluginRuntime};
 
-use crate::common::{assert_ok, component, fixture_model};
+use crate::common::{PtHost, arg, assert_ok, component, fixture_model};
 
 /// `pt-host prepare` of `corpus` with `--plugin plugin` and `extra` flags.
 fn prepare(
@@ -19,21 +18,14 @@ fn prepare(
     out: &std::path::Path,
     cache: &std::path::Path,
 ) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pt-host"))
-        .args(["prepare", "--model_name_or_path"])
-        .arg(fixture_model())
-        .arg("--train_file_dir")
-        .arg(corpus)
+    let model = fixture_model();
+    PtHost::new(["prepare", "--model_name_or_path", arg(&model)])
+        .args(["--train_file_dir", arg(corpus), "--plugin", arg(plugin)])
         .args(["--validation_split_percentage", "0", "--block_size", "8"])
-        .args(["--disable_tqdm", "--plugin"])
-        .arg(plugin)
+        .arg("--disable_tqdm")
         .args(extra)
-        .arg("--output_dir")
-        .arg(out)
-        .arg("--cache_dir")
-        .arg(cache)
+        .args(["--output_dir", arg(out), "--cache_dir", arg(cache)])
         .output()
-        .unwrap()
 }
 
 /// A plugin loaded once (compiling an embedded interpreter takes seconds)
@@ -90,8 +82,24 @@ impl Loaded {
         }
     }
 
-    fn configure_error(&mut self, config: &str) -> String {
-        self.plugin.configure(config).unwrap_err().to_string()
+    /// Asserts that `config`, holding the unknown `key`, is refused by name.
+    fn assert_refuses_key(&mut self, config: &str, key: &str) {
+        let error = self.plugin.configure(config).unwrap_err().to_string();
+        assert!(
+            error.contains("unknown key") && error.contains(key),
+            "{error}"
+        );
+    }
+
+    /// Asserts that `pt-host prepare` on `lines` reports `input` documents
+    /// into the plugin's step and `replaced` of them replaced.
+    fn assert_prepare_replaces(&self, lines: &str, input: u64, replaced: u64) {
+        let step = self.prepare_report(lines);
+        assert_eq!(step["plugin"], self.name);
+        assert_eq!(
+            (step["input"].as_u64(), step["replaced"].as_u64()),
+            (Some(input), Some(replaced))
+        );
     }
 
     /// `pt-host prepare` with the plugin on a small corpus: the data report's step line.
@@ -137,15 +145,8 @@ fn python_zh_normalize_converts_and_runs_through_prepare() {
         &["「醫」！！\n"],
     );
     assert_eq!(only_quotes, [Verdict::Replace("“醫”！！\n".into())]);
-    let error = python.configure_error(r#"{"simplify": true}"#);
-    assert!(error.contains("unknown key `simplify`"), "{error}");
-
-    let step = python.prepare_report("醫生說發熱。\n普通句子。\n「這樣」\n");
-    assert_eq!(step["plugin"], "zh_normalize");
-    assert_eq!(
-        (step["input"].as_u64(), step["replaced"].as_u64()),
-        (Some(3), Some(2))
-    );
+    python.assert_refuses_key(r#"{"simplify": true}"#, "simplify");
+    python.assert_prepare_replaces("醫生說發熱。\n普通句子。\n「這樣」\n", 3, 2);
 }
 
 #[test]
@@ -176,15 +177,8 @@ fn javascript_markdown_strip_cleans_and_runs_through_prepare() {
         &["**<b>x</b>**\n"],
     );
     assert_eq!(html_only, [Verdict::Replace("**x**\n".into())]);
-    let error = js.configure_error(r#"{"tables": true}"#);
-    assert!(error.contains("unknown key `tables`"), "{error}");
-
-    let step = js.prepare_report("# 标题\n正文没有标记。\n<i>斜体</i>\n");
-    assert_eq!(step["plugin"], "markdown_strip");
-    assert_eq!(
-        (step["input"].as_u64(), step["replaced"].as_u64()),
-        (Some(3), Some(2))
-    );
+    js.assert_refuses_key(r#"{"tables": true}"#, "tables");
+    js.assert_prepare_replaces("# 标题\n正文没有标记。\n<i>斜体</i>\n", 3, 2);
 }
 
 #[test]
@@ -223,11 +217,7 @@ fn c_length_filter_judges_and_runs_through_prepare() {
         configured,
         [Verdict::Keep, Verdict::Drop("too_long".into())]
     );
-    let error = c.configure_error(r#"{"min_chars": 2, "bogus": 1}"#);
-    assert!(
-        error.contains("unknown key") && error.contains("bogus"),
-        "{error}"
-    );
+    c.assert_refuses_key(r#"{"min_chars": 2, "bogus": 1}"#, "bogus");
 
     let step = c.prepare_report(
         "太短\n一段足够长的正常文本内容在这里。\n哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈哈\n",

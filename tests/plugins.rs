@@ -163,37 +163,13 @@ fn an_endless_loop_in_configure_is_a_load_error() {
 
 #[test]
 fn a_memory_bomb_hits_the_cap() {
-    let runtime = PluginRuntime::new(None).unwrap();
-    let plugin = load(
-        &runtime,
-        "hostile",
-        r#"{"mode":"memory_bomb","marker":"EAT"}"#,
-        quick_limits(),
-    );
-    let err = plugin
-        .instance(0)
-        .unwrap()
-        .apply(StepKind::Filter, &docs(&one("EAT\n")), 0)
-        .unwrap_err()
-        .to_string();
+    let err = hostile_filter("memory_bomb", "EAT\n").unwrap_err();
     assert!(err.contains("exceeded its memory limit of 64 MiB"), "{err}");
 }
 
 #[test]
 fn deep_recursion_is_stopped() {
-    let runtime = PluginRuntime::new(None).unwrap();
-    let plugin = load(
-        &runtime,
-        "hostile",
-        r#"{"mode":"recurse","marker":"DEEP"}"#,
-        quick_limits(),
-    );
-    let err = plugin
-        .instance(0)
-        .unwrap()
-        .apply(StepKind::Filter, &docs(&one("DEEP\n")), 0)
-        .unwrap_err()
-        .to_string();
+    let err = hostile_filter("recurse", "DEEP\n").unwrap_err();
     assert!(
         err.contains("stack overflowed from deep recursion"),
         "{err}"
@@ -201,19 +177,21 @@ fn deep_recursion_is_stopped() {
 }
 
 /// The hostile filter's verdict on one document that holds its marker.
-fn hostile_verdict(runtime: &PluginRuntime, mode: &str) -> Verdict {
-    let plugin = load(
-        runtime,
-        "hostile",
-        &format!(r#"{{"mode":"{mode}","marker":""}}"#),
-        quick_limits(),
-    );
-    let out = plugin
-        .instance(0)
-        .unwrap()
-        .apply(StepKind::Filter, &docs(&one("any\n")), 0)
-        .unwrap();
-    let StepOutput::Verdicts(mut v) = out else {
+/// A fresh instance of the hostile guest in `mode`, with quick limits,
+/// filtering one document `text` (it misbehaves on every document: its
+/// marker is empty).
+fn hostile_filter(mode: &str, text: &str) -> Result<StepOutput, String> {
+    let runtime = PluginRuntime::new(None).unwrap();
+    let config = format!(r#"{{"mode":"{mode}","marker":""}}"#);
+    let plugin = load(&runtime, "hostile", &config, quick_limits());
+    let mut instance = plugin.instance(0).unwrap();
+    instance
+        .apply(StepKind::Filter, &docs(&one(text)), 0)
+        .map_err(|e| e.to_string())
+}
+
+fn hostile_verdict(mode: &str) -> Verdict {
+    let Ok(StepOutput::Verdicts(mut v)) = hostile_filter(mode, "any\n") else {
         panic!("a filter answers with verdicts")
     };
     v.remove(0)
@@ -224,12 +202,11 @@ fn files_and_environment_are_out_of_reach() {
     // The host process has both: the plugin must see neither.
     assert!(std::path::Path::new("/etc/passwd").exists());
     assert!(std::env::var("HOME").is_ok());
-    let runtime = PluginRuntime::new(None).unwrap();
     for (mode, expected) in [
         ("read_file", "read /etc/passwd: "),
         ("read_env", "env HOME: environment variable not found"),
     ] {
-        match hostile_verdict(&runtime, mode) {
+        match hostile_verdict(mode) {
             Verdict::Error(message) => assert!(message.starts_with(expected), "{message}"),
             other => panic!("{mode}: the plugin got through: {other:?}"),
         }
@@ -242,8 +219,7 @@ fn files_and_environment_are_out_of_reach() {
 /// instance (outputs depend only on input, config and seed); sockets are refused.
 #[test]
 fn clocks_and_randomness_are_virtual_and_sockets_refused() {
-    let runtime = PluginRuntime::new(None).unwrap();
-    let verdict = |mode: &str| hostile_verdict(&runtime, mode);
+    let verdict = hostile_verdict;
     let started = Instant::now();
     assert_eq!(verdict("sleep"), Verdict::Drop("slept 3600 s".into()));
     assert!(started.elapsed() < Duration::from_secs(10));

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use common::{PtHost, arg, component, fixture_model, pt_host, repo, stderr, stdout};
+use common::{PtHost, arg, component, fixture_model, pt_host, repo, stderr, stdout, words};
 use pt_data::{Blocks, DataReport, Tokenizer, corpus, packing};
 use safetensors::SafeTensors;
 
@@ -37,6 +37,11 @@ fn packing_matches_hf_valid_blocks_exactly() {
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
         .collect();
     assert_eq!(blocks.input_ids, expected_ids);
+}
+
+/// `--plugin PLUGIN` and `flags` (words) as arguments.
+fn with_plugin<'a>(plugin: &'a Path, flags: &'a str) -> Vec<&'a str> {
+    [vec!["--plugin", arg(plugin)], words(flags)].concat()
 }
 
 struct Run {
@@ -220,14 +225,7 @@ fn medical_clean_on_the_shipped_corpus_reports_every_document() {
 fn a_second_run_hits_both_caches_and_overwrite_rebuilds() {
     let run = Run::new();
     let plugin = component("medical_clean");
-    let args = [
-        "--plugin",
-        plugin.to_str().unwrap(),
-        "--block_size",
-        "256",
-        "--preprocessing_num_workers",
-        "1",
-    ];
+    let args = with_plugin(&plugin, "--block_size 256 --preprocessing_num_workers 1");
     let first = run.prepare(&corpus_dir(), &args);
     assert!(first.status.success(), "{}", stderr(&first));
     assert!(stderr(&first).contains("; compiled)"));
@@ -453,14 +451,7 @@ fn deadline_bisection_under_skip_is_bounded() {
 fn augmentation_adds_training_documents_only_and_is_reproducible() {
     let run = Run::new();
     let plugin = component("augment_eda");
-    let args = [
-        "--plugin",
-        plugin.to_str().unwrap(),
-        "--block_size",
-        "128",
-        "--validation_split_percentage",
-        "5",
-    ];
+    let args = with_plugin(&plugin, "--block_size 128 --validation_split_percentage 5");
     let output = run.prepare(&corpus_dir(), &args);
     assert!(output.status.success(), "{}", stderr(&output));
     let report = run.report();

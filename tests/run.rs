@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use bloom_tiny::fixture;
-use common::{assert_ok, fixture_model, json};
+use common::{assert_ok, fixture_model, json, words};
 
 /// `train/train.txt` and `valid/valid.txt` of the fixture, as corpus dirs.
 fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
@@ -293,13 +293,7 @@ fn run_errors_name_the_flag() {
     let resume = run(
         dir.path(),
         "x",
-        &[
-            "--do_train",
-            "--resume_from_checkpoint",
-            "true",
-            "--max_steps",
-            "1",
-        ],
+        &words("--do_train --resume_from_checkpoint true --max_steps 1"),
     );
     assert!(
         String::from_utf8_lossy(&resume.stderr)
@@ -425,22 +419,9 @@ fn full_fine_tuning_writes_a_model_that_loads_and_evaluates_the_same() {
     let trained = run(
         dir.path(),
         "full",
-        &[
-            "--use_peft",
-            "false",
-            "--do_train",
-            "--do_eval",
-            "--max_steps",
-            "4",
-            "--learning_rate",
-            "1e-3",
-            "--weight_decay",
-            "0.01",
-            "--per_device_train_batch_size",
-            "4",
-            "--save_steps",
-            "2",
-        ],
+        &words(
+            "--use_peft false --do_train --do_eval --max_steps 4 --learning_rate 1e-3 --weight_decay 0.01 --per_device_train_batch_size 4 --save_steps 2",
+        ),
     );
     assert_ok(&trained);
     let out = dir.path().join("full");
@@ -1027,20 +1008,9 @@ fn the_adapter_loads_in_python_peft_with_the_same_eval_loss() {
     let trained = run(
         dir.path(),
         "out",
-        &[
-            "--do_train",
-            "--do_eval",
-            "--max_steps",
-            "5",
-            "--learning_rate",
-            "1e-2",
-            "--per_device_train_batch_size",
-            "4",
-            "--lora_rank",
-            "4",
-            "--target_modules",
-            "query_key_value,dense_4h_to_h",
-        ],
+        &words(
+            "--do_train --do_eval --max_steps 5 --learning_rate 1e-2 --per_device_train_batch_size 4 --lora_rank 4 --target_modules query_key_value,dense_4h_to_h",
+        ),
     );
     assert_ok(&trained);
     let ours = json(&dir.path().join("out/eval_results.json"))["eval_loss"]
@@ -1061,17 +1031,7 @@ fn a_diverging_run_stops_naming_the_step_with_checkpoints_intact() {
     let output = run(
         dir.path(),
         "out",
-        &[
-            "--do_train",
-            "--use_peft",
-            "false",
-            "--learning_rate",
-            "1e30",
-            "--max_steps",
-            "6",
-            "--save_steps",
-            "1",
-        ],
+        &words("--do_train --use_peft false --learning_rate 1e30 --max_steps 6 --save_steps 1"),
     );
     assert!(!output.status.success());
     let message = String::from_utf8_lossy(&output.stderr);
@@ -1154,15 +1114,7 @@ fn a_failed_checkpoint_write_keeps_the_earlier_ones_and_corrupt_ones_are_refused
     let resumed = run(
         dir.path(),
         "out",
-        &[
-            "--do_train",
-            "--max_steps",
-            "6",
-            "--save_steps",
-            "1",
-            "--resume_from_checkpoint",
-            "true",
-        ],
+        &words("--do_train --max_steps 6 --save_steps 1 --resume_from_checkpoint true"),
     );
     assert_ok(&resumed);
     assert_eq!(json(&out.join("trainer_state.json"))["global_step"], 6);
@@ -1588,16 +1540,7 @@ fn trainer_state_and_results_are_what_hf_reads() {
     let output = run(
         dir.path(),
         "out",
-        &[
-            "--do_train",
-            "--do_eval",
-            "--max_steps",
-            "4",
-            "--save_steps",
-            "2",
-            "--logging_steps",
-            "1",
-        ],
+        &words("--do_train --do_eval --max_steps 4 --save_steps 2 --logging_steps 1"),
     );
     assert_ok(&output);
     let out = dir.path().join("out");

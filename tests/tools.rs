@@ -612,7 +612,7 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
         d("bigger/tokenizer_config.json"),
     )
     .unwrap();
-    // Command lines as words; RUN is `run` on the fixture model into DIR.
+    // Command lines as words; $RUN is `run` on the fixture model into $DIR.
     let cases = [
         (
             "run --lerning_rate 1",
@@ -620,98 +620,101 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
         ),
         ("run --output_dir x", "--model_name_or_path <DIR|ID>"),
         (
-            "RUN --learning_rate fast",
+            "$RUN --learning_rate fast",
             "invalid value 'fast' for '--learning_rate",
         ),
         (
-            "RUN --do_train --report_to wandb",
+            "$RUN --do_train --report_to wandb",
             "invalid value 'wandb' for '--report_to",
         ),
         (
-            "RUN --do_train --use_peft maybe",
+            "$RUN --do_train --use_peft maybe",
             "expected true or false, got `maybe`",
         ),
         (
-            "RUN --do_train",
+            "$RUN --do_train",
             "--do_train needs a training corpus: pass --train_file_dir",
         ),
         (
-            "RUN --do_train --train_file_dir TRAIN --per_device_train_batch_size 0",
+            "$RUN --do_train --train_file_dir $TRAIN --per_device_train_batch_size 0",
             "--per_device_train_batch_size must be at least 1",
         ),
         (
-            "RUN --do_train --train_file_dir TRAIN --lora_dropout 1.5",
+            "$RUN --do_train --train_file_dir $TRAIN --lora_dropout 1.5",
             "--lora_dropout must be in [0, 1), got 1.5",
         ),
         (
-            "RUN --do_train --train_file_dir TRAIN --use_peft false --peft_path a",
+            "$RUN --do_train --train_file_dir $TRAIN --use_peft false --peft_path a",
             "--peft_path continues a LoRA adapter: it needs --use_peft true",
         ),
         (
-            "RUN --do_train --train_file_dir DIR/gbk.txt",
-            "DIR/gbk.txt:2: invalid UTF-8 at byte",
+            "$RUN --do_train --train_file_dir $DIR/gbk.txt",
+            "$DIR/gbk.txt:2: invalid UTF-8 at byte",
         ),
         (
-            "RUN --do_train --train_file_dir DIR/bad.jsonl",
-            "DIR/bad.jsonl:2: malformed JSON",
+            "$RUN --do_train --train_file_dir $DIR/bad.jsonl",
+            "$DIR/bad.jsonl:2: malformed JSON",
         ),
         (
-            "RUN --do_train --train_file_dir DIR/none",
-            "DIR/none: no such",
+            "$RUN --do_train --train_file_dir $DIR/none",
+            "$DIR/none: no such",
         ),
         (
-            "RUN --do_train --train_file_dir TRAIN --plugin_config ghost={}",
+            "$RUN --do_train --train_file_dir $TRAIN --plugin_config ghost={}",
             "--plugin_config ghost: no plugin of that name is loaded",
         ),
         (
-            "run --model_name_or_path DIR/none --output_dir DIR/o --do_eval",
+            "run --model_name_or_path $DIR/none --output_dir $DIR/o --do_eval",
             "no such model directory",
         ),
         (
-            "run --model_name_or_path DIR/reshaped --output_dir DIR/o --do_eval --validation_file_dir TRAIN",
+            "run --model_name_or_path $DIR/reshaped --output_dir $DIR/o --do_eval --validation_file_dir $TRAIN",
             "`word_embeddings.weight` has shape [2000, 64], config.json implies [2000, 128]",
         ),
         (
-            "RUN --tokenizer_name_or_path DIR/bigger --do_eval --validation_file_dir TRAIN",
+            "$RUN --tokenizer_name_or_path $DIR/bigger --do_eval --validation_file_dir $TRAIN",
             "has 2010 tokens, but the model's embedding has 2000 rows",
         ),
         (
-            "run --model_name_or_path MODEL --output_dir DIR/full --do_train --train_file_dir TRAIN",
+            "run --model_name_or_path $MODEL --output_dir $DIR/full --do_train --train_file_dir $TRAIN",
             "exists and is not empty: pass --overwrite_output_dir",
         ),
         (
-            "eval --model_name_or_path MODEL --output_dir DIR/o",
+            "eval --model_name_or_path $MODEL --output_dir $DIR/o",
             "pt-host eval needs --validation_file_dir",
         ),
-        ("generate --model_name_or_path MODEL", "pass --prompt TEXT"),
+        ("generate --model_name_or_path $MODEL", "pass --prompt TEXT"),
         (
-            "generate --model_name_or_path MODEL --prompt a --do_sample --temperature 0",
+            "generate --model_name_or_path $MODEL --prompt a --do_sample --temperature 0",
             "--do_sample needs --temperature > 0",
         ),
         (
-            "merge --model_name_or_path MODEL --peft_path DIR/none --output_dir DIR/full",
+            "merge --model_name_or_path $MODEL --peft_path $DIR/none --output_dir $DIR/full",
             "exists and is not empty: choose a new directory",
         ),
         (
-            "init-model --preset huge --train_file_dir TRAIN --output_dir DIR/m",
+            "init-model --preset huge --train_file_dir $TRAIN --output_dir $DIR/m",
             "invalid value 'huge' for '--preset",
         ),
-        ("plugin verify DIR/missing.ptplugin", "DIR/missing.ptplugin"),
+        (
+            "plugin verify $DIR/missing.ptplugin",
+            "$DIR/missing.ptplugin",
+        ),
         ("plugin pull not_a/reference!", "is not an OCI reference"),
         (
-            "run DIR/missing.yaml",
-            "recipe DIR/missing.yaml: cannot read",
+            "run $DIR/missing.yaml",
+            "recipe $DIR/missing.yaml: cannot read",
         ),
     ];
     let dir_text = dir.path().display().to_string();
     let words = |text: &str| {
         text.replace(
-            "RUN",
-            "run --model_name_or_path MODEL --output_dir DIR/out --cache_dir DIR/cache",
+            "$RUN",
+            "run --model_name_or_path $MODEL --output_dir $DIR/out --cache_dir $DIR/cache",
         )
-        .replace("MODEL", arg(&fixture_model()))
-        .replace("TRAIN", arg(&fixture().join("train.txt")))
-        .replace("DIR", &dir_text)
+        .replace("$MODEL", arg(&fixture_model()))
+        .replace("$TRAIN", arg(&fixture().join("train.txt")))
+        .replace("$DIR", &dir_text)
     };
     for (line, expected) in cases {
         PtHost::new(words(line).split_whitespace()).fails_with(&words(expected));

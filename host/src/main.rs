@@ -13,11 +13,13 @@ mod init_model;
 mod merge;
 mod plot;
 mod plugin_cmd;
+mod plugin_metrics;
 mod plugins;
 mod prepare;
 mod progress;
 mod recipe;
 mod run;
+mod run_args;
 mod scaffold;
 mod tensorboard;
 
@@ -50,10 +52,10 @@ enum Command {
     /// Clean, tokenize and pack a corpus into training and validation blocks.
     Prepare(Box<prepare::PrepareArgs>),
     /// Prepare the data, then train a LoRA adapter (--do_train) and/or evaluate (--do_eval).
-    Run(Box<run::RunArgs>),
+    Run(Box<run_args::RunArgs>),
     /// Evaluate a model (+ --peft_path adapter) on --validation_file_dir (a dir or a file), no
     /// training: eval_loss, perplexity, accuracy and metric plugins. Takes `run`'s flags.
-    Eval(Box<run::RunArgs>),
+    Eval(Box<run_args::RunArgs>),
     /// Fold a LoRA adapter into its base model: an HF model directory.
     Merge(merge::MergeArgs),
     /// Continue prompts with a model (+ adapter): greedy or sampled, streamed.

@@ -25,6 +25,11 @@ impl PtHost {
         self
     }
 
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.0.arg(arg);
+        self
+    }
+
     pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
         self.0.env(key, value);
         self
@@ -100,6 +105,11 @@ pub fn json(path: &Path) -> serde_json::Value {
         &std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())),
     )
     .unwrap()
+}
+
+/// Command-line words: `words("--do_train --max_steps 4")`.
+pub fn words(text: &str) -> Vec<&str> {
+    text.split_whitespace().collect()
 }
 
 /// A path as a command-line argument.

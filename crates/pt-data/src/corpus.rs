@@ -432,49 +432,36 @@ mod tests {
         );
     }
 
+    /// Bad records of each format name the file and the record's line.
     #[test]
-    fn jsonl_errors_name_file_and_line() {
+    fn errors_name_file_and_line() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(
-            dir.path(),
-            "a.jsonl",
-            b"{\"text\": \"ok\"}\n\n{\"text\": oops}\n",
-        );
-        let err = read_error(&path);
-        assert!(err.contains("a.jsonl:3: malformed JSON"), "{err}");
-        let path = write(
-            dir.path(),
-            "b.jsonl",
-            b"{\"text\": \"ok\"}\n{\"content\": \"x\"}\n",
-        );
-        let err = read_error(&path);
-        assert!(
-            err.contains("b.jsonl:2: record has no `text` field (it has: content)"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn json_arrays_report_each_record_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(
-            dir.path(),
-            "a.json",
-            b"[\n {\"text\": \"one {\"},\n {\"text\": \"two\"},\n {\"text\": 3}\n]",
-        );
-        let err = read_error(&path);
-        assert!(
-            err.contains("a.json:4: field `text` is not a string"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn invalid_utf8_names_the_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "gbk.txt", b"ok\nstill ok\n\xD6\xD0\xCE\xC4\n");
-        let err = read_error(&path);
-        assert!(err.contains("gbk.txt:3: invalid UTF-8"), "{err}");
+        let cases: [(&str, &[u8], &str); 4] = [
+            (
+                "a.jsonl",
+                b"{\"text\": \"ok\"}\n\n{\"text\": oops}\n",
+                "a.jsonl:3: malformed JSON",
+            ),
+            (
+                "b.jsonl",
+                b"{\"text\": \"ok\"}\n{\"content\": \"x\"}\n",
+                "b.jsonl:2: record has no `text` field (it has: content)",
+            ),
+            (
+                "a.json",
+                b"[\n {\"text\": \"one {\"},\n {\"text\": \"two\"},\n {\"text\": 3}\n]",
+                "a.json:4: field `text` is not a string",
+            ),
+            (
+                "gbk.txt",
+                b"ok\nstill ok\n\xD6\xD0\xCE\xC4\n",
+                "gbk.txt:3: invalid UTF-8",
+            ),
+        ];
+        for (name, contents, expected) in cases {
+            let err = read_error(&write(dir.path(), name, contents));
+            assert!(err.contains(expected), "{err}");
+        }
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! back.
 
 use candle_core::op::BackpropOp;
-use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor, bail};
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
 
 /// A custom op's input as a tensor without a graph. The op's caller passes a
 /// contiguous tensor starting at offset 0 (see [`graph_free_input`]), so the
@@ -60,24 +62,83 @@ pub(crate) fn cuda_output(y: &Tensor) -> Result<(candle_core::CudaStorage, Shape
     }
 }
 
-/// A three-input custom op's CPU forward: `forward` of the inputs as tensors.
-pub(crate) fn cpu_forward3(
-    [(s0, l0), (s1, l1), (s2, l2)]: [(&CpuStorage, &Layout); 3],
-    forward: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
-) -> Result<(CpuStorage, Shape)> {
-    let input = |storage: &CpuStorage, layout| input_tensor(Storage::Cpu(storage.clone()), layout);
-    cpu_output(&forward(&input(s0, l0)?, &input(s1, l1)?, &input(s2, l2)?)?)
+/// A three-input op written with candle's tensor ops and a backward of its
+/// own; [`apply_op3`] runs it as one custom op on any device.
+pub(crate) trait TensorOp3: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Called with graph-free inputs.
+    fn forward(&self, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor>;
+    /// The three inputs' gradients from the output's `grad`.
+    fn backward(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]>;
 }
 
-/// [`cpu_forward3`] on CUDA.
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_forward3(
-    [(s0, l0), (s1, l1), (s2, l2)]: [(&candle_core::CudaStorage, &Layout); 3],
-    forward: impl FnOnce(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
-) -> Result<(candle_core::CudaStorage, Shape)> {
-    cuda_output(&forward(
-        &cuda_input(s0, l0)?,
-        &cuda_input(s1, l1)?,
-        &cuda_input(s2, l2)?,
-    )?)
+/// `op(a, b, c)` as one node of the graph.
+pub(crate) fn apply_op3(op: impl TensorOp3, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
+    graph_free_input(a)?.apply_op3_arc(
+        &graph_free_input(b)?,
+        &graph_free_input(c)?,
+        Arc::new(Box::new(Op3(op))),
+    )
+}
+
+/// The one `CustomOp3` implementation behind [`apply_op3`].
+struct Op3<T>(T);
+
+impl<T: TensorOp3> CustomOp3 for Op3<T> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let input =
+            |storage: &CpuStorage, layout| input_tensor(Storage::Cpu(storage.clone()), layout);
+        cpu_output(
+            &self
+                .0
+                .forward(&input(s1, l1)?, &input(s2, l2)?, &input(s3, l3)?)?,
+        )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_output(&self.0.forward(
+            &cuda_input(s1, l1)?,
+            &cuda_input(s2, l2)?,
+            &cuda_input(s3, l3)?,
+        )?)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb, gc] = self.0.backward(a, b, c, grad)?;
+        Ok((ga, gb, gc))
+    }
 }

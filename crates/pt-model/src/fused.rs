@@ -73,19 +73,38 @@ fn gelu_derivative(x: f32) -> f32 {
     s + x * s * (1.0 - s) * 2.0 * du
 }
 
-/// `each(out, a, b)` over matching `chunk`-element pieces of `a`, `b` and a
-/// new output of their length, in parallel.
-fn zip_chunks(
-    a: &[f32],
-    b: &[f32],
+/// A backward kernel of a value and its output's gradient: `each(out,
+/// value, grad)` over matching `chunk`-element pieces (any size for an
+/// elementwise kernel; one row for a row-wise one), in parallel.
+struct ZippedBackward<F> {
+    name: &'static str,
     chunk: usize,
-    each: impl Fn(&mut [f32], &[f32], &[f32]) + Sync,
-) -> Vec<f32> {
-    let mut out = vec![0f32; a.len()];
-    out.par_chunks_mut(chunk)
-        .zip(a.par_chunks(chunk).zip(b.par_chunks(chunk)))
-        .for_each(|(out, (a, b))| each(out, a, b));
-    out
+    each: F,
+}
+
+impl<F: Fn(&mut [f32], &[f32], &[f32]) + Send + Sync> CustomOp2 for ZippedBackward<F> {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        vs: &CpuStorage,
+        vl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (value, grad) = (values(vs, vl)?, values(gs, gl)?);
+        let mut out = vec![0f32; value.len()];
+        out.par_chunks_mut(self.chunk)
+            .zip(
+                value
+                    .par_chunks(self.chunk)
+                    .zip(grad.par_chunks(self.chunk)),
+            )
+            .for_each(|(out, (value, grad))| (self.each)(out, value, grad));
+        output(out, vl.shape())
+    }
 }
 
 struct Gelu;
@@ -106,32 +125,20 @@ impl CustomOp1 for Gelu {
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(
-            x.apply_op2_no_bwd(&grad.contiguous()?, &GeluBackward)?,
+            // grad · gelu'(x)
+            x.apply_op2_no_bwd(
+                &grad.contiguous()?,
+                &ZippedBackward {
+                    name: "fused-gelu-backward",
+                    chunk: TASK,
+                    each: |dx: &mut [f32], x: &[f32], g: &[f32]| {
+                        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+                            *dx = g * gelu_derivative(x);
+                        }
+                    },
+                },
+            )?,
         ))
-    }
-}
-
-/// `grad · gelu'(x)`.
-struct GeluBackward;
-
-impl CustomOp2 for GeluBackward {
-    fn name(&self) -> &'static str {
-        "fused-gelu-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let dx = zip_chunks(&values(xs, xl)?, &values(gs, gl)?, TASK, |dx, x, g| {
-            for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                *dx = g * gelu_derivative(x);
-            }
-        });
-        output(dx, xl.shape())
     }
 }
 
@@ -384,43 +391,21 @@ impl CustomOp1 for AttentionSoftmax {
     }
 
     fn bwd(&self, _: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let keys = self.bias.keys;
+        let scale = self.scale;
+        // scale · p ⊙ (g − Σ g p), a row at a time: each row's dot product is its own.
         Ok(Some(probs.apply_op2_no_bwd(
             &grad.contiguous()?,
-            &SoftmaxBackward {
-                scale: self.scale,
-                keys,
+            &ZippedBackward {
+                name: "fused-softmax-backward",
+                chunk: self.bias.keys,
+                each: |dz: &mut [f32], p: &[f32], g: &[f32]| {
+                    let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+                    for ((dz, p), g) in dz.iter_mut().zip(p).zip(g) {
+                        *dz = scale * p * (g - dot);
+                    }
+                },
             },
         )?))
-    }
-}
-
-/// `scale · p ⊙ (g − Σ g p)` per row.
-struct SoftmaxBackward {
-    scale: f32,
-    keys: usize,
-}
-
-impl CustomOp2 for SoftmaxBackward {
-    fn name(&self) -> &'static str {
-        "fused-softmax-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        ps: &CpuStorage,
-        pl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        // A row at a time: each row's dot product is its own.
-        let dz = zip_chunks(&values(ps, pl)?, &values(gs, gl)?, self.keys, |dz, p, g| {
-            let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
-            for ((dz, p), g) in dz.iter_mut().zip(p).zip(g) {
-                *dz = self.scale * p * (g - dot);
-            }
-        });
-        output(dz, pl.shape())
     }
 }
 

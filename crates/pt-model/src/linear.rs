@@ -4,16 +4,14 @@
 
 use std::sync::Arc;
 
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::custom_op::{cpu_forward3, cpu_output, graph_free_input, input_tensor};
+use crate::custom_op::{TensorOp3, apply_op3, cpu_output, graph_free_input, input_tensor};
 #[cfg(feature = "cuda")]
-use crate::custom_op::{cuda_forward3, cuda_input, cuda_output};
+use crate::custom_op::{cuda_input, cuda_output};
 
 /// A LoRA adapter's part in a linear layer's forward pass: `scale · (drop(x)
 /// Aᵀ) Bᵀ`, in f32 as PEFT computes it.
@@ -191,51 +189,26 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-impl CustomOp3 for FrozenLinear {
+/// With an adapter, whose A and B are the op's second and third inputs.
+impl TensorOp3 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear-lora"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        a_s: &CpuStorage,
-        al: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_forward3([(xs, xl), (a_s, al), (bs, bl)], |x, a, b| {
-            self.forward(x, Some((a, b)))
-        })
+    fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        FrozenLinear::forward(self, x, Some((a, b)))
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        a_s: &candle_core::CudaStorage,
-        al: &Layout,
-        bs: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_forward3([(xs, xl), (a_s, al), (bs, bl)], |x, a, b| {
-            self.forward(x, Some((a, b)))
-        })
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         a: &Tensor,
         b: &Tensor,
-        _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (grad_x, grad_lora) = self.backward(x, Some((a, b)), grad)?;
+    ) -> Result<[Option<Tensor>; 3]> {
+        let (grad_x, grad_lora) = FrozenLinear::backward(self, x, Some((a, b)), grad)?;
         let (grad_a, grad_b) = grad_lora.expect("an adapter's gradients");
-        Ok((Some(grad_x), Some(grad_a), Some(grad_b)))
+        Ok([Some(grad_x), Some(grad_a), Some(grad_b)])
     }
 }
 
@@ -245,56 +218,28 @@ impl CustomOp3 for FrozenLinear {
 /// until the whole backward pass ends.
 struct TrainableLinear;
 
-impl TrainableLinear {
-    fn forward(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        x.matmul(&weight.t()?)?.broadcast_add(bias)
-    }
-}
-
-impl CustomOp3 for TrainableLinear {
+impl TensorOp3 for TrainableLinear {
     fn name(&self) -> &'static str {
         "trainable-linear"
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_forward3([(xs, xl), (ws, wl), (bs, bl)], Self::forward)
+    fn forward(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        x.matmul(&weight.t()?)?.broadcast_add(bias)
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        xs: &candle_core::CudaStorage,
-        xl: &Layout,
-        ws: &candle_core::CudaStorage,
-        wl: &Layout,
-        bs: &candle_core::CudaStorage,
-        bl: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_forward3([(xs, xl), (ws, wl), (bs, bl)], Self::forward)
-    }
-
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         weight: &Tensor,
         _bias: &Tensor,
-        _res: &Tensor,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<[Option<Tensor>; 3]> {
         let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
-        Ok((
+        Ok([
             Some(grad.matmul(&weight)?),
             Some(grad.t()?.matmul(&x)?),
             Some(grad.sum(0)?),
-        ))
+        ])
     }
 }
 
@@ -315,23 +260,14 @@ pub fn linear(
     let adapter = lora.as_ref().map(|l| (&l.a, &l.b));
     let tracked = x.track_op() || adapter.is_some_and(|(a, b)| a.track_op() || b.track_op());
     if let (true, Some(bias), None) = (weight.is_variable(), bias, &lora) {
-        return graph_free_input(x)?.apply_op3_arc(
-            &graph_free_input(weight)?,
-            &graph_free_input(bias)?,
-            Arc::new(Box::new(TrainableLinear)),
-        );
+        return apply_op3(TrainableLinear, x, weight, bias);
     }
     if weight.is_variable() || !tracked {
         return op.forward(x, adapter);
     }
-    let x = graph_free_input(x)?;
     match lora {
-        None => x.apply_op1_arc(Arc::new(Box::new(op))),
-        Some(pass) => x.apply_op3_arc(
-            &graph_free_input(&pass.a)?,
-            &graph_free_input(&pass.b)?,
-            Arc::new(Box::new(op)),
-        ),
+        None => graph_free_input(x)?.apply_op1_arc(Arc::new(Box::new(op))),
+        Some(pass) => apply_op3(op, x, &pass.a, &pass.b),
     }
 }
 
