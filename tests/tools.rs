@@ -574,12 +574,12 @@ fn bench_prints_every_measurement() {
     }
 }
 
-/// User errors across the commands: each a non-zero exit and a short
-/// message naming the flag, file or value and what to do; never a panic.
-#[test]
-fn cli_errors_name_what_is_wrong_and_never_panic() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = |name: &str| dir.path().join(name);
+/// Inputs each of which a command must refuse: a GBK text file, a JSONL
+/// file with a broken record, a non-empty directory, a model whose
+/// config.json does not describe its weights, a tokenizer larger than the
+/// model's embedding.
+fn write_bad_inputs(dir: &Path) {
+    let d = |name: &str| dir.join(name);
     fs::write(d("gbk.txt"), b"ok\n\xb7\xa2\xc8\xc8\n").unwrap();
     fs::write(d("bad.jsonl"), "{\"text\": \"a\"}\n{\"text\": \n").unwrap();
     fs::create_dir_all(d("full")).unwrap();
@@ -612,6 +612,14 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
         d("bigger/tokenizer_config.json"),
     )
     .unwrap();
+}
+
+/// User errors across the commands: each a non-zero exit and a short
+/// message naming the flag, file or value and what to do; never a panic.
+#[test]
+fn cli_errors_name_what_is_wrong_and_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    write_bad_inputs(dir.path());
     // Command lines as words; $RUN is `run` on the fixture model into $DIR.
     let cases = [
         (

@@ -13,8 +13,15 @@ use pt_fs::{copy_atomically, write_atomically};
 
 use crate::packing::Blocks;
 use crate::pipeline::SplitOutput;
-use crate::prepare::Prepared;
 use crate::report::{DataReport, Excluded, StepReport};
+
+/// The blocks and their report. A shard (`Sharding::Part`) has no blocks (packing
+/// needs every shard); its report counts its documents and tokens.
+pub struct Prepared {
+    pub train: Blocks,
+    pub validation: Blocks,
+    pub report: DataReport,
+}
 
 /// What a user fixes by preparing again (the binary says how).
 #[derive(Debug, thiserror::Error)]

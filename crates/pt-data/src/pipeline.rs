@@ -52,12 +52,6 @@ pub struct PipelineOptions {
     pub max_derived_documents: u64,
 }
 
-/// Distinct drop reasons counted per step; the rest are counted together, so
-/// a plugin inventing a reason per document cannot grow the report.
-pub const DISTINCT_REASONS: usize = 64;
-/// Where reasons past [`DISTINCT_REASONS`] are counted.
-pub const OTHER_REASONS: &str = "(other reasons)";
-
 /// A document going in: where it came from and its text.
 #[derive(Clone, Copy, Debug)]
 pub struct InputDoc<'a> {
@@ -495,6 +489,7 @@ impl Call<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::{DISTINCT_REASONS, OTHER_REASONS};
     use std::sync::Arc;
     use std::sync::atomic::AtomicU32;
 

@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::cache::{self, Shards};
+use crate::cache::{self, Prepared, Shards};
 use crate::corpus::{self, ReadOptions, SourceFile};
 use crate::packing::{self, Blocks};
 use crate::pipeline::{self, InputDoc, PipelineOptions, SplitOutput};
@@ -75,14 +75,6 @@ impl Progress for () {
     fn start(&self, _: &str, _: u64, _: u64) {}
     fn advance(&self, _: u64, _: u64) {}
     fn finish(&self) {}
-}
-
-/// The blocks and their report. A [`Sharding::Part`] has no blocks (packing
-/// needs every shard); its report counts its documents and tokens.
-pub struct Prepared {
-    pub train: Blocks,
-    pub validation: Blocks,
-    pub report: DataReport,
 }
 
 /// What a user fixes by passing other options (the binary says which flags).

@@ -4,8 +4,13 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::pipeline::{DISTINCT_REASONS, OTHER_REASONS};
 use crate::steps::StepKind;
+
+/// Distinct drop reasons counted per step; the rest are counted together, so
+/// a plugin inventing a reason per document cannot grow the report.
+pub const DISTINCT_REASONS: usize = 64;
+/// Where reasons past [`DISTINCT_REASONS`] are counted.
+pub const OTHER_REASONS: &str = "(other reasons)";
 
 /// Counts of one plugin step on one split. Invariant:
 /// `kept + dropped + errors == input`; augmenters add `added` documents.
