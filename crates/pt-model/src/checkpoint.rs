@@ -12,9 +12,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor, TensorId, Var};
+use candle_core::{Result, Tensor, TensorId, Var};
 
-use crate::custom_op::{cpu_output, graph_free_input, input_tensor};
+use crate::custom_op::{TensorOp1, apply_op1};
 
 /// What checkpointing needs of a block: its forward pass, run with or
 /// without a graph, and the trainable tensors it uses.
@@ -66,27 +66,16 @@ struct CheckpointedBlock<B: Recompute> {
     side: SideGradients,
 }
 
-impl<B: Recompute> CustomOp1 for CheckpointedBlock<B> {
+impl<B: Recompute> TensorOp1 for CheckpointedBlock<B> {
     fn name(&self) -> &'static str {
         "checkpointed-block"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = input_tensor(Storage::Cpu(storage.clone()), layout)?;
-        cpu_output(&self.block.forward(&x, &self.context, false)?)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.block.forward(x, &self.context, false)
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let x = crate::custom_op::cuda_input(storage, layout)?;
-        crate::custom_op::cuda_output(&self.block.forward(&x, &self.context, false)?)
-    }
-
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    fn backward(&self, arg: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let x = Var::from_tensor(&arg.detach())?;
         let y = self.block.forward(x.as_tensor(), &self.context, true)?;
         let grads = (y * grad_res.detach())?.sum_all()?.backward()?;
@@ -112,5 +101,5 @@ pub(crate) fn checkpointed<B: Recompute>(
         context,
         side: side.clone(),
     };
-    graph_free_input(x)?.apply_op1(op)
+    apply_op1(op, x)
 }

@@ -5,7 +5,7 @@
 use candle_core::op::BackpropOp;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
 
 /// A custom op's input as a tensor without a graph. The op's caller passes a
 /// contiguous tensor starting at offset 0 (see [`graph_free_input`]), so the
@@ -59,6 +59,51 @@ pub(crate) fn cuda_output(y: &Tensor) -> Result<(candle_core::CudaStorage, Shape
     match output_storage(y)? {
         (Storage::Cuda(storage), shape) => Ok((storage, shape)),
         _ => bail!("custom op: CUDA input gave a result on another device"),
+    }
+}
+
+/// A one-input op written with candle's tensor ops and a backward of its
+/// own; [`apply_op1`] runs it as one custom op on any device.
+pub(crate) trait TensorOp1: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Called with a graph-free input.
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// The input's gradient from the output's `grad`.
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// `op(x)` as one node of the graph.
+pub(crate) fn apply_op1(op: impl TensorOp1, x: &Tensor) -> Result<Tensor> {
+    graph_free_input(x)?.apply_op1_arc(Arc::new(Box::new(Op1(op))))
+}
+
+/// The one `CustomOp1` implementation behind [`apply_op1`].
+struct Op1<T>(T);
+
+impl<T: TensorOp1> CustomOp1 for Op1<T> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_output(
+            &self
+                .0
+                .forward(&input_tensor(Storage::Cpu(storage.clone()), layout)?)?,
+        )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_output(&self.0.forward(&cuda_input(storage, layout)?)?)
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        self.0.backward(x, grad)
     }
 }
 

@@ -2,16 +2,12 @@
 //! adapter and its dropout) that gets no gradient, and a trainable weight
 //! (full fine-tuning) whose gradients carry no graph.
 
-use std::sync::Arc;
-
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::custom_op::{TensorOp3, apply_op3, cpu_output, graph_free_input, input_tensor};
-#[cfg(feature = "cuda")]
-use crate::custom_op::{cuda_input, cuda_output};
+use crate::custom_op::{TensorOp1, TensorOp3, apply_op1, apply_op3};
 
 /// A LoRA adapter's part in a linear layer's forward pass: `scale · (drop(x)
 /// Aᵀ) Bᵀ`, in f32 as PEFT computes it.
@@ -166,26 +162,18 @@ impl FrozenLinear {
     }
 }
 
-impl CustomOp1 for FrozenLinear {
+/// Without an adapter.
+impl TensorOp1 for FrozenLinear {
     fn name(&self) -> &'static str {
         "frozen-linear"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_output(&self.forward(&input_tensor(Storage::Cpu(storage.clone()), layout)?, None)?)
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        FrozenLinear::forward(self, x, None)
     }
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_output(&self.forward(&cuda_input(storage, layout)?, None)?)
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(self.backward(x, None, grad)?.0))
+    fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(FrozenLinear::backward(self, x, None, grad)?.0))
     }
 }
 
@@ -266,7 +254,7 @@ pub fn linear(
         return op.forward(x, adapter);
     }
     match lora {
-        None => graph_free_input(x)?.apply_op1_arc(Arc::new(Box::new(op))),
+        None => apply_op1(op, x),
         Some(pass) => apply_op3(op, x, &pass.a, &pass.b),
     }
 }
