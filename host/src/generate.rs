@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use pt_data::Tokenizer;
-use pt_model::Bloom;
+use pt_model::Model;
 use pt_model::generate::{GenerationConfig, generate};
 
 use crate::args::parse_bool;
@@ -72,7 +72,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let (device, dtype) = device::select(args.device_map, args.torch_dtype, true, 0)?;
     let model_dir = args.model.resolve()?;
-    let mut model = Bloom::load(&model_dir, &device, dtype)?;
+    let mut model = Model::load(&model_dir, &device, dtype)?;
     if let Some(adapter) = &args.peft_path {
         model.load_adapter(adapter)?;
     }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use pt_data::corpus::{discover, read_file};
 use pt_data::{ReadOptions, tokenize};
-use pt_model::Config;
+use pt_model::bloom::Config;
 
 #[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
 pub enum Preset {

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use pt_data::Tokenizer;
 use pt_dist::{Backend, Collective, Launch};
-use pt_model::{AdapterConfig, Bloom};
+use pt_model::{AdapterConfig, Model};
 use pt_train::evaluate::{eval_results, evaluate_across};
 use pt_train::trainer::{
     Interval, StepProgress, Trainable, Trainer, TrainerCallback, TrainingArguments,
@@ -72,8 +72,8 @@ fn check_output_dir(args: &RunArgs) -> Result<()> {
 
 /// Token ids index the embedding: a tokenizer with more tokens than the model
 /// has rows would fail mid-training, so it is refused before any work.
-pub fn check_vocabulary(tokenizer: &Tokenizer, tokenizer_dir: &Path, model: &Bloom) -> Result<()> {
-    let (tokens, rows) = (tokenizer.vocab_size(), model.config.vocab_size);
+pub fn check_vocabulary(tokenizer: &Tokenizer, tokenizer_dir: &Path, model: &Model) -> Result<()> {
+    let (tokens, rows) = (tokenizer.vocab_size(), model.config().vocab_size);
     if tokens > rows {
         bail!(
             "the tokenizer in {} has {tokens} tokens, but the model's embedding has {rows} rows (vocab_size in config.json): use the model's own tokenizer (--tokenizer_name_or_path)",
@@ -262,7 +262,7 @@ fn load_model_and_data(
     collective: &dyn Collective,
     device: Device,
     dtype: DType,
-) -> Result<(Bloom, PreparedData)> {
+) -> Result<(Model, PreparedData)> {
     let main = collective.is_main();
     if main {
         report_ignored_flags(args);
@@ -273,15 +273,17 @@ fn load_model_and_data(
     args.data.resolve_models()?;
     // The model first: a wrong model fails before any data work.
     let model_dir = &args.data.model_name_or_path;
-    let model = Bloom::load(model_dir, &device, dtype)?;
-    if let Some(model_type) = &args.model_type {
-        let actual = model.config.model_type.as_deref().unwrap_or("bloom");
-        if model_type != actual {
-            bail!(
-                "--model_type {model_type}, but {} is a `{actual}` model",
-                model_dir.display()
-            );
-        }
+    let model = Model::load(model_dir, &device, dtype)?;
+    let actual = &model.config().model_type;
+    if args.model_type != "auto" && &args.model_type != actual {
+        bail!(
+            "--model_type {}, but {} is a `{actual}` model (--model_type auto reads config.json)",
+            args.model_type,
+            model_dir.display()
+        );
+    }
+    if args.use_peft && args.peft_path.is_none() {
+        target_modules(&args.target_modules, model.lora_targets(), actual)?;
     }
     let tokenizer = Tokenizer::from_dir(args.data.tokenizer_dir())?;
     check_vocabulary(&tokenizer, args.data.tokenizer_dir(), &model)?;
@@ -300,7 +302,7 @@ fn load_model_and_data(
 
 /// What trains: a loaded or new LoRA adapter, or every weight; its size
 /// reported as PEFT's `print_trainable_parameters` does.
-fn attach_trainable(args: &RunArgs, model: &mut Bloom, main: bool) -> Result<Trainable> {
+fn attach_trainable(args: &RunArgs, model: &mut Model, main: bool) -> Result<Trainable> {
     let trainable = match (&args.peft_path, args.use_peft) {
         (Some(path), _) => {
             let config = model.load_adapter(path)?;
@@ -312,7 +314,11 @@ fn attach_trainable(args: &RunArgs, model: &mut Bloom, main: bool) -> Result<Tra
                 peft_type: "LORA".into(),
                 r: args.lora_rank,
                 lora_alpha: args.lora_alpha,
-                target_modules: target_modules(&args.target_modules)?,
+                target_modules: target_modules(
+                    &args.target_modules,
+                    model.lora_targets(),
+                    &model.config().model_type,
+                )?,
                 use_rslora: false,
                 use_dora: false,
             };

@@ -5,7 +5,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use pt_model::LORA_TARGETS;
 use pt_train::trainer::Interval;
 
 use crate::args::parse_bool;
@@ -138,9 +137,10 @@ pub struct RunArgs {
     /// float32 matmuls on CUDA with TF32 tensor cores (faster, ~1e-3 relative error).
     #[arg(long = "tf32", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub tf32: bool,
-    /// Must name the model's type when given (pt-host trains `bloom`).
-    #[arg(long = "model_type")]
-    pub model_type: Option<String>,
+    /// `auto` (MedicalGPT's default) reads config.json's `model_type`; a
+    /// family name (bloom, llama, mistral, qwen2, qwen3) must match it.
+    #[arg(long = "model_type", default_value = "auto")]
+    pub model_type: String,
     /// Allow writing into a non-empty --output_dir (as in HF); otherwise refused.
     #[arg(long = "overwrite_output_dir", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub overwrite_output_dir: bool,
@@ -265,7 +265,6 @@ pub fn check_flags(args: &RunArgs) -> Result<()> {
     if args.bf16 && args.fp16 {
         bail!("--bf16 and --fp16 exclude each other (as in HF): pick one");
     }
-    target_modules(&args.target_modules)?;
     Ok(())
 }
 
@@ -286,19 +285,21 @@ pub fn apply_hf_flags(args: &mut RunArgs) {
     }
 }
 
-pub fn target_modules(spec: &str) -> Result<Vec<String>> {
+/// `--target_modules` as module names of a model whose linear layers are
+/// `known` (`all`: every one, as PEFT and MedicalGPT resolve it).
+pub fn target_modules(spec: &str, known: &[&str], model_type: &str) -> Result<Vec<String>> {
     if spec.trim() == "all" {
-        return Ok(LORA_TARGETS.iter().map(|s| s.to_string()).collect());
+        return Ok(known.iter().map(|s| s.to_string()).collect());
     }
     let modules: Vec<String> = spec
         .split(',')
         .map(|s| s.trim().to_string())
         .filter(|s| !s.is_empty())
         .collect();
-    if let Some(unknown) = modules.iter().find(|m| !LORA_TARGETS.contains(&m.as_str())) {
+    if let Some(unknown) = modules.iter().find(|m| !known.contains(&m.as_str())) {
         bail!(
-            "--target_modules: `{unknown}` is not a BLOOM linear layer (use all, or some of {})",
-            LORA_TARGETS.join(", ")
+            "--target_modules: `{unknown}` is not a linear layer of a {model_type} model (use all, or some of {})",
+            known.join(", ")
         );
     }
     Ok(modules)

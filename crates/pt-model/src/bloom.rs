@@ -5,18 +5,16 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use std::cell::Cell;
 use std::sync::Arc;
 
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::checkpoint::{self, Recompute};
 use crate::fused::AttentionBias;
-use crate::hf_dir::{self, Weights};
-use crate::linear::{Dropout, LoraPass, frozen_matmul, linear};
-use crate::loss::{IGNORE_INDEX, lm_head_loss_sum};
+use crate::hf_dir::Weights;
+use crate::layers::{DropoutDraw, Linear};
+use crate::model::{Architecture, KvCache, ModelConfig, Pass};
 use crate::ops::{attention_probs, gelu, layer_norm};
 
 /// `config.json`, with the legacy key names of the original checkpoints.
@@ -96,70 +94,6 @@ impl LayerNorm {
     }
 }
 
-/// How a training micro-batch draws its dropout masks: from `seed`, as rows
-/// `first_row..` of a larger batch draw them (a rank's share of a
-/// data-parallel batch gets the masks its rows would get in one process).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DropoutDraw {
-    pub seed: u64,
-    pub first_row: usize,
-}
-
-/// A LoRA adapter on a linear layer, as PEFT defines it: `scale · B(A x)`.
-#[derive(Clone)]
-pub struct Lora {
-    /// `[r, in]`
-    pub a: Var,
-    /// `[out, r]`
-    pub b: Var,
-    pub scale: f64,
-    /// Dropout on the adapter's input while training.
-    pub dropout: f64,
-}
-
-/// `y = x Wᵀ + b (+ LoRA)`, weights in HF's `[out, in]` layout.
-#[derive(Clone)]
-pub(crate) struct Linear {
-    pub(crate) weight: Tensor,
-    pub(crate) bias: Tensor,
-    pub(crate) lora: Option<Lora>,
-}
-
-impl Linear {
-    /// `dropout`: how this layer draws its mask while training (`None`:
-    /// evaluation). `track`: false while a checkpointed block runs its
-    /// forward without building a graph (its backward recomputes with
-    /// `track` true).
-    fn forward(
-        &self,
-        x: &Tensor,
-        dropout: Option<DropoutDraw>,
-        track: bool,
-    ) -> candle_core::Result<Tensor> {
-        let (b, s, d) = x.dims3()?;
-        let lora = self.lora.as_ref().map(|lora| {
-            let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
-            LoraPass {
-                a: if track { a.clone() } else { a.detach() },
-                b: if track { b.clone() } else { b.detach() },
-                scale: lora.scale,
-                dropout: dropout.filter(|_| lora.dropout > 0.0).map(|draw| Dropout {
-                    p: lora.dropout,
-                    seed: draw.seed,
-                    first_element: draw.first_row * s * d,
-                }),
-            }
-        });
-        linear(
-            &x.reshape((b * s, d))?,
-            &self.weight,
-            Some(&self.bias),
-            lora,
-        )?
-        .reshape((b, s, self.weight.dim(0)?))
-    }
-}
-
 #[derive(Clone)]
 pub(crate) struct Block {
     input_layernorm: LayerNorm,
@@ -221,10 +155,8 @@ impl Block {
     ) -> candle_core::Result<Tensor> {
         // Each linear layer draws its own dropout mask, so a recomputed block draws the same ones.
         let seed = |layer: u64| {
-            ctx.dropout.map(|draw| DropoutDraw {
-                seed: draw.seed ^ layer.wrapping_mul(0xD1B5_4A32_D192_ED03),
-                ..draw
-            })
+            ctx.dropout
+                .map(|draw| draw.part(layer, 0xD1B5_4A32_D192_ED03))
         };
         let ln1 = self.input_layernorm.forward(x)?;
         let attended = (self.attention(&ln1, ctx, [seed(1), seed(2)], track, cache)?
@@ -296,36 +228,21 @@ impl Recompute for Block {
             &self.dense_h_to_4h,
             &self.dense_4h_to_h,
         ] {
-            tensors.extend([linear.weight.clone(), linear.bias.clone()]);
-            if let Some(lora) = &linear.lora {
-                tensors.extend([lora.a.as_tensor().clone(), lora.b.as_tensor().clone()]);
-            }
+            tensors.extend(linear.tensors());
         }
         tensors.retain(Tensor::is_variable);
         tensors
     }
 }
 
-/// Keys and values of the positions seen so far, per block (generation).
-#[derive(Default)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-}
-
 pub struct Bloom {
     pub config: Config,
+    summary: ModelConfig,
     word_embeddings: Tensor,
     embeddings_layernorm: LayerNorm,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    pub(crate) device: Device,
-    /// How the current micro-batch draws its dropout masks; `None` outside training.
-    dropout: Cell<Option<DropoutDraw>>,
-    /// Recompute each block's activations in the backward pass instead of keeping them.
-    pub gradient_checkpointing: bool,
-    /// Gradients of trainable tensors inside checkpointed blocks, which the
-    /// recomputation computes outside the main backward pass.
-    recomputed_grads: checkpoint::SideGradients,
+    device: Device,
 }
 
 fn load_layer_norm(w: &mut Weights, prefix: &str, size: usize, eps: f64) -> Result<LayerNorm> {
@@ -339,7 +256,7 @@ fn load_layer_norm(w: &mut Weights, prefix: &str, size: usize, eps: f64) -> Resu
 fn load_linear(w: &mut Weights, prefix: &str, input: usize, output: usize) -> Result<Linear> {
     Ok(Linear {
         weight: w.take(&format!("{prefix}.weight"), &[output, input])?,
-        bias: w.take(&format!("{prefix}.bias"), &[output])?,
+        bias: Some(w.take(&format!("{prefix}.bias"), &[output])?),
         lora: None,
     })
 }
@@ -352,7 +269,7 @@ impl Bloom {
     /// the loss stay in f32 whatever `dtype` is.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let mut w = Weights::open(&dir.join("model.safetensors"), device, dtype)?;
+        let mut w = Weights::open(dir, device, dtype, "bloom", Some("transformer."))?;
         let (h, eps) = (config.hidden_size, config.layer_norm_epsilon);
         let word_embeddings = w.take("word_embeddings.weight", &[config.vocab_size, h])?;
         let embeddings_layernorm = load_layer_norm(&mut w, "word_embeddings_layernorm", h, eps)?;
@@ -400,47 +317,21 @@ impl Bloom {
             })
             .collect::<Result<_>>()?;
         let ln_f = load_layer_norm(&mut w, "ln_f", h, eps)?;
+        let summary = ModelConfig {
+            model_type: "bloom".into(),
+            vocab_size: config.vocab_size,
+            hidden_size: h,
+            embedding_parameters: config.vocab_size * h,
+        };
         Ok(Self {
             config,
+            summary,
             word_embeddings,
             embeddings_layernorm,
             blocks,
             ln_f,
             device: device.clone(),
-            dropout: Cell::new(None),
-            gradient_checkpointing: false,
-            recomputed_grads: Default::default(),
         })
-    }
-
-    /// The dtype of the base weights and hidden states.
-    pub fn dtype(&self) -> DType {
-        self.word_embeddings.dtype()
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
-    /// Every linear layer with its PEFT module path (`transformer.h.0.self_attention.dense`).
-    pub(crate) fn linears_mut(&mut self) -> impl Iterator<Item = (String, &mut Linear)> {
-        self.blocks.iter_mut().enumerate().flat_map(|(i, b)| {
-            b.parts_mut()
-                .1
-                .map(|(name, linear)| (format!("transformer.h.{i}.{name}"), linear))
-        })
-    }
-
-    /// Training mode with dropout masks drawn as `draw` says (`Some`), or
-    /// evaluation mode without dropout (`None`).
-    pub fn set_dropout(&self, draw: Option<DropoutDraw>) {
-        self.dropout.set(draw);
-    }
-
-    /// Gradients of `loss` by tensor, those that checkpointed blocks
-    /// computed while recomputing included.
-    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
-        self.recomputed_grads.backward(loss)
     }
 
     /// ALiBi and the causal + padding mask of a left- or right-padded batch
@@ -476,81 +367,30 @@ impl Bloom {
         };
         Ok((bias, composite))
     }
+}
 
-    /// Logits `[b, s, vocab]` of a batch of token ids with its attention mask.
-    pub fn forward(&self, input_ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Tensor> {
-        let (b, s) = (input_ids.len(), input_ids[0].len());
-        let hidden = self.hidden_states(input_ids, mask, None)?;
-        self.lm_head(&hidden.reshape((b * s, self.config.hidden_size))?)?
-            .reshape((b, s, self.config.vocab_size))
-            .map_err(Into::into)
+impl Architecture for Bloom {
+    fn config(&self) -> &ModelConfig {
+        &self.summary
     }
 
-    /// The training loss of a batch: the sum of next-token cross-entropies
-    /// (`labels[i][t]` is predicted from position `t - 1`; `-100`: no loss)
-    /// and the number of counted tokens. The logits are never materialised
-    /// whole (see [`lm_head_loss_sum`]).
-    pub fn loss_sum(
-        &self,
-        input_ids: &[Vec<u32>],
-        mask: &[Vec<u32>],
-        labels: &[Vec<i64>],
-    ) -> Result<(Tensor, usize)> {
-        let (b, s) = (input_ids.len(), input_ids[0].len());
-        let hidden = self
-            .hidden_states(input_ids, mask, None)?
-            .reshape((b * s, self.config.hidden_size))?;
-        let targets: Vec<Option<u32>> = labels
-            .iter()
-            .flat_map(|row| {
-                (1..=s).map(move |t| {
-                    row.get(t)
-                        .filter(|&&label| label != IGNORE_INDEX)
-                        .map(|&label| label as u32)
-                })
-            })
-            .collect();
-        Ok(lm_head_loss_sum(
-            &self.ln_f.forward(&hidden)?,
-            &self.word_embeddings,
-            &targets,
-        )?)
+    fn dtype(&self) -> DType {
+        self.word_embeddings.dtype()
     }
 
-    /// Generation: logits `[b, vocab]` of the last position after appending
-    /// `new_ids` (`[b, n]`) to what `cache` holds. `mask` covers the cached
-    /// and the new positions (`[b, cached + n]`).
-    pub fn forward_cached(
-        &self,
-        new_ids: &[Vec<u32>],
-        mask: &[Vec<u32>],
-        cache: &mut KvCache,
-    ) -> Result<Tensor> {
-        if cache.layers.is_empty() {
-            cache.layers = vec![None; self.blocks.len()];
-        }
-        let hidden = self.hidden_states(new_ids, mask, Some(cache))?;
-        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
-        self.lm_head(&last)
-    }
-
-    /// Final LayerNorm and the LM head, tied to the (frozen) embedding: `[n, h]` → `[n, vocab]`.
-    fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(frozen_matmul(
-            &self.ln_f.forward(hidden)?,
-            &self.word_embeddings,
-        )?)
-    }
-
-    /// The last block's output `[b, n, h]` for `input_ids` `[b, n]`, the
-    /// batch's last `n` positions of `mask`.
     fn hidden_states(
         &self,
         input_ids: &[Vec<u32>],
         mask: &[Vec<u32>],
         mut cache: Option<&mut KvCache>,
+        pass: &Pass<'_>,
     ) -> Result<Tensor> {
         let (b, s) = (input_ids.len(), input_ids[0].len());
+        if let Some(cache) = cache.as_deref_mut()
+            && cache.layers.is_empty()
+        {
+            cache.layers = vec![None; self.blocks.len()];
+        }
         let ids = Tensor::from_vec(input_ids.concat(), (b * s,), &self.device)?;
         let embedded =
             self.word_embeddings
@@ -558,31 +398,42 @@ impl Bloom {
                 .reshape((b, s, self.config.hidden_size))?;
         let mut hidden = self.embeddings_layernorm.forward(&embedded)?;
         let (bias, composite_bias) = self.attention_bias(mask, s)?;
-        let draw = self.dropout.get();
         for (index, block) in self.blocks.iter().enumerate() {
             let context = BlockContext {
                 bias: bias.clone(),
                 composite_bias: composite_bias.clone(),
                 n_head: self.config.n_head,
                 post_ln: self.config.apply_residual_connection_post_layernorm,
-                // Each block draws its own masks, so a recomputed block draws the same ones.
-                dropout: draw.map(|draw| DropoutDraw {
-                    seed: draw.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    ..draw
-                }),
+                dropout: pass.block_dropout(index),
             };
             let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-            hidden = if self.gradient_checkpointing && hidden.track_op() {
-                checkpoint::checkpointed(block, &hidden, context, &self.recomputed_grads)?
+            hidden = if pass.checkpointing && hidden.track_op() {
+                checkpoint::checkpointed(block, &hidden, context, pass.side)?
             } else {
                 block.forward_with_cache(&hidden, &context, true, layer_cache)?
             };
         }
-        Ok(hidden)
+        Ok(self.ln_f.forward(&hidden)?)
     }
 
-    /// Every base-model tensor with its HF checkpoint name, in checkpoint order.
-    pub fn base_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+    /// Tied to the embedding.
+    fn lm_head(&self) -> &Tensor {
+        &self.word_embeddings
+    }
+
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.blocks
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(i, b)| {
+                b.parts_mut()
+                    .1
+                    .map(|(name, linear)| (format!("transformer.h.{i}.{name}"), linear))
+            })
+            .collect()
+    }
+
+    fn base_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         let mut tensors = vec![
             (
                 "transformer.word_embeddings.weight".to_string(),
@@ -606,7 +457,9 @@ impl Bloom {
             }
             for (name, linear) in linears {
                 tensors.push((format!("{p}.{name}.weight"), &mut linear.weight));
-                tensors.push((format!("{p}.{name}.bias"), &mut linear.bias));
+                if let Some(bias) = &mut linear.bias {
+                    tensors.push((format!("{p}.{name}.bias"), bias));
+                }
             }
         }
         tensors.push(("transformer.ln_f.weight".to_string(), &mut self.ln_f.weight));
@@ -614,30 +467,13 @@ impl Bloom {
         tensors
     }
 
-    /// Full fine-tuning: every base tensor becomes a trainable variable.
-    /// Returns them by HF name.
-    pub fn make_base_trainable(&mut self) -> Result<Vec<(String, Var)>> {
-        self.base_tensors_mut()
-            .into_iter()
-            .map(|(name, tensor)| {
-                let variable = Var::from_tensor(tensor)?;
-                *tensor = variable.as_tensor().clone();
-                Ok((name, variable))
-            })
-            .collect()
-    }
-
-    /// Writes the base weights as an HF model directory in `dtype`, with
-    /// `source`'s config (dtype updated), generation config and tokenizer files.
-    pub fn save_model(&mut self, dir: &Path, source: &Path, dtype: DType) -> Result<()> {
-        let tensors = self
-            .base_tensors_mut()
-            .into_iter()
-            .map(|(name, t)| (name, &*t))
-            .collect();
-        hf_dir::save_model(dir, tensors, source, dtype)
+    fn lora_targets(&self) -> &'static [&'static str] {
+        &LORA_TARGETS
     }
 }
+
+/// The four linear layers PEFT can target in a BLOOM block, by module name.
+pub const LORA_TARGETS: [&str; 4] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"];
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,7 @@ use candle_core::DType;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::{Bloom, KvCache};
+use crate::{KvCache, Model};
 
 #[derive(Clone, Debug)]
 pub struct GenerationConfig {
@@ -29,7 +29,7 @@ pub struct GenerationConfig {
 /// sees every new token of every unfinished row as it is chosen. Returns the
 /// new tokens per prompt, EOS included when one was generated.
 pub fn generate(
-    model: &Bloom,
+    model: &Model,
     prompts: &[Vec<u32>],
     config: &GenerationConfig,
     on_token: &mut dyn FnMut(usize, u32) -> Result<()>,

@@ -9,44 +9,82 @@ use std::path::Path;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
-/// Weights by name, without the optional `transformer.` prefix, converted to
-/// the compute dtype.
+/// Weights by name, converted to the compute dtype.
 pub(crate) struct Weights {
     tensors: HashMap<String, Tensor>,
     source: String,
+    model_type: &'static str,
     dtype: DType,
 }
 
+/// The converter a checkpoint in PyTorch's pickle format needs.
+const CONVERT_BIN: &str = "python3 -c \"import sys, transformers as t; \
+t.AutoModelForCausalLM.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])\" DIR";
+
 impl Weights {
-    /// The tensors of `path` (`model.safetensors`) on `device`, to be taken
-    /// by name and converted to `dtype`.
-    pub(crate) fn open(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let loaded = candle_core::safetensors::load(path, device)
-            .with_context(|| format!("{}: cannot load weights", path.display()))?;
-        let tensors = loaded
-            .into_iter()
-            .map(|(k, v)| {
-                (
-                    k.strip_prefix("transformer.")
-                        .map(str::to_string)
-                        .unwrap_or(k),
-                    v,
-                )
-            })
-            .collect();
+    /// The weights of the HF model directory `dir`: `model.safetensors`, or
+    /// the shards `model.safetensors.index.json` lists, read one shard at a
+    /// time (peak memory: the model plus one shard), on `device` in `dtype`.
+    /// Keys lose `strip` where they carry it (BLOOM checkpoints come both
+    /// with and without `transformer.`).
+    pub(crate) fn open(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        model_type: &'static str,
+        strip: Option<&str>,
+    ) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files = if single.is_file() {
+            vec![single]
+        } else if index.is_file() {
+            shard_files(&index)?
+        } else if dir.join("pytorch_model.bin").is_file() {
+            bail!(
+                "{}: only pytorch_model.bin, which pt-host does not read (a pickle can run code); \
+                 convert it to safetensors with: {CONVERT_BIN}",
+                dir.display()
+            );
+        } else {
+            bail!(
+                "{}: no model.safetensors or model.safetensors.index.json",
+                dir.display()
+            );
+        };
+        let mut tensors = HashMap::new();
+        for file in &files {
+            let loaded = candle_core::safetensors::load(file, device)
+                .with_context(|| format!("{}: cannot load weights", file.display()))?;
+            for (name, tensor) in loaded {
+                let name = match strip.and_then(|p| name.strip_prefix(p)) {
+                    Some(stripped) => stripped.to_string(),
+                    None => name,
+                };
+                tensors.insert(name, tensor.to_dtype(dtype)?);
+            }
+        }
         Ok(Self {
             tensors,
-            source: path.display().to_string(),
+            source: match files.as_slice() {
+                [one] => one.display().to_string(),
+                _ => index.display().to_string(),
+            },
+            model_type,
             dtype,
         })
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
     }
 
     /// The tensor `name`, checked against the shape the config implies.
     pub(crate) fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let tensor = self.tensors.remove(name).with_context(|| {
             format!(
-                "{}: no weight `{name}` (is this a BLOOM checkpoint?)",
-                self.source
+                "{}: no weight `{name}` (is this a {} checkpoint?)",
+                self.source, self.model_type
             )
         })?;
         if tensor.dims() != shape {
@@ -58,6 +96,33 @@ impl Weights {
         }
         Ok(tensor.to_dtype(self.dtype)?)
     }
+}
+
+/// The shard files an index names, each once, in the index's order.
+fn shard_files(index: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("{}: cannot read", index.display()))?;
+    let parsed: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a safetensors index", index.display()))?;
+    let map = parsed["weight_map"]
+        .as_object()
+        .with_context(|| format!("{}: no weight_map", index.display()))?;
+    let dir = index.parent().expect("a file in a directory");
+    let mut files: Vec<std::path::PathBuf> = Vec::new();
+    for shard in map.values() {
+        let name = shard
+            .as_str()
+            .filter(|n| !n.contains('/') && !n.contains('\\') && n.ends_with(".safetensors"))
+            .with_context(|| format!("{}: bad shard name {shard}", index.display()))?;
+        let path = dir.join(name);
+        if !files.contains(&path) {
+            if !path.is_file() {
+                bail!("{}: shard {name} is missing", index.display());
+            }
+            files.push(path);
+        }
+    }
+    Ok(files)
 }
 
 fn copy_if_present(source: &Path, dir: &Path, file: &str) -> Result<()> {

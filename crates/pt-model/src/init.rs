@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::Config;
+use crate::bloom::Config;
 
 /// Values per parallel task of the initialisation.
 const INIT_TASK: usize = 1 << 16;

@@ -24,10 +24,14 @@ pub mod fused;
 pub mod generate;
 pub mod hf_dir;
 pub mod init;
+mod layers;
 pub mod linear;
+pub mod llama;
 pub mod loss;
+pub mod model;
 pub mod ops;
 pub mod peft;
 
-pub use bloom::{Bloom, Config, DropoutDraw, KvCache, Lora};
-pub use peft::{AdapterConfig, LORA_TARGETS};
+pub use layers::{DropoutDraw, Lora};
+pub use model::{KvCache, MODEL_TYPES, Model, ModelConfig, model_type};
+pub use peft::AdapterConfig;

@@ -37,6 +37,22 @@ pub(crate) fn layer_norm_composite(
         .to_dtype(dtype)
 }
 
+/// RMSNorm over the last dimension as HF's Llama/Qwen `RMSNorm` computes it:
+/// statistics in f32, the normalised input rounded back to its dtype, then
+/// scaled by `weight`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normalized = x32.broadcast_div(&(mean_square + eps)?.sqrt()?)?;
+    normalized.to_dtype(dtype)?.broadcast_mul(weight)
+}
+
+/// SwiGLU: `silu(gate) ⊙ up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
 /// BLOOM's GELU (tanh approximation). Fused on the CPU.
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     if fused::applies(x) {

@@ -1,4 +1,4 @@
-//! PEFT's LoRA adapters on BLOOM: the adapter config, PEFT's
+//! PEFT's LoRA adapters on any family's linear layers: the adapter config, PEFT's
 //! initialisation, loading and saving its adapter directory, and merging
 //! (`merge_and_unload`).
 
@@ -10,10 +10,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
-use crate::bloom::{Bloom, Lora};
-
-/// The four linear layers PEFT can target in a BLOOM block, by module name.
-pub const LORA_TARGETS: [&str; 4] = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"];
+use crate::layers::Lora;
+use crate::model::Model;
 
 /// What pt-host reads of a PEFT `adapter_config.json`; other keys are ignored.
 #[derive(Clone, Debug, Deserialize)]
@@ -62,7 +60,7 @@ impl AdapterConfig {
     }
 }
 
-impl Bloom {
+impl Model {
     /// Loads a PEFT LoRA adapter directory (`adapter_config.json`,
     /// `adapter_model.safetensors`) onto the model, as trainable variables.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterConfig> {
@@ -80,7 +78,7 @@ impl Bloom {
             );
         }
         let weights_path = dir.join("adapter_model.safetensors");
-        let mut tensors = candle_core::safetensors::load(&weights_path, &self.device)
+        let mut tensors = candle_core::safetensors::load(&weights_path, self.device())
             .with_context(|| format!("{}: cannot load adapter weights", weights_path.display()))?;
         let (r, scale) = (config.r, config.scale());
         let mut attached = 0;
@@ -114,9 +112,11 @@ impl Bloom {
         }
         if attached == 0 {
             bail!(
-                "{}: target_modules {:?} match no layer (BLOOM has {LORA_TARGETS:?})",
+                "{}: target_modules {:?} match no layer (this {} model has {:?})",
                 config_path.display(),
-                config.target_modules
+                config.target_modules,
+                self.config().model_type,
+                self.lora_targets()
             );
         }
         Ok(config)
@@ -136,7 +136,7 @@ impl Bloom {
     /// model. `targets` are module names (`query_key_value`, `dense`, …).
     pub fn add_lora(&mut self, config: &AdapterConfig, dropout: f64, seed: u64) -> Result<usize> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        let (r, scale, device) = (config.r, config.scale(), self.device.clone());
+        let (r, scale, device) = (config.r, config.scale(), self.device().clone());
         let mut attached = 0;
         for (path, linear) in self.linears_mut() {
             if !targets_module(&config.target_modules, &path) {
@@ -159,8 +159,10 @@ impl Bloom {
         }
         if attached == 0 {
             bail!(
-                "target_modules {:?} match no layer (BLOOM has {LORA_TARGETS:?})",
-                config.target_modules
+                "target_modules {:?} match no layer (this {} model has {:?})",
+                config.target_modules,
+                self.config().model_type,
+                self.lora_targets()
             );
         }
         Ok(attached)
@@ -179,6 +181,7 @@ impl Bloom {
             .with_context(|| format!("{}: cannot create", dir.display()))?;
         let dropout = self
             .linears_mut()
+            .into_iter()
             .find_map(|(_, l)| l.lora.as_ref().map(|l| l.dropout))
             .unwrap_or(0.0);
         let peft_config = serde_json::json!({
@@ -256,6 +259,7 @@ impl Bloom {
     /// The trainable LoRA variables with their PEFT key names.
     pub fn lora_variables(&mut self) -> Vec<(String, Var)> {
         self.linears_mut()
+            .into_iter()
             .filter_map(|(path, linear)| {
                 linear
                     .lora

@@ -7,15 +7,15 @@ mod bloom_tiny;
 
 use bloom_tiny::{expected, fixture, max_abs_diff, rows, test_device};
 use candle_core::{DType, Device};
-use pt_model::Bloom;
+use pt_model::Model;
 use pt_model::loss::next_token_loss_sum;
 
-fn fixture_model(dtype: DType) -> Bloom {
-    Bloom::load(&fixture().join("model"), &test_device(), dtype).unwrap()
+fn fixture_model(dtype: DType) -> Model {
+    Model::load(&fixture().join("model"), &test_device(), dtype).unwrap()
 }
 
 /// The largest logit difference from HF's at the probes' real tokens.
-fn probe_logit_error(model: &Bloom) -> f32 {
+fn probe_logit_error(model: &Model) -> f32 {
     let expected = expected();
     let ids = rows(&expected["probe_input_ids"]);
     let mask = rows(&expected["probe_attention_mask"]);
@@ -45,7 +45,7 @@ fn probe_logit_error(model: &Bloom) -> f32 {
 }
 
 /// Our mean loss over HF's validation blocks, and HF's.
-fn validation_loss(model: &Bloom) -> (f64, f64) {
+fn validation_loss(model: &Model) -> (f64, f64) {
     let expected = expected();
     let blocks = rows(&expected["valid_blocks"]);
     let (mut sum, mut count) = (0f64, 0usize);
@@ -95,17 +95,24 @@ fn bf16_compute_stays_within_rounding_of_hf() {
 fn wrong_checkpoints_are_refused_clearly() {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().to_path_buf();
-    std::fs::write(
-        dir.join("config.json"),
-        r#"{"model_type": "llama", "hidden_size": 8, "n_head": 2, "n_layer": 1, "vocab_size": 10}"#,
-    )
-    .unwrap();
-    let err = Bloom::load(&dir, &Device::Cpu, DType::F32)
-        .err()
-        .unwrap()
-        .to_string();
+    let refusal = |config: &str| {
+        std::fs::write(dir.join("config.json"), config).unwrap();
+        format!(
+            "{:#}",
+            Model::load(&dir, &Device::Cpu, DType::F32).err().unwrap()
+        )
+    };
+    let err = refusal(r#"{"model_type": "gpt2", "n_embd": 8}"#);
     assert!(
-        err.contains("model_type is \"llama\"; pt-host trains BLOOM models"),
+        err.contains("model_type `gpt2` is not one pt-host trains (it trains bloom, llama, mistral, qwen2, qwen3)"),
+        "{err}"
+    );
+    // A Llama config in BLOOM's key names.
+    let err = refusal(
+        r#"{"model_type": "llama", "hidden_size": 8, "n_head": 2, "n_layer": 1, "vocab_size": 10}"#,
+    );
+    assert!(
+        err.contains("not a Llama-family config") && err.contains("missing field"),
         "{err}"
     );
     // Shapes are checked against config.json.
@@ -118,7 +125,7 @@ fn wrong_checkpoints_are_refused_clearly() {
         dir.join("model.safetensors"),
     )
     .unwrap();
-    let err = Bloom::load(&dir, &Device::Cpu, DType::F32)
+    let err = Model::load(&dir, &Device::Cpu, DType::F32)
         .err()
         .unwrap()
         .to_string();
@@ -207,7 +214,7 @@ fn only_adapter_weights_get_gradients() {
     }
 }
 
-fn assert_only_adapters_get_gradients(mut model: Bloom) {
+fn assert_only_adapters_get_gradients(mut model: Model) {
     model.load_adapter(&fixture().join("lora_init")).unwrap();
     let (batch, mask, labels) = two_blocks();
     let batch = &batch[..];
@@ -293,7 +300,7 @@ fn legacy_keys_and_half_precision_checkpoints_load() {
             })
             .collect();
         candle_core::safetensors::save(&stripped, temp.path().join("model.safetensors")).unwrap();
-        let model = Bloom::load(temp.path(), &Device::Cpu, DType::F32).unwrap();
+        let model = Model::load(temp.path(), &Device::Cpu, DType::F32).unwrap();
         let logits = model.forward(&ids, &mask).unwrap();
         let diff = max_abs_diff(&logits, &reference);
         assert!(diff <= tolerance, "{dtype:?}: logits differ by {diff}");
@@ -435,7 +442,7 @@ fn sampling_is_seeded_and_top_k_one_is_greedy() {
 #[test]
 fn random_initialisation_predicts_nearly_uniformly() {
     let dir = tempfile::tempdir().unwrap();
-    let config = pt_model::Config {
+    let config = pt_model::bloom::Config {
         hidden_size: 64,
         n_head: 4,
         n_layer: 2,
@@ -445,7 +452,7 @@ fn random_initialisation_predicts_nearly_uniformly() {
         model_type: Some("bloom".into()),
     };
     pt_model::init::write_random_model(dir.path(), &config, 0.02, 1).unwrap();
-    let model = Bloom::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
+    let model = Model::load(dir.path(), &Device::Cpu, DType::F32).unwrap();
     let embeddings: Vec<f32> =
         candle_core::safetensors::load(dir.path().join("model.safetensors"), &Device::Cpu).unwrap()
             ["transformer.word_embeddings.weight"]

@@ -6,7 +6,7 @@ use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 use pt_data::Blocks;
 use pt_dist::{Collective, Single};
-use pt_model::Bloom;
+use pt_model::Model;
 use pt_model::loss::next_token_loss_sum;
 use pt_model::ops::log_softmax_last_dim;
 use serde::Serialize;
@@ -79,7 +79,7 @@ fn samples(
 /// custom metrics from `sink` come back in `extra`. `on_batch(done, total)`
 /// follows the batches, for progress displays.
 pub fn evaluate<'s>(
-    model: &Bloom,
+    model: &Model,
     blocks: &Blocks,
     batch_size: usize,
     sink: Option<&mut (dyn MetricSink + 's)>,
@@ -94,7 +94,7 @@ pub fn evaluate<'s>(
 /// place: with a `sink`, rank 0 evaluates all blocks and the others wait.
 pub fn evaluate_across<'s>(
     collective: &dyn Collective,
-    model: &Bloom,
+    model: &Model,
     blocks: &Blocks,
     batch_size: usize,
     mut sink: Option<&mut (dyn MetricSink + 's)>,

@@ -9,7 +9,7 @@ use std::ops::Range;
 use anyhow::Result;
 use candle_core::{Tensor, Var};
 use pt_data::Blocks;
-use pt_model::{Bloom, DropoutDraw};
+use pt_model::{DropoutDraw, Model};
 
 /// A micro-batch, or one rank's share of one: token ids, attention mask and
 /// labels (`-100`: no loss).
@@ -70,7 +70,7 @@ fn micro_batch_seed(step_seed: u64, index: usize) -> u64 {
 /// of both. With `dropout_seed`, the model trains with dropout (seeded per
 /// micro-batch); without, it computes deterministically.
 pub fn accumulate_gradients(
-    model: &Bloom,
+    model: &Model,
     variables: &[Var],
     micro_batches: &[MicroBatch],
     dropout_seed: Option<u64>,

@@ -8,7 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
 use pt_data::Blocks;
 use pt_dist::{Collective, Single};
-use pt_model::{AdapterConfig, Bloom};
+use pt_model::{AdapterConfig, Model};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -154,7 +154,7 @@ impl Tally {
 
 pub struct Trainer<'a> {
     pub args: TrainingArguments,
-    pub model: &'a mut Bloom,
+    pub model: &'a mut Model,
     pub(crate) trainable: Trainable,
     pub(crate) base_model: String,
     /// The trained variables by checkpoint name.
@@ -171,7 +171,7 @@ impl<'a> Trainer<'a> {
     /// A trainer of the model's LoRA variables, or of every weight.
     pub fn new(
         args: TrainingArguments,
-        model: &'a mut Bloom,
+        model: &'a mut Model,
         trainable: Trainable,
         base_model: String,
     ) -> Result<Self> {
@@ -186,7 +186,7 @@ impl<'a> Trainer<'a> {
         let optimizer = AdamW::new(groups, args.adamw)?;
         let (base, adapter) = model.parameter_counts();
         let parameters = base + adapter;
-        let embedding = model.config.vocab_size * model.config.hidden_size;
+        let embedding = model.config().embedding_parameters;
         let flops_per_token = 6.0 * parameters.saturating_sub(embedding) as f64;
         Ok(Self {
             args,

@@ -8,13 +8,13 @@ mod bloom_tiny;
 use bloom_tiny::{expected, fixture, max_abs_diff, packed, rows, test_device, trajectory};
 use candle_core::{DType, Device, Var};
 use pt_data::Blocks;
-use pt_model::Bloom;
+use pt_model::Model;
 use pt_train::evaluate::evaluate;
 use pt_train::step::{MicroBatch, accumulate_gradients};
 use pt_train::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_scale, grad_norm};
 
 /// HF's packed validation blocks, through the trainer's own evaluation.
-fn validation_loss(model: &Bloom) -> f64 {
+fn validation_loss(model: &Model) -> f64 {
     let rows = rows(&expected()["valid_blocks"]);
     let blocks = Blocks {
         block_size: rows[0].len(),
@@ -73,7 +73,7 @@ fn bf16_lora_training_stays_close_to_peft() {
 fn follow_peft(dtype: DType, gradient_checkpointing: bool, tolerance: Tolerance) {
     let expected_run = trajectory();
     let args = &expected_run["args"];
-    let mut model = Bloom::load(&fixture().join("model"), &test_device(), dtype).unwrap();
+    let mut model = Model::load(&fixture().join("model"), &test_device(), dtype).unwrap();
     // HF's "before" is the base model's loss (it equals expected.safetensors' valid_loss).
     let before = validation_loss(&model);
     assert!(
@@ -185,7 +185,7 @@ fn checkpointed_gradients_equal_plain_ones_with_dropout() {
         MicroBatch::from_rows(&blocks, &[2, 3]),
     ];
     let gradients = |checkpointing: bool| {
-        let mut model = Bloom::load(&fixture().join("model"), &test_device(), DType::F32).unwrap();
+        let mut model = Model::load(&fixture().join("model"), &test_device(), DType::F32).unwrap();
         model.load_adapter(&fixture().join("lora_init")).unwrap();
         model.set_lora_dropout(0.1);
         model.gradient_checkpointing = checkpointing;

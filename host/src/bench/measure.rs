@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use pt_data::Blocks;
-use pt_model::{AdapterConfig, Bloom, Config};
+use pt_model::bloom::Config;
+use pt_model::{AdapterConfig, Model};
 use pt_train::evaluate::evaluate;
 use pt_train::trainer::{Interval, StepProgress, Trainable, Trainer, TrainerCallback};
 use pt_train::{AdamWConfig, SchedulerType};
@@ -123,7 +124,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
     }))?;
     pt_model::init::write_random_model(dir.path(), &config, 0.02, 42)?;
     let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true, 0)?;
-    let mut model = Bloom::load(dir.path(), &device, dtype)?;
+    let mut model = Model::load(dir.path(), &device, dtype)?;
     model.gradient_checkpointing = args.gradient_checkpointing;
     let tokens_per_batch = (args.block_size * args.batch_size) as f64;
     let tokens_per_second = match measure {
@@ -133,7 +134,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
                     peft_type: "LORA".into(),
                     r: 8,
                     lora_alpha: 16.0,
-                    target_modules: pt_model::LORA_TARGETS.map(String::from).to_vec(),
+                    target_modules: pt_model::bloom::LORA_TARGETS.map(String::from).to_vec(),
                     use_rslora: false,
                     use_dora: false,
                 };

@@ -1,0 +1,95 @@
+//! Layers every architecture builds on: linear layers with an optional bias
+//! and an optional LoRA adapter (PEFT's), and how a training pass draws its
+//! dropout masks.
+
+use candle_core::{Tensor, Var};
+
+use crate::linear::{Dropout, LoraPass, linear};
+
+/// How a training micro-batch draws its dropout masks: from `seed`, as rows
+/// `first_row..` of a larger batch draw them (a rank's share of a
+/// data-parallel batch gets the masks its rows would get in one process).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropoutDraw {
+    pub seed: u64,
+    pub first_row: usize,
+}
+
+/// A LoRA adapter on a linear layer, as PEFT defines it: `scale · B(A x)`.
+#[derive(Clone)]
+pub struct Lora {
+    /// `[r, in]`
+    pub a: Var,
+    /// `[out, r]`
+    pub b: Var,
+    pub scale: f64,
+    /// Dropout on the adapter's input while training.
+    pub dropout: f64,
+}
+
+/// `y = x Wᵀ (+ b) (+ LoRA)`, weights in HF's `[out, in]` layout.
+#[derive(Clone)]
+pub(crate) struct Linear {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Option<Tensor>,
+    pub(crate) lora: Option<Lora>,
+}
+
+impl Linear {
+    /// `dropout`: how this layer draws its mask while training (`None`:
+    /// evaluation). `track`: false while a checkpointed block runs its
+    /// forward without building a graph (its backward recomputes with
+    /// `track` true).
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        dropout: Option<DropoutDraw>,
+        track: bool,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, d) = x.dims3()?;
+        let lora = self.lora.as_ref().map(|lora| {
+            let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+            LoraPass {
+                a: if track { a.clone() } else { a.detach() },
+                b: if track { b.clone() } else { b.detach() },
+                scale: lora.scale,
+                dropout: dropout.filter(|_| lora.dropout > 0.0).map(|draw| Dropout {
+                    p: lora.dropout,
+                    seed: draw.seed,
+                    first_element: draw.first_row * s * d,
+                }),
+            }
+        });
+        linear(
+            &x.reshape((b * s, d))?,
+            &self.weight,
+            self.bias.as_ref(),
+            lora,
+        )?
+        .reshape((b, s, self.weight.dim(0)?))
+    }
+}
+
+impl Linear {
+    /// The layer's tensors: weight, bias and adapter, trainable or not.
+    pub(crate) fn tensors(&self) -> Vec<Tensor> {
+        let mut tensors = vec![self.weight.clone()];
+        tensors.extend(self.bias.clone());
+        if let Some(lora) = &self.lora {
+            tensors.extend([lora.a.as_tensor().clone(), lora.b.as_tensor().clone()]);
+        }
+        tensors
+    }
+}
+
+impl DropoutDraw {
+    /// The masks of part `number` (1-based; a block, a layer in a block,
+    /// told apart by `salt`): each part draws its own, so a recomputed part
+    /// draws the same ones.
+    pub(crate) fn part(self, number: u64, salt: u64) -> Self {
+        Self {
+            seed: self.seed ^ number.wrapping_mul(salt),
+            ..self
+        }
+    }
+}

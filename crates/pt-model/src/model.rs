@@ -1,0 +1,264 @@
+//! A causal language model of any supported family: what training,
+//! evaluation and generation need of it, written once. Each family's file
+//! (`bloom.rs`, `llama.rs`) is its architecture alone, behind
+//! [`Architecture`]; `load` picks it from `config.json`'s `model_type`.
+
+use std::cell::Cell;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::checkpoint::SideGradients;
+use crate::hf_dir;
+use crate::layers::{DropoutDraw, Linear};
+use crate::linear::frozen_matmul;
+use crate::loss::{IGNORE_INDEX, lm_head_loss_sum};
+
+/// What the rest of pt-host needs to know of any family's configuration.
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    /// `config.json`'s `model_type` (`bloom`, `llama`, `qwen2`, …).
+    pub model_type: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    /// Weights of the embedding and of an untied LM head: HF's FLOP count
+    /// leaves them out.
+    pub embedding_parameters: usize,
+}
+
+/// The families pt-host trains, by `model_type`.
+pub const MODEL_TYPES: [&str; 5] = ["bloom", "llama", "mistral", "qwen2", "qwen3"];
+
+/// Keys and values of the positions seen so far, per block (generation).
+#[derive(Default)]
+pub struct KvCache {
+    pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+/// How one forward pass runs besides its inputs.
+pub(crate) struct Pass<'a> {
+    /// The micro-batch's dropout masks; `None` outside training.
+    pub dropout: Option<DropoutDraw>,
+    /// Recompute each block in the backward pass instead of keeping its activations.
+    pub checkpointing: bool,
+    /// Where checkpointed blocks leave their trainable tensors' gradients.
+    pub side: &'a SideGradients,
+}
+
+impl Pass<'_> {
+    /// Block `index`'s dropout masks.
+    pub(crate) fn block_dropout(&self, index: usize) -> Option<DropoutDraw> {
+        self.dropout
+            .map(|draw| draw.part(index as u64 + 1, 0x9E37_79B9_7F4A_7C15))
+    }
+}
+
+/// One family's architecture: its layers and their forward pass.
+pub(crate) trait Architecture {
+    fn config(&self) -> &ModelConfig;
+
+    /// The dtype of the base weights and hidden states.
+    fn dtype(&self) -> DType;
+
+    /// The hidden states after the final norm, `[b, n, h]`, of `input_ids`
+    /// `[b, n]`, which are the batch's last `n` positions of `mask` (1 for
+    /// tokens, 0 for left or right padding).
+    fn hidden_states(
+        &self,
+        input_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        cache: Option<&mut KvCache>,
+        pass: &Pass<'_>,
+    ) -> Result<Tensor>;
+
+    /// The LM head `[vocab, h]` (the embedding, where tied).
+    fn lm_head(&self) -> &Tensor;
+
+    /// Every linear layer with its PEFT module path.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)>;
+
+    /// Every base tensor with its HF checkpoint name, in checkpoint order.
+    fn base_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+
+    /// The module names PEFT and MedicalGPT target for `--target_modules all`.
+    fn lora_targets(&self) -> &'static [&'static str];
+}
+
+pub struct Model {
+    arch: Box<dyn Architecture>,
+    device: Device,
+    /// How the current micro-batch draws its dropout masks; `None` outside training.
+    dropout: Cell<Option<DropoutDraw>>,
+    /// Recompute each block's activations in the backward pass instead of keeping them.
+    pub gradient_checkpointing: bool,
+    /// Gradients of trainable tensors inside checkpointed blocks, which the
+    /// recomputation computes outside the main backward pass.
+    recomputed_grads: SideGradients,
+}
+
+/// `config.json`'s `model_type`, or why there is none.
+pub fn model_type(dir: &Path) -> Result<String> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a JSON model config", path.display()))?;
+    // The original BLOOM checkpoints predate the key.
+    Ok(config["model_type"].as_str().unwrap_or("bloom").to_string())
+}
+
+impl Model {
+    /// Loads an HF model directory (`config.json`, safetensors weights) onto
+    /// `device`, the base weights in `dtype` (f32, or bf16/f16 on CUDA).
+    /// LoRA weights, norm statistics, softmax and the loss stay in f32.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let arch: Box<dyn Architecture> = match model_type(dir)?.as_str() {
+            "bloom" => Box::new(crate::bloom::Bloom::load(dir, device, dtype)?),
+            "llama" | "mistral" | "qwen2" | "qwen3" => {
+                Box::new(crate::llama::Llama::load(dir, device, dtype)?)
+            }
+            other => bail!(
+                "{}: model_type `{other}` is not one pt-host trains (it trains {})",
+                dir.join("config.json").display(),
+                MODEL_TYPES.join(", ")
+            ),
+        };
+        Ok(Self {
+            arch,
+            device: device.clone(),
+            dropout: Cell::new(None),
+            gradient_checkpointing: false,
+            recomputed_grads: SideGradients::default(),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        self.arch.config()
+    }
+
+    /// The dtype of the base weights and hidden states.
+    pub fn dtype(&self) -> DType {
+        self.arch.dtype()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The module names `--target_modules all` stands for in this family.
+    pub fn lora_targets(&self) -> &'static [&'static str] {
+        self.arch.lora_targets()
+    }
+
+    pub(crate) fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        self.arch.linears_mut()
+    }
+
+    /// Training mode with dropout masks drawn as `draw` says (`Some`), or
+    /// evaluation mode without dropout (`None`).
+    pub fn set_dropout(&self, draw: Option<DropoutDraw>) {
+        self.dropout.set(draw);
+    }
+
+    /// Gradients of `loss` by tensor, those that checkpointed blocks
+    /// computed while recomputing included.
+    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        self.recomputed_grads.backward(loss)
+    }
+
+    fn hidden_states(
+        &self,
+        input_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let pass = Pass {
+            dropout: self.dropout.get(),
+            checkpointing: self.gradient_checkpointing,
+            side: &self.recomputed_grads,
+        };
+        self.arch.hidden_states(input_ids, mask, cache, &pass)
+    }
+
+    /// Logits `[b, s, vocab]` of a batch of token ids with its attention mask.
+    pub fn forward(&self, input_ids: &[Vec<u32>], mask: &[Vec<u32>]) -> Result<Tensor> {
+        let (b, s) = (input_ids.len(), input_ids[0].len());
+        let config = self.config();
+        let hidden = self
+            .hidden_states(input_ids, mask, None)?
+            .reshape((b * s, config.hidden_size))?;
+        Ok(frozen_matmul(&hidden, self.arch.lm_head())?.reshape((b, s, config.vocab_size))?)
+    }
+
+    /// The training loss of a batch: the sum of next-token cross-entropies
+    /// (`labels[i][t]` is predicted from position `t - 1`; `-100`: no loss)
+    /// and the number of counted tokens. The logits are never materialised
+    /// whole (see [`lm_head_loss_sum`]).
+    pub fn loss_sum(
+        &self,
+        input_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        labels: &[Vec<i64>],
+    ) -> Result<(Tensor, usize)> {
+        let (b, s) = (input_ids.len(), input_ids[0].len());
+        let hidden = self
+            .hidden_states(input_ids, mask, None)?
+            .reshape((b * s, self.config().hidden_size))?;
+        let targets: Vec<Option<u32>> = labels
+            .iter()
+            .flat_map(|row| {
+                (1..=s).map(move |t| {
+                    row.get(t)
+                        .filter(|&&label| label != IGNORE_INDEX)
+                        .map(|&label| label as u32)
+                })
+            })
+            .collect();
+        Ok(lm_head_loss_sum(&hidden, self.arch.lm_head(), &targets)?)
+    }
+
+    /// Generation: logits `[b, vocab]` of the last position after appending
+    /// `new_ids` (`[b, n]`) to what `cache` holds. `mask` covers the cached
+    /// and the new positions (`[b, cached + n]`).
+    pub fn forward_cached(
+        &self,
+        new_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let hidden = self.hidden_states(new_ids, mask, Some(cache))?;
+        let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
+        Ok(frozen_matmul(&last, self.arch.lm_head())?)
+    }
+
+    /// Every base-model tensor with its HF checkpoint name, in checkpoint order.
+    pub fn base_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        self.arch.base_tensors_mut()
+    }
+
+    /// Full fine-tuning: every base tensor becomes a trainable variable.
+    /// Returns them by HF name.
+    pub fn make_base_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        self.base_tensors_mut()
+            .into_iter()
+            .map(|(name, tensor)| {
+                let variable = Var::from_tensor(tensor)?;
+                *tensor = variable.as_tensor().clone();
+                Ok((name, variable))
+            })
+            .collect()
+    }
+
+    /// Writes the base weights as an HF model directory in `dtype`, with
+    /// `source`'s config (dtype updated), generation config and tokenizer files.
+    pub fn save_model(&mut self, dir: &Path, source: &Path, dtype: DType) -> Result<()> {
+        let tensors = self
+            .base_tensors_mut()
+            .into_iter()
+            .map(|(name, t)| (name, &*t))
+            .collect();
+        hf_dir::save_model(dir, tensors, source, dtype)
+    }
+}
