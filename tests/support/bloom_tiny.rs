@@ -1,4 +1,6 @@
-//! The bloom-tiny fixture: HF's checkpoint and the numbers it computed.
+//! The tiny fixtures (`tests/fixtures/FAMILY-tiny`): HF's checkpoints and
+//! the numbers transformers + PEFT computed on them. bloom-tiny is the
+//! default; the `_of` functions take a family.
 
 #![allow(dead_code)]
 
@@ -7,13 +9,22 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 
+/// Every family with a tiny fixture, BLOOM first.
+pub const FAMILIES: [&str; 5] = ["bloom", "llama", "mistral", "qwen2", "qwen3"];
+
 /// `tests/fixtures/bloom-tiny`, found from whichever crate runs the test.
 pub fn fixture() -> PathBuf {
+    fixture_of("bloom")
+}
+
+/// `tests/fixtures/FAMILY-tiny`.
+pub fn fixture_of(family: &str) -> PathBuf {
+    let name = format!("tests/fixtures/{family}-tiny");
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .ancestors()
-        .map(|dir| dir.join("tests/fixtures/bloom-tiny"))
+        .map(|dir| dir.join(&name))
         .find(|dir| dir.is_dir())
-        .expect("tests/fixtures/bloom-tiny above the crate")
+        .unwrap_or_else(|| panic!("{name} above the crate"))
 }
 
 /// Where the parity tests compute: the CPU, or the GPU with
@@ -28,7 +39,15 @@ pub fn test_device() -> Device {
 
 /// `expected.safetensors`: probes, their logits, validation blocks and loss.
 pub fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu).unwrap()
+    expected_of("bloom")
+}
+
+pub fn expected_of(family: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        fixture_of(family).join("expected.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 /// An i64 matrix as rows of token ids.
@@ -43,9 +62,14 @@ pub fn rows(t: &Tensor) -> Vec<Vec<u32>> {
 /// A fixture text file packed as the pipeline packs it (a document per line
 /// with its `\n`, EOS appended, concatenated, cut into `block_size` blocks).
 pub fn packed(file: &str, block_size: usize) -> pt_data::Blocks {
-    let tokenizer = pt_data::Tokenizer::from_dir(&fixture().join("model")).unwrap();
-    let file = pt_data::corpus::read_file(&fixture().join(file), &pt_data::ReadOptions::default())
-        .unwrap();
+    packed_of("bloom", file, block_size)
+}
+
+pub fn packed_of(family: &str, file: &str, block_size: usize) -> pt_data::Blocks {
+    let dir = fixture_of(family);
+    let tokenizer = pt_data::Tokenizer::from_dir(&dir.join("model")).unwrap();
+    let file =
+        pt_data::corpus::read_file(&dir.join(file), &pt_data::ReadOptions::default()).unwrap();
     let docs: Vec<Vec<u32>> = file
         .documents
         .iter()
@@ -56,8 +80,12 @@ pub fn packed(file: &str, block_size: usize) -> pt_data::Blocks {
 
 /// `trajectory.json`: HF + PEFT's six LoRA steps.
 pub fn trajectory() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture().join("trajectory.json")).unwrap())
-        .unwrap()
+    trajectory_of("bloom")
+}
+
+pub fn trajectory_of(family: &str) -> serde_json::Value {
+    let path = fixture_of(family).join("trajectory.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 /// The largest absolute elementwise difference of two tensors.

@@ -5,18 +5,24 @@
 #[path = "../../../tests/support/bloom_tiny.rs"]
 mod bloom_tiny;
 
-use bloom_tiny::{expected, fixture, max_abs_diff, rows, test_device};
+use bloom_tiny::{
+    FAMILIES, expected, expected_of, fixture, fixture_of, max_abs_diff, rows, test_device,
+};
 use candle_core::{DType, Device};
 use pt_model::Model;
 use pt_model::loss::next_token_loss_sum;
 
 fn fixture_model(dtype: DType) -> Model {
-    Model::load(&fixture().join("model"), &test_device(), dtype).unwrap()
+    family_model("bloom", dtype)
+}
+
+fn family_model(family: &str, dtype: DType) -> Model {
+    Model::load(&fixture_of(family).join("model"), &test_device(), dtype).unwrap()
 }
 
 /// The largest logit difference from HF's at the probes' real tokens.
 fn probe_logit_error(model: &Model) -> f32 {
-    let expected = expected();
+    let expected = expected_of(&model.config().model_type);
     let ids = rows(&expected["probe_input_ids"]);
     let mask = rows(&expected["probe_attention_mask"]);
     assert!(
@@ -46,7 +52,7 @@ fn probe_logit_error(model: &Model) -> f32 {
 
 /// Our mean loss over HF's validation blocks, and HF's.
 fn validation_loss(model: &Model) -> (f64, f64) {
-    let expected = expected();
+    let expected = expected_of(&model.config().model_type);
     let blocks = rows(&expected["valid_blocks"]);
     let (mut sum, mut count) = (0f64, 0usize);
     for chunk in blocks.chunks(16) {
@@ -64,16 +70,29 @@ fn validation_loss(model: &Model) -> (f64, f64) {
     (sum / count as f64, hf)
 }
 
+/// Every family's fixture (GQA, RoPE with llama3 scaling, a sliding
+/// window, q/k/v biases, q/k norms, tied and untied heads; sharded bf16
+/// and 4.x-dialect checkpoints).
 #[test]
 fn logits_match_hf_on_left_padded_probes() {
-    let worst = probe_logit_error(&fixture_model(DType::F32));
-    assert!(worst < 1e-4, "largest logit difference at tokens: {worst}");
+    for family in FAMILIES {
+        let worst = probe_logit_error(&family_model(family, DType::F32));
+        assert!(
+            worst < 1e-4,
+            "{family}: largest logit difference at tokens: {worst}"
+        );
+    }
 }
 
 #[test]
 fn validation_loss_matches_hf() {
-    let (ours, hf) = validation_loss(&fixture_model(DType::F32));
-    assert!(((ours - hf) / hf).abs() < 1e-5, "ours {ours}, HF {hf}");
+    for family in FAMILIES {
+        let (ours, hf) = validation_loss(&family_model(family, DType::F32));
+        assert!(
+            ((ours - hf) / hf).abs() < 1e-5,
+            "{family}: ours {ours}, HF {hf}"
+        );
+    }
 }
 
 /// The CUDA path's precision (bf16 base weights and hidden states; f32

@@ -5,7 +5,10 @@
 #[path = "../../../tests/support/bloom_tiny.rs"]
 mod bloom_tiny;
 
-use bloom_tiny::{expected, fixture, max_abs_diff, packed, rows, test_device, trajectory};
+use bloom_tiny::{
+    FAMILIES, expected_of, fixture, fixture_of, max_abs_diff, packed, packed_of, rows, test_device,
+    trajectory_of,
+};
 use candle_core::{DType, Device, Var};
 use pt_data::Blocks;
 use pt_model::Model;
@@ -14,8 +17,8 @@ use pt_train::step::{MicroBatch, accumulate_gradients};
 use pt_train::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_scale, grad_norm};
 
 /// HF's packed validation blocks, through the trainer's own evaluation.
-fn validation_loss(model: &Model) -> f64 {
-    let rows = rows(&expected()["valid_blocks"]);
+fn validation_loss(family: &str, model: &Model) -> f64 {
+    let rows = rows(&expected_of(family)["valid_blocks"]);
     let blocks = Blocks {
         block_size: rows[0].len(),
         input_ids: rows.concat(),
@@ -46,13 +49,23 @@ const F32: Tolerance = Tolerance {
 
 #[test]
 fn lora_training_follows_peft_step_by_step() {
-    follow_peft(DType::F32, false, F32);
+    follow_peft("bloom", DType::F32, false, F32);
 }
 
 /// Recomputing activations in the backward pass changes memory, not numbers.
 #[test]
 fn lora_training_with_gradient_checkpointing_follows_peft() {
-    follow_peft(DType::F32, true, F32);
+    follow_peft("bloom", DType::F32, true, F32);
+}
+
+/// Every other family's six steps, plainly and through checkpointed blocks.
+#[test]
+fn every_family_trains_lora_as_peft_does() {
+    for family in &FAMILIES[1..] {
+        for checkpointing in [false, true] {
+            follow_peft(family, DType::F32, checkpointing, F32);
+        }
+    }
 }
 
 /// The CUDA path's precision on the CPU: bf16 base weights with f32
@@ -67,24 +80,25 @@ fn bf16_lora_training_stays_close_to_peft() {
         grad_norm: 5e-3,
         adapter: 0.015,
     };
-    follow_peft(DType::BF16, true, bf16);
+    follow_peft("bloom", DType::BF16, true, bf16);
 }
 
-fn follow_peft(dtype: DType, gradient_checkpointing: bool, tolerance: Tolerance) {
-    let expected_run = trajectory();
+fn follow_peft(family: &str, dtype: DType, gradient_checkpointing: bool, tolerance: Tolerance) {
+    let expected_run = trajectory_of(family);
     let args = &expected_run["args"];
-    let mut model = Model::load(&fixture().join("model"), &test_device(), dtype).unwrap();
+    let dir = fixture_of(family);
+    let mut model = Model::load(&dir.join("model"), &test_device(), dtype).unwrap();
     // HF's "before" is the base model's loss (it equals expected.safetensors' valid_loss).
-    let before = validation_loss(&model);
+    let before = validation_loss(family, &model);
     assert!(
         close(
             before,
             expected_run["valid_loss_before"].as_f64().unwrap(),
             tolerance.loss / 10.0
         ),
-        "valid loss before {before}"
+        "{family}: valid loss before {before}"
     );
-    model.load_adapter(&fixture().join("lora_init")).unwrap();
+    model.load_adapter(&dir.join("lora_init")).unwrap();
     model.gradient_checkpointing = gradient_checkpointing;
     let named = model.lora_variables();
     let variables: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
@@ -109,7 +123,7 @@ fn follow_peft(dtype: DType, gradient_checkpointing: bool, tolerance: Tolerance)
         args["batch"].as_u64().unwrap() as usize,
         args["accum"].as_u64().unwrap() as usize,
     );
-    let blocks = packed("train.txt", 32);
+    let blocks = packed_of(family, "train.txt", 32);
     assert_eq!(
         blocks.len() as u64,
         expected_run["n_train_blocks"].as_u64().unwrap()
@@ -134,13 +148,13 @@ fn follow_peft(dtype: DType, gradient_checkpointing: bool, tolerance: Tolerance)
         let hf = &expected_run["log"][step];
         assert!(
             close(loss, hf["loss"].as_f64().unwrap(), tolerance.loss),
-            "step {}: loss {loss} vs {}",
+            "{family} step {}: loss {loss} vs {}",
             step + 1,
             hf["loss"]
         );
         assert!(
             close(norm, hf["grad_norm"].as_f64().unwrap(), tolerance.grad_norm),
-            "step {}: grad norm {norm} vs {}",
+            "{family} step {}: grad norm {norm} vs {}",
             step + 1,
             hf["grad_norm"]
         );
@@ -151,17 +165,17 @@ fn follow_peft(dtype: DType, gradient_checkpointing: bool, tolerance: Tolerance)
         );
     }
 
-    let after = validation_loss(&model);
+    let after = validation_loss(family, &model);
     assert!(
         close(
             after,
             expected_run["valid_loss_after"].as_f64().unwrap(),
             tolerance.loss
         ),
-        "valid loss after {after}"
+        "{family}: valid loss after {after}"
     );
     let final_adapter = candle_core::safetensors::load(
-        fixture().join("lora_final/adapter_model.safetensors"),
+        dir.join("lora_final/adapter_model.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
@@ -172,7 +186,7 @@ fn follow_peft(dtype: DType, gradient_checkpointing: bool, tolerance: Tolerance)
     }
     assert!(
         worst < tolerance.adapter,
-        "final adapter differs from PEFT's by up to {worst}"
+        "{family}: final adapter differs from PEFT's by up to {worst}"
     );
 }
 

@@ -1,5 +1,6 @@
-"""Rebuilds the reference numbers of tests/fixtures/bloom-tiny with HF
-transformers + PEFT (f32, CPU), from the fixture's inputs: the model and
+"""Rebuilds the reference numbers of a tiny fixture (tests/fixtures/*-tiny:
+BLOOM, Llama, Mistral, Qwen2, Qwen3) with HF transformers + PEFT (f32, CPU,
+eager attention), from the fixture's inputs: the model and
 tokenizer (model/), the starting adapter (lora_init/), train.txt, valid.txt,
 and the probe batch (probe_input_ids, probe_attention_mask in
 expected.safetensors). Writes into OUT_DIR:
@@ -14,7 +15,7 @@ tests/tools.rs (the_fixture_is_what_transformers_and_peft_compute) runs it and
 compares with the committed fixture, so the
 claim "numerics match HF" is reproducible. Usage:
 
-    python3 tests/python/bloom_tiny_reference.py tests/fixtures/bloom-tiny OUT_DIR
+    python3 tests/python/tiny_reference.py tests/fixtures/bloom-tiny OUT_DIR
 """
 
 import json
@@ -24,7 +25,11 @@ import sys
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, BloomForCausalLM, get_linear_schedule_with_warmup
+from transformers import (
+    AutoModelForCausalLM,
+    PreTrainedTokenizerFast,
+    get_linear_schedule_with_warmup,
+)
 
 BLOCK = 32
 BATCH = 2
@@ -63,11 +68,18 @@ def mean_loss(model, blocks):
 
 
 def main() -> None:
-    fixture, out = sys.argv[1], sys.argv[2]
+    compute(sys.argv[1], sys.argv[2])
+
+
+def compute(fixture: str, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(f"{fixture}/model")
-    model = BloomForCausalLM.from_pretrained(f"{fixture}/model", dtype=torch.float32)
+    # tokenizer.json as it is, as pt-host reads it (AutoTokenizer would
+    # rebuild a qwen2 model's tokenizer with Qwen's own pre-tokenizer).
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(f"{fixture}/model")
+    model = AutoModelForCausalLM.from_pretrained(
+        f"{fixture}/model", dtype=torch.float32, attn_implementation="eager"
+    )
     model.eval()
 
     probe = load_file(f"{fixture}/expected.safetensors")
@@ -80,7 +92,7 @@ def main() -> None:
             "probe_input_ids": ids,
             "probe_attention_mask": mask,
             "probe_logits": logits.contiguous(),
-            "valid_blocks": valid.to(probe["valid_blocks"].dtype),
+            "valid_blocks": valid.to(torch.int64),
             "valid_loss": torch.tensor([mean_loss(model, valid)], dtype=torch.float32),
         },
         f"{out}/expected.safetensors",
