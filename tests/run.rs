@@ -9,8 +9,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use bloom_tiny::fixture;
-use common::{assert_ok, fixture_model, json, words};
+use bloom_tiny::{FAMILIES, fixture, fixture_of};
+use common::{PtHost, assert_ok, fixture_model, json, words};
 
 /// `train/train.txt` and `valid/valid.txt` of the fixture, as corpus dirs.
 fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
@@ -24,11 +24,16 @@ fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
 
 /// `run` on the fixture corpus into `dir/output`, with `extra` flags.
 fn run_args(dir: &Path, output: &str, extra: &[&str]) -> Vec<String> {
+    run_args_of(&fixture_model(), dir, output, extra)
+}
+
+/// [`run_args`] with the model in `model_dir`.
+fn run_args_of(model_dir: &Path, dir: &Path, output: &str, extra: &[&str]) -> Vec<String> {
     let (train, valid) = corpus(dir);
     [
         "run",
         "--model_name_or_path",
-        fixture_model().to_str().unwrap(),
+        model_dir.to_str().unwrap(),
         "--train_file_dir",
         train.to_str().unwrap(),
         "--validation_file_dir",
@@ -102,20 +107,37 @@ fn the_peft_trajectory_is_reproduced_with_gradient_checkpointing() {
     follow_peft(&["--gradient_checkpointing"]);
 }
 
+/// Llama, Mistral, Qwen2 and Qwen3 through `pt-host run` (`--model_type
+/// auto` reading each config.json).
+#[test]
+fn every_family_follows_peft_from_the_command_line() {
+    for family in &FAMILIES[1..] {
+        follow_peft_of(family, &[]);
+    }
+}
+
 fn follow_peft(extra: &[&str]) {
+    follow_peft_of("bloom", extra);
+}
+
+fn follow_peft_of(family: &str, extra: &[&str]) {
     let checkpointing = extra.contains(&"--gradient_checkpointing");
     let dir = tempfile::tempdir().unwrap();
-    let init = fixture().join("lora_init");
-    let output = run(
+    let fixture = fixture_of(family);
+    let init = fixture.join("lora_init");
+    let args = [RECIPE, &["--peft_path", init.to_str().unwrap()], extra].concat();
+    let output = PtHost::new(run_args_of(
+        &fixture.join("model"),
         dir.path(),
         "out",
-        &[RECIPE, &["--peft_path", init.to_str().unwrap()], extra].concat(),
-    );
+        &args,
+    ))
+    .output();
     assert_ok(&output);
     let out = dir.path().join("out");
     let said = String::from_utf8_lossy(&output.stderr).contains("block activations are recomputed");
     assert_eq!(said, checkpointing);
-    let expected = json(&fixture().join("trajectory.json"));
+    let expected = json(&fixture.join("trajectory.json"));
     let state = json(&out.join("trainer_state.json"));
     let train_logs: Vec<&serde_json::Value> = state["log_history"]
         .as_array()
@@ -129,7 +151,7 @@ fn follow_peft(extra: &[&str]) {
             let (a, b) = (ours[key].as_f64().unwrap(), theirs[key].as_f64().unwrap());
             assert!(
                 ((a - b) / b).abs() < 1e-4,
-                "step {}: {key} {a} vs {b}",
+                "{family} step {}: {key} {a} vs {b}",
                 theirs["step"]
             );
         }
@@ -147,19 +169,19 @@ fn follow_peft(extra: &[&str]) {
     );
     assert!(
         ((ours - theirs) / theirs).abs() < 1e-4,
-        "eval_loss {ours} vs {theirs}"
+        "{family}: eval_loss {ours} vs {theirs}"
     );
     assert!((eval["perplexity"].as_f64().unwrap() - ours.exp()).abs() < 1e-9);
     for ((name, ours), (_, theirs)) in adapter(&out)
         .iter()
-        .zip(adapter(&fixture().join("lora_final")))
+        .zip(adapter(&fixture.join("lora_final")))
     {
         let worst = ours
             .iter()
             .zip(&theirs)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(worst < 1e-4, "{name}: {worst}");
+        assert!(worst < 1e-4, "{family} {name}: {worst}");
     }
     let config = json(&out.join("adapter_config.json"));
     assert_eq!(

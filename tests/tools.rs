@@ -729,8 +729,8 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
     }
 }
 
-/// The fixture's reference numbers are reproducible: transformers + PEFT,
-/// run by `tests/python/bloom_tiny_reference.py` from the fixture's inputs,
+/// Every fixture's reference numbers are reproducible: transformers + PEFT,
+/// run by `tests/python/tiny_reference.py` from the fixture's inputs,
 /// recompute the probe logits, the packed validation blocks and their loss,
 /// the six-step LoRA trajectory and the final adapter that the parity tests
 /// compare pt-host with.
@@ -739,10 +739,17 @@ fn the_fixture_is_what_transformers_and_peft_compute() {
     if !common::python_has("the_fixture_is_what_transformers_and_peft_compute") {
         return;
     }
+    for family in bloom_tiny::FAMILIES {
+        recompute_fixture(family);
+    }
+}
+
+fn recompute_fixture(family: &str) {
+    let fixture = || bloom_tiny::fixture_of(family);
     let dir = tempfile::tempdir().unwrap();
-    let rebuilt = dir.path().join("bloom-tiny");
+    let rebuilt = dir.path().join(family);
     let output = Command::new("python3")
-        .arg(common::repo().join("tests/python/bloom_tiny_reference.py"))
+        .arg(common::repo().join("tests/python/tiny_reference.py"))
         .args([fixture(), rebuilt.clone()])
         .output()
         .unwrap();
@@ -761,7 +768,7 @@ fn the_fixture_is_what_transformers_and_peft_compute() {
             let difference = bloom_tiny::max_abs_diff(&as_f32(tensor), &as_f32(&again[name]));
             assert!(
                 difference <= tolerance,
-                "{file}: {name} differs by {difference}"
+                "{family} {file}: {name} differs by {difference}"
             );
         }
     }

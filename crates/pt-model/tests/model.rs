@@ -187,8 +187,8 @@ fn adapters_that_target_nothing_or_miss_weights_are_refused() {
 type Batch = (Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Vec<i64>>);
 
 /// Two validation blocks with a full attention mask.
-fn two_blocks() -> Batch {
-    let batch = rows(&expected()["valid_blocks"])[..2].to_vec();
+fn two_blocks(family: &str) -> Batch {
+    let batch = rows(&expected_of(family)["valid_blocks"])[..2].to_vec();
     let mask = batch.iter().map(|r| vec![1; r.len()]).collect();
     let labels = batch
         .iter()
@@ -197,29 +197,65 @@ fn two_blocks() -> Batch {
     (batch, mask, labels)
 }
 
+/// The weight names of a fixture's checkpoint (one file or shards), as
+/// pt-host names them (BLOOM's with the `transformer.` prefix).
+fn checkpoint_names(family: &str) -> std::collections::BTreeSet<String> {
+    let dir = fixture_of(family).join("model");
+    let index = dir.join("model.safetensors.index.json");
+    let names: Vec<String> = if index.is_file() {
+        let index: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(index).unwrap()).unwrap();
+        index["weight_map"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    } else {
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_keys()
+            .collect()
+    };
+    names
+        .into_iter()
+        .map(|n| match family {
+            "bloom" if !n.starts_with("transformer.") => format!("transformer.{n}"),
+            _ => n,
+        })
+        .collect()
+}
+
 /// The training path (chunked loss, trainable linear layers) gives every
-/// base weight of a fully fine-tuned model a gradient.
+/// base weight of a fully fine-tuned model of every family a gradient.
 #[test]
 fn full_fine_tuning_gives_every_weight_a_gradient() {
-    let mut model = fixture_model(DType::F32);
-    let trainable = model.make_base_trainable().unwrap();
-    let (batch, mask, labels) = two_blocks();
-    let grads = model
-        .loss_sum(&batch, &mask, &labels)
-        .unwrap()
-        .0
-        .backward()
-        .unwrap();
-    assert_eq!(trainable.len(), 3 + 12 * 2 + 2);
-    for (name, var) in trainable {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let largest = g.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-        assert!(
-            largest.to_scalar::<f32>().unwrap() > 0.0,
-            "{name}: zero gradient"
+    for family in FAMILIES {
+        let mut model = family_model(family, DType::F32);
+        let trainable = model.make_base_trainable().unwrap();
+        let (batch, mask, labels) = two_blocks(family);
+        let grads = model
+            .loss_sum(&batch, &mask, &labels)
+            .unwrap()
+            .0
+            .backward()
+            .unwrap();
+        let names = trainable.iter().map(|(name, _)| name.clone()).collect();
+        assert_eq!(
+            checkpoint_names(family),
+            names,
+            "{family}: every weight trains"
         );
+        for (name, var) in trainable {
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{family} {name}: no gradient"));
+            let largest = g.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            assert!(
+                largest.to_scalar::<f32>().unwrap() > 0.0,
+                "{family} {name}: zero gradient"
+            );
+        }
     }
 }
 
@@ -228,14 +264,18 @@ fn full_fine_tuning_gives_every_weight_a_gradient() {
 /// gradients).
 #[test]
 fn only_adapter_weights_get_gradients() {
-    for dtype in [DType::F32, DType::BF16] {
-        assert_only_adapters_get_gradients(fixture_model(dtype));
+    for family in FAMILIES {
+        for dtype in [DType::F32, DType::BF16] {
+            assert_only_adapters_get_gradients(family, family_model(family, dtype));
+        }
     }
 }
 
-fn assert_only_adapters_get_gradients(mut model: Model) {
-    model.load_adapter(&fixture().join("lora_init")).unwrap();
-    let (batch, mask, labels) = two_blocks();
+fn assert_only_adapters_get_gradients(family: &str, mut model: Model) {
+    model
+        .load_adapter(&fixture_of(family).join("lora_init"))
+        .unwrap();
+    let (batch, mask, labels) = two_blocks(family);
     let batch = &batch[..];
     // The training path (chunked loss, fused ops) computes what the plain
     // forward pass and loss compute.
@@ -265,7 +305,7 @@ fn assert_only_adapters_get_gradients(mut model: Model) {
         );
     }
     let frozen = model.base_tensors_mut();
-    assert_eq!(frozen.len(), 3 + 2 * 12 + 2);
+    assert_eq!(frozen.len(), checkpoint_names(family).len());
     let matrices_with_gradients = frozen
         .iter()
         .map(|(_, t)| &**t)
@@ -339,7 +379,12 @@ fn id_rows(value: &serde_json::Value) -> Vec<Vec<u32>> {
 /// forward pass gives at each position, padding included.
 #[test]
 fn cached_decoding_matches_the_full_forward_pass() {
-    let model = fixture_model(DType::F32);
+    for family in FAMILIES {
+        cached_decoding_matches(&family_model(family, DType::F32));
+    }
+}
+
+fn cached_decoding_matches(model: &Model) {
     let prompts = id_rows(&generation_reference()["prompt_ids"]);
     let width = prompts.iter().map(Vec::len).max().unwrap();
     let ids: Vec<Vec<u32>> = prompts
@@ -365,7 +410,11 @@ fn cached_decoding_matches_the_full_forward_pass() {
     for position in width..width + 3 {
         let expected = full.narrow(1, position - 1, 1).unwrap().squeeze(1).unwrap();
         let diff = max_abs_diff(&logits, &expected);
-        assert!(diff < 1e-4, "position {position}: {diff}");
+        assert!(
+            diff < 1e-4,
+            "{}: position {position}: {diff}",
+            model.config().model_type
+        );
         logits = model
             .forward_cached(
                 &prefix(&ids, position..position + 1),
