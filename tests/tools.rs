@@ -124,6 +124,43 @@ fn the_merged_adapter_gives_hf_loss_after_training() {
     );
 }
 
+/// Every other family's `lora_final` merged: pt-host and transformers
+/// evaluate it to PEFT's loss with the adapter unmerged. Qwen2's is written
+/// in shards with an index (`--max_shard_size`), which transformers reads.
+#[test]
+fn every_family_merges_into_a_model_transformers_loads() {
+    let with_python = common::python_has("every family's merge in transformers");
+    for family in &bloom_tiny::FAMILIES[1..] {
+        let dir = tempfile::tempdir().unwrap();
+        let (fixture, merged) = (bloom_tiny::fixture_of(family), dir.path().join("merged"));
+        let (model, adapter) = (fixture.join("model"), fixture.join("lora_final"));
+        let shard_size = if *family == "qwen2" { "200KB" } else { "5GB" };
+        PtHost::new(["merge", "--model_name_or_path", arg(&model)])
+            .args(["--peft_path", arg(&adapter), "--output_dir", arg(&merged)])
+            .args(["--dtype", "float32", "--max_shard_size", shard_size])
+            .succeeds();
+        let sharded = merged.join("model.safetensors.index.json").is_file();
+        assert_eq!(sharded, *family == "qwen2", "{family}");
+        let expected = bloom_tiny::trajectory_of(family)["valid_loss_after"]
+            .as_f64()
+            .unwrap();
+        let ours = eval(dir.path(), &merged, None)["eval_loss"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            ((ours - expected) / expected).abs() < 1e-5,
+            "{family}: pt-host {ours}, PEFT {expected}"
+        );
+        if with_python {
+            let theirs = common::hf_eval_loss(&merged, None);
+            assert!(
+                ((theirs - expected) / expected).abs() < 1e-5,
+                "{family}: transformers {theirs}, PEFT {expected}"
+            );
+        }
+    }
+}
+
 /// `pt-host generate` prints HF's greedy continuation of each prompt.
 #[test]
 fn generate_prints_hf_greedy_continuations() {

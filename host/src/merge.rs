@@ -23,6 +23,10 @@ pub struct MergeArgs {
     /// Storage dtype of the merged weights (auto: the base model's config dtype, else float32).
     #[arg(long = "dtype", value_enum, default_value = "auto")]
     pub dtype: DtypeArg,
+    /// Larger weights are written in shards of at most this size with
+    /// model.safetensors.index.json, as save_pretrained does (5GB, 500MiB, …).
+    #[arg(long = "max_shard_size", default_value = "5GB", value_parser = pt_model::hf_dir::parse_shard_size)]
+    pub max_shard_size: u64,
 }
 
 pub fn run(args: MergeArgs) -> Result<()> {
@@ -47,7 +51,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
     let mut model = Model::load(&model_dir, &Device::Cpu, DType::F32)?;
     let adapter = model.load_adapter(&args.peft_path)?;
     let merged = model.merge_adapters()?;
-    model.save_model(&args.output_dir, &model_dir, dtype)?;
+    model.save_model(&args.output_dir, &model_dir, dtype, args.max_shard_size)?;
     println!(
         "merged {} (r {}, alpha {}) into {merged} layers of {}: {} ({dtype:?})",
         args.peft_path.display(),

@@ -11,12 +11,14 @@ import sys
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
-from transformers import BloomForCausalLM
+from transformers import AutoModelForCausalLM
 
 
 def main() -> None:
     model_dir, expected = sys.argv[1:3]
-    model = BloomForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32, attn_implementation="eager"
+    )
     if len(sys.argv) > 3:
         model = PeftModel.from_pretrained(model, sys.argv[3])
     model.eval()

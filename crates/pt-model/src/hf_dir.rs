@@ -98,6 +98,83 @@ impl Weights {
     }
 }
 
+/// transformers' default `max_shard_size` ("5GB").
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// `tensors` in `dtype` as `model.safetensors`, or, above `max_shard_bytes`,
+/// as `model-0000i-of-0000n.safetensors` shards in checkpoint order with
+/// `model.safetensors.index.json`, as `save_pretrained` writes them.
+fn save_weights(
+    dir: &Path,
+    tensors: Vec<(String, &Tensor)>,
+    dtype: DType,
+    max_shard_bytes: u64,
+) -> Result<()> {
+    let mut shards: Vec<Vec<(String, Tensor)>> = vec![Vec::new()];
+    let (mut shard_bytes, mut total_bytes) = (0u64, 0u64);
+    for (name, tensor) in tensors {
+        let tensor = tensor.detach().to_dtype(dtype)?;
+        let bytes = (tensor.elem_count() * dtype.size_in_bytes()) as u64;
+        let current = shards.last().expect("a shard");
+        if !current.is_empty() && shard_bytes + bytes > max_shard_bytes {
+            shards.push(Vec::new());
+            shard_bytes = 0;
+        }
+        shard_bytes += bytes;
+        total_bytes += bytes;
+        shards.last_mut().expect("a shard").push((name, tensor));
+    }
+    let write = |file: &str, shard: Vec<(String, Tensor)>| -> Result<()> {
+        let path = dir.join(file);
+        let map: HashMap<String, Tensor> = shard.into_iter().collect();
+        candle_core::safetensors::save(&map, &path)
+            .with_context(|| format!("{}: cannot write", path.display()))
+    };
+    if shards.len() == 1 {
+        return write("model.safetensors", shards.pop().expect("one shard"));
+    }
+    let count = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (index, shard) in shards.into_iter().enumerate() {
+        let file = format!("model-{:05}-of-{count:05}.safetensors", index + 1);
+        for (name, _) in &shard {
+            weight_map.insert(name.clone(), file.clone().into());
+        }
+        write(&file, shard)?;
+    }
+    let index = serde_json::json!({
+        "metadata": { "total_size": total_bytes },
+        "weight_map": weight_map,
+    });
+    let path = dir.join("model.safetensors.index.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&index)?)
+        .with_context(|| format!("{}: cannot write", path.display()))
+}
+
+/// `save_pretrained`'s `max_shard_size`: `5GB` (10⁹ bytes), `500MiB` (2³⁰),
+/// `200KB`, or a number of bytes.
+pub fn parse_shard_size(text: &str) -> Result<u64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .with_context(|| format!("`{text}` is not a size like 5GB or 500MiB"))?;
+    let scale = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024f64.powi(2),
+        "GIB" => 1024f64.powi(3),
+        _ => bail!("`{text}` is not a size like 5GB or 500MiB"),
+    };
+    Ok((number * scale) as u64)
+}
+
 /// The shard files an index names, each once, in the index's order.
 fn shard_files(index: &Path) -> Result<Vec<std::path::PathBuf>> {
     let text = std::fs::read_to_string(index)
@@ -155,15 +232,10 @@ pub(crate) fn save_model(
     tensors: Vec<(String, &Tensor)>,
     source: &Path,
     dtype: DType,
+    max_shard_bytes: u64,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
-    let tensors = tensors
-        .into_iter()
-        .map(|(name, t)| Ok((name, t.detach().to_dtype(dtype)?)))
-        .collect::<Result<HashMap<String, Tensor>>>()?;
-    let path = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &path)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
+    save_weights(dir, tensors, dtype, max_shard_bytes)?;
     let config_path = source.join("config.json");
     let mut config: serde_json::Value = serde_json::from_slice(
         &std::fs::read(&config_path)

@@ -251,14 +251,21 @@ impl Model {
             .collect()
     }
 
-    /// Writes the base weights as an HF model directory in `dtype`, with
-    /// `source`'s config (dtype updated), generation config and tokenizer files.
-    pub fn save_model(&mut self, dir: &Path, source: &Path, dtype: DType) -> Result<()> {
+    /// Writes the base weights as an HF model directory in `dtype` (sharded
+    /// above `max_shard_bytes`), with `source`'s config (dtype updated),
+    /// generation config and tokenizer files.
+    pub fn save_model(
+        &mut self,
+        dir: &Path,
+        source: &Path,
+        dtype: DType,
+        max_shard_bytes: u64,
+    ) -> Result<()> {
         let tensors = self
             .base_tensors_mut()
             .into_iter()
             .map(|(name, t)| (name, &*t))
             .collect();
-        hf_dir::save_model(dir, tensors, source, dtype)
+        hf_dir::save_model(dir, tensors, source, dtype, max_shard_bytes)
     }
 }

@@ -23,7 +23,12 @@ impl Trainer<'_> {
             Trainable::Adapter(config) => self.model.save_adapter(dir, config, &self.base_model),
             Trainable::Full { source } => {
                 let dtype = self.model.dtype();
-                self.model.save_model(dir, source, dtype)
+                self.model.save_model(
+                    dir,
+                    source,
+                    dtype,
+                    pt_model::hf_dir::DEFAULT_MAX_SHARD_BYTES,
+                )
             }
         }
     }
