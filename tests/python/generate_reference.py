@@ -1,24 +1,28 @@
-"""Writes tests/fixtures/bloom-tiny/generate.json: what HF transformers'
-`generate` produces on the fixture for a left-padded batch of prompts —
-greedy, and greedy with a repetition penalty. pt-host's generation is tested
-against it (crates/pt-model/tests/model.rs). Run from the repository root:
+"""Writes FIXTURE/generate.json: what HF transformers' `generate` produces
+on a tiny fixture for a left-padded batch of prompts — greedy, and greedy
+with a repetition penalty. pt-host's generation is tested against it
+(crates/pt-model/tests/model.rs). Run from the repository root:
 
-    python3 tests/python/generate_reference.py
+    python3 tests/python/generate_reference.py tests/fixtures/bloom-tiny
 """
 
 import json
+import sys
 
 import torch
 import transformers
-from transformers import AutoTokenizer, BloomForCausalLM
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-FIXTURE = "tests/fixtures/bloom-tiny"
 PROMPTS = ["发热是", "The history of", "传染病的流行过程"]
 
 
 def main() -> None:
-    tokenizer = AutoTokenizer.from_pretrained(f"{FIXTURE}/model", padding_side="left")
-    model = BloomForCausalLM.from_pretrained(f"{FIXTURE}/model", dtype=torch.float32)
+    fixture = sys.argv[1]
+    # tokenizer.json as it is, as pt-host reads it.
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(f"{fixture}/model", padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(
+        f"{fixture}/model", dtype=torch.float32, attn_implementation="eager"
+    )
     model.eval()
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, add_special_tokens=False)
     cases = []
@@ -42,7 +46,7 @@ def main() -> None:
         "prompt_ids": prompts,
         "cases": cases,
     }
-    with open(f"{FIXTURE}/generate.json", "w") as f:
+    with open(f"{fixture}/generate.json", "w") as f:
         json.dump(result, f, indent=1, ensure_ascii=False)
 
 

@@ -367,8 +367,12 @@ fn legacy_keys_and_half_precision_checkpoints_load() {
 }
 
 fn generation_reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture().join("generate.json")).unwrap())
-        .unwrap()
+    generation_reference_of("bloom")
+}
+
+fn generation_reference_of(family: &str) -> serde_json::Value {
+    let path = fixture_of(family).join("generate.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
 fn id_rows(value: &serde_json::Value) -> Vec<Vec<u32>> {
@@ -429,8 +433,14 @@ fn cached_decoding_matches(model: &Model) {
 /// penalty, produces HF `generate`'s tokens (tests/python/generate_reference.py).
 #[test]
 fn greedy_generation_equals_hf() {
-    let model = fixture_model(DType::F32);
-    let reference = generation_reference();
+    for family in FAMILIES {
+        greedy_generation_equals_hf_on(family);
+    }
+}
+
+fn greedy_generation_equals_hf_on(family: &str) {
+    let model = family_model(family, DType::F32);
+    let reference = generation_reference_of(family);
     let prompts = id_rows(&reference["prompt_ids"]);
     for case in reference["cases"].as_array().unwrap() {
         let config = pt_model::generate::GenerationConfig {
@@ -460,7 +470,7 @@ fn greedy_generation_equals_hf() {
             .collect();
         assert_eq!(
             ours, hf,
-            "repetition penalty {}",
+            "{family}: repetition penalty {}",
             case["repetition_penalty"]
         );
         assert_eq!(streamed, ours, "every token is streamed as it is chosen");
