@@ -24,7 +24,10 @@ pub const MODEL_FILES: [&str; 6] = [
     "tokenizer_config.json",
     "special_tokens_map.json",
 ];
-const REQUIRED: usize = 3;
+/// The files every model needs besides its weights.
+const REQUIRED: [&str; 2] = ["config.json", "tokenizer.json"];
+/// A sharded checkpoint's index: its `weight_map` names the shards.
+pub const WEIGHT_INDEX: &str = "model.safetensors.index.json";
 
 /// Attempts per file: a dropped connection resumes where it stopped.
 const ATTEMPTS: usize = 4;
@@ -179,10 +182,17 @@ pub fn fetch_model(
             None => return Err(error),
         },
     };
-    let missing: Vec<&str> = MODEL_FILES[..REQUIRED]
-        .iter()
-        .copied()
-        .filter(|f| !listing.files.iter().any(|r| r.path == *f))
+    let listed = |path: &str| listing.files.iter().find(|f| f.path == path);
+    let single = listed("model.safetensors").is_some();
+    let weights = if single {
+        "model.safetensors"
+    } else {
+        WEIGHT_INDEX
+    };
+    let missing: Vec<&str> = REQUIRED
+        .into_iter()
+        .chain([weights])
+        .filter(|f| listed(f).is_none())
         .collect();
     if !missing.is_empty() {
         let present: Vec<&str> = listing
@@ -191,33 +201,58 @@ pub fn fetch_model(
             .map(|f| f.path.as_str())
             .take(20)
             .collect();
+        let bin_only = listed("pytorch_model.bin").is_some() && !single;
         bail!(
-            "{repo_id} has no {} (it has: {}): pt-host reads single-file safetensors checkpoints with a tokenizer.json",
+            "{repo_id} has no {} (it has: {}): pt-host reads safetensors checkpoints (one file, or shards with \
+             {WEIGHT_INDEX}) with a tokenizer.json{}",
             missing.join(", "),
-            present.join(", ")
+            present.join(", "),
+            if bin_only {
+                "; convert pytorch_model.bin with transformers' save_pretrained(..., safe_serialization=True)"
+            } else {
+                ""
+            }
         );
     }
     let snapshot = repo_dir.join("snapshots").join(&listing.commit);
     fs::create_dir_all(&snapshot)
         .with_context(|| format!("{}: cannot create", snapshot.display()))?;
-    for file in listing
-        .files
-        .iter()
-        .filter(|f| MODEL_FILES.contains(&f.path.as_str()))
-    {
+    let fetch = |file: &RemoteFile| -> Result<()> {
         let destination = snapshot.join(&file.path);
         let complete =
             fs::metadata(&destination).is_ok_and(|m| file.size.is_none_or(|size| m.len() == size));
-        if !complete {
-            download(
-                &agent,
-                repo_id,
-                &listing.commit,
-                file,
-                &destination,
-                options,
-                progress,
-            )?;
+        if complete {
+            return Ok(());
+        }
+        download(
+            &agent,
+            repo_id,
+            &listing.commit,
+            file,
+            &destination,
+            options,
+            progress,
+        )
+    };
+    // The index first: it names the shards, each then fetched (and verified) in turn.
+    let mut wanted: Vec<&RemoteFile> = listing
+        .files
+        .iter()
+        .filter(|f| {
+            f.path == weights
+                || (MODEL_FILES.contains(&f.path.as_str()) && !f.path.ends_with(".safetensors"))
+        })
+        .collect();
+    wanted.sort_by_key(|f| f.path != weights);
+    for file in wanted {
+        fetch(file)?;
+    }
+    if !single {
+        for shard in shard_names(&snapshot.join(WEIGHT_INDEX))? {
+            let file = listed(&shard).with_context(|| {
+                format!("{repo_id}: {WEIGHT_INDEX} names {shard}, which the hub does not list")
+            })?;
+            fetch(file)?;
         }
     }
     let refs = repo_dir.join("refs");
@@ -227,14 +262,43 @@ pub fn fetch_model(
     Ok(snapshot)
 }
 
-/// The cached snapshot of `revision`, when it holds the required files.
+/// The cached snapshot of `revision`, when it holds the required files and
+/// every weight file.
 fn cached_snapshot(repo_dir: &Path, revision: &str) -> Option<PathBuf> {
     let commit = fs::read_to_string(repo_dir.join("refs").join(revision)).ok()?;
     let snapshot = repo_dir.join("snapshots").join(commit.trim());
-    MODEL_FILES[..REQUIRED]
-        .iter()
-        .all(|f| snapshot.join(f).is_file())
-        .then_some(snapshot)
+    let weights = match snapshot.join("model.safetensors").is_file() {
+        true => vec!["model.safetensors".to_string()],
+        false => shard_names(&snapshot.join(WEIGHT_INDEX)).ok()?,
+    };
+    (REQUIRED.iter().all(|f| snapshot.join(f).is_file())
+        && weights.iter().all(|f| snapshot.join(f).is_file()))
+    .then_some(snapshot)
+}
+
+/// The shard files a safetensors index names, each once: plain file names
+/// in the same directory (a name with a path is refused).
+fn shard_names(index: &Path) -> Result<Vec<String>> {
+    let text =
+        fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
+    let parsed: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not a safetensors index", index.display()))?;
+    let map = parsed["weight_map"]
+        .as_object()
+        .with_context(|| format!("{}: no weight_map", index.display()))?;
+    let mut names: Vec<String> = Vec::new();
+    for shard in map.values() {
+        let name = shard
+            .as_str()
+            .filter(|n| {
+                n.ends_with(".safetensors") && !n.contains(['/', '\\']) && !n.starts_with('.')
+            })
+            .with_context(|| format!("{}: bad shard name {shard}", index.display()))?;
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+        }
+    }
+    Ok(names)
 }
 
 fn agent() -> ureq::Agent {

@@ -275,3 +275,62 @@ fn unknown_models_and_unsupported_checkpoints_are_named() {
         "{error}"
     );
 }
+
+/// A sharded checkpoint (Qwen2's fixture: bf16 in two shards): the index
+/// first, then every shard it names, each verified; a dropped shard
+/// resumes; the cached copy counts only with every shard present.
+#[test]
+fn sharded_checkpoints_download_index_then_shards() {
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/qwen2-tiny/model");
+    let hub = FakeHub::start("Qwen/qwen2-tiny", &model);
+    let shards = [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ];
+    hub.state
+        .lock()
+        .unwrap()
+        .drop_once
+        .insert(shards[1].to_string());
+    let cache = tempfile::tempdir().unwrap();
+    let progress = Recorded::default();
+    let options = options(Hub::HuggingFace, &hub.url, cache.path());
+    let dir = fetch_model("Qwen/qwen2-tiny", &options, &progress).unwrap();
+    for file in [
+        "model.safetensors.index.json",
+        shards[0],
+        shards[1],
+        "config.json",
+        "tokenizer.json",
+    ] {
+        assert_eq!(
+            std::fs::read(dir.join(file)).unwrap(),
+            std::fs::read(model.join(file)).unwrap(),
+            "{file}"
+        );
+    }
+    let finished = progress.finished.borrow();
+    let at = |file: &str| finished.iter().position(|f| f == file).unwrap();
+    assert!(at("model.safetensors.index.json") < at(shards[0]));
+    assert!(
+        progress.resumed_at.borrow().iter().any(|&r| r > 0),
+        "the dropped shard resumed"
+    );
+    // A shard lost from the cache: offline, the snapshot no longer counts.
+    std::fs::remove_file(dir.join(shards[1])).unwrap();
+    let offline = HubOptions {
+        offline: true,
+        ..options.clone()
+    };
+    assert!(fetch_model("Qwen/qwen2-tiny", &offline, &Recorded::default()).is_err());
+    // Online, only the missing shard is fetched again.
+    let before = hub.downloads().len();
+    fetch_model("Qwen/qwen2-tiny", &options, &Recorded::default()).unwrap();
+    let again: Vec<String> = hub.downloads()[before..]
+        .iter()
+        .map(|(t, _)| t.clone())
+        .collect();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert!(again[0].ends_with(shards[1]), "{again:?}");
+}
