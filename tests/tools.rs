@@ -161,6 +161,58 @@ fn every_family_merges_into_a_model_transformers_loads() {
     }
 }
 
+/// `init-model --arch` builds a model of each family that transformers
+/// loads (its loss on the fixture's blocks near ln(vocab), as a random
+/// model's is) and that `run` trains with `--target_modules all`.
+#[test]
+fn init_model_builds_every_family() {
+    let with_python = common::python_has("init-model's families in transformers");
+    let dir = tempfile::tempdir().unwrap();
+    let train = fixture().join("train.txt");
+    for arch in ["llama", "mistral", "qwen2", "qwen3"] {
+        let model = dir.path().join(arch);
+        let output = PtHost::new(["init-model", "--arch", arch, "--vocab_size", "2100"])
+            .args(["--train_file_dir", arg(&train), "--output_dir", arg(&model)])
+            .succeeds();
+        assert!(String::from_utf8_lossy(&output.stdout).contains("with 4 layers"));
+        assert_eq!(json(&model.join("config.json"))["model_type"], arch);
+        if with_python {
+            let loss = common::hf_eval_loss(&model, None);
+            let uniform = (json(&model.join("config.json"))["vocab_size"]
+                .as_f64()
+                .unwrap())
+            .ln();
+            assert!(
+                (loss - uniform).abs() < 0.1,
+                "{arch}: loss {loss}, ln V {uniform}"
+            );
+        }
+        let out = dir.path().join(format!("{arch}-out"));
+        PtHost::new(["run", "--model_name_or_path", arg(&model), "--do_train"])
+            .args(["--train_file_dir", arg(&train), "--output_dir", arg(&out)])
+            .args([
+                "--cache_dir",
+                arg(&dir.path().join("cache")),
+                "--block_size",
+                "32",
+            ])
+            .args([
+                "--max_steps",
+                "2",
+                "--target_modules",
+                "all",
+                "--disable_tqdm",
+            ])
+            .succeeds();
+        let adapter = json(&out.join("adapter_config.json"));
+        assert_eq!(
+            adapter["target_modules"].as_array().unwrap().len(),
+            7,
+            "{arch}"
+        );
+    }
+}
+
 /// `pt-host generate` prints HF's greedy continuation of each prompt.
 #[test]
 fn generate_prints_hf_greedy_continuations() {

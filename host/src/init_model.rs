@@ -1,6 +1,6 @@
-//! `pt-host init-model`: a small BLOOM built here, so the quick start needs
-//! no download: a byte-level BPE tokenizer trained on the corpus and random
-//! weights initialised as HF initialises them.
+//! `pt-host init-model`: a small model of any family built here, so the
+//! quick start needs no download: a byte-level BPE tokenizer trained on the
+//! corpus and random weights initialised as HF initialises them.
 
 use std::path::PathBuf;
 
@@ -17,10 +17,26 @@ pub enum Preset {
     Small,
 }
 
+/// The architecture of the model built.
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+pub enum Arch {
+    Bloom,
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
 #[derive(clap::Args, Debug)]
 pub struct InitModelArgs {
     #[arg(long = "preset", value_enum, default_value = "tiny")]
     pub preset: Preset,
+    /// The family: BLOOM (ALiBi, LayerNorm, GELU) or a Llama-family model
+    /// (RoPE, RMSNorm, SwiGLU; grouped-query attention with half as many
+    /// KV heads; Qwen2 with q/k/v biases, Qwen3 with q/k norms; Qwen tied
+    /// heads, Llama and Mistral untied).
+    #[arg(long = "arch", value_enum, default_value = "bloom")]
+    pub arch: Arch,
     /// Corpus the tokenizer is trained on (.txt/.json/.jsonl, dir or file).
     #[arg(long = "train_file_dir", value_name = "DIR|FILE")]
     pub train_file_dir: PathBuf,
@@ -58,26 +74,93 @@ pub fn run(args: InitModelArgs) -> Result<()> {
     }
     let vocab_size = args.vocab_size.unwrap_or(default_vocab);
     let tokenizer = tokenize::train_tokenizer(&documents, vocab_size, &args.output_dir)?;
-    let config = Config {
-        hidden_size,
-        n_head,
-        n_layer,
-        // A small corpus may yield fewer merges than asked for.
-        vocab_size: tokenizer.vocab_size(),
-        layer_norm_epsilon: 1e-5,
-        apply_residual_connection_post_layernorm: false,
-        model_type: Some("bloom".into()),
+    // A small corpus may yield fewer merges than asked for.
+    let vocab_size = tokenizer.vocab_size();
+    let (weights, hf_config) = match args.arch {
+        Arch::Bloom => {
+            let config = Config {
+                hidden_size,
+                n_head,
+                n_layer,
+                vocab_size,
+                layer_norm_epsilon: 1e-5,
+                apply_residual_connection_post_layernorm: false,
+                model_type: Some("bloom".into()),
+            };
+            pt_model::init::write_random_model(&args.output_dir, &config, 0.02, args.seed)?;
+            (pt_model::init::bloom_weights(&config), None)
+        }
+        arch => {
+            let hf_config = llama_family_config(arch, hidden_size, n_layer, n_head, vocab_size);
+            let config: pt_model::llama::Config = serde_json::from_value(hf_config.clone())?;
+            (pt_model::init::llama_weights(&config), Some(hf_config))
+        }
     };
-    pt_model::init::write_random_model(&args.output_dir, &config, 0.02, args.seed)?;
-    let parameters = config.vocab_size * hidden_size
-        + n_layer * (12 * hidden_size * hidden_size + 13 * hidden_size)
-        + 4 * hidden_size;
+    if let Some(hf_config) = hf_config {
+        pt_model::init::write_random_weights(
+            &args.output_dir,
+            &weights,
+            hf_config,
+            0.02,
+            args.seed,
+        )?;
+    }
+    let parameters: usize = weights
+        .iter()
+        .map(|(_, shape, _)| shape.iter().product::<usize>())
+        .sum();
     println!(
-        "{}: BLOOM with {n_layer} layers, hidden {hidden_size}, {n_head} heads, {} tokens ({} documents from {} files), {parameters} parameters",
+        "{}: {} with {n_layer} layers, hidden {hidden_size}, {n_head} heads, {vocab_size} tokens ({} documents from {} files), {parameters} parameters",
         args.output_dir.display(),
-        config.vocab_size,
+        arch_name(args.arch),
         documents.len(),
         files.len()
     );
     Ok(())
+}
+
+fn arch_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Bloom => "BLOOM",
+        Arch::Llama => "Llama",
+        Arch::Mistral => "Mistral",
+        Arch::Qwen2 => "Qwen2",
+        Arch::Qwen3 => "Qwen3",
+    }
+}
+
+/// `config.json` of a small Llama-family model, in transformers 5's dialect.
+fn llama_family_config(
+    arch: Arch,
+    hidden_size: usize,
+    n_layer: usize,
+    n_head: usize,
+    vocab_size: usize,
+) -> serde_json::Value {
+    let (model_type, architecture, tied, theta) = match arch {
+        Arch::Llama => ("llama", "LlamaForCausalLM", false, 500_000.0),
+        Arch::Mistral => ("mistral", "MistralForCausalLM", false, 1_000_000.0),
+        Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM", true, 1_000_000.0),
+        Arch::Qwen3 | Arch::Bloom => ("qwen3", "Qwen3ForCausalLM", true, 1_000_000.0),
+    };
+    serde_json::json!({
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": 3 * hidden_size,
+        "num_hidden_layers": n_layer,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_head / 2,
+        "head_dim": hidden_size / n_head,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096,
+        "rope_parameters": { "rope_type": "default", "rope_theta": theta },
+        "tie_word_embeddings": tied,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "sliding_window": null,
+        "use_sliding_window": false,
+    })
 }

@@ -1,6 +1,6 @@
-//! A fresh BLOOM checkpoint with random weights, initialised as HF's
-//! `BloomPreTrainedModel._init_weights` does: embedding and linear weights
-//! ~ N(0, initializer_range²), biases 0, LayerNorm weight 1 and bias 0.
+//! Fresh checkpoints with random weights, initialised as HF's
+//! `_init_weights` does for every family: embedding and linear weights
+//! ~ N(0, initializer_range²), biases 0, norm weights 1 (LayerNorm biases 0).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -16,11 +16,121 @@ use crate::bloom::Config;
 /// Values per parallel task of the initialisation.
 const INIT_TASK: usize = 1 << 16;
 
-/// Writes `config.json`, `generation_config.json` and `model.safetensors`
-/// (HF key names, tied LM head) for `config` into `dir`.
-pub fn write_random_model(
+/// How a weight starts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Normal,
+    Ones,
+    Zeros,
+}
+
+/// A weight to write: HF name, shape, initialisation.
+pub type WeightSpec = (String, Vec<usize>, Init);
+
+/// BLOOM's weights in checkpoint order (tied LM head).
+pub fn bloom_weights(config: &Config) -> Vec<WeightSpec> {
+    let h = config.hidden_size;
+    let mut weights = vec![(
+        "transformer.word_embeddings.weight".to_string(),
+        vec![config.vocab_size, h],
+        Init::Normal,
+    )];
+    let norm = |weights: &mut Vec<WeightSpec>, name: &str| {
+        weights.push((format!("transformer.{name}.weight"), vec![h], Init::Ones));
+        weights.push((format!("transformer.{name}.bias"), vec![h], Init::Zeros));
+    };
+    norm(&mut weights, "word_embeddings_layernorm");
+    norm(&mut weights, "ln_f");
+    for i in 0..config.n_layer {
+        norm(&mut weights, &format!("h.{i}.input_layernorm"));
+        norm(&mut weights, &format!("h.{i}.post_attention_layernorm"));
+        for (name, input, output) in [
+            ("self_attention.query_key_value", h, 3 * h),
+            ("self_attention.dense", h, h),
+            ("mlp.dense_h_to_4h", h, 4 * h),
+            ("mlp.dense_4h_to_h", 4 * h, h),
+        ] {
+            let p = format!("transformer.h.{i}.{name}");
+            weights.push((format!("{p}.weight"), vec![output, input], Init::Normal));
+            weights.push((format!("{p}.bias"), vec![output], Init::Zeros));
+        }
+    }
+    weights
+}
+
+/// A Llama-family model's weights in checkpoint order.
+pub fn llama_weights(config: &crate::llama::Config) -> Vec<WeightSpec> {
+    let (h, d, inter) = (
+        config.hidden_size,
+        config.head_dim(),
+        config.intermediate_size,
+    );
+    let (heads, kv) = (config.num_attention_heads, config.kv_heads());
+    let qwen2 = config.model_type == "qwen2";
+    let mut weights = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![config.vocab_size, h],
+        Init::Normal,
+    )];
+    for i in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        let mut push = |name: &str, shape: Vec<usize>, init: Init| {
+            weights.push((format!("{p}.{name}"), shape, init));
+        };
+        push("input_layernorm.weight", vec![h], Init::Ones);
+        for (name, output, input, bias) in [
+            ("q_proj", heads * d, h, qwen2 || config.attention_bias),
+            ("k_proj", kv * d, h, qwen2 || config.attention_bias),
+            ("v_proj", kv * d, h, qwen2 || config.attention_bias),
+            ("o_proj", h, heads * d, !qwen2 && config.attention_bias),
+        ] {
+            push(
+                &format!("self_attn.{name}.weight"),
+                vec![output, input],
+                Init::Normal,
+            );
+            if bias {
+                push(&format!("self_attn.{name}.bias"), vec![output], Init::Zeros);
+            }
+        }
+        if config.model_type == "qwen3" {
+            push("self_attn.q_norm.weight", vec![d], Init::Ones);
+            push("self_attn.k_norm.weight", vec![d], Init::Ones);
+        }
+        push("post_attention_layernorm.weight", vec![h], Init::Ones);
+        for (name, output, input) in [
+            ("gate_proj", inter, h),
+            ("up_proj", inter, h),
+            ("down_proj", h, inter),
+        ] {
+            push(
+                &format!("mlp.{name}.weight"),
+                vec![output, input],
+                Init::Normal,
+            );
+            if config.mlp_bias {
+                push(&format!("mlp.{name}.bias"), vec![output], Init::Zeros);
+            }
+        }
+    }
+    weights.push(("model.norm.weight".to_string(), vec![h], Init::Ones));
+    if !config.tie_word_embeddings {
+        weights.push((
+            "lm_head.weight".to_string(),
+            vec![config.vocab_size, h],
+            Init::Normal,
+        ));
+    }
+    weights
+}
+
+/// Writes `model.safetensors` with random `weights` (drawn in order),
+/// `config.json` (`hf_config` with the initializer range, f32 dtype and the
+/// special token ids) and `generation_config.json` into `dir`.
+pub fn write_random_weights(
     dir: &Path,
-    config: &Config,
+    weights: &[WeightSpec],
+    mut hf_config: serde_json::Value,
     initializer_range: f64,
     seed: u64,
 ) -> Result<()> {
@@ -51,63 +161,28 @@ pub fn write_random_model(
         drawn += 4 * n as u128;
         Ok(Tensor::from_vec(values, shape, &Device::Cpu)?)
     };
-    let constant = |shape: &[usize], value: f64| -> Result<Tensor> {
-        Ok((Tensor::ones(shape, DType::F32, &Device::Cpu)? * value)?)
-    };
-    let h = config.hidden_size;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    tensors.insert(
-        "transformer.word_embeddings.weight".into(),
-        normal(&[config.vocab_size, h])?,
-    );
-    let norm = |tensors: &mut HashMap<String, Tensor>, name: &str| -> Result<()> {
-        tensors.insert(format!("transformer.{name}.weight"), constant(&[h], 1.0)?);
-        tensors.insert(format!("transformer.{name}.bias"), constant(&[h], 0.0)?);
-        Ok(())
-    };
-    norm(&mut tensors, "word_embeddings_layernorm")?;
-    norm(&mut tensors, "ln_f")?;
-    for i in 0..config.n_layer {
-        norm(&mut tensors, &format!("h.{i}.input_layernorm"))?;
-        norm(&mut tensors, &format!("h.{i}.post_attention_layernorm"))?;
-        for (name, input, output) in [
-            ("self_attention.query_key_value", h, 3 * h),
-            ("self_attention.dense", h, h),
-            ("mlp.dense_h_to_4h", h, 4 * h),
-            ("mlp.dense_4h_to_h", 4 * h, h),
-        ] {
-            tensors.insert(
-                format!("transformer.h.{i}.{name}.weight"),
-                normal(&[output, input])?,
-            );
-            tensors.insert(
-                format!("transformer.h.{i}.{name}.bias"),
-                constant(&[output], 0.0)?,
-            );
-        }
+    for (name, shape, init) in weights {
+        let tensor = match init {
+            Init::Normal => normal(shape)?,
+            Init::Ones => Tensor::ones(shape.as_slice(), DType::F32, &Device::Cpu)?,
+            Init::Zeros => Tensor::zeros(shape.as_slice(), DType::F32, &Device::Cpu)?,
+        };
+        tensors.insert(name.clone(), tensor);
     }
     let path = dir.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &path)
         .with_context(|| format!("{}: cannot write", path.display()))?;
-    let hf_config = serde_json::json!({
-        "architectures": ["BloomForCausalLM"],
-        "model_type": "bloom",
-        "vocab_size": config.vocab_size,
-        "hidden_size": h,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "layer_norm_epsilon": config.layer_norm_epsilon,
-        "initializer_range": initializer_range,
-        "apply_residual_connection_post_layernorm": config.apply_residual_connection_post_layernorm,
-        "hidden_dropout": 0.0,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "pad_token_id": 3,
-        "tie_word_embeddings": true,
-        "use_cache": true,
-        "dtype": "float32",
-    });
+    for (key, value) in [
+        ("initializer_range", serde_json::json!(initializer_range)),
+        ("bos_token_id", 1.into()),
+        ("eos_token_id", 2.into()),
+        ("pad_token_id", 3.into()),
+        ("use_cache", true.into()),
+        ("dtype", "float32".into()),
+    ] {
+        hf_config[key] = value;
+    }
     let generation = serde_json::json!({
         "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "use_cache": true,
     });
@@ -119,6 +194,35 @@ pub fn write_random_model(
             .with_context(|| format!("{}: cannot write", dir.join(file).display()))?;
     }
     Ok(())
+}
+
+/// A random BLOOM checkpoint for `config`.
+pub fn write_random_model(
+    dir: &Path,
+    config: &Config,
+    initializer_range: f64,
+    seed: u64,
+) -> Result<()> {
+    let hf_config = serde_json::json!({
+        "architectures": ["BloomForCausalLM"],
+        "model_type": "bloom",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "apply_residual_connection_post_layernorm": config.apply_residual_connection_post_layernorm,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "tie_word_embeddings": true,
+    });
+    write_random_weights(
+        dir,
+        &bloom_weights(config),
+        hf_config,
+        initializer_range,
+        seed,
+    )
 }
 
 #[cfg(test)]

@@ -67,6 +67,12 @@ pub struct Config {
     pub sliding_window: Option<usize>,
     #[serde(default)]
     pub use_sliding_window: bool,
+    #[serde(default = "silu")]
+    pub hidden_act: String,
+}
+
+fn silu() -> String {
+    "silu".into()
 }
 
 /// How positions rotate queries and keys.
@@ -108,6 +114,13 @@ impl Config {
                 "{}: hidden_size {} is not a multiple of num_attention_heads {heads}",
                 path.display(),
                 config.hidden_size
+            );
+        }
+        if config.hidden_act != "silu" {
+            bail!(
+                "{}: hidden_act `{}` is not supported (the Llama family uses silu)",
+                path.display(),
+                config.hidden_act
             );
         }
         if config.model_type == "qwen2" && config.use_sliding_window {
