@@ -183,6 +183,14 @@ fn follow_peft_of(family: &str, extra: &[&str]) {
             .fold(0f32, f32::max);
         assert!(worst < 1e-4, "{family} {name}: {worst}");
     }
+    // PEFT reads the adapter we wrote to the loss we measured.
+    if family != "bloom" && common::python_has("our adapter of every family in PEFT") {
+        let theirs = common::hf_eval_loss(&fixture.join("model"), Some(&out));
+        assert!(
+            ((theirs - ours) / ours).abs() < 1e-5,
+            "{family}: PEFT {theirs}, pt-host {ours}"
+        );
+    }
     let config = json(&out.join("adapter_config.json"));
     assert_eq!(
         (
@@ -234,6 +242,31 @@ fn eval_only_with_an_adapter_matches_hf() {
         !dir.path().join("eval/adapter_model.safetensors").exists(),
         "eval-only writes no adapter"
     );
+}
+
+/// A Llama-family run (Qwen3's fixture: GQA, q/k norms; LoRA with dropout
+/// on every linear layer) resumed from a checkpoint ends bit for bit where
+/// the uninterrupted run ends.
+#[test]
+fn a_resumed_llama_family_run_is_bit_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixture_of("qwen3").join("model");
+    let recipe = words(
+        "--do_train --per_device_train_batch_size 4 --learning_rate 5e-3 --max_steps 8 \
+         --save_steps 4 --logging_steps 4 --lora_dropout 0.1 --seed 7",
+    );
+    let run_into = |output: &str, extra: &[&str]| {
+        let args = run_args_of(&model, dir.path(), output, &[&recipe[..], extra].concat());
+        PtHost::new(args).succeeds()
+    };
+    run_into("straight", &[]);
+    run_into("resumed", &[]);
+    let resumed = dir.path().join("resumed");
+    fs::remove_dir_all(resumed.join("checkpoint-8")).unwrap();
+    fs::remove_file(resumed.join("adapter_model.safetensors")).unwrap();
+    let again = run_into("resumed", &["--resume_from_checkpoint", "true"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("checkpoint-4 at step 4"));
+    assert_eq!(adapter(&dir.path().join("straight")), adapter(&resumed));
 }
 
 #[test]

@@ -8,7 +8,8 @@ expected.safetensors). Writes into OUT_DIR:
 - expected.safetensors: probe_input_ids, probe_attention_mask, probe_logits,
   valid_blocks (valid.txt packed), valid_loss;
 - trajectory.json: 6 steps of LoRA training from lora_init (the recipe in
-  `args` and `semantics`), with losses, gradient norms and learning rates;
+  `args` and `semantics`), with losses, gradient norms and learning rates,
+  and under `full` 4 steps of full fine-tuning from the base model;
 - lora_final/: the adapter after those steps, as PEFT saves it.
 
 tests/tools.rs (the_fixture_is_what_transformers_and_peft_compute) runs it and
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     PreTrainedTokenizerFast,
+    Trainer,
     get_linear_schedule_with_warmup,
 )
 
@@ -39,6 +41,8 @@ WARMUP = 2
 LR = 1e-2
 WEIGHT_DECAY = 0.01
 CLIP = 1.0
+FULL_STEPS = 4
+FULL_LR = 1e-3
 
 
 def pack(tokenizer, path):
@@ -60,6 +64,62 @@ def pack(tokenizer, path):
         ids.extend(doc)
     n = len(ids) // BLOCK
     return torch.tensor(ids[: n * BLOCK], dtype=torch.long).view(n, BLOCK)
+
+
+def train_steps(model, params, optimizer, schedule, train, steps):
+    """`steps` optimizer steps on consecutive micro-batches of `train`; the
+    log of each step (loss: the mean of its micro-batches' losses; grad_norm
+    before clipping)."""
+    log = []
+    for step in range(steps):
+        losses = []
+        for micro in range(step * ACCUM, (step + 1) * ACCUM):
+            x = train[micro * BATCH : (micro + 1) * BATCH]
+            loss = model(input_ids=x, labels=x).loss
+            (loss / ACCUM).backward()
+            losses.append(loss.item())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, CLIP).item()
+        learning_rate = schedule.get_last_lr()[0]
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        log.append(
+            {
+                "step": step + 1,
+                "loss": sum(losses) / len(losses),
+                "grad_norm": grad_norm,
+                "learning_rate": learning_rate,
+            }
+        )
+    return log
+
+
+def full_fine_tuning(fixture, train, valid):
+    """FULL_STEPS of full fine-tuning from the base model as HF's Trainer
+    groups it: weight decay on every weight but biases and norms
+    (`Trainer.get_decay_parameter_names`)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        f"{fixture}/model", dtype=torch.float32, attn_implementation="eager"
+    )
+    model.train()
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    named = list(model.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": WEIGHT_DECAY},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=FULL_LR, betas=(0.9, 0.999), eps=1e-8)
+    schedule = get_linear_schedule_with_warmup(optimizer, WARMUP, FULL_STEPS)
+    params = [p for _, p in named]
+    log = train_steps(model, params, optimizer, schedule, train, FULL_STEPS)
+    model.eval()
+    return {
+        "steps": FULL_STEPS,
+        "lr": FULL_LR,
+        "no_decay": sorted(n for n, _ in named if n not in decay),
+        "log": log,
+        "valid_loss_after": mean_loss(model, valid),
+    }
 
 
 def mean_loss(model, blocks):
@@ -108,27 +168,7 @@ def compute(fixture: str, out: str) -> None:
     )
     schedule = get_linear_schedule_with_warmup(optimizer, WARMUP, STEPS)
     peft.train()
-    log = []
-    for step in range(STEPS):
-        losses = []
-        for micro in range(step * ACCUM, (step + 1) * ACCUM):
-            x = train[micro * BATCH : (micro + 1) * BATCH]
-            loss = peft(input_ids=x, labels=x).loss
-            (loss / ACCUM).backward()
-            losses.append(loss.item())
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, CLIP).item()
-        learning_rate = schedule.get_last_lr()[0]
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        log.append(
-            {
-                "step": step + 1,
-                "loss": sum(losses) / len(losses),
-                "grad_norm": grad_norm,
-                "learning_rate": learning_rate,
-            }
-        )
+    log = train_steps(peft, params, optimizer, schedule, train, STEPS)
     peft.eval()
     trajectory = {
         "args": {
@@ -148,6 +188,7 @@ def compute(fixture: str, out: str) -> None:
         "valid_loss_before": valid_before,
         "valid_loss_after": mean_loss(peft, valid),
         "log": log,
+        "full": full_fine_tuning(fixture, train, valid),
     }
     with open(f"{out}/trajectory.json", "w") as f:
         json.dump(trajectory, f, indent=1)

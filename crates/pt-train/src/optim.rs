@@ -283,6 +283,22 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
     }
 }
 
+/// HF's weight-decay groups (`Trainer.get_decay_parameter_names`): every
+/// weight decays but biases and norms — by name (`bias`, `layernorm`,
+/// `rmsnorm`, a `norm` or `*_norm` module: Llama's `model.norm`, Qwen3's
+/// `q_norm`) or, for BLOOM's `ln_f`, by its `nn.LayerNorm` type.
+pub fn decays(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    let norm_module = name
+        .split('.')
+        .any(|part| part == "norm" || part.ends_with("_norm"));
+    !(name.contains("bias")
+        || name.contains("layernorm")
+        || name.contains("rmsnorm")
+        || norm_module
+        || name.contains("ln_f"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::evaluate::{MetricSink, eval_results, evaluate_across};
+use crate::optim::decays;
 use crate::state::{RunShape, TrainerState};
 use crate::step::{MicroBatch, accumulate_gradients};
 use crate::{AdamW, AdamWConfig, Schedule, SchedulerType, TrainError, clip_scale, grad_norm};
@@ -111,11 +112,6 @@ impl Trainable {
             Trainable::Full { .. } => "model.safetensors",
         }
     }
-}
-
-/// HF's weight-decay groups: everything but biases and LayerNorm parameters.
-fn decays(name: &str) -> bool {
-    !(name.ends_with(".bias") || name.contains("layernorm") || name.contains("ln_f"))
 }
 
 /// What the loop counts over a run.

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Var};
 use pt_data::Blocks;
 use pt_model::Model;
 use pt_train::evaluate::evaluate;
+use pt_train::optim::decays;
 use pt_train::step::{MicroBatch, accumulate_gradients};
 use pt_train::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_scale, grad_norm};
 
@@ -101,70 +102,18 @@ fn follow_peft(family: &str, dtype: DType, gradient_checkpointing: bool, toleran
     model.load_adapter(&dir.join("lora_init")).unwrap();
     model.gradient_checkpointing = gradient_checkpointing;
     let named = model.lora_variables();
-    let variables: Vec<Var> = named.iter().map(|(_, v)| v.clone()).collect();
-    let config = AdamWConfig {
-        weight_decay: args["wd"].as_f64().unwrap(),
-        ..AdamWConfig::default()
-    };
     // The recipe decays every LoRA weight (they have no biases or norms).
-    let mut optimizer = AdamW::new(
-        variables.iter().map(|v| (v.clone(), true)).collect(),
-        config,
-    )
-    .unwrap();
-    let steps = args["steps"].as_u64().unwrap() as usize;
-    let schedule = Schedule {
-        kind: SchedulerType::Linear,
-        peak_lr: args["lr"].as_f64().unwrap(),
-        warmup_steps: args["warmup"].as_u64().unwrap() as usize,
-        total_steps: steps,
-    };
-    let (batch, accumulation) = (
-        args["batch"].as_u64().unwrap() as usize,
-        args["accum"].as_u64().unwrap() as usize,
+    let groups = named.iter().map(|(_, v)| (v.clone(), true)).collect();
+    let peak_lr = args["lr"].as_f64().unwrap();
+    follow_steps(
+        family,
+        &model,
+        groups,
+        &expected_run,
+        peak_lr,
+        &expected_run["log"],
+        &tolerance,
     );
-    let blocks = packed_of(family, "train.txt", 32);
-    assert_eq!(
-        blocks.len() as u64,
-        expected_run["n_train_blocks"].as_u64().unwrap()
-    );
-
-    let per_step = batch * accumulation;
-    for step in 0..steps {
-        // Consecutive blocks in file order: micro-batch k of the step.
-        let micro_batches: Vec<MicroBatch> = (0..accumulation)
-            .map(|k| {
-                let first = step * per_step + k * batch;
-                MicroBatch::from_rows(&blocks, &(first..first + batch).collect::<Vec<_>>())
-            })
-            .collect();
-        // HF's reference ran without dropout.
-        let (loss, grads) = accumulate_gradients(&model, &variables, &micro_batches, None).unwrap();
-        let norm = grad_norm(&grads).unwrap();
-        let lr = schedule.lr(step);
-        let clip = clip_scale(norm, args["clip"].as_f64().unwrap());
-        optimizer.apply(&grads, lr, clip).unwrap();
-
-        let hf = &expected_run["log"][step];
-        assert!(
-            close(loss, hf["loss"].as_f64().unwrap(), tolerance.loss),
-            "{family} step {}: loss {loss} vs {}",
-            step + 1,
-            hf["loss"]
-        );
-        assert!(
-            close(norm, hf["grad_norm"].as_f64().unwrap(), tolerance.grad_norm),
-            "{family} step {}: grad norm {norm} vs {}",
-            step + 1,
-            hf["grad_norm"]
-        );
-        assert!(
-            (lr - hf["learning_rate"].as_f64().unwrap()).abs() < 1e-12,
-            "step {}: lr {lr}",
-            step + 1
-        );
-    }
-
     let after = validation_loss(family, &model);
     assert!(
         close(
@@ -188,6 +137,122 @@ fn follow_peft(family: &str, dtype: DType, gradient_checkpointing: bool, toleran
         worst < tolerance.adapter,
         "{family}: final adapter differs from PEFT's by up to {worst}"
     );
+}
+
+/// Trains `groups` (variables, whether they decay) with the fixture's recipe
+/// for as many steps as HF's `log` has, checking each step's loss, gradient
+/// norm (before clipping) and learning rate against it.
+fn follow_steps(
+    family: &str,
+    model: &Model,
+    groups: Vec<(Var, bool)>,
+    expected_run: &serde_json::Value,
+    peak_lr: f64,
+    log: &serde_json::Value,
+    tolerance: &Tolerance,
+) {
+    let args = &expected_run["args"];
+    let variables: Vec<Var> = groups.iter().map(|(v, _)| v.clone()).collect();
+    let config = AdamWConfig {
+        weight_decay: args["wd"].as_f64().unwrap(),
+        ..AdamWConfig::default()
+    };
+    let mut optimizer = AdamW::new(groups, config).unwrap();
+    let steps = log.as_array().unwrap().len();
+    let schedule = Schedule {
+        kind: SchedulerType::Linear,
+        peak_lr,
+        warmup_steps: args["warmup"].as_u64().unwrap() as usize,
+        total_steps: steps,
+    };
+    let (batch, accumulation) = (
+        args["batch"].as_u64().unwrap() as usize,
+        args["accum"].as_u64().unwrap() as usize,
+    );
+    let blocks = packed_of(family, "train.txt", 32);
+    assert_eq!(
+        blocks.len() as u64,
+        expected_run["n_train_blocks"].as_u64().unwrap()
+    );
+    let per_step = batch * accumulation;
+    for step in 0..steps {
+        // Consecutive blocks in file order: micro-batch k of the step.
+        let micro_batches: Vec<MicroBatch> = (0..accumulation)
+            .map(|k| {
+                let first = step * per_step + k * batch;
+                MicroBatch::from_rows(&blocks, &(first..first + batch).collect::<Vec<_>>())
+            })
+            .collect();
+        // HF's reference ran without dropout.
+        let (loss, grads) = accumulate_gradients(model, &variables, &micro_batches, None).unwrap();
+        let norm = grad_norm(&grads).unwrap();
+        let lr = schedule.lr(step);
+        let clip = clip_scale(norm, args["clip"].as_f64().unwrap());
+        optimizer.apply(&grads, lr, clip).unwrap();
+        let hf = &log[step];
+        assert!(
+            close(loss, hf["loss"].as_f64().unwrap(), tolerance.loss),
+            "{family} step {}: loss {loss} vs {}",
+            step + 1,
+            hf["loss"]
+        );
+        assert!(
+            close(norm, hf["grad_norm"].as_f64().unwrap(), tolerance.grad_norm),
+            "{family} step {}: grad norm {norm} vs {}",
+            step + 1,
+            hf["grad_norm"]
+        );
+        assert!(
+            (lr - hf["learning_rate"].as_f64().unwrap()).abs() < 1e-12,
+            "{family} step {}: lr {lr}",
+            step + 1
+        );
+    }
+}
+
+/// Four steps of full fine-tuning from the base model against PyTorch's
+/// AdamW over HF Trainer's parameter groups (no decay for biases and norms):
+/// the same groups, each step's loss, gradient norm and learning rate, and
+/// the validation loss after.
+#[test]
+fn full_fine_tuning_follows_pytorch_for_every_family() {
+    for family in FAMILIES {
+        let expected_run = trajectory_of(family);
+        let full = &expected_run["full"];
+        let dir = fixture_of(family);
+        let mut model = Model::load(&dir.join("model"), &test_device(), DType::F32).unwrap();
+        let named = model.make_base_trainable().unwrap();
+        let mut no_decay: Vec<&str> = named
+            .iter()
+            .map(|(name, _)| name.as_str())
+            .filter(|name| !decays(name))
+            .collect();
+        no_decay.sort();
+        let hf_no_decay: Vec<&str> = full["no_decay"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap())
+            .collect();
+        assert_eq!(no_decay, hf_no_decay, "{family}: decay groups");
+        let groups = named.iter().map(|(n, v)| (v.clone(), decays(n))).collect();
+        let peak_lr = full["lr"].as_f64().unwrap();
+        follow_steps(
+            family,
+            &model,
+            groups,
+            &expected_run,
+            peak_lr,
+            &full["log"],
+            &F32,
+        );
+        let after = validation_loss(family, &model);
+        let hf = full["valid_loss_after"].as_f64().unwrap();
+        assert!(
+            close(after, hf, 1e-4),
+            "{family}: valid loss after {after} vs {hf}"
+        );
+    }
 }
 
 /// With dropout, a recomputed block must draw the masks its forward drew.
