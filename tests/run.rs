@@ -343,7 +343,7 @@ fn run_errors_name_the_flag() {
     );
     assert!(
         String::from_utf8_lossy(&modules.stderr)
-            .contains("--target_modules: `q_proj` is not a BLOOM linear layer")
+            .contains("--target_modules: `q_proj` is not a linear layer of a bloom model")
     );
     let resume = run(
         dir.path(),
@@ -1553,7 +1553,7 @@ fn hf_flag_values_are_checked_and_mean_what_they_mean_in_hf() {
         ),
         (
             &["--target_modules", "query_key_value,q_proj"][..],
-            "`q_proj` is not a BLOOM linear layer",
+            "`q_proj` is not a linear layer of a bloom model",
         ),
         (
             &["--bf16", "--fp16"][..],

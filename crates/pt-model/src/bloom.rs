@@ -10,11 +10,12 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::checkpoint::{self, Recompute};
 use crate::fused::AttentionBias;
 use crate::hf_dir::Weights;
-use crate::layers::{DropoutDraw, Linear};
-use crate::model::{Architecture, KvCache, ModelConfig, Pass};
+use crate::layers::{DropoutDraw, Linear, layer_dropout};
+use crate::model::{
+    Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
+};
 use crate::ops::{attention_probs, gelu, layer_norm};
 
 /// `config.json`, with the legacy key names of the original checkpoints.
@@ -144,29 +145,6 @@ impl Block {
         )
     }
 
-    /// `cache`: this block's keys and values of earlier positions, extended
-    /// with `x`'s (generation).
-    fn forward_with_cache(
-        &self,
-        x: &Tensor,
-        ctx: &BlockContext,
-        track: bool,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> candle_core::Result<Tensor> {
-        // Each linear layer draws its own dropout mask, so a recomputed block draws the same ones.
-        let seed = |layer: u64| {
-            ctx.dropout
-                .map(|draw| draw.part(layer, 0xD1B5_4A32_D192_ED03))
-        };
-        let ln1 = self.input_layernorm.forward(x)?;
-        let attended = (self.attention(&ln1, ctx, [seed(1), seed(2)], track, cache)?
-            + if ctx.post_ln { &ln1 } else { x })?;
-        let ln2 = self.post_attention_layernorm.forward(&attended)?;
-        let up = gelu(&self.dense_h_to_4h.forward(&ln2, seed(3), track)?)?;
-        let mlp = self.dense_4h_to_h.forward(&up, seed(4), track)?;
-        mlp + if ctx.post_ln { &ln2 } else { &attended }
-    }
-
     fn attention(
         &self,
         x: &Tensor,
@@ -209,35 +187,44 @@ impl Block {
     }
 }
 
-impl Recompute for Block {
+impl DecoderBlock for Block {
     type Context = BlockContext;
 
-    fn forward(&self, x: &Tensor, ctx: &BlockContext, track: bool) -> candle_core::Result<Tensor> {
-        self.forward_with_cache(x, ctx, track, None)
+    fn apply(
+        &self,
+        x: &Tensor,
+        ctx: &BlockContext,
+        track: bool,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let seed = |layer| layer_dropout(ctx.dropout, layer);
+        let ln1 = self.input_layernorm.forward(x)?;
+        let attended = (self.attention(&ln1, ctx, [seed(1), seed(2)], track, cache)?
+            + if ctx.post_ln { &ln1 } else { x })?;
+        let ln2 = self.post_attention_layernorm.forward(&attended)?;
+        let up = gelu(&self.dense_h_to_4h.forward(&ln2, seed(3), track)?)?;
+        let mlp = self.dense_4h_to_h.forward(&up, seed(4), track)?;
+        mlp + if ctx.post_ln { &ln2 } else { &attended }
     }
 
-    /// The block's tensors that training updates (LoRA, or all in full fine-tuning).
-    fn trainable_tensors(&self) -> Vec<Tensor> {
-        let mut tensors = Vec::new();
-        for norm in [&self.input_layernorm, &self.post_attention_layernorm] {
-            tensors.extend([norm.weight.clone(), norm.bias.clone()]);
-        }
-        for linear in [
+    fn tensors(&self) -> Vec<Tensor> {
+        let norms = [&self.input_layernorm, &self.post_attention_layernorm];
+        let linears = [
             &self.query_key_value,
             &self.attention_dense,
             &self.dense_h_to_4h,
             &self.dense_4h_to_h,
-        ] {
-            tensors.extend(linear.tensors());
-        }
-        tensors.retain(Tensor::is_variable);
-        tensors
+        ];
+        norms
+            .into_iter()
+            .flat_map(|norm| [norm.weight.clone(), norm.bias.clone()])
+            .chain(linears.into_iter().flat_map(Linear::tensors))
+            .collect()
     }
 }
 
 pub struct Bloom {
     pub config: Config,
-    summary: ModelConfig,
     word_embeddings: Tensor,
     embeddings_layernorm: LayerNorm,
     blocks: Vec<Block>,
@@ -267,7 +254,8 @@ impl Bloom {
     /// CUDA). Keys may carry the `transformer.` prefix or not; the storage
     /// dtype is converted. LoRA weights, LayerNorm statistics, softmax and
     /// the loss stay in f32 whatever `dtype` is.
-    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+    /// The architecture and what the rest of pt-host needs to know of it.
+    pub(crate) fn load(dir: &Path, device: &Device, dtype: DType) -> Result<(Self, ModelConfig)> {
         let config = Config::from_file(&dir.join("config.json"))?;
         let mut w = Weights::open(dir, device, dtype, "bloom", Some("transformer."))?;
         let (h, eps) = (config.hidden_size, config.layer_norm_epsilon);
@@ -317,21 +305,21 @@ impl Bloom {
             })
             .collect::<Result<_>>()?;
         let ln_f = load_layer_norm(&mut w, "ln_f", h, eps)?;
-        let summary = ModelConfig {
-            model_type: "bloom".into(),
-            vocab_size: config.vocab_size,
-            hidden_size: h,
-            embedding_parameters: config.vocab_size * h,
-        };
-        Ok(Self {
-            config,
-            summary,
+        let bloom = Self {
             word_embeddings,
             embeddings_layernorm,
             blocks,
             ln_f,
             device: device.clone(),
-        })
+            config,
+        };
+        let summary = ModelConfig {
+            model_type: "bloom".into(),
+            vocab_size: bloom.config.vocab_size,
+            hidden_size: h,
+            embedding_parameters: bloom.config.vocab_size * h,
+        };
+        Ok((bloom, summary))
     }
 
     /// ALiBi and the causal + padding mask of a left- or right-padded batch
@@ -361,7 +349,7 @@ impl Bloom {
             positions,
             real: mask.iter().flatten().map(|&m| m == 1).collect(),
         });
-        let composite = match self.device.is_cpu() && self.dtype() == DType::F32 {
+        let composite = match self.device.is_cpu() && self.word_embeddings.dtype() == DType::F32 {
             true => None,
             false => Some(bias.tensors(&self.device)?),
         };
@@ -370,49 +358,23 @@ impl Bloom {
 }
 
 impl Architecture for Bloom {
-    fn config(&self) -> &ModelConfig {
-        &self.summary
-    }
-
-    fn dtype(&self) -> DType {
-        self.word_embeddings.dtype()
-    }
-
     fn hidden_states(
         &self,
         input_ids: &[Vec<u32>],
         mask: &[Vec<u32>],
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         pass: &Pass<'_>,
     ) -> Result<Tensor> {
-        let (b, s) = (input_ids.len(), input_ids[0].len());
-        if let Some(cache) = cache.as_deref_mut()
-            && cache.layers.is_empty()
-        {
-            cache.layers = vec![None; self.blocks.len()];
-        }
-        let ids = Tensor::from_vec(input_ids.concat(), (b * s,), &self.device)?;
-        let embedded =
-            self.word_embeddings
-                .index_select(&ids, 0)?
-                .reshape((b, s, self.config.hidden_size))?;
-        let mut hidden = self.embeddings_layernorm.forward(&embedded)?;
-        let (bias, composite_bias) = self.attention_bias(mask, s)?;
-        for (index, block) in self.blocks.iter().enumerate() {
-            let context = BlockContext {
-                bias: bias.clone(),
-                composite_bias: composite_bias.clone(),
-                n_head: self.config.n_head,
-                post_ln: self.config.apply_residual_connection_post_layernorm,
-                dropout: pass.block_dropout(index),
-            };
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-            hidden = if pass.checkpointing && hidden.track_op() {
-                checkpoint::checkpointed(block, &hidden, context, pass.side)?
-            } else {
-                block.forward_with_cache(&hidden, &context, true, layer_cache)?
-            };
-        }
+        let embedded = embed(&self.word_embeddings, input_ids)?;
+        let hidden = self.embeddings_layernorm.forward(&embedded)?;
+        let (bias, composite_bias) = self.attention_bias(mask, input_ids[0].len())?;
+        let hidden = run_blocks(&self.blocks, hidden, pass, cache, |index| BlockContext {
+            bias: bias.clone(),
+            composite_bias: composite_bias.clone(),
+            n_head: self.config.n_head,
+            post_ln: self.config.apply_residual_connection_post_layernorm,
+            dropout: pass.block_dropout(index),
+        })?;
         Ok(self.ln_f.forward(&hidden)?)
     }
 
@@ -422,15 +384,9 @@ impl Architecture for Bloom {
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        self.blocks
-            .iter_mut()
-            .enumerate()
-            .flat_map(|(i, b)| {
-                b.parts_mut()
-                    .1
-                    .map(|(name, linear)| (format!("transformer.h.{i}.{name}"), linear))
-            })
-            .collect()
+        block_linears(&mut self.blocks, "transformer.h", |b| {
+            b.parts_mut().1.into()
+        })
     }
 
     fn base_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {

@@ -194,32 +194,79 @@ impl CustomOp3 for LayerNorm {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let h = weight.elem_count();
-        let n = x.elem_count();
-        let packed = x.apply_op3_no_bwd(
-            weight,
-            &grad.contiguous()?,
-            &LayerNormBackward { eps: self.eps },
-        )?;
-        Ok((
-            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, h)?),
-            Some(packed.narrow(0, n + h, h)?),
-        ))
+        let backward = NormBackward {
+            name: "fused-layer-norm-backward",
+            sums: 2,
+            eps: self.eps,
+            row: layer_norm_row_backward,
+        };
+        let [dx, dw, db] = norm_backward(x, weight, grad, backward)?;
+        Ok((dx, dw, db))
     }
 }
 
-/// The gradients of x, weight and bias, packed into one vector.
-struct LayerNormBackward {
-    eps: f32,
+/// LayerNorm's backward of one row; sums: the weight's and bias's gradients.
+fn layer_norm_row_backward(eps: f32, Row { x, g, w, dx }: Row<'_>, sums: &mut [Vec<f32>]) {
+    let h = w.len();
+    let (mean, rstd) = row_statistics(x, eps);
+    let (mut mean_gy, mut mean_gy_xhat) = (0f32, 0f32);
+    for i in 0..h {
+        let xhat = (x[i] - mean) * rstd;
+        let gy = g[i] * w[i];
+        mean_gy += gy;
+        mean_gy_xhat += gy * xhat;
+        sums[0][i] += g[i] * xhat;
+        sums[1][i] += g[i];
+    }
+    (mean_gy, mean_gy_xhat) = (mean_gy / h as f32, mean_gy_xhat / h as f32);
+    for i in 0..h {
+        let xhat = (x[i] - mean) * rstd;
+        dx[i] = rstd * (g[i] * w[i] - mean_gy - xhat * mean_gy_xhat);
+    }
 }
 
-/// Rows per parallel task of the LayerNorm backward (each sums its own dw, db).
+/// RMSNorm's backward of one row; sums: the weight's gradient.
+fn rms_norm_row_backward(eps: f32, Row { x, g, w, dx }: Row<'_>, sums: &mut [Vec<f32>]) {
+    let h = w.len();
+    let rstd = inverse_rms(x, eps);
+    let mut mean_gy_xhat = 0f32;
+    for i in 0..h {
+        let xhat = x[i] * rstd;
+        mean_gy_xhat += g[i] * w[i] * xhat;
+        sums[0][i] += g[i] * xhat;
+    }
+    mean_gy_xhat /= h as f32;
+    for i in 0..h {
+        dx[i] = rstd * (g[i] * w[i] - x[i] * rstd * mean_gy_xhat);
+    }
+}
+
+/// Rows per parallel task of a norm's backward (each sums its own
+/// per-column gradients).
 const ROWS_PER_TASK: usize = 64;
 
-impl CustomOp3 for LayerNormBackward {
+/// One row of a norm's backward: the input, its output's gradient, the
+/// weight, and where the input's gradient goes.
+struct Row<'a> {
+    x: &'a [f32],
+    g: &'a [f32],
+    w: &'a [f32],
+    dx: &'a mut [f32],
+}
+
+/// A row-wise norm's backward over `(x, weight, grad)`: `row` per row,
+/// accumulating `sums` per-column gradients (weight, bias); the result packs
+/// `dx` and the sums into one vector.
+struct NormBackward {
+    name: &'static str,
+    sums: usize,
+    eps: f32,
+    row: fn(f32, Row<'_>, &mut [Vec<f32>]),
+}
+
+impl CustomOp3 for NormBackward {
     fn name(&self) -> &'static str {
-        "fused-layer-norm-backward"
+        self.name
     }
 
     fn cpu_fwd(
@@ -235,43 +282,50 @@ impl CustomOp3 for LayerNormBackward {
         let h = w.len();
         let mut dx = vec![0f32; x.len()];
         let task = h * ROWS_PER_TASK;
-        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        let partials: Vec<Vec<Vec<f32>>> = dx
             .par_chunks_mut(task)
             .zip(x.par_chunks(task).zip(g.par_chunks(task)))
             .map(|(dx, (x, g))| {
-                let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
+                let mut sums = vec![vec![0f32; h]; self.sums];
                 for ((dx, x), g) in dx.chunks_mut(h).zip(x.chunks(h)).zip(g.chunks(h)) {
-                    let (mean, rstd) = row_statistics(x, self.eps);
-                    let (mut mean_gy, mut mean_gy_xhat) = (0f32, 0f32);
-                    for i in 0..h {
-                        let xhat = (x[i] - mean) * rstd;
-                        let gy = g[i] * w[i];
-                        mean_gy += gy;
-                        mean_gy_xhat += gy * xhat;
-                        dw[i] += g[i] * xhat;
-                        db[i] += g[i];
-                    }
-                    (mean_gy, mean_gy_xhat) = (mean_gy / h as f32, mean_gy_xhat / h as f32);
-                    for i in 0..h {
-                        let xhat = (x[i] - mean) * rstd;
-                        dx[i] = rstd * (g[i] * w[i] - mean_gy - xhat * mean_gy_xhat);
-                    }
+                    (self.row)(self.eps, Row { x, g, w, dx }, &mut sums);
                 }
-                (dw, db)
+                sums
             })
             .collect();
         // Summed in task order, not rayon's reduction tree (which follows
         // work stealing): the same gradients on every run.
-        let (mut dw, mut db) = (vec![0f32; h], vec![0f32; h]);
-        for (w2, b2) in &partials {
-            dw.iter_mut().zip(w2).for_each(|(a, b)| *a += b);
-            db.iter_mut().zip(b2).for_each(|(a, b)| *a += b);
+        let mut totals = vec![vec![0f32; h]; self.sums];
+        for sums in &partials {
+            for (total, sum) in totals.iter_mut().zip(sums) {
+                total.iter_mut().zip(sum).for_each(|(a, b)| *a += b);
+            }
         }
         let n = dx.len();
-        dx.extend(dw);
-        dx.extend(db);
-        output(dx, &Shape::from(n + 2 * h))
+        dx.extend(totals.into_iter().flatten());
+        output(dx, &Shape::from(n + self.sums * h))
     }
+}
+
+/// The gradients of `x` and of the per-column parameters (as many as
+/// `backward.sums`; `None` beyond them) from one [`NormBackward`] pass.
+fn norm_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+    backward: NormBackward,
+) -> Result<[Option<Tensor>; 3]> {
+    let (h, n, sums) = (weight.elem_count(), x.elem_count(), backward.sums);
+    let packed = x.apply_op3_no_bwd(weight, &grad.contiguous()?, &backward)?;
+    let mut grads = [
+        Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+        None,
+        None,
+    ];
+    for (k, slot) in grads.iter_mut().skip(1).take(sums).enumerate() {
+        *slot = Some(packed.narrow(0, n + k * h, h)?);
+    }
+    Ok(grads)
 }
 
 pub(crate) fn layer_norm_op(
@@ -285,6 +339,157 @@ pub(crate) fn layer_norm_op(
         &bias.contiguous()?,
         LayerNorm { eps: eps as f32 },
     )
+}
+
+// --- RMSNorm and SwiGLU (the Llama family) -----------------------------------
+
+struct RmsNorm {
+    eps: f32,
+}
+
+/// 1/rms of a row.
+fn inverse_rms(row: &[f32], eps: f32) -> f32 {
+    let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (mean_square + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (values(xs, xl)?, values(ws, wl)?);
+        let h = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
+            let rstd = inverse_rms(x, self.eps);
+            for i in 0..h {
+                y[i] = x[i] * rstd * w[i];
+            }
+        });
+        output(y, xl.shape())
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let backward = NormBackward {
+            name: "fused-rms-norm-backward",
+            sums: 1,
+            eps: self.eps,
+            row: rms_norm_row_backward,
+        };
+        let [dx, dw, _] = norm_backward(x, weight, grad, backward)?;
+        Ok((dx, dw))
+    }
+}
+
+pub(crate) fn rms_norm_op(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f32 })
+}
+
+/// `silu(gate) ⊙ up`, whose backward gives both inputs' gradients at once.
+struct SwiGlu;
+
+/// `σ(x)`, with the vectorising exponential.
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + fast_exp(-x))
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, up) = (values(gs, gl)?, values(us, ul)?);
+        let mut y = vec![0f32; gate.len()];
+        y.par_chunks_mut(TASK)
+            .zip(gate.par_chunks(TASK).zip(up.par_chunks(TASK)))
+            .for_each(|(y, (gate, up))| {
+                for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+                    *y = g * sigmoid(g) * u;
+                }
+            });
+        output(y, gl.shape())
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = gate.elem_count();
+        let packed = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SwiGluBackward)?;
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(gate.shape())?),
+            Some(packed.narrow(0, n, n)?.reshape(gate.shape())?),
+        ))
+    }
+}
+
+/// The gradients of gate and up, packed.
+struct SwiGluBackward;
+
+impl CustomOp3 for SwiGluBackward {
+    fn name(&self) -> &'static str {
+        "fused-swiglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        us: &CpuStorage,
+        ul: &Layout,
+        ds: &CpuStorage,
+        dl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (gate, up, grad) = (values(gs, gl)?, values(us, ul)?, values(ds, dl)?);
+        let n = gate.len();
+        let mut packed = vec![0f32; 2 * n];
+        let (d_gate, d_up) = packed.split_at_mut(n);
+        d_gate
+            .par_chunks_mut(TASK)
+            .zip(d_up.par_chunks_mut(TASK))
+            .zip(
+                gate.par_chunks(TASK)
+                    .zip(up.par_chunks(TASK))
+                    .zip(grad.par_chunks(TASK)),
+            )
+            .for_each(|((d_gate, d_up), ((gate, up), grad))| {
+                for i in 0..gate.len() {
+                    let (g, s) = (gate[i], sigmoid(gate[i]));
+                    d_up[i] = grad[i] * g * s;
+                    d_gate[i] = grad[i] * up[i] * s * (1.0 + g * (1.0 - s));
+                }
+            });
+        output(packed, &Shape::from(2 * n))
+    }
+}
+
+pub(crate) fn swiglu_op(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
 // --- Attention: scale, ALiBi, causal and padding mask, softmax ---------------
@@ -423,7 +628,9 @@ pub(crate) fn attention_softmax_op(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::ops::{attention_probs_composite, layer_norm_composite};
+    use crate::ops::{
+        attention_probs_composite, layer_norm_composite, rms_norm_composite, swiglu_composite,
+    };
     use candle_core::{Device, Var};
     use rand::{Rng, SeedableRng};
 
@@ -553,6 +760,29 @@ pub(crate) mod tests {
             &[x, w, b],
             |t| layer_norm_op(&t[0], &t[1], &t[2], 1e-5).unwrap(),
             |t| layer_norm_composite(&t[0], &t[1], &t[2], 1e-5).unwrap(),
+            1e-4,
+        );
+    }
+
+    /// 130 rows: the backward's tasks of 64 rows end mid-batch.
+    #[test]
+    fn fused_rms_norm_equals_the_composite() {
+        let (x, w) = (random(&[2, 130, 48], 5), random(&[48], 6));
+        assert_same_function(
+            &[x, w],
+            |t| rms_norm_op(&t[0], &t[1], 1e-6).unwrap(),
+            |t| rms_norm_composite(&t[0], &t[1], 1e-6).unwrap(),
+            1e-4,
+        );
+    }
+
+    #[test]
+    fn fused_swiglu_equals_the_composite() {
+        let (gate, up) = (random(&[3, 70, 90], 7), random(&[3, 70, 90], 8));
+        assert_same_function(
+            &[gate, up],
+            |t| swiglu_op(&t[0], &t[1]).unwrap(),
+            |t| swiglu_composite(&t[0], &t[1]).unwrap(),
             1e-4,
         );
     }

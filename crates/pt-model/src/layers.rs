@@ -93,3 +93,9 @@ impl DropoutDraw {
         }
     }
 }
+
+/// Linear layer `layer`'s masks (1-based) in a block that draws `block`:
+/// each layer its own.
+pub(crate) fn layer_dropout(block: Option<DropoutDraw>, layer: u64) -> Option<DropoutDraw> {
+    block.map(|draw| draw.part(layer, 0xD1B5_4A32_D192_ED03))
+}

@@ -11,10 +11,11 @@ use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::checkpoint::{self, Recompute};
 use crate::hf_dir::Weights;
-use crate::layers::{DropoutDraw, Linear};
-use crate::model::{Architecture, KvCache, ModelConfig, Pass};
+use crate::layers::{DropoutDraw, Linear, layer_dropout};
+use crate::model::{
+    Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
+};
 use crate::ops::{rms_norm, softmax_last_dim, swiglu};
 
 /// RoPE as `config.json` gives it: transformers 5's `rope_parameters`, or
@@ -349,31 +350,6 @@ impl Block {
         (norms, linears)
     }
 
-    /// `cache`: this block's keys and values of earlier positions, extended
-    /// with `x`'s (generation).
-    fn forward_with_cache(
-        &self,
-        x: &Tensor,
-        ctx: &BlockContext,
-        track: bool,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-    ) -> candle_core::Result<Tensor> {
-        // Each linear layer draws its own dropout mask.
-        let seed = |layer: u64| {
-            ctx.dropout
-                .map(|draw| draw.part(layer, 0xD1B5_4A32_D192_ED03))
-        };
-        let normed = self.input_layernorm.forward(x)?;
-        let attended = (x + self.attention(&normed, ctx, seed, track, cache)?)?;
-        let normed = self.post_attention_layernorm.forward(&attended)?;
-        let gate = self.gate_proj.forward(&normed, seed(5), track)?;
-        let up = self.up_proj.forward(&normed, seed(6), track)?;
-        let mlp = self
-            .down_proj
-            .forward(&swiglu(&gate, &up)?, seed(7), track)?;
-        attended + mlp
-    }
-
     fn attention(
         &self,
         x: &Tensor,
@@ -415,22 +391,32 @@ impl Block {
     }
 }
 
-impl Recompute for Block {
+impl DecoderBlock for Block {
     type Context = BlockContext;
 
-    fn forward(&self, x: &Tensor, ctx: &BlockContext, track: bool) -> candle_core::Result<Tensor> {
-        self.forward_with_cache(x, ctx, track, None)
+    fn apply(
+        &self,
+        x: &Tensor,
+        ctx: &BlockContext,
+        track: bool,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let seed = |layer| layer_dropout(ctx.dropout, layer);
+        let normed = self.input_layernorm.forward(x)?;
+        let attended = (x + self.attention(&normed, ctx, seed, track, cache)?)?;
+        let normed = self.post_attention_layernorm.forward(&attended)?;
+        let gate = self.gate_proj.forward(&normed, seed(5), track)?;
+        let up = self.up_proj.forward(&normed, seed(6), track)?;
+        let mlp = self
+            .down_proj
+            .forward(&swiglu(&gate, &up)?, seed(7), track)?;
+        attended + mlp
     }
 
-    fn trainable_tensors(&self) -> Vec<Tensor> {
-        let mut tensors = vec![
-            self.input_layernorm.weight.clone(),
-            self.post_attention_layernorm.weight.clone(),
-        ];
-        if let Some((q_norm, k_norm)) = &self.qk_norm {
-            tensors.extend([q_norm.weight.clone(), k_norm.weight.clone()]);
-        }
-        for linear in [
+    fn tensors(&self) -> Vec<Tensor> {
+        let mut norms = vec![&self.input_layernorm, &self.post_attention_layernorm];
+        norms.extend(self.qk_norm.iter().flat_map(|(q, k)| [q, k]));
+        let linears = [
             &self.q_proj,
             &self.k_proj,
             &self.v_proj,
@@ -438,17 +424,16 @@ impl Recompute for Block {
             &self.gate_proj,
             &self.up_proj,
             &self.down_proj,
-        ] {
-            tensors.extend(linear.tensors());
-        }
-        tensors.retain(Tensor::is_variable);
-        tensors
+        ];
+        let weights = norms.into_iter().map(|norm| norm.weight.clone());
+        weights
+            .chain(linears.into_iter().flat_map(Linear::tensors))
+            .collect()
     }
 }
 
 pub struct Llama {
     pub config: Config,
-    summary: ModelConfig,
     embed_tokens: Tensor,
     blocks: Vec<Block>,
     norm: RmsNorm,
@@ -472,7 +457,7 @@ pub const LORA_TARGETS: [&str; 7] = [
 impl Llama {
     /// Loads `config.json` and the safetensors weights (one file or shards)
     /// of an HF model directory.
-    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+    pub(crate) fn load(dir: &Path, device: &Device, dtype: DType) -> Result<(Self, ModelConfig)> {
         let config = Config::from_file(&dir.join("config.json"))?;
         let model_type = match config.model_type.as_str() {
             "llama" => "llama",
@@ -566,16 +551,16 @@ impl Llama {
             hidden_size: h,
             embedding_parameters: config.vocab_size * h * if lm_head.is_some() { 2 } else { 1 },
         };
-        Ok(Self {
+        let llama = Self {
             inverse_frequencies: config.rope()?.inverse_frequencies(d),
             config,
-            summary,
             embed_tokens,
             blocks,
             norm,
             lm_head,
             device: device.clone(),
-        })
+        };
+        Ok((llama, summary))
     }
 
     /// RoPE's cos and sin `[b, 1, q, head_dim]` at the positions of the
@@ -628,50 +613,25 @@ impl Llama {
 }
 
 impl Architecture for Llama {
-    fn config(&self) -> &ModelConfig {
-        &self.summary
-    }
-
-    fn dtype(&self) -> DType {
-        self.embed_tokens.dtype()
-    }
-
     fn hidden_states(
         &self,
         input_ids: &[Vec<u32>],
         mask: &[Vec<u32>],
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
         pass: &Pass<'_>,
     ) -> Result<Tensor> {
-        let (b, s) = (input_ids.len(), input_ids[0].len());
-        if let Some(cache) = cache.as_deref_mut()
-            && cache.layers.is_empty()
-        {
-            cache.layers = vec![None; self.blocks.len()];
-        }
-        let ids = Tensor::from_vec(input_ids.concat(), (b * s,), &self.device)?;
-        let mut hidden =
-            self.embed_tokens
-                .index_select(&ids, 0)?
-                .reshape((b, s, self.config.hidden_size))?;
-        let (cos, sin, additive) = self.positions_and_mask(mask, s, self.dtype())?;
-        for (index, block) in self.blocks.iter().enumerate() {
-            let context = BlockContext {
-                cos: cos.clone(),
-                sin: sin.clone(),
-                mask: additive.clone(),
-                heads: self.config.num_attention_heads,
-                kv_heads: self.config.kv_heads(),
-                head_dim: self.config.head_dim(),
-                dropout: pass.block_dropout(index),
-            };
-            let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-            hidden = if pass.checkpointing && hidden.track_op() {
-                checkpoint::checkpointed(block, &hidden, context, pass.side)?
-            } else {
-                block.forward_with_cache(&hidden, &context, true, layer_cache)?
-            };
-        }
+        let hidden = embed(&self.embed_tokens, input_ids)?;
+        let (cos, sin, additive) =
+            self.positions_and_mask(mask, input_ids[0].len(), hidden.dtype())?;
+        let hidden = run_blocks(&self.blocks, hidden, pass, cache, |index| BlockContext {
+            cos: cos.clone(),
+            sin: sin.clone(),
+            mask: additive.clone(),
+            heads: self.config.num_attention_heads,
+            kv_heads: self.config.kv_heads(),
+            head_dim: self.config.head_dim(),
+            dropout: pass.block_dropout(index),
+        })?;
         Ok(self.norm.forward(&hidden)?)
     }
 
@@ -680,15 +640,7 @@ impl Architecture for Llama {
     }
 
     fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
-        self.blocks
-            .iter_mut()
-            .enumerate()
-            .flat_map(|(i, b)| {
-                b.parts_mut()
-                    .1
-                    .map(|(name, linear)| (format!("model.layers.{i}.{name}"), linear))
-            })
-            .collect()
+        block_linears(&mut self.blocks, "model.layers", |b| b.parts_mut().1.into())
     }
 
     fn base_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {

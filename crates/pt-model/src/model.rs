@@ -10,7 +10,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 
-use crate::checkpoint::SideGradients;
+use crate::checkpoint::{self, Recompute, SideGradients};
 use crate::hf_dir;
 use crate::layers::{DropoutDraw, Linear};
 use crate::linear::frozen_matmul;
@@ -55,13 +55,102 @@ impl Pass<'_> {
     }
 }
 
+/// A decoder block of any family: its forward pass (with or without a
+/// graph, with a KV cache in generation) and its trainable tensors. Every
+/// block is thereby checkpointable ([`Recompute`]).
+pub(crate) trait DecoderBlock: Clone + Send + Sync + 'static {
+    /// What the forward needs besides the input and the weights (masks,
+    /// positions, dropout draws); cheap to clone.
+    type Context: Clone + Send + Sync + 'static;
+
+    /// `track`: false while the block runs without a graph (checkpointing);
+    /// `cache`: this block's keys and values of earlier positions, extended
+    /// with `x`'s.
+    fn apply(
+        &self,
+        x: &Tensor,
+        context: &Self::Context,
+        track: bool,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor>;
+
+    /// The block's tensors: norms' and linear layers' (with adapters).
+    fn tensors(&self) -> Vec<Tensor>;
+}
+
+impl<B: DecoderBlock> Recompute for B {
+    type Context = B::Context;
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        context: &B::Context,
+        track: bool,
+    ) -> candle_core::Result<Tensor> {
+        self.apply(x, context, track, None)
+    }
+
+    fn trainable_tensors(&self) -> Vec<Tensor> {
+        let mut tensors = self.tensors();
+        tensors.retain(Tensor::is_variable);
+        tensors
+    }
+}
+
+/// `hidden` through `blocks` in order, block `i` with `context(i)`: each
+/// checkpointed where the pass asks for it (and a graph is being built),
+/// extending `cache` where there is one.
+pub(crate) fn run_blocks<B: DecoderBlock>(
+    blocks: &[B],
+    mut hidden: Tensor,
+    pass: &Pass<'_>,
+    mut cache: Option<&mut KvCache>,
+    context: impl Fn(usize) -> B::Context,
+) -> Result<Tensor> {
+    if let Some(cache) = cache.as_deref_mut()
+        && cache.layers.is_empty()
+    {
+        cache.layers = vec![None; blocks.len()];
+    }
+    for (index, block) in blocks.iter().enumerate() {
+        let context = context(index);
+        let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
+        hidden = if pass.checkpointing && hidden.track_op() {
+            checkpoint::checkpointed(block, &hidden, context, pass.side)?
+        } else {
+            block.apply(&hidden, &context, true, layer_cache)?
+        };
+    }
+    Ok(hidden)
+}
+
+/// Rows `input_ids` (`[b][s]`) of the embedding `table`: `[b, s, h]`.
+pub(crate) fn embed(table: &Tensor, input_ids: &[Vec<u32>]) -> Result<Tensor> {
+    let (b, s) = (input_ids.len(), input_ids[0].len());
+    let ids = Tensor::from_vec(input_ids.concat(), (b * s,), table.device())?;
+    Ok(table
+        .index_select(&ids, 0)?
+        .reshape((b, s, table.dim(1)?))?)
+}
+
+/// Each block's linear layers with their PEFT module paths:
+/// `{prefix}.{index}.{name}`.
+pub(crate) fn block_linears<'a, B>(
+    blocks: &'a mut [B],
+    prefix: &str,
+    linears: impl Fn(&'a mut B) -> Vec<(&'static str, &'a mut Linear)>,
+) -> Vec<(String, &'a mut Linear)> {
+    let mut all = Vec::new();
+    for (index, block) in blocks.iter_mut().enumerate() {
+        for (name, linear) in linears(block) {
+            all.push((format!("{prefix}.{index}.{name}"), linear));
+        }
+    }
+    all
+}
+
 /// One family's architecture: its layers and their forward pass.
 pub(crate) trait Architecture {
-    fn config(&self) -> &ModelConfig;
-
-    /// The dtype of the base weights and hidden states.
-    fn dtype(&self) -> DType;
-
     /// The hidden states after the final norm, `[b, n, h]`, of `input_ids`
     /// `[b, n]`, which are the batch's last `n` positions of `mask` (1 for
     /// tokens, 0 for left or right padding).
@@ -88,6 +177,7 @@ pub(crate) trait Architecture {
 
 pub struct Model {
     arch: Box<dyn Architecture>,
+    config: ModelConfig,
     device: Device,
     /// How the current micro-batch draws its dropout masks; `None` outside training.
     dropout: Cell<Option<DropoutDraw>>,
@@ -114,10 +204,14 @@ impl Model {
     /// `device`, the base weights in `dtype` (f32, or bf16/f16 on CUDA).
     /// LoRA weights, norm statistics, softmax and the loss stay in f32.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let arch: Box<dyn Architecture> = match model_type(dir)?.as_str() {
-            "bloom" => Box::new(crate::bloom::Bloom::load(dir, device, dtype)?),
+        let (arch, config): (Box<dyn Architecture>, ModelConfig) = match model_type(dir)?.as_str() {
+            "bloom" => {
+                let (bloom, config) = crate::bloom::Bloom::load(dir, device, dtype)?;
+                (Box::new(bloom), config)
+            }
             "llama" | "mistral" | "qwen2" | "qwen3" => {
-                Box::new(crate::llama::Llama::load(dir, device, dtype)?)
+                let (llama, config) = crate::llama::Llama::load(dir, device, dtype)?;
+                (Box::new(llama), config)
             }
             other => bail!(
                 "{}: model_type `{other}` is not one pt-host trains (it trains {})",
@@ -127,6 +221,7 @@ impl Model {
         };
         Ok(Self {
             arch,
+            config,
             device: device.clone(),
             dropout: Cell::new(None),
             gradient_checkpointing: false,
@@ -135,12 +230,12 @@ impl Model {
     }
 
     pub fn config(&self) -> &ModelConfig {
-        self.arch.config()
+        &self.config
     }
 
     /// The dtype of the base weights and hidden states.
     pub fn dtype(&self) -> DType {
-        self.arch.dtype()
+        self.arch.lm_head().dtype()
     }
 
     pub fn device(&self) -> &Device {

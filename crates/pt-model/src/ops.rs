@@ -41,6 +41,14 @@ pub(crate) fn layer_norm_composite(
 /// statistics in f32, the normalised input rounded back to its dtype, then
 /// scaled by `weight`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if fused::applies(x) && fused::applies(weight) {
+        return fused::rms_norm_op(x, weight, eps);
+    }
+    rms_norm_composite(x, weight, eps)
+}
+
+/// [`rms_norm`] from candle's differentiable ops.
+pub(crate) fn rms_norm_composite(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?;
     let mean_square = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -48,8 +56,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     normalized.to_dtype(dtype)?.broadcast_mul(weight)
 }
 
-/// SwiGLU: `silu(gate) ⊙ up`.
+/// SwiGLU: `silu(gate) ⊙ up`. Fused on the CPU.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if fused::applies(gate) && fused::applies(up) {
+        return fused::swiglu_op(gate, up);
+    }
+    swiglu_composite(gate, up)
+}
+
+/// [`swiglu`] from candle's differentiable ops.
+pub(crate) fn swiglu_composite(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.silu()? * up
 }
 

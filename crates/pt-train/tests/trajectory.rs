@@ -86,7 +86,6 @@ fn bf16_lora_training_stays_close_to_peft() {
 
 fn follow_peft(family: &str, dtype: DType, gradient_checkpointing: bool, tolerance: Tolerance) {
     let expected_run = trajectory_of(family);
-    let args = &expected_run["args"];
     let dir = fixture_of(family);
     let mut model = Model::load(&dir.join("model"), &test_device(), dtype).unwrap();
     // HF's "before" is the base model's loss (it equals expected.safetensors' valid_loss).
@@ -104,16 +103,7 @@ fn follow_peft(family: &str, dtype: DType, gradient_checkpointing: bool, toleran
     let named = model.lora_variables();
     // The recipe decays every LoRA weight (they have no biases or norms).
     let groups = named.iter().map(|(_, v)| (v.clone(), true)).collect();
-    let peak_lr = args["lr"].as_f64().unwrap();
-    follow_steps(
-        family,
-        &model,
-        groups,
-        &expected_run,
-        peak_lr,
-        &expected_run["log"],
-        &tolerance,
-    );
+    follow_steps(family, &model, groups, Run::Lora, &tolerance);
     let after = validation_loss(family, &model);
     assert!(
         close(
@@ -139,19 +129,34 @@ fn follow_peft(family: &str, dtype: DType, gradient_checkpointing: bool, toleran
     );
 }
 
+/// Which of the fixture's recorded runs to follow.
+#[derive(Clone, Copy, PartialEq)]
+enum Run {
+    /// LoRA from `lora_init` (`log`, at `args.lr`).
+    Lora,
+    /// Full fine-tuning from the base model (`full.log`, at `full.lr`).
+    Full,
+}
+
 /// Trains `groups` (variables, whether they decay) with the fixture's recipe
-/// for as many steps as HF's `log` has, checking each step's loss, gradient
-/// norm (before clipping) and learning rate against it.
+/// for as many steps as HF's log of `run` has, checking each step's loss,
+/// gradient norm (before clipping) and learning rate against it.
 fn follow_steps(
     family: &str,
     model: &Model,
     groups: Vec<(Var, bool)>,
-    expected_run: &serde_json::Value,
-    peak_lr: f64,
-    log: &serde_json::Value,
+    run: Run,
     tolerance: &Tolerance,
 ) {
+    let expected_run = trajectory_of(family);
     let args = &expected_run["args"];
+    let (peak_lr, log) = match run {
+        Run::Lora => (args["lr"].as_f64().unwrap(), &expected_run["log"]),
+        Run::Full => {
+            let full = &expected_run["full"];
+            (full["lr"].as_f64().unwrap(), &full["log"])
+        }
+    };
     let variables: Vec<Var> = groups.iter().map(|(v, _)| v.clone()).collect();
     let config = AdamWConfig {
         weight_decay: args["wd"].as_f64().unwrap(),
@@ -236,16 +241,7 @@ fn full_fine_tuning_follows_pytorch_for_every_family() {
             .collect();
         assert_eq!(no_decay, hf_no_decay, "{family}: decay groups");
         let groups = named.iter().map(|(n, v)| (v.clone(), decays(n))).collect();
-        let peak_lr = full["lr"].as_f64().unwrap();
-        follow_steps(
-            family,
-            &model,
-            groups,
-            &expected_run,
-            peak_lr,
-            &full["log"],
-            &F32,
-        );
+        follow_steps(family, &model, groups, Run::Full, &F32);
         let after = validation_loss(family, &model);
         let hf = full["valid_loss_after"].as_f64().unwrap();
         assert!(
