@@ -28,7 +28,14 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from transformers import BloomConfig, BloomForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    BloomConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 
 def allreduce_rank(rank, port, floats, results):
@@ -57,6 +64,43 @@ def allreduce(floats):
     return results.get()
 
 
+LORA_TARGETS = {
+    True: ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    False: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def model_config(args):
+    """The random model pt-host's bench builds: the same family and shape."""
+    if args.arch == "bloom":
+        return BloomConfig(
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            n_layer=args.n_layer,
+            n_head=args.n_head,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+        )
+    config_class = {
+        "llama": LlamaConfig,
+        "mistral": MistralConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+    }[args.arch]
+    return config_class(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size or 4 * args.hidden_size,
+        num_hidden_layers=args.n_layer,
+        num_attention_heads=args.n_head,
+        num_key_value_heads=args.num_key_value_heads or args.n_head,
+        head_dim=args.hidden_size // args.n_head,
+        tie_word_embeddings=args.tie_word_embeddings == "true",
+        sliding_window=None,
+        attention_dropout=0.0,
+    )
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument(
@@ -64,6 +108,10 @@ def main():
         required=True,
         choices=["lora", "full", "eval", "generate", "matmul", "allreduce-lora", "allreduce-full"],
     )
+    p.add_argument("--arch", default="bloom", choices=["bloom", "llama", "mistral", "qwen2", "qwen3"])
+    p.add_argument("--num_key_value_heads", type=int, default=None)
+    p.add_argument("--intermediate_size", type=int, default=None)
+    p.add_argument("--tie_word_embeddings", default="true", choices=["true", "false"])
     p.add_argument("--hidden_size", type=int, default=512)
     p.add_argument("--n_layer", type=int, default=8)
     p.add_argument("--n_head", type=int, default=8)
@@ -83,21 +131,14 @@ def main():
         return
 
     torch.manual_seed(42)
-    config = BloomConfig(
-        vocab_size=args.vocab_size,
-        hidden_size=args.hidden_size,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-    )
+    config = model_config(args)
     # On a GPU as pt-host runs there: bf16 base weights (PEFT keeps the
     # adapters in f32), TF32 for f32 matmuls.
     cuda = args.device == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     dtype = torch.bfloat16 if cuda else torch.float32
-    model = BloomForCausalLM(config).to(args.device, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config).to(args.device, dtype=dtype)
     ids = torch.randint(4, args.vocab_size, (args.batch_size, args.block_size), device=args.device)
 
     def sync():
@@ -129,7 +170,7 @@ def main():
                     r=8,
                     lora_alpha=16,
                     lora_dropout=0.05,
-                    target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+                    target_modules=LORA_TARGETS[args.arch == "bloom"],
                     task_type="CAUSAL_LM",
                 ),
             )

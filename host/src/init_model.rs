@@ -76,35 +76,16 @@ pub fn run(args: InitModelArgs) -> Result<()> {
     let tokenizer = tokenize::train_tokenizer(&documents, vocab_size, &args.output_dir)?;
     // A small corpus may yield fewer merges than asked for.
     let vocab_size = tokenizer.vocab_size();
-    let (weights, hf_config) = match args.arch {
-        Arch::Bloom => {
-            let config = Config {
-                hidden_size,
-                n_head,
-                n_layer,
-                vocab_size,
-                layer_norm_epsilon: 1e-5,
-                apply_residual_connection_post_layernorm: false,
-                model_type: Some("bloom".into()),
-            };
-            pt_model::init::write_random_model(&args.output_dir, &config, 0.02, args.seed)?;
-            (pt_model::init::bloom_weights(&config), None)
-        }
-        arch => {
-            let hf_config = llama_family_config(arch, hidden_size, n_layer, n_head, vocab_size);
-            let config: pt_model::llama::Config = serde_json::from_value(hf_config.clone())?;
-            (pt_model::init::llama_weights(&config), Some(hf_config))
-        }
+    let shape = FamilyShape {
+        hidden_size,
+        layers: n_layer,
+        heads: n_head,
+        kv_heads: n_head / 2,
+        intermediate_size: 3 * hidden_size,
+        vocab_size,
+        tied: matches!(args.arch, Arch::Qwen2 | Arch::Qwen3),
     };
-    if let Some(hf_config) = hf_config {
-        pt_model::init::write_random_weights(
-            &args.output_dir,
-            &weights,
-            hf_config,
-            0.02,
-            args.seed,
-        )?;
-    }
+    let weights = write_random(args.arch, &shape, &args.output_dir, args.seed)?;
     let parameters: usize = weights
         .iter()
         .map(|(_, shape, _)| shape.iter().product::<usize>())
@@ -119,7 +100,7 @@ pub fn run(args: InitModelArgs) -> Result<()> {
     Ok(())
 }
 
-fn arch_name(arch: Arch) -> &'static str {
+pub fn arch_name(arch: Arch) -> &'static str {
     match arch {
         Arch::Bloom => "BLOOM",
         Arch::Llama => "Llama",
@@ -129,38 +110,72 @@ fn arch_name(arch: Arch) -> &'static str {
     }
 }
 
-/// `config.json` of a small Llama-family model, in transformers 5's dialect.
-fn llama_family_config(
-    arch: Arch,
-    hidden_size: usize,
-    n_layer: usize,
-    n_head: usize,
-    vocab_size: usize,
-) -> serde_json::Value {
-    let (model_type, architecture, tied, theta) = match arch {
-        Arch::Llama => ("llama", "LlamaForCausalLM", false, 500_000.0),
-        Arch::Mistral => ("mistral", "MistralForCausalLM", false, 1_000_000.0),
-        Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM", true, 1_000_000.0),
-        Arch::Qwen3 | Arch::Bloom => ("qwen3", "Qwen3ForCausalLM", true, 1_000_000.0),
+/// The shape of a Llama-family model.
+pub struct FamilyShape {
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub tied: bool,
+}
+
+/// `config.json` of a Llama-family model of `shape`, in transformers 5's
+/// dialect, with its family's RoPE θ.
+pub fn llama_family_config(arch: Arch, shape: &FamilyShape) -> serde_json::Value {
+    let (model_type, architecture, theta) = match arch {
+        Arch::Llama => ("llama", "LlamaForCausalLM", 500_000.0),
+        Arch::Mistral => ("mistral", "MistralForCausalLM", 1_000_000.0),
+        Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM", 1_000_000.0),
+        Arch::Qwen3 | Arch::Bloom => ("qwen3", "Qwen3ForCausalLM", 1_000_000.0),
     };
     serde_json::json!({
         "architectures": [architecture],
         "model_type": model_type,
-        "vocab_size": vocab_size,
-        "hidden_size": hidden_size,
-        "intermediate_size": 3 * hidden_size,
-        "num_hidden_layers": n_layer,
-        "num_attention_heads": n_head,
-        "num_key_value_heads": n_head / 2,
-        "head_dim": hidden_size / n_head,
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": shape.hidden_size / shape.heads,
         "hidden_act": "silu",
         "rms_norm_eps": 1e-6,
         "max_position_embeddings": 4096,
         "rope_parameters": { "rope_type": "default", "rope_theta": theta },
-        "tie_word_embeddings": tied,
+        "tie_word_embeddings": shape.tied,
         "attention_bias": false,
         "attention_dropout": 0.0,
         "sliding_window": null,
         "use_sliding_window": false,
     })
+}
+
+/// Writes a random model of `arch` and `shape` (BLOOM: hidden, layers,
+/// heads, vocabulary alone) into `dir`; returns its weights' names and shapes.
+pub fn write_random(
+    arch: Arch,
+    shape: &FamilyShape,
+    dir: &std::path::Path,
+    seed: u64,
+) -> Result<Vec<pt_model::init::WeightSpec>> {
+    if arch == Arch::Bloom {
+        let config = Config {
+            hidden_size: shape.hidden_size,
+            n_head: shape.heads,
+            n_layer: shape.layers,
+            vocab_size: shape.vocab_size,
+            layer_norm_epsilon: 1e-5,
+            apply_residual_connection_post_layernorm: false,
+            model_type: Some("bloom".into()),
+        };
+        pt_model::init::write_random_model(dir, &config, 0.02, seed)?;
+        return Ok(pt_model::init::bloom_weights(&config));
+    }
+    let hf_config = llama_family_config(arch, shape);
+    let config: pt_model::llama::Config = serde_json::from_value(hf_config.clone())?;
+    let weights = pt_model::init::llama_weights(&config);
+    pt_model::init::write_random_weights(dir, &weights, hf_config, 0.02, seed)?;
+    Ok(weights)
 }

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use pt_data::Blocks;
-use pt_model::bloom::Config;
 use pt_model::{AdapterConfig, Model};
 use pt_train::evaluate::evaluate;
 use pt_train::trainer::{Interval, StepProgress, Trainable, Trainer, TrainerCallback};
@@ -116,13 +115,7 @@ fn allreduce_rate(floats: usize) -> Result<f64> {
 fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> {
     let mut data_share = None;
     let dir = tempfile::tempdir()?;
-    let config: Config = serde_json::from_value(serde_json::json!({
-        "hidden_size": args.hidden_size,
-        "n_layer": args.n_layer,
-        "n_head": args.n_head,
-        "vocab_size": args.vocab_size,
-    }))?;
-    pt_model::init::write_random_model(dir.path(), &config, 0.02, 42)?;
+    crate::init_model::write_random(args.arch, &args.shape(), dir.path(), 42)?;
     let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true, 0)?;
     let mut model = Model::load(dir.path(), &device, dtype)?;
     model.gradient_checkpointing = args.gradient_checkpointing;
@@ -134,7 +127,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
                     peft_type: "LORA".into(),
                     r: 8,
                     lora_alpha: 16.0,
-                    target_modules: pt_model::bloom::LORA_TARGETS.map(String::from).to_vec(),
+                    target_modules: model.lora_targets().iter().map(|t| t.to_string()).collect(),
                     use_rslora: false,
                     use_dora: false,
                 };

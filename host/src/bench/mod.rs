@@ -95,16 +95,50 @@ impl Measure {
     }
 }
 
-/// Trainable floats of the bench shape: LoRA r 8 on the four linear layers
-/// (`r·(in + out)` each), or every weight of the (tied-head) model.
+impl BenchArgs {
+    /// The random model's shape.
+    fn shape(&self) -> crate::init_model::FamilyShape {
+        crate::init_model::FamilyShape {
+            hidden_size: self.hidden_size,
+            layers: self.n_layer,
+            heads: self.n_head,
+            kv_heads: self.num_key_value_heads.unwrap_or(self.n_head),
+            intermediate_size: self.intermediate_size.unwrap_or(4 * self.hidden_size),
+            vocab_size: self.vocab_size,
+            tied: self.tie_word_embeddings,
+        }
+    }
+}
+
+/// Trainable floats of the bench shape: LoRA r 8 on every linear layer of
+/// a block (`r·(in + out)` each), or every weight of the model.
 fn gradient_floats(args: &BenchArgs, lora: bool) -> usize {
-    let h = args.hidden_size;
-    let per_layer = if lora {
-        8 * ((h + 3 * h) + (h + h) + 2 * (h + 4 * h))
-    } else {
-        12 * h * h + 13 * h
+    let weights = match args.arch {
+        crate::init_model::Arch::Bloom => {
+            let config: pt_model::bloom::Config = serde_json::from_value(serde_json::json!({
+                "hidden_size": args.hidden_size, "n_layer": args.n_layer,
+                "n_head": args.n_head, "vocab_size": args.vocab_size,
+            }))
+            .expect("a BLOOM shape");
+            pt_model::init::bloom_weights(&config)
+        }
+        arch => {
+            let hf_config = crate::init_model::llama_family_config(arch, &args.shape());
+            let config: pt_model::llama::Config =
+                serde_json::from_value(hf_config).expect("a Llama-family shape");
+            pt_model::init::llama_weights(&config)
+        }
     };
-    args.n_layer * per_layer + if lora { 0 } else { args.vocab_size * h + 4 * h }
+    // LoRA adapts every matrix inside the blocks: their linear layers.
+    let in_block = |name: &str| name.contains(".h.") || name.contains(".layers.");
+    weights
+        .iter()
+        .filter(|(name, shape, _)| !lora || (shape.len() == 2 && in_block(name)))
+        .map(|(_, shape, _)| match lora {
+            true => 8 * (shape[0] + shape[1]),
+            false => shape.iter().product(),
+        })
+        .sum()
 }
 
 /// Whether this pt-host can run the all-reduce measurements here.
@@ -128,15 +162,29 @@ pub enum TorchArg {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Model width of the random BLOOM.
+    /// The random model's family (Qwen2.5-0.5B's shape: --arch qwen2
+    /// --hidden_size 896 --n_layer 24 --n_head 14 --num_key_value_heads 2
+    /// --intermediate_size 4864 --vocab_size 151936).
+    #[arg(long = "arch", value_enum, default_value = "bloom")]
+    pub arch: crate::init_model::Arch,
+    /// Model width of the random model.
     #[arg(long = "hidden_size", default_value_t = 512)]
     pub hidden_size: usize,
-    /// Blocks of the random BLOOM.
+    /// Blocks of the random model.
     #[arg(long = "n_layer", default_value_t = 8)]
     pub n_layer: usize,
     /// Attention heads.
     #[arg(long = "n_head", default_value_t = 8)]
     pub n_head: usize,
+    /// Key/value heads of a Llama-family model (default: --n_head).
+    #[arg(long = "num_key_value_heads")]
+    pub num_key_value_heads: Option<usize>,
+    /// MLP width of a Llama-family model (default: 4 × hidden).
+    #[arg(long = "intermediate_size")]
+    pub intermediate_size: Option<usize>,
+    /// Whether a Llama-family model's LM head is the embedding.
+    #[arg(long = "tie_word_embeddings", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = crate::args::parse_bool)]
+    pub tie_word_embeddings: bool,
     /// Vocabulary size (the LM head's width).
     #[arg(long = "vocab_size", default_value_t = 16384)]
     pub vocab_size: usize,
@@ -246,8 +294,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
         };
         bail!("--only {}: needs {needs}", measure.name());
     }
+    let shape = args.shape();
+    let family = match args.arch {
+        crate::init_model::Arch::Bloom => "BLOOM".to_string(),
+        arch => format!(
+            "{} ({} KV heads, MLP {}, {} head)",
+            crate::init_model::arch_name(arch),
+            shape.kv_heads,
+            shape.intermediate_size,
+            if shape.tied { "tied" } else { "untied" }
+        ),
+    };
     println!(
-        "bench: random BLOOM hidden {} × {} layers × {} heads, vocab {}, block {}, micro-batch {}, {}, {} CPU threads{}",
+        "bench: random {family} hidden {} × {} layers × {} heads, vocab {}, block {}, micro-batch {}, {}, {} CPU threads{}",
         args.hidden_size,
         args.n_layer,
         args.n_head,
@@ -397,6 +456,25 @@ fn print_row(label: &str, ours: &Measured, reference: Option<&Measured>) {
 
 /// The shape flags, for a child process or the reference script.
 fn shape_flags(args: &BenchArgs) -> Vec<String> {
+    let shape = args.shape();
+    let arch = clap::ValueEnum::to_possible_value(&args.arch)
+        .expect("no skipped variants")
+        .get_name()
+        .to_string();
+    let family = [
+        ("--arch".to_string(), arch),
+        ("--num_key_value_heads".into(), shape.kv_heads.to_string()),
+        ("--intermediate_size".into(), shape.intermediate_size.to_string()),
+        ("--tie_word_embeddings".into(), shape.tied.to_string()),
+    ];
+    family
+        .into_iter()
+        .flat_map(|(flag, value)| [flag, value])
+        .chain(shape_numbers(args))
+        .collect()
+}
+
+fn shape_numbers(args: &BenchArgs) -> Vec<String> {
     [
         ("--hidden_size", args.hidden_size),
         ("--n_layer", args.n_layer),
