@@ -6,17 +6,19 @@
 //! (Qwen3), RoPE scaling (Llama 3), a sliding window (Mistral).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::fused::AttentionBias;
 use crate::hf_dir::Weights;
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
 use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
-use crate::ops::{rms_norm, softmax_last_dim, swiglu};
+use crate::ops::{attention_probs, rms_norm, softmax_last_dim, swiglu};
 
 /// RoPE as `config.json` gives it: transformers 5's `rope_parameters`, or
 /// 4.x's `rope_scaling` beside `rope_theta`.
@@ -284,12 +286,22 @@ struct BlockContext {
     /// `[b, 1, q, head_dim]`, in the hidden states' dtype.
     cos: Tensor,
     sin: Tensor,
-    /// Additive f32 mask `[b, 1, q, keys]`: causal, padding, window.
-    mask: Tensor,
+    /// Who sees whom: the fused CPU kernel's causal and padding mask
+    /// (without ALiBi), or the additive f32 mask `[b, 1, q, keys]` (with a
+    /// sliding window, or off the CPU's f32 path).
+    mask: AttentionMask,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
     dropout: Option<DropoutDraw>,
+}
+
+/// How a block's attention masks its scores.
+#[derive(Clone)]
+enum AttentionMask {
+    /// BLOOM's fused softmax kernel, with zero ALiBi slopes.
+    Fused(Arc<AttentionBias>),
+    Additive(Tensor),
 }
 
 /// `x` `[b, heads, s, d]` with its halves rotated: `cat(-x₂, x₁)`.
@@ -380,11 +392,18 @@ impl Block {
         }
         let repeat = ctx.heads / ctx.kv_heads;
         let (k, v) = (repeat_kv(&k, repeat)?, repeat_kv(&v, repeat)?);
-        let scores = (q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)?
-            * (1.0 / (d as f64).sqrt()))?;
+        let raw_scores = q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+        let scale = 1.0 / (d as f64).sqrt();
         // Softmax in f32, as HF does, whatever the compute dtype.
-        let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?.broadcast_add(&ctx.mask)?)?
-            .to_dtype(v.dtype())?;
+        let probs = match &ctx.mask {
+            AttentionMask::Fused(bias) => attention_probs(&raw_scores, scale, bias, None)?,
+            AttentionMask::Additive(mask) => softmax_last_dim(
+                &(raw_scores * scale)?
+                    .to_dtype(DType::F32)?
+                    .broadcast_add(mask)?,
+            )?,
+        }
+        .to_dtype(v.dtype())?;
         let context = probs.matmul(&v.contiguous()?)?;
         let merged = context.transpose(1, 2)?.reshape((b, s, ctx.heads * d))?;
         self.o_proj.forward(&merged, seed(4), track)
@@ -572,13 +591,14 @@ impl Llama {
         mask: &[Vec<u32>],
         q: usize,
         dtype: DType,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<(Tensor, Tensor, AttentionMask)> {
         let (b, keys) = (mask.len(), mask[0].len());
         let half = self.inverse_frequencies.len();
         let d = 2 * half;
         let (mut cos, mut sin) = (Vec::with_capacity(b * q * d), Vec::with_capacity(b * q * d));
-        let mut additive = Vec::with_capacity(b * q * keys);
         let window = self.config.window();
+        let fused = window.is_none() && self.device.is_cpu() && dtype == DType::F32;
+        let mut additive = Vec::with_capacity(if fused { 0 } else { b * q * keys });
         for row in mask {
             let mut position = Vec::with_capacity(keys);
             let mut seen = 0usize;
@@ -593,6 +613,9 @@ impl Llama {
                     cos.extend(angles.iter().map(|a| a.cos()));
                     sin.extend(angles.iter().map(|a| a.sin()));
                 }
+                if fused {
+                    continue;
+                }
                 additive.extend((0..keys).map(|key| {
                     let visible =
                         key <= query && row[key] == 1 && window.is_none_or(|w| query - key < w);
@@ -604,11 +627,18 @@ impl Llama {
         let angles = |values: Vec<f32>| -> Result<Tensor> {
             Ok(Tensor::from_vec(values, (b, 1, q, d), device)?.to_dtype(dtype)?)
         };
-        Ok((
-            angles(cos)?,
-            angles(sin)?,
-            Tensor::from_vec(additive, (b, 1, q, keys), device)?,
-        ))
+        let mask = match fused {
+            true => AttentionMask::Fused(Arc::new(AttentionBias {
+                batch: b,
+                keys,
+                queries: q,
+                slopes: vec![0.0; self.config.num_attention_heads],
+                positions: vec![0.0; b * keys],
+                real: mask.iter().flatten().map(|&m| m == 1).collect(),
+            })),
+            false => AttentionMask::Additive(Tensor::from_vec(additive, (b, 1, q, keys), device)?),
+        };
+        Ok((angles(cos)?, angles(sin)?, mask))
     }
 }
 
@@ -621,12 +651,12 @@ impl Architecture for Llama {
         pass: &Pass<'_>,
     ) -> Result<Tensor> {
         let hidden = embed(&self.embed_tokens, input_ids)?;
-        let (cos, sin, additive) =
+        let (cos, sin, attention_mask) =
             self.positions_and_mask(mask, input_ids[0].len(), hidden.dtype())?;
         let hidden = run_blocks(&self.blocks, hidden, pass, cache, |index| BlockContext {
             cos: cos.clone(),
             sin: sin.clone(),
-            mask: additive.clone(),
+            mask: attention_mask.clone(),
             heads: self.config.num_attention_heads,
             kv_heads: self.config.kv_heads(),
             head_dim: self.config.head_dim(),

@@ -464,7 +464,10 @@ fn shape_flags(args: &BenchArgs) -> Vec<String> {
     let family = [
         ("--arch".to_string(), arch),
         ("--num_key_value_heads".into(), shape.kv_heads.to_string()),
-        ("--intermediate_size".into(), shape.intermediate_size.to_string()),
+        (
+            "--intermediate_size".into(),
+            shape.intermediate_size.to_string(),
+        ),
         ("--tie_word_embeddings".into(), shape.tied.to_string()),
     ];
     family
