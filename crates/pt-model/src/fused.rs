@@ -492,6 +492,78 @@ pub(crate) fn swiglu_op(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
 }
 
+// --- RoPE (the Llama family) ---------------------------------------------------
+
+/// Rotary position embedding of `[b, heads, s, d]`: dimension `i` and
+/// `i + d/2` of each position rotated by that position's angle `θᵢ`
+/// (transformers' `x·cos + rotate_half(x)·sin`). `cos`, `sin`: `[b, s, d/2]`.
+/// A rotation's backward is the rotation by `−θ`: the same kernel with
+/// `inverse`.
+struct Rope {
+    cos: Arc<Vec<f32>>,
+    sin: Arc<Vec<f32>>,
+    inverse: bool,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "fused-rope"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = values(storage, layout)?;
+        let (b, heads, s, d) = layout.shape().dims4()?;
+        let half = d / 2;
+        if self.cos.len() != b * s * half {
+            bail!(
+                "fused RoPE: angles for {} values, the input needs {}",
+                self.cos.len(),
+                b * s * half
+            );
+        }
+        let sign = if self.inverse { -1.0 } else { 1.0 };
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(s * d)
+            .zip(x.par_chunks(s * d))
+            .enumerate()
+            .for_each(|(row_head, (y, x))| {
+                let row = row_head / heads;
+                for t in 0..s {
+                    let angles = (row * s + t) * half;
+                    let (cos, sin) = (
+                        &self.cos[angles..angles + half],
+                        &self.sin[angles..angles + half],
+                    );
+                    let (x, y) = (&x[t * d..(t + 1) * d], &mut y[t * d..(t + 1) * d]);
+                    for i in 0..half {
+                        let (c, s) = (cos[i], sign * sin[i]);
+                        y[i] = x[i] * c - x[i + half] * s;
+                        y[i + half] = x[i + half] * c + x[i] * s;
+                    }
+                }
+            });
+        output(y, layout.shape())
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let inverse = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            inverse: !self.inverse,
+        };
+        Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
+/// [`Rope`] of `x` `[b, heads, s, d]` with angles' `cos`, `sin` `[b, s, d/2]`.
+pub(crate) fn rope_op(x: &Tensor, cos: &Arc<Vec<f32>>, sin: &Arc<Vec<f32>>) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope {
+        cos: cos.clone(),
+        sin: sin.clone(),
+        inverse: false,
+    })
+}
+
 // --- Attention: scale, ALiBi, causal and padding mask, softmax ---------------
 
 /// What decides each attention score besides q·k: ALiBi and the mask, for a
@@ -761,6 +833,33 @@ pub(crate) mod tests {
             |t| layer_norm_op(&t[0], &t[1], &t[2], 1e-5).unwrap(),
             |t| layer_norm_composite(&t[0], &t[1], &t[2], 1e-5).unwrap(),
             1e-4,
+        );
+    }
+
+    /// The fused rotation equals transformers' `x·cos + rotate_half(x)·sin`
+    /// in values and gradients.
+    #[test]
+    fn fused_rope_equals_rotate_half() {
+        let (b, heads, s, half) = (2, 3, 5, 4);
+        let angles = random(&[b, s, half], 9);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let table = |t: &Tensor| Arc::new(t.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let (cos_table, sin_table) = (table(&cos), table(&sin));
+        let full = |t: &Tensor| Tensor::cat(&[t, t], 2).unwrap().unsqueeze(1).unwrap();
+        let (cos_full, sin_full) = (full(&cos), full(&sin));
+        assert_same_function(
+            &[random(&[b, heads, s, 2 * half], 10)],
+            |t| rope_op(&t[0], &cos_table, &sin_table).unwrap(),
+            |t| {
+                let (x1, x2) = (
+                    t[0].narrow(3, 0, half).unwrap(),
+                    t[0].narrow(3, half, half).unwrap(),
+                );
+                let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], 3).unwrap();
+                (t[0].broadcast_mul(&cos_full).unwrap() + rotated.broadcast_mul(&sin_full).unwrap())
+                    .unwrap()
+            },
+            1e-5,
         );
     }
 

@@ -283,9 +283,8 @@ struct Block {
 /// What a block's forward needs besides its weights (cheap to clone).
 #[derive(Clone)]
 struct BlockContext {
-    /// `[b, 1, q, head_dim]`, in the hidden states' dtype.
-    cos: Tensor,
-    sin: Tensor,
+    /// RoPE's angles at the queries' positions.
+    rotation: Rotation,
     /// Who sees whom: the fused CPU kernel's causal and padding mask
     /// (without ALiBi), or the additive f32 mask `[b, 1, q, keys]` (with a
     /// sliding window, or off the CPU's f32 path).
@@ -294,6 +293,31 @@ struct BlockContext {
     kv_heads: usize,
     head_dim: usize,
     dropout: Option<DropoutDraw>,
+}
+
+/// RoPE's angles: `cos`, `sin` `[b, q, d/2]` for the fused CPU kernel, or
+/// `[b, 1, q, d]` tensors in the hidden states' dtype.
+#[derive(Clone)]
+enum Rotation {
+    Fused {
+        cos: Arc<Vec<f32>>,
+        sin: Arc<Vec<f32>>,
+    },
+    Tensors {
+        cos: Tensor,
+        sin: Tensor,
+    },
+}
+
+impl Rotation {
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Rotation::Fused { cos, sin } => crate::fused::rope_op(x, cos, sin),
+            Rotation::Tensors { cos, sin } => {
+                x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
+            }
+        }
+    }
 }
 
 /// How a block's attention masks its scores.
@@ -312,10 +336,6 @@ fn rotate_half(x: &Tensor) -> candle_core::Result<Tensor> {
         x.narrow(D::Minus1, half, half)?,
     );
     Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
-}
-
-fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
-    x.broadcast_mul(cos)? + rotate_half(x)?.broadcast_mul(sin)?
 }
 
 /// Key/value heads repeated for the query heads that share them:
@@ -380,8 +400,8 @@ impl Block {
             q = q_norm.forward(&q)?;
             k = k_norm.forward(&k)?;
         }
-        let q = apply_rope(&q.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
-        let mut k = apply_rope(&k.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
+        let q = ctx.rotation.apply(&q.transpose(1, 2)?)?;
+        let mut k = ctx.rotation.apply(&k.transpose(1, 2)?)?;
         let mut v = v.transpose(1, 2)?;
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.as_ref() {
@@ -591,13 +611,16 @@ impl Llama {
         mask: &[Vec<u32>],
         q: usize,
         dtype: DType,
-    ) -> Result<(Tensor, Tensor, AttentionMask)> {
+    ) -> Result<(Rotation, AttentionMask)> {
         let (b, keys) = (mask.len(), mask[0].len());
         let half = self.inverse_frequencies.len();
-        let d = 2 * half;
-        let (mut cos, mut sin) = (Vec::with_capacity(b * q * d), Vec::with_capacity(b * q * d));
+        let (mut cos, mut sin) = (
+            Vec::with_capacity(b * q * half),
+            Vec::with_capacity(b * q * half),
+        );
         let window = self.config.window();
-        let fused = window.is_none() && self.device.is_cpu() && dtype == DType::F32;
+        let cpu_f32 = self.device.is_cpu() && dtype == DType::F32;
+        let fused = window.is_none() && cpu_f32;
         let mut additive = Vec::with_capacity(if fused { 0 } else { b * q * keys });
         for row in mask {
             let mut position = Vec::with_capacity(keys);
@@ -608,10 +631,10 @@ impl Llama {
             }
             for (query, &p) in position.iter().enumerate().skip(keys - q) {
                 let p = p as f32;
-                let angles: Vec<f32> = self.inverse_frequencies.iter().map(|f| p * f).collect();
-                for _ in 0..2 {
-                    cos.extend(angles.iter().map(|a| a.cos()));
-                    sin.extend(angles.iter().map(|a| a.sin()));
+                for f in &self.inverse_frequencies {
+                    let angle = p * f;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
                 }
                 if fused {
                     continue;
@@ -624,8 +647,22 @@ impl Llama {
             }
         }
         let device = &self.device;
-        let angles = |values: Vec<f32>| -> Result<Tensor> {
-            Ok(Tensor::from_vec(values, (b, 1, q, d), device)?.to_dtype(dtype)?)
+        let rotation = match cpu_f32 {
+            true => Rotation::Fused {
+                cos: Arc::new(cos),
+                sin: Arc::new(sin),
+            },
+            false => {
+                // Both halves of a head share each angle.
+                let angles = |half_values: Vec<f32>| -> Result<Tensor> {
+                    let halves = Tensor::from_vec(half_values, (b, 1, q, half), device)?;
+                    Ok(Tensor::cat(&[&halves, &halves], 3)?.to_dtype(dtype)?)
+                };
+                Rotation::Tensors {
+                    cos: angles(cos)?,
+                    sin: angles(sin)?,
+                }
+            }
         };
         let mask = match fused {
             true => AttentionMask::Fused(Arc::new(AttentionBias {
@@ -638,7 +675,7 @@ impl Llama {
             })),
             false => AttentionMask::Additive(Tensor::from_vec(additive, (b, 1, q, keys), device)?),
         };
-        Ok((angles(cos)?, angles(sin)?, mask))
+        Ok((rotation, mask))
     }
 }
 
@@ -651,11 +688,10 @@ impl Architecture for Llama {
         pass: &Pass<'_>,
     ) -> Result<Tensor> {
         let hidden = embed(&self.embed_tokens, input_ids)?;
-        let (cos, sin, attention_mask) =
+        let (rotation, attention_mask) =
             self.positions_and_mask(mask, input_ids[0].len(), hidden.dtype())?;
         let hidden = run_blocks(&self.blocks, hidden, pass, cache, |index| BlockContext {
-            cos: cos.clone(),
-            sin: sin.clone(),
+            rotation: rotation.clone(),
             mask: attention_mask.clone(),
             heads: self.config.num_attention_heads,
             kv_heads: self.config.kv_heads(),
