@@ -5,7 +5,9 @@
 use candle_core::op::BackpropOp;
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail,
+};
 
 /// A custom op's input as a tensor without a graph. The op's caller passes a
 /// contiguous tensor starting at offset 0 (see [`graph_free_input`]), so the
@@ -104,6 +106,64 @@ impl<T: TensorOp1> CustomOp1 for Op1<T> {
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         self.0.backward(x, grad)
+    }
+}
+
+/// A two-input op written with candle's tensor ops and a backward of its
+/// own; [`apply_op2`] runs it as one custom op on any device.
+pub(crate) trait TensorOp2: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Called with graph-free inputs.
+    fn forward(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
+    /// Both inputs' gradients from the output's `grad`.
+    fn backward(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 2]>;
+}
+
+/// `op(a, b)` as one node of the graph.
+pub(crate) fn apply_op2(op: impl TensorOp2, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    graph_free_input(a)?.apply_op2_arc(&graph_free_input(b)?, Arc::new(Box::new(Op2(op))))
+}
+
+/// The one `CustomOp2` implementation behind [`apply_op2`].
+struct Op2<T>(T);
+
+impl<T: TensorOp2> CustomOp2 for Op2<T> {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let input =
+            |storage: &CpuStorage, layout| input_tensor(Storage::Cpu(storage.clone()), layout);
+        cpu_output(&self.0.forward(&input(s1, l1)?, &input(s2, l2)?)?)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_output(&self.0.forward(&cuda_input(s1, l1)?, &cuda_input(s2, l2)?)?)
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [ga, gb] = self.0.backward(a, b, grad)?;
+        Ok((ga, gb))
     }
 }
 

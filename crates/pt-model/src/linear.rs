@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use crate::custom_op::{TensorOp1, TensorOp3, apply_op1, apply_op3};
+use crate::custom_op::{TensorOp1, TensorOp2, TensorOp3, apply_op1, apply_op2, apply_op3};
 
 /// A LoRA adapter's part in a linear layer's forward pass: `scale · (drop(x)
 /// Aᵀ) Bᵀ`, in f32 as PEFT computes it.
@@ -231,6 +231,22 @@ impl TensorOp3 for TrainableLinear {
     }
 }
 
+/// Without a bias (the Llama family's layers).
+impl TensorOp2 for TrainableLinear {
+    fn name(&self) -> &'static str {
+        "trainable-linear-no-bias"
+    }
+
+    fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
+        x.matmul(&weight.t()?)
+    }
+
+    fn backward(&self, x: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
+        let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
+        Ok([Some(grad.matmul(&weight)?), Some(grad.t()?.matmul(&x)?)])
+    }
+}
+
 /// `x Wᵀ (+ bias) (+ LoRA)` (`x`: `[n, in]`, `W`: `[out, in]`). A frozen `W`
 /// gets no gradient (see [`FrozenLinear`]); a trainable one (full
 /// fine-tuning) gets it from [`TrainableLinear`].
@@ -247,8 +263,11 @@ pub fn linear(
     };
     let adapter = lora.as_ref().map(|l| (&l.a, &l.b));
     let tracked = x.track_op() || adapter.is_some_and(|(a, b)| a.track_op() || b.track_op());
-    if let (true, Some(bias), None) = (weight.is_variable(), bias, &lora) {
-        return apply_op3(TrainableLinear, x, weight, bias);
+    if let (true, None) = (weight.is_variable(), &lora) {
+        return match bias {
+            Some(bias) => apply_op3(TrainableLinear, x, weight, bias),
+            None => apply_op2(TrainableLinear, x, weight),
+        };
     }
     if weight.is_variable() || !tracked {
         return op.forward(x, adapter);
@@ -362,6 +381,13 @@ mod tests {
                     .broadcast_add(&t[2])
                     .unwrap()
             },
+            1e-5,
+        );
+        // Without a bias, as the Llama family's layers are.
+        assert_same_function(
+            &inputs[..2],
+            |t| linear(&t[0], &t[1], None, None).unwrap(),
+            |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
             1e-5,
         );
     }
