@@ -156,6 +156,57 @@ fn wrong_checkpoints_are_refused_clearly() {
     );
 }
 
+/// Llama-family checkpoints that pt-host would compute wrongly, or that
+/// point outside their directory, are refused with what is wrong.
+#[test]
+fn unsupported_or_unsafe_llama_family_checkpoints_are_refused() {
+    let config = || -> serde_json::Value {
+        let path = fixture_of("qwen3").join("model/config.json");
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let refusal = |config: serde_json::Value, files: &[(&str, &[u8])]| {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+        for (name, bytes) in files {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        format!(
+            "{:#}",
+            Model::load(dir.path(), &Device::Cpu, DType::F32)
+                .err()
+                .unwrap()
+        )
+    };
+    let weights = std::fs::read(fixture_of("qwen3").join("model/model.safetensors")).unwrap();
+    let with_weights = [("model.safetensors", weights.as_slice())];
+    let mut yarn = config();
+    yarn["rope_parameters"] =
+        serde_json::json!({"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0});
+    assert!(refusal(yarn, &with_weights).contains("rope_type `yarn` is not supported"));
+    let mut heads = config();
+    heads["num_key_value_heads"] = 3.into();
+    let err = refusal(heads, &with_weights);
+    assert!(
+        err.contains("num_attention_heads 4 is not a multiple of num_key_value_heads 3"),
+        "{err}"
+    );
+    let mut gelu = config();
+    gelu["hidden_act"] = "gelu".into();
+    assert!(refusal(gelu, &with_weights).contains("hidden_act `gelu` is not supported"));
+    // A shard named outside the directory is never opened.
+    let index = br#"{"weight_map": {"model.embed_tokens.weight": "../elsewhere.safetensors"}}"#;
+    let err = refusal(
+        config(),
+        &[("model.safetensors.index.json", index.as_slice())],
+    );
+    assert!(err.contains("bad shard name"), "{err}");
+    let err = refusal(config(), &[("pytorch_model.bin", b"pickle".as_slice())]);
+    assert!(
+        err.contains("only pytorch_model.bin") && err.contains("save_pretrained"),
+        "{err}"
+    );
+}
+
 #[test]
 fn adapters_that_target_nothing_or_miss_weights_are_refused() {
     let temp = tempfile::tempdir().unwrap();
