@@ -121,15 +121,12 @@ pub struct FamilyShape {
     pub tied: bool,
 }
 
-/// `config.json` of a Llama-family model of `shape`, in transformers 5's
-/// dialect, with its family's RoPE θ.
-pub fn llama_family_config(arch: Arch, shape: &FamilyShape) -> serde_json::Value {
-    let (model_type, architecture, theta) = match arch {
-        Arch::Llama => ("llama", "LlamaForCausalLM", 500_000.0),
-        Arch::Mistral => ("mistral", "MistralForCausalLM", 1_000_000.0),
-        Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM", 1_000_000.0),
-        Arch::Qwen3 | Arch::Bloom => ("qwen3", "Qwen3ForCausalLM", 1_000_000.0),
-    };
+/// `config.json` of a Llama-family model of `shape` (transformers 5's
+/// dialect): its `model_type`, architecture class and RoPE θ.
+fn llama_family_config(
+    (model_type, architecture, theta): (&str, &str, f64),
+    shape: &FamilyShape,
+) -> serde_json::Value {
     serde_json::json!({
         "architectures": [architecture],
         "model_type": model_type,
@@ -152,30 +149,45 @@ pub fn llama_family_config(arch: Arch, shape: &FamilyShape) -> serde_json::Value
     })
 }
 
-/// Writes a random model of `arch` and `shape` (BLOOM: hidden, layers,
-/// heads, vocabulary alone) into `dir`; returns its weights' names and shapes.
+/// The weights (names, shapes, initialisation) and `config.json` of a model
+/// of `arch` and `shape` (BLOOM: hidden, layers, heads and vocabulary alone).
+pub fn family_model(
+    arch: Arch,
+    shape: &FamilyShape,
+) -> Result<(Vec<pt_model::init::WeightSpec>, serde_json::Value)> {
+    let family = match arch {
+        Arch::Bloom => {
+            let config = Config {
+                hidden_size: shape.hidden_size,
+                n_head: shape.heads,
+                n_layer: shape.layers,
+                vocab_size: shape.vocab_size,
+                layer_norm_epsilon: 1e-5,
+                apply_residual_connection_post_layernorm: false,
+                model_type: Some("bloom".into()),
+            };
+            let hf_config = pt_model::init::bloom_hf_config(&config);
+            return Ok((pt_model::init::bloom_weights(&config), hf_config));
+        }
+        Arch::Llama => ("llama", "LlamaForCausalLM", 500_000.0),
+        Arch::Mistral => ("mistral", "MistralForCausalLM", 1_000_000.0),
+        Arch::Qwen2 => ("qwen2", "Qwen2ForCausalLM", 1_000_000.0),
+        Arch::Qwen3 => ("qwen3", "Qwen3ForCausalLM", 1_000_000.0),
+    };
+    let hf_config = llama_family_config(family, shape);
+    let config: pt_model::llama::Config = serde_json::from_value(hf_config.clone())?;
+    Ok((pt_model::init::llama_weights(&config), hf_config))
+}
+
+/// Writes a random model of `arch` and `shape` into `dir`; returns its
+/// weights' names and shapes.
 pub fn write_random(
     arch: Arch,
     shape: &FamilyShape,
     dir: &std::path::Path,
     seed: u64,
 ) -> Result<Vec<pt_model::init::WeightSpec>> {
-    if arch == Arch::Bloom {
-        let config = Config {
-            hidden_size: shape.hidden_size,
-            n_head: shape.heads,
-            n_layer: shape.layers,
-            vocab_size: shape.vocab_size,
-            layer_norm_epsilon: 1e-5,
-            apply_residual_connection_post_layernorm: false,
-            model_type: Some("bloom".into()),
-        };
-        pt_model::init::write_random_model(dir, &config, 0.02, seed)?;
-        return Ok(pt_model::init::bloom_weights(&config));
-    }
-    let hf_config = llama_family_config(arch, shape);
-    let config: pt_model::llama::Config = serde_json::from_value(hf_config.clone())?;
-    let weights = pt_model::init::llama_weights(&config);
+    let (weights, hf_config) = family_model(arch, shape)?;
     pt_model::init::write_random_weights(dir, &weights, hf_config, 0.02, seed)?;
     Ok(weights)
 }

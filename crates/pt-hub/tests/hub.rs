@@ -51,15 +51,21 @@ fn options(hub: Hub, endpoint: &str, cache: &Path) -> HubOptions {
 }
 
 fn assert_same_files(dir: &Path) {
-    for file in [
+    let files = [
         "config.json",
         "tokenizer.json",
         "model.safetensors",
         "tokenizer_config.json",
-    ] {
+    ];
+    assert_files_equal(dir, &fixture_model(), &files);
+}
+
+/// `files` of `dir` are byte for byte those of `source`.
+fn assert_files_equal(dir: &Path, source: &Path, files: &[&str]) {
+    for file in files {
         assert_eq!(
             std::fs::read(dir.join(file)).unwrap(),
-            std::fs::read(fixture_model().join(file)).unwrap(),
+            std::fs::read(source.join(file)).unwrap(),
             "{file}"
         );
     }
@@ -297,19 +303,9 @@ fn sharded_checkpoints_download_index_then_shards() {
     let progress = Recorded::default();
     let options = options(Hub::HuggingFace, &hub.url, cache.path());
     let dir = fetch_model("Qwen/qwen2-tiny", &options, &progress).unwrap();
-    for file in [
-        "model.safetensors.index.json",
-        shards[0],
-        shards[1],
-        "config.json",
-        "tokenizer.json",
-    ] {
-        assert_eq!(
-            std::fs::read(dir.join(file)).unwrap(),
-            std::fs::read(model.join(file)).unwrap(),
-            "{file}"
-        );
-    }
+    let index = "model.safetensors.index.json";
+    let files = [index, shards[0], shards[1], "config.json", "tokenizer.json"];
+    assert_files_equal(&dir, &model, &files);
     let finished = progress.finished.borrow();
     let at = |file: &str| finished.iter().position(|f| f == file).unwrap();
     assert!(at("model.safetensors.index.json") < at(shards[0]));
@@ -333,4 +329,46 @@ fn sharded_checkpoints_download_index_then_shards() {
         .collect();
     assert_eq!(again.len(), 1, "{again:?}");
     assert!(again[0].ends_with(shards[1]), "{again:?}");
+}
+
+/// A repository the loader could not read is refused before any download,
+/// saying what it has and, for a pickle checkpoint, how to convert it; an
+/// index naming a shard the hub does not list is refused by name.
+#[test]
+fn unreadable_repositories_are_refused_saying_what_to_do() {
+    let pickled = tempfile::tempdir().unwrap();
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(fixture_model().join(file), pickled.path().join(file)).unwrap();
+    }
+    std::fs::write(pickled.path().join("pytorch_model.bin"), b"pickle").unwrap();
+    let hub = FakeHub::start("org/pickled", pickled.path());
+    let cache = tempfile::tempdir().unwrap();
+    let options = options(Hub::HuggingFace, &hub.url, cache.path());
+    let err = format!(
+        "{:#}",
+        fetch_model("org/pickled", &options, &Recorded::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("org/pickled has no model.safetensors.index.json")
+            && err.contains("convert pytorch_model.bin"),
+        "{err}"
+    );
+    assert!(hub.downloads().is_empty(), "nothing was downloaded");
+
+    std::fs::remove_file(pickled.path().join("pytorch_model.bin")).unwrap();
+    let index = r#"{"weight_map": {"w": "model-00001-of-00001.safetensors"}}"#;
+    std::fs::write(pickled.path().join("model.safetensors.index.json"), index).unwrap();
+    let hub = FakeHub::start("org/unlisted", pickled.path());
+    let options = HubOptions {
+        endpoint: hub.url.clone(),
+        ..options
+    };
+    let err = format!(
+        "{:#}",
+        fetch_model("org/unlisted", &options, &Recorded::default()).unwrap_err()
+    );
+    assert!(
+        err.contains("names model-00001-of-00001.safetensors, which the hub does not list"),
+        "{err}"
+    );
 }

@@ -14,7 +14,6 @@ pub(crate) struct Weights {
     tensors: HashMap<String, Tensor>,
     source: String,
     model_type: &'static str,
-    dtype: DType,
 }
 
 /// The converter a checkpoint in PyTorch's pickle format needs.
@@ -71,12 +70,7 @@ impl Weights {
                 _ => index.display().to_string(),
             },
             model_type,
-            dtype,
         })
-    }
-
-    pub(crate) fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
     }
 
     /// The tensor `name`, checked against the shape the config implies.
@@ -94,7 +88,7 @@ impl Weights {
                 tensor.dims()
             );
         }
-        Ok(tensor.to_dtype(self.dtype)?)
+        Ok(tensor)
     }
 }
 
@@ -189,7 +183,9 @@ fn shard_files(index: &Path) -> Result<Vec<std::path::PathBuf>> {
     for shard in map.values() {
         let name = shard
             .as_str()
-            .filter(|n| !n.contains('/') && !n.contains('\\') && n.ends_with(".safetensors"))
+            .filter(|n| {
+                n.ends_with(".safetensors") && !n.contains(['/', '\\']) && !n.starts_with('.')
+            })
             .with_context(|| format!("{}: bad shard name {shard}", index.display()))?;
         let path = dir.join(name);
         if !files.contains(&path) {

@@ -196,14 +196,9 @@ pub fn write_random_weights(
     Ok(())
 }
 
-/// A random BLOOM checkpoint for `config`.
-pub fn write_random_model(
-    dir: &Path,
-    config: &Config,
-    initializer_range: f64,
-    seed: u64,
-) -> Result<()> {
-    let hf_config = serde_json::json!({
+/// BLOOM's `config.json` for `config` (tied LM head, no dropout).
+pub fn bloom_hf_config(config: &Config) -> serde_json::Value {
+    serde_json::json!({
         "architectures": ["BloomForCausalLM"],
         "model_type": "bloom",
         "vocab_size": config.vocab_size,
@@ -215,11 +210,21 @@ pub fn write_random_model(
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
         "tie_word_embeddings": true,
-    });
+    })
+}
+
+/// A random BLOOM checkpoint for `config`.
+pub fn write_random_model(
+    dir: &Path,
+    config: &Config,
+    initializer_range: f64,
+    seed: u64,
+) -> Result<()> {
+    let weights = bloom_weights(config);
     write_random_weights(
         dir,
-        &bloom_weights(config),
-        hf_config,
+        &weights,
+        bloom_hf_config(config),
         initializer_range,
         seed,
     )

@@ -580,9 +580,9 @@ impl Llama {
             .collect::<Result<_>>()?;
         let norm = norm(&mut w, "model.norm", h)?;
         // A tied checkpoint may still carry the head; the embedding serves.
-        let lm_head = match (config.tie_word_embeddings, w.contains("lm_head.weight")) {
-            (false, _) => Some(w.take("lm_head.weight", &[config.vocab_size, h])?),
-            (true, _) => None,
+        let lm_head = match config.tie_word_embeddings {
+            false => Some(w.take("lm_head.weight", &[config.vocab_size, h])?),
+            true => None,
         };
         let summary = ModelConfig {
             model_type: model_type.into(),

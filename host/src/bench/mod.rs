@@ -113,22 +113,8 @@ impl BenchArgs {
 /// Trainable floats of the bench shape: LoRA r 8 on every linear layer of
 /// a block (`r·(in + out)` each), or every weight of the model.
 fn gradient_floats(args: &BenchArgs, lora: bool) -> usize {
-    let weights = match args.arch {
-        crate::init_model::Arch::Bloom => {
-            let config: pt_model::bloom::Config = serde_json::from_value(serde_json::json!({
-                "hidden_size": args.hidden_size, "n_layer": args.n_layer,
-                "n_head": args.n_head, "vocab_size": args.vocab_size,
-            }))
-            .expect("a BLOOM shape");
-            pt_model::init::bloom_weights(&config)
-        }
-        arch => {
-            let hf_config = crate::init_model::llama_family_config(arch, &args.shape());
-            let config: pt_model::llama::Config =
-                serde_json::from_value(hf_config).expect("a Llama-family shape");
-            pt_model::init::llama_weights(&config)
-        }
-    };
+    let (weights, _) = crate::init_model::family_model(args.arch, &args.shape())
+        .expect("the bench's shape is a valid model");
     // LoRA adapts every matrix inside the blocks: their linear layers.
     let in_block = |name: &str| name.contains(".h.") || name.contains(".layers.");
     weights
