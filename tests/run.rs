@@ -247,14 +247,34 @@ fn eval_only_with_an_adapter_matches_hf() {
 /// A Llama-family run (Qwen3's fixture: GQA, q/k norms; LoRA with dropout
 /// on every linear layer) resumed from a checkpoint ends bit for bit where
 /// the uninterrupted run ends.
+/// `extend-tokenizer` on the shipped corpus with `model`'s tokenizer, into
+/// `dir/name`; returns that directory and the command's stdout.
+fn extend_tokenizer(model: &Path, dir: &Path, name: &str) -> (PathBuf, String) {
+    let out = dir.join(name);
+    let output = PtHost::new(["extend-tokenizer", "--num_new_tokens", "200"])
+        .arg("--model_name_or_path")
+        .arg(model)
+        .arg("--train_file_dir")
+        .arg(common::repo().join("data/pretrain"))
+        .arg("--output_dir")
+        .arg(&out)
+        .succeeds();
+    (out, String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A run with an extended vocabulary (and its new rows trained) resumes
+/// bit-identically too.
 #[test]
 fn a_resumed_llama_family_run_is_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixture_of("qwen3").join("model");
-    let recipe = words(
+    let (tokenizer, _) = extend_tokenizer(&model, dir.path(), "tokenizer");
+    let tokenizer = tokenizer.display().to_string();
+    let mut recipe = words(
         "--do_train --per_device_train_batch_size 4 --learning_rate 5e-3 --max_steps 8 \
-         --save_steps 4 --logging_steps 4 --lora_dropout 0.1 --seed 7",
+         --save_steps 4 --logging_steps 4 --lora_dropout 0.1 --seed 7 --modules_to_save embed_tokens",
     );
+    recipe.extend(["--tokenizer_name_or_path", &tokenizer]);
     let run_into = |output: &str, extra: &[&str]| {
         let args = run_args_of(&model, dir.path(), output, &[&recipe[..], extra].concat());
         PtHost::new(args).succeeds()
@@ -266,7 +286,143 @@ fn a_resumed_llama_family_run_is_bit_identical() {
     fs::remove_file(resumed.join("adapter_model.safetensors")).unwrap();
     let again = run_into("resumed", &["--resume_from_checkpoint", "true"]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("checkpoint-4 at step 4"));
-    assert_eq!(adapter(&dir.path().join("straight")), adapter(&resumed));
+    let straight = adapter(&dir.path().join("straight"));
+    assert!(
+        straight
+            .iter()
+            .any(|(name, _)| name.ends_with("embed_tokens.weight"))
+    );
+    assert_eq!(straight, adapter(&resumed));
+}
+
+/// The vocabulary-extension path end to end, for a tied BLOOM, an untied
+/// Llama whose head is left frozen, and a tied Qwen3: domain tokens learnt
+/// on the shipped corpus (old ids unchanged, fewer tokens per character),
+/// their rows grown and trained through modules_to_save, the merge, and
+/// transformers (merged model) and PEFT (adapter on a resized base) giving
+/// our eval loss on the ids AutoTokenizer produces.
+#[test]
+fn an_extended_vocabulary_trains_merges_and_loads_in_transformers() {
+    for (family, modules) in [
+        ("bloom", "word_embeddings"),
+        ("llama", "embed_tokens"),
+        ("qwen3", "embed_tokens,lm_head"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let model = fixture_of(family).join("model");
+        let (tokenizer, said) = extend_tokenizer(&model, dir.path(), "tokenizer");
+        assert!(said.contains("tokens per character on this text"), "{said}");
+        let report = json(&tokenizer.join("vocab_report.json"));
+        let (before, after) = (&report["before"], &report["after"]);
+        assert!(
+            after["tokens"].as_u64() < before["tokens"].as_u64(),
+            "{report}"
+        );
+        let base_vocab = &json(&model.join("tokenizer.json"))["model"]["vocab"];
+        assert_eq!(
+            &json(&tokenizer.join("tokenizer.json"))["model"]["vocab"],
+            base_vocab
+        );
+        let added = report["new_tokens"].as_array().unwrap().len();
+        assert!(added > 100, "{added} tokens");
+        let rows = 2000 + added;
+
+        let refused = PtHost::new(run_args_of(&model, dir.path(), "refused", &["--do_train"]))
+            .args(["--tokenizer_name_or_path", tokenizer.to_str().unwrap()])
+            .fails_with("train the added tokens' rows");
+        assert!(refused.contains("--modules_to_save"), "{refused}");
+        let args = [
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "4",
+            "--per_device_train_batch_size",
+            "4",
+            "--learning_rate",
+            "1e-2",
+            "--modules_to_save",
+            modules,
+            "--tokenizer_name_or_path",
+            tokenizer.to_str().unwrap(),
+        ];
+        let trained = PtHost::new(run_args_of(&model, dir.path(), "out", &args)).succeeds();
+        let grew = format!("vocabulary: 2000 → {rows} rows");
+        assert!(
+            String::from_utf8_lossy(&trained.stderr).contains(&grew),
+            "{family}"
+        );
+        let out = dir.path().join("out");
+        let config = json(&out.join("adapter_config.json"));
+        assert_eq!(config["ensure_weight_tying"], family != "llama", "{family}");
+        let saved = adapter(&out);
+        for key in ["lm_head.weight", "embed"] {
+            let (_, values) = saved.iter().find(|(name, _)| name.contains(key)).unwrap();
+            assert_eq!(values.len(), rows * 64, "{family} {key}");
+        }
+        let ours = json(&out.join("eval_results.json"))["eval_loss"]
+            .as_f64()
+            .unwrap();
+
+        let merged = dir.path().join("merged");
+        PtHost::new(["merge", "--model_name_or_path", model.to_str().unwrap()])
+            .args(["--peft_path", out.to_str().unwrap(), "--output_dir"])
+            .arg(&merged)
+            .succeeds();
+        assert_eq!(json(&merged.join("config.json"))["vocab_size"], rows);
+        let (_, valid) = corpus(dir.path());
+        PtHost::new(["eval", "--model_name_or_path", merged.to_str().unwrap()])
+            .args([
+                "--validation_file_dir",
+                valid.to_str().unwrap(),
+                "--block_size",
+                "32",
+            ])
+            .args(["--output_dir", dir.path().join("eval").to_str().unwrap()])
+            .args([
+                "--cache_dir",
+                dir.path().join("eval-cache").to_str().unwrap(),
+            ])
+            .succeeds();
+        let again = json(&dir.path().join("eval/eval_results.json"))["eval_loss"]
+            .as_f64()
+            .unwrap();
+        assert!(
+            ((again - ours) / ours).abs() < 1e-6,
+            "{family}: merged {again}, adapter {ours}"
+        );
+
+        if !common::python_has("an extended vocabulary in transformers and PEFT") {
+            continue;
+        }
+        let blocks = fs::read_dir(dir.path().join("cache/datasets"))
+            .unwrap()
+            .map(|e| e.unwrap().path().join("validation.safetensors"))
+            .find(|p| p.is_file())
+            .expect("the prepared validation blocks");
+        let valid_txt = valid.join("valid.txt");
+        for (model_dir, adapter_dir) in [(&merged, None), (&model, Some(&out))] {
+            let tokenizer_dir = adapter_dir.unwrap_or(&merged);
+            let output = Command::new("python3")
+                .arg(common::repo().join("tests/python/hf_vocab_eval.py"))
+                .args([model_dir, tokenizer_dir, &blocks, &valid_txt])
+                .args(adapter_dir)
+                .output()
+                .unwrap();
+            assert_ok(&output);
+            let theirs: serde_json::Value =
+                serde_json::from_slice(output.stdout.trim_ascii()).unwrap();
+            assert_eq!(
+                theirs["same_ids"], true,
+                "{family}: AutoTokenizer's ids differ from ours"
+            );
+            assert_eq!(theirs["vocab_size"], rows);
+            let loss = theirs["eval_loss"].as_f64().unwrap();
+            assert!(
+                ((loss - ours) / ours).abs() < 1e-5,
+                "{family}: HF {loss}, pt-host {ours}"
+            );
+        }
+    }
 }
 
 #[test]
@@ -361,6 +517,23 @@ fn run_errors_name_the_flag() {
         "{}",
         String::from_utf8_lossy(&no_eval_blocks.stderr)
     );
+    for (modules, expected) in [
+        (
+            "--modules_to_save word_embeddings --use_peft false",
+            "--modules_to_save goes with a new adapter",
+        ),
+        (
+            "--modules_to_save embed_tokens",
+            "modules_to_save `embed_tokens` matches no module of this bloom model (its embedding is `word_embeddings`",
+        ),
+        (
+            "--modules_to_save dense",
+            "modules_to_save `transformer.h.0.self_attention.dense` also has a LoRA adapter",
+        ),
+    ] {
+        let args = [&["--do_train"][..], &words(modules)].concat();
+        PtHost::new(run_args(dir.path(), "modules", &args)).fails_with(expected);
+    }
     let cuda = run(dir.path(), "x", &["--do_train", "--device_map", "cuda"]);
     assert!(
         String::from_utf8_lossy(&cuda.stderr)

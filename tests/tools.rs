@@ -498,6 +498,7 @@ fn the_cli_reference_names_every_flag() {
         "generate",
         "merge",
         "init-model",
+        "extend-tokenizer",
         "bench",
     ]
     .iter()
@@ -751,6 +752,18 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
         (
             "$RUN --do_train --train_file_dir $DIR/bad.jsonl",
             "$DIR/bad.jsonl:2: malformed JSON",
+        ),
+        (
+            "extend-tokenizer --model_name_or_path $MODEL --train_file_dir $DIR/gbk.txt --output_dir $DIR/t",
+            "$DIR/gbk.txt:2: invalid UTF-8 at byte",
+        ),
+        (
+            "extend-tokenizer --model_name_or_path $MODEL --train_file_dir $TRAIN --output_dir $DIR/full",
+            "--output_dir $DIR/full exists and is not empty",
+        ),
+        (
+            "extend-tokenizer --model_name_or_path $DIR/none --train_file_dir $TRAIN --output_dir $DIR/t",
+            "$DIR/none: no such model directory",
         ),
         (
             "$RUN --do_train --train_file_dir $DIR/none",

@@ -52,6 +52,21 @@ pub fn default_plugin_store() -> std::path::PathBuf {
     user_dir("XDG_DATA_HOME", ".local/share").join("plugins")
 }
 
+/// Commands that write a whole directory (merge, extend-tokenizer) never mix
+/// their files with an earlier result's.
+pub fn require_new_output_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    if dir
+        .read_dir()
+        .is_ok_and(|mut entries| entries.next().is_some())
+    {
+        anyhow::bail!(
+            "--output_dir {} exists and is not empty: choose a new directory",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

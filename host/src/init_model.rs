@@ -4,8 +4,8 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
-use pt_data::corpus::{discover, read_file};
+use anyhow::Result;
+use pt_data::corpus::read_documents;
 use pt_data::{ReadOptions, tokenize};
 use pt_model::bloom::Config;
 
@@ -56,22 +56,8 @@ pub fn run(args: InitModelArgs) -> Result<()> {
         Preset::Tiny => (128, 4, 4, 4096),
         Preset::Small => (256, 6, 8, 8192),
     };
-    let files = discover(&args.train_file_dir)?;
-    let mut documents = Vec::new();
-    for file in &files {
-        documents.extend(
-            read_file(file, &ReadOptions::default())?
-                .documents
-                .into_iter()
-                .map(|d| d.text),
-        );
-    }
-    if documents.is_empty() {
-        bail!(
-            "{}: no documents to train a tokenizer on",
-            args.train_file_dir.display()
-        );
-    }
+    let (documents, files) =
+        read_documents(&args.train_file_dir, &ReadOptions::default(), u64::MAX)?;
     let vocab_size = args.vocab_size.unwrap_or(default_vocab);
     let tokenizer = tokenize::train_tokenizer(&documents, vocab_size, &args.output_dir)?;
     // A small corpus may yield fewer merges than asked for.
@@ -95,7 +81,7 @@ pub fn run(args: InitModelArgs) -> Result<()> {
         args.output_dir.display(),
         arch_name(args.arch),
         documents.len(),
-        files.len()
+        files
     );
     Ok(())
 }

@@ -6,6 +6,7 @@
 mod args;
 mod bench;
 mod device;
+mod extend_tokenizer;
 mod generate;
 mod hints;
 mod hub;
@@ -63,9 +64,13 @@ enum Command {
     /// Plugins: new projects, signing keys, bundles and registries (new, keygen, pack, sign, verify, inspect, install, list, remove, publish, pull, test).
     #[command(subcommand)]
     Plugin(plugin_cmd::PluginCommand),
-    /// Build a small BLOOM here: a BPE tokenizer trained on a corpus and random weights.
+    /// Build a small model here: a BPE tokenizer trained on a corpus and random weights.
     #[command(name = "init-model")]
     InitModel(init_model::InitModelArgs),
+    /// Add domain tokens learned from a corpus to a model's tokenizer (old ids unchanged),
+    /// and report the tokens per character they save.
+    #[command(name = "extend-tokenizer")]
+    ExtendTokenizer(extend_tokenizer::ExtendTokenizerArgs),
     /// Throughput and peak memory of training, evaluation and generation on a
     /// random BLOOM, beside PyTorch + PEFT on the same work when torch is installed.
     Bench(Box<bench::BenchArgs>),
@@ -138,6 +143,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Merge(args) => merge::run(args),
         Command::Generate(args) => generate::run(*args),
         Command::InitModel(args) => init_model::run(args),
+        Command::ExtendTokenizer(args) => extend_tokenizer::run(args),
         Command::Plugin(command) => plugin_cmd::run(command),
         Command::Bench(args) => bench::run(*args),
     }

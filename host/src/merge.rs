@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use candle_core::{DType, Device};
 use pt_model::Model;
 
@@ -30,16 +30,7 @@ pub struct MergeArgs {
 }
 
 pub fn run(args: MergeArgs) -> Result<()> {
-    if args
-        .output_dir
-        .read_dir()
-        .is_ok_and(|mut entries| entries.next().is_some())
-    {
-        bail!(
-            "--output_dir {} exists and is not empty: choose a new directory",
-            args.output_dir.display()
-        );
-    }
+    crate::args::require_new_output_dir(&args.output_dir)?;
     let model_dir = args.model.resolve()?;
     let dtype = match args.dtype {
         DtypeArg::Float32 => DType::F32,
@@ -52,6 +43,8 @@ pub fn run(args: MergeArgs) -> Result<()> {
     let adapter = model.load_adapter(&args.peft_path)?;
     let merged = model.merge_adapters()?;
     model.save_model(&args.output_dir, &model_dir, dtype, args.max_shard_size)?;
+    let tokenizer_dir = crate::generate::tokenizer_dir(&model_dir, Some(&args.peft_path));
+    pt_model::hf_dir::copy_tokenizer_files(tokenizer_dir, &args.output_dir)?;
     println!(
         "merged {} (r {}, alpha {}) into {merged} layers of {}: {} ({dtype:?})",
         args.peft_path.display(),

@@ -71,12 +71,36 @@ fn check_output_dir(args: &RunArgs) -> Result<()> {
 }
 
 /// Token ids index the embedding: a tokenizer with more tokens than the model
-/// has rows would fail mid-training, so it is refused before any work.
-pub fn check_vocabulary(tokenizer: &Tokenizer, tokenizer_dir: &Path, model: &Model) -> Result<()> {
+/// has rows (tokens added by extend-tokenizer) grows the vocabulary where
+/// `grow` says the new rows train, and is refused before any work otherwise.
+pub fn fit_vocabulary(
+    tokenizer: &Tokenizer,
+    tokenizer_dir: &Path,
+    model: &mut Model,
+    grow: bool,
+    main: bool,
+) -> Result<()> {
     let (tokens, rows) = (tokenizer.vocab_size(), model.config().vocab_size);
-    if tokens > rows {
+    if tokens <= rows {
+        return Ok(());
+    }
+    if !grow {
         bail!(
-            "the tokenizer in {} has {tokens} tokens, but the model's embedding has {rows} rows (vocab_size in config.json): use the model's own tokenizer (--tokenizer_name_or_path)",
+            "the tokenizer in {} has {tokens} tokens, but the model's embedding has {rows} rows (vocab_size in config.json): \
+             use the model's own tokenizer (--tokenizer_name_or_path), or train the added tokens' rows \
+             (--modules_to_save {},lm_head, or --use_peft false)",
+            tokenizer_dir.display(),
+            model
+                .embedding_module()
+                .rsplit('.')
+                .next()
+                .unwrap_or_default()
+        );
+    }
+    model.resize_vocabulary(tokens)?;
+    if main {
+        eprintln!(
+            "vocabulary: {rows} → {tokens} rows for the tokens {} adds (new rows: the mean of the old ones, as transformers' resize_token_embeddings)",
             tokenizer_dir.display()
         );
     }
@@ -213,19 +237,19 @@ fn run_rank(
     let main = collective.is_main();
     // Adapters name the base model as the user did (a hub id stays one).
     let base_model_name = args.data.model_name_or_path.display().to_string();
-    let (mut model, data) = load_model_and_data(args, collective, device, dtype)?;
+    let (mut model, trainable, data) = load_model_and_data(args, collective, device, dtype)?;
     let prepared = &data.prepared;
     model.gradient_checkpointing = args.gradient_checkpointing;
     if args.gradient_checkpointing && main {
         eprintln!("gradient checkpointing: block activations are recomputed in the backward pass");
     }
-    let trainable = attach_trainable(args, &mut model, main)?;
     let output_dir = args.data.output_dir.clone();
     let mut trainer = Trainer::new(
         training_arguments(args),
         &mut model,
         trainable,
         base_model_name,
+        args.data.tokenizer_dir().to_path_buf(),
     )?
     .across(collective);
     let mut console = Console {
@@ -254,15 +278,16 @@ fn run_rank(
     Ok(())
 }
 
-/// The model, checked against `--model_type` and the tokenizer, and the
-/// prepared data. Rank 0 downloads the model and prepares the data first
-/// (HF's `main_process_first`); the others then find both in the cache.
+/// The model, checked against `--model_type` and fitted to the tokenizer,
+/// what trains, and the prepared data. Rank 0 downloads the model and
+/// prepares the data first (HF's `main_process_first`); the others then find
+/// both in the cache.
 fn load_model_and_data(
     args: &mut RunArgs,
     collective: &dyn Collective,
     device: Device,
     dtype: DType,
-) -> Result<(Model, PreparedData)> {
+) -> Result<(Model, Trainable, PreparedData)> {
     let main = collective.is_main();
     if main {
         report_ignored_flags(args);
@@ -271,9 +296,15 @@ fn load_model_and_data(
         collective.barrier()?;
     }
     args.data.resolve_models()?;
+    // An adapter saved with an extended tokenizer is read with it.
+    if let (None, Some(adapter)) = (&args.data.tokenizer_name_or_path, &args.peft_path)
+        && adapter.join("tokenizer.json").is_file()
+    {
+        args.data.tokenizer_name_or_path = Some(adapter.clone());
+    }
     // The model first: a wrong model fails before any data work.
     let model_dir = &args.data.model_name_or_path;
-    let model = Model::load(model_dir, &device, dtype)?;
+    let mut model = Model::load(model_dir, &device, dtype)?;
     let actual = &model.config().model_type;
     if args.model_type != "auto" && &args.model_type != actual {
         bail!(
@@ -282,11 +313,8 @@ fn load_model_and_data(
             model_dir.display()
         );
     }
-    if args.use_peft && args.peft_path.is_none() {
-        target_modules(&args.target_modules, model.lora_targets(), actual)?;
-    }
     let tokenizer = Tokenizer::from_dir(args.data.tokenizer_dir())?;
-    check_vocabulary(&tokenizer, args.data.tokenizer_dir(), &model)?;
+    let trainable = attach_trainable(args, &mut model, &tokenizer, main)?;
     let data = prepare_data(&args.data, tokenizer, main)?;
     if main {
         collective.barrier()?;
@@ -297,20 +325,32 @@ fn load_model_and_data(
              raise --validation_split_percentage or --max_eval_samples, or lower --block_size"
         );
     }
-    Ok((model, data))
+    Ok((model, trainable, data))
 }
 
-/// What trains: a loaded or new LoRA adapter, or every weight; its size
-/// reported as PEFT's `print_trainable_parameters` does.
-fn attach_trainable(args: &RunArgs, model: &mut Model, main: bool) -> Result<Trainable> {
+/// What trains: a loaded or new LoRA adapter (with any modules trained
+/// whole), or every weight; the vocabulary grown to the tokenizer's where
+/// its new rows train. Its size reported as PEFT's
+/// `print_trainable_parameters` does.
+fn attach_trainable(
+    args: &RunArgs,
+    model: &mut Model,
+    tokenizer: &Tokenizer,
+    main: bool,
+) -> Result<Trainable> {
+    let tokenizer_dir = args.data.tokenizer_dir();
     let trainable = match (&args.peft_path, args.use_peft) {
         (Some(path), _) => {
+            // The adapter brings its own vocabulary rows, if it grew them.
             let config = model.load_adapter(path)?;
+            fit_vocabulary(tokenizer, tokenizer_dir, model, false, main)?;
             model.set_lora_dropout(args.lora_dropout);
             Trainable::Adapter(config)
         }
         (None, true) => {
-            let config = AdapterConfig {
+            let grow = trains_embedding(model, &args.modules_to_save);
+            fit_vocabulary(tokenizer, tokenizer_dir, model, grow, main)?;
+            let mut config = AdapterConfig {
                 peft_type: "LORA".into(),
                 r: args.lora_rank,
                 lora_alpha: args.lora_alpha,
@@ -321,13 +361,20 @@ fn attach_trainable(args: &RunArgs, model: &mut Model, main: bool) -> Result<Tra
                 )?,
                 use_rslora: false,
                 use_dora: false,
+                modules_to_save: None,
             };
             model.add_lora(&config, args.lora_dropout, args.data.seed)?;
+            if !args.modules_to_save.is_empty() {
+                config.modules_to_save = Some(model.train_modules(&args.modules_to_save)?);
+            }
             Trainable::Adapter(config)
         }
-        (None, false) => Trainable::Full {
-            source: args.data.model_name_or_path.clone(),
-        },
+        (None, false) => {
+            fit_vocabulary(tokenizer, tokenizer_dir, model, true, main)?;
+            Trainable::Full {
+                source: args.data.model_name_or_path.clone(),
+            }
+        }
     };
     let (base, adapter) = model.parameter_counts();
     let trained = match trainable {
@@ -342,6 +389,16 @@ fn attach_trainable(args: &RunArgs, model: &mut Model, main: bool) -> Result<Tra
         );
     }
     Ok(trainable)
+}
+
+/// Whether `modules_to_save` names the input embedding (on a tied model,
+/// `lm_head` is the embedding): added tokens' rows then train.
+fn trains_embedding(model: &Model, modules_to_save: &[String]) -> bool {
+    let embedding = model.embedding_module();
+    let tied = model.config().tie_word_embeddings;
+    modules_to_save.iter().any(|name| {
+        embedding == name || embedding.ends_with(&format!(".{name}")) || (tied && name == "lm_head")
+    })
 }
 
 fn training_arguments(args: &RunArgs) -> TrainingArguments {

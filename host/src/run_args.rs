@@ -62,6 +62,15 @@ pub struct RunArgs {
     /// Continue from this PEFT adapter directory instead of a fresh adapter.
     #[arg(long = "peft_path", value_name = "DIR")]
     pub peft_path: Option<PathBuf>,
+    /// Base modules trained whole beside the adapter, comma-separated (PEFT's
+    /// modules_to_save): `embed_tokens,lm_head` (BLOOM: `word_embeddings`)
+    /// trains the rows of tokens added to the tokenizer (extend-tokenizer).
+    #[arg(
+        long = "modules_to_save",
+        value_name = "MODULES",
+        value_delimiter = ','
+    )]
+    pub modules_to_save: Vec<String>,
     #[arg(long = "per_device_train_batch_size", default_value_t = 8)]
     pub per_device_train_batch_size: usize,
     #[arg(long = "per_device_eval_batch_size", default_value_t = 8)]
@@ -215,6 +224,12 @@ pub fn check_flags(args: &RunArgs) -> Result<()> {
     }
     if !args.use_peft && args.peft_path.is_some() {
         bail!("--peft_path continues a LoRA adapter: it needs --use_peft true");
+    }
+    if !args.modules_to_save.is_empty() && (!args.use_peft || args.peft_path.is_some()) {
+        bail!(
+            "--modules_to_save goes with a new adapter: full fine-tuning (--use_peft false) trains every module, \
+             and a --peft_path adapter's adapter_config.json names its own"
+        );
     }
     for (flag, value) in [
         (

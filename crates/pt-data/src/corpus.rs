@@ -226,6 +226,34 @@ fn has_corpus_extension(path: &Path) -> bool {
         .is_some_and(|e| EXTENSIONS.contains(&e))
 }
 
+/// The documents of the corpus files under `dir` in path order, up to about
+/// `max_bytes` of text (the whole corpus when it is smaller), and how many
+/// files they came from.
+pub fn read_documents(
+    dir: &Path,
+    options: &ReadOptions,
+    max_bytes: u64,
+) -> Result<(Vec<String>, usize)> {
+    let (mut documents, mut bytes, mut files) = (Vec::new(), 0u64, 0);
+    for file in discover(dir)? {
+        if bytes >= max_bytes {
+            break;
+        }
+        files += 1;
+        for document in read_file(&file, options)?.documents {
+            if bytes >= max_bytes {
+                break;
+            }
+            bytes += document.text.len() as u64;
+            documents.push(document.text);
+        }
+    }
+    if documents.is_empty() {
+        bail!("{}: no documents in the corpus", dir.display());
+    }
+    Ok((documents, files))
+}
+
 /// Reads one corpus file into documents.
 pub fn read_file(path: &Path, options: &ReadOptions) -> Result<SourceFile> {
     use sha2::{Digest, Sha256};

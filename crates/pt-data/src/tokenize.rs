@@ -73,6 +73,11 @@ impl Tokenizer {
         })
     }
 
+    /// The HF tokenizer itself.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     /// Tokens in the vocabulary, special tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

@@ -317,7 +317,7 @@ impl Bloom {
             model_type: "bloom".into(),
             vocab_size: bloom.config.vocab_size,
             hidden_size: h,
-            embedding_parameters: bloom.config.vocab_size * h,
+            tie_word_embeddings: true,
         };
         Ok((bloom, summary))
     }
@@ -425,6 +425,10 @@ impl Architecture for Bloom {
 
     fn lora_targets(&self) -> &'static [&'static str] {
         &LORA_TARGETS
+    }
+
+    fn embedding_module(&self) -> &'static str {
+        "transformer.word_embeddings"
     }
 }
 

@@ -219,15 +219,16 @@ pub fn copy_tokenizer_files(source: &Path, dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes `tensors` (a model's, by checkpoint name) as an HF model directory: `model.safetensors`
-/// in `dtype` (with the `transformer.` prefix, no `lm_head`: it is tied),
-/// `config.json` (its dtype updated), the generation config and the
-/// tokenizer files copied from `source`.
+/// Writes `tensors` (a model's, by checkpoint name) as an HF model directory:
+/// the weights in `dtype`, `config.json` (its dtype and `vocab_size` updated:
+/// a resized vocabulary is the saved model's) and the generation config
+/// copied from `source`.
 pub(crate) fn save_model(
     dir: &Path,
     tensors: Vec<(String, &Tensor)>,
     source: &Path,
     dtype: DType,
+    vocab_size: usize,
     max_shard_bytes: u64,
 ) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
@@ -244,11 +245,11 @@ pub(crate) fn save_model(
         _ => "float32",
     };
     config["dtype"] = name.into();
+    config["vocab_size"] = vocab_size.into();
     if config.get("torch_dtype").is_some() {
         config["torch_dtype"] = name.into();
     }
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)
         .with_context(|| format!("{}: cannot write config.json", dir.display()))?;
-    copy_if_present(source, dir, "generation_config.json")?;
-    copy_tokenizer_files(source, dir)
+    copy_if_present(source, dir, "generation_config.json")
 }

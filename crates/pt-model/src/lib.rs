@@ -31,6 +31,7 @@ pub mod loss;
 pub mod model;
 pub mod ops;
 pub mod peft;
+pub mod vocabulary;
 
 pub use layers::{DropoutDraw, Lora};
 pub use model::{KvCache, MODEL_TYPES, Model, ModelConfig, model_type};

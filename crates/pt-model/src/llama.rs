@@ -588,7 +588,7 @@ impl Llama {
             model_type: model_type.into(),
             vocab_size: config.vocab_size,
             hidden_size: h,
-            embedding_parameters: config.vocab_size * h * if lm_head.is_some() { 2 } else { 1 },
+            tie_word_embeddings: lm_head.is_none(),
         };
         let llama = Self {
             inverse_frequencies: config.rope()?.inverse_frequencies(d),
@@ -736,6 +736,10 @@ impl Architecture for Llama {
 
     fn lora_targets(&self) -> &'static [&'static str] {
         &LORA_TARGETS
+    }
+
+    fn embedding_module(&self) -> &'static str {
+        "model.embed_tokens"
     }
 }
 

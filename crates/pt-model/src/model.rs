@@ -23,9 +23,17 @@ pub struct ModelConfig {
     pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
+    /// The LM head is the input embedding.
+    pub tie_word_embeddings: bool,
+}
+
+impl ModelConfig {
     /// Weights of the embedding and of an untied LM head: HF's FLOP count
     /// leaves them out.
-    pub embedding_parameters: usize,
+    pub fn embedding_parameters(&self) -> usize {
+        let matrices = if self.tie_word_embeddings { 1 } else { 2 };
+        self.vocab_size * self.hidden_size * matrices
+    }
 }
 
 /// The families pt-host trains, by `model_type`.
@@ -173,11 +181,15 @@ pub(crate) trait Architecture {
 
     /// The module names PEFT and MedicalGPT target for `--target_modules all`.
     fn lora_targets(&self) -> &'static [&'static str];
+
+    /// The input embedding's module path (`model.embed_tokens`); an untied
+    /// LM head is `lm_head` in every family.
+    fn embedding_module(&self) -> &'static str;
 }
 
 pub struct Model {
-    arch: Box<dyn Architecture>,
-    config: ModelConfig,
+    pub(crate) arch: Box<dyn Architecture>,
+    pub(crate) config: ModelConfig,
     device: Device,
     /// How the current micro-batch draws its dropout masks; `None` outside training.
     dropout: Cell<Option<DropoutDraw>>,
@@ -186,6 +198,11 @@ pub struct Model {
     /// Gradients of trainable tensors inside checkpointed blocks, which the
     /// recomputation computes outside the main backward pass.
     recomputed_grads: SideGradients,
+    /// Base modules trained whole beside the adapters (PEFT's
+    /// `modules_to_save`), by adapter key.
+    pub(crate) trained_modules: Vec<(String, Var)>,
+    /// Rows of the checkpoint's embedding: the vocabulary before any resize.
+    pub(crate) checkpoint_vocab_size: usize,
 }
 
 /// `config.json`'s `model_type`, or why there is none.
@@ -221,16 +238,24 @@ impl Model {
         };
         Ok(Self {
             arch,
+            checkpoint_vocab_size: config.vocab_size,
             config,
             device: device.clone(),
             dropout: Cell::new(None),
             gradient_checkpointing: false,
             recomputed_grads: SideGradients::default(),
+            trained_modules: Vec::new(),
         })
     }
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The input embedding's module path (`transformer.word_embeddings`,
+    /// `model.embed_tokens`).
+    pub fn embedding_module(&self) -> &'static str {
+        self.arch.embedding_module()
     }
 
     /// The dtype of the base weights and hidden states.
@@ -347,8 +372,8 @@ impl Model {
     }
 
     /// Writes the base weights as an HF model directory in `dtype` (sharded
-    /// above `max_shard_bytes`), with `source`'s config (dtype updated),
-    /// generation config and tokenizer files.
+    /// above `max_shard_bytes`), with `source`'s config (dtype and vocabulary
+    /// size updated) and generation config; tokenizer files are the caller's.
     pub fn save_model(
         &mut self,
         dir: &Path,
@@ -356,11 +381,12 @@ impl Model {
         dtype: DType,
         max_shard_bytes: u64,
     ) -> Result<()> {
+        let vocab_size = self.config.vocab_size;
         let tensors = self
             .base_tensors_mut()
             .into_iter()
             .map(|(name, t)| (name, &*t))
             .collect();
-        hf_dir::save_model(dir, tensors, source, dtype, max_shard_bytes)
+        hf_dir::save_model(dir, tensors, source, dtype, vocab_size, max_shard_bytes)
     }
 }

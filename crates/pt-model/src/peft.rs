@@ -1,7 +1,9 @@
 //! PEFT's LoRA adapters on any family's linear layers: the adapter config, PEFT's
 //! initialisation, loading and saving its adapter directory, and merging
-//! (`merge_and_unload`).
+//! (`merge_and_unload`); beside them, base modules trained whole (PEFT's
+//! `modules_to_save`).
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -12,6 +14,10 @@ use serde::Deserialize;
 
 use crate::layers::Lora;
 use crate::model::Model;
+use crate::vocabulary::LM_HEAD;
+
+/// PEFT's prefix of every adapter key.
+const KEY_PREFIX: &str = "base_model.model.";
 
 /// What pt-host reads of a PEFT `adapter_config.json`; other keys are ignored.
 #[derive(Clone, Debug, Deserialize)]
@@ -25,6 +31,9 @@ pub struct AdapterConfig {
     pub use_rslora: bool,
     #[serde(default)]
     pub use_dora: bool,
+    /// Base modules trained whole beside the adapters (`embed_tokens`, `lm_head`).
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 fn one_or_many<'de, D: serde::Deserializer<'de>>(
@@ -50,6 +59,15 @@ fn targets_module(targets: &[String], path: &str) -> bool {
 }
 
 impl AdapterConfig {
+    /// The `adapter_config.json` of an adapter directory.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a PEFT adapter config", path.display()))
+    }
+
     /// PEFT's scaling: `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
         if self.use_rslora {
@@ -64,11 +82,8 @@ impl Model {
     /// Loads a PEFT LoRA adapter directory (`adapter_config.json`,
     /// `adapter_model.safetensors`) onto the model, as trainable variables.
     pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterConfig> {
+        let config = AdapterConfig::read(dir)?;
         let config_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .with_context(|| format!("{}: cannot read", config_path.display()))?;
-        let config: AdapterConfig = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a PEFT adapter config", config_path.display()))?;
         if config.peft_type != "LORA" || config.use_dora {
             bail!(
                 "{}: only plain LoRA adapters are supported (peft_type {}, use_dora {})",
@@ -80,6 +95,7 @@ impl Model {
         let weights_path = dir.join("adapter_model.safetensors");
         let mut tensors = candle_core::safetensors::load(&weights_path, self.device())
             .with_context(|| format!("{}: cannot load adapter weights", weights_path.display()))?;
+        self.load_whole_modules(&mut tensors, &weights_path)?;
         let (r, scale) = (config.r, config.scale());
         let mut attached = 0;
         for (path, linear) in self.linears_mut() {
@@ -87,7 +103,7 @@ impl Model {
                 continue;
             }
             let mut take = |part: &str, shape: [usize; 2]| -> Result<Var> {
-                let key = format!("base_model.model.{path}.{part}.weight");
+                let key = format!("{KEY_PREFIX}{path}.{part}.weight");
                 let tensor = tensors
                     .remove(&key)
                     .with_context(|| format!("{}: no `{key}`", weights_path.display()))?;
@@ -119,7 +135,141 @@ impl Model {
                 self.lora_targets()
             );
         }
+        if let Some(modules) = &config.modules_to_save {
+            self.train_modules(modules)?;
+        }
         Ok(config)
+    }
+
+    /// Takes the whole-module weights out of an adapter's `tensors` into the
+    /// base model: `modules_to_save`, and the embedding and LM head PEFT
+    /// saves when the vocabulary was resized (the base grows to their rows
+    /// first). PEFT's `original_module`/`modules_to_save` copies are left
+    /// aside (the plain key is the trained one). A tied head must equal the
+    /// embedding: pt-host keeps tied weights tied.
+    fn load_whole_modules(
+        &mut self,
+        tensors: &mut HashMap<String, Tensor>,
+        file: &Path,
+    ) -> Result<()> {
+        let whole_keys: Vec<String> = tensors
+            .keys()
+            .filter(|key| {
+                key.strip_prefix(KEY_PREFIX).is_some_and(|name| {
+                    ![".lora_", ".original_module.", ".modules_to_save."]
+                        .iter()
+                        .any(|part| name.contains(part))
+                })
+            })
+            .cloned()
+            .collect();
+        let mut whole: HashMap<String, Tensor> = whole_keys
+            .into_iter()
+            .filter_map(|key| {
+                let tensor = tensors.remove(&key)?;
+                Some((key[KEY_PREFIX.len()..].to_string(), tensor))
+            })
+            .collect();
+        let embedding = format!("{}.weight", self.embedding_module());
+        if let Some(rows) = whole.get(&embedding).or(whole.get(LM_HEAD)) {
+            self.resize_vocabulary(rows.dim(0)?)?;
+        }
+        if self.config().tie_word_embeddings
+            && let Some(head) = whole.remove(LM_HEAD)
+        {
+            match whole.get(&embedding) {
+                Some(input) => {
+                    let difference = (head - input)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    if difference > 0.0 {
+                        bail!(
+                            "{}: the adapter's `lm_head` differs from its `{embedding}` (by up to {difference}), but this model ties them; \
+                             pt-host keeps tied weights tied (PEFT's ensure_weight_tying=True): train such adapters with it",
+                            file.display()
+                        );
+                    }
+                }
+                None => {
+                    whole.insert(embedding.clone(), head);
+                }
+            }
+        }
+        let model_type = self.config().model_type.clone();
+        for (name, tensor) in self.base_tensors_mut() {
+            if let Some(loaded) = whole.remove(&name) {
+                if loaded.dims() != tensor.dims() {
+                    bail!(
+                        "{}: `{KEY_PREFIX}{name}` has shape {:?}, this model's is {:?}",
+                        file.display(),
+                        loaded.dims(),
+                        tensor.dims()
+                    );
+                }
+                *tensor = loaded.to_dtype(tensor.dtype())?;
+            }
+        }
+        if let Some(name) = whole.keys().next() {
+            bail!(
+                "{}: `{KEY_PREFIX}{name}` is not a weight of this {model_type} model",
+                file.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes the base modules `names` trainable whole (PEFT's
+    /// `modules_to_save`), matched by module path as `target_modules` are.
+    /// Where the LM head is the embedding, naming either trains that one
+    /// matrix (PEFT's `ensure_weight_tying`): tied weights stay tied, so the
+    /// merged model is what transformers loads. Returns the names as the
+    /// adapter config records them.
+    pub fn train_modules(&mut self, names: &[String]) -> Result<Vec<String>> {
+        let embedding = self.embedding_module();
+        let short_embedding = embedding.rsplit('.').next().unwrap_or(embedding);
+        let mut modules: Vec<String> = Vec::new();
+        for name in names {
+            let name = match (self.config().tie_word_embeddings, name.as_str()) {
+                (true, "lm_head") => short_embedding.to_string(),
+                _ => name.clone(),
+            };
+            if !modules.contains(&name) {
+                modules.push(name);
+            }
+        }
+        let adapted: Vec<String> = self
+            .linears_mut()
+            .into_iter()
+            .filter(|(_, linear)| linear.lora.is_some())
+            .map(|(path, _)| path)
+            .collect();
+        let model_type = self.config().model_type.clone();
+        let mut matched = vec![false; modules.len()];
+        let mut trained = Vec::new();
+        for (name, tensor) in self.base_tensors_mut() {
+            let module = name.rsplit_once('.').map_or(name.as_str(), |(m, _)| m);
+            let hits: Vec<usize> = (0..modules.len())
+                .filter(|&i| targets_module(std::slice::from_ref(&modules[i]), module))
+                .collect();
+            if hits.is_empty() {
+                continue;
+            }
+            if adapted.iter().any(|path| path == module) {
+                bail!(
+                    "modules_to_save `{module}` also has a LoRA adapter (target_modules): train it one way, not both"
+                );
+            }
+            hits.into_iter().for_each(|i| matched[i] = true);
+            let variable = Var::from_tensor(tensor)?;
+            *tensor = variable.as_tensor().clone();
+            trained.push((format!("{KEY_PREFIX}{name}"), variable));
+        }
+        if let Some(i) = matched.iter().position(|hit| !hit) {
+            bail!(
+                "modules_to_save `{}` matches no module of this {model_type} model (its embedding is `{short_embedding}`, its LM head `lm_head`)",
+                modules[i]
+            );
+        }
+        self.trained_modules = trained;
+        Ok(modules)
     }
 
     /// Sets the dropout probability of every LoRA adapter.
@@ -198,23 +348,25 @@ impl Model {
             "base_model_name_or_path": base_model,
             "use_rslora": config.use_rslora,
             "use_dora": false,
-            "modules_to_save": null,
+            "modules_to_save": config.modules_to_save,
+            "ensure_weight_tying": self.config().tie_word_embeddings && !self.trained_modules.is_empty(),
             "revision": null,
         });
         std::fs::write(
             dir.join("adapter_config.json"),
             serde_json::to_vec_pretty(&peft_config)?,
         )?;
-        let variables = self.lora_variables();
-        let tensors: Vec<(String, Tensor)> = variables
+        let mut tensors: Vec<(String, Tensor)> = self
+            .adapter_variables()
             .into_iter()
             .map(|(name, var)| (name, var.as_tensor().clone()))
             .collect();
+        tensors.extend(self.vocabulary_to_save());
         let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
             .iter()
             .map(|(name, t)| {
-                let values = t.flatten_all()?.to_vec1::<f32>()?;
+                let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 Ok((
                     name.clone(),
                     values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -249,11 +401,57 @@ impl Model {
             .map(|(_, t)| t.elem_count())
             .sum();
         let adapter = self
-            .lora_variables()
+            .adapter_variables()
             .iter()
             .map(|(_, v)| v.elem_count())
             .sum();
         (base, adapter)
+    }
+
+    /// What an adapter directory holds: the LoRA variables and the modules
+    /// trained whole, by PEFT key.
+    pub fn adapter_variables(&mut self) -> Vec<(String, Var)> {
+        let mut variables = self.lora_variables();
+        variables.extend(self.trained_modules.iter().cloned());
+        variables
+    }
+
+    /// The embedding and LM head an adapter saves beside its variables, as
+    /// PEFT does: both when the vocabulary was resized (loading on a base
+    /// resized by transformers then reproduces the rows this run added), and
+    /// a tied head with a trained embedding (PEFT then computes with it
+    /// whether or not it re-ties the head).
+    fn vocabulary_to_save(&mut self) -> Vec<(String, Tensor)> {
+        let resized = self.config().vocab_size != self.checkpoint_vocab_size;
+        let embedding_key = format!("{KEY_PREFIX}{}.weight", self.embedding_module());
+        let embedding_trained = self
+            .trained_modules
+            .iter()
+            .any(|(k, _)| *k == embedding_key);
+        let tied = self.config().tie_word_embeddings;
+        if !(resized || tied && embedding_trained) {
+            return Vec::new();
+        }
+        let saved: Vec<String> = self
+            .adapter_variables()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let head = self.arch.lm_head().clone();
+        let embedding_name = &embedding_key[KEY_PREFIX.len()..];
+        let input = self
+            .base_tensors_mut()
+            .into_iter()
+            .find(|(name, _)| name == embedding_name)
+            .map(|(_, t)| t.clone());
+        [
+            (embedding_key.clone(), input),
+            (format!("{KEY_PREFIX}{LM_HEAD}"), Some(head)),
+        ]
+        .into_iter()
+        .filter_map(|(key, tensor)| Some((key, tensor?)))
+        .filter(|(key, _)| !saved.contains(key))
+        .collect()
     }
 
     /// The trainable LoRA variables with their PEFT key names.

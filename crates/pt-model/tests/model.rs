@@ -602,3 +602,132 @@ fn random_initialisation_predicts_nearly_uniformly() {
         "loss {loss} vs ln 2000 = {uniform}"
     );
 }
+
+/// The embedding (and an untied head) of `model`, by checkpoint name.
+fn vocabulary_matrices(model: &mut Model) -> Vec<(String, candle_core::Tensor)> {
+    let embedding = format!("{}.weight", model.embedding_module());
+    model
+        .base_tensors_mut()
+        .into_iter()
+        .filter(|(name, _)| *name == embedding || name == "lm_head.weight")
+        .map(|(name, t)| (name, t.clone()))
+        .collect()
+}
+
+/// A grown vocabulary trained through `modules_to_save`: new rows start at
+/// the mean, every trained matrix gets a gradient (new rows included), a
+/// tied head trains as the embedding, and the saved adapter restores the
+/// same model (vocabulary size included) on a fresh base.
+#[test]
+fn modules_to_save_train_a_grown_vocabulary_and_round_trip() {
+    for family in ["bloom", "llama", "qwen3"] {
+        let mut model = family_model(family, DType::F32);
+        model
+            .load_adapter(&fixture_of(family).join("lora_init"))
+            .unwrap();
+        let old = model.config().vocab_size;
+        let before = vocabulary_matrices(&mut model);
+        model.resize_vocabulary(old + 5).unwrap();
+        for ((name, grown), (_, original)) in vocabulary_matrices(&mut model).iter().zip(&before) {
+            let mean = original.mean_keepdim(0).unwrap();
+            let added = grown.narrow(0, old, 5).unwrap();
+            let drift = max_abs_diff(&added, &mean.broadcast_as(added.shape()).unwrap());
+            assert!(drift < 1e-7, "{family} {name}: {drift}");
+        }
+        let short = model.embedding_module().rsplit('.').next().unwrap();
+        let modules = model
+            .train_modules(&["lm_head".to_string(), short.to_string()])
+            .unwrap();
+        let tied = model.config().tie_word_embeddings;
+        let expected: Vec<&str> = if tied {
+            vec![short]
+        } else {
+            vec!["lm_head", short]
+        };
+        let mut sorted = modules.clone();
+        sorted.sort();
+        let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        want.sort();
+        assert_eq!(sorted, want, "{family}");
+        // A batch using a new token: its rows get gradients too.
+        let (mut batch, mask, mut labels) = two_blocks(family);
+        batch[0][3] = (old + 2) as u32;
+        labels[0][3] = (old + 2) as i64;
+        let (loss, _) = model.loss_sum(&batch, &mask, &labels).unwrap();
+        let grads = loss.backward().unwrap();
+        let variables = model.adapter_variables();
+        let trained: Vec<&(String, candle_core::Var)> = variables
+            .iter()
+            .filter(|(n, _)| !n.contains("lora_"))
+            .collect();
+        assert_eq!(trained.len(), if tied { 1 } else { 2 }, "{family}");
+        for (name, var) in &trained {
+            let grad = grads.get(var.as_tensor()).expect(name);
+            let new_row = grad.get(old + 2).unwrap().abs().unwrap().sum_all().unwrap();
+            assert!(new_row.to_scalar::<f32>().unwrap() > 0.0, "{family} {name}");
+        }
+        // Trained values, saved and loaded on a fresh base.
+        for (_, var) in &trained {
+            let noise = var.as_tensor().randn_like(0.0, 0.01).unwrap();
+            var.set(&(var.as_tensor() + noise).unwrap()).unwrap();
+        }
+        let config = pt_model::AdapterConfig {
+            modules_to_save: Some(modules),
+            ..pt_model::peft::AdapterConfig::read(&fixture_of(family).join("lora_init")).unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        model.save_adapter(dir.path(), &config, "base").unwrap();
+        let mut loaded = family_model(family, DType::F32);
+        loaded.load_adapter(dir.path()).unwrap();
+        assert_eq!(loaded.config().vocab_size, old + 5);
+        let same = max_abs_diff(
+            &model.forward(&batch, &mask).unwrap(),
+            &loaded.forward(&batch, &mask).unwrap(),
+        );
+        assert_eq!(same, 0.0, "{family}");
+        let names = |m: &mut Model| -> Vec<String> {
+            m.adapter_variables().into_iter().map(|(n, _)| n).collect()
+        };
+        assert_eq!(names(&mut loaded), names(&mut model), "{family}");
+    }
+}
+
+/// A PEFT adapter that trained a tied model's embedding and head apart
+/// (PEFT without ensure_weight_tying) cannot be represented tied: refused.
+#[test]
+fn an_adapter_that_unties_a_tied_head_is_refused() {
+    let mut model = family_model("qwen3", DType::F32);
+    let short = model
+        .embedding_module()
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .to_string();
+    let modules = model.train_modules(&[short]).unwrap();
+    let config = pt_model::AdapterConfig {
+        modules_to_save: Some(modules),
+        ..pt_model::peft::AdapterConfig::read(&fixture_of("qwen3").join("lora_init")).unwrap()
+    };
+    model
+        .load_adapter(&fixture_of("qwen3").join("lora_init"))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    model.save_adapter(dir.path(), &config, "base").unwrap();
+    let file = dir.path().join("adapter_model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+    let head = tensors
+        .remove("base_model.model.lm_head.weight")
+        .expect("a tied head is saved");
+    tensors.insert(
+        "base_model.model.lm_head.weight".into(),
+        (head + 0.5).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let error = family_model("qwen3", DType::F32)
+        .load_adapter(dir.path())
+        .unwrap_err();
+    assert!(
+        format!("{error:#}").contains("keeps tied weights tied"),
+        "{error:#}"
+    );
+}

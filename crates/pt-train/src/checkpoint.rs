@@ -17,10 +17,12 @@ const OPTIMIZER: &str = "optimizer.safetensors";
 const STATE: &str = "trainer_state.json";
 
 impl Trainer<'_> {
-    /// The adapter or the full model, into `dir`.
+    /// The adapter or the full model into `dir`, with the tokenizer files
+    /// beside them as HF's Trainer saves its tokenizer: weights for an
+    /// extended vocabulary travel with the tokenizer that fits them.
     fn save_weights(&mut self, dir: &Path) -> Result<()> {
         match &self.trainable {
-            Trainable::Adapter(config) => self.model.save_adapter(dir, config, &self.base_model),
+            Trainable::Adapter(config) => self.model.save_adapter(dir, config, &self.base_model)?,
             Trainable::Full { source } => {
                 let dtype = self.model.dtype();
                 self.model.save_model(
@@ -28,9 +30,10 @@ impl Trainer<'_> {
                     source,
                     dtype,
                     pt_model::hf_dir::DEFAULT_MAX_SHARD_BYTES,
-                )
+                )?
             }
         }
+        pt_model::hf_dir::copy_tokenizer_files(&self.tokenizer_dir, dir)
     }
 
     /// A resumed run must continue the checkpoint's data order and
@@ -146,8 +149,8 @@ impl Trainer<'_> {
         Ok(())
     }
 
-    /// The final outputs: the adapter or model in `output_dir`, tokenizer
-    /// files and `trainer_state.json`. Written into a staging directory, then
+    /// The final outputs: the adapter or model in `output_dir` with its
+    /// tokenizer files, and `trainer_state.json`. Written into a staging directory, then
     /// each file renamed into place: a reader never sees a half-written file.
     pub fn save_final(&mut self) -> Result<()> {
         if !self.collective.is_main() {
@@ -159,7 +162,6 @@ impl Trainer<'_> {
             fs::remove_dir_all(&staging)?;
         }
         self.save_weights(&staging)?;
-        pt_model::hf_dir::copy_tokenizer_files(Path::new(&self.base_model), &staging)?;
         fs::write(staging.join(STATE), serde_json::to_vec_pretty(&self.state)?)?;
         pt_fs::sync_directory(&staging)?;
         for entry in fs::read_dir(&staging)? {

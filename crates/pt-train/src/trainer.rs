@@ -153,6 +153,8 @@ pub struct Trainer<'a> {
     pub model: &'a mut Model,
     pub(crate) trainable: Trainable,
     pub(crate) base_model: String,
+    /// Where the tokenizer files saved with the weights come from.
+    pub(crate) tokenizer_dir: PathBuf,
     /// The trained variables by checkpoint name.
     pub(crate) named: Vec<(String, Var)>,
     pub(crate) optimizer: AdamW,
@@ -170,9 +172,10 @@ impl<'a> Trainer<'a> {
         model: &'a mut Model,
         trainable: Trainable,
         base_model: String,
+        tokenizer_dir: PathBuf,
     ) -> Result<Self> {
         let named = match &trainable {
-            Trainable::Adapter(_) => model.lora_variables(),
+            Trainable::Adapter(_) => model.adapter_variables(),
             Trainable::Full { .. } => model.make_base_trainable()?,
         };
         let groups = named
@@ -182,13 +185,14 @@ impl<'a> Trainer<'a> {
         let optimizer = AdamW::new(groups, args.adamw)?;
         let (base, adapter) = model.parameter_counts();
         let parameters = base + adapter;
-        let embedding = model.config().embedding_parameters;
+        let embedding = model.config().embedding_parameters();
         let flops_per_token = 6.0 * parameters.saturating_sub(embedding) as f64;
         Ok(Self {
             args,
             model,
             trainable,
             base_model,
+            tokenizer_dir,
             named,
             optimizer,
             state: TrainerState::default(),

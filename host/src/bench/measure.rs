@@ -130,6 +130,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
                     target_modules: model.lora_targets().iter().map(|t| t.to_string()).collect(),
                     use_rslora: false,
                     use_dora: false,
+                    modules_to_save: None,
                 };
                 model.add_lora(&adapter, 0.05, 42)?;
                 Trainable::Adapter(adapter)
@@ -145,6 +146,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
                 &mut model,
                 trainable,
                 dir.path().display().to_string(),
+                dir.path().to_path_buf(),
             )?;
             let mut clock = StepClock { ends: Vec::new() };
             let summary = trainer.train(&blocks, None, None, &mut clock)?;
