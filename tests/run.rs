@@ -295,6 +295,78 @@ fn a_resumed_llama_family_run_is_bit_identical() {
     assert_eq!(straight, adapter(&resumed));
 }
 
+/// Training a grown vocabulary follows PEFT step by step: from the same
+/// start (the fixture's LoRA init, new rows at the mean, PEFT's
+/// `modules_to_save` with tying on a tied model), six steps' loss and
+/// gradient norm and the final eval loss within 1e-4, for a tied Qwen3 and
+/// an untied Llama.
+#[test]
+fn a_grown_vocabulary_trains_as_peft_trains_it() {
+    if !common::python_has("modules_to_save trajectories against PEFT") {
+        return;
+    }
+    for (family, modules) in [("qwen3", "embed_tokens"), ("llama", "embed_tokens,lm_head")] {
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = fixture_of(family);
+        let (tokenizer, _) = extend_tokenizer(&fixture.join("model"), dir.path(), "tokenizer");
+        let reference = dir.path().join("peft");
+        let made = Command::new("python3")
+            .arg(common::repo().join("tests/python/vocab_trajectory.py"))
+            .args([&fixture, &tokenizer])
+            .arg(modules)
+            .arg(&reference)
+            .output()
+            .unwrap();
+        assert_ok(&made);
+        let init = reference.join("init");
+        let args = [
+            RECIPE,
+            &["--peft_path", init.to_str().unwrap()],
+            &["--tokenizer_name_or_path", tokenizer.to_str().unwrap()],
+        ]
+        .concat();
+        let output = PtHost::new(run_args_of(
+            &fixture.join("model"),
+            dir.path(),
+            "out",
+            &args,
+        ))
+        .succeeds();
+        let expected = json(&reference.join("trajectory.json"));
+        let trainable = format!("trainable params: {} ", expected["trainable"]);
+        assert!(
+            String::from_utf8_lossy(&output.stderr).contains(&trainable),
+            "{family}"
+        );
+        let state = json(&dir.path().join("out/trainer_state.json"));
+        let steps: Vec<&serde_json::Value> = state["log_history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e.get("loss").is_some())
+            .collect();
+        assert_eq!(steps.len(), 6);
+        for (ours, theirs) in steps.iter().zip(expected["log"].as_array().unwrap()) {
+            for key in ["loss", "grad_norm", "learning_rate"] {
+                let (a, b) = (ours[key].as_f64().unwrap(), theirs[key].as_f64().unwrap());
+                assert!(
+                    (a - b).abs() <= 1e-4 * b.abs(),
+                    "{family} step {}: {key} {a} vs {b}",
+                    theirs["step"]
+                );
+            }
+        }
+        let ours = json(&dir.path().join("out/eval_results.json"))["eval_loss"]
+            .as_f64()
+            .unwrap();
+        let theirs = expected["valid_loss_after"].as_f64().unwrap();
+        assert!(
+            ((ours - theirs) / theirs).abs() < 1e-4,
+            "{family}: eval_loss {ours} vs {theirs}"
+        );
+    }
+}
+
 /// The vocabulary-extension path end to end, for a tied BLOOM, an untied
 /// Llama whose head is left frozen, and a tied Qwen3: domain tokens learnt
 /// on the shipped corpus (old ids unchanged, fewer tokens per character),
