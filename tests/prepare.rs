@@ -1177,3 +1177,160 @@ fn augmenter_output_is_bounded_in_count() {
     assert_eq!((augmenter.added, augmenter.derived_empty), (6, 4));
     assert_eq!(run.report().train.documents, 3 + 2);
 }
+
+/// Sources (`FILE:LINE`, file name only) of `excluded.jsonl`'s dedup
+/// entries, with whether each is exact.
+fn dropped_as_duplicates(output_dir: &Path) -> std::collections::BTreeMap<String, bool> {
+    fs::read_to_string(output_dir.join("excluded.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["plugin"] == "(dedup)")
+        .map(|e| {
+            let source = e["source"].as_str().unwrap();
+            let name = source.rsplit('/').next().unwrap().to_string();
+            let exact = e["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("exact duplicate of ");
+            (name, exact)
+        })
+        .collect()
+}
+
+/// On a generated corpus with known duplicates, `--dedup exact` finds every
+/// exact copy and nothing else, and `--dedup minhash` also the near copies
+/// (about 1 word in 100 replaced) with precision and recall of at least 95%
+/// (measured: 98.9% and 98.6%); the generator is reproducible.
+#[test]
+fn deduplication_finds_the_known_duplicates_of_a_generated_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = |name: &str| {
+        PtHost::new(words(
+            "make-corpus --size_mb 3 --exact_duplicates 0.05 --near_duplicates 0.05",
+        ))
+        .arg("--train_file_dir")
+        .arg(corpus_dir())
+        .arg("--output_dir")
+        .arg(dir.path().join(name))
+        .succeeds()
+    };
+    make("corpus");
+    make("again");
+    let part = "corpus/part-00000.jsonl";
+    assert_eq!(
+        fs::read(dir.path().join("corpus").join(part)).unwrap(),
+        fs::read(dir.path().join("again").join(part)).unwrap()
+    );
+    let truth: Vec<serde_json::Value> =
+        fs::read_to_string(dir.path().join("corpus/duplicates.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+    let known = |kind: &str| -> std::collections::BTreeSet<String> {
+        truth
+            .iter()
+            .filter(|t| t["kind"] == kind)
+            .map(|t| t["source"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (exact, near) = (known("exact"), known("near"));
+    assert!(
+        exact.len() > 50 && near.len() > 50,
+        "{} {}",
+        exact.len(),
+        near.len()
+    );
+    for mode in ["exact", "minhash"] {
+        let out = dir.path().join(mode);
+        let said = PtHost::new(["prepare", "--model_name_or_path", arg(&fixture_model())])
+            .args(["--train_file_dir", arg(&dir.path().join("corpus/corpus"))])
+            .args([
+                "--output_dir",
+                arg(&out),
+                "--cache_dir",
+                arg(&dir.path().join("cache")),
+            ])
+            .args([
+                "--dedup",
+                mode,
+                "--validation_split_percentage",
+                "0",
+                "--block_size",
+                "64",
+            ])
+            .succeeds();
+        assert!(
+            stdout(&said).contains("duplicates dropped before the plugins"),
+            "{}",
+            stdout(&said)
+        );
+        let dropped = dropped_as_duplicates(&out);
+        let found = |is_exact: bool| -> std::collections::BTreeSet<String> {
+            dropped
+                .iter()
+                .filter(|(_, e)| **e == is_exact)
+                .map(|(s, _)| s.clone())
+                .collect()
+        };
+        assert_eq!(found(true), exact, "{mode}: exact copies");
+        let near_found = found(false);
+        if mode == "exact" {
+            assert!(near_found.is_empty());
+            continue;
+        }
+        let hits = near_found.intersection(&near).count() as f64;
+        let (precision, recall) = (hits / near_found.len() as f64, hits / near.len() as f64);
+        assert!(
+            precision >= 0.95 && recall >= 0.95,
+            "precision {precision}, recall {recall}"
+        );
+        let report: DataReport =
+            serde_json::from_slice(&fs::read(out.join("data_report.json")).unwrap()).unwrap();
+        let counts = report.dedup.unwrap().train;
+        assert_eq!(
+            (counts.exact, counts.near),
+            (exact.len() as u64, near_found.len() as u64)
+        );
+        assert_eq!(
+            report.train.documents_read as usize + dropped.len(),
+            fs::read_to_string(dir.path().join("corpus").join(part))
+                .unwrap()
+                .lines()
+                .count()
+        );
+    }
+}
+
+/// A gzip-compressed corpus prepares into the blocks its plain text does.
+#[test]
+fn a_compressed_corpus_prepares_as_its_plain_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, packed) = (dir.path().join("plain"), dir.path().join("gz"));
+    fs::create_dir_all(&plain).unwrap();
+    fs::create_dir_all(&packed).unwrap();
+    fs::copy(corpus_dir().join("fever.txt"), plain.join("fever.txt")).unwrap();
+    fs::copy(corpus_dir().join("fever.txt"), packed.join("fever.txt")).unwrap();
+    let gzip = Command::new("gzip")
+        .arg(packed.join("fever.txt"))
+        .output()
+        .unwrap();
+    assert!(gzip.status.success());
+    let blocks = |corpus: &Path, out: &str| -> Vec<u8> {
+        PtHost::new(["prepare", "--model_name_or_path", arg(&fixture_model())])
+            .args(["--train_file_dir", arg(corpus), "--block_size", "64"])
+            .args(["--output_dir", arg(&dir.path().join(out))])
+            .args(["--cache_dir", arg(&dir.path().join(out).join("cache"))])
+            .succeeds();
+        let datasets = dir.path().join(out).join("cache/datasets");
+        let entry = fs::read_dir(datasets)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        fs::read(entry.join("train.safetensors")).unwrap()
+    };
+    assert_eq!(blocks(&plain, "a"), blocks(&packed, "b"));
+}

@@ -499,6 +499,7 @@ fn the_cli_reference_names_every_flag() {
         "merge",
         "init-model",
         "extend-tokenizer",
+        "make-corpus",
         "bench",
     ]
     .iter()

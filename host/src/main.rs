@@ -11,6 +11,7 @@ mod generate;
 mod hints;
 mod hub;
 mod init_model;
+mod make_corpus;
 mod merge;
 mod plot;
 mod plugin_cmd;
@@ -71,6 +72,10 @@ enum Command {
     /// and report the tokens per character they save.
     #[command(name = "extend-tokenizer")]
     ExtendTokenizer(extend_tokenizer::ExtendTokenizerArgs),
+    /// Make a corpus of any size from a small one: unique documents and a known share of exact
+    /// and near duplicates (listed in duplicates.jsonl), for tests and benchmarks.
+    #[command(name = "make-corpus")]
+    MakeCorpus(make_corpus::MakeCorpusArgs),
     /// Throughput and peak memory of training, evaluation and generation on a
     /// random BLOOM, beside PyTorch + PEFT on the same work when torch is installed.
     Bench(Box<bench::BenchArgs>),
@@ -144,6 +149,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(*args),
         Command::InitModel(args) => init_model::run(args),
         Command::ExtendTokenizer(args) => extend_tokenizer::run(args),
+        Command::MakeCorpus(args) => make_corpus::run(args),
         Command::Plugin(command) => plugin_cmd::run(command),
         Command::Bench(args) => bench::run(*args),
     }

@@ -8,12 +8,23 @@ use pt_data::{
     Tokenizer,
 };
 
+use pt_data::dedup::Dedup;
 use pt_data::text::escape_controls;
 
 use crate::args::{default_cache_dir, parse_bool};
 use crate::hub::{self, HubArgs};
 use crate::plugins::{self, OnError, PluginArgs};
 use crate::progress::PrepareProgress;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DedupArg {
+    /// Keep every document.
+    None,
+    /// Drop documents equal to an earlier one (up to surrounding whitespace).
+    Exact,
+    /// Also drop near duplicates (Jaccard of 5-word shingles above about 0.7).
+    Minhash,
+}
 
 #[derive(clap::Args, Debug)]
 pub struct PrepareArgs {
@@ -41,14 +52,24 @@ pub struct PrepareArgs {
     /// Keep each .txt line's trailing newline.
     #[arg(long = "keep_linebreaks", default_value = "true", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
     pub keep_linebreaks: bool,
-    /// JSON field holding the text in .json/.jsonl files.
-    #[arg(long = "text_field", default_value = "text")]
+    /// JSON field (.json/.jsonl) or Parquet column holding the text.
+    #[arg(
+        long = "text_field",
+        visible_alias = "text_column",
+        default_value = "text"
+    )]
     pub text_field: String,
     /// A record that cannot be read (invalid UTF-8, a NUL byte, malformed
     /// JSON, no text field, over --max_document_mb): stop naming file and
     /// line, or skip it, count it in data_report.json and list it in excluded.jsonl.
     #[arg(long = "on_bad_record", value_enum, default_value = "fail")]
     pub on_bad_record: OnError,
+    /// Drop duplicate documents before the plugins, each listed in
+    /// excluded.jsonl with the document it duplicates: none, exact (same
+    /// text), or minhash (also near duplicates: MinHash LSH, 5-word
+    /// shingles, 14 bands × 8 rows, as datatrove).
+    #[arg(long = "dedup", value_enum, default_value = "none")]
+    pub dedup: DedupArg,
     /// Largest document, in MiB; a larger record is a bad record.
     #[arg(long = "max_document_mb", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_document_mb: u64,
@@ -228,6 +249,11 @@ pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer, main: bool) -> Res
             }),
             _ => None,
         },
+        dedup: match args.dedup {
+            DedupArg::None => Dedup::None,
+            DedupArg::Exact => Dedup::Exact,
+            DedupArg::Minhash => Dedup::Minhash,
+        },
     };
     let progress = PrepareProgress::new(args.disable_tqdm);
     let prepared = pt_data::prepare(
@@ -276,6 +302,17 @@ fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
         if bad > 0 {
             println!(
                 "  {bad} unreadable records skipped (--on_bad_record skip; listed in excluded.jsonl)"
+            );
+        }
+        if let Some(dedup) = &report.dedup {
+            let counts = if name == "train" {
+                dedup.train
+            } else {
+                dedup.validation
+            };
+            println!(
+                "  duplicates dropped before the plugins (--dedup): {} exact, {} near (listed in excluded.jsonl)",
+                counts.exact, counts.near
             );
         }
         for step in &split.steps {

@@ -94,6 +94,20 @@ def train_steps(model, params, optimizer, schedule, train, steps):
     return log
 
 
+def train_adapter(peft, train):
+    """The fixture's recipe for the adapter's trainable weights: torch AdamW
+    (uniform weight decay), linear warmup and decay, STEPS steps; the log."""
+    params = [p for p in peft.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY
+    )
+    schedule = get_linear_schedule_with_warmup(optimizer, WARMUP, STEPS)
+    peft.train()
+    log = train_steps(peft, params, optimizer, schedule, train, STEPS)
+    peft.eval()
+    return log
+
+
 def full_fine_tuning(fixture, train, valid):
     """FULL_STEPS of full fine-tuning from the base model as HF's Trainer
     groups it: weight decay on every weight but biases and norms
@@ -162,14 +176,7 @@ def compute(fixture: str, out: str) -> None:
     valid_before = mean_loss(model, valid)
     peft = PeftModel.from_pretrained(model, f"{fixture}/lora_init", is_trainable=True)
     train = pack(tokenizer, f"{fixture}/train.txt")
-    params = [p for p in peft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY
-    )
-    schedule = get_linear_schedule_with_warmup(optimizer, WARMUP, STEPS)
-    peft.train()
-    log = train_steps(peft, params, optimizer, schedule, train, STEPS)
-    peft.eval()
+    log = train_adapter(peft, train)
     trajectory = {
         "args": {
             "block": BLOCK,

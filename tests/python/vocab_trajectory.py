@@ -21,10 +21,10 @@ import sys
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, get_linear_schedule_with_warmup
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_reference import LR, STEPS, WARMUP, WEIGHT_DECAY, mean_loss, pack, train_steps  # noqa: E402
+from tiny_reference import mean_loss, pack, train_adapter  # noqa: E402
 
 
 def grow_with_mean(matrix: torch.nn.Parameter, old_rows: int) -> None:
@@ -69,16 +69,9 @@ def main() -> None:
 
     train = pack(tokenizer, f"{fixture}/train.txt")
     valid = pack(tokenizer, f"{fixture}/valid.txt")
-    params = [p for p in peft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=WEIGHT_DECAY
-    )
-    schedule = get_linear_schedule_with_warmup(optimizer, WARMUP, STEPS)
-    peft.train()
-    log = train_steps(peft, params, optimizer, schedule, train, STEPS)
-    peft.eval()
+    log = train_adapter(peft, train)
     trajectory = {
-        "trainable": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in peft.parameters() if p.requires_grad),
         "log": log,
         "valid_loss_after": mean_loss(peft, valid),
     }

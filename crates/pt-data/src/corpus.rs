@@ -1,5 +1,7 @@
-//! Reading corpora: directories of `.txt`, `.json` and `.jsonl` files, as
-//! MedicalGPT and LLaMA-Factory read them. Every error names the file and line.
+//! Reading corpora: directories of `.txt`, `.json` and `.jsonl` files (also
+//! gzip- or zstd-compressed: `.jsonl.gz`, `.txt.zst`, …) and Parquet files, as
+//! MedicalGPT, LLaMA-Factory and HF datasets read them. Every error names the
+//! file and line (a Parquet file's row).
 
 use std::collections::HashSet;
 use std::fs;
@@ -170,7 +172,58 @@ pub struct BadRecordError {
     pub problem: RecordProblem,
 }
 
-const EXTENSIONS: [&str; 3] = ["txt", "json", "jsonl"];
+/// How a corpus file's records are laid out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Layout {
+    /// One document per non-empty line.
+    Text,
+    /// A JSON array of records, or JSON lines.
+    Json,
+    /// One record per line.
+    JsonLines,
+    /// A column of strings (`--text_field`), one document per row.
+    Parquet,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    fn name(self) -> &'static str {
+        match self {
+            Compression::None => "plain",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// The corpus formats, for messages.
+const FORMATS: &str = ".txt, .json, .jsonl (each also .gz or .zst) or .parquet";
+
+/// A corpus file's layout and compression, from its name (`a.jsonl.gz`).
+fn format_of(path: &Path) -> Option<(Layout, Compression)> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    let (stem, compression) = if let Some(stem) = name.strip_suffix(".gz") {
+        (stem, Compression::Gzip)
+    } else if let Some(stem) = name.strip_suffix(".zst") {
+        (stem, Compression::Zstd)
+    } else {
+        (name.as_str(), Compression::None)
+    };
+    let layout = match stem.rsplit_once('.')?.1 {
+        "txt" => Layout::Text,
+        "json" => Layout::Json,
+        "jsonl" => Layout::JsonLines,
+        "parquet" if compression == Compression::None => Layout::Parquet,
+        _ => return None,
+    };
+    Some((layout, compression))
+}
 
 /// The corpus files under `dir`, recursively, sorted by path (or `dir`
 /// itself when it is a corpus file). Symbolic links to directories are
@@ -181,7 +234,7 @@ pub fn discover(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     if !dir.is_dir() {
         bail!(
-            "{}: no such directory (give a directory of .txt, .json or .jsonl files, or one such file)",
+            "{}: no such directory (give a directory of {FORMATS} files, or one such file)",
             dir.display()
         );
     }
@@ -191,7 +244,7 @@ pub fn discover(dir: &Path) -> Result<Vec<PathBuf>> {
     files.sort();
     if files.is_empty() {
         bail!(
-            "{}: no .txt, .json or .jsonl files found (searched recursively)",
+            "{}: no {FORMATS} files found (searched recursively)",
             dir.display()
         );
     }
@@ -221,9 +274,7 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>, visited: &mut HashSet<PathBuf>) ->
 }
 
 fn has_corpus_extension(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| EXTENSIONS.contains(&e))
+    format_of(path).is_some()
 }
 
 /// The documents of the corpus files under `dir` in path order, up to about
@@ -269,22 +320,124 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<SourceFile> {
 }
 
 /// The documents (and skipped records) in `bytes`, read as the file `path`
-/// (its extension decides the format).
+/// (its name decides the format; an unknown one is read as JSON lines).
 pub fn parse(
     path: &Path,
     bytes: &[u8],
     options: &ReadOptions,
 ) -> Result<(Vec<Document>, Vec<BadRecord>)> {
-    let body = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let (layout, compression) = format_of(path).unwrap_or((Layout::JsonLines, Compression::None));
     let mut records = Records::new(path, options);
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("txt") => read_txt(&mut records, body)?,
-        Some("json") if body.trim_ascii_start().starts_with(b"[") => {
+    if layout == Layout::Parquet {
+        read_parquet(&mut records, bytes)?;
+        return Ok((records.documents, records.bad));
+    }
+    let text = decompressed(path, bytes, compression)?;
+    let body = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
+    match layout {
+        Layout::Text => read_txt(&mut records, body)?,
+        Layout::Json if body.trim_ascii_start().starts_with(b"[") => {
             read_json_array(&mut records, body)?
         }
         _ => read_json_lines(&mut records, body)?,
     }
     Ok((records.documents, records.bad))
+}
+
+/// Counts the bytes a decoder has taken from its input.
+struct Counted<'a> {
+    input: &'a [u8],
+    taken: usize,
+}
+
+impl std::io::Read for Counted<'_> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        let n = (&self.input[self.taken..]).read(buffer)?;
+        self.taken += n;
+        Ok(n)
+    }
+}
+
+/// `bytes` decompressed; corrupt data is an error naming the file, how far
+/// into it the decoder got, and the line of text it had reached.
+fn decompressed<'a>(
+    path: &Path,
+    bytes: &'a [u8],
+    compression: Compression,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    use std::io::Read;
+    let mut input = Counted {
+        input: bytes,
+        taken: 0,
+    };
+    let mut text = Vec::new();
+    let result = match compression {
+        Compression::None => return Ok(std::borrow::Cow::Borrowed(bytes)),
+        // Multi-member: `cat a.gz b.gz` and bgzip files are one stream of text.
+        Compression::Gzip => flate2::read::MultiGzDecoder::new(&mut input).read_to_end(&mut text),
+        Compression::Zstd => {
+            zstd::stream::read::Decoder::new(&mut input).and_then(|mut d| d.read_to_end(&mut text))
+        }
+    };
+    if let Err(error) = result {
+        let line = text.iter().filter(|&&b| b == b'\n').count() + 1;
+        bail!(
+            "{}: corrupt {} data before compressed byte {} of {} (line {line} of the text, {} bytes in): {error}",
+            path.display(),
+            compression.name(),
+            input.taken,
+            bytes.len(),
+            text.len()
+        );
+    }
+    Ok(std::borrow::Cow::Owned(text))
+}
+
+/// A Parquet file's `--text_field` column, a document per row (rows
+/// numbered from 1, as lines are). Row groups are decoded one at a time.
+fn read_parquet(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    use parquet::schema::types::Type;
+    let path = records.path.display().to_string();
+    let reader = SerializedFileReader::new(bytes::Bytes::copy_from_slice(bytes))
+        .with_context(|| format!("{path}: not a readable Parquet file"))?;
+    let schema = reader.metadata().file_metadata().schema();
+    let field = records.options.text_field.clone();
+    let Some(column) = schema.get_fields().iter().find(|f| f.name() == field) else {
+        let columns: Vec<&str> = schema.get_fields().iter().map(|f| f.name()).collect();
+        bail!(
+            "{path}: no `{field}` column (it has: {}); pass --text_column to choose another",
+            columns.join(", ")
+        );
+    };
+    let projection = Type::group_type_builder(schema.name())
+        .with_fields(vec![column.clone()])
+        .build()?;
+    let rows = reader
+        .get_row_iter(Some(projection))
+        .with_context(|| format!("{path}: cannot read column `{field}`"))?;
+    for (index, row) in rows.enumerate() {
+        let number = index + 1;
+        let row = row.with_context(|| format!("{path}: row {number}: corrupt Parquet data"))?;
+        match row.get_column_iter().next().map(|(_, value)| value) {
+            Some(Field::Str(text)) => {
+                if let Some(at) = text.bytes().position(|b| b == 0) {
+                    records.bad(number, RecordProblem::NulByte { at })?;
+                } else {
+                    records.document(number, text.clone())?;
+                }
+            }
+            other => records.bad(
+                number,
+                RecordProblem::NotAString {
+                    field: field.clone(),
+                    found: other.map_or("nothing".into(), |value| value.to_string()),
+                },
+            )?,
+        }
+    }
+    Ok(())
 }
 
 /// Lines with their 1-based numbers, each with its `\n` if it had one.
@@ -516,5 +669,145 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("missing: no such directory"), "{err}");
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        encoder.write_all(bytes).unwrap();
+        encoder.finish().unwrap()
+    }
+
+    /// A Parquet file with an optional string column `text` (None: null)
+    /// and an int column `id`, in row groups of `group` rows.
+    fn parquet(rows: &[Option<&str>], group: usize) -> Vec<u8> {
+        use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::writer::SerializedFileWriter;
+        use parquet::schema::parser::parse_message_type;
+        let schema = parse_message_type(
+            "message corpus { OPTIONAL BYTE_ARRAY text (UTF8); REQUIRED INT64 id; }",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        let properties = std::sync::Arc::new(WriterProperties::builder().build());
+        let mut writer =
+            SerializedFileWriter::new(&mut out, std::sync::Arc::new(schema), properties).unwrap();
+        for (g, chunk) in rows.chunks(group).enumerate() {
+            let mut row_group = writer.next_row_group().unwrap();
+            let values: Vec<ByteArray> = chunk.iter().flatten().map(|t| (*t).into()).collect();
+            let defined: Vec<i16> = chunk.iter().map(|t| t.is_some() as i16).collect();
+            let mut column = row_group.next_column().unwrap().unwrap();
+            column
+                .typed::<ByteArrayType>()
+                .write_batch(&values, Some(&defined), None)
+                .unwrap();
+            column.close().unwrap();
+            let ids: Vec<i64> = (0..chunk.len()).map(|i| (g * group + i) as i64).collect();
+            let mut column = row_group.next_column().unwrap().unwrap();
+            column
+                .typed::<Int64Type>()
+                .write_batch(&ids, None, None)
+                .unwrap();
+            column.close().unwrap();
+            row_group.close().unwrap();
+        }
+        writer.close().unwrap();
+        out
+    }
+
+    fn texts(file: &SourceFile) -> Vec<(u32, &str)> {
+        file.documents
+            .iter()
+            .map(|d| (d.line, d.text.as_str()))
+            .collect()
+    }
+
+    /// Compressed files read as their plain text does; Parquet rows are
+    /// documents numbered from 1 across row groups.
+    #[test]
+    fn compressed_and_parquet_files_read_as_their_plain_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = b"{\"text\": \"\xE5\x8F\x91\xE7\x83\xAD\"}\n\n{\"text\": \"second\"}\n";
+        let txt = b"first\nsecond\n";
+        let plain_jsonl = read_file(
+            &write(dir.path(), "a.jsonl", jsonl),
+            &ReadOptions::default(),
+        )
+        .unwrap();
+        let plain_txt =
+            read_file(&write(dir.path(), "a.txt", txt), &ReadOptions::default()).unwrap();
+        // Two gzip members, as `cat a.gz b.gz` or bgzip make.
+        let (head, tail) = jsonl.split_at(10);
+        let members = [gzip(head), gzip(tail)].concat();
+        let zstd = zstd::encode_all(&txt[..], 3).unwrap();
+        for (name, bytes, plain) in [
+            ("c/b.jsonl.gz", members, &plain_jsonl),
+            ("c/b.txt.gz", gzip(txt), &plain_txt),
+            ("c/b.txt.zst", zstd, &plain_txt),
+        ] {
+            let file =
+                read_file(&write(dir.path(), name, &bytes), &ReadOptions::default()).unwrap();
+            assert_eq!(texts(&file), texts(plain), "{name}");
+        }
+        let rows = [Some("one"), None, Some("two"), Some(""), Some("three")];
+        write(dir.path(), "c/d.parquet", &parquet(&rows, 2));
+        let skip = ReadOptions {
+            on_bad_record: ErrorPolicy::Skip,
+            ..ReadOptions::default()
+        };
+        let file = read_file(&dir.path().join("c/d.parquet"), &skip).unwrap();
+        assert_eq!(texts(&file), [(1, "one"), (3, "two"), (5, "three")]);
+        assert_eq!(file.bad_records.len(), 1);
+        assert_eq!(file.bad_records[0].line, 2);
+        let err = read_error(&dir.path().join("c/d.parquet"));
+        assert!(
+            err.contains("d.parquet:2: field `text` is not a string but null"),
+            "{err}"
+        );
+        let other = ReadOptions {
+            text_field: "content".into(),
+            ..ReadOptions::default()
+        };
+        let err = format!(
+            "{:#}",
+            read_file(&dir.path().join("c/d.parquet"), &other).unwrap_err()
+        );
+        assert!(
+            err.contains("no `content` column (it has: text, id)"),
+            "{err}"
+        );
+        let found = discover(&dir.path().join("c")).unwrap();
+        assert_eq!(found.len(), 4);
+    }
+
+    /// Corrupt compressed or Parquet data is an error naming the file and
+    /// how far reading got.
+    #[test]
+    fn corrupt_compressed_and_parquet_files_are_named_with_their_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let text: String = (0..2000)
+            .map(|i| format!("line {i} of the corpus\n"))
+            .collect();
+        let mut gz = gzip(text.as_bytes());
+        let middle = gz.len() / 2;
+        gz[middle] ^= 0xFF;
+        let err = read_error(&write(dir.path(), "a.txt.gz", &gz));
+        assert!(
+            err.contains("a.txt.gz: corrupt gzip data before compressed byte"),
+            "{err}"
+        );
+        let zst = zstd::encode_all(text.as_bytes(), 3).unwrap();
+        let truncated = &zst[..zst.len() - 20];
+        let err = read_error(&write(dir.path(), "a.jsonl.zst", truncated));
+        assert!(err.contains("a.jsonl.zst: corrupt zstd data"), "{err}");
+        assert!(err.contains("(line "), "{err}");
+        let mut table = parquet(&[Some("one"), Some("two")], 2);
+        table.truncate(table.len() - 12);
+        let err = read_error(&write(dir.path(), "b.parquet", &table));
+        assert!(
+            err.contains("b.parquet: not a readable Parquet file"),
+            "{err}"
+        );
     }
 }

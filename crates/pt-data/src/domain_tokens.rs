@@ -22,6 +22,8 @@ use anyhow::{Context, Result, anyhow};
 use tokenizers::models::bpe::{BPE, BpeTrainer};
 use tokenizers::{AddedToken, Trainer};
 
+use crate::text::is_cjk;
+
 /// What to learn.
 #[derive(Clone, Debug)]
 pub struct DomainTokenOptions {
@@ -67,13 +69,6 @@ pub struct Extension {
     pub new_tokens: Vec<NewToken>,
     #[serde(skip)]
     pub tokenizer: tokenizers::Tokenizer,
-}
-
-/// Hangul, kana and Han characters: scripts without spaces between words.
-fn is_cjk(c: char) -> bool {
-    matches!(c as u32,
-        0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xAC00..=0xD7AF
-        | 0xF900..=0xFAFF | 0x20000..=0x2FFFF)
 }
 
 /// Where a new token may come from: runs of CJK characters, and words of

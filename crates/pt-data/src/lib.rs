@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod corpus;
+pub mod dedup;
 pub mod domain_tokens;
 pub mod packing;
 pub mod pipeline;

@@ -17,9 +17,10 @@ use sha2::{Digest, Sha256};
 
 use crate::cache::{self, Prepared, Shards};
 use crate::corpus::{self, ReadOptions, SourceFile};
+use crate::dedup::{self, Dedup, DuplicateCounts};
 use crate::packing::{self, Blocks};
 use crate::pipeline::{self, InputDoc, PipelineOptions, SplitOutput};
-use crate::report::{DataReport, Excluded, FileReport, PluginReport, SplitReport};
+use crate::report::{DataReport, DedupReport, Excluded, FileReport, PluginReport, SplitReport};
 use crate::steps::StepPlugin;
 use crate::tokenize::Tokenizer;
 
@@ -46,6 +47,8 @@ pub struct PrepareOptions {
     pub overwrite_cache: bool,
     /// Preparing a part of the corpus, or merging the parts (`None`: all at once).
     pub sharding: Option<Sharding>,
+    /// Duplicates dropped before the plugins run.
+    pub dedup: Dedup,
 }
 
 /// A preparation in parts.
@@ -108,6 +111,13 @@ struct CacheKey<'a> {
     on_error: pipeline::ErrorPolicy,
     max_derived_per_document: usize,
     max_derived_documents: u64,
+    /// Absent (the key unchanged) when nothing is deduplicated.
+    #[serde(skip_serializing_if = "is_none")]
+    dedup: Dedup,
+}
+
+fn is_none(dedup: &Dedup) -> bool {
+    *dedup == Dedup::None
 }
 
 /// The corpus files of both splits, read.
@@ -171,9 +181,15 @@ impl Corpus {
             .collect()
     }
 
-    /// The training and validation documents; without a validation
-    /// directory, the first percent of the training documents validate.
-    fn into_documents(self, options: &PrepareOptions) -> (Documents, Documents) {
+    /// The training and validation documents, duplicates dropped (each
+    /// split on its own; a validation share is carved from the deduplicated
+    /// training documents): without a validation directory, the first
+    /// percent of the training documents validate. Also the dropped
+    /// documents, listed, and their counts.
+    fn into_documents(
+        self,
+        options: &PrepareOptions,
+    ) -> (Documents, Documents, Vec<Excluded>, Option<DedupReport>) {
         let documents = |files: Vec<SourceFile>| -> Documents {
             files
                 .into_iter()
@@ -185,16 +201,62 @@ impl Corpus {
                 })
                 .collect()
         };
+        let mut excluded = Vec::new();
         let mut train = documents(self.train);
-        let validation = if options.validation_dir.is_some() {
-            documents(self.validation)
+        let train_duplicates = drop_duplicates(&mut train, options.dedup, &mut excluded);
+        let (validation, validation_duplicates) = if options.validation_dir.is_some() {
+            let mut validation = documents(self.validation);
+            let dropped = drop_duplicates(&mut validation, options.dedup, &mut excluded);
+            (validation, dropped)
         } else {
             let n = (train.len() as f64 * options.validation_split_percentage / 100.0)
                 .round_ties_even() as usize;
-            train.drain(..n.min(train.len())).collect()
+            (
+                train.drain(..n.min(train.len())).collect(),
+                DuplicateCounts::default(),
+            )
         };
-        (train, validation)
+        let report = (options.dedup != Dedup::None).then_some(DedupReport {
+            mode: options.dedup,
+            train: train_duplicates,
+            validation: validation_duplicates,
+        });
+        (train, validation, excluded, report)
     }
+}
+
+/// Removes the duplicates among `documents` under `mode`, listing each with
+/// the document it duplicates.
+fn drop_duplicates(
+    documents: &mut Documents,
+    mode: Dedup,
+    excluded: &mut Vec<Excluded>,
+) -> DuplicateCounts {
+    let duplicates = dedup::find_duplicates(documents.iter().map(|(_, text)| text.as_str()), mode);
+    let mut counts = DuplicateCounts::default();
+    let mut dropped = vec![false; documents.len()];
+    for duplicate in &duplicates {
+        let (source, text) = &documents[duplicate.index];
+        let (kind, count) = match duplicate.near {
+            true => ("near duplicate (MinHash)", &mut counts.near),
+            false => ("exact duplicate", &mut counts.exact),
+        };
+        *count += 1;
+        dropped[duplicate.index] = true;
+        excluded.push(Excluded {
+            source: source.clone(),
+            plugin: "(dedup)".into(),
+            kind: None,
+            reason: format!("{kind} of {}", documents[duplicate.of].0),
+            text: text.clone(),
+        });
+    }
+    let mut index = 0;
+    documents.retain(|_| {
+        index += 1;
+        !dropped[index - 1]
+    });
+    counts
 }
 
 fn relative_digests<'a>(dir: Option<&Path>, files: &'a [SourceFile]) -> Vec<(String, &'a str)> {
@@ -249,6 +311,7 @@ fn cache_key(
         on_error: options.pipeline.on_error,
         max_derived_per_document: options.pipeline.max_derived_per_document,
         max_derived_documents: options.pipeline.max_derived_documents,
+        dedup: options.dedup,
     };
     Ok(hex::encode(Sha256::digest(serde_json::to_vec(&key)?)))
 }
@@ -430,7 +493,8 @@ pub fn prepare(
 
     let files = corpus.file_reports();
     let mut excluded = corpus.unreadable();
-    let (train_docs, validation_docs) = corpus.into_documents(options);
+    let (train_docs, validation_docs, duplicates, dedup) = corpus.into_documents(options);
+    excluded.extend(duplicates);
     let runner = SplitRunner {
         plugins: plugins.iter().map(|p| p.plugin).collect(),
         tokenizer,
@@ -456,6 +520,7 @@ pub fn prepare(
         validation,
         seconds: started.elapsed().as_secs_f64(),
         shard,
+        dedup: dedup.clone(),
     };
     if let Some((index, count, shard)) = &place.part {
         let report = report(

@@ -129,6 +129,16 @@ pub struct DataReport {
     /// `i of n` for one shard of a sharded preparation (no blocks yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<String>,
+    /// Duplicates dropped before the plugins (`--dedup`), per split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dedup: Option<DedupReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DedupReport {
+    pub mode: crate::dedup::Dedup,
+    pub train: crate::dedup::DuplicateCounts,
+    pub validation: crate::dedup::DuplicateCounts,
 }
 
 /// One line of `excluded.jsonl`.

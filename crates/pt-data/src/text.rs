@@ -91,6 +91,14 @@ pub fn to_inert_json_pretty<T: serde::Serialize + ?Sized>(
     serde_json::to_vec_pretty(value).map(inert)
 }
 
+/// Hangul, kana and Han characters: scripts written without spaces between
+/// words.
+pub(crate) fn is_cjk(c: char) -> bool {
+    matches!(c as u32,
+        0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xAC00..=0xD7AF
+        | 0xF900..=0xFAFF | 0x20000..=0x2FFFF)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
