@@ -1334,3 +1334,39 @@ fn a_compressed_corpus_prepares_as_its_plain_text() {
     };
     assert_eq!(blocks(&plain, "a"), blocks(&packed, "b"));
 }
+
+/// `--validation_split_mode random` takes as many documents as `first`
+/// does, a different set for another `--seed`, the same for the same seed.
+#[test]
+fn a_random_validation_split_is_seeded() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = |mode: &str, seed: &str| -> DataReport {
+        let out = dir.path().join(format!("{mode}-{seed}"));
+        PtHost::new(["prepare", "--model_name_or_path", arg(&fixture_model())])
+            .args(["--train_file_dir", arg(&corpus_dir()), "--block_size", "64"])
+            .args([
+                "--validation_split_percentage",
+                "10",
+                "--validation_split_mode",
+                mode,
+            ])
+            .args(["--seed", seed, "--output_dir", arg(&out)])
+            .args(["--cache_dir", arg(&dir.path().join("cache"))])
+            .succeeds();
+        serde_json::from_slice(&fs::read(out.join("data_report.json")).unwrap()).unwrap()
+    };
+    let first = report("first", "1");
+    let (one, two) = (report("random", "1"), report("random", "2"));
+    let again = report("random", "1");
+    for other in [&one, &two] {
+        assert_eq!(
+            other.validation.documents_read,
+            first.validation.documents_read
+        );
+        assert_eq!(other.train.documents_read, first.train.documents_read);
+        assert_ne!(other.validation.tokens, first.validation.tokens);
+    }
+    assert_ne!(one.validation.tokens, two.validation.tokens);
+    assert_eq!(again.cache_key, one.cache_key);
+    assert!(again.cache_hit);
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use pt_data::{
     PipelineOptions, PluginReport, PrepareOptions, PreparePlugin, ReadOptions, Sharding, StepKind,
-    Tokenizer,
+    Tokenizer, ValidationSplit,
 };
 
 use pt_data::dedup::Dedup;
@@ -15,6 +15,14 @@ use crate::args::{default_cache_dir, parse_bool};
 use crate::hub::{self, HubArgs};
 use crate::plugins::{self, OnError, PluginArgs};
 use crate::progress::PrepareProgress;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum SplitModeArg {
+    /// The first documents, in corpus order.
+    First,
+    /// A random choice seeded by --seed.
+    Random,
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DedupArg {
@@ -43,6 +51,11 @@ pub struct PrepareArgs {
     /// Percent of the training documents (the first ones, as HF's `train[:N%]`) used for validation.
     #[arg(long = "validation_split_percentage", default_value_t = 1.0)]
     pub validation_split_percentage: f64,
+    /// Which training documents --validation_split_percentage takes: the
+    /// first ones (HF's train[:N%], MedicalGPT's), or a random choice seeded
+    /// by --seed (for corpora whose first files are not like the rest).
+    #[arg(long = "validation_split_mode", value_enum, default_value = "first")]
+    pub validation_split_mode: SplitModeArg,
     /// Tokens per training block.
     #[arg(long = "block_size", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(2..))]
     pub block_size: u64,
@@ -218,6 +231,10 @@ pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer, main: bool) -> Res
         train_dir: args.train_file_dir.clone(),
         validation_dir: args.validation_file_dir.clone(),
         validation_split_percentage: args.validation_split_percentage,
+        validation_split: match args.validation_split_mode {
+            SplitModeArg::First => ValidationSplit::First,
+            SplitModeArg::Random => ValidationSplit::Random,
+        },
         read: ReadOptions {
             keep_linebreaks: args.keep_linebreaks,
             text_field: args.text_field.clone(),

@@ -129,6 +129,14 @@ fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
     })
 }
 
+/// splitmix64's output function: a fixed, well-mixed 64-bit hash of `x`
+/// (successive `x` a Weyl sequence make splitmix64's stream).
+pub(crate) fn mix64(x: u64) -> u64 {
+    let z = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    let z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
 /// The Mersenne prime 2⁶¹ − 1 of the universal hash family.
 const PRIME: u64 = (1 << 61) - 1;
 
@@ -139,14 +147,10 @@ struct Permutations {
 
 impl Permutations {
     fn new() -> Self {
-        // splitmix64 over a fixed seed.
         let mut state: u64 = 0x5EED_0FDE_D00B;
         let mut next = || {
             state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+            mix64(state)
         };
         let coefficients = (0..BANDS * ROWS)
             .map(|_| (next() % (PRIME - 1) + 1, next() % PRIME))

@@ -22,7 +22,9 @@ pub use cache::{CacheError, Prepared};
 pub use corpus::{BadRecordError, ReadOptions, RecordProblem};
 pub use packing::Blocks;
 pub use pipeline::{ErrorPolicy, PipelineOptions};
-pub use prepare::{PrepareError, PrepareOptions, PreparePlugin, Progress, Sharding, prepare};
+pub use prepare::{
+    PrepareError, PrepareOptions, PreparePlugin, Progress, Sharding, ValidationSplit, prepare,
+};
 pub use report::{DataReport, PluginReport};
 pub use steps::{
     CallFailure, Derived, DocRef, PluginError, PluginErrorCause, StepInstance, StepKind,

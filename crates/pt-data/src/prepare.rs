@@ -37,6 +37,8 @@ pub struct PrepareOptions {
     /// Without a validation directory: the first this-many percent of the
     /// training documents become validation data (HF's `train[:N%]`).
     pub validation_split_percentage: f64,
+    /// Which training documents that percent is.
+    pub validation_split: ValidationSplit,
     pub read: ReadOptions,
     pub block_size: usize,
     pub packing: bool,
@@ -49,6 +51,18 @@ pub struct PrepareOptions {
     pub sharding: Option<Sharding>,
     /// Duplicates dropped before the plugins run.
     pub dedup: Dedup,
+}
+
+/// Which training documents validate when there is no validation directory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValidationSplit {
+    /// The first ones, in corpus order: HF's `train[:N%]`, MedicalGPT's split.
+    #[default]
+    First,
+    /// A seeded random choice (`--seed`), for corpora whose first files
+    /// are not like the rest (LLaMA-Factory's `val_size`).
+    Random,
 }
 
 /// A preparation in parts.
@@ -96,6 +110,9 @@ struct CacheKey<'a> {
     train: Vec<(String, &'a str)>,
     validation: Vec<(String, &'a str)>,
     validation_split_percentage: Option<f64>,
+    /// Absent (the key unchanged) for the first documents.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    validation_split: Option<ValidationSplit>,
     tokenizer: &'a str,
     plugins: Vec<(&'a str, &'a str, &'a str)>,
     keep_linebreaks: bool,
@@ -211,10 +228,11 @@ impl Corpus {
         } else {
             let n = (train.len() as f64 * options.validation_split_percentage / 100.0)
                 .round_ties_even() as usize;
-            (
-                train.drain(..n.min(train.len())).collect(),
-                DuplicateCounts::default(),
-            )
+            let validation = match options.validation_split {
+                ValidationSplit::First => train.drain(..n.min(train.len())).collect(),
+                ValidationSplit::Random => take_random(&mut train, n, options.pipeline.seed),
+            };
+            (validation, DuplicateCounts::default())
         };
         let report = (options.dedup != Dedup::None).then_some(DedupReport {
             mode: options.dedup,
@@ -223,6 +241,25 @@ impl Corpus {
         });
         (train, validation, excluded, report)
     }
+}
+
+/// Takes `n` of `documents` chosen by `seed` (those whose seeded hash of
+/// their index is smallest), both parts kept in corpus order.
+fn take_random(documents: &mut Documents, n: usize, seed: u64) -> Documents {
+    let key = |i: usize| dedup::mix64(seed ^ dedup::mix64(i as u64));
+    let mut order: Vec<usize> = (0..documents.len()).collect();
+    order.sort_by_key(|&i| key(i));
+    let mut chosen = vec![false; documents.len()];
+    order.iter().take(n).for_each(|&i| chosen[i] = true);
+    let (mut taken, mut kept) = (Vec::new(), Vec::new());
+    for (i, document) in std::mem::take(documents).into_iter().enumerate() {
+        match chosen[i] {
+            true => taken.push(document),
+            false => kept.push(document),
+        }
+    }
+    *documents = kept;
+    taken
 }
 
 /// Removes the duplicates among `documents` under `mode`, listing each with
@@ -286,6 +323,9 @@ fn cache_key(
             .validation_dir
             .is_none()
             .then_some(options.validation_split_percentage),
+        validation_split: (options.validation_dir.is_none()
+            && options.validation_split == ValidationSplit::Random)
+            .then_some(ValidationSplit::Random),
         tokenizer: &tokenizer.digest,
         plugins: plugins
             .iter()
