@@ -472,8 +472,31 @@ fn an_extended_vocabulary_trains_merges_and_loads_in_transformers() {
             .find(|p| p.is_file())
             .expect("the prepared validation blocks");
         let valid_txt = valid.join("valid.txt");
-        for (model_dir, adapter_dir) in [(&merged, None), (&model, Some(&out))] {
-            let tokenizer_dir = adapter_dir.unwrap_or(&merged);
+        // Full fine-tuning grows the vocabulary too, and writes it.
+        let full_args = [
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--use_peft",
+            "false",
+            "--tokenizer_name_or_path",
+            tokenizer.to_str().unwrap(),
+        ];
+        PtHost::new(run_args_of(&model, dir.path(), "full", &full_args)).succeeds();
+        let full = dir.path().join("full");
+        assert_eq!(json(&full.join("config.json"))["vocab_size"], rows);
+        let full_loss = json(&full.join("eval_results.json"))["eval_loss"]
+            .as_f64()
+            .unwrap();
+        for (model_dir, adapter_dir, ours) in [
+            (&merged, None, ours),
+            (&model, Some(&out), ours),
+            (&full, None, full_loss),
+        ] {
+            let tokenizer_dir = adapter_dir.unwrap_or(model_dir);
             let output = Command::new("python3")
                 .arg(common::repo().join("tests/python/hf_vocab_eval.py"))
                 .args([model_dir, tokenizer_dir, &blocks, &valid_txt])
