@@ -433,6 +433,34 @@ fn hub_ids_download_through_the_environment_and_then_work_offline() {
     assert_ok(&offline);
     assert_eq!(offline.stdout, local.stdout);
     assert_eq!(hf.state.lock().unwrap().requests.len(), before);
+    // A run on a hub id leaves the tokenizer beside the adapter (it used to
+    // copy from the unresolved id: nothing).
+    let out = dir.path().join("run");
+    let trained = with_env(
+        &[("HF_HUB_OFFLINE", "1")],
+        &[
+            "run",
+            "--model_name_or_path",
+            "bigscience/bloom-tiny",
+            "--cache_dir",
+            arg(&cache),
+            "--train_file_dir",
+            arg(&fixture().join("train.txt")),
+            "--output_dir",
+            arg(&out),
+            "--do_train",
+            "--max_steps",
+            "1",
+            "--block_size",
+            "32",
+            "--disable_tqdm",
+        ],
+    );
+    assert_ok(&trained);
+    assert_eq!(
+        fs::read(out.join("tokenizer.json")).unwrap(),
+        fs::read(fixture_model().join("tokenizer.json")).unwrap()
+    );
     // ModelScope ids, selected by USE_MODELSCOPE_HUB as MedicalGPT users do.
     let merged = dir.path().join("merged");
     let merge = with_env(
