@@ -110,7 +110,37 @@ fn starts_cjk(unit: &str) -> bool {
 
 /// The base tokenizer's token count for `text` alone.
 fn base_cost(base: &tokenizers::Tokenizer, text: &str) -> Result<usize> {
-    Ok(base.encode(text, false).map_err(|e| anyhow!("{e}"))?.len())
+    // Inside text, after a line break: SentencePiece-style tokenizers
+    // prepend `▁` to the start of the input only, which no occurrence in a
+    // document pays for.
+    let count = |text: &str| -> Result<usize> {
+        Ok(base.encode(text, false).map_err(|e| anyhow!("{e}"))?.len())
+    };
+    Ok(count(&format!("\n{text}"))? - count("\n")?)
+}
+
+/// Added tokens are matched in the normalized text; a normalizer that
+/// prepends to the input (the legacy SentencePiece layout: `Prepend("▁")`)
+/// would prepend to each added token too, so that they match only where a
+/// word starts a text. Such a tokenizer is refused with the fix.
+fn check_added_tokens_can_match(base: &tokenizers::Tokenizer) -> Result<()> {
+    use tokenizers::{NormalizedString, Normalizer};
+    let Some(normalizer) = base.get_normalizer() else {
+        return Ok(());
+    };
+    let mut probe = NormalizedString::from("a");
+    normalizer
+        .normalize(&mut probe)
+        .map_err(|e| anyhow!("the tokenizer's normalizer fails: {e}"))?;
+    if probe.get().len() > 1 && probe.get().ends_with('a') {
+        anyhow::bail!(
+            "this tokenizer's normalizer prepends {:?} to every input (the legacy SentencePiece layout of Llama 2 / Mistral v0.1 tokenizer.json), \
+             so added tokens could match only at the start of a text. Convert it to the Metaspace pre-tokenizer with prepend_scheme \"first\" \
+             (transformers: AutoTokenizer.from_pretrained(DIR, legacy=False, from_slow=True).save_pretrained(NEW_DIR)) and extend that",
+            &probe.get()[..probe.get().len() - 1]
+        );
+    }
+    Ok(())
 }
 
 /// The pieces a BPE trained on the CJK units merges, in merge order.
@@ -377,6 +407,7 @@ pub fn extend_tokenizer(
     documents: &[String],
     options: &DomainTokenOptions,
 ) -> Result<Extension> {
+    check_added_tokens_can_match(base)?;
     let base_vocab_size = base.get_vocab_size(true);
     let first_new = base_vocab_size as u32;
     let (before, _) = measure(base, documents, u32::MAX)?;
@@ -521,6 +552,76 @@ mod tests {
             learn_domain_tokens(&base, &corpus, &options).unwrap(),
             again
         );
+    }
+
+    /// A SentencePiece-style tokenizer (Metaspace, byte fallback), as the
+    /// Llama 2 and Mistral tokenizer.json files are; `legacy` puts the `▁`
+    /// in a `Prepend` normalizer as their old files do.
+    fn sentencepiece_tokenizer(legacy: bool) -> tokenizers::Tokenizer {
+        use tokenizers::decoders::sequence::Sequence as Decoders;
+        use tokenizers::decoders::{byte_fallback::ByteFallback, fuse::Fuse};
+        use tokenizers::models::TrainerWrapper;
+        use tokenizers::normalizers::{prepend::Prepend, replace::Replace};
+        use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+        let model = BPE::builder().byte_fallback(true).build().unwrap();
+        let mut tokenizer = tokenizers::Tokenizer::new(model);
+        if legacy {
+            tokenizer
+                .with_normalizer(Some(tokenizers::normalizers::Sequence::new(vec![
+                    Prepend::new("▁".into()).into(),
+                    Replace::new(" ", "▁").unwrap().into(),
+                ])))
+                .unwrap();
+        } else {
+            tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::First, false)));
+            tokenizer.with_decoder(Some(Decoders::new(vec![
+                Metaspace::new('▁', PrependScheme::First, false).into(),
+                ByteFallback::new().into(),
+                Fuse::new().into(),
+            ])));
+        }
+        let bytes: Vec<AddedToken> = (0..=255u8)
+            .map(|b| AddedToken::from(format!("<0x{b:02X}>"), true))
+            .collect();
+        let mut trainer: TrainerWrapper = BpeTrainer::builder()
+            .vocab_size(400)
+            .special_tokens(bytes)
+            .show_progress(false)
+            .build()
+            .into();
+        let general: Vec<String> = (0..50)
+            .map(|i| format!("The weather is fine {i}."))
+            .collect();
+        tokenizer.train(&mut trainer, general.iter()).unwrap();
+        tokenizer
+    }
+
+    #[test]
+    fn sentencepiece_tokenizers_extend_and_legacy_ones_are_refused_with_the_fix() {
+        let options = DomainTokenOptions {
+            num_new_tokens: 20,
+            min_frequency: 10,
+            max_token_chars: 8,
+        };
+        let corpus = domain_corpus();
+        let extension =
+            extend_tokenizer(&sentencepiece_tokenizer(false), &corpus, &options).unwrap();
+        let tokens: Vec<&str> = extension
+            .new_tokens
+            .iter()
+            .map(|t| t.token.as_str())
+            .collect();
+        assert!(tokens.contains(&"高血压患者"), "{tokens:?}");
+        assert!(extension.after.tokens * 2 < extension.before.tokens);
+        let text = "The 高血压患者 take metformin.";
+        let ids = extension.tokenizer.encode(text, false).unwrap();
+        assert_eq!(
+            extension.tokenizer.decode(ids.get_ids(), false).unwrap(),
+            text
+        );
+        let error =
+            extend_tokenizer(&sentencepiece_tokenizer(true), &corpus, &options).unwrap_err();
+        assert!(format!("{error}").contains("prepends \"▁\""), "{error}");
     }
 
     #[test]
