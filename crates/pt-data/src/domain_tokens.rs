@@ -7,6 +7,7 @@
 //! handles). They are chosen greedily by the tokens they save under the base
 //! tokenizer; an occurrence a chosen token already covers counts for no other
 //! candidate, so `高血压` and `血压` are not both chosen for the same text.
+//! Words are kept only if, as a group, they lower the corpus's token count.
 //! Chosen tokens are added as ordinary (non-special) added tokens, as
 //! `tokenizer.add_tokens` does: every old id keeps its meaning, new ids follow
 //! the old ones. The result is then measured with the real tokenizer: tokens
@@ -412,7 +413,20 @@ pub fn extend_tokenizer(
     let first_new = base_vocab_size as u32;
     let (before, _) = measure(base, documents, u32::MAX)?;
     let learned = learn_domain_tokens(base, documents, options)?;
-    let mut tokenizer = with_tokens(base, &learned)?;
+    // Words of other scripts can break merges the cost model does not see
+    // (SentencePiece vocabularies merge across `▁`): they are kept only if,
+    // added after the CJK tokens, they lower the corpus's token count.
+    let (cjk, words): (Vec<String>, Vec<String>) =
+        learned.into_iter().partition(|token| starts_cjk(token));
+    let mut tokenizer = with_tokens(base, &cjk)?;
+    if !words.is_empty() {
+        let with_words = with_tokens(base, &[cjk, words].concat())?;
+        let (without, _) = measure(&tokenizer, documents, u32::MAX)?;
+        let (with, _) = measure(&with_words, documents, u32::MAX)?;
+        if with.tokens < without.tokens {
+            tokenizer = with_words;
+        }
+    }
     let (_, uses) = measure(&tokenizer, documents, first_new)?;
     let used: Vec<String> = (first_new..tokenizer.get_vocab_size(true) as u32)
         .filter(|id| uses.get(id).copied().unwrap_or(0) >= options.min_frequency)
