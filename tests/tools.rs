@@ -795,6 +795,10 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
             "$DIR/none: no such model directory",
         ),
         (
+            "make-corpus --train_file_dir $TRAIN --output_dir $DIR/t --exact_duplicates 0.6 --near_duplicates 0.5",
+            "--exact_duplicates and --near_duplicates must be ≥ 0 and sum to less than 1",
+        ),
+        (
             "$RUN --do_train --train_file_dir $DIR/none",
             "$DIR/none: no such",
         ),

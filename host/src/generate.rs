@@ -2,7 +2,7 @@
 //! streamed to the terminal as they are produced.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use pt_data::Tokenizer;
@@ -12,6 +12,7 @@ use pt_model::generate::{GenerationConfig, generate};
 use crate::args::parse_bool;
 use crate::device::{self, DeviceArg, DtypeArg};
 use crate::hub::ModelArgs;
+use crate::prepare::tokenizer_with_adapter;
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -50,14 +51,6 @@ pub struct GenerateArgs {
     pub device_map: DeviceArg,
 }
 
-/// The adapter's tokenizer where it has one (an extended vocabulary travels
-/// with the adapter that trained it), else the model's.
-pub fn tokenizer_dir<'a>(model_dir: &'a Path, adapter: Option<&'a Path>) -> &'a Path {
-    adapter
-        .filter(|dir| dir.join("tokenizer.json").is_file())
-        .unwrap_or(model_dir)
-}
-
 pub fn run(args: GenerateArgs) -> Result<()> {
     let mut prompts = args.prompt.clone();
     if let Some(file) = &args.prompt_file {
@@ -84,7 +77,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     if let Some(adapter) = &args.peft_path {
         model.load_adapter(adapter)?;
     }
-    let tokenizer_dir = tokenizer_dir(&model_dir, args.peft_path.as_deref());
+    let tokenizer_dir = tokenizer_with_adapter(&model_dir, args.peft_path.as_deref());
     let tokenizer = Tokenizer::from_dir(tokenizer_dir)?;
     crate::run::fit_vocabulary(&tokenizer, tokenizer_dir, &mut model, false, true)?;
     let ids = prompts

@@ -43,7 +43,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
     let adapter = model.load_adapter(&args.peft_path)?;
     let merged = model.merge_adapters()?;
     model.save_model(&args.output_dir, &model_dir, dtype, args.max_shard_size)?;
-    let tokenizer_dir = crate::generate::tokenizer_dir(&model_dir, Some(&args.peft_path));
+    let tokenizer_dir = crate::prepare::tokenizer_with_adapter(&model_dir, Some(&args.peft_path));
     pt_model::hf_dir::copy_tokenizer_files(tokenizer_dir, &args.output_dir)?;
     println!(
         "merged {} (r {}, alpha {}) into {merged} layers of {}: {} ({dtype:?})",

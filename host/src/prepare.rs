@@ -174,6 +174,17 @@ pub struct PreparedData {
     _runtime: pt_plugin_host::PluginRuntime,
 }
 
+/// The adapter's tokenizer where it has one (an extended vocabulary travels
+/// with the adapter that trained it), else the model's.
+pub fn tokenizer_with_adapter<'a>(
+    model_dir: &'a std::path::Path,
+    adapter: Option<&'a std::path::Path>,
+) -> &'a std::path::Path {
+    adapter
+        .filter(|dir| dir.join("tokenizer.json").is_file())
+        .unwrap_or(model_dir)
+}
+
 impl PrepareArgs {
     /// Where the tokenizer is: --tokenizer_name_or_path, else the model's directory.
     pub fn tokenizer_dir(&self) -> &std::path::Path {

@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 
 use crate::device;
 use crate::plugin_metrics::PluginMetrics;
-use crate::prepare::{PreparedData, prepare_data};
+use crate::prepare::{PreparedData, prepare_data, tokenizer_with_adapter};
 use crate::progress::TrainProgress;
 use crate::run_args::{
     BackendArg, RunArgs, SchedulerArg, apply_hf_flags, check_flags, report_ignored_flags,
@@ -90,11 +90,7 @@ pub fn fit_vocabulary(
              use the model's own tokenizer (--tokenizer_name_or_path), or train the added tokens' rows \
              (--modules_to_save {},lm_head, or --use_peft false)",
             tokenizer_dir.display(),
-            model
-                .embedding_module()
-                .rsplit('.')
-                .next()
-                .unwrap_or_default()
+            model.embedding_name()
         );
     }
     model.resize_vocabulary(tokens)?;
@@ -297,10 +293,10 @@ fn load_model_and_data(
     }
     args.data.resolve_models()?;
     // An adapter saved with an extended tokenizer is read with it.
-    if let (None, Some(adapter)) = (&args.data.tokenizer_name_or_path, &args.peft_path)
-        && adapter.join("tokenizer.json").is_file()
-    {
-        args.data.tokenizer_name_or_path = Some(adapter.clone());
+    if args.data.tokenizer_name_or_path.is_none() {
+        let model_dir = &args.data.model_name_or_path;
+        let dir = tokenizer_with_adapter(model_dir, args.peft_path.as_deref()).to_path_buf();
+        args.data.tokenizer_name_or_path = Some(dir);
     }
     // The model first: a wrong model fails before any data work.
     let model_dir = &args.data.model_name_or_path;
@@ -348,7 +344,7 @@ fn attach_trainable(
             Trainable::Adapter(config)
         }
         (None, true) => {
-            let grow = trains_embedding(model, &args.modules_to_save);
+            let grow = model.trains_embedding(&args.modules_to_save);
             fit_vocabulary(tokenizer, tokenizer_dir, model, grow, main)?;
             let mut config = AdapterConfig {
                 peft_type: "LORA".into(),
@@ -389,16 +385,6 @@ fn attach_trainable(
         );
     }
     Ok(trainable)
-}
-
-/// Whether `modules_to_save` names the input embedding (on a tied model,
-/// `lm_head` is the embedding): added tokens' rows then train.
-fn trains_embedding(model: &Model, modules_to_save: &[String]) -> bool {
-    let embedding = model.embedding_module();
-    let tied = model.config().tie_word_embeddings;
-    modules_to_save.iter().any(|name| {
-        embedding == name || embedding.ends_with(&format!(".{name}")) || (tied && name == "lm_head")
-    })
 }
 
 fn training_arguments(args: &RunArgs) -> TrainingArguments {

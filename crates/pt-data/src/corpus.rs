@@ -229,7 +229,7 @@ fn format_of(path: &Path) -> Option<(Layout, Compression)> {
 /// itself when it is a corpus file). Symbolic links to directories are
 /// followed once; a loop is not followed twice.
 pub fn discover(dir: &Path) -> Result<Vec<PathBuf>> {
-    if dir.is_file() && has_corpus_extension(dir) {
+    if dir.is_file() && format_of(dir).is_some() {
         return Ok(vec![dir.to_path_buf()]);
     }
     if !dir.is_dir() {
@@ -266,15 +266,11 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>, visited: &mut HashSet<PathBuf>) ->
             .path();
         if path.is_dir() {
             walk(&path, files, visited)?;
-        } else if has_corpus_extension(&path) {
+        } else if format_of(&path).is_some() {
             files.push(path);
         }
     }
     Ok(())
-}
-
-fn has_corpus_extension(path: &Path) -> bool {
-    format_of(path).is_some()
 }
 
 /// The documents of the corpus files under `dir` in path order, up to about

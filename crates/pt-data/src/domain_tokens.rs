@@ -419,23 +419,22 @@ pub fn extend_tokenizer(
     let (cjk, words): (Vec<String>, Vec<String>) =
         learned.into_iter().partition(|token| starts_cjk(token));
     let mut tokenizer = with_tokens(base, &cjk)?;
+    let (mut after, mut uses) = measure(&tokenizer, documents, first_new)?;
     if !words.is_empty() {
         let with_words = with_tokens(base, &[cjk, words].concat())?;
-        let (without, _) = measure(&tokenizer, documents, u32::MAX)?;
-        let (with, _) = measure(&with_words, documents, u32::MAX)?;
-        if with.tokens < without.tokens {
-            tokenizer = with_words;
+        let (cost, used) = measure(&with_words, documents, first_new)?;
+        if cost.tokens < after.tokens {
+            (tokenizer, after, uses) = (with_words, cost, used);
         }
     }
-    let (_, uses) = measure(&tokenizer, documents, first_new)?;
     let used: Vec<String> = (first_new..tokenizer.get_vocab_size(true) as u32)
         .filter(|id| uses.get(id).copied().unwrap_or(0) >= options.min_frequency)
         .filter_map(|id| tokenizer.id_to_token(id))
         .collect();
     if used.len() < tokenizer.get_vocab_size(true) - base_vocab_size {
         tokenizer = with_tokens(base, &used)?;
+        (after, uses) = measure(&tokenizer, documents, first_new)?;
     }
-    let (after, uses) = measure(&tokenizer, documents, first_new)?;
     let new_tokens = (first_new..tokenizer.get_vocab_size(true) as u32)
         .filter_map(|id| tokenizer.id_to_token(id).map(|token| (id, token)))
         .map(|(id, token)| {

@@ -34,8 +34,8 @@ pub struct PrepareOptions {
     /// `None` for evaluation alone (then `validation_dir` must be given).
     pub train_dir: Option<PathBuf>,
     pub validation_dir: Option<PathBuf>,
-    /// Without a validation directory: the first this-many percent of the
-    /// training documents become validation data (HF's `train[:N%]`).
+    /// Without a validation directory: this percent of the training
+    /// documents becomes validation data (`validation_split` says which).
     pub validation_split_percentage: f64,
     /// Which training documents that percent is.
     pub validation_split: ValidationSplit,
@@ -251,9 +251,14 @@ fn take_random(documents: &mut Documents, n: usize, seed: u64) -> Documents {
     order.sort_by_key(|&i| key(i));
     let mut chosen = vec![false; documents.len()];
     order.iter().take(n).for_each(|&i| chosen[i] = true);
+    take_marked(documents, &chosen)
+}
+
+/// Moves the documents `marked` out of `documents`, both in corpus order.
+fn take_marked(documents: &mut Documents, marked: &[bool]) -> Documents {
     let (mut taken, mut kept) = (Vec::new(), Vec::new());
-    for (i, document) in std::mem::take(documents).into_iter().enumerate() {
-        match chosen[i] {
+    for (document, &mark) in std::mem::take(documents).into_iter().zip(marked) {
+        match mark {
             true => taken.push(document),
             false => kept.push(document),
         }
@@ -288,11 +293,7 @@ fn drop_duplicates(
             text: text.clone(),
         });
     }
-    let mut index = 0;
-    documents.retain(|_| {
-        index += 1;
-        !dropped[index - 1]
-    });
+    take_marked(documents, &dropped);
     counts
 }
 

@@ -258,6 +258,13 @@ impl Model {
         self.arch.embedding_module()
     }
 
+    /// The embedding's module name (`word_embeddings`, `embed_tokens`), as
+    /// `--modules_to_save` takes it.
+    pub fn embedding_name(&self) -> &'static str {
+        let path = self.embedding_module();
+        path.rsplit('.').next().unwrap_or(path)
+    }
+
     /// The dtype of the base weights and hidden states.
     pub fn dtype(&self) -> DType {
         self.arch.lm_head().dtype()

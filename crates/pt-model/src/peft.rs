@@ -216,6 +216,30 @@ impl Model {
         Ok(())
     }
 
+    /// `modules_to_save` names as trained and recorded: each once, and on a
+    /// tied model `lm_head` as the embedding it is.
+    fn module_names(&self, names: &[String]) -> Vec<String> {
+        let mut modules: Vec<String> = Vec::new();
+        for name in names {
+            let name = match (self.config().tie_word_embeddings, name.as_str()) {
+                (true, "lm_head") => self.embedding_name().to_string(),
+                _ => name.clone(),
+            };
+            if !modules.contains(&name) {
+                modules.push(name);
+            }
+        }
+        modules
+    }
+
+    /// Whether `modules_to_save` names the input embedding, so the rows of
+    /// added tokens train.
+    pub fn trains_embedding(&self, names: &[String]) -> bool {
+        self.module_names(names)
+            .iter()
+            .any(|name| targets_module(std::slice::from_ref(name), self.embedding_module()))
+    }
+
     /// Makes the base modules `names` trainable whole (PEFT's
     /// `modules_to_save`), matched by module path as `target_modules` are.
     /// Where the LM head is the embedding, naming either trains that one
@@ -223,18 +247,7 @@ impl Model {
     /// merged model is what transformers loads. Returns the names as the
     /// adapter config records them.
     pub fn train_modules(&mut self, names: &[String]) -> Result<Vec<String>> {
-        let embedding = self.embedding_module();
-        let short_embedding = embedding.rsplit('.').next().unwrap_or(embedding);
-        let mut modules: Vec<String> = Vec::new();
-        for name in names {
-            let name = match (self.config().tie_word_embeddings, name.as_str()) {
-                (true, "lm_head") => short_embedding.to_string(),
-                _ => name.clone(),
-            };
-            if !modules.contains(&name) {
-                modules.push(name);
-            }
-        }
+        let modules = self.module_names(names);
         let adapted: Vec<String> = self
             .linears_mut()
             .into_iter()
@@ -264,8 +277,9 @@ impl Model {
         }
         if let Some(i) = matched.iter().position(|hit| !hit) {
             bail!(
-                "modules_to_save `{}` matches no module of this {model_type} model (its embedding is `{short_embedding}`, its LM head `lm_head`)",
-                modules[i]
+                "modules_to_save `{}` matches no module of this {model_type} model (its embedding is `{}`, its LM head `lm_head`)",
+                modules[i],
+                self.embedding_name()
             );
         }
         self.trained_modules = trained;
@@ -361,7 +375,8 @@ impl Model {
             .into_iter()
             .map(|(name, var)| (name, var.as_tensor().clone()))
             .collect();
-        tensors.extend(self.vocabulary_to_save());
+        let vocabulary = self.vocabulary_to_save(&tensors);
+        tensors.extend(vocabulary);
         let metadata = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
         let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
             .iter()
@@ -421,7 +436,7 @@ impl Model {
     /// resized by transformers then reproduces the rows this run added), and
     /// a tied head with a trained embedding (PEFT then computes with it
     /// whether or not it re-ties the head).
-    fn vocabulary_to_save(&mut self) -> Vec<(String, Tensor)> {
+    fn vocabulary_to_save(&mut self, saved: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
         let resized = self.config().vocab_size != self.checkpoint_vocab_size;
         let embedding_key = format!("{KEY_PREFIX}{}.weight", self.embedding_module());
         let embedding_trained = self
@@ -432,11 +447,6 @@ impl Model {
         if !(resized || tied && embedding_trained) {
             return Vec::new();
         }
-        let saved: Vec<String> = self
-            .adapter_variables()
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
         let head = self.arch.lm_head().clone();
         let embedding_name = &embedding_key[KEY_PREFIX.len()..];
         let input = self
@@ -450,7 +460,7 @@ impl Model {
         ]
         .into_iter()
         .filter_map(|(key, tensor)| Some((key, tensor?)))
-        .filter(|(key, _)| !saved.contains(key))
+        .filter(|(key, _)| !saved.iter().any(|(name, _)| name == key))
         .collect()
     }
 

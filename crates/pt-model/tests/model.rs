@@ -634,7 +634,7 @@ fn modules_to_save_train_a_grown_vocabulary_and_round_trip() {
             let drift = max_abs_diff(&added, &mean.broadcast_as(added.shape()).unwrap());
             assert!(drift < 1e-7, "{family} {name}: {drift}");
         }
-        let short = model.embedding_module().rsplit('.').next().unwrap();
+        let short = model.embedding_name();
         let modules = model
             .train_modules(&["lm_head".to_string(), short.to_string()])
             .unwrap();
@@ -697,12 +697,7 @@ fn modules_to_save_train_a_grown_vocabulary_and_round_trip() {
 #[test]
 fn an_adapter_that_unties_a_tied_head_is_refused() {
     let mut model = family_model("qwen3", DType::F32);
-    let short = model
-        .embedding_module()
-        .rsplit('.')
-        .next()
-        .unwrap()
-        .to_string();
+    let short = model.embedding_name().to_string();
     let modules = model.train_modules(&[short]).unwrap();
     let config = pt_model::AdapterConfig {
         modules_to_save: Some(modules),
