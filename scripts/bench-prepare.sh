@@ -32,8 +32,11 @@ for size in "${sizes[@]}"; do
     ours=$(python3 bench/peak_rss.py "$bin" prepare --model_name_or_path "$work/model" \
         --train_file_dir "$corpus/corpus" --output_dir "$work/ours" --cache_dir "$work/ours/cache" \
         --preprocessing_num_workers "$workers" --block_size 1024 --disable_tqdm)
+    # Disk for the reference's Arrow files (about 3× the corpus).
+    rm -rf "$work/ours"
     theirs=$(python3 bench/peak_rss.py "$venv/bin/python" bench/prepare_reference.py \
         "$corpus/corpus" "$work/model" "$work/hf-cache" "$workers" 1024)
+    rm -rf "$work/hf-cache"
     python3 - "$size" "$ours" "$theirs" <<'PY'
 import json, sys
 size, ours, theirs = float(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])

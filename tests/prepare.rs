@@ -36,7 +36,10 @@ fn packing_matches_hf_valid_blocks_exactly() {
         .chunks_exact(8)
         .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
         .collect();
-    assert_eq!(blocks.input_ids, expected_ids);
+    let ids: Vec<u32> = (0..blocks.len())
+        .flat_map(|i| blocks.row(i).to_vec())
+        .collect();
+    assert_eq!(ids, expected_ids);
 }
 
 /// `--plugin PLUGIN` and `flags` (words) as arguments.
@@ -124,16 +127,19 @@ impl Run {
             .collect()
     }
 
+    /// Nothing in the dataset cache, not even a half-written entry.
+    fn no_dataset(&self) -> bool {
+        fs::read_dir(self.cache.join("datasets")).map_or(true, |mut dir| dir.next().is_none())
+    }
+
+    /// The cached entry's training and validation blocks.
+    fn cached(&self) -> (Blocks, Blocks) {
+        let entry = self.cache.join("datasets").join(self.report().cache_key);
+        pt_data::store::open(&entry).unwrap()
+    }
+
     fn cached_train(&self) -> Blocks {
-        let report = self.report();
-        Blocks::load(
-            &self
-                .cache
-                .join("datasets")
-                .join(&report.cache_key)
-                .join("train.safetensors"),
-        )
-        .unwrap()
+        self.cached().0
     }
 }
 
@@ -215,7 +221,7 @@ fn medical_clean_on_the_shipped_corpus_reports_every_document() {
 
     let blocks = run.cached_train();
     assert_eq!(
-        (blocks.len() as u64, blocks.block_size),
+        (blocks.len() as u64, blocks.block_size()),
         (report.train.blocks, 512)
     );
     assert!(stdout(&output).contains("(built)"));
@@ -233,7 +239,7 @@ fn a_second_run_hits_both_caches_and_overwrite_rebuilds() {
         run.cache
             .join("datasets")
             .join(run.report().cache_key)
-            .join("train.safetensors"),
+            .join("train.tokens"),
     )
     .unwrap();
     let default_documents = run.report().train.documents;
@@ -273,7 +279,7 @@ fn a_second_run_hits_both_caches_and_overwrite_rebuilds() {
         run.cache
             .join("datasets")
             .join(run.report().cache_key)
-            .join("train.safetensors"),
+            .join("train.tokens"),
     )
     .unwrap();
     assert_eq!(built, rebuilt);
@@ -774,7 +780,7 @@ fn every_hostile_behaviour_fails_or_is_skipped_with_bounded_host_memory() {
             "{mode}: {message}"
         );
         assert!(
-            !run.out.join("data_report.json").exists() && !run.cache.join("datasets").exists(),
+            !run.out.join("data_report.json").exists() && run.no_dataset(),
             "{mode}: a failed run leaves no report or dataset"
         );
         assert!(peak_kib < 400 << 10, "{mode}: host peak {peak_kib} KiB");
@@ -908,17 +914,7 @@ fn sharded_preparation_merges_into_the_unsharded_dataset() {
         "the augmenter ran"
     );
     assert_eq!(actual, expected);
-    assert_eq!(sharded.cached_train(), whole.cached_train());
-    let validation = |run: &Run| {
-        Blocks::load(
-            &run.cache
-                .join("datasets")
-                .join(&expected.cache_key)
-                .join("validation.safetensors"),
-        )
-        .unwrap()
-    };
-    assert_eq!(validation(&sharded), validation(&whole));
+    assert_eq!(sharded.cached(), whole.cached());
     assert!(!whole.excluded().is_empty());
     assert_eq!(sharded.excluded(), whole.excluded());
 
@@ -1024,7 +1020,7 @@ fn plugin_text_is_escaped_on_the_terminal_and_exact_in_json() {
         message.contains("a.txt:2") && message.contains("\\u{1b}]0;pwned\\u{7}\\u{9b}31m"),
         "{message}"
     );
-    assert!(!run.out.join("data_report.json").exists() && !run.cache.join("datasets").exists());
+    assert!(!run.out.join("data_report.json").exists() && run.no_dataset());
 }
 
 /// A plugin naming itself with terminal escapes (`hostile_evil_id.wasm`,
@@ -1044,7 +1040,7 @@ fn a_plugin_id_that_is_not_an_identifier_is_refused_at_load() {
         message.contains("hostile_evil_id.wasm: the plugin's id `hostile\\u{1b}]0;pwned\\u{7}\\u{9b}2J` is not an identifier"),
         "{message}"
     );
-    assert!(!run.out.join("data_report.json").exists() && !run.cache.join("datasets").exists());
+    assert!(!run.out.join("data_report.json").exists() && run.no_dataset());
     let inspect = pt_host(&["plugin", "inspect", evil.to_str().unwrap()]);
     assert_eq!(inspect.status.code(), Some(1));
     assert_eq!(raw_controls(&inspect.stdout), Vec::<char>::new());
@@ -1121,7 +1117,7 @@ fn results_do_not_depend_on_the_worker_count() {
         let report = run.report();
         let entry = run.cache.join("datasets").join(&report.cache_key);
         datasets.push((
-            fs::read(entry.join("train.safetensors")).unwrap(),
+            fs::read(entry.join("train.tokens")).unwrap(),
             untimed(report),
         ));
     }
@@ -1151,7 +1147,7 @@ fn augmenter_output_is_bounded_in_count() {
             && message.contains("--max_derived_per_document"),
         "{message}"
     );
-    assert!(!run.out.join("data_report.json").exists() && !run.cache.join("datasets").exists());
+    assert!(!run.out.join("data_report.json").exists() && run.no_dataset());
     let mut args = hostile_args("augment_flood");
     args.extend(
         [
@@ -1330,7 +1326,7 @@ fn a_compressed_corpus_prepares_as_its_plain_text() {
             .unwrap()
             .unwrap()
             .path();
-        fs::read(entry.join("train.safetensors")).unwrap()
+        fs::read(entry.join("train.tokens")).unwrap()
     };
     assert_eq!(blocks(&plain, "a"), blocks(&packed, "b"));
 }
@@ -1369,4 +1365,168 @@ fn a_random_validation_split_is_seeded() {
     assert_ne!(one.validation.tokens, two.validation.tokens);
     assert_eq!(again.cache_key, one.cache_key);
     assert!(again.cache_hit);
+}
+
+/// The corpus of `tests/fixtures/prepared-in-memory/duplicated.json`: the
+/// shipped corpus, its fever.txt's first 100 lines again (exact
+/// duplicates), and tianlongbabu.txt's first 60 lines each without its last
+/// character (and line end), as JSON lines (near duplicates).
+fn corpus_with_duplicates(dir: &Path) -> PathBuf {
+    let corpus = dir.join("corpus");
+    fs::create_dir_all(corpus.join("repeat")).unwrap();
+    for file in fs::read_dir(corpus_dir()).unwrap() {
+        let path = file.unwrap().path();
+        fs::copy(&path, corpus.join(path.file_name().unwrap())).unwrap();
+    }
+    let fever = fs::read_to_string(corpus_dir().join("fever.txt")).unwrap();
+    let head: String = fever.split_inclusive('\n').take(100).collect();
+    fs::write(corpus.join("repeat/fever_head.txt"), head).unwrap();
+    let novel = fs::read_to_string(corpus_dir().join("tianlongbabu.txt")).unwrap();
+    let near: String = novel
+        .split('\n')
+        .take(60)
+        .map(|line| {
+            let line = line.trim_end_matches('\r');
+            let mut shorter = line.to_string();
+            shorter.pop();
+            format!(
+                "{{\"text\": {}}}\n",
+                serde_json::to_string(&shorter).unwrap()
+            )
+        })
+        .collect();
+    fs::write(corpus.join("repeat/near.jsonl"), near).unwrap();
+    corpus
+}
+
+/// sha256 of a split's ids (u32, row after row) then its row lengths (u32).
+fn blocks_digest(blocks: &Blocks) -> String {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    for i in 0..blocks.len() {
+        blocks
+            .row(i)
+            .iter()
+            .for_each(|id| hasher.update(id.to_le_bytes()));
+    }
+    for i in 0..blocks.len() {
+        hasher.update((blocks.length(i) as u32).to_le_bytes());
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// A report as `tests/fixtures/prepared-in-memory` keeps it: without
+/// timings, cache key and plugin locations, paths relative to the corpus.
+fn comparable(report: &DataReport, corpus: &str) -> serde_json::Value {
+    let mut value = serde_json::to_value(untimed(report.clone())).unwrap();
+    let object = value.as_object_mut().unwrap();
+    for key in ["cache_key", "cache_hit", "seconds"] {
+        object.remove(key);
+    }
+    for plugin in object["plugins"].as_array_mut().unwrap() {
+        plugin.as_object_mut().unwrap().remove("source");
+    }
+    for file in object["files"].as_array_mut().unwrap() {
+        let path = file["path"].as_str().unwrap().replace(corpus, "");
+        file["path"] = path.into();
+    }
+    for split in ["train", "validation"] {
+        for step in object[split]["steps"].as_array_mut().unwrap() {
+            step.as_object_mut().unwrap().remove("seconds");
+        }
+    }
+    value
+}
+
+/// The streaming preparation gives what the in-memory one it replaced gave
+/// (recorded by it in `tests/fixtures/prepared-in-memory`): the same blocks,
+/// report and exclusions, with plugins, an augmenter, padding, a random
+/// validation split, sample limits and both deduplication modes.
+#[test]
+fn streaming_preparation_matches_the_in_memory_results() {
+    let fixtures = repo().join("tests/fixtures/prepared-in-memory");
+    for name in ["packed", "padded", "duplicated"] {
+        let expected: serde_json::Value =
+            serde_json::from_slice(&fs::read(fixtures.join(format!("{name}.json"))).unwrap())
+                .unwrap();
+        let run = Run::new();
+        let corpus = match name {
+            "duplicated" => corpus_with_duplicates(run._dir.path()),
+            _ => corpus_dir(),
+        };
+        let args: Vec<String> = expected["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .map(|a| match a {
+                "medical_clean" | "augment_eda" => component(a).display().to_string(),
+                _ => a.to_string(),
+            })
+            .collect();
+        let output = run.prepare(&corpus, &strs(&args));
+        assert!(output.status.success(), "{name}: {}", stderr(&output));
+        let prefix = format!("{}/", corpus.display());
+        let (train, validation) = run.cached();
+        assert!(train.is_mapped());
+        for (split, blocks) in [("train", &train), ("validation", &validation)] {
+            assert_eq!(
+                blocks.len() as u64,
+                expected[split]["blocks"].as_u64().unwrap(),
+                "{name} {split}"
+            );
+            assert_eq!(
+                blocks_digest(blocks),
+                expected[split]["sha256"],
+                "{name} {split}"
+            );
+        }
+        let excluded = fs::read_to_string(run.out.join("excluded.jsonl"))
+            .unwrap()
+            .replace(&prefix, "");
+        assert_eq!(
+            excluded.lines().count() as u64,
+            expected["excluded"]["lines"].as_u64().unwrap(),
+            "{name}"
+        );
+        use sha2::Digest;
+        assert_eq!(
+            hex::encode(sha2::Sha256::digest(excluded.as_bytes())),
+            expected["excluded"]["sha256"],
+            "{name}"
+        );
+        assert_eq!(
+            comparable(&run.report(), &prefix),
+            expected["report"],
+            "{name}"
+        );
+    }
+}
+
+/// Preparation streams: six times the corpus costs (nearly) no more memory,
+/// where holding it would cost about nine times the difference.
+#[test]
+fn peak_memory_does_not_grow_with_the_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let peak = |mb: &str| {
+        let corpus = dir.path().join(format!("corpus-{mb}"));
+        PtHost::new(["make-corpus", "--size_mb", mb])
+            .args(["--train_file_dir", arg(&corpus_dir())])
+            .args(["--output_dir", arg(&corpus)])
+            .succeeds();
+        let run = Run::new();
+        let (output, kib) = run.prepare_measured(
+            &corpus.join("corpus"),
+            &words("--block_size 1024 --preprocessing_num_workers 2"),
+        );
+        assert!(output.status.success(), "{}", stderr(&output));
+        (run.report().train.tokens, kib as f64 / 1024.0)
+    };
+    let (small_tokens, small) = peak("3");
+    let (large_tokens, large) = peak("18");
+    assert!(large_tokens > 5 * small_tokens);
+    assert!(
+        large < small + 40.0,
+        "peak {small:.0} MiB for 3 MB, {large:.0} MiB for 18 MB"
+    );
 }

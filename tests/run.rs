@@ -468,8 +468,8 @@ fn an_extended_vocabulary_trains_merges_and_loads_in_transformers() {
         }
         let blocks = fs::read_dir(dir.path().join("cache/datasets"))
             .unwrap()
-            .map(|e| e.unwrap().path().join("validation.safetensors"))
-            .find(|p| p.is_file())
+            .map(|e| e.unwrap().path())
+            .find(|p| p.join("store.json").is_file())
             .expect("the prepared validation blocks");
         let valid_txt = valid.join("valid.txt");
         // Full fine-tuning grows the vocabulary too, and writes it.
@@ -671,7 +671,7 @@ fn metric_plugins_score_the_evaluation() {
     let blocks = bloom_tiny::packed("valid.txt", 32);
     let occurrences: usize = (0..blocks.len())
         .map(|i| {
-            let text = tokenizer.decode(blocks.row(i)).unwrap().to_lowercase();
+            let text = tokenizer.decode(&blocks.row(i)).unwrap().to_lowercase();
             text.matches("the").count() + text.matches("的").count()
         })
         .sum();
@@ -1922,4 +1922,103 @@ fn trainer_state_and_results_are_what_hf_reads() {
             path.display()
         );
     }
+}
+
+/// Two sources mixed 0.8/0.2: the draw follows the weights, each source's
+/// validation loss is reported and equals an evaluation of that source
+/// alone, and the mix is the same in every run (a resumed run ends where an
+/// uninterrupted one ends).
+#[test]
+fn mixed_sources_follow_their_weights_and_report_each_validation_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = common::repo().join("data/pretrain");
+    let (domain, general) = (corpus.join("fever.txt"), corpus.join("tianlongbabu.txt"));
+    let model = fixture_model();
+    let run = |output: &str, sources: &[&Path], extra: &[&str]| {
+        PtHost::new(["run", "--model_name_or_path", common::arg(&model)])
+            .args(["--output_dir", common::arg(&dir.path().join(output))])
+            .args(["--cache_dir", common::arg(&dir.path().join("cache"))])
+            .args(words(
+                "--block_size 32 --validation_split_percentage 5 --disable_tqdm",
+            ))
+            .arg("--train_file_dir")
+            .args(sources.iter().map(|s| common::arg(s)))
+            .args(extra)
+            .succeeds()
+    };
+    let results = |output: &str| json(&dir.path().join(output).join("eval_results.json"));
+    let weights = ["--mix_weights", "0.8,0.2"];
+
+    run(
+        "mixed",
+        &[&domain, &general],
+        &[&weights[..], &["--do_eval"]].concat(),
+    );
+    let mixed = results("mixed");
+    for (name, source) in [("fever", &domain), ("tianlongbabu", &general)] {
+        run(name, &[source], &["--do_eval"]);
+        let alone = results(name)["eval_loss"].as_f64().unwrap();
+        let ours = mixed[format!("eval_{name}_loss")].as_f64().unwrap();
+        assert!(
+            ((ours - alone) / alone).abs() < 1e-5,
+            "{name}: {ours} mixed, {alone} alone"
+        );
+    }
+    let (fever, novel) = (
+        mixed["eval_fever_loss"].as_f64().unwrap(),
+        mixed["eval_tianlongbabu_loss"].as_f64().unwrap(),
+    );
+    let all = mixed["eval_loss"].as_f64().unwrap();
+    assert!(fever.min(novel) < all && all < fever.max(novel), "{all}");
+
+    // interleave_under: the source that runs out first is drawn whole, the
+    // other at its share, within sampling error.
+    let report = json(&dir.path().join("mixed/data_report.json"));
+    let mix = &report["mix"];
+    assert_eq!(mix["strategy"], "interleave_under");
+    let sources = mix["sources"].as_array().unwrap();
+    let total = report["train"]["blocks"].as_f64().unwrap();
+    let drawn = |s: &serde_json::Value| s["blocks_drawn"].as_f64().unwrap();
+    assert_eq!(drawn(&sources[0]) + drawn(&sources[1]), total);
+    assert!(
+        sources
+            .iter()
+            .any(|s| drawn(s) == s["blocks_available"].as_f64().unwrap()),
+        "{mix}"
+    );
+    for (source, weight) in sources.iter().zip([0.8, 0.2]) {
+        let sigma = (weight * (1.0 - weight) / total).sqrt();
+        let share = drawn(source) / total;
+        assert!((share - weight).abs() < 4.0 * sigma, "{share} for {weight}");
+        assert!(source["report"]["train"]["blocks"].as_u64().unwrap() > 0);
+    }
+    let excluded = fs::read_to_string(dir.path().join("mixed/excluded.jsonl")).unwrap();
+    assert_eq!(
+        excluded.lines().count(),
+        0,
+        "no plugin, no duplicates: nothing excluded"
+    );
+
+    // Training on the mix, interrupted and resumed, ends where it ends
+    // uninterrupted; evaluation logs each source's loss.
+    let train = words(
+        "--do_train --do_eval --max_steps 6 --save_steps 3 --per_device_train_batch_size 4 \
+         --learning_rate 5e-3 --seed 3 --logging_steps 3 --eval_strategy steps",
+    );
+    let train = [&weights[..], &train].concat();
+    run("straight", &[&domain, &general], &train);
+    run("resumed", &[&domain, &general], &train);
+    let resumed = dir.path().join("resumed");
+    fs::remove_dir_all(resumed.join("checkpoint-6")).unwrap();
+    fs::remove_file(resumed.join("adapter_model.safetensors")).unwrap();
+    let resume = [&train[..], &["--resume_from_checkpoint", "true"]].concat();
+    run("resumed", &[&domain, &general], &resume);
+    assert_eq!(adapter(&dir.path().join("straight")), adapter(&resumed));
+    let log = fs::read_to_string(dir.path().join("straight/trainer_log.jsonl")).unwrap();
+    let evaluations = log
+        .lines()
+        .filter(|l| l.contains("eval_fever_loss"))
+        .count();
+    assert_eq!(evaluations, 2, "{log}");
+    assert!(results("straight")["eval_tianlongbabu_loss"].is_number());
 }

@@ -18,7 +18,7 @@ fuzz_target!(|input: (u8, Vec<Vec<u16>>)| {
     assert_eq!((blocks.len() * block_size) as u64 + dropped, total);
     let flat: Vec<u32> = documents.concat();
     for i in 0..blocks.len() {
-        assert_eq!(blocks.row(i), &flat[i * block_size..(i + 1) * block_size]);
+        assert_eq!(*blocks.row(i), flat[i * block_size..(i + 1) * block_size]);
     }
 
     let (padded, truncated) = pad_each(&documents, block_size, 3);

@@ -6,8 +6,9 @@
 use libfuzzer_sys::fuzz_target;
 use pt_data::steps::{Derived, DocRef, StepKind, StepOutput, Verdict, check_output};
 
-fuzz_target!(|input: (u8, Vec<String>, Vec<(u8, String)>, Vec<(u32, String)>)| {
-    let (kind, texts, verdicts, derived) = input;
+fuzz_target!(|input: (u8, u8, Vec<String>, Vec<(u8, String)>, Vec<(u32, String)>)| {
+    let (kind, max_derived, texts, verdicts, derived) = input;
+    let max_derived = usize::from(max_derived % 8);
     let docs: Vec<DocRef<'_>> = texts
         .iter()
         .map(|t| DocRef { source: "fuzz:1", text: t })
@@ -33,11 +34,12 @@ fuzz_target!(|input: (u8, Vec<String>, Vec<(u8, String)>, Vec<(u32, String)>)| {
         ),
     ];
     for output in &outputs {
-        if check_output(kind, &docs, output).is_ok() {
+        if check_output(kind, &docs, output, max_derived).is_ok() {
             match output {
                 StepOutput::Verdicts(v) => assert_eq!(v.len(), docs.len()),
                 StepOutput::Derived(d) => {
-                    assert!(d.iter().all(|d| (d.parent as usize) < docs.len()))
+                    assert!(d.iter().all(|d| (d.parent as usize) < docs.len()));
+                    assert!(d.len() <= docs.len() * max_derived);
                 }
             }
         }

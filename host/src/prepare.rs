@@ -25,6 +25,17 @@ pub enum SplitModeArg {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[value(rename_all = "snake_case")]
+pub enum MixStrategyArg {
+    /// Every block of every source once.
+    Concat,
+    /// Draw sources by weight until one runs out.
+    InterleaveUnder,
+    /// Draw sources by weight until every one ran out; smaller ones repeat.
+    InterleaveOver,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum DedupArg {
     /// Keep every document.
     None,
@@ -43,8 +54,20 @@ pub struct PrepareArgs {
     #[arg(long = "tokenizer_name_or_path", value_name = "DIR")]
     pub tokenizer_name_or_path: Option<PathBuf>,
     /// Training corpus: .txt, .json and .jsonl files, searched recursively (or one such file).
-    #[arg(long = "train_file_dir", value_name = "DIR|FILE")]
-    pub train_file_dir: Option<PathBuf>,
+    /// Several (`--train_file_dir domain/ general/`) are mixed: see --mix_weights.
+    #[arg(long = "train_file_dir", value_name = "DIR|FILE", num_args = 1..)]
+    pub train_file_dir: Vec<PathBuf>,
+    /// Weights of the --train_file_dir sources, comma-separated (0.8,0.2):
+    /// their shares of the training blocks (of tokens) under an interleave strategy.
+    #[arg(long = "mix_weights", value_name = "W,W,..", value_delimiter = ',', num_args = 1..)]
+    pub mix_weights: Vec<f64>,
+    /// How several --train_file_dir sources combine (LLaMA-Factory's
+    /// mix_strategy): concat (the default without --mix_weights),
+    /// interleave_under (the default with them: draw by weight until a
+    /// source runs out, no block repeats) or interleave_over (until every
+    /// source ran out, smaller ones repeat).
+    #[arg(long = "mix_strategy", value_enum)]
+    pub mix_strategy: Option<MixStrategyArg>,
     /// Validation corpus (dir or file); without it, --validation_split_percentage of the training documents.
     #[arg(long = "validation_file_dir", value_name = "DIR|FILE")]
     pub validation_file_dir: Option<PathBuf>,
@@ -239,7 +262,7 @@ pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer, main: bool) -> Res
         })
         .collect();
     let options = PrepareOptions {
-        train_dir: args.train_file_dir.clone(),
+        train_dir: args.train_file_dir.first().cloned(),
         validation_dir: args.validation_file_dir.clone(),
         validation_split_percentage: args.validation_split_percentage,
         validation_split: match args.validation_split_mode {
@@ -284,16 +307,22 @@ pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer, main: bool) -> Res
         },
     };
     let progress = PrepareProgress::new(args.disable_tqdm);
-    let prepared = pt_data::prepare(
-        &options,
-        &plugins,
-        &tokenizer,
-        main.then_some(args.output_dir.as_path()),
-        if main { &progress } else { &() },
-    )?;
-    if main {
-        print_summary(&prepared.report, &args.output_dir);
-    }
+    let progress: &dyn pt_data::Progress = if main { &progress } else { &() };
+    let prepared = if args.train_file_dir.len() > 1 {
+        prepare_mix(args, &options, &plugins, &tokenizer, main, progress)?
+    } else {
+        let prepared = pt_data::prepare(
+            &options,
+            &plugins,
+            &tokenizer,
+            main.then_some(args.output_dir.as_path()),
+            progress,
+        )?;
+        if main {
+            print_summary(&prepared.report, Some(&args.output_dir));
+        }
+        prepared
+    };
     drop(plugins);
     Ok(PreparedData {
         prepared,
@@ -303,7 +332,192 @@ pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer, main: bool) -> Res
     })
 }
 
-fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
+/// A name per training source for `eval_<name>_loss`: its directory's (or
+/// file's stem), as an identifier, unique.
+fn source_names(dirs: &[PathBuf]) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    for dir in dirs {
+        let stem = dir
+            .file_stem()
+            .map(ToOwned::to_owned)
+            .or_else(|| dir.canonicalize().ok()?.file_name().map(ToOwned::to_owned))
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let base: String = stem
+            .chars()
+            .map(|c| if c.is_alphanumeric() { c } else { '_' })
+            .collect();
+        let base = if base.is_empty() {
+            "source".into()
+        } else {
+            base
+        };
+        let mut name = base.clone();
+        let mut n = 1;
+        while names.contains(&name) {
+            n += 1;
+            name = format!("{base}_{n}");
+        }
+        names.push(name);
+    }
+    names
+}
+
+/// Several training sources: each prepared on its own (its own cache entry
+/// and report), then mixed; each source's validation share stays apart, so
+/// that evaluation reports each one's loss.
+fn prepare_mix(
+    args: &PrepareArgs,
+    options: &PrepareOptions,
+    plugins: &[PreparePlugin<'_>],
+    tokenizer: &Tokenizer,
+    main: bool,
+    progress: &dyn pt_data::Progress,
+) -> Result<pt_data::Prepared> {
+    use pt_data::mix::MixStrategy;
+    let dirs = &args.train_file_dir;
+    let weights = match args.mix_weights.as_slice() {
+        [] => vec![1.0; dirs.len()],
+        weights if weights.len() != dirs.len() => bail!(
+            "--mix_weights has {} weights for {} --train_file_dir sources; give one per source",
+            weights.len(),
+            dirs.len()
+        ),
+        weights if weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) => {
+            bail!("--mix_weights must be positive numbers, got {weights:?}")
+        }
+        weights => weights.to_vec(),
+    };
+    let strategy = match (args.mix_strategy, args.mix_weights.is_empty()) {
+        (Some(MixStrategyArg::Concat), _) | (None, true) => MixStrategy::Concat,
+        (Some(MixStrategyArg::InterleaveOver), _) => MixStrategy::InterleaveOver,
+        (Some(MixStrategyArg::InterleaveUnder), _) | (None, false) => MixStrategy::InterleaveUnder,
+    };
+    let names = source_names(dirs);
+    let mut sources = Vec::with_capacity(dirs.len());
+    for (name, dir) in names.iter().zip(dirs) {
+        if main {
+            println!("source {name}: {}", dir.display());
+        }
+        let options = PrepareOptions {
+            train_dir: Some(dir.clone()),
+            ..options.clone()
+        };
+        let prepared = pt_data::prepare(&options, plugins, tokenizer, None, progress)?;
+        if main {
+            print_summary(&prepared.report, None);
+        }
+        sources.push(prepared);
+    }
+    let validation = match args.validation_file_dir {
+        // One validation corpus, the same for every source.
+        Some(_) => sources[0].validation.clone(),
+        None => pt_data::Blocks::named(
+            names
+                .iter()
+                .cloned()
+                .zip(sources.iter().map(|s| s.validation.clone()))
+                .collect(),
+        ),
+    };
+    let reports: Vec<pt_data::DataReport> = sources.iter().map(|s| s.report.clone()).collect();
+    let (train, drawn) = pt_data::mix::mix(
+        sources.into_iter().map(|s| s.train).collect(),
+        &weights,
+        strategy,
+        args.seed,
+    );
+    let total_weight: f64 = weights.iter().sum();
+    let mixed: Vec<pt_data::report::MixSource> = names
+        .iter()
+        .zip(dirs)
+        .zip(reports)
+        .zip(weights.iter().zip(&drawn))
+        .map(
+            |(((name, dir), report), (weight, drawn))| pt_data::report::MixSource {
+                name: name.clone(),
+                train_file_dir: dir.display().to_string(),
+                weight: weight / total_weight,
+                blocks_available: drawn.available,
+                blocks_drawn: drawn.drawn,
+                share: drawn.drawn as f64 / train.len().max(1) as f64,
+                report,
+            },
+        )
+        .collect();
+    let report = pt_data::DataReport::of_mix(strategy, args.seed, mixed);
+    if main && report.shard.is_none() {
+        print_mix(&report, strategy);
+        write_mix_outputs(&report, options, &args.output_dir)?;
+    }
+    Ok(pt_data::Prepared {
+        train,
+        validation,
+        report,
+    })
+}
+
+fn print_mix(report: &pt_data::DataReport, strategy: pt_data::mix::MixStrategy) {
+    let mix = report.mix.as_ref().expect("a mix");
+    let parts: Vec<String> = mix
+        .sources
+        .iter()
+        .map(|s| {
+            format!(
+                "{} {}/{} blocks ({:.1}%, weight {:.2})",
+                s.name,
+                s.blocks_drawn,
+                s.blocks_available,
+                100.0 * s.share,
+                s.weight
+            )
+        })
+        .collect();
+    let strategy = serde_json::to_value(strategy).expect("a name");
+    println!(
+        "mix ({}, seed {}): {} training blocks: {}",
+        strategy.as_str().unwrap_or_default(),
+        mix.seed,
+        report.train.blocks,
+        parts.join(", ")
+    );
+}
+
+/// A mix's `data_report.json` and `excluded.jsonl` (the sources', one
+/// after another) in `output_dir`.
+fn write_mix_outputs(
+    report: &pt_data::DataReport,
+    options: &PrepareOptions,
+    output_dir: &std::path::Path,
+) -> Result<()> {
+    use anyhow::Context;
+    std::fs::create_dir_all(output_dir)
+        .with_context(|| format!("{}: cannot create output directory", output_dir.display()))?;
+    let mut excluded = Vec::new();
+    for source in &report.mix.as_ref().expect("a mix").sources {
+        let entry = options
+            .cache_dir
+            .join("datasets")
+            .join(&source.report.cache_key);
+        let path = entry.join(pt_data::cache::EXCLUDED);
+        excluded.extend(
+            std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?,
+        );
+    }
+    pt_fs::write_atomically(&output_dir.join(pt_data::cache::EXCLUDED), &excluded)?;
+    pt_fs::write_atomically(
+        &output_dir.join(pt_data::cache::REPORT),
+        &pt_data::text::to_inert_json_pretty(report)?,
+    )?;
+    println!(
+        "report: {}  excluded: {}",
+        output_dir.join(pt_data::cache::REPORT).display(),
+        output_dir.join(pt_data::cache::EXCLUDED).display()
+    );
+    Ok(())
+}
+
+fn print_summary(report: &pt_data::DataReport, output_dir: Option<&std::path::Path>) {
     let cache = if report.cache_hit {
         "cache hit"
     } else {
@@ -382,7 +596,7 @@ fn print_summary(report: &pt_data::DataReport, output_dir: &std::path::Path) {
             println!("{line}");
         }
     }
-    if report.shard.is_none() {
+    if let Some(output_dir) = output_dir.filter(|_| report.shard.is_none()) {
         println!(
             "report: {}  excluded: {}",
             output_dir.join(pt_data::cache::REPORT).display(),

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// The bar of the split in progress, its name, document and byte totals, start time.
-type SplitBar = (ProgressBar, String, u64, u64, Instant);
+/// The stage in progress: its bar (in text bytes), name, documents so far,
+/// start time.
+type StageBar = (ProgressBar, String, u64, Instant);
 
 pub struct PrepareProgress {
     bar_enabled: bool,
-    current: Mutex<Option<SplitBar>>,
+    current: Mutex<Option<StageBar>>,
 }
 
 impl PrepareProgress {
@@ -24,40 +25,42 @@ impl PrepareProgress {
     }
 }
 
+/// Progress in bytes of text, which the time taken follows (documents vary
+/// in length), with an ETA; the first stage (`read`) counts the corpus's
+/// documents, the others run them through plugins and the tokenizer.
 impl pt_data::Progress for PrepareProgress {
-    fn start(&self, split: &str, documents: u64, bytes: u64) {
+    fn start(&self, stage: &str, _documents: u64, bytes: u64) {
         let bar = if self.bar_enabled {
-            ProgressBar::new(documents)
+            ProgressBar::new(bytes)
         } else {
             ProgressBar::hidden()
         };
         bar.set_style(
             ProgressStyle::with_template(
-                "{prefix:>10} [{bar:30}] {pos}/{len} docs  {msg}  {elapsed} (eta {eta})",
+                "{prefix:>10} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}  {msg} docs  {elapsed} (eta {eta})",
             )
             .expect("valid template")
             .progress_chars("=> "),
         );
-        bar.set_prefix(split.to_string());
-        *self.current.lock().unwrap() =
-            Some((bar, split.to_string(), documents, bytes, Instant::now()));
+        bar.set_prefix(stage.to_string());
+        *self.current.lock().unwrap() = Some((bar, stage.to_string(), 0, Instant::now()));
     }
 
-    fn advance(&self, documents: u64, _bytes: u64) {
-        if let Some((bar, _, total, bytes, started)) = &*self.current.lock().unwrap() {
-            bar.inc(documents);
-            let fraction = bar.position() as f64 / (*total).max(1) as f64;
-            let rate = *bytes as f64 * fraction / started.elapsed().as_secs_f64().max(1e-9) / 1e6;
-            bar.set_message(format!("{rate:.1} MB/s"));
+    fn advance(&self, documents: u64, bytes: u64) {
+        if let Some((bar, _, done, _)) = &mut *self.current.lock().unwrap() {
+            *done += documents;
+            bar.inc(bytes);
+            bar.set_message(done.to_string());
         }
     }
 
     fn finish(&self) {
-        if let Some((bar, split, documents, bytes, started)) = self.current.lock().unwrap().take() {
+        if let Some((bar, stage, documents, started)) = self.current.lock().unwrap().take() {
+            let bytes = bar.position();
             bar.finish_and_clear();
             let seconds = started.elapsed().as_secs_f64();
             eprintln!(
-                "{split}: {documents} documents, {:.1} MB in {seconds:.2} s ({:.0} documents/s, {:.1} MB/s)",
+                "{stage}: {documents} documents, {:.1} MB in {seconds:.2} s ({:.0} documents/s, {:.1} MB/s)",
                 bytes as f64 / 1e6,
                 documents as f64 / seconds.max(1e-9),
                 bytes as f64 / 1e6 / seconds.max(1e-9)

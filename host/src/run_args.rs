@@ -219,7 +219,7 @@ pub fn check_flags(args: &RunArgs) -> Result<()> {
     if !args.do_train && !args.do_eval {
         bail!("nothing to do: pass --do_train and/or --do_eval");
     }
-    if args.do_train && args.data.train_file_dir.is_none() {
+    if args.do_train && args.data.train_file_dir.is_empty() {
         bail!("--do_train needs a training corpus: pass --train_file_dir DIR");
     }
     if !args.use_peft && args.peft_path.is_some() {

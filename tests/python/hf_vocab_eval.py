@@ -6,20 +6,35 @@ JSON. With an adapter, the base model is first resized to the tokenizer
 (`resize_token_embeddings(len(tokenizer))`, as MedicalGPT does before
 `PeftModel.from_pretrained`).
 
-Usage: hf_vocab_eval.py MODEL_DIR TOKENIZER_DIR VALIDATION_BLOCKS VALID_TXT [ADAPTER_DIR]
+The blocks are read from the prepared cache entry's token store as any
+reader would (store.json, validation.tokens, validation.lengths).
+
+Usage: hf_vocab_eval.py MODEL_DIR TOKENIZER_DIR CACHE_ENTRY VALID_TXT [ADAPTER_DIR]
 """
 
 import json
+import pathlib
 import sys
 
+import numpy
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
+def validation_blocks(entry: pathlib.Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token store's validation rows and their real lengths."""
+    header = json.loads((entry / "store.json").read_text())
+    assert header["format"] == "pt-host token store", header
+    width = {2: "<u2", 4: "<u4"}[header["width"]]
+    ids = numpy.fromfile(entry / "validation.tokens", dtype=width).astype("int64")
+    lengths = numpy.fromfile(entry / "validation.lengths", dtype="<u4").astype("int64")
+    rows = ids.reshape(header["validation_blocks"], header["block_size"])
+    return torch.from_numpy(rows), torch.from_numpy(lengths)
+
+
 def main() -> None:
-    model_dir, tokenizer_dir, blocks_path, valid_txt = sys.argv[1:5]
+    model_dir, tokenizer_dir, entry, valid_txt = sys.argv[1:5]
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="eager"
@@ -28,8 +43,7 @@ def main() -> None:
         model.resize_token_embeddings(len(tokenizer))
         model = PeftModel.from_pretrained(model, sys.argv[5])
     model.eval()
-    blocks = load_file(blocks_path)
-    ids, lengths = blocks["input_ids"].long(), blocks["lengths"].long()
+    ids, lengths = validation_blocks(pathlib.Path(entry))
     # pt-host's documents: each non-empty line with its line break, then EOS.
     stream = []
     with open(valid_txt, encoding="utf-8") as lines:

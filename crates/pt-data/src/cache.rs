@@ -1,19 +1,20 @@
-//! The prepared-dataset cache on disk: an entry (blocks, report,
-//! exclusions) per cache key, and the shards of a preparation in parts, each
-//! stored whole or not at all.
+//! The prepared-dataset cache on disk: an entry per cache key (the token
+//! store, `data_report.json`, `excluded.jsonl`), and the shards of a
+//! preparation in parts. Both are filled in a staging directory as the
+//! preparation streams, and renamed into place whole.
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 
 use pt_fs::{copy_atomically, write_atomically};
 
 use crate::packing::Blocks;
-use crate::pipeline::SplitOutput;
 use crate::report::{DataReport, Excluded, StepReport};
+use crate::store;
 
 /// The blocks and their report. A shard (`Sharding::Part`) has no blocks (packing
 /// needs every shard); its report counts its documents and tokens.
@@ -42,9 +43,13 @@ pub enum CacheError {
     ShardsFromOtherFiles {
         read: u64,
         split: String,
-        expected: usize,
+        expected: u64,
     },
 }
+
+pub const REPORT: &str = "data_report.json";
+pub const EXCLUDED: &str = "excluded.jsonl";
+pub(crate) const SHARD: &str = "shard.json";
 
 /// `data_report.json` and the entry's `excluded.jsonl` into `output_dir`, if given.
 pub(crate) fn publish(entry: &Path, report: &DataReport, output_dir: Option<&Path>) -> Result<()> {
@@ -58,56 +63,187 @@ pub(crate) fn publish(entry: &Path, report: &DataReport, output_dir: Option<&Pat
     Ok(())
 }
 
-/// A shard's record of one split: what `pack` needs besides the tokens.
-#[derive(Serialize, Deserialize)]
-struct ShardSplit {
-    documents_read: u64,
-    steps: Vec<StepReport>,
-    excluded: Vec<Excluded>,
+/// A cache directory being filled: a temporary sibling of its final place,
+/// removed on any error, renamed into place by [`Staging::commit`] so that
+/// a reader never sees half a directory.
+pub(crate) struct Staging {
+    dir: tempfile::TempDir,
+    target: PathBuf,
 }
 
-/// A shard's cache directory: its report, and per split its record and
-/// tokenized documents.
+impl Staging {
+    pub(crate) fn new(target: &Path) -> Result<Self> {
+        let parent = target.parent().expect("a cache directory has a parent");
+        fs::create_dir_all(parent)
+            .with_context(|| format!("{}: cannot create cache directory", parent.display()))?;
+        let dir = tempfile::Builder::new()
+            .prefix(".staging-")
+            .tempdir_in(parent)
+            .with_context(|| format!("{}: cannot create", parent.display()))?;
+        Ok(Self {
+            dir,
+            target: target.to_path_buf(),
+        })
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Renames the directory into place. Another process storing the same
+    /// directory meanwhile (ranks of one job) is not an error: the contents
+    /// are the same.
+    pub(crate) fn commit(self) -> Result<()> {
+        let target = &self.target;
+        if target.exists() {
+            fs::remove_dir_all(target)
+                .with_context(|| format!("{}: cannot replace cache entry", target.display()))?;
+        }
+        match fs::rename(self.dir.path(), target) {
+            Err(_) if target.is_dir() => Ok(()),
+            stored => {
+                // Renamed: nothing is left to remove.
+                let _ = self.dir.keep();
+                stored.with_context(|| format!("{}: cannot store cache entry", target.display()))
+            }
+        }
+    }
+}
+
+/// `excluded.jsonl` lines, written as records come.
+pub(crate) struct ExcludedWriter(BufWriter<File>);
+
+impl ExcludedWriter {
+    pub(crate) fn create(path: &Path) -> Result<Self> {
+        let file =
+            File::create(path).with_context(|| format!("{}: cannot write", path.display()))?;
+        Ok(Self(BufWriter::new(file)))
+    }
+
+    pub(crate) fn write(&mut self, record: &Excluded) -> Result<()> {
+        self.0.write_all(&crate::text::to_inert_json(record)?)?;
+        self.0.write_all(b"\n")?;
+        Ok(())
+    }
+
+    /// Appends the lines of the file `part`.
+    pub(crate) fn append(&mut self, part: &Path) -> Result<()> {
+        let mut file =
+            File::open(part).with_context(|| format!("{}: cannot read", part.display()))?;
+        std::io::copy(&mut file, &mut self.0)?;
+        Ok(())
+    }
+
+    pub(crate) fn finish(mut self) -> Result<()> {
+        Ok(self.0.flush()?)
+    }
+}
+
+/// The name of a split's plugin exclusions while a preparation runs.
+pub(crate) fn excluded_part(dir: &Path, split: &str) -> PathBuf {
+    dir.join(format!("excluded-{split}.jsonl"))
+}
+
+/// Documents' token ids as a shard keeps them for the merge:
+/// `SPLIT.documents` (u32, concatenated) and `SPLIT.document_lengths` (u64).
+pub(crate) struct DocumentWriter {
+    tokens: BufWriter<File>,
+    lengths: BufWriter<File>,
+}
+
+fn document_files(dir: &Path, split: &str) -> (PathBuf, PathBuf) {
+    (
+        dir.join(format!("{split}.documents")),
+        dir.join(format!("{split}.document_lengths")),
+    )
+}
+
+impl DocumentWriter {
+    pub(crate) fn create(dir: &Path, split: &str) -> Result<Self> {
+        let (tokens, lengths) = document_files(dir, split);
+        let open = |path: &Path| -> Result<BufWriter<File>> {
+            Ok(BufWriter::new(File::create(path).with_context(|| {
+                format!("{}: cannot write", path.display())
+            })?))
+        };
+        Ok(Self {
+            tokens: open(&tokens)?,
+            lengths: open(&lengths)?,
+        })
+    }
+
+    pub(crate) fn push(&mut self, document: &[u32]) -> Result<()> {
+        for id in document {
+            self.tokens.write_all(&id.to_le_bytes())?;
+        }
+        self.lengths
+            .write_all(&(document.len() as u64).to_le_bytes())?;
+        Ok(())
+    }
+
+    pub(crate) fn finish(mut self) -> Result<()> {
+        self.tokens.flush()?;
+        self.lengths.flush()?;
+        Ok(())
+    }
+}
+
+/// Streams the documents a shard kept for `split` into `each`.
+fn read_documents(
+    dir: &Path,
+    split: &str,
+    each: &mut dyn FnMut(&[u32]) -> Result<()>,
+) -> Result<()> {
+    let (tokens, lengths) = document_files(dir, split);
+    let open = |path: &Path| -> Result<BufReader<File>> {
+        Ok(BufReader::with_capacity(
+            1 << 20,
+            File::open(path).with_context(|| format!("{}: cannot read", path.display()))?,
+        ))
+    };
+    let corrupt = || CacheError::CorruptShard(dir.to_path_buf());
+    let (mut tokens, mut lengths) = (open(&tokens)?, open(&lengths)?);
+    let (mut length, mut bytes, mut document) = ([0u8; 8], Vec::new(), Vec::new());
+    loop {
+        match lengths.read_exact(&mut length) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e.into()),
+        }
+        bytes.resize(u64::from_le_bytes(length) as usize * 4, 0);
+        tokens.read_exact(&mut bytes).with_context(corrupt)?;
+        document.clear();
+        document.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))),
+        );
+        each(&document)?;
+    }
+    if tokens.read(&mut [0])? != 0 {
+        anyhow::bail!(corrupt());
+    }
+    Ok(())
+}
+
+/// A shard's record of one split: what the merge needs besides the documents.
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub(crate) struct ShardSplit {
+    pub(crate) documents_read: u64,
+    pub(crate) steps: Vec<StepReport>,
+}
+
+/// `shard.json`: a shard's report, and per split its record.
 #[derive(Serialize, Deserialize)]
 pub(crate) struct ShardRecord {
     pub(crate) report: DataReport,
-    validation: ShardSplit,
-    train: ShardSplit,
+    pub(crate) validation: ShardSplit,
+    pub(crate) train: ShardSplit,
 }
 
-/// The shards' outputs, in shard order.
-pub(crate) struct Shards {
-    records: Vec<ShardRecord>,
-    documents: Vec<[Vec<Vec<u32>>; 2]>,
-}
-
-pub(crate) const SHARD: &str = "shard.json";
-
-pub(crate) fn save_shard(
-    dir: &Path,
-    report: &DataReport,
-    validation: &SplitOutput,
-    train: &SplitOutput,
-) -> Result<()> {
-    let record = ShardRecord {
-        report: report.clone(),
-        validation: ShardSplit {
-            documents_read: report.validation.documents_read,
-            steps: validation.steps.clone(),
-            excluded: validation.excluded.clone(),
-        },
-        train: ShardSplit {
-            documents_read: report.train.documents_read,
-            steps: train.steps.clone(),
-            excluded: train.excluded.clone(),
-        },
-    };
-    store_directory(dir, |staging| {
-        save_documents(&staging.join(VALIDATION), &validation.documents)?;
-        save_documents(&staging.join(TRAIN), &train.documents)?;
-        fs::write(staging.join(SHARD), serde_json::to_vec(&record)?)?;
-        Ok(())
-    })
+pub(crate) fn save_shard(dir: &Path, record: &ShardRecord) -> Result<()> {
+    fs::write(dir.join(SHARD), serde_json::to_vec(record)?)?;
+    Ok(())
 }
 
 pub(crate) fn load_shard(dir: &Path) -> Result<ShardRecord> {
@@ -118,10 +254,23 @@ pub(crate) fn load_shard(dir: &Path) -> Result<ShardRecord> {
     .context(CacheError::CorruptShard(path))
 }
 
+/// Where the merge puts a split's documents and exclusions.
+pub(crate) trait ShardSink {
+    fn document(&mut self, tokens: &[u32]) -> Result<()>;
+    /// The `excluded.jsonl` lines in the file `part`.
+    fn excluded_from(&mut self, part: &Path) -> Result<()>;
+}
+
+/// The shards of a preparation in parts, in shard order.
+pub(crate) struct Shards {
+    dirs: Vec<PathBuf>,
+    records: Vec<ShardRecord>,
+}
+
 pub(crate) fn load_shards(dir: &Path, count: usize) -> Result<Shards> {
     let mut shards = Shards {
+        dirs: Vec::with_capacity(count),
         records: Vec::with_capacity(count),
-        documents: Vec::with_capacity(count),
     };
     for index in 0..count {
         let shard = dir.join(format!("{index}-of-{count}"));
@@ -134,165 +283,79 @@ pub(crate) fn load_shards(dir: &Path, count: usize) -> Result<Shards> {
             .into());
         }
         shards.records.push(load_shard(&shard)?);
-        shards.documents.push([
-            load_documents(&shard.join(VALIDATION))?,
-            load_documents(&shard.join(TRAIN))?,
-        ]);
+        shards.dirs.push(shard);
     }
     Ok(shards)
 }
 
-/// One split of the shards joined in order: documents, step counts and
-/// exclusions as one unsharded run has them. `expected` documents must
-/// have been read in all, or the shards came from other files.
-pub(crate) fn join_split(
-    shards: &Shards,
-    split: &str,
-    expected: usize,
-) -> Result<(u64, SplitOutput)> {
-    let slot = usize::from(split == "train");
-    let mut read = 0;
-    let mut output = SplitOutput::default();
-    for (record, documents) in shards.records.iter().zip(&shards.documents) {
-        let part = if slot == 1 {
-            &record.train
-        } else {
-            &record.validation
+impl Shards {
+    /// One split of the shards joined in order, as one unsharded run makes
+    /// it: each document into `each`, the exclusions onto `excluded`; returns
+    /// the steps' totals. `expected` documents must have been read in all,
+    /// or the shards came from other files.
+    pub(crate) fn join_split(
+        &self,
+        split: &str,
+        expected: u64,
+        sink: &mut dyn ShardSink,
+    ) -> Result<Vec<StepReport>> {
+        let part = |record: &ShardRecord| match split {
+            "train" => record.train.clone(),
+            _ => record.validation.clone(),
         };
-        read += part.documents_read;
-        output.documents.extend(documents[slot].iter().cloned());
-        output.excluded.extend(part.excluded.iter().cloned());
-        if output.steps.is_empty() {
-            output.steps = part
-                .steps
-                .iter()
-                .map(|s| StepReport {
-                    plugin: s.plugin.clone(),
-                    kind: s.kind,
-                    ..StepReport::default()
-                })
-                .collect();
+        let read: u64 = self.records.iter().map(|r| part(r).documents_read).sum();
+        if read != expected {
+            return Err(CacheError::ShardsFromOtherFiles {
+                read,
+                split: split.into(),
+                expected,
+            }
+            .into());
         }
-        for (total, step) in output.steps.iter_mut().zip(&part.steps) {
-            total.merge(step);
+        let mut steps: Vec<StepReport> = Vec::new();
+        for (dir, record) in self.dirs.iter().zip(&self.records) {
+            read_documents(dir, split, &mut |document| sink.document(document))?;
+            sink.excluded_from(&excluded_part(dir, split))?;
+            let part = part(record);
+            if steps.is_empty() {
+                steps = part
+                    .steps
+                    .iter()
+                    .map(|s| StepReport {
+                        plugin: s.plugin.clone(),
+                        kind: s.kind,
+                        ..StepReport::default()
+                    })
+                    .collect();
+            }
+            for (total, step) in steps.iter_mut().zip(&part.steps) {
+                total.merge(step);
+            }
         }
-    }
-    if read != expected as u64 {
-        return Err(CacheError::ShardsFromOtherFiles {
-            read,
-            split: split.into(),
-            expected,
-        }
-        .into());
-    }
-    Ok((read, output))
-}
-
-/// Token ids of documents: `tokens` u32 (all, concatenated) and `lengths` u64.
-fn save_documents(path: &Path, documents: &[Vec<u32>]) -> Result<()> {
-    let tokens: Vec<u8> = documents
-        .iter()
-        .flatten()
-        .flat_map(|t| t.to_le_bytes())
-        .collect();
-    let lengths: Vec<u8> = documents
-        .iter()
-        .flat_map(|d| (d.len() as u64).to_le_bytes())
-        .collect();
-    let tensors = [
-        (
-            "tokens",
-            TensorView::new(Dtype::U32, vec![tokens.len() / 4], &tokens)?,
-        ),
-        (
-            "lengths",
-            TensorView::new(Dtype::U64, vec![documents.len()], &lengths)?,
-        ),
-    ];
-    safetensors::serialize_to_file(tensors, None, path)
-        .with_context(|| format!("{}: cannot write", path.display()))
-}
-
-fn load_documents(path: &Path) -> Result<Vec<Vec<u32>>> {
-    let bytes = fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let corrupt = || CacheError::CorruptShard(path.to_path_buf());
-    let tensors = SafeTensors::deserialize(&bytes).with_context(corrupt)?;
-    let tokens = tensors.tensor("tokens").with_context(corrupt)?;
-    let lengths = tensors.tensor("lengths").with_context(corrupt)?;
-    let mut tokens = tokens
-        .data()
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")));
-    let documents: Vec<Vec<u32>> = lengths
-        .data()
-        .chunks_exact(8)
-        .map(|c| {
-            let n = u64::from_le_bytes(c.try_into().expect("8 bytes")) as usize;
-            tokens.by_ref().take(n).collect()
-        })
-        .collect();
-    if tokens.next().is_some() {
-        anyhow::bail!(corrupt());
-    }
-    Ok(documents)
-}
-
-pub const REPORT: &str = "data_report.json";
-pub const EXCLUDED: &str = "excluded.jsonl";
-const TRAIN: &str = "train.safetensors";
-const VALIDATION: &str = "validation.safetensors";
-
-/// Writes a cache entry.
-pub(crate) fn save_entry(entry: &Path, prepared: &Prepared, excluded: &[Excluded]) -> Result<()> {
-    store_directory(entry, |staging| {
-        prepared.train.save(&staging.join(TRAIN))?;
-        prepared.validation.save(&staging.join(VALIDATION))?;
-        let mut lines = Vec::new();
-        for record in excluded {
-            lines.extend(crate::text::to_inert_json(record)?);
-            lines.push(b'\n');
-        }
-        fs::write(staging.join(EXCLUDED), lines)?;
-        let mut cached = prepared.report.clone();
-        cached.cache_hit = true;
-        fs::write(
-            staging.join(REPORT),
-            crate::text::to_inert_json_pretty(&cached)?,
-        )?;
-        Ok(())
-    })
-}
-
-/// Fills a temporary sibling of `dir` with `fill` and renames it into place,
-/// so that a reader never sees half a directory. Another process storing
-/// the same directory meanwhile (ranks of one job) is not an error: the
-/// contents are the same.
-fn store_directory(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
-    let parent = dir.parent().expect("a cache directory has a parent");
-    fs::create_dir_all(parent)
-        .with_context(|| format!("{}: cannot create cache directory", parent.display()))?;
-    // Removed on any error below; renamed into place on success.
-    let staging_dir = tempfile::Builder::new()
-        .prefix(".staging-")
-        .tempdir_in(parent)
-        .with_context(|| format!("{}: cannot create", parent.display()))?;
-    fill(staging_dir.path())?;
-    if dir.exists() {
-        fs::remove_dir_all(dir)
-            .with_context(|| format!("{}: cannot replace cache entry", dir.display()))?;
-    }
-    match fs::rename(staging_dir.path(), dir) {
-        Err(_) if dir.is_dir() => Ok(()),
-        stored => stored.with_context(|| format!("{}: cannot store cache entry", dir.display())),
+        Ok(steps)
     }
 }
 
+/// The report (as a later run finds it: a cache hit) into the staging
+/// directory of an entry.
+pub(crate) fn save_report(dir: &Path, report: &DataReport) -> Result<()> {
+    let mut cached = report.clone();
+    cached.cache_hit = true;
+    fs::write(
+        dir.join(REPORT),
+        crate::text::to_inert_json_pretty(&cached)?,
+    )?;
+    Ok(())
+}
+
+/// An entry's blocks, mapped, and its report.
 pub(crate) fn load_entry(entry: &Path) -> Result<Prepared> {
     let report: DataReport = serde_json::from_slice(&fs::read(entry.join(REPORT))?)
         .context(CacheError::CorruptEntry(entry.to_path_buf()))?;
+    let (train, validation) = store::open(entry)?;
     Ok(Prepared {
-        train: Blocks::load(&entry.join(TRAIN))?,
-        validation: Blocks::load(&entry.join(VALIDATION))?,
+        train,
+        validation,
         report,
     })
 }

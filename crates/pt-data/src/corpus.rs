@@ -63,34 +63,36 @@ pub struct SourceFile {
     pub bad_records: Vec<BadRecord>,
 }
 
-/// The records of one file being read, and the policy for bad ones.
-struct Records<'a> {
-    path: &'a Path,
-    options: &'a ReadOptions,
-    documents: Vec<Document>,
-    bad: Vec<BadRecord>,
+/// What streaming a file found besides its documents.
+#[derive(Clone, Debug, Default)]
+pub struct FileRead {
+    pub documents: u64,
+    pub bad_records: Vec<BadRecord>,
 }
 
-impl<'a> Records<'a> {
-    fn new(path: &'a Path, options: &'a ReadOptions) -> Self {
-        Self {
-            path,
-            options,
-            documents: Vec::new(),
-            bad: Vec::new(),
-        }
-    }
+/// Where a file's documents go as they are read.
+pub type DocumentSink<'a> = dyn FnMut(Document) -> Result<()> + 'a;
 
+/// The records of one file being read, and the policy for bad ones.
+struct Records<'a, 'b> {
+    path: &'a Path,
+    options: &'a ReadOptions,
+    sink: &'a mut DocumentSink<'b>,
+    read: FileRead,
+}
+
+impl<'a, 'b> Records<'a, 'b> {
     /// Keeps a non-empty document, or refuses one over the size limit.
     fn document(&mut self, line: usize, text: String) -> Result<()> {
         if text.len() > self.options.max_document_bytes {
             return self.bad(line, self.too_large(text.len()));
         }
         if !text.is_empty() {
-            self.documents.push(Document {
+            self.read.documents += 1;
+            (self.sink)(Document {
                 line: line as u32,
                 text,
-            });
+            })?;
         }
         Ok(())
     }
@@ -105,7 +107,7 @@ impl<'a> Records<'a> {
             }
             .into()),
             ErrorPolicy::Skip => {
-                self.bad.push(BadRecord {
+                self.read.bad_records.push(BadRecord {
                     line: line as u32,
                     reason: problem.to_string(),
                 });
@@ -115,10 +117,12 @@ impl<'a> Records<'a> {
     }
 
     /// One line as text: UTF-8, no NUL byte, within the size limit.
-    fn line<'b>(&mut self, line: usize, bytes: &'b [u8]) -> Result<Option<&'b str>> {
-        let problem = if bytes.len() > self.options.max_document_bytes {
-            self.too_large(bytes.len())
-        } else if let Some(at) = bytes.iter().position(|&b| b == 0) {
+    /// `length` is the line's length in the file (`bytes` holds at most
+    /// the limit and a little more).
+    fn line<'c>(&mut self, line: usize, bytes: &'c [u8], length: usize) -> Result<Option<&'c str>> {
+        let problem = if length > self.options.max_document_bytes {
+            self.too_large(length)
+        } else if let Some(at) = memchr::memchr(0, bytes) {
             RecordProblem::NulByte { at }
         } else {
             match std::str::from_utf8(bytes) {
@@ -301,102 +305,243 @@ pub fn read_documents(
     Ok((documents, files))
 }
 
+/// The size and sha256 of a file, read in chunks.
+pub fn file_digest(path: &Path) -> Result<(u64, String)> {
+    use sha2::{Digest, Sha256};
+    let mut file =
+        fs::File::open(path).with_context(|| format!("{}: cannot read file", path.display()))?;
+    let mut hasher = Sha256::new();
+    let bytes = std::io::copy(&mut file, &mut hasher)
+        .with_context(|| format!("{}: cannot read file", path.display()))?;
+    Ok((bytes, hex::encode(hasher.finalize())))
+}
+
 /// Reads one corpus file into documents.
 pub fn read_file(path: &Path, options: &ReadOptions) -> Result<SourceFile> {
-    use sha2::{Digest, Sha256};
-    let bytes = fs::read(path).with_context(|| format!("{}: cannot read file", path.display()))?;
-    let (documents, bad_records) = parse(path, &bytes, options)?;
+    let (bytes, digest) = file_digest(path)?;
+    let mut documents = Vec::new();
+    let read = read_stream(path, options, &mut |document| {
+        documents.push(document);
+        Ok(())
+    })?;
     Ok(SourceFile {
         path: path.to_path_buf(),
-        bytes: bytes.len() as u64,
-        digest: hex::encode(Sha256::digest(&bytes)),
+        bytes,
+        digest,
         documents,
-        bad_records,
+        bad_records: read.bad_records,
     })
 }
 
-/// The documents (and skipped records) in `bytes`, read as the file `path`
+/// Streams the documents of the file `path` into `sink`, in file order
 /// (its name decides the format; an unknown one is read as JSON lines).
-pub fn parse(
+/// Text and JSON lines are read a line at a time, Parquet a row group at a
+/// time; a `.json` file is one JSON value and is read whole.
+pub fn read_stream(
     path: &Path,
-    bytes: &[u8],
     options: &ReadOptions,
-) -> Result<(Vec<Document>, Vec<BadRecord>)> {
+    sink: &mut DocumentSink<'_>,
+) -> Result<FileRead> {
     let (layout, compression) = format_of(path).unwrap_or((Layout::JsonLines, Compression::None));
-    let mut records = Records::new(path, options);
+    let mut records = Records {
+        path,
+        options,
+        sink,
+        read: FileRead::default(),
+    };
     if layout == Layout::Parquet {
-        read_parquet(&mut records, bytes)?;
-        return Ok((records.documents, records.bad));
+        read_parquet(&mut records)?;
+        return Ok(records.read);
     }
-    let text = decompressed(path, bytes, compression)?;
-    let body = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
-    match layout {
-        Layout::Text => read_txt(&mut records, body)?,
-        Layout::Json if body.trim_ascii_start().starts_with(b"[") => {
-            read_json_array(&mut records, body)?
+    let mut lines = Lines::open(path, compression, options.max_document_bytes)?;
+    let read = match layout {
+        Layout::Text => read_txt(&mut records, &mut lines),
+        Layout::Json => {
+            let text = lines.rest()?;
+            let body = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
+            if body.trim_ascii_start().starts_with(b"[") {
+                read_json_array(&mut records, body)
+            } else {
+                let mut lines = Lines::in_memory(body, options.max_document_bytes);
+                read_json_lines(&mut records, &mut lines)
+            }
         }
-        _ => read_json_lines(&mut records, body)?,
+        _ => read_json_lines(&mut records, &mut lines),
+    };
+    // Corrupt compressed data can decode to garbage before its checksum
+    // fails: a bad record met first is reported as the corruption it is.
+    if let Err(error) = read {
+        return Err(lines.check_rest().err().unwrap_or(error));
     }
-    Ok((records.documents, records.bad))
+    Ok(records.read)
 }
 
-/// Counts the bytes a decoder has taken from its input.
-struct Counted<'a> {
-    input: &'a [u8],
-    taken: usize,
+/// Counts the bytes a decoder has taken from the file.
+struct Counted<R> {
+    inner: R,
+    taken: std::rc::Rc<std::cell::Cell<u64>>,
 }
 
-impl std::io::Read for Counted<'_> {
+impl<R: std::io::Read> std::io::Read for Counted<R> {
     fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
-        let n = (&self.input[self.taken..]).read(buffer)?;
-        self.taken += n;
+        let n = self.inner.read(buffer)?;
+        self.taken.set(self.taken.get() + n as u64);
         Ok(n)
     }
 }
 
-/// `bytes` decompressed; corrupt data is an error naming the file, how far
-/// into it the decoder got, and the line of text it had reached.
-fn decompressed<'a>(
-    path: &Path,
-    bytes: &'a [u8],
+/// A file's text, decompressed as it is read, a line at a time. Corrupt
+/// data is an error naming the file, how far into it the decoder got, and
+/// the line of text it had reached.
+struct Lines<'a> {
+    path: &'a Path,
+    reader: Box<dyn std::io::BufRead + 'a>,
     compression: Compression,
-) -> Result<std::borrow::Cow<'a, [u8]>> {
-    use std::io::Read;
-    let mut input = Counted {
-        input: bytes,
-        taken: 0,
-    };
-    let mut text = Vec::new();
-    let result = match compression {
-        Compression::None => return Ok(std::borrow::Cow::Borrowed(bytes)),
-        // Multi-member: `cat a.gz b.gz` and bgzip files are one stream of text.
-        Compression::Gzip => flate2::read::MultiGzDecoder::new(&mut input).read_to_end(&mut text),
-        Compression::Zstd => {
-            zstd::stream::read::Decoder::new(&mut input).and_then(|mut d| d.read_to_end(&mut text))
-        }
-    };
-    if let Err(error) = result {
-        let line = text.iter().filter(|&&b| b == b'\n').count() + 1;
-        bail!(
-            "{}: corrupt {} data before compressed byte {} of {} (line {line} of the text, {} bytes in): {error}",
-            path.display(),
-            compression.name(),
-            input.taken,
-            bytes.len(),
-            text.len()
-        );
+    file_bytes: u64,
+    /// Compressed bytes taken so far.
+    taken: std::rc::Rc<std::cell::Cell<u64>>,
+    /// Lines and text bytes read so far.
+    number: usize,
+    text_bytes: u64,
+    /// A line keeps at most this many bytes (its length is still counted).
+    keep: usize,
+}
+
+impl<'a> Lines<'a> {
+    fn open(path: &'a Path, compression: Compression, max_document_bytes: usize) -> Result<Self> {
+        use std::io::BufReader;
+        let file = fs::File::open(path)
+            .with_context(|| format!("{}: cannot read file", path.display()))?;
+        let file_bytes = file.metadata().map_or(0, |m| m.len());
+        let taken = std::rc::Rc::new(std::cell::Cell::new(0));
+        let input = Counted {
+            inner: file,
+            taken: taken.clone(),
+        };
+        const BUFFER: usize = 1 << 20;
+        let reader: Box<dyn std::io::BufRead> = match compression {
+            Compression::None => Box::new(BufReader::with_capacity(BUFFER, input)),
+            // Multi-member: `cat a.gz b.gz` and bgzip files are one stream of text.
+            Compression::Gzip => Box::new(BufReader::with_capacity(
+                BUFFER,
+                flate2::read::MultiGzDecoder::new(input),
+            )),
+            Compression::Zstd => Box::new(BufReader::with_capacity(
+                BUFFER,
+                zstd::stream::read::Decoder::new(input)
+                    .with_context(|| format!("{}: cannot read file", path.display()))?,
+            )),
+        };
+        Ok(Self {
+            path,
+            reader,
+            compression,
+            file_bytes,
+            taken,
+            number: 0,
+            text_bytes: 0,
+            keep: max_document_bytes.saturating_add(2),
+        })
     }
-    Ok(std::borrow::Cow::Owned(text))
+
+    /// Lines of text already in memory.
+    fn in_memory(text: &'a [u8], max_document_bytes: usize) -> Self {
+        Self {
+            path: Path::new(""),
+            reader: Box::new(text),
+            compression: Compression::None,
+            file_bytes: text.len() as u64,
+            taken: Default::default(),
+            number: 0,
+            text_bytes: 0,
+            keep: max_document_bytes.saturating_add(2),
+        }
+    }
+
+    /// The next line into `line`, with its `\n` if it had one: its 1-based
+    /// number and its whole length (`line` holds at most `keep` bytes of it).
+    fn next(&mut self, line: &mut Vec<u8>) -> Result<Option<(usize, usize)>> {
+        line.clear();
+        let mut length = 0;
+        loop {
+            let available = match self.reader.fill_buf() {
+                Ok(available) => available,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.failed(e)),
+            };
+            if available.is_empty() {
+                break;
+            }
+            let (used, ended) = match memchr::memchr(b'\n', available) {
+                Some(at) => (at + 1, true),
+                None => (available.len(), false),
+            };
+            let room = self.keep.saturating_sub(line.len());
+            line.extend_from_slice(&available[..used.min(room)]);
+            self.reader.consume(used);
+            length += used;
+            if ended {
+                break;
+            }
+        }
+        if length == 0 {
+            return Ok(None);
+        }
+        if self.number == 0 && line.starts_with(b"\xEF\xBB\xBF") {
+            line.drain(..3);
+            length -= 3;
+        }
+        self.number += 1;
+        self.text_bytes += length as u64;
+        Ok(Some((self.number, length)))
+    }
+
+    /// The rest of the text, whole.
+    fn rest(&mut self) -> Result<Vec<u8>> {
+        let mut text = Vec::new();
+        if let Err(e) = self.reader.read_to_end(&mut text) {
+            self.number = text.iter().filter(|&&b| b == b'\n').count();
+            self.text_bytes = text.len() as u64;
+            return Err(self.failed(e));
+        }
+        Ok(text)
+    }
+
+    /// Decompresses what is left, to find corruption.
+    fn check_rest(&mut self) -> Result<()> {
+        match std::io::copy(&mut self.reader, &mut std::io::sink()) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    fn failed(&self, error: std::io::Error) -> anyhow::Error {
+        if self.compression == Compression::None {
+            return anyhow::Error::new(error)
+                .context(format!("{}: cannot read file", self.path.display()));
+        }
+        anyhow::anyhow!(
+            "{}: corrupt {} data before compressed byte {} of {} (line {} of the text, {} bytes in): {error}",
+            self.path.display(),
+            self.compression.name(),
+            self.taken.get(),
+            self.file_bytes,
+            self.number + 1,
+            self.text_bytes
+        )
+    }
 }
 
 /// A Parquet file's `--text_field` column, a document per row (rows
-/// numbered from 1, as lines are). Row groups are decoded one at a time.
-fn read_parquet(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
+/// numbered from 1, as lines are). Row groups are read from the file one
+/// at a time.
+fn read_parquet(records: &mut Records<'_, '_>) -> Result<()> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::record::Field;
     use parquet::schema::types::Type;
     let path = records.path.display().to_string();
-    let reader = SerializedFileReader::new(bytes::Bytes::copy_from_slice(bytes))
+    let file = fs::File::open(records.path).with_context(|| format!("{path}: cannot read file"))?;
+    let reader = SerializedFileReader::new(file)
         .with_context(|| format!("{path}: not a readable Parquet file"))?;
     let schema = reader.metadata().file_metadata().schema();
     let field = records.options.text_field.clone();
@@ -436,25 +581,19 @@ fn read_parquet(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Lines with their 1-based numbers, each with its `\n` if it had one.
-fn numbered_lines(bytes: &[u8]) -> impl Iterator<Item = (usize, &[u8])> {
-    bytes
-        .split_inclusive(|&b| b == b'\n')
-        .enumerate()
-        .map(|(i, line)| (i + 1, line))
-}
-
 /// Each non-empty line is a document; CRLF and CR line ends become `\n`.
-fn read_txt(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
+fn read_txt(records: &mut Records<'_, '_>, lines: &mut Lines<'_>) -> Result<()> {
     let keep_linebreaks = records.options.keep_linebreaks;
-    for (number, raw) in numbered_lines(bytes) {
+    let mut raw = Vec::new();
+    while let Some((number, length)) = lines.next(&mut raw)? {
         let ended = raw.ends_with(b"\n");
-        let body = raw.strip_suffix(b"\n").unwrap_or(raw);
+        let body = raw.strip_suffix(b"\n").unwrap_or(&raw);
         let body = body.strip_suffix(b"\r").unwrap_or(body);
         if body.is_empty() {
             continue;
         }
-        let Some(body) = records.line(number, body)? else {
+        let body_length = length - (raw.len() - body.len());
+        let Some(body) = records.line(number, body, body_length)? else {
             continue;
         };
         let mut text = body.replace('\r', "\n");
@@ -484,13 +623,14 @@ fn text_of(value: serde_json::Value, field: &str) -> Result<String, RecordProble
     }
 }
 
-fn read_json_lines(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
+fn read_json_lines(records: &mut Records<'_, '_>, lines: &mut Lines<'_>) -> Result<()> {
     let field = records.options.text_field.clone();
-    for (number, raw) in numbered_lines(bytes) {
+    let mut raw = Vec::new();
+    while let Some((number, length)) = lines.next(&mut raw)? {
         if raw.trim_ascii().is_empty() {
             continue;
         }
-        let Some(line) = records.line(number, raw)? else {
+        let Some(line) = records.line(number, &raw, length)? else {
             continue;
         };
         let record = serde_json::from_str(line)
@@ -506,7 +646,7 @@ fn read_json_lines(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
 
 /// A `.json` file holding one array of records; a record's line is where it
 /// starts. A file that does not parse is one bad record.
-fn read_json_array(records: &mut Records<'_>, bytes: &[u8]) -> Result<()> {
+fn read_json_array(records: &mut Records<'_, '_>, bytes: &[u8]) -> Result<()> {
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
         Err(e) => {
@@ -775,6 +915,39 @@ mod tests {
         );
         let found = discover(&dir.path().join("c")).unwrap();
         assert_eq!(found.len(), 4);
+    }
+
+    /// A line longer than the document limit is a bad record with its real
+    /// size; reading it keeps at most the limit in memory.
+    #[test]
+    fn an_overlong_line_is_a_bad_record_with_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let long = "x".repeat(3 << 20);
+        let path = write(
+            dir.path(),
+            "a.txt",
+            format!("short\n{long}\nlast\n").as_bytes(),
+        );
+        let options = ReadOptions {
+            max_document_bytes: 1 << 20,
+            on_bad_record: ErrorPolicy::Skip,
+            ..ReadOptions::default()
+        };
+        let file = read_file(&path, &options).unwrap();
+        assert_eq!(texts(&file), [(1, "short\n"), (3, "last\n")]);
+        assert_eq!(file.bad_records[0].line, 2);
+        assert!(
+            file.bad_records[0]
+                .reason
+                .contains("the record is 3.0 MB, more than the limit of 1 MB"),
+            "{:?}",
+            file.bad_records
+        );
+        let mut lines = Lines::open(&path, Compression::None, 1 << 20).unwrap();
+        let mut line = Vec::new();
+        lines.next(&mut line).unwrap();
+        assert_eq!(lines.next(&mut line).unwrap(), Some((2, (3 << 20) + 1)));
+        assert_eq!(line.len(), (1 << 20) + 2);
     }
 
     /// Corrupt compressed or Parquet data is an error naming the file and

@@ -10,11 +10,13 @@ pub mod cache;
 pub mod corpus;
 pub mod dedup;
 pub mod domain_tokens;
+pub mod mix;
 pub mod packing;
 pub mod pipeline;
 pub mod prepare;
 pub mod report;
 pub mod steps;
+pub mod store;
 pub mod text;
 pub mod tokenize;
 

@@ -16,8 +16,8 @@
 //! documents are skipped unsearched.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, mpsc};
 use std::time::Instant;
 
 use anyhow::{Result, anyhow};
@@ -59,6 +59,14 @@ pub struct InputDoc<'a> {
     pub text: &'a str,
 }
 
+/// A batch going in: its position in the split (which seeds its plugin
+/// instances) and its documents, each `(source, text)`.
+#[derive(Clone, Debug, Default)]
+pub struct InputBatch {
+    pub index: usize,
+    pub documents: Vec<(String, String)>,
+}
+
 /// What a split turned into.
 #[derive(Debug, Default)]
 pub struct SplitOutput {
@@ -67,6 +75,25 @@ pub struct SplitOutput {
     /// One report per plugin step, in run order.
     pub steps: Vec<StepReport>,
     pub excluded: Vec<Excluded>,
+}
+
+/// Where a split's results go, in corpus order, as batches finish.
+pub trait SplitSink {
+    /// A surviving document's token ids, EOS-terminated.
+    fn document(&mut self, tokens: Vec<u32>) -> Result<()>;
+    fn excluded(&mut self, record: Excluded) -> Result<()>;
+}
+
+impl SplitSink for SplitOutput {
+    fn document(&mut self, tokens: Vec<u32>) -> Result<()> {
+        self.documents.push(tokens);
+        Ok(())
+    }
+
+    fn excluded(&mut self, record: Excluded) -> Result<()> {
+        self.excluded.push(record);
+        Ok(())
+    }
 }
 
 struct WorkDoc {
@@ -84,10 +111,9 @@ struct BatchOutput {
     excluded: Vec<Excluded>,
 }
 
-/// Runs `docs` through every plugin step (augmenters only when `augment`) and
-/// the tokenizer. `progress` is told of each finished batch: (documents, bytes).
-/// `first_batch`: where `docs` start in the split, in batches (a shard's
-/// part), so that plugins draw the seeds the whole split would give them.
+/// Runs `docs` through every plugin step (augmenters only when `augment`)
+/// and the tokenizer, all in memory: [`run_stream`] over `docs` cut into
+/// batches, the first of them at `first_batch` in the split.
 pub fn run(
     docs: &[InputDoc<'_>],
     plugins: &[&dyn StepPlugin],
@@ -97,95 +123,190 @@ pub fn run(
     first_batch: usize,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<SplitOutput> {
-    let steps: Vec<(usize, StepKind)> = plugins
-        .iter()
+    let mut batches = docs
+        .chunks(options.batch_size.max(1))
         .enumerate()
-        .flat_map(|(i, p)| p.steps().into_iter().map(move |k| (i, k)))
-        .filter(|(_, kind)| augment || *kind != StepKind::Augmenter)
-        .collect();
-    let batches: Vec<&[InputDoc<'_>]> = docs.chunks(options.batch_size.max(1)).collect();
-    let next = AtomicUsize::new(0);
-    let cancelled = AtomicBool::new(false);
-    let (sender, receiver) = mpsc::channel();
-    let mut outputs: Vec<Option<BatchOutput>> = (0..batches.len()).map(|_| None).collect();
-    let mut errors: BTreeMap<usize, anyhow::Error> = BTreeMap::new();
+        .map(|(i, batch)| {
+            Ok(InputBatch {
+                index: first_batch + i,
+                documents: batch
+                    .iter()
+                    .map(|d| (d.source.to_string(), d.text.to_string()))
+                    .collect(),
+            })
+        });
+    let mut output = SplitOutput::default();
+    let stages = Stages::new(plugins, augment);
+    output.steps = run_stream(
+        &mut batches,
+        &stages,
+        tokenizer,
+        options,
+        progress,
+        &mut output,
+    )?;
+    Ok(output)
+}
 
+/// The plugin steps a split runs, in order: every step of every plugin,
+/// augmenters only when augmenting (training data).
+pub struct Stages<'a> {
+    plugins: &'a [&'a dyn StepPlugin],
+    steps: Vec<(usize, StepKind)>,
+}
+
+impl<'a> Stages<'a> {
+    pub fn new(plugins: &'a [&'a dyn StepPlugin], augment: bool) -> Self {
+        let steps = plugins
+            .iter()
+            .enumerate()
+            .flat_map(|(i, p)| p.steps().into_iter().map(move |k| (i, k)))
+            .filter(|(_, kind)| augment || *kind != StepKind::Augmenter)
+            .collect();
+        Self { plugins, steps }
+    }
+
+    /// A zeroed report per step.
+    fn reports(&self) -> Vec<StepReport> {
+        self.steps
+            .iter()
+            .map(|&(p, kind)| StepReport {
+                plugin: self.plugins[p].name().to_string(),
+                kind: Some(kind),
+                ..StepReport::default()
+            })
+            .collect()
+    }
+}
+
+/// Runs `batches` through `stages` and the tokenizer on `options.workers`
+/// threads, handing results to `sink` in batch order. At most a few batches
+/// per worker are in memory at once, whatever the split's size. `progress`
+/// is told of each finished batch: (documents, bytes). Returns the steps'
+/// reports; the first failing batch's error (in batch order, so that the
+/// message does not depend on scheduling) ends the run.
+pub fn run_stream(
+    batches: &mut dyn Iterator<Item = Result<InputBatch>>,
+    stages: &Stages<'_>,
+    tokenizer: &Tokenizer,
+    options: &PipelineOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+    sink: &mut dyn SplitSink,
+) -> Result<Vec<StepReport>> {
+    let workers = options.workers.max(1);
+    let window = 2 * workers + 2;
+    let cancelled = AtomicBool::new(false);
+    let (work_sender, work) = mpsc::channel::<(usize, InputBatch)>();
+    let work = Mutex::new(work);
+    let (result_sender, results) = mpsc::channel();
+    let mut ordered = Ordered {
+        reports: stages.reports(),
+        derived_kept: vec![0; stages.steps.len()],
+        options,
+        sink,
+    };
     std::thread::scope(|scope| {
-        for _ in 0..options.workers.clamp(1, batches.len().max(1)) {
-            let sender = sender.clone();
-            let (next, cancelled, batches, steps) = (&next, &cancelled, &batches, &steps);
+        for _ in 0..workers {
+            let sender = result_sender.clone();
+            let (work, cancelled) = (&work, &cancelled);
             scope.spawn(move || {
-                while !cancelled.load(Ordering::Relaxed) {
-                    let index = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(batch) = batches.get(index) else {
+                loop {
+                    let next = work.lock().expect("no worker panics").recv();
+                    let Ok((sequence, batch)) = next else {
                         break;
                     };
-                    let context = BatchContext {
-                        index: first_batch + index,
-                        plugins,
-                        steps,
-                        tokenizer,
-                        options,
+                    let result = match cancelled.load(Ordering::Relaxed) {
+                        true => Err(anyhow!("cancelled")),
+                        false => BatchContext {
+                            index: batch.index,
+                            plugins: stages.plugins,
+                            steps: &stages.steps,
+                            tokenizer,
+                            options,
+                        }
+                        .process(batch.documents),
                     };
-                    let result = context.process(batch);
-                    if result.is_err() {
-                        cancelled.store(true, Ordering::Relaxed);
-                    }
-                    if sender.send((index, result)).is_err() {
+                    if sender.send((sequence, result)).is_err() {
                         break;
                     }
                 }
             });
         }
-        drop(sender);
-        for (index, result) in receiver {
-            match result {
-                Ok(output) => {
-                    let bytes = batches[index].iter().map(|d| d.text.len() as u64).sum();
-                    progress(batches[index].len() as u64, bytes);
-                    outputs[index] = Some(output);
+        drop(result_sender);
+        // Reads batches while fewer than `window` are unfinished, and hands
+        // finished ones on in order.
+        let mut feed = || -> Result<()> {
+            let (mut sent, mut emitted, mut exhausted) = (0, 0, false);
+            let mut sizes = BTreeMap::new();
+            let mut finished = BTreeMap::new();
+            loop {
+                while !exhausted && sent - emitted < window && !cancelled.load(Ordering::Relaxed) {
+                    match batches.next() {
+                        Some(batch) => {
+                            let batch = batch?;
+                            let bytes = batch.documents.iter().map(|(_, t)| t.len() as u64).sum();
+                            sizes.insert(sent, (batch.documents.len() as u64, bytes));
+                            work_sender
+                                .send((sent, batch))
+                                .expect("workers wait for work");
+                            sent += 1;
+                        }
+                        None => exhausted = true,
+                    }
                 }
-                Err(error) => {
-                    errors.insert(index, error);
+                if emitted == sent {
+                    return Ok(());
+                }
+                let (sequence, result): (usize, Result<BatchOutput>) = results
+                    .recv()
+                    .expect("a worker holds a sender while work is unfinished");
+                if result.is_err() {
+                    cancelled.store(true, Ordering::Relaxed);
+                } else {
+                    let (documents, bytes) = sizes[&sequence];
+                    progress(documents, bytes);
+                }
+                finished.insert(sequence, result);
+                while let Some(result) = finished.remove(&emitted) {
+                    ordered.emit(result?)?;
+                    emitted += 1;
                 }
             }
+        };
+        let fed = feed();
+        if fed.is_err() {
+            cancelled.store(true, Ordering::Relaxed);
         }
-    });
-    // Several workers may fail at once; report the earliest batch's error so
-    // that the message does not depend on scheduling.
-    if let Some((_, error)) = errors.into_iter().next() {
-        return Err(error);
-    }
+        drop(work_sender);
+        fed
+    })?;
+    Ok(ordered.reports)
+}
 
-    let mut split = SplitOutput {
-        steps: steps
-            .iter()
-            .map(|&(p, kind)| StepReport {
-                plugin: plugins[p].name().to_string(),
-                kind: Some(kind),
-                ..StepReport::default()
-            })
-            .collect(),
-        ..SplitOutput::default()
-    };
-    // Derived documents each step has added so far, against the split's limit.
-    let mut derived_kept = vec![0u64; steps.len()];
-    for output in outputs
-        .into_iter()
-        .map(|o| o.expect("every batch finished"))
-    {
+/// Batch results joined in order: step totals, and the augmenters' split
+/// limit counted in corpus order.
+struct Ordered<'a> {
+    reports: Vec<StepReport>,
+    /// Derived documents each step has added so far, against the split's limit.
+    derived_kept: Vec<u64>,
+    options: &'a PipelineOptions,
+    sink: &'a mut dyn SplitSink,
+}
+
+impl Ordered<'_> {
+    fn emit(&mut self, output: BatchOutput) -> Result<()> {
         for (document, derived_by) in output.documents.into_iter().zip(output.derived_by) {
             if let Some((step, source)) = derived_by {
-                let report = &mut split.steps[step];
-                if derived_kept[step] >= options.max_derived_documents {
-                    if options.on_error == ErrorPolicy::Fail {
+                let report = &mut self.reports[step];
+                if self.derived_kept[step] >= self.options.max_derived_documents {
+                    if self.options.on_error == ErrorPolicy::Fail {
                         return Err(PluginError {
                             plugin: report.plugin.clone(),
                             kind: StepKind::Augmenter,
                             document: source,
                             documents_in_call: 1,
                             cause: PluginErrorCause::Call(CallFailure::DerivedPastLimit {
-                                limit: options.max_derived_documents,
+                                limit: self.options.max_derived_documents,
                             }),
                         }
                         .into());
@@ -193,16 +314,18 @@ pub fn run(
                     report.derived_over_limit += 1;
                     continue;
                 }
-                derived_kept[step] += 1;
+                self.derived_kept[step] += 1;
             }
-            split.documents.push(document);
+            self.sink.document(document)?;
         }
-        split.excluded.extend(output.excluded);
-        for (total, part) in split.steps.iter_mut().zip(&output.steps) {
+        for record in output.excluded {
+            self.sink.excluded(record)?;
+        }
+        for (total, part) in self.reports.iter_mut().zip(&output.steps) {
             total.merge(part);
         }
+        Ok(())
     }
-    Ok(split)
 }
 
 /// SplitMix64 finaliser: independent seeds per step (or plugin) and batch.
@@ -244,12 +367,12 @@ struct BatchContext<'a> {
 }
 
 impl BatchContext<'_> {
-    fn process(&self, batch: &[InputDoc<'_>]) -> Result<BatchOutput> {
+    fn process(&self, batch: Vec<(String, String)>) -> Result<BatchOutput> {
         let mut docs: Vec<WorkDoc> = batch
-            .iter()
-            .map(|d| WorkDoc {
-                source: d.source.to_string(),
-                text: d.text.to_string(),
+            .into_iter()
+            .map(|(source, text)| WorkDoc {
+                source,
+                text,
                 derived_by: None,
             })
             .collect();

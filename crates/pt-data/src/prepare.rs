@@ -9,25 +9,30 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::cache::{self, Prepared, Shards};
-use crate::corpus::{self, ReadOptions, SourceFile};
-use crate::dedup::{self, Dedup, DuplicateCounts};
-use crate::packing::{self, Blocks};
-use crate::pipeline::{self, InputDoc, PipelineOptions, SplitOutput};
+use crate::cache::{
+    self, DocumentWriter, ExcludedWriter, Prepared, ShardRecord, ShardSink, ShardSplit, Shards,
+    Staging,
+};
+use crate::corpus::{self, ReadOptions};
+use crate::dedup::{self, Dedup, Deduplicator, DuplicateCounts};
+use crate::packing::{Blocks, Packed, Packer};
+use crate::pipeline::{self, InputBatch, PipelineOptions, SplitSink, Stages};
 use crate::report::{DataReport, DedupReport, Excluded, FileReport, PluginReport, SplitReport};
 use crate::steps::StepPlugin;
+use crate::store::{self, StoreWriter};
 use crate::tokenize::Tokenizer;
 
 /// Bump when the cached dataset's layout or meaning changes.
 /// 2: plugin instances fresh per batch (results independent of workers),
-/// bounded augmentation.
-const CACHE_FORMAT: u32 = 2;
+/// bounded augmentation. 3: the token store (mapped u16/u32 files).
+const CACHE_FORMAT: u32 = 3;
 
 #[derive(Clone, Debug)]
 pub struct PrepareOptions {
@@ -82,7 +87,8 @@ pub struct PreparePlugin<'a> {
 
 /// Hooks for progress display.
 pub trait Progress: Sync {
-    /// A split starts: its document and byte totals.
+    /// A stage starts (`read`, which scans the corpus, then each split):
+    /// its document (0: not known yet) and text byte totals.
     fn start(&self, split: &str, documents: u64, bytes: u64);
     fn advance(&self, documents: u64, bytes: u64);
     fn finish(&self);
@@ -137,167 +143,48 @@ fn is_none(dedup: &Dedup) -> bool {
     *dedup == Dedup::None
 }
 
-/// The corpus files of both splits, read.
-struct Corpus {
-    train: Vec<SourceFile>,
-    validation: Vec<SourceFile>,
+/// A corpus file, found and hashed (not read yet).
+struct CorpusFile {
+    path: PathBuf,
+    bytes: u64,
+    digest: String,
 }
 
-/// A split's documents: `FILE:LINE` and text.
-type Documents = Vec<(String, String)>;
+/// The corpus files of both splits.
+struct Corpus {
+    train: Vec<CorpusFile>,
+    validation: Vec<CorpusFile>,
+}
 
 impl Corpus {
-    fn read(options: &PrepareOptions) -> Result<Self> {
+    fn discover(options: &PrepareOptions) -> Result<Self> {
         if options.train_dir.is_none() && options.validation_dir.is_none() {
             return Err(PrepareError::NoCorpus.into());
         }
-        let read_dir = |dir: &Option<PathBuf>| -> Result<Vec<SourceFile>> {
+        let files = |dir: &Option<PathBuf>| -> Result<Vec<CorpusFile>> {
             let Some(dir) = dir else {
                 return Ok(Vec::new());
             };
             corpus::discover(dir)?
-                .iter()
-                .map(|path| corpus::read_file(path, &options.read))
+                .into_iter()
+                .map(|path| {
+                    let (bytes, digest) = corpus::file_digest(&path)?;
+                    Ok(CorpusFile {
+                        path,
+                        bytes,
+                        digest,
+                    })
+                })
                 .collect()
         };
         Ok(Self {
-            train: read_dir(&options.train_dir)?,
-            validation: read_dir(&options.validation_dir)?,
+            train: files(&options.train_dir)?,
+            validation: files(&options.validation_dir)?,
         })
     }
-
-    fn files(&self) -> impl Iterator<Item = (&SourceFile, &'static str)> {
-        let train = self.train.iter().map(|f| (f, "train"));
-        train.chain(self.validation.iter().map(|f| (f, "validation")))
-    }
-
-    fn file_reports(&self) -> Vec<FileReport> {
-        self.files()
-            .map(|(f, split)| FileReport {
-                path: f.path.display().to_string(),
-                split: split.into(),
-                documents: f.documents.len() as u64,
-                bytes: f.bytes,
-                bad_records: f.bad_records.len() as u64,
-            })
-            .collect()
-    }
-
-    /// Records the reader skipped, listed with what plugins excluded.
-    fn unreadable(&self) -> Vec<Excluded> {
-        self.files()
-            .flat_map(|(f, _)| {
-                f.bad_records.iter().map(move |bad| Excluded {
-                    source: format!("{}:{}", f.path.display(), bad.line),
-                    plugin: "(reader)".into(),
-                    kind: None,
-                    reason: bad.reason.clone(),
-                    text: String::new(),
-                })
-            })
-            .collect()
-    }
-
-    /// The training and validation documents, duplicates dropped (each
-    /// split on its own; a validation share is carved from the deduplicated
-    /// training documents): without a validation directory, the first
-    /// percent of the training documents validate. Also the dropped
-    /// documents, listed, and their counts.
-    fn into_documents(
-        self,
-        options: &PrepareOptions,
-    ) -> (Documents, Documents, Vec<Excluded>, Option<DedupReport>) {
-        let documents = |files: Vec<SourceFile>| -> Documents {
-            files
-                .into_iter()
-                .flat_map(|f| {
-                    let path = f.path.display().to_string();
-                    f.documents
-                        .into_iter()
-                        .map(move |d| (format!("{path}:{}", d.line), d.text))
-                })
-                .collect()
-        };
-        let mut excluded = Vec::new();
-        let mut train = documents(self.train);
-        let train_duplicates = drop_duplicates(&mut train, options.dedup, &mut excluded);
-        let (validation, validation_duplicates) = if options.validation_dir.is_some() {
-            let mut validation = documents(self.validation);
-            let dropped = drop_duplicates(&mut validation, options.dedup, &mut excluded);
-            (validation, dropped)
-        } else {
-            let n = (train.len() as f64 * options.validation_split_percentage / 100.0)
-                .round_ties_even() as usize;
-            let validation = match options.validation_split {
-                ValidationSplit::First => train.drain(..n.min(train.len())).collect(),
-                ValidationSplit::Random => take_random(&mut train, n, options.pipeline.seed),
-            };
-            (validation, DuplicateCounts::default())
-        };
-        let report = (options.dedup != Dedup::None).then_some(DedupReport {
-            mode: options.dedup,
-            train: train_duplicates,
-            validation: validation_duplicates,
-        });
-        (train, validation, excluded, report)
-    }
 }
 
-/// Takes `n` of `documents` chosen by `seed` (those whose seeded hash of
-/// their index is smallest), both parts kept in corpus order.
-fn take_random(documents: &mut Documents, n: usize, seed: u64) -> Documents {
-    let key = |i: usize| dedup::mix64(seed ^ dedup::mix64(i as u64));
-    let mut order: Vec<usize> = (0..documents.len()).collect();
-    order.sort_by_key(|&i| key(i));
-    let mut chosen = vec![false; documents.len()];
-    order.iter().take(n).for_each(|&i| chosen[i] = true);
-    take_marked(documents, &chosen)
-}
-
-/// Moves the documents `marked` out of `documents`, both in corpus order.
-fn take_marked(documents: &mut Documents, marked: &[bool]) -> Documents {
-    let (mut taken, mut kept) = (Vec::new(), Vec::new());
-    for (document, &mark) in std::mem::take(documents).into_iter().zip(marked) {
-        match mark {
-            true => taken.push(document),
-            false => kept.push(document),
-        }
-    }
-    *documents = kept;
-    taken
-}
-
-/// Removes the duplicates among `documents` under `mode`, listing each with
-/// the document it duplicates.
-fn drop_duplicates(
-    documents: &mut Documents,
-    mode: Dedup,
-    excluded: &mut Vec<Excluded>,
-) -> DuplicateCounts {
-    let duplicates = dedup::find_duplicates(documents.iter().map(|(_, text)| text.as_str()), mode);
-    let mut counts = DuplicateCounts::default();
-    let mut dropped = vec![false; documents.len()];
-    for duplicate in &duplicates {
-        let (source, text) = &documents[duplicate.index];
-        let (kind, count) = match duplicate.near {
-            true => ("near duplicate (MinHash)", &mut counts.near),
-            false => ("exact duplicate", &mut counts.exact),
-        };
-        *count += 1;
-        dropped[duplicate.index] = true;
-        excluded.push(Excluded {
-            source: source.clone(),
-            plugin: "(dedup)".into(),
-            kind: None,
-            reason: format!("{kind} of {}", documents[duplicate.of].0),
-            text: text.clone(),
-        });
-    }
-    take_marked(documents, &dropped);
-    counts
-}
-
-fn relative_digests<'a>(dir: Option<&Path>, files: &'a [SourceFile]) -> Vec<(String, &'a str)> {
+fn relative_digests<'a>(dir: Option<&Path>, files: &'a [CorpusFile]) -> Vec<(String, &'a str)> {
     let Some(dir) = dir else {
         return Vec::new();
     };
@@ -357,6 +244,218 @@ fn cache_key(
     Ok(hex::encode(Sha256::digest(serde_json::to_vec(&key)?)))
 }
 
+/// One directory's documents as the first pass over it found them.
+#[derive(Default)]
+struct Scanned {
+    files: Vec<FileReport>,
+    /// Records the reader skipped, listed with what plugins exclude.
+    unreadable: Vec<Excluded>,
+    /// Per document read, in corpus order: dropped as a duplicate.
+    duplicate: Vec<bool>,
+    /// Text bytes of each kept (not duplicate) document.
+    kept_bytes: Vec<u32>,
+    duplicates: DuplicateCounts,
+}
+
+/// The first pass over a directory's files: counts every document, finds
+/// the bad records (failing on the first one under `--on_bad_record fail`,
+/// before any plugin runs) and the duplicates, listing each dropped one in
+/// `dropped` with the document it duplicates.
+fn scan(
+    files: &[CorpusFile],
+    split: &str,
+    options: &PrepareOptions,
+    dropped: &mut ExcludedWriter,
+    progress: &dyn Progress,
+) -> Result<Scanned> {
+    let mut scanned = Scanned::default();
+    let mut seen = Deduplicator::new(options.dedup);
+    // Where each document was read (file, line), to name the kept one a
+    // duplicate repeats; only kept when deduplicating.
+    let mut places: Vec<(u32, u32)> = Vec::new();
+    for (number, file) in files.iter().enumerate() {
+        let path = file.path.display().to_string();
+        let read = corpus::read_stream(&file.path, &options.read, &mut |document| {
+            progress.advance(1, document.text.len() as u64);
+            let index = scanned.duplicate.len();
+            if options.dedup != Dedup::None {
+                places.push((number as u32, document.line));
+            }
+            let Some(duplicate) = seen.check(index, &document.text) else {
+                scanned.duplicate.push(false);
+                scanned.kept_bytes.push(document.text.len() as u32);
+                return Ok(());
+            };
+            scanned.duplicate.push(true);
+            let (kind, count) = match duplicate.near {
+                true => ("near duplicate (MinHash)", &mut scanned.duplicates.near),
+                false => ("exact duplicate", &mut scanned.duplicates.exact),
+            };
+            *count += 1;
+            let (file, line) = places[duplicate.of];
+            dropped.write(&Excluded {
+                source: format!("{path}:{}", document.line),
+                plugin: "(dedup)".into(),
+                kind: None,
+                reason: format!("{kind} of {}:{line}", files[file as usize].path.display()),
+                text: document.text,
+            })
+        })?;
+        scanned
+            .unreadable
+            .extend(read.bad_records.iter().map(|bad| Excluded {
+                source: format!("{path}:{}", bad.line),
+                plugin: "(reader)".into(),
+                kind: None,
+                reason: bad.reason.clone(),
+                text: String::new(),
+            }));
+        scanned.files.push(FileReport {
+            path,
+            split: split.into(),
+            documents: read.documents,
+            bytes: file.bytes,
+            bad_records: read.bad_records.len() as u64,
+        });
+    }
+    Ok(scanned)
+}
+
+/// Which of a directory's kept documents (numbered from 0 in corpus order)
+/// a split takes.
+#[derive(Clone, Copy)]
+enum Take<'a> {
+    All,
+    /// The first `n`.
+    First(usize),
+    /// All but the first `n`.
+    AfterFirst(usize),
+    /// Those marked `true` (validation) or `false` (training).
+    Marked(&'a [bool], bool),
+}
+
+impl Take<'_> {
+    fn takes(self, kept: usize) -> bool {
+        match self {
+            Take::All => true,
+            Take::First(n) => kept < n,
+            Take::AfterFirst(n) => kept >= n,
+            Take::Marked(marks, mark) => marks[kept] == mark,
+        }
+    }
+}
+
+/// A split's documents: the files, the duplicates the scan found among
+/// them, and which kept ones the split takes.
+struct SplitSource<'a> {
+    name: &'static str,
+    files: &'a [CorpusFile],
+    scanned: &'a Scanned,
+    take: Take<'a>,
+}
+
+impl SplitSource<'_> {
+    /// Documents and text bytes of the split, by position in it.
+    fn sizes(&self) -> impl Iterator<Item = u64> + '_ {
+        let take = self.take;
+        self.scanned
+            .kept_bytes
+            .iter()
+            .enumerate()
+            .filter(move |&(kept, _)| take.takes(kept))
+            .map(|(_, &bytes)| bytes as u64)
+    }
+
+    /// Reads the split's documents at `range` (positions in the split) into
+    /// batches of `batch_size`, numbered by their place in the whole split.
+    fn read_batches(
+        &self,
+        read: &ReadOptions,
+        batch_size: usize,
+        range: std::ops::Range<usize>,
+        batches: &mpsc::SyncSender<Result<InputBatch>>,
+    ) {
+        /// Stops reading once the range is read.
+        #[derive(Debug, thiserror::Error)]
+        #[error("read enough")]
+        struct Enough;
+        let mut batch = InputBatch {
+            index: range.start / batch_size,
+            documents: Vec::with_capacity(batch_size),
+        };
+        let (mut index, mut kept, mut position) = (0, 0, 0);
+        let send = |batch: &mut InputBatch| -> Result<()> {
+            let next = InputBatch {
+                index: batch.index + 1,
+                documents: Vec::with_capacity(batch_size),
+            };
+            batches
+                .send(Ok(std::mem::replace(batch, next)))
+                .map_err(|_| Enough.into())
+        };
+        let mut read_all = || -> Result<()> {
+            for (file, scanned) in self.files.iter().zip(&self.scanned.files) {
+                let path = file.path.display().to_string();
+                let first = index;
+                let result = corpus::read_stream(&file.path, read, &mut |document| {
+                    let duplicate = self.scanned.duplicate.get(index).copied().unwrap_or(true);
+                    index += 1;
+                    if duplicate {
+                        return Ok(());
+                    }
+                    kept += 1;
+                    if !self.take.takes(kept - 1) {
+                        return Ok(());
+                    }
+                    position += 1;
+                    if position > range.end {
+                        return Err(Enough.into());
+                    }
+                    if position <= range.start {
+                        return Ok(());
+                    }
+                    batch
+                        .documents
+                        .push((format!("{path}:{}", document.line), document.text));
+                    match batch.documents.len() == batch_size {
+                        true => send(&mut batch),
+                        false => Ok(()),
+                    }
+                });
+                match result {
+                    Err(e) if e.is::<Enough>() => return Ok(()),
+                    Err(e) => return Err(e),
+                    Ok(_) if (index - first) as u64 != scanned.documents => {
+                        anyhow::bail!("{path}: changed while being prepared; prepare again")
+                    }
+                    Ok(_) => {}
+                }
+            }
+            Ok(())
+        };
+        let result = read_all().and_then(|()| match batch.documents.is_empty() {
+            true => Ok(()),
+            false => send(&mut batch),
+        });
+        if let Err(error) = result
+            && !error.is::<Enough>()
+        {
+            let _ = batches.send(Err(error));
+        }
+    }
+}
+
+/// Takes `n` of `len` documents chosen by `seed` (those whose seeded hash
+/// of their index is smallest): `true` for each one taken.
+fn random_choice(len: usize, n: usize, seed: u64) -> Vec<bool> {
+    let key = |i: usize| dedup::mix64(seed ^ dedup::mix64(i as u64));
+    let mut order: Vec<usize> = (0..len).collect();
+    order.sort_by_key(|&i| key(i));
+    let mut chosen = vec![false; len];
+    order.iter().take(n).for_each(|&i| chosen[i] = true);
+    chosen
+}
+
 /// Where a preparation's result lives in the cache.
 struct Place {
     /// The whole dataset's entry.
@@ -385,6 +484,11 @@ impl Place {
             shards,
             part,
         })
+    }
+
+    /// Where this process's result goes.
+    fn target(&self) -> &Path {
+        self.part.as_ref().map_or(&self.entry, |(_, _, dir)| dir)
     }
 
     /// The result of an earlier preparation with the same key, if stored.
@@ -423,94 +527,173 @@ impl Prepared {
     }
 }
 
+/// Where a split's tokenized documents go: packed into the token store, or
+/// (a shard) kept as documents for the merge to pack.
+enum Tokens {
+    Packed(Packer<StoreWriter>),
+    Documents(DocumentWriter),
+}
+
+/// A split's results as they come: counted, tokens on, exclusions listed.
+struct SplitFiles {
+    tokens: Tokens,
+    documents: u64,
+    token_count: u64,
+    excluded: ExcludedWriter,
+}
+
+impl SplitFiles {
+    fn push(&mut self, document: &[u32]) -> Result<()> {
+        self.documents += 1;
+        self.token_count += document.len() as u64;
+        match &mut self.tokens {
+            Tokens::Packed(packer) => packer.push(document),
+            Tokens::Documents(writer) => writer.push(document),
+        }
+    }
+
+    /// Flushes the files: what packing made (nothing for a shard).
+    fn finish(self) -> Result<Packed> {
+        self.excluded.finish()?;
+        match self.tokens {
+            Tokens::Packed(packer) => {
+                let (writer, packed) = packer.finish();
+                writer.finish()?;
+                Ok(packed)
+            }
+            Tokens::Documents(writer) => writer.finish().map(|()| Packed::default()),
+        }
+    }
+}
+
+impl ShardSink for SplitFiles {
+    fn document(&mut self, tokens: &[u32]) -> Result<()> {
+        self.push(tokens)
+    }
+
+    fn excluded_from(&mut self, part: &Path) -> Result<()> {
+        self.excluded.append(part)
+    }
+}
+
+impl SplitSink for SplitFiles {
+    fn document(&mut self, tokens: Vec<u32>) -> Result<()> {
+        self.push(&tokens)
+    }
+
+    fn excluded(&mut self, record: Excluded) -> Result<()> {
+        self.excluded.write(&record)
+    }
+}
+
 /// Runs the plugins and the tokenizer over a split: the whole split, this
 /// shard's part of it, or (merging) the shards' outputs joined.
 struct SplitRunner<'a> {
     plugins: Vec<&'a dyn StepPlugin>,
     tokenizer: &'a Tokenizer,
-    options: &'a PipelineOptions,
+    options: &'a PrepareOptions,
     part: Option<(usize, usize)>,
     merged: Option<Shards>,
     progress: &'a dyn Progress,
+    staging: &'a Path,
+    /// Bytes per id in the token store.
+    width: usize,
 }
 
 impl SplitRunner<'_> {
-    /// Documents read and the split's output.
-    fn run(
+    /// The split's counts (blocks too, unless this is a shard).
+    fn run(&self, source: &SplitSource<'_>, max_blocks: Option<usize>) -> Result<SplitReport> {
+        let split = source.name;
+        let excluded = ExcludedWriter::create(&cache::excluded_part(self.staging, split))?;
+        let tokens = match self.part {
+            Some(_) => Tokens::Documents(DocumentWriter::create(self.staging, split)?),
+            None => Tokens::Packed(Packer::new(
+                StoreWriter::create(self.staging, split, self.width)?,
+                self.options.block_size,
+                (!self.options.packing).then_some(self.tokenizer.pad_id),
+                max_blocks,
+            )),
+        };
+        let mut files = SplitFiles {
+            tokens,
+            documents: 0,
+            token_count: 0,
+            excluded,
+        };
+        let documents = source.sizes().count();
+        let (read, steps) = match &self.merged {
+            Some(shards) => {
+                let steps = shards.join_split(split, documents as u64, &mut files)?;
+                (documents as u64, steps)
+            }
+            None => self.tokenize(source, documents, &mut files)?,
+        };
+        let report = SplitReport {
+            documents_read: read,
+            documents: files.documents,
+            tokens: files.token_count,
+            steps,
+            ..SplitReport::default()
+        };
+        let packed = files.finish()?;
+        Ok(SplitReport {
+            blocks: packed.blocks,
+            tokens_dropped: packed.tokens_dropped,
+            blocks_truncated: packed.blocks_truncated,
+            ..report
+        })
+    }
+
+    /// Reads the split's documents (this shard's share of them) on one
+    /// thread and runs them through the pipeline: documents read, and the
+    /// steps' reports.
+    fn tokenize(
         &self,
-        split: &str,
-        docs: &[(String, String)],
-        augment: bool,
-    ) -> Result<(u64, SplitOutput)> {
-        if let Some(merged) = &self.merged {
-            return cache::join_split(merged, split, docs.len());
-        }
-        let batch_size = self.options.batch_size.max(1);
-        let batches = docs.len().div_ceil(batch_size);
-        let (first_batch, docs) = match self.part {
+        source: &SplitSource<'_>,
+        documents: usize,
+        files: &mut SplitFiles,
+    ) -> Result<(u64, Vec<crate::report::StepReport>)> {
+        let batch_size = self.options.pipeline.batch_size.max(1);
+        let batches = documents.div_ceil(batch_size);
+        let range = match self.part {
             Some((index, count)) => {
                 let (first, last) = (index * batches / count, (index + 1) * batches / count);
-                let range = first * batch_size..(last * batch_size).min(docs.len());
-                (first, &docs[range])
+                first * batch_size..(last * batch_size).min(documents)
             }
-            None => (0, docs),
+            None => 0..documents,
         };
-        let inputs: Vec<InputDoc<'_>> = docs
-            .iter()
-            .map(|(s, t)| InputDoc { source: s, text: t })
-            .collect();
-        let bytes = inputs.iter().map(|d| d.text.len() as u64).sum();
-        self.progress.start(split, inputs.len() as u64, bytes);
-        let output = pipeline::run(
-            &inputs,
-            &self.plugins,
-            augment,
-            self.tokenizer,
-            self.options,
-            first_batch,
-            &|d, b| self.progress.advance(d, b),
-        )?;
+        let bytes = source.sizes().skip(range.start).take(range.len()).sum();
+        self.progress.start(source.name, range.len() as u64, bytes);
+        let stages = Stages::new(&self.plugins, source.name == "train");
+        let steps = std::thread::scope(|scope| {
+            let (sender, receiver) = mpsc::sync_channel(2);
+            let reader_range = range.clone();
+            scope.spawn(move || {
+                source.read_batches(&self.options.read, batch_size, reader_range, &sender)
+            });
+            pipeline::run_stream(
+                &mut receiver.into_iter(),
+                &stages,
+                self.tokenizer,
+                &self.options.pipeline,
+                &|d, b| self.progress.advance(d, b),
+                files,
+            )
+        })?;
         self.progress.finish();
-        Ok((docs.len() as u64, output))
+        Ok((range.len() as u64, steps))
     }
-}
-
-/// A split's counts before packing: all a shard's report has.
-fn counted(read: u64, output: &SplitOutput) -> SplitReport {
-    SplitReport {
-        documents_read: read,
-        documents: output.documents.len() as u64,
-        tokens: output.documents.iter().map(|d| d.len() as u64).sum(),
-        steps: output.steps.clone(),
-        ..SplitReport::default()
-    }
-}
-
-/// A split's documents packed (or padded) into blocks, at most `max`.
-fn pack(
-    options: &PrepareOptions,
-    pad_id: u32,
-    (read, output): &(u64, SplitOutput),
-    max: Option<usize>,
-) -> (Blocks, SplitReport) {
-    let (mut blocks, tokens_dropped) = if options.packing {
-        packing::pack(&output.documents, options.block_size)
-    } else {
-        packing::pad_each(&output.documents, options.block_size, pad_id)
-    };
-    let blocks_truncated = max.map_or(0, |n| blocks.truncate(n)) as u64;
-    let report = SplitReport {
-        blocks: blocks.len() as u64,
-        tokens_dropped,
-        blocks_truncated,
-        ..counted(*read, output)
-    };
-    (blocks, report)
 }
 
 /// Reads, cleans, tokenizes and packs, or loads the same result from the cache.
 /// Writes `data_report.json` and `excluded.jsonl` into `output_dir`, if given
 /// (a shard writes its report into the cache instead).
+///
+/// The corpus is streamed, twice: a first pass counts the documents and
+/// finds bad records and duplicates; the second runs each split's documents
+/// through the plugins and the tokenizer a few batches at a time, straight
+/// into the token store. Memory holds a few bytes per document and the
+/// batches in flight, not the corpus.
 pub fn prepare(
     options: &PrepareOptions,
     plugins: &[PreparePlugin<'_>],
@@ -519,7 +702,7 @@ pub fn prepare(
     progress: &dyn Progress,
 ) -> Result<Prepared> {
     let started = Instant::now();
-    let corpus = Corpus::read(options)?;
+    let corpus = Corpus::discover(options)?;
     let key = cache_key(options, plugins, tokenizer, &corpus)?;
     let place = Place::new(options, &key)?;
     if let Some(dir) = output_dir {
@@ -532,59 +715,160 @@ pub fn prepare(
         return Ok(prepared);
     }
 
-    let files = corpus.file_reports();
-    let mut excluded = corpus.unreadable();
-    let (train_docs, validation_docs, duplicates, dedup) = corpus.into_documents(options);
-    excluded.extend(duplicates);
+    let staging = Staging::new(place.target())?;
+    let dedup_part = staging.path().join("excluded-dedup.jsonl");
+    let mut dropped = ExcludedWriter::create(&dedup_part)?;
+    let corpus_bytes = corpus
+        .train
+        .iter()
+        .chain(&corpus.validation)
+        .map(|f| f.bytes)
+        .sum();
+    progress.start("read", 0, corpus_bytes);
+    let train_scan = scan(&corpus.train, "train", options, &mut dropped, progress)?;
+    let validation_scan = scan(
+        &corpus.validation,
+        "validation",
+        options,
+        &mut dropped,
+        progress,
+    )?;
+    progress.finish();
+    dropped.finish()?;
+
+    // Without a validation directory, a share of the (deduplicated)
+    // training documents validates.
+    let kept = train_scan.kept_bytes.len();
+    let share =
+        (kept as f64 * options.validation_split_percentage / 100.0).round_ties_even() as usize;
+    let chosen = match options.validation_split {
+        ValidationSplit::Random if options.validation_dir.is_none() => {
+            random_choice(kept, share, options.pipeline.seed)
+        }
+        _ => Vec::new(),
+    };
+    let (train_take, validation_source) = match (&options.validation_dir, options.validation_split)
+    {
+        (Some(_), _) => (
+            Take::All,
+            SplitSource {
+                name: "validation",
+                files: &corpus.validation,
+                scanned: &validation_scan,
+                take: Take::All,
+            },
+        ),
+        (None, split) => {
+            let (train, validation) = match split {
+                ValidationSplit::First => (Take::AfterFirst(share), Take::First(share)),
+                ValidationSplit::Random => {
+                    (Take::Marked(&chosen, false), Take::Marked(&chosen, true))
+                }
+            };
+            let source = SplitSource {
+                name: "validation",
+                files: &corpus.train,
+                scanned: &train_scan,
+                take: validation,
+            };
+            (train, source)
+        }
+    };
+    let train_source = SplitSource {
+        name: "train",
+        files: &corpus.train,
+        scanned: &train_scan,
+        take: train_take,
+    };
+
+    let width = store::width_for(tokenizer.id_bound().max(tokenizer.pad_id as usize + 1));
     let runner = SplitRunner {
         plugins: plugins.iter().map(|p| p.plugin).collect(),
         tokenizer,
-        options: &options.pipeline,
+        options,
         part: place.part.as_ref().map(|&(index, count, _)| (index, count)),
         merged: match options.sharding {
             Some(Sharding::Merge { count }) => Some(cache::load_shards(&place.shards, count)?),
             _ => None,
         },
         progress,
+        staging: staging.path(),
+        width,
     };
-    let validation = runner.run("validation", &validation_docs, false)?;
-    let train = runner.run("train", &train_docs, true)?;
+    let validation = runner.run(&validation_source, options.max_eval_samples)?;
+    let train = runner.run(&train_source, options.max_train_samples)?;
 
-    let report = |train: SplitReport, validation: SplitReport, shard: Option<String>| DataReport {
+    let report = DataReport {
         cache_key: key.clone(),
         cache_hit: false,
         block_size: options.block_size,
         packing: options.packing,
-        files: files.clone(),
+        files: [&train_scan.files[..], &validation_scan.files[..]].concat(),
         plugins: plugins.iter().map(|p| p.report.clone()).collect(),
         train,
         validation,
         seconds: started.elapsed().as_secs_f64(),
-        shard,
-        dedup: dedup.clone(),
+        shard: None,
+        dedup: (options.dedup != Dedup::None).then_some(DedupReport {
+            mode: options.dedup,
+            train: train_scan.duplicates,
+            validation: validation_scan.duplicates,
+        }),
+        mix: None,
     };
-    if let Some((index, count, shard)) = &place.part {
-        let report = report(
-            counted(train.0, &train.1),
-            counted(validation.0, &validation.1),
-            Some(format!("{index} of {count}")),
-        );
-        cache::save_shard(shard, &report, &validation.1, &train.1)?;
-        return Ok(Prepared::counted_only(report));
+    if let Some((index, count, _)) = &place.part {
+        let steps = |split: &SplitReport| ShardSplit {
+            documents_read: split.documents_read,
+            steps: split.steps.clone(),
+        };
+        let report = DataReport {
+            shard: Some(format!("{index} of {count}")),
+            ..report
+        };
+        let record = ShardRecord {
+            validation: steps(&report.validation),
+            train: steps(&report.train),
+            report,
+        };
+        cache::save_shard(staging.path(), &record)?;
+        staging.commit()?;
+        return Ok(Prepared::counted_only(record.report));
     }
 
-    let pad_id = tokenizer.pad_id;
-    let (validation_blocks, validation_report) =
-        pack(options, pad_id, &validation, options.max_eval_samples);
-    let (train_blocks, train_report) = pack(options, pad_id, &train, options.max_train_samples);
-    excluded.extend(validation.1.excluded);
-    excluded.extend(train.1.excluded);
-    let prepared = Prepared {
-        train: train_blocks,
-        validation: validation_blocks,
-        report: report(train_report, validation_report, None),
-    };
-    cache::save_entry(&place.entry, &prepared, &excluded)?;
-    cache::publish(&place.entry, &prepared.report, output_dir)?;
-    Ok(prepared)
+    // excluded.jsonl: unreadable records, duplicates, then what the plugins
+    // excluded from validation and from training.
+    let mut excluded = ExcludedWriter::create(&staging.path().join(cache::EXCLUDED))?;
+    for record in train_scan
+        .unreadable
+        .iter()
+        .chain(&validation_scan.unreadable)
+    {
+        excluded.write(record)?;
+    }
+    let parts = [
+        dedup_part,
+        cache::excluded_part(staging.path(), "validation"),
+        cache::excluded_part(staging.path(), "train"),
+    ];
+    for part in &parts {
+        excluded.append(part)?;
+        fs::remove_file(part)?;
+    }
+    excluded.finish()?;
+    store::write_header(
+        staging.path(),
+        width,
+        options.block_size,
+        report.train.blocks,
+        report.validation.blocks,
+    )?;
+    cache::save_report(staging.path(), &report)?;
+    staging.commit()?;
+    cache::publish(&place.entry, &report, output_dir)?;
+    let (train, validation) = store::open(&place.entry)?;
+    Ok(Prepared {
+        train,
+        validation,
+        report,
+    })
 }

@@ -89,6 +89,25 @@ pub struct SplitReport {
     pub steps: Vec<StepReport>,
 }
 
+impl SplitReport {
+    /// Adds another source's counts of the same split and plugins.
+    fn add(&mut self, other: &SplitReport) {
+        self.documents_read += other.documents_read;
+        self.documents += other.documents;
+        self.tokens += other.tokens;
+        self.blocks += other.blocks;
+        self.tokens_dropped += other.tokens_dropped;
+        self.blocks_truncated += other.blocks_truncated;
+        if self.steps.is_empty() {
+            self.steps = other.steps.clone();
+        } else {
+            for (total, step) in self.steps.iter_mut().zip(&other.steps) {
+                total.merge(step);
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FileReport {
     pub path: String,
@@ -132,6 +151,81 @@ pub struct DataReport {
     /// Duplicates dropped before the plugins (`--dedup`), per split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dedup: Option<DedupReport>,
+    /// Several training sources mixed: how, and each source's own report
+    /// (the counts above are their sums; `train.blocks` is the mix's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mix: Option<MixReport>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MixReport {
+    pub strategy: crate::mix::MixStrategy,
+    pub seed: u64,
+    pub sources: Vec<MixSource>,
+}
+
+/// One source of a mix.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MixSource {
+    /// Its name in `eval_<name>_loss`.
+    pub name: String,
+    pub train_file_dir: String,
+    /// Its weight, as a share of all weights.
+    pub weight: f64,
+    /// Its training blocks, and how many the mix drew (repeats counted).
+    pub blocks_available: u64,
+    pub blocks_drawn: u64,
+    /// Share of the mix's blocks it gave.
+    pub share: f64,
+    pub report: DataReport,
+}
+
+impl DataReport {
+    /// The report of a mix: its sources' counts added up, `train.blocks`
+    /// the mix's, and each source's report under `mix`.
+    pub fn of_mix(strategy: crate::mix::MixStrategy, seed: u64, sources: Vec<MixSource>) -> Self {
+        let first = &sources.first().expect("a mix has sources").report;
+        let mut total = DataReport {
+            cache_key: sources
+                .iter()
+                .map(|s| s.report.cache_key.as_str())
+                .collect::<Vec<_>>()
+                .join("+"),
+            cache_hit: sources.iter().all(|s| s.report.cache_hit),
+            files: Vec::new(),
+            train: SplitReport::default(),
+            validation: SplitReport::default(),
+            seconds: 0.0,
+            dedup: None,
+            mix: None,
+            ..first.clone()
+        };
+        for source in &sources {
+            let report = &source.report;
+            total.files.extend(report.files.iter().cloned());
+            total.train.add(&report.train);
+            total.validation.add(&report.validation);
+            total.seconds += report.seconds;
+            if let Some(dedup) = &report.dedup {
+                let sum = total.dedup.get_or_insert(DedupReport {
+                    mode: dedup.mode,
+                    train: Default::default(),
+                    validation: Default::default(),
+                });
+                sum.train.exact += dedup.train.exact;
+                sum.train.near += dedup.train.near;
+                sum.validation.exact += dedup.validation.exact;
+                sum.validation.near += dedup.validation.near;
+            }
+        }
+        total.train.blocks = sources.iter().map(|s| s.blocks_drawn).sum();
+        total.mix = Some(MixReport {
+            strategy,
+            seed,
+            sources,
+        });
+        total
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -84,6 +84,15 @@ impl Tokenizer {
     }
 
     /// Text of token ids, special tokens (EOS between documents) left out.
+    /// One more than the largest id the tokenizer can produce.
+    pub fn id_bound(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&id| id as usize + 1)
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, true)

@@ -1,9 +1,10 @@
 //! Crash-safe writes, in one place for every crate that publishes files
 //! (datasets, checkpoints, results, the plugin store): a reader sees the old
 //! file or the new one, never half of one, and a crash after the rename
-//! cannot leave it empty.
+//! cannot leave it empty. Also the one memory map of the workspace, for
+//! files published that way.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 use std::fs;
 use std::io::Write;
@@ -47,6 +48,38 @@ pub fn sync_directory(dir: &Path) -> Result<()> {
         .with_context(|| format!("{}: cannot sync", dir.display()))
 }
 
+/// A file's bytes, mapped read-only: the page cache holds them, so a
+/// dataset larger than memory is read without being loaded.
+pub struct MappedFile(Option<memmap2::Mmap>);
+
+impl MappedFile {
+    /// Maps `path`. It must not change while mapped: pt-host only maps files
+    /// it published with a rename (the cache's), never rewritten in place.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file =
+            fs::File::open(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let length = file
+            .metadata()
+            .with_context(|| format!("{}: cannot read", path.display()))?
+            .len();
+        // An empty file cannot be mapped (and has nothing to read).
+        if length == 0 {
+            return Ok(Self(None));
+        }
+        // SAFETY: the map is read-only and the file is never modified in
+        // place (see above); a user editing the cache by hand could change
+        // what is read, as with any reader, but not memory outside the map.
+        #[allow(unsafe_code)]
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot map", path.display()))?;
+        Ok(Self(Some(map)))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        self.0.as_deref().unwrap_or_default()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,5 +101,16 @@ mod tests {
         assert_eq!(names, ["copy.json", "state.json"]);
         let missing = copy_atomically(&dir.path().join("none"), &path).unwrap_err();
         assert!(format!("{missing:#}").contains("none: cannot read"));
+    }
+
+    #[test]
+    fn a_mapped_file_reads_its_bytes_and_an_empty_one_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        write_atomically(&path, &[1, 2, 3]).unwrap();
+        assert_eq!(MappedFile::open(&path).unwrap().bytes(), [1, 2, 3]);
+        write_atomically(&path, &[]).unwrap();
+        assert!(MappedFile::open(&path).unwrap().bytes().is_empty());
+        assert!(MappedFile::open(&dir.path().join("none")).is_err());
     }
 }

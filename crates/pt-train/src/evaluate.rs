@@ -2,6 +2,8 @@
 //! next-token accuracy), alone or across the ranks of a job, with custom
 //! metrics fed the per-block samples.
 
+use std::ops::Range;
+
 use anyhow::{Result, bail};
 use candle_core::{D, DType, Device, Tensor};
 use pt_data::Blocks;
@@ -25,6 +27,16 @@ pub struct EvalMetrics {
     pub samples: usize,
     /// Custom metrics by name (without the `eval_` prefix).
     pub extra: Vec<(String, f64)>,
+    /// Each source's loss, when the evaluation set joins several.
+    pub sources: Vec<SourceLoss>,
+}
+
+/// One source's part of an evaluation (`eval_<name>_loss`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SourceLoss {
+    pub name: String,
+    pub loss: f64,
+    pub tokens: usize,
 }
 
 /// What a metric plugin sees of one evaluation block.
@@ -107,21 +119,42 @@ pub fn evaluate_across<'s>(
         Some(_) => 0..0,
         None => rank * blocks.len() / world..(rank + 1) * blocks.len() / world,
     };
-    let (mut loss_sum, mut tokens, mut correct) = (0f64, 0usize, 0usize);
-    let rows: Vec<usize> = mine.collect();
-    let batches = rows.chunks(batch_size.max(1));
+    // Per source (one part for a single one): loss sum and tokens; batches
+    // never mix sources, so that each source's loss is its own.
+    let parts: Vec<Range<usize>> = match blocks.sources() {
+        [] => std::iter::once(0..blocks.len()).collect(),
+        sources => sources.iter().map(|(_, rows)| rows.clone()).collect(),
+    };
+    let batches: Vec<Vec<usize>> = parts
+        .iter()
+        .flat_map(|rows| {
+            let rows: Vec<usize> = (rows.start.max(mine.start)..rows.end.min(mine.end)).collect();
+            rows.chunks(batch_size.max(1))
+                .map(<[usize]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let part_of = |row: usize| {
+        parts
+            .iter()
+            .position(|rows| rows.contains(&row))
+            .unwrap_or(0)
+    };
+    // Loss sum and tokens per part, then the correct predictions.
+    let mut sums = vec![0f64; 2 * parts.len() + 1];
     let total = batches.len();
-    for (done, chunk) in batches.enumerate() {
+    for (done, chunk) in batches.iter().enumerate() {
         let batch = MicroBatch::from_rows(blocks, chunk);
         let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
         let (sum, count) = next_token_loss_sum(&logits, &batch.labels)?;
-        loss_sum += sum.to_scalar::<f32>()? as f64;
-        tokens += count;
+        let part = part_of(chunk[0]);
+        sums[2 * part] += sum.to_scalar::<f32>()? as f64;
+        sums[2 * part + 1] += count as f64;
         let predictions = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
         for (row, labels) in predictions.iter().zip(&batch.labels) {
-            correct += (1..labels.len())
+            sums[2 * parts.len()] += (1..labels.len())
                 .filter(|&t| labels[t] >= 0 && row[t - 1] as i64 == labels[t])
-                .count();
+                .count() as f64;
         }
         if let Some(sink) = sink.as_deref_mut() {
             sink.add(&samples(&logits, &predictions, &batch)?)?;
@@ -129,14 +162,18 @@ pub fn evaluate_across<'s>(
         on_batch(done + 1, total);
     }
     if collective.communicates() {
-        let sums = collective
-            .all_reduce_sum(&Tensor::new(
-                &[loss_sum, tokens as f64, correct as f64],
-                &Device::Cpu,
-            )?)?
+        sums = collective
+            .all_reduce_sum(&Tensor::new(sums.as_slice(), &Device::Cpu)?)?
             .to_vec1::<f64>()?;
-        (loss_sum, tokens, correct) = (sums[0], sums[1] as usize, sums[2] as usize);
     }
+    let loss_sum: f64 = sums.iter().step_by(2).take(parts.len()).sum();
+    let tokens = sums
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .take(parts.len())
+        .sum::<f64>() as usize;
+    let correct = sums[2 * parts.len()] as usize;
     if tokens == 0 {
         bail!("the evaluation set has no tokens to predict (is it empty? check data_report.json)");
     }
@@ -152,6 +189,16 @@ pub fn evaluate_across<'s>(
         eval_tokens: tokens,
         samples: blocks.len(),
         extra,
+        sources: blocks
+            .sources()
+            .iter()
+            .enumerate()
+            .map(|(part, (name, _))| SourceLoss {
+                name: name.clone(),
+                loss: sums[2 * part] / sums[2 * part + 1].max(1.0),
+                tokens: sums[2 * part + 1] as usize,
+            })
+            .collect(),
     })
 }
 
@@ -168,6 +215,10 @@ pub fn eval_results(metrics: &EvalMetrics, epoch: f64, step: Option<usize>) -> V
     });
     for (name, value) in &metrics.extra {
         results[format!("eval_{name}")] = json!(value);
+    }
+    for source in &metrics.sources {
+        results[format!("eval_{}_loss", source.name)] = json!(source.loss);
+        results[format!("eval_{}_perplexity", source.name)] = json!(source.loss.exp());
     }
     if let Some(step) = step {
         results["step"] = json!(step);

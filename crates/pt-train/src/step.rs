@@ -28,7 +28,7 @@ pub struct MicroBatch {
 /// (nothing predicts it); padding has no label.
 fn loss_tokens(blocks: &Blocks, rows: &[usize]) -> usize {
     rows.iter()
-        .map(|&i| (blocks.lengths[i] as usize).saturating_sub(1))
+        .map(|&i| blocks.length(i).saturating_sub(1))
         .sum()
 }
 
@@ -48,8 +48,8 @@ impl MicroBatch {
             attention_mask: rows
                 .iter()
                 .map(|&i| {
-                    (0..blocks.block_size)
-                        .map(|p| u32::from(p < blocks.lengths[i] as usize))
+                    (0..blocks.block_size())
+                        .map(|p| u32::from(p < blocks.length(i)))
                         .collect()
                 })
                 .collect(),

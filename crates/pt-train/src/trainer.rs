@@ -357,7 +357,7 @@ impl<'a> Trainer<'a> {
         (first..last)
             .map(|m| {
                 let rows = &order[m * global_batch..((m + 1) * global_batch).min(order.len())];
-                let tokens = rows.len() * train.block_size;
+                let tokens = rows.len() * train.block_size();
                 tally.tokens += tokens;
                 tally.samples += rows.len();
                 self.state.num_input_tokens_seen += tokens as u64;

@@ -20,11 +20,11 @@ use pt_train::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_scale, grad_nor
 /// HF's packed validation blocks, through the trainer's own evaluation.
 fn validation_loss(family: &str, model: &Model) -> f64 {
     let rows = rows(&expected_of(family)["valid_blocks"]);
-    let blocks = Blocks {
-        block_size: rows[0].len(),
-        input_ids: rows.concat(),
-        lengths: vec![rows[0].len() as u32; rows.len()],
-    };
+    let blocks = Blocks::new(
+        rows[0].len(),
+        rows.concat(),
+        vec![rows[0].len() as u32; rows.len()],
+    );
     evaluate(model, &blocks, 16, None, &mut |_, _| {})
         .unwrap()
         .eval_loss

@@ -33,13 +33,13 @@ fn peak_mib() -> Result<f64> {
 /// Random token blocks (ids above the special tokens), fixed by `seed`.
 fn random_blocks(args: &BenchArgs, rows: usize, seed: u64) -> Blocks {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    Blocks {
-        block_size: args.block_size,
-        input_ids: (0..rows * args.block_size)
+    Blocks::new(
+        args.block_size,
+        (0..rows * args.block_size)
             .map(|_| rng.random_range(4..args.vocab_size as u32))
             .collect(),
-        lengths: vec![args.block_size as u32; rows],
-    }
+        vec![args.block_size as u32; rows],
+    )
 }
 
 /// Records when each optimizer step ends.
@@ -164,10 +164,10 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
             evaluate(&model, &warm, args.batch_size, None, &mut |_, _| {})?;
             let started = Instant::now();
             evaluate(&model, &blocks, args.batch_size, None, &mut |_, _| {})?;
-            blocks.input_ids.len() as f64 / started.elapsed().as_secs_f64()
+            (blocks.len() * blocks.block_size()) as f64 / started.elapsed().as_secs_f64()
         }
         Measure::Generate => {
-            let prompt = random_blocks(args, 1, 4).input_ids[..16].to_vec();
+            let prompt = random_blocks(args, 1, 4).row(0)[..16].to_vec();
             let config = pt_model::generate::GenerationConfig {
                 max_new_tokens: args.new_tokens,
                 do_sample: false,
