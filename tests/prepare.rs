@@ -1503,8 +1503,10 @@ fn streaming_preparation_matches_the_in_memory_results() {
     }
 }
 
-/// Preparation streams: six times the corpus costs (nearly) no more memory,
-/// where holding it would cost about nine times the difference.
+/// Preparation streams: four times the corpus costs (nearly) no more
+/// memory, where holding it would cost about nine times the difference.
+/// (The tokenizer's word cache fills over the first few megabytes of text,
+/// then stays at its bound.)
 #[test]
 fn peak_memory_does_not_grow_with_the_corpus() {
     let dir = tempfile::tempdir().unwrap();
@@ -1522,11 +1524,11 @@ fn peak_memory_does_not_grow_with_the_corpus() {
         assert!(output.status.success(), "{}", stderr(&output));
         (run.report().train.tokens, kib as f64 / 1024.0)
     };
-    let (small_tokens, small) = peak("3");
-    let (large_tokens, large) = peak("18");
-    assert!(large_tokens > 5 * small_tokens);
+    let (small_tokens, small) = peak("10");
+    let (large_tokens, large) = peak("40");
+    assert!(large_tokens > 3 * small_tokens);
     assert!(
-        large < small + 40.0,
-        "peak {small:.0} MiB for 3 MB, {large:.0} MiB for 18 MB"
+        large < small + 60.0,
+        "peak {small:.0} MiB for 10 MB, {large:.0} MiB for 40 MB (holding 30 MB more would cost about 270 MiB)"
     );
 }

@@ -221,7 +221,15 @@ impl PrepareArgs {
 /// cache), prints the summary, and returns the blocks: the data half of
 /// `prepare` and `run`. `main`: false for the other ranks of a
 /// data-parallel job, which load what rank 0 prepared without a word.
-pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer, main: bool) -> Result<PreparedData> {
+/// Distinct words whose BPE merges the tokenizing workers keep, together:
+/// about 100 MB for Chinese-heavy text, whatever the worker count.
+const CACHED_WORDS: usize = 100_000;
+
+pub fn prepare_data(
+    args: &PrepareArgs,
+    mut tokenizer: Tokenizer,
+    main: bool,
+) -> Result<PreparedData> {
     if !(0.0..100.0).contains(&args.validation_split_percentage) {
         bail!(
             "--validation_split_percentage must be in [0, 100), got {}",
@@ -234,6 +242,8 @@ pub fn prepare_data(args: &PrepareArgs, tokenizer: Tokenizer, main: bool) -> Res
     if workers == 0 {
         bail!("--preprocessing_num_workers must be at least 1");
     }
+    // The tokenizers crate's own 10,000 per thread at least.
+    tokenizer.cache_words((CACHED_WORDS / workers).max(10_000));
     let cache_dir = args.cache_dir.clone().unwrap_or_else(default_cache_dir);
     // As MedicalGPT: blocks longer than the tokenizer's model_max_length are
     // capped to it, with a warning (BLOOM's ALiBi has no position table).
@@ -394,6 +404,8 @@ fn prepare_mix(
         (Some(MixStrategyArg::InterleaveUnder), _) | (None, false) => MixStrategy::InterleaveUnder,
     };
     let names = source_names(dirs);
+    // A --validation_file_dir validates every source: prepared once, on its own.
+    let shared_validation = args.validation_file_dir.is_some();
     let mut sources = Vec::with_capacity(dirs.len());
     for (name, dir) in names.iter().zip(dirs) {
         if main {
@@ -401,6 +413,11 @@ fn prepare_mix(
         }
         let options = PrepareOptions {
             train_dir: Some(dir.clone()),
+            validation_dir: None,
+            validation_split_percentage: match shared_validation {
+                true => 0.0,
+                false => options.validation_split_percentage,
+            },
             ..options.clone()
         };
         let prepared = pt_data::prepare(&options, plugins, tokenizer, None, progress)?;
@@ -409,9 +426,25 @@ fn prepare_mix(
         }
         sources.push(prepared);
     }
-    let validation = match args.validation_file_dir {
-        // One validation corpus, the same for every source.
-        Some(_) => sources[0].validation.clone(),
+    let held_out = match shared_validation {
+        true => {
+            if main {
+                println!("validation for every source:");
+            }
+            let options = PrepareOptions {
+                train_dir: None,
+                ..options.clone()
+            };
+            let prepared = pt_data::prepare(&options, plugins, tokenizer, None, progress)?;
+            if main {
+                print_summary(&prepared.report, None);
+            }
+            Some(prepared)
+        }
+        false => None,
+    };
+    let validation = match &held_out {
+        Some(held_out) => held_out.validation.clone(),
         None => pt_data::Blocks::named(
             names
                 .iter()
@@ -445,10 +478,21 @@ fn prepare_mix(
             },
         )
         .collect();
-    let report = pt_data::DataReport::of_mix(strategy, args.seed, mixed);
+    let mut report = pt_data::DataReport::of_mix(strategy, args.seed, mixed);
+    // The cache entries the mix was made of.
+    let mut entries: Vec<String> = report.cache_key.split('+').map(String::from).collect();
+    if let Some(held_out) = &held_out {
+        report.validation = held_out.report.validation.clone();
+        report.files.extend(held_out.report.files.iter().cloned());
+        if let (Some(total), Some(own)) = (&mut report.dedup, &held_out.report.dedup) {
+            total.validation = own.validation;
+        }
+        entries.push(held_out.report.cache_key.clone());
+        report.cache_key = entries.join("+");
+    }
     if main && report.shard.is_none() {
         print_mix(&report, strategy);
-        write_mix_outputs(&report, options, &args.output_dir)?;
+        write_mix_outputs(&report, &entries, &options.cache_dir, &args.output_dir)?;
     }
     Ok(pt_data::Prepared {
         train,
@@ -487,19 +531,19 @@ fn print_mix(report: &pt_data::DataReport, strategy: pt_data::mix::MixStrategy) 
 /// after another) in `output_dir`.
 fn write_mix_outputs(
     report: &pt_data::DataReport,
-    options: &PrepareOptions,
+    entries: &[String],
+    cache_dir: &std::path::Path,
     output_dir: &std::path::Path,
 ) -> Result<()> {
     use anyhow::Context;
     std::fs::create_dir_all(output_dir)
         .with_context(|| format!("{}: cannot create output directory", output_dir.display()))?;
     let mut excluded = Vec::new();
-    for source in &report.mix.as_ref().expect("a mix").sources {
-        let entry = options
-            .cache_dir
+    for key in entries {
+        let path = cache_dir
             .join("datasets")
-            .join(&source.report.cache_key);
-        let path = entry.join(pt_data::cache::EXCLUDED);
+            .join(key)
+            .join(pt_data::cache::EXCLUDED);
         excluded.extend(
             std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?,
         );

@@ -370,8 +370,11 @@ pub fn read_stream(
     };
     // Corrupt compressed data can decode to garbage before its checksum
     // fails: a bad record met first is reported as the corruption it is.
-    if let Err(error) = read {
-        return Err(lines.check_rest().err().unwrap_or(error));
+    match read {
+        Err(error) if compression != Compression::None && error.is::<BadRecordError>() => {
+            return Err(lines.check_rest().err().unwrap_or(error));
+        }
+        read => read?,
     }
     Ok(records.read)
 }

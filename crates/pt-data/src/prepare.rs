@@ -273,10 +273,20 @@ fn scan(
     // Where each document was read (file, line), to name the kept one a
     // duplicate repeats; only kept when deduplicating.
     let mut places: Vec<(u32, u32)> = Vec::new();
+    // Progress in steps of a megabyte, not per document.
+    let (mut documents, mut bytes) = (0, 0);
+    let mut advance = |document_bytes: u64, at_least: u64| {
+        documents += u64::from(document_bytes > 0);
+        bytes += document_bytes;
+        if bytes >= at_least {
+            progress.advance(documents, bytes);
+            (documents, bytes) = (0, 0);
+        }
+    };
     for (number, file) in files.iter().enumerate() {
         let path = file.path.display().to_string();
         let read = corpus::read_stream(&file.path, &options.read, &mut |document| {
-            progress.advance(1, document.text.len() as u64);
+            advance(document.text.len() as u64, 1 << 20);
             let index = scanned.duplicate.len();
             if options.dedup != Dedup::None {
                 places.push((number as u32, document.line));
@@ -310,6 +320,7 @@ fn scan(
                 reason: bad.reason.clone(),
                 text: String::new(),
             }));
+        advance(0, 0);
         scanned.files.push(FileReport {
             path,
             split: split.into(),
