@@ -390,6 +390,9 @@ impl SplitSource<'_> {
         #[derive(Debug, thiserror::Error)]
         #[error("read enough")]
         struct Enough;
+        if range.is_empty() {
+            return;
+        }
         let mut batch = InputBatch {
             index: range.start / batch_size,
             documents: Vec::with_capacity(batch_size),
@@ -419,17 +422,18 @@ impl SplitSource<'_> {
                         return Ok(());
                     }
                     position += 1;
-                    if position > range.end {
-                        return Err(Enough.into());
-                    }
                     if position <= range.start {
                         return Ok(());
                     }
                     batch
                         .documents
                         .push((format!("{path}:{}", document.line), document.text));
-                    match batch.documents.len() == batch_size {
-                        true => send(&mut batch),
+                    if batch.documents.len() == batch_size {
+                        send(&mut batch)?;
+                    }
+                    // The range is read: the rest of the corpus is not.
+                    match position == range.end {
+                        true => Err(Enough.into()),
                         false => Ok(()),
                     }
                 });
