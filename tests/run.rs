@@ -625,6 +625,10 @@ fn run_errors_name_the_flag() {
             "--modules_to_save dense",
             "modules_to_save `transformer.h.0.self_attention.dense` also has a LoRA adapter",
         ),
+        (
+            "--mix_weights 0.8,0.2",
+            "--mix_weights weighs several --train_file_dir sources, and one is given",
+        ),
     ] {
         let args = [&["--do_train"][..], &words(modules)].concat();
         PtHost::new(run_args(dir.path(), "modules", &args)).fails_with(expected);
@@ -1948,6 +1952,28 @@ fn mixed_sources_follow_their_weights_and_report_each_validation_loss() {
     };
     let results = |output: &str| json(&dir.path().join(output).join("eval_results.json"));
     let weights = ["--mix_weights", "0.8,0.2"];
+    for (bad, expected) in [
+        (
+            "0.5,0.3,0.2",
+            "--mix_weights has 3 weights for 2 --train_file_dir sources",
+        ),
+        ("0.8,-0.2", "--mix_weights must be positive numbers"),
+    ] {
+        PtHost::new([
+            "run",
+            "--do_eval",
+            "--model_name_or_path",
+            common::arg(&model),
+        ])
+        .args(["--output_dir", common::arg(&dir.path().join("bad"))])
+        .args([
+            "--train_file_dir",
+            common::arg(&domain),
+            common::arg(&general),
+        ])
+        .args(["--mix_weights", bad])
+        .fails_with(expected);
+    }
 
     run(
         "mixed",

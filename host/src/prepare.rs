@@ -316,6 +316,15 @@ pub fn prepare_data(
             DedupArg::Minhash => Dedup::Minhash,
         },
     };
+    if args.train_file_dir.len() < 2 && !args.mix_weights.is_empty() {
+        bail!(
+            "--mix_weights weighs several --train_file_dir sources, and {} given: pass one directory per source (--train_file_dir domain/ general/ --mix_weights 0.8,0.2)",
+            match args.train_file_dir.len() {
+                0 => "none is",
+                _ => "one is",
+            }
+        );
+    }
     let progress = PrepareProgress::new(args.disable_tqdm);
     let progress: &dyn pt_data::Progress = if main { &progress } else { &() };
     let prepared = if args.train_file_dir.len() > 1 {
