@@ -29,7 +29,7 @@ impl PrepareProgress {
 /// in length), with an ETA; the first stage (`read`) counts the corpus's
 /// documents, the others run them through plugins and the tokenizer.
 impl pt_data::Progress for PrepareProgress {
-    fn start(&self, stage: &str, _documents: u64, bytes: u64) {
+    fn start(&self, stage: &str, bytes: u64) {
         let bar = if self.bar_enabled {
             ProgressBar::new(bytes)
         } else {

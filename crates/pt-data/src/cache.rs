@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use pt_fs::{copy_atomically, write_atomically};
+use pt_fs::{copy_atomically, create_buffered, write_atomically};
 
 use crate::packing::Blocks;
 use crate::report::{DataReport, Excluded, StepReport};
@@ -115,9 +115,7 @@ pub(crate) struct ExcludedWriter(BufWriter<File>);
 
 impl ExcludedWriter {
     pub(crate) fn create(path: &Path) -> Result<Self> {
-        let file =
-            File::create(path).with_context(|| format!("{}: cannot write", path.display()))?;
-        Ok(Self(BufWriter::new(file)))
+        Ok(Self(create_buffered(path)?))
     }
 
     pub(crate) fn write(&mut self, record: &Excluded) -> Result<()> {
@@ -161,14 +159,9 @@ fn document_files(dir: &Path, split: &str) -> (PathBuf, PathBuf) {
 impl DocumentWriter {
     pub(crate) fn create(dir: &Path, split: &str) -> Result<Self> {
         let (tokens, lengths) = document_files(dir, split);
-        let open = |path: &Path| -> Result<BufWriter<File>> {
-            Ok(BufWriter::new(File::create(path).with_context(|| {
-                format!("{}: cannot write", path.display())
-            })?))
-        };
         Ok(Self {
-            tokens: open(&tokens)?,
-            lengths: open(&lengths)?,
+            tokens: create_buffered(&tokens)?,
+            lengths: create_buffered(&lengths)?,
         })
     }
 

@@ -56,9 +56,6 @@ pub struct Document {
 #[derive(Clone, Debug)]
 pub struct SourceFile {
     pub path: PathBuf,
-    pub bytes: u64,
-    /// sha256 of the contents, for the dataset cache key.
-    pub digest: String,
     pub documents: Vec<Document>,
     pub bad_records: Vec<BadRecord>,
 }
@@ -72,6 +69,12 @@ pub struct FileRead {
 
 /// Where a file's documents go as they are read.
 pub type DocumentSink<'a> = dyn FnMut(Document) -> Result<()> + 'a;
+
+/// What a [`DocumentSink`] returns to stop reading a file early, once it
+/// has what it needs; its caller catches it.
+#[derive(Debug, thiserror::Error)]
+#[error("read enough")]
+pub(crate) struct Enough;
 
 /// The records of one file being read, and the policy for bad ones.
 struct Records<'a, 'b> {
@@ -291,13 +294,18 @@ pub fn read_documents(
             break;
         }
         files += 1;
-        for document in read_file(&file, options)?.documents {
+        let read = read_stream(&file, options, &mut |document| {
             if bytes >= max_bytes {
-                break;
+                return Err(Enough.into());
             }
             bytes += document.text.len() as u64;
             documents.push(document.text);
-        }
+            Ok(())
+        });
+        match read {
+            Err(error) if error.is::<Enough>() => break,
+            read => read?,
+        };
     }
     if documents.is_empty() {
         bail!("{}: no documents in the corpus", dir.display());
@@ -318,7 +326,6 @@ pub fn file_digest(path: &Path) -> Result<(u64, String)> {
 
 /// Reads one corpus file into documents.
 pub fn read_file(path: &Path, options: &ReadOptions) -> Result<SourceFile> {
-    let (bytes, digest) = file_digest(path)?;
     let mut documents = Vec::new();
     let read = read_stream(path, options, &mut |document| {
         documents.push(document);
@@ -326,8 +333,6 @@ pub fn read_file(path: &Path, options: &ReadOptions) -> Result<SourceFile> {
     })?;
     Ok(SourceFile {
         path: path.to_path_buf(),
-        bytes,
-        digest,
         documents,
         bad_records: read.bad_records,
     })

@@ -50,19 +50,6 @@ pub struct DuplicateCounts {
     pub near: u64,
 }
 
-/// The duplicates among `texts` under `mode`, in input order.
-pub fn find_duplicates<'a>(
-    texts: impl IntoIterator<Item = &'a str>,
-    mode: Dedup,
-) -> Vec<Duplicate> {
-    let mut seen = Deduplicator::new(mode);
-    texts
-        .into_iter()
-        .enumerate()
-        .filter_map(|(index, text)| seen.check(index, text))
-        .collect()
-}
-
 /// Documents seen so far, one at a time in corpus order: what a streaming
 /// preparation keeps. About 40 bytes a document for `exact`, and 14 bucket
 /// entries (about 450 bytes) more for each kept one under `minhash`.
@@ -210,6 +197,19 @@ fn band_keys(signature: &[u64]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The duplicates among `texts` under `mode`, in input order.
+    fn find_duplicates<'a>(
+        texts: impl IntoIterator<Item = &'a str>,
+        mode: Dedup,
+    ) -> Vec<Duplicate> {
+        let mut seen = Deduplicator::new(mode);
+        texts
+            .into_iter()
+            .enumerate()
+            .filter_map(|(index, text)| seen.check(index, text))
+            .collect()
+    }
 
     #[test]
     fn exact_duplicates_ignore_surrounding_whitespace_only() {

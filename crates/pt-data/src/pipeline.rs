@@ -330,10 +330,7 @@ impl Ordered<'_> {
 
 /// SplitMix64 finaliser: independent seeds per step (or plugin) and batch.
 fn derive_seed(seed: u64, step: usize, batch: usize) -> u64 {
-    let mut z = seed ^ ((step as u64) << 48) ^ batch as u64;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
+    crate::dedup::mix64(seed ^ ((step as u64) << 48) ^ batch as u64)
 }
 
 /// The seed of plugin `plugin`'s instances for `batch`: apart from the

@@ -88,14 +88,14 @@ pub struct PreparePlugin<'a> {
 /// Hooks for progress display.
 pub trait Progress: Sync {
     /// A stage starts (`read`, which scans the corpus, then each split):
-    /// its document (0: not known yet) and text byte totals.
-    fn start(&self, split: &str, documents: u64, bytes: u64);
+    /// its text bytes in all.
+    fn start(&self, stage: &str, bytes: u64);
     fn advance(&self, documents: u64, bytes: u64);
     fn finish(&self);
 }
 
 impl Progress for () {
-    fn start(&self, _: &str, _: u64, _: u64) {}
+    fn start(&self, _: &str, _: u64) {}
     fn advance(&self, _: u64, _: u64) {}
     fn finish(&self) {}
 }
@@ -386,10 +386,7 @@ impl SplitSource<'_> {
         range: std::ops::Range<usize>,
         batches: &mpsc::SyncSender<Result<InputBatch>>,
     ) {
-        /// Stops reading once the range is read.
-        #[derive(Debug, thiserror::Error)]
-        #[error("read enough")]
-        struct Enough;
+        use corpus::Enough;
         if range.is_empty() {
             return;
         }
@@ -678,7 +675,7 @@ impl SplitRunner<'_> {
             None => 0..documents,
         };
         let bytes = source.sizes().skip(range.start).take(range.len()).sum();
-        self.progress.start(source.name, range.len() as u64, bytes);
+        self.progress.start(source.name, bytes);
         let stages = Stages::new(&self.plugins, source.name == "train");
         let steps = std::thread::scope(|scope| {
             let (sender, receiver) = mpsc::sync_channel(2);
@@ -739,7 +736,7 @@ pub fn prepare(
         .chain(&corpus.validation)
         .map(|f| f.bytes)
         .sum();
-    progress.start("read", 0, corpus_bytes);
+    progress.start("read", corpus_bytes);
     let train_scan = scan(&corpus.train, "train", options, &mut dropped, progress)?;
     let validation_scan = scan(
         &corpus.validation,
@@ -845,6 +842,8 @@ pub fn prepare(
             train: steps(&report.train),
             report,
         };
+        // The merge finds the duplicates again, over the whole corpus.
+        fs::remove_file(&dedup_part)?;
         cache::save_shard(staging.path(), &record)?;
         staging.commit()?;
         return Ok(Prepared::counted_only(record.report));

@@ -11,7 +11,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use pt_fs::MappedFile;
 use serde::{Deserialize, Serialize};
 
@@ -64,14 +64,9 @@ pub struct StoreWriter {
 impl StoreWriter {
     pub fn create(dir: &Path, split: &str, width: usize) -> Result<Self> {
         let (tokens, lengths) = files(dir, split);
-        let open = |path: &Path| -> Result<BufWriter<File>> {
-            let file =
-                File::create(path).with_context(|| format!("{}: cannot write", path.display()))?;
-            Ok(BufWriter::with_capacity(1 << 20, file))
-        };
         Ok(Self {
-            tokens: open(&tokens)?,
-            lengths: open(&lengths)?,
+            tokens: pt_fs::create_buffered(&tokens)?,
+            lengths: pt_fs::create_buffered(&lengths)?,
             width,
             bytes: Vec::new(),
         })

@@ -24,6 +24,15 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&temporary, path).with_context(|| format!("{}: cannot write", path.display()))
 }
 
+/// A new file at `path` (replacing one there), written through a 1 MiB
+/// buffer: for files filled as a stream, then published by renaming their
+/// directory or the file itself.
+pub fn create_buffered(path: &Path) -> Result<std::io::BufWriter<fs::File>> {
+    let file =
+        fs::File::create(path).with_context(|| format!("{}: cannot write", path.display()))?;
+    Ok(std::io::BufWriter::with_capacity(1 << 20, file))
+}
+
 /// [`write_atomically`] with the contents of `from`.
 pub fn copy_atomically(from: &Path, to: &Path) -> Result<()> {
     write_atomically(

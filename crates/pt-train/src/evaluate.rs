@@ -125,34 +125,30 @@ pub fn evaluate_across<'s>(
         [] => std::iter::once(0..blocks.len()).collect(),
         sources => sources.iter().map(|(_, rows)| rows.clone()).collect(),
     };
-    let batches: Vec<Vec<usize>> = parts
+    let batches: Vec<(usize, Vec<usize>)> = parts
         .iter()
-        .flat_map(|rows| {
+        .enumerate()
+        .flat_map(|(part, rows)| {
             let rows: Vec<usize> = (rows.start.max(mine.start)..rows.end.min(mine.end)).collect();
             rows.chunks(batch_size.max(1))
-                .map(<[usize]>::to_vec)
+                .map(|chunk| (part, chunk.to_vec()))
                 .collect::<Vec<_>>()
         })
         .collect();
-    let part_of = |row: usize| {
-        parts
-            .iter()
-            .position(|rows| rows.contains(&row))
-            .unwrap_or(0)
-    };
-    // Loss sum and tokens per part, then the correct predictions.
-    let mut sums = vec![0f64; 2 * parts.len() + 1];
+    // Summed over ranks as one vector: each part's loss sum, then each
+    // part's tokens, then the correct predictions.
+    let n = parts.len();
+    let mut sums = vec![0f64; 2 * n + 1];
     let total = batches.len();
-    for (done, chunk) in batches.iter().enumerate() {
+    for (done, (part, chunk)) in batches.iter().enumerate() {
         let batch = MicroBatch::from_rows(blocks, chunk);
         let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
         let (sum, count) = next_token_loss_sum(&logits, &batch.labels)?;
-        let part = part_of(chunk[0]);
-        sums[2 * part] += sum.to_scalar::<f32>()? as f64;
-        sums[2 * part + 1] += count as f64;
+        sums[*part] += sum.to_scalar::<f32>()? as f64;
+        sums[n + part] += count as f64;
         let predictions = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
         for (row, labels) in predictions.iter().zip(&batch.labels) {
-            sums[2 * parts.len()] += (1..labels.len())
+            sums[2 * n] += (1..labels.len())
                 .filter(|&t| labels[t] >= 0 && row[t - 1] as i64 == labels[t])
                 .count() as f64;
         }
@@ -166,14 +162,11 @@ pub fn evaluate_across<'s>(
             .all_reduce_sum(&Tensor::new(sums.as_slice(), &Device::Cpu)?)?
             .to_vec1::<f64>()?;
     }
-    let loss_sum: f64 = sums.iter().step_by(2).take(parts.len()).sum();
-    let tokens = sums
-        .iter()
-        .skip(1)
-        .step_by(2)
-        .take(parts.len())
-        .sum::<f64>() as usize;
-    let correct = sums[2 * parts.len()] as usize;
+    let (losses, rest) = sums.split_at(n);
+    let (part_tokens, correct) = rest.split_at(n);
+    let loss_sum: f64 = losses.iter().sum();
+    let tokens = part_tokens.iter().sum::<f64>() as usize;
+    let correct = correct[0] as usize;
     if tokens == 0 {
         bail!("the evaluation set has no tokens to predict (is it empty? check data_report.json)");
     }
@@ -195,8 +188,8 @@ pub fn evaluate_across<'s>(
             .enumerate()
             .map(|(part, (name, _))| SourceLoss {
                 name: name.clone(),
-                loss: sums[2 * part] / sums[2 * part + 1].max(1.0),
-                tokens: sums[2 * part + 1] as usize,
+                loss: losses[part] / part_tokens[part].max(1.0),
+                tokens: part_tokens[part] as usize,
             })
             .collect(),
     })
