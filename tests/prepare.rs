@@ -1297,6 +1297,25 @@ fn deduplication_finds_the_known_duplicates_of_a_generated_corpus() {
                 .count()
         );
     }
+    // With 1 MiB for keys (about 3000 documents' under minhash) they are
+    // sorted in runs on disk: the same documents go, naming the same ones.
+    let spilled = dir.path().join("spilled");
+    PtHost::new(["prepare", "--model_name_or_path", arg(&fixture_model())])
+        .args(["--train_file_dir", arg(&dir.path().join("corpus/corpus"))])
+        .args(["--output_dir", arg(&spilled)])
+        .args(["--cache_dir", arg(&dir.path().join("cache-spilled"))])
+        .args(words(
+            "--dedup minhash --dedup_memory_mb 1 --validation_split_percentage 0 --block_size 64",
+        ))
+        .succeeds();
+    let excluded = |out: &Path| fs::read_to_string(out.join("excluded.jsonl")).unwrap();
+    assert_eq!(excluded(&spilled), excluded(&dir.path().join("minhash")));
+    let report: DataReport =
+        serde_json::from_slice(&fs::read(spilled.join("data_report.json")).unwrap()).unwrap();
+    let dedup = report.dedup.unwrap();
+    // Each document's 15 keys, 21 bytes each on disk, at the least.
+    let documents = report.files[0].documents;
+    assert!(dedup.spilled_bytes >= documents * 15 * 21, "{dedup:?}");
 }
 
 /// A gzip-compressed corpus prepares into the blocks its plain text does.

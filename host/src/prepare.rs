@@ -106,6 +106,11 @@ pub struct PrepareArgs {
     /// shingles, 14 bands × 8 rows, as datatrove).
     #[arg(long = "dedup", value_enum, default_value = "none")]
     pub dedup: DedupArg,
+    /// Memory for deduplication's keys, in MiB (about 360 bytes a document
+    /// under minhash, 24 under exact); past it they are sorted in runs on
+    /// disk in the cache directory. Never changes the result.
+    #[arg(long = "dedup_memory_mb", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    pub dedup_memory_mb: u64,
     /// Largest document, in MiB; a larger record is a bad record.
     #[arg(long = "max_document_mb", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
     pub max_document_mb: u64,
@@ -315,6 +320,7 @@ pub fn prepare_data(
             DedupArg::Exact => Dedup::Exact,
             DedupArg::Minhash => Dedup::Minhash,
         },
+        dedup_memory: (args.dedup_memory_mb << 20) as usize,
     };
     if args.train_file_dir.len() < 2 && !args.mix_weights.is_empty() {
         bail!(
@@ -609,6 +615,12 @@ fn print_summary(report: &pt_data::DataReport, output_dir: Option<&std::path::Pa
                 "  duplicates dropped before the plugins (--dedup): {} exact, {} near (listed in excluded.jsonl)",
                 counts.exact, counts.near
             );
+            if dedup.spilled_bytes > 0 && name == "train" {
+                println!(
+                    "  deduplication sorted {:.1} MB of keys on disk (past --dedup_memory_mb)",
+                    dedup.spilled_bytes as f64 / 1e6
+                );
+            }
         }
         for step in &split.steps {
             let reasons: Vec<String> = step

@@ -9,9 +9,12 @@
 //! band with probability `1 − (1 − s⁸)¹⁴`: 0.5% at s = 0.5, 50% at s ≈ 0.72,
 //! 99.6% at s = 0.9.
 
-use std::collections::HashMap;
+use std::path::Path;
 
+use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::sort::{Record, Sorter};
 
 use crate::text::is_cjk;
 use sha2::{Digest, Sha256};
@@ -50,62 +53,232 @@ pub struct DuplicateCounts {
     pub near: u64,
 }
 
-/// Documents seen so far, one at a time in corpus order: what a streaming
-/// preparation keeps. About 40 bytes a document for `exact`, and 14 bucket
-/// entries (about 450 bytes) more for each kept one under `minhash`.
+/// What a deduplication found.
+#[derive(Debug, Default)]
+pub struct Found {
+    /// The dropped documents, in input order.
+    pub duplicates: Vec<Duplicate>,
+    /// Bytes of keys sorted on disk because they did not fit the budget.
+    pub spilled_bytes: u64,
+}
+
+/// Finds the duplicates among documents given one at a time, in corpus
+/// order, with memory bounded by a budget: each document's keys (its exact
+/// digest and, under `minhash`, one key per band) go to an external sort
+/// that spills sorted runs to disk past the budget. Sorted, documents that
+/// share a key are adjacent, and only keys shared by two or more documents
+/// are kept for the final pass, which decides in corpus order exactly as
+/// comparing each document with every kept one before it would: an exact
+/// copy is dropped naming the first document with its text; otherwise a
+/// document sharing a band with a kept one is dropped naming the first such
+/// band's kept document, and a document that is kept holds its bands.
 pub struct Deduplicator {
     mode: Dedup,
     hashers: Permutations,
-    exact: HashMap<[u8; 16], usize>,
-    buckets: HashMap<(u8, u64), usize>,
+    memory: usize,
+    documents: u32,
+    keys: Sorter<KeyRecord>,
+    /// The sorts' runs, removed when done.
+    runs: tempfile::TempDir,
 }
 
 impl Deduplicator {
-    pub fn new(mode: Dedup) -> Self {
-        Self {
+    /// `memory` bytes for the sorted keys in all; `spill_dir` takes the
+    /// runs that do not fit.
+    pub fn new(mode: Dedup, memory: usize, spill_dir: &Path) -> Result<Self> {
+        let runs = tempfile::tempdir_in(spill_dir).with_context(|| {
+            format!(
+                "{}: cannot create a directory to sort in",
+                spill_dir.display()
+            )
+        })?;
+        Ok(Self {
             mode,
             hashers: Permutations::new(),
-            exact: HashMap::new(),
-            buckets: HashMap::new(),
-        }
+            memory,
+            documents: 0,
+            keys: Sorter::new(memory / 2, runs.path().join("keys")),
+            runs,
+        })
     }
 
-    /// Document `index` (its position in the input): the kept one it
-    /// duplicates, if any; otherwise it is kept and remembered.
-    pub fn check(&mut self, index: usize, text: &str) -> Option<Duplicate> {
+    /// The next document.
+    pub fn add(&mut self, text: &str) -> Result<()> {
         if self.mode == Dedup::None {
-            return None;
+            return Ok(());
         }
-        let digest: [u8; 16] = Sha256::digest(text.trim().as_bytes())[..16]
-            .try_into()
-            .expect("16 bytes");
-        if let Some(&of) = self.exact.get(&digest) {
-            return Some(Duplicate {
-                index,
-                of,
-                near: false,
-            });
+        let document = self.documents;
+        self.documents = document
+            .checked_add(1)
+            .context("deduplication counts documents in 32 bits: split the corpus")?;
+        let digest = Sha256::digest(text.trim().as_bytes());
+        let half = |range: std::ops::Range<usize>| {
+            u64::from_le_bytes(digest[range].try_into().expect("8 bytes"))
+        };
+        self.keys.push(KeyRecord {
+            group: EXACT,
+            key: (half(0..8), half(8..16)),
+            document,
+        })?;
+        if self.mode == Dedup::Minhash {
+            for (band, key) in band_keys(&self.hashers.signature(text))
+                .into_iter()
+                .enumerate()
+            {
+                self.keys.push(KeyRecord {
+                    group: band as u8 + 1,
+                    key: (key, 0),
+                    document,
+                })?;
+            }
         }
-        self.exact.insert(digest, index);
-        if self.mode != Dedup::Minhash {
-            return None;
+        Ok(())
+    }
+
+    /// The duplicates among the documents added.
+    pub fn finish(self) -> Result<Found> {
+        let mut spilled_bytes = self.keys.spilled_bytes();
+        // Pass 1, in key order: each shared key's documents, as memberships
+        // of a numbered bucket (or, for the exact digest, as copies).
+        let mut members = Sorter::new(self.memory / 2, self.runs.path().join("members"));
+        let mut buckets: u32 = 0;
+        let mut previous: Option<KeyRecord> = None;
+        let mut first = 0;
+        for record in self.keys.sorted()? {
+            let record = record.context("cannot read deduplication keys back")?;
+            let same = previous
+                .as_ref()
+                .is_some_and(|p| (p.group, p.key) == (record.group, record.key));
+            if !same {
+                first = record.document;
+            } else if record.group == EXACT {
+                members.push(Member {
+                    document: record.document,
+                    group: EXACT,
+                    value: first,
+                })?;
+            } else {
+                if previous.as_ref().is_some_and(|p| p.document == first) {
+                    buckets += 1;
+                    members.push(Member {
+                        document: first,
+                        group: record.group,
+                        value: buckets - 1,
+                    })?;
+                }
+                members.push(Member {
+                    document: record.document,
+                    group: record.group,
+                    value: buckets - 1,
+                })?;
+            }
+            previous = Some(record);
         }
-        let bands = band_keys(&self.hashers.signature(text));
-        if let Some(&of) = bands
-            .iter()
-            .enumerate()
-            .find_map(|(band, key)| self.buckets.get(&(band as u8, *key)))
-        {
-            return Some(Duplicate {
-                index,
-                of,
-                near: true,
-            });
+        spilled_bytes += members.spilled_bytes();
+        // Pass 2, in document order: the decisions.
+        let mut holders = vec![NO_HOLDER; buckets as usize];
+        let mut duplicates = Vec::new();
+        let mut decide = |document: u32, groups: &[Member]| {
+            let duplicate = match groups.first() {
+                Some(copy) if copy.group == EXACT => Some((copy.value, false)),
+                _ => groups
+                    .iter()
+                    .map(|m| holders[m.value as usize])
+                    .find(|&holder| holder != NO_HOLDER)
+                    .map(|holder| (holder, true)),
+            };
+            match duplicate {
+                Some((of, near)) => duplicates.push(Duplicate {
+                    index: document as usize,
+                    of: of as usize,
+                    near,
+                }),
+                None => groups
+                    .iter()
+                    .for_each(|m| holders[m.value as usize] = document),
+            }
+        };
+        let mut groups: Vec<Member> = Vec::with_capacity(BANDS + 1);
+        for member in members.sorted()? {
+            let member = member.context("cannot read deduplication keys back")?;
+            if groups
+                .first()
+                .is_some_and(|g| g.document != member.document)
+            {
+                decide(groups[0].document, &groups);
+                groups.clear();
+            }
+            groups.push(member);
         }
-        for (band, key) in bands.into_iter().enumerate() {
-            self.buckets.insert((band as u8, key), index);
+        if let Some(last) = groups.first() {
+            decide(last.document, &groups);
         }
-        None
+        Ok(Found {
+            duplicates,
+            spilled_bytes,
+        })
+    }
+}
+
+/// The group of the exact digest; bands are 1 to `BANDS`.
+const EXACT: u8 = 0;
+/// A bucket no kept document holds yet.
+const NO_HOLDER: u32 = u32::MAX;
+
+/// One key of a document, sorted by key then document.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct KeyRecord {
+    group: u8,
+    key: (u64, u64),
+    document: u32,
+}
+
+impl Record for KeyRecord {
+    const BYTES: usize = 21;
+
+    fn encode(&self, bytes: &mut [u8]) {
+        bytes[0] = self.group;
+        bytes[1..9].copy_from_slice(&self.key.0.to_le_bytes());
+        bytes[9..17].copy_from_slice(&self.key.1.to_le_bytes());
+        bytes[17..21].copy_from_slice(&self.document.to_le_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Self {
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8"));
+        Self {
+            group: bytes[0],
+            key: (u64_at(1), u64_at(9)),
+            document: u32::from_le_bytes(bytes[17..21].try_into().expect("4")),
+        }
+    }
+}
+
+/// A document's place among those sharing a key, sorted by document then
+/// group: a copy of document `value` (the exact group), or a member of
+/// band bucket `value`.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Member {
+    document: u32,
+    group: u8,
+    value: u32,
+}
+
+impl Record for Member {
+    const BYTES: usize = 9;
+
+    fn encode(&self, bytes: &mut [u8]) {
+        bytes[0..4].copy_from_slice(&self.document.to_le_bytes());
+        bytes[4] = self.group;
+        bytes[5..9].copy_from_slice(&self.value.to_le_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Self {
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4"));
+        Self {
+            document: u32_at(0),
+            group: bytes[4],
+            value: u32_at(5),
+        }
     }
 }
 
@@ -198,17 +371,106 @@ fn band_keys(signature: &[u64]) -> Vec<u64> {
 mod tests {
     use super::*;
 
-    /// The duplicates among `texts` under `mode`, in input order.
+    /// What deduplicating `texts` under `mode` within `memory` bytes finds.
+    fn find<'a>(texts: impl IntoIterator<Item = &'a str>, mode: Dedup, memory: usize) -> Found {
+        let spill = tempfile::tempdir().unwrap();
+        let mut deduplicator = Deduplicator::new(mode, memory, spill.path()).unwrap();
+        for text in texts {
+            deduplicator.add(text).unwrap();
+        }
+        deduplicator.finish().unwrap()
+    }
+
     fn find_duplicates<'a>(
         texts: impl IntoIterator<Item = &'a str>,
         mode: Dedup,
     ) -> Vec<Duplicate> {
-        let mut seen = Deduplicator::new(mode);
+        find(texts, mode, 1 << 20).duplicates
+    }
+
+    /// The definition, pair by pair: each document against every earlier
+    /// one (exact) and every earlier kept one (near), bands in order.
+    fn compared_pairwise(texts: &[String]) -> Vec<Duplicate> {
+        let hashers = Permutations::new();
+        let bands: Vec<Vec<u64>> = texts
+            .iter()
+            .map(|t| band_keys(&hashers.signature(t)))
+            .collect();
+        let mut kept: Vec<usize> = Vec::new();
+        let mut duplicates = Vec::new();
+        for index in 0..texts.len() {
+            let exact = (0..index).find(|&i| texts[i].trim() == texts[index].trim());
+            let near = || {
+                (0..BANDS).find_map(|band| {
+                    kept.iter()
+                        .copied()
+                        .find(|&i| bands[i][band] == bands[index][band])
+                })
+            };
+            match exact
+                .map(|of| (of, false))
+                .or_else(|| near().map(|of| (of, true)))
+            {
+                Some((of, near)) => duplicates.push(Duplicate { index, of, near }),
+                None => kept.push(index),
+            }
+        }
+        duplicates
+    }
+
+    /// Documents with exact copies (some with other surrounding spacing)
+    /// and chains of near copies, each a few words further from the first.
+    fn corpus_with_copies() -> Vec<String> {
+        let word = |seed: u64| format!("w{}", mix64(seed) % 5000);
+        let mut texts = Vec::new();
+        for doc in 0..60u64 {
+            let mut words: Vec<String> = (0..120).map(|i| word(doc * 1000 + i)).collect();
+            texts.push(words.join(" "));
+            for step in 0..4u64 {
+                for edit in 0..3 {
+                    let at = (mix64(doc * 77 + step * 7 + edit) % 120) as usize;
+                    words[at] = word(doc * 1000 + 500 + step * 10 + edit);
+                }
+                texts.push(words.join(" "));
+            }
+            if doc % 3 == 0 {
+                texts.push(format!("  {}\n", texts[texts.len() - 5]));
+            }
+        }
         texts
-            .into_iter()
-            .enumerate()
-            .filter_map(|(index, text)| seen.check(index, text))
-            .collect()
+    }
+
+    /// The sorted keys decide as the pairwise definition does, whether they
+    /// fit in memory or are sorted in runs on disk, among them a kept
+    /// document that shares a band only with an earlier dropped one.
+    #[test]
+    fn spilled_keys_find_what_comparing_every_pair_finds() {
+        let texts = corpus_with_copies();
+        let expected = compared_pairwise(&texts);
+        let exact = expected.iter().filter(|d| !d.near).count();
+        assert!(exact >= 20 && expected.len() - exact >= 100, "{expected:?}");
+        let hashers = Permutations::new();
+        let bands: Vec<Vec<u64>> = texts
+            .iter()
+            .map(|t| band_keys(&hashers.signature(t)))
+            .collect();
+        let dropped: Vec<usize> = expected.iter().map(|d| d.index).collect();
+        let kept_beside_a_dropped_one = (0..texts.len()).any(|j| {
+            !dropped.contains(&j)
+                && dropped
+                    .iter()
+                    .any(|&i| i < j && (0..BANDS).any(|b| bands[i][b] == bands[j][b]))
+        });
+        assert!(kept_beside_a_dropped_one);
+        let in_memory = find(texts.iter().map(String::as_str), Dedup::Minhash, 1 << 20);
+        assert_eq!(in_memory.duplicates, expected);
+        assert_eq!(in_memory.spilled_bytes, 0);
+        let spilled = find(texts.iter().map(String::as_str), Dedup::Minhash, 4096);
+        assert_eq!(spilled.duplicates.len(), expected.len());
+        assert_eq!(spilled.duplicates, expected);
+        // Every key went to disk (21 bytes each), then the shared ones.
+        let keys = texts.len() as u64 * (1 + BANDS as u64) * 21;
+        assert!(spilled.spilled_bytes > keys, "{}", spilled.spilled_bytes);
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod packing;
 pub mod pipeline;
 pub mod prepare;
 pub mod report;
+mod sort;
 pub mod steps;
 pub mod store;
 pub mod text;

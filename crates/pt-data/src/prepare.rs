@@ -7,6 +7,7 @@
 //! shards in order and packs them — the very dataset, under the very cache
 //! key, that one unsharded preparation builds.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -21,7 +22,7 @@ use crate::cache::{
     Staging,
 };
 use crate::corpus::{self, ReadOptions};
-use crate::dedup::{self, Dedup, Deduplicator, DuplicateCounts};
+use crate::dedup::{self, Dedup, Deduplicator, Duplicate, DuplicateCounts};
 use crate::packing::{Blocks, Packed, Packer};
 use crate::pipeline::{self, InputBatch, PipelineOptions, SplitSink, Stages};
 use crate::report::{DataReport, DedupReport, Excluded, FileReport, PluginReport, SplitReport};
@@ -56,6 +57,8 @@ pub struct PrepareOptions {
     pub sharding: Option<Sharding>,
     /// Duplicates dropped before the plugins run.
     pub dedup: Dedup,
+    /// Bytes deduplication may hold its keys in; the rest are sorted on disk.
+    pub dedup_memory: usize,
 }
 
 /// Which training documents validate when there is no validation directory.
@@ -254,25 +257,30 @@ struct Scanned {
     duplicate: Vec<bool>,
     /// Text bytes of each kept (not duplicate) document.
     kept_bytes: Vec<u32>,
-    duplicates: DuplicateCounts,
+    /// The dropped documents, to list.
+    duplicates: Vec<Duplicate>,
+    /// Text bytes read up to the last duplicate: what listing them reads.
+    bytes_to_last_duplicate: u64,
+    counts: DuplicateCounts,
+    /// Deduplication keys sorted on disk.
+    spilled_bytes: u64,
 }
 
 /// The first pass over a directory's files: counts every document, finds
 /// the bad records (failing on the first one under `--on_bad_record fail`,
-/// before any plugin runs) and the duplicates, listing each dropped one in
-/// `dropped` with the document it duplicates.
+/// before any plugin runs) and the duplicates.
 fn scan(
     files: &[CorpusFile],
     split: &str,
     options: &PrepareOptions,
-    dropped: &mut ExcludedWriter,
+    spill_dir: &Path,
     progress: &dyn Progress,
 ) -> Result<Scanned> {
     let mut scanned = Scanned::default();
-    let mut seen = Deduplicator::new(options.dedup);
-    // Where each document was read (file, line), to name the kept one a
-    // duplicate repeats; only kept when deduplicating.
-    let mut places: Vec<(u32, u32)> = Vec::new();
+    let mut deduplicator = (options.dedup != Dedup::None)
+        .then(|| Deduplicator::new(options.dedup, options.dedup_memory, spill_dir))
+        .transpose()?;
+    let mut document_bytes: Vec<u32> = Vec::new();
     // Progress in steps of a megabyte, not per document.
     let (mut documents, mut bytes) = (0, 0);
     let mut advance = |document_bytes: u64, at_least: u64| {
@@ -283,33 +291,15 @@ fn scan(
             (documents, bytes) = (0, 0);
         }
     };
-    for (number, file) in files.iter().enumerate() {
+    for file in files {
         let path = file.path.display().to_string();
         let read = corpus::read_stream(&file.path, &options.read, &mut |document| {
             advance(document.text.len() as u64, 1 << 20);
-            let index = scanned.duplicate.len();
-            if options.dedup != Dedup::None {
-                places.push((number as u32, document.line));
+            document_bytes.push(document.text.len() as u32);
+            match &mut deduplicator {
+                Some(deduplicator) => deduplicator.add(&document.text),
+                None => Ok(()),
             }
-            let Some(duplicate) = seen.check(index, &document.text) else {
-                scanned.duplicate.push(false);
-                scanned.kept_bytes.push(document.text.len() as u32);
-                return Ok(());
-            };
-            scanned.duplicate.push(true);
-            let (kind, count) = match duplicate.near {
-                true => ("near duplicate (MinHash)", &mut scanned.duplicates.near),
-                false => ("exact duplicate", &mut scanned.duplicates.exact),
-            };
-            *count += 1;
-            let (file, line) = places[duplicate.of];
-            dropped.write(&Excluded {
-                source: format!("{path}:{}", document.line),
-                plugin: "(dedup)".into(),
-                kind: None,
-                reason: format!("{kind} of {}:{line}", files[file as usize].path.display()),
-                text: document.text,
-            })
         })?;
         scanned
             .unreadable
@@ -329,7 +319,95 @@ fn scan(
             bad_records: read.bad_records.len() as u64,
         });
     }
+    let found = deduplicator
+        .map(Deduplicator::finish)
+        .transpose()?
+        .unwrap_or_default();
+    scanned.spilled_bytes = found.spilled_bytes;
+    scanned.duplicate = vec![false; document_bytes.len()];
+    for duplicate in &found.duplicates {
+        scanned.duplicate[duplicate.index] = true;
+        match duplicate.near {
+            true => scanned.counts.near += 1,
+            false => scanned.counts.exact += 1,
+        }
+    }
+    if let Some(last) = found.duplicates.last() {
+        scanned.bytes_to_last_duplicate = document_bytes[..=last.index]
+            .iter()
+            .map(|&b| b as u64)
+            .sum();
+    }
+    scanned.kept_bytes = document_bytes
+        .into_iter()
+        .zip(&scanned.duplicate)
+        .filter(|&(_, &duplicate)| !duplicate)
+        .map(|(bytes, _)| bytes)
+        .collect();
+    scanned.duplicates = found.duplicates;
     Ok(scanned)
+}
+
+/// Lists each duplicate the scan dropped in `dropped`, with its text and
+/// the place of the kept document it duplicates: a second reading of the
+/// files, up to the last duplicate.
+fn list_duplicates(
+    files: &[CorpusFile],
+    scanned: &Scanned,
+    read: &ReadOptions,
+    dropped: &mut ExcludedWriter,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let Some(last) = scanned.duplicates.last() else {
+        return Ok(());
+    };
+    // Where each document a duplicate names was read: file and line.
+    let mut originals: HashMap<usize, (usize, u32)> =
+        scanned.duplicates.iter().map(|d| (d.of, (0, 0))).collect();
+    let mut next = scanned.duplicates.iter().peekable();
+    let (mut index, mut documents, mut bytes) = (0, 0, 0);
+    for (number, file) in files.iter().enumerate() {
+        let path = file.path.display().to_string();
+        let result = corpus::read_stream(&file.path, read, &mut |document| {
+            (documents, bytes) = (documents + 1, bytes + document.text.len() as u64);
+            if bytes >= 1 << 20 {
+                progress.advance(std::mem::take(&mut documents), std::mem::take(&mut bytes));
+            }
+            if let Some(place) = originals.get_mut(&index) {
+                *place = (number, document.line);
+            }
+            if let Some(duplicate) = next.next_if(|d| d.index == index) {
+                let kind = match duplicate.near {
+                    true => "near duplicate (MinHash)",
+                    false => "exact duplicate",
+                };
+                let (file, line) = originals[&duplicate.of];
+                dropped.write(&Excluded {
+                    source: format!("{path}:{}", document.line),
+                    plugin: "(dedup)".into(),
+                    kind: None,
+                    reason: format!("{kind} of {}:{line}", files[file].path.display()),
+                    text: document.text,
+                })?;
+            }
+            index += 1;
+            match index > last.index {
+                true => Err(corpus::Enough.into()),
+                false => Ok(()),
+            }
+        });
+        match result {
+            Err(e) if e.is::<corpus::Enough>() => break,
+            Err(e) => return Err(e),
+            Ok(_) => {}
+        }
+    }
+    progress.advance(documents, bytes);
+    anyhow::ensure!(
+        next.next().is_none(),
+        "the corpus changed while being prepared; prepare again"
+    );
+    Ok(())
 }
 
 /// Which of a directory's kept documents (numbered from 0 in corpus order)
@@ -728,8 +806,6 @@ pub fn prepare(
     }
 
     let staging = Staging::new(place.target())?;
-    let dedup_part = staging.path().join("excluded-dedup.jsonl");
-    let mut dropped = ExcludedWriter::create(&dedup_part)?;
     let corpus_bytes = corpus
         .train
         .iter()
@@ -737,16 +813,34 @@ pub fn prepare(
         .map(|f| f.bytes)
         .sum();
     progress.start("read", corpus_bytes);
-    let train_scan = scan(&corpus.train, "train", options, &mut dropped, progress)?;
+    let train_scan = scan(&corpus.train, "train", options, staging.path(), progress)?;
     let validation_scan = scan(
         &corpus.validation,
         "validation",
         options,
-        &mut dropped,
+        staging.path(),
         progress,
     )?;
     progress.finish();
-    dropped.finish()?;
+    // A shard leaves this to the merge, which finds the duplicates again
+    // over the whole corpus.
+    let dedup_part = staging.path().join("excluded-dedup.jsonl");
+    if place.part.is_none() {
+        let mut dropped = ExcludedWriter::create(&dedup_part)?;
+        let scans = [
+            (&corpus.train, &train_scan),
+            (&corpus.validation, &validation_scan),
+        ];
+        if scans.iter().any(|(_, s)| !s.duplicates.is_empty()) {
+            let bytes = scans.iter().map(|(_, s)| s.bytes_to_last_duplicate).sum();
+            progress.start("duplicates", bytes);
+            for (files, scanned) in scans {
+                list_duplicates(files, scanned, &options.read, &mut dropped, progress)?;
+            }
+            progress.finish();
+        }
+        dropped.finish()?;
+    }
 
     // Without a validation directory, a share of the (deduplicated)
     // training documents validates.
@@ -823,8 +917,9 @@ pub fn prepare(
         shard: None,
         dedup: (options.dedup != Dedup::None).then_some(DedupReport {
             mode: options.dedup,
-            train: train_scan.duplicates,
-            validation: validation_scan.duplicates,
+            train: train_scan.counts,
+            validation: validation_scan.counts,
+            spilled_bytes: train_scan.spilled_bytes + validation_scan.spilled_bytes,
         }),
         mix: None,
     };
@@ -842,8 +937,6 @@ pub fn prepare(
             train: steps(&report.train),
             report,
         };
-        // The merge finds the duplicates again, over the whole corpus.
-        fs::remove_file(&dedup_part)?;
         cache::save_shard(staging.path(), &record)?;
         staging.commit()?;
         return Ok(Prepared::counted_only(record.report));

@@ -211,11 +211,13 @@ impl DataReport {
                     mode: dedup.mode,
                     train: Default::default(),
                     validation: Default::default(),
+                    spilled_bytes: 0,
                 });
                 sum.train.exact += dedup.train.exact;
                 sum.train.near += dedup.train.near;
                 sum.validation.exact += dedup.validation.exact;
                 sum.validation.near += dedup.validation.near;
+                sum.spilled_bytes += dedup.spilled_bytes;
             }
         }
         total.train.blocks = sources.iter().map(|s| s.blocks_drawn).sum();
@@ -233,6 +235,10 @@ pub struct DedupReport {
     pub mode: crate::dedup::Dedup,
     pub train: crate::dedup::DuplicateCounts,
     pub validation: crate::dedup::DuplicateCounts,
+    /// Bytes of keys sorted on disk because they did not fit
+    /// `--dedup_memory_mb` (absent when they did).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub spilled_bytes: u64,
 }
 
 /// One line of `excluded.jsonl`.
