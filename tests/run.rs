@@ -633,6 +633,22 @@ fn run_errors_name_the_flag() {
         let args = [&["--do_train"][..], &words(modules)].concat();
         PtHost::new(run_args(dir.path(), "modules", &args)).fails_with(expected);
     }
+    // Task files are read and checked before any training.
+    let tasks = common::repo().join("tests/fixtures/mc-tasks");
+    let zh = tasks.join("zh").display().to_string();
+    for (tasks, expected) in [
+        (
+            "no/such/task",
+            "--eval_tasks: no/such/task: no such task file or directory".to_string(),
+        ),
+        (
+            zh.as_str(),
+            "--eval_tasks: task zh: subject clinical_medicine has 2 dev examples, fewer than --eval_num_fewshot 3".to_string(),
+        ),
+    ] {
+        let args = ["--do_train", "--eval_tasks", tasks, "--eval_num_fewshot", "3"];
+        PtHost::new(run_args(dir.path(), "tasks", &args)).fails_with(&expected);
+    }
     let cuda = run(dir.path(), "x", &["--do_train", "--device_map", "cuda"]);
     assert!(
         String::from_utf8_lossy(&cuda.stderr)
@@ -2047,4 +2063,140 @@ fn mixed_sources_follow_their_weights_and_report_each_validation_loss() {
         .count();
     assert_eq!(evaluations, 2, "{log}");
     assert!(results("straight")["eval_tianlongbabu_loss"].is_number());
+}
+
+/// `--eval_tasks` scores every choice of a hand-written MMLU-style (English)
+/// and C-Eval-style (Chinese, unpublished test answers) task as
+/// lm-evaluation-harness does: each log-likelihood within 1e-4 of
+/// transformers' (tests/python/mc_reference.py, recorded in
+/// tests/fixtures/mc-tasks/expected.json), zero- and two-shot, with prompts
+/// cut from the left to the 96-token window, on BLOOM and Llama.
+#[test]
+fn benchmark_tasks_score_as_lm_evaluation_harness_does() {
+    let tasks = common::repo().join("tests/fixtures/mc-tasks");
+    let expected = json(&tasks.join("expected.json"));
+    let task_list = format!(
+        "{},{}",
+        tasks.join("en").display(),
+        tasks.join("zh").display()
+    );
+    let mut compared = 0;
+    for family in ["bloom-tiny", "llama-tiny"] {
+        let model = common::repo()
+            .join("tests/fixtures")
+            .join(family)
+            .join("model");
+        for shots in ["0", "2"] {
+            let dir = tempfile::tempdir().unwrap();
+            let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+                .args(run_args_of(
+                    &model,
+                    dir.path(),
+                    "eval",
+                    &[
+                        "--do_eval",
+                        "--eval_tasks",
+                        &task_list,
+                        "--eval_num_fewshot",
+                        shots,
+                        "--eval_max_length",
+                        "96",
+                        "--per_device_eval_batch_size",
+                        "3",
+                    ],
+                ))
+                .output()
+                .unwrap();
+            assert_ok(&output);
+            let results = json(&dir.path().join("eval/eval_results.json"));
+            for task in ["en", "zh"] {
+                let reference = expected["results"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|r| {
+                        r["model"] == family
+                            && r["task"] == task
+                            && r["num_fewshot"] == shots.parse::<u64>().unwrap()
+                    })
+                    .unwrap();
+                let ours: Vec<serde_json::Value> =
+                    fs::read_to_string(dir.path().join(format!("eval/eval_tasks/{task}.jsonl")))
+                        .unwrap()
+                        .lines()
+                        .map(|l| serde_json::from_str(l).unwrap())
+                        .collect();
+                let theirs = reference["questions"].as_array().unwrap();
+                assert_eq!(ours.len(), theirs.len(), "{family} {task} {shots}-shot");
+                let mut right = 0;
+                for (mine, hers) in ours.iter().zip(theirs) {
+                    let source = hers["source"].as_str().unwrap();
+                    assert!(
+                        mine["source"]
+                            .as_str()
+                            .unwrap()
+                            .ends_with(&format!("/{source}")),
+                        "{mine} vs {hers}"
+                    );
+                    for (a, b) in mine["scores"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .zip(hers["scores"].as_array().unwrap())
+                    {
+                        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+                        assert!((a - b).abs() < 1e-4, "{family} {task} {source}: {a} vs {b}");
+                        compared += 1;
+                    }
+                    assert_eq!(mine["prediction"], hers["prediction"], "{source}");
+                    assert_eq!(mine["answer"], hers["answer"], "{source}");
+                    right += usize::from(hers["prediction"] == hers["answer"]);
+                }
+                let acc = results[format!("eval_{task}_acc")].as_f64().unwrap();
+                assert_eq!(acc, right as f64 / theirs.len() as f64, "{task}");
+                assert!(results[format!("eval_{task}_acc_macro")].is_f64());
+            }
+        }
+    }
+    assert_eq!(compared, 2 * 2 * (5 + 5) * 4);
+}
+
+/// `run --eval_tasks` scores the tasks at every evaluation: the curve is in
+/// `trainer_log.jsonl` and TensorBoard beside the loss.
+#[test]
+fn benchmark_accuracy_is_logged_at_every_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = common::repo().join("tests/fixtures/mc-tasks/en");
+    let output = run(
+        dir.path(),
+        "out",
+        &[
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "2",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "1",
+            "--eval_tasks",
+            tasks.to_str().unwrap(),
+        ],
+    );
+    assert_ok(&output);
+    let log = fs::read_to_string(dir.path().join("out/trainer_log.jsonl")).unwrap();
+    let scored: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|entry| entry.get("eval_en_acc").is_some())
+        .collect();
+    assert_eq!(scored.len(), 2, "{log}");
+    assert!(
+        scored
+            .iter()
+            .all(|e| e["eval_loss"].is_f64() && e["eval_en_acc_macro"].is_f64())
+    );
+    // And the final evaluation's.
+    let results = json(&dir.path().join("out/eval_results.json"));
+    assert!(results["eval_en_acc"].is_f64(), "{results}");
 }

@@ -5,6 +5,7 @@
 
 mod args;
 mod bench;
+mod benchmarks;
 mod device;
 mod extend_tokenizer;
 mod generate;

@@ -1,12 +1,14 @@
 //! Custom evaluation metrics from metric plugins: one session per plugin
 //! per evaluation, fed every block's samples, under names that cannot pass
-//! for the host's own.
+//! for the host's own; and the benchmark tasks' accuracies.
 
 use anyhow::{Result, bail};
 use pt_data::Tokenizer;
+use pt_model::Model;
 use pt_plugin_host::{Kind, LoadedPlugin, MetricSession, Sample};
 use pt_train::evaluate::{EvalSample, MetricSink};
 
+use crate::benchmarks::Benchmarks;
 use crate::prepare::PreparedData;
 
 /// Metric names a plugin may not use: written as `eval_NAME` they would
@@ -30,10 +32,11 @@ pub struct PluginMetrics<'a> {
     plugins: Vec<&'a LoadedPlugin>,
     tokenizer: &'a Tokenizer,
     sessions: Vec<MetricSession>,
+    benchmarks: Option<&'a Benchmarks<'a>>,
 }
 
 impl<'a> PluginMetrics<'a> {
-    pub fn new(data: &'a PreparedData) -> Self {
+    pub fn new(data: &'a PreparedData, benchmarks: Option<&'a Benchmarks<'a>>) -> Self {
         let plugins = data
             .plugins
             .iter()
@@ -44,11 +47,12 @@ impl<'a> PluginMetrics<'a> {
             plugins,
             tokenizer: &data.tokenizer,
             sessions: Vec::new(),
+            benchmarks,
         }
     }
 
     pub fn as_sink(&mut self) -> Option<&mut dyn MetricSink> {
-        if self.plugins.is_empty() {
+        if self.plugins.is_empty() && self.benchmarks.is_none() {
             None
         } else {
             Some(self)
@@ -58,6 +62,9 @@ impl<'a> PluginMetrics<'a> {
 
 impl MetricSink for PluginMetrics<'_> {
     fn add(&mut self, samples: &[EvalSample]) -> Result<()> {
+        if self.plugins.is_empty() {
+            return Ok(());
+        }
         if self.sessions.is_empty() {
             self.sessions = self
                 .plugins
@@ -84,8 +91,8 @@ impl MetricSink for PluginMetrics<'_> {
 
     /// Every plugin's values, each to be written as `eval_NAME`: a name that
     /// would overwrite a host-owned key, or one another plugin already gave,
-    /// is refused with the plugin's name.
-    fn finish(&mut self) -> Result<Vec<(String, f64)>> {
+    /// is refused with the plugin's name. Then the benchmark tasks'.
+    fn finish(&mut self, model: &Model) -> Result<Vec<(String, f64)>> {
         let mut values: Vec<(String, f64)> = Vec::new();
         for (plugin, mut session) in self.plugins.iter().zip(std::mem::take(&mut self.sessions)) {
             for metric in session.compute()? {
@@ -106,6 +113,9 @@ impl MetricSink for PluginMetrics<'_> {
                 }
                 values.push((metric.name, metric.value));
             }
+        }
+        if let Some(benchmarks) = self.benchmarks {
+            values.extend(benchmarks.score(model)?);
         }
         Ok(values)
     }

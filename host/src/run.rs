@@ -17,6 +17,7 @@ use pt_train::{AdamWConfig, SchedulerType};
 use pt_train::{list_checkpoints, write_results};
 use serde_json::{Value, json};
 
+use crate::benchmarks::Benchmarks;
 use crate::device;
 use crate::plugin_metrics::PluginMetrics;
 use crate::prepare::{PreparedData, prepare_data, tokenizer_with_adapter};
@@ -233,6 +234,7 @@ fn run_rank(
     let main = collective.is_main();
     // Adapters name the base model as the user did (a hub id stays one).
     let base_model_name = args.data.model_name_or_path.display().to_string();
+    let tasks = Benchmarks::read_tasks(args)?;
     let (mut model, trainable, data) = load_model_and_data(args, collective, device, dtype)?;
     let prepared = &data.prepared;
     model.gradient_checkpointing = args.gradient_checkpointing;
@@ -255,13 +257,21 @@ fn run_rank(
         quiet: !main,
     };
     console.scalars(0, &tensorboard::data_scalars(&prepared.report));
+    let benchmarks = Benchmarks::new(tasks, args, &data.tokenizer)?;
     let mut all_results = json!({});
     if args.do_train {
-        let summary = train(args, &mut trainer, &data, &mut console)?;
+        let summary = train(args, &mut trainer, &data, benchmarks.as_ref(), &mut console)?;
         merge(&mut all_results, &summary);
     }
     if args.do_eval {
-        let results = evaluate(args, collective, &trainer, &data, &mut console)?;
+        let results = evaluate(
+            args,
+            collective,
+            &trainer,
+            &data,
+            benchmarks.as_ref(),
+            &mut console,
+        )?;
         merge(&mut all_results, &results);
     }
     console.progress.finish();
@@ -435,6 +445,7 @@ fn train(
     args: &RunArgs,
     trainer: &mut Trainer<'_>,
     data: &PreparedData,
+    benchmarks: Option<&Benchmarks<'_>>,
     console: &mut Console,
 ) -> Result<Value> {
     let main = !console.quiet;
@@ -457,7 +468,7 @@ fn train(
     }
     let prepared = &data.prepared;
     let eval = (args.do_eval && !prepared.validation.is_empty()).then_some(&prepared.validation);
-    let mut metrics = PluginMetrics::new(data);
+    let mut metrics = PluginMetrics::new(data, benchmarks);
     let summary = trainer.train(&prepared.train, eval, metrics.as_sink(), console)?;
     trainer.save_final()?;
     if args.plot_loss && main {
@@ -477,9 +488,10 @@ fn evaluate(
     collective: &dyn Collective,
     trainer: &Trainer<'_>,
     data: &PreparedData,
+    benchmarks: Option<&Benchmarks<'_>>,
     console: &mut Console,
 ) -> Result<Value> {
-    let mut metrics = PluginMetrics::new(data);
+    let mut metrics = PluginMetrics::new(data, benchmarks);
     let evaluation = evaluate_across(
         collective,
         trainer.model,

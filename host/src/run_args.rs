@@ -27,6 +27,14 @@ pub enum IntervalArg {
     Epoch,
 }
 
+/// `--eval_task_language`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum TaskLanguageArg {
+    Auto,
+    En,
+    Zh,
+}
+
 impl From<IntervalArg> for Interval {
     fn from(value: IntervalArg) -> Self {
         match value {
@@ -118,6 +126,23 @@ pub struct RunArgs {
     /// Defaults to --logging_steps, as in HF.
     #[arg(long = "eval_steps")]
     pub eval_steps: Option<usize>,
+    /// Multiple-choice benchmarks scored at every evaluation, as
+    /// lm-evaluation-harness scores them: C-Eval/CMMLU/MMLU CSV directories
+    /// or files, or JSONL (comma-separated). Adds eval_<task>_acc.
+    #[arg(long = "eval_tasks", value_delimiter = ',')]
+    pub eval_tasks: Vec<PathBuf>,
+    /// Answered dev examples before each benchmark question.
+    #[arg(long = "eval_num_fewshot", default_value_t = 0)]
+    pub eval_num_fewshot: usize,
+    /// The benchmark prompt: en (MMLU's), zh (C-Eval's), or auto (zh when
+    /// most questions are Chinese).
+    #[arg(long = "eval_task_language", value_enum, default_value = "auto")]
+    pub eval_task_language: TaskLanguageArg,
+    /// Tokens a benchmark prompt may use (longer ones lose their start);
+    /// default: the model config's max_position_embeddings (n_positions,
+    /// seq_length), else 2048, as the harness reads it.
+    #[arg(long = "eval_max_length")]
+    pub eval_max_length: Option<usize>,
     #[arg(long = "save_strategy", value_enum, default_value = "steps")]
     pub save_strategy: IntervalArg,
     #[arg(long = "save_steps", default_value_t = 500)]

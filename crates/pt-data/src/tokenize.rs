@@ -113,12 +113,23 @@ impl Tokenizer {
             .map_err(|e| anyhow!("cannot decode tokens: {e}"))
     }
 
-    /// Token ids of `text`, without special tokens (a prompt). Offsets,
-    /// which nothing here reads, are not computed: the same ids, faster.
+    /// Token ids of `text`, without special tokens (a prompt).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.ids(text, false)
+    }
+
+    /// Ids as HF's `tokenizer.encode(text)` gives them: with what the
+    /// post-processor adds (a BOS for Llama; nothing for BLOOM or Qwen).
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        self.ids(text, true)
+    }
+
+    /// Offsets, which nothing here reads, are not computed: the same ids,
+    /// faster.
+    fn ids(&self, text: &str, special_tokens: bool) -> Result<Vec<u32>> {
         let encoding = self
             .inner
-            .encode_fast(text, false)
+            .encode_fast(text, special_tokens)
             .map_err(|e| anyhow!("{e}"))?;
         Ok(encoding.get_ids().to_vec())
     }

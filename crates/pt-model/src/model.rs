@@ -346,6 +346,27 @@ impl Model {
         Ok(lm_head_loss_sum(&hidden, self.arch.lm_head(), &targets)?)
     }
 
+    /// Log-probabilities `[n, vocab]` (f32) of the next token at each of
+    /// `positions` (row, position) of a batch: scoring continuations
+    /// without the logits of every position.
+    pub fn next_token_log_probs(
+        &self,
+        input_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        positions: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        let (b, s) = (input_ids.len(), input_ids[0].len());
+        let hidden = self
+            .hidden_states(input_ids, mask, None)?
+            .reshape((b * s, self.config().hidden_size))?;
+        let rows: Vec<u32> = positions.iter().map(|&(r, p)| (r * s + p) as u32).collect();
+        let rows = Tensor::from_vec(rows, positions.len(), hidden.device())?;
+        let logits = frozen_matmul(&hidden.index_select(&rows, 0)?, self.arch.lm_head())?;
+        Ok(crate::ops::log_softmax_last_dim(
+            &logits.to_dtype(DType::F32)?,
+        )?)
+    }
+
     /// Generation: logits `[b, vocab]` of the last position after appending
     /// `new_ids` (`[b, n]`) to what `cache` holds. `mask` covers the cached
     /// and the new positions (`[b, cached + n]`).

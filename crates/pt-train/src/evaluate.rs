@@ -50,11 +50,12 @@ pub struct EvalSample {
     pub logprobs: Vec<f32>,
 }
 
-/// Receives evaluation samples (custom metrics, e.g. WebAssembly plugins).
+/// Receives evaluation samples (custom metrics, e.g. WebAssembly plugins)
+/// and adds metrics of its own that need the model (benchmark tasks).
 pub trait MetricSink {
     fn add(&mut self, samples: &[EvalSample]) -> Result<()>;
     /// The metrics of the evaluation that just ended; the next one starts afresh.
-    fn finish(&mut self) -> Result<Vec<(String, f64)>>;
+    fn finish(&mut self, model: &Model) -> Result<Vec<(String, f64)>>;
 }
 
 /// Samples of a batch: per row, so that only one row's log-softmax
@@ -171,7 +172,7 @@ pub fn evaluate_across<'s>(
         bail!("the evaluation set has no tokens to predict (is it empty? check data_report.json)");
     }
     let extra = match sink {
-        Some(sink) if rank == 0 => sink.finish()?,
+        Some(sink) if rank == 0 => sink.finish(model)?,
         _ => Vec::new(),
     };
     let eval_loss = loss_sum / tokens as f64;
