@@ -109,7 +109,7 @@ pub struct PrepareArgs {
     /// Memory for deduplication's keys, in MiB (about 360 bytes a document
     /// under minhash, 24 under exact); past it they are sorted in runs on
     /// disk in the cache directory. Never changes the result.
-    #[arg(long = "dedup_memory_mb", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long = "dedup_memory_mb", default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
     pub dedup_memory_mb: u64,
     /// Largest document, in MiB; a larger record is a bad record.
     #[arg(long = "max_document_mb", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]

@@ -261,9 +261,19 @@ struct Scanned {
     duplicates: Vec<Duplicate>,
     /// Text bytes read up to the last duplicate: what listing them reads.
     bytes_to_last_duplicate: u64,
-    counts: DuplicateCounts,
     /// Deduplication keys sorted on disk.
     spilled_bytes: u64,
+}
+
+impl Scanned {
+    /// The dropped documents per kind.
+    fn counts(&self) -> DuplicateCounts {
+        let near = self.duplicates.iter().filter(|d| d.near).count() as u64;
+        DuplicateCounts {
+            exact: self.duplicates.len() as u64 - near,
+            near,
+        }
+    }
 }
 
 /// The first pass over a directory's files: counts every document, finds
@@ -327,10 +337,6 @@ fn scan(
     scanned.duplicate = vec![false; document_bytes.len()];
     for duplicate in &found.duplicates {
         scanned.duplicate[duplicate.index] = true;
-        match duplicate.near {
-            true => scanned.counts.near += 1,
-            false => scanned.counts.exact += 1,
-        }
     }
     if let Some(last) = found.duplicates.last() {
         scanned.bytes_to_last_duplicate = document_bytes[..=last.index]
@@ -917,8 +923,8 @@ pub fn prepare(
         shard: None,
         dedup: (options.dedup != Dedup::None).then_some(DedupReport {
             mode: options.dedup,
-            train: train_scan.counts,
-            validation: validation_scan.counts,
+            train: train_scan.counts(),
+            validation: validation_scan.counts(),
             spilled_bytes: train_scan.spilled_bytes + validation_scan.spilled_bytes,
         }),
         mix: None,

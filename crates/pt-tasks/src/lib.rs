@@ -20,7 +20,7 @@ use serde::Serialize;
 
 pub use prompt::{context, continuations};
 pub use read::{Language, Question, Subject, Task};
-pub use score::{Request, encode_pair, log_likelihoods};
+pub use score::{Request, log_likelihoods};
 
 /// One scored question, as `eval_tasks/<task>.jsonl` lists it.
 #[derive(Clone, Debug, Serialize)]
@@ -116,16 +116,9 @@ pub fn evaluate(
         let shots = &subject.dev[..options.num_fewshot.min(subject.dev.len())];
         for question in &subject.scored {
             let context = context(task.language, &subject.name, shots, question);
-            let mut request = Request {
-                context: Vec::new(),
-                continuations: Vec::new(),
-            };
-            for continuation in continuations(task.language, question.choices.len()) {
-                let (context, continuation) = encode_pair(tokenizer, &context, &continuation)
-                    .with_context(|| question.source.clone())?;
-                request.context = context;
-                request.continuations.push(continuation);
-            }
+            let continuations = continuations(task.language, question.choices.len());
+            let request = Request::encode(tokenizer, &context, &continuations)
+                .with_context(|| question.source.clone())?;
             requests.push(request);
             asked.push((&subject.name, question));
         }

@@ -13,25 +13,32 @@ pub struct Request {
     pub continuations: Vec<Vec<u32>>,
 }
 
-/// The harness's split of a (context, continuation) pair: trailing
-/// whitespace moves from the context to the continuation; the
-/// continuation's tokens are those of `context + continuation` past the
-/// context's own encoding (special tokens as the tokenizer's post-processor
-/// adds them: a BOS for Llama, none for BLOOM or Qwen).
-pub fn encode_pair(
-    tokenizer: &Tokenizer,
-    context: &str,
-    continuation: &str,
-) -> Result<(Vec<u32>, Vec<u32>)> {
-    let kept = context.trim_end().len();
-    let (context, moved) = context.split_at(kept);
-    let whole = tokenizer.encode_with_special_tokens(&format!("{context}{moved}{continuation}"))?;
-    let context_ids = tokenizer.encode_with_special_tokens(context)?;
-    let continuation_ids = whole.get(context_ids.len()..).unwrap_or_default().to_vec();
-    if continuation_ids.is_empty() {
-        bail!("the continuation {continuation:?} adds no tokens to its context");
+impl Request {
+    /// The harness's split of each (context, continuation) pair: trailing
+    /// whitespace moves from the context to the continuation; a
+    /// continuation's tokens are those of `context + continuation` past the
+    /// context's own encoding (special tokens as the tokenizer's
+    /// post-processor adds them: a BOS for Llama, none for BLOOM or Qwen).
+    /// The context is encoded once for all its continuations.
+    pub fn encode(tokenizer: &Tokenizer, context: &str, continuations: &[String]) -> Result<Self> {
+        let (context, moved) = context.split_at(context.trim_end().len());
+        let context_ids = tokenizer.encode_with_special_tokens(context)?;
+        let continuations = continuations
+            .iter()
+            .map(|continuation| {
+                let whole = tokenizer
+                    .encode_with_special_tokens(&format!("{context}{moved}{continuation}"))?;
+                match whole.get(context_ids.len()..) {
+                    Some(ids) if !ids.is_empty() => Ok(ids.to_vec()),
+                    _ => bail!("the continuation {continuation:?} adds no tokens to its context"),
+                }
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            context: context_ids,
+            continuations,
+        })
     }
-    Ok((context_ids, continuation_ids))
 }
 
 /// A token scored: (the position whose logits predict it, the token, its
