@@ -61,10 +61,11 @@ impl<'a> PluginMetrics<'a> {
 }
 
 impl MetricSink for PluginMetrics<'_> {
+    fn wants_samples(&self) -> bool {
+        !self.plugins.is_empty()
+    }
+
     fn add(&mut self, samples: &[EvalSample]) -> Result<()> {
-        if self.plugins.is_empty() {
-            return Ok(());
-        }
         if self.sessions.is_empty() {
             self.sessions = self
                 .plugins

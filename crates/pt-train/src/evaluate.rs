@@ -53,6 +53,9 @@ pub struct EvalSample {
 /// Receives evaluation samples (custom metrics, e.g. WebAssembly plugins)
 /// and adds metrics of its own that need the model (benchmark tasks).
 pub trait MetricSink {
+    /// Whether [`MetricSink::add`] reads the samples: building them costs a
+    /// log-softmax per row, and rank 0 then evaluates every block itself.
+    fn wants_samples(&self) -> bool;
     fn add(&mut self, samples: &[EvalSample]) -> Result<()>;
     /// The metrics of the evaluation that just ended; the next one starts afresh.
     fn finish(&mut self, model: &Model) -> Result<Vec<(String, f64)>>;
@@ -115,10 +118,11 @@ pub fn evaluate_across<'s>(
 ) -> Result<EvalMetrics> {
     model.set_dropout(None);
     let (rank, world) = (collective.rank(), collective.world_size());
-    let mine = match sink {
-        Some(_) if rank == 0 => 0..blocks.len(),
-        Some(_) => 0..0,
-        None => rank * blocks.len() / world..(rank + 1) * blocks.len() / world,
+    let sampled = sink.as_ref().is_some_and(|sink| sink.wants_samples());
+    let mine = match (sampled, rank) {
+        (true, 0) => 0..blocks.len(),
+        (true, _) => 0..0,
+        (false, _) => rank * blocks.len() / world..(rank + 1) * blocks.len() / world,
     };
     // Per source (one part for a single one): loss sum and tokens; batches
     // never mix sources, so that each source's loss is its own.
@@ -153,7 +157,7 @@ pub fn evaluate_across<'s>(
                 .filter(|&t| labels[t] >= 0 && row[t - 1] as i64 == labels[t])
                 .count() as f64;
         }
-        if let Some(sink) = sink.as_deref_mut() {
+        if let Some(sink) = sink.as_deref_mut().filter(|_| sampled) {
             sink.add(&samples(&logits, &predictions, &batch)?)?;
         }
         on_batch(done + 1, total);
