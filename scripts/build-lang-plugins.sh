@@ -60,7 +60,7 @@ echo "plugins: $out/length_filter_c.wasm (C)"
 # which this host must refuse with what to rebuild against.
 future="$build/future"
 mkdir -p "$future/wit"
-sed 's/pt:plugin@0\.1\.0/pt:plugin@0.2.0/' wit/since_v0.1.0/plugin.wit > "$future/wit/plugin.wit"
+sed 's/pt:plugin@0\.1\.0/pt:plugin@0.3.0/' wit/since_v0.1.0/plugin.wit > "$future/wit/plugin.wit"
 wit-bindgen c "$future/wit" --world filter-plugin --out-dir "$future" >/dev/null 2>&1
 clang --target=wasm32-wasi --sysroot=/usr -O2 -mexec-model=reactor -Wl,--strip-debug \
     -I "$future" -o "$future/core.wasm" plugins/length_filter_c/length_filter.c \

@@ -11,7 +11,7 @@ out="${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release"
 cargo build --release --target wasm32-wasip2 -p hostile --features evil_id
 cp "$out/hostile.wasm" "$out/hostile_evil_id.wasm"
 cargo build --release --target wasm32-wasip2 \
-    -p medical_clean -p augment_eda -p domain_terms -p length_filter -p hostile
+    -p medical_clean -p augment_eda -p domain_terms -p medqa_tasks -p length_filter -p hostile
 # The native-plugin example (a shared library for --allow_native).
 cargo build --release -p length_filter_native
-echo "plugins: ${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/{medical_clean,augment_eda,domain_terms}.wasm"
+echo "plugins: ${CARGO_TARGET_DIR:-target}/wasm32-wasip2/release/{medical_clean,augment_eda,domain_terms,medqa_tasks}.wasm"

@@ -310,7 +310,7 @@ fn an_incompatible_interface_version_is_refused() {
     let setup = Setup::new();
     let original = pt_bundle::Bundle::read(&setup.bundle()).unwrap();
     let mut manifest = original.manifest.clone();
-    manifest.interface = "pt:plugin@0.2.0".into();
+    manifest.interface = "pt:plugin@0.3.0".into();
     let mut future = pt_bundle::Bundle::new(manifest, original.files().clone()).unwrap();
     future.sign(&pt_bundle::read_signing_key(&setup.path("keys/alice.key")).unwrap());
     let path = setup.path("dist/future.ptplugin");
@@ -318,9 +318,30 @@ fn an_incompatible_interface_version_is_refused() {
     let output = setup.plugin("verify", &path);
     let message = stderr(&output);
     assert!(
-        message.contains("built for interface pt:plugin@0.2.0, this pt-host implements pt:plugin@0.1.0; rebuild the plugin against"),
+        message.contains("built for interface pt:plugin@0.3.0, this pt-host implements pt:plugin@0.1.0, pt:plugin@0.2.0; rebuild the plugin against"),
         "{message}"
     );
+}
+
+/// A task plugin's bundle states interface 0.2.0 and carries the WIT it
+/// was built against; a plain plugin's stays 0.1.0. Both verify here.
+#[test]
+fn a_task_plugin_bundle_states_interface_0_2_0() {
+    let setup = Setup::new();
+    setup.pack_plugin("medqa_tasks", "plugins/medqa_tasks", "tasks");
+    for (bundle, interface, tasks_wit) in [
+        (
+            setup.path("tasks/medqa_tasks-0.1.0.ptplugin"),
+            "pt:plugin@0.2.0",
+            true,
+        ),
+        (setup.bundle(), "pt:plugin@0.1.0", false),
+    ] {
+        let read = pt_bundle::Bundle::read(&bundle).unwrap();
+        assert_eq!(read.manifest.interface, interface);
+        assert_eq!(read.files().contains_key("wit/tasks.wit"), tasks_wit);
+        assert_ok(&setup.plugin("verify", &bundle));
+    }
 }
 
 /// `plugin test` reports each fixture case that does not hold.

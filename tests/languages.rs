@@ -262,16 +262,16 @@ fn the_same_filter_in_four_languages_agrees_on_the_corpus() {
 }
 
 /// A component built against another interface version is refused at load
-/// with what to rebuild against (the C filter built for `pt:plugin@0.2.0`).
+/// with what to rebuild against (the C filter built for `pt:plugin@0.3.0`).
 #[test]
 fn a_component_for_another_interface_version_is_refused() {
     let runtime = PluginRuntime::new(None).unwrap();
     let error = match runtime.load(&component("future_interface"), PluginLimits::default()) {
-        Ok(_) => panic!("a pt:plugin@0.2.0 component loaded"),
+        Ok(_) => panic!("a pt:plugin@0.3.0 component loaded"),
         Err(e) => e.to_string(),
     };
     assert!(
-        error.contains("built for interface pt:plugin@0.2.0; this pt-host implements pt:plugin@0.1.0. Rebuild the plugin against wit/since_v0.1.0"),
+        error.contains("built for interface pt:plugin@0.3.0; this pt-host implements pt:plugin@0.1.0 (and pt:plugin@0.2.0, which adds task plugins to it). Rebuild the plugin against wit/since_v0.1.0 or wit/since_v0.2.0"),
         "{error}"
     );
 }

@@ -649,6 +649,17 @@ fn run_errors_name_the_flag() {
         let args = ["--do_train", "--eval_tasks", tasks, "--eval_num_fewshot", "3"];
         PtHost::new(run_args(dir.path(), "tasks", &args)).fails_with(&expected);
     }
+    // The report's flags belong to `eval`, the general corpus to the report.
+    let base = fixture_model().display().to_string();
+    let args = ["--do_train", "--base_model_name_or_path", base.as_str()];
+    PtHost::new(run_args(dir.path(), "report", &args)).fails_with(
+        "--base_model_name_or_path compares a trained model with its base: it is pt-host eval's",
+    );
+    let mut args = run_args(dir.path(), "report", &["--general_file_dir", base.as_str()]);
+    args[0] = "eval".into();
+    PtHost::new(args).fails_with(
+        "--general_file_dir is the forgetting check of pt-host eval --base_model_name_or_path BASE",
+    );
     let cuda = run(dir.path(), "x", &["--do_train", "--device_map", "cuda"]);
     assert!(
         String::from_utf8_lossy(&cuda.stderr)
@@ -2065,100 +2076,167 @@ fn mixed_sources_follow_their_weights_and_report_each_validation_loss() {
     assert!(results("straight")["eval_tianlongbabu_loss"].is_number());
 }
 
+/// The reference models of tests/fixtures/mc-tasks/expected.json: the name
+/// its numbers are recorded under, the fixture model, and its tokenizer when
+/// not the model's (llama-tiny's with a BOS before every encoding).
+const REFERENCE_MODELS: [(&str, &str, Option<&str>); 3] = [
+    ("bloom-tiny", "bloom-tiny", None),
+    ("llama-tiny", "llama-tiny", None),
+    (
+        "llama-bos-tokenizer",
+        "llama-tiny",
+        Some("mc-tasks/llama-bos-tokenizer"),
+    ),
+];
+
+/// Runs `eval` on a reference model with `flags` and checks each of `tasks`
+/// against transformers' numbers (tests/python/mc_reference.py, recorded in
+/// tests/fixtures/mc-tasks/expected.json): every choice's log-likelihood
+/// within 1e-4, the same predictions and accuracy. Returns the
+/// log-likelihoods compared.
+fn assert_scored_as_reference(
+    (family, model, tokenizer): (&str, &str, Option<&str>),
+    shots: &str,
+    tasks: &[&str],
+    flags: &[&str],
+) -> usize {
+    let fixtures = common::repo().join("tests/fixtures");
+    let expected = json(&fixtures.join("mc-tasks/expected.json"));
+    let model = fixtures.join(model).join("model");
+    let tokenizer = tokenizer.map(|dir| fixtures.join(dir).display().to_string());
+    let tokenizer_flags: Vec<&str> = match &tokenizer {
+        Some(dir) => vec!["--tokenizer_name_or_path", dir],
+        None => Vec::new(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let common_flags = [
+        "--do_eval",
+        "--eval_num_fewshot",
+        shots,
+        "--eval_max_length",
+        "96",
+        "--per_device_eval_batch_size",
+        "3",
+    ];
+    let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(run_args_of(
+            &model,
+            dir.path(),
+            "eval",
+            &[&common_flags[..], flags, &tokenizer_flags].concat(),
+        ))
+        .output()
+        .unwrap();
+    assert_ok(&output);
+    let results = json(&dir.path().join("eval/eval_results.json"));
+    let mut compared = 0;
+    for task in tasks {
+        let reference = expected["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| {
+                r["model"] == family
+                    && r["task"] == *task
+                    && r["num_fewshot"] == shots.parse::<u64>().unwrap()
+            })
+            .unwrap();
+        let ours: Vec<serde_json::Value> =
+            fs::read_to_string(dir.path().join(format!("eval/eval_tasks/{task}.jsonl")))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+        let theirs = reference["questions"].as_array().unwrap();
+        assert_eq!(ours.len(), theirs.len(), "{family} {task} {shots}-shot");
+        let mut right = 0;
+        for (mine, hers) in ours.iter().zip(theirs) {
+            let source = hers["source"].as_str().unwrap();
+            assert!(
+                mine["source"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with(&format!("/{source}")),
+                "{mine} vs {hers}"
+            );
+            for (a, b) in mine["scores"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(hers["scores"].as_array().unwrap())
+            {
+                let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+                assert!((a - b).abs() < 1e-4, "{family} {task} {source}: {a} vs {b}");
+                compared += 1;
+            }
+            assert_eq!(mine["prediction"], hers["prediction"], "{source}");
+            assert_eq!(mine["answer"], hers["answer"], "{source}");
+            right += usize::from(hers["prediction"] == hers["answer"]);
+        }
+        let acc = results[format!("eval_{task}_acc")].as_f64().unwrap();
+        assert_eq!(acc, right as f64 / theirs.len() as f64, "{task}");
+        assert!(results[format!("eval_{task}_acc_macro")].is_f64());
+    }
+    compared
+}
+
 /// `--eval_tasks` scores every choice of a hand-written MMLU-style (English)
 /// and C-Eval-style (Chinese, unpublished test answers) task as
-/// lm-evaluation-harness does: each log-likelihood within 1e-4 of
-/// transformers' (tests/python/mc_reference.py, recorded in
-/// tests/fixtures/mc-tasks/expected.json), zero- and two-shot, with prompts
-/// cut from the left to the 96-token window, on BLOOM and Llama.
+/// lm-evaluation-harness does, zero- and two-shot, with prompts cut from the
+/// left to the 96-token window, on BLOOM and Llama.
 #[test]
 fn benchmark_tasks_score_as_lm_evaluation_harness_does() {
     let tasks = common::repo().join("tests/fixtures/mc-tasks");
-    let expected = json(&tasks.join("expected.json"));
     let task_list = format!(
         "{},{}",
         tasks.join("en").display(),
         tasks.join("zh").display()
     );
     let mut compared = 0;
-    for family in ["bloom-tiny", "llama-tiny"] {
-        let model = common::repo()
-            .join("tests/fixtures")
-            .join(family)
-            .join("model");
+    for reference in &REFERENCE_MODELS[..2] {
         for shots in ["0", "2"] {
-            let dir = tempfile::tempdir().unwrap();
-            let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
-                .args(run_args_of(
-                    &model,
-                    dir.path(),
-                    "eval",
-                    &[
-                        "--do_eval",
-                        "--eval_tasks",
-                        &task_list,
-                        "--eval_num_fewshot",
-                        shots,
-                        "--eval_max_length",
-                        "96",
-                        "--per_device_eval_batch_size",
-                        "3",
-                    ],
-                ))
-                .output()
-                .unwrap();
-            assert_ok(&output);
-            let results = json(&dir.path().join("eval/eval_results.json"));
-            for task in ["en", "zh"] {
-                let reference = expected["results"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .find(|r| {
-                        r["model"] == family
-                            && r["task"] == task
-                            && r["num_fewshot"] == shots.parse::<u64>().unwrap()
-                    })
-                    .unwrap();
-                let ours: Vec<serde_json::Value> =
-                    fs::read_to_string(dir.path().join(format!("eval/eval_tasks/{task}.jsonl")))
-                        .unwrap()
-                        .lines()
-                        .map(|l| serde_json::from_str(l).unwrap())
-                        .collect();
-                let theirs = reference["questions"].as_array().unwrap();
-                assert_eq!(ours.len(), theirs.len(), "{family} {task} {shots}-shot");
-                let mut right = 0;
-                for (mine, hers) in ours.iter().zip(theirs) {
-                    let source = hers["source"].as_str().unwrap();
-                    assert!(
-                        mine["source"]
-                            .as_str()
-                            .unwrap()
-                            .ends_with(&format!("/{source}")),
-                        "{mine} vs {hers}"
-                    );
-                    for (a, b) in mine["scores"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .zip(hers["scores"].as_array().unwrap())
-                    {
-                        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
-                        assert!((a - b).abs() < 1e-4, "{family} {task} {source}: {a} vs {b}");
-                        compared += 1;
-                    }
-                    assert_eq!(mine["prediction"], hers["prediction"], "{source}");
-                    assert_eq!(mine["answer"], hers["answer"], "{source}");
-                    right += usize::from(hers["prediction"] == hers["answer"]);
-                }
-                let acc = results[format!("eval_{task}_acc")].as_f64().unwrap();
-                assert_eq!(acc, right as f64 / theirs.len() as f64, "{task}");
-                assert!(results[format!("eval_{task}_acc_macro")].is_f64());
-            }
+            compared += assert_scored_as_reference(
+                *reference,
+                shots,
+                &["en", "zh"],
+                &["--eval_tasks", &task_list],
+            );
         }
     }
-    assert_eq!(compared, 2 * 2 * (5 + 5) * 4);
+    // A tokenizer that puts a BOS before the context and before the context
+    // with its continuation: the continuation is still what follows.
+    let en = tasks.join("en").display().to_string();
+    for shots in ["0", "2"] {
+        compared +=
+            assert_scored_as_reference(REFERENCE_MODELS[2], shots, &["en"], &["--eval_tasks", &en]);
+    }
+    assert_eq!(compared, (2 * 2 * (5 + 5) + 2 * 5) * 4);
+}
+
+/// A task plugin (interface 0.2.0; medqa_tasks) reads MedQA's JSONL, a
+/// layout the host does not know, in two formats: the harness's
+/// medqa_4options prompt on the letters, and the options' own words
+/// (continuations of several tokens). Both score as transformers does.
+#[test]
+fn plugin_tasks_score_as_lm_evaluation_harness_does() {
+    let file = common::repo().join("tests/fixtures/mc-tasks/medqa.jsonl");
+    let plugin = common::component("medqa_tasks");
+    let task_list = format!("medqa={0},medqa_text={0}", file.display());
+    let mut compared = 0;
+    for reference in REFERENCE_MODELS {
+        compared += assert_scored_as_reference(
+            reference,
+            "0",
+            &["medqa", "medqa_text"],
+            &[
+                "--plugin",
+                plugin.to_str().unwrap(),
+                "--eval_tasks",
+                &task_list,
+            ],
+        );
+    }
+    assert_eq!(compared, 3 * 2 * 6 * 4);
 }
 
 /// `run --eval_tasks` scores the tasks at every evaluation: the curve is in
@@ -2181,9 +2259,21 @@ fn benchmark_accuracy_is_logged_at_every_evaluation() {
             "1",
             "--eval_tasks",
             tasks.to_str().unwrap(),
+            "--report_to",
+            "tensorboard",
+            "--logging_dir",
+            dir.path().join("tb").to_str().unwrap(),
         ],
     );
     assert_ok(&output);
+    if let Some(scalars) = tensorboard_scalars(&dir.path().join("tb")) {
+        // The accuracy curve, as TensorBoard's own reader sees it: steps 1
+        // and 2, and the final evaluation's at step 2.
+        let curve = scalars["eval/en_acc"].as_array().unwrap();
+        let steps: Vec<i64> = curve.iter().map(|p| p[0].as_i64().unwrap()).collect();
+        assert_eq!(steps, [1, 2, 2], "{curve:?}");
+        assert!(scalars["eval/en_acc_macro"].is_array());
+    }
     let log = fs::read_to_string(dir.path().join("out/trainer_log.jsonl")).unwrap();
     let scored: Vec<serde_json::Value> = log
         .lines()
@@ -2199,4 +2289,255 @@ fn benchmark_accuracy_is_logged_at_every_evaluation() {
     // And the final evaluation's.
     let results = json(&dir.path().join("out/eval_results.json"));
     assert!(results["eval_en_acc"].is_f64(), "{results}");
+}
+
+/// `eval --base_model_name_or_path` evaluates the base and the trained model
+/// (base + the fixture's PEFT-trained adapter) on the same corpora and tasks
+/// and reports the differences: the base's answers are HF's (the
+/// mc-tasks reference), each perplexity is what a plain evaluation of that
+/// model gives, and the paired standard errors are recomputed here from the
+/// two models' answers.
+#[test]
+fn base_vs_trained_report_compares_the_same_questions() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = common::repo().join("tests/fixtures/mc-tasks");
+    let task_list = format!(
+        "{},{}",
+        tasks.join("en").display(),
+        tasks.join("zh").display()
+    );
+    let adapter = fixture().join("lora_final");
+    let general = fixture().join("train.txt");
+    let common_flags = [
+        "--eval_tasks",
+        &task_list,
+        "--eval_max_length",
+        "96",
+        "--per_device_eval_batch_size",
+        "3",
+    ];
+    let mut args = run_args(dir.path(), "report", &common_flags);
+    args[0] = "eval".into();
+    args.extend(
+        [
+            "--peft_path",
+            adapter.to_str().unwrap(),
+            "--base_model_name_or_path",
+            fixture_model().to_str().unwrap(),
+            "--general_file_dir",
+            general.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(&args)
+        .output()
+        .unwrap();
+    assert_ok(&output);
+    let report_dir = dir.path().join("report");
+    let report = json(&report_dir.join("eval_report.json"));
+
+    // Each side's perplexity is a plain evaluation's of that model.
+    for (side, extra) in [
+        ("base", vec!["--use_peft", "false"]),
+        ("trained", vec!["--peft_path", adapter.to_str().unwrap()]),
+    ] {
+        let batches = ["--do_eval", "--per_device_eval_batch_size", "3"];
+        let plain = run(dir.path(), side, &[&batches[..], &extra].concat());
+        assert_ok(&plain);
+        let expected = json(&dir.path().join(side).join("eval_results.json"))["perplexity"]
+            .as_f64()
+            .unwrap();
+        let got = report["domain_perplexity"][side].as_f64().unwrap();
+        assert!(
+            (got - expected).abs() < 1e-9 * expected,
+            "{side}: {got} vs {expected}"
+        );
+        assert!(
+            report["general_perplexity"][side]
+                .as_f64()
+                .unwrap()
+                .is_finite()
+        );
+    }
+    assert_ne!(
+        report["domain_perplexity"]["base"], report["domain_perplexity"]["trained"],
+        "the adapter changes the model"
+    );
+
+    let reference = json(&tasks.join("expected.json"));
+    for task in ["en", "zh"] {
+        let answers = |side: &str| -> Vec<serde_json::Value> {
+            fs::read_to_string(report_dir.join(format!("{side}/eval_tasks/{task}.jsonl")))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect()
+        };
+        let (base, trained) = (answers("base"), answers("trained"));
+        let hf = reference["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["model"] == "bloom-tiny" && r["task"] == task && r["num_fewshot"] == 0)
+            .unwrap()["questions"]
+            .as_array()
+            .unwrap();
+        let hf_predictions: Vec<_> = hf.iter().map(|q| &q["prediction"]).collect();
+        let base_predictions: Vec<_> = base.iter().map(|q| &q["prediction"]).collect();
+        assert_eq!(base_predictions, hf_predictions, "{task}");
+
+        let right = |q: &serde_json::Value| f64::from(u8::from(q["prediction"] == q["answer"]));
+        let n = base.len() as f64;
+        let differences: Vec<f64> = base
+            .iter()
+            .zip(&trained)
+            .map(|(b, t)| right(t) - right(b))
+            .collect();
+        let mean = differences.iter().sum::<f64>() / n;
+        let variance = differences.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        let compared = report["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["task"] == task)
+            .unwrap();
+        let overall = &compared["overall"];
+        let base_acc = hf.iter().map(right).sum::<f64>() / n;
+        assert!((overall["base_acc"].as_f64().unwrap() - base_acc).abs() < 1e-12);
+        assert!((overall["difference"].as_f64().unwrap() - mean).abs() < 1e-12);
+        let stderr = (variance / n).sqrt();
+        assert!((overall["difference_stderr"].as_f64().unwrap() - stderr).abs() < 1e-12);
+        assert_eq!(overall["questions"], base.len());
+        assert!(!compared["subjects"].as_array().unwrap().is_empty());
+        let png = fs::read(report_dir.join(format!("eval_report_{task}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    }
+    let table = fs::read_to_string(report_dir.join("eval_report.md")).unwrap();
+    assert!(table.contains("| domain perplexity ("), "{table}");
+    assert!(table.contains("| general perplexity ("), "{table}");
+    assert!(table.contains("| en acc ("), "{table}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("| zh acc_macro ("));
+}
+
+/// A task plugin that misbehaves (the hostile guest) stops the run with an
+/// error naming the plugin and the record, never a hang or a wrong score;
+/// so do task entries no plugin reads, missing or non-UTF-8 task files and
+/// two tasks of one name.
+#[test]
+fn task_plugin_failures_name_the_plugin_and_the_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let hostile = common::component("hostile");
+    let records = dir.path().join("records.txt");
+    fs::write(
+        &records,
+        "a fair question\n\nthe question with MARK in it\n",
+    )
+    .unwrap();
+    let bad_utf8 = dir.path().join("bad.txt");
+    fs::write(&bad_utf8, b"fine\n\xff\xfe\n").unwrap();
+    let line = |n: usize| format!("{}:{n}", records.display());
+    let args = |mode: &str, config: &str, task: &str| -> Vec<String> {
+        let flags = [
+            "--do_eval",
+            "--plugin",
+            hostile.to_str().unwrap(),
+            "--plugin_config",
+            config,
+            "--plugin_timeout_ms",
+            "500",
+            "--eval_tasks",
+            task,
+        ];
+        run_args(dir.path(), mode, &flags)
+    };
+    let task = format!("hostile={}", records.display());
+    // A trap: the plugin's own panic message (which PtHost::fails_with
+    // would take for pt-host's) comes with it.
+    let config = r#"hostile={"mode":"task_trap","marker":"MARK"}"#;
+    let trapped = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+        .args(args("task_trap", config, &task))
+        .output()
+        .unwrap();
+    let message = String::from_utf8_lossy(&trapped.stderr);
+    assert_eq!(trapped.status.code(), Some(1), "{message}");
+    assert!(
+        message.contains(&format!(
+            "task plugin `hostile` failed on {} to {}: trapped",
+            line(1),
+            line(3)
+        )) && message.contains("hostile task reader panicked on purpose"),
+        "{message}"
+    );
+    let cases = [
+        (
+            "task_loop",
+            "did not finish within the 500 ms deadline".to_string(),
+        ),
+        (
+            "task_refuse",
+            format!(
+                "{}: task plugin `hostile` cannot read this record: this record is refused on purpose",
+                line(3)
+            ),
+        ),
+        (
+            "task_gold",
+            format!(
+                "{}: task plugin `hostile` gave an item with gold 4 of 4 continuations",
+                line(3)
+            ),
+        ),
+        (
+            "task_one_choice",
+            format!(
+                "{}: task plugin `hostile` gave an item with 1 continuations (an item has 2 to 64)",
+                line(3)
+            ),
+        ),
+        (
+            "task_flood",
+            format!(
+                "{}: task plugin `hostile` gave 5000 items for one record; the limit is 1024",
+                line(3)
+            ),
+        ),
+        (
+            "task_miscount",
+            format!(
+                "task plugin `hostile` returned 1 results for 2 records ({} to {}): one per record is the contract",
+                line(1),
+                line(3)
+            ),
+        ),
+    ];
+    for (mode, expected) in cases {
+        let config = format!(r#"hostile={{"mode":"{mode}","marker":"MARK"}}"#);
+        PtHost::new(args(mode, &config, &task)).fails_with(&expected);
+    }
+    let medqa = common::repo().join("tests/fixtures/mc-tasks/medqa.jsonl");
+    for (tasks, expected) in [
+        (
+            format!("medqa={}", medqa.display()),
+            format!(
+                "--eval_tasks medqa={}: no --plugin reads task format `medqa` (the loaded plugins read: hostile (hostile))",
+                medqa.display()
+            ),
+        ),
+        (
+            "hostile=no/such.jsonl".to_string(),
+            "--eval_tasks: no/such.jsonl: no such task file or directory".to_string(),
+        ),
+        (
+            format!("hostile={}", bad_utf8.display()),
+            format!("{}:2: not UTF-8", bad_utf8.display()),
+        ),
+        (
+            format!("hostile={0},hostile={0}", records.display()),
+            "--eval_tasks: two tasks are named `hostile`".to_string(),
+        ),
+    ] {
+        let config = r#"hostile={"mode":"task_fair","marker":"MARK"}"#;
+        PtHost::new(args("tasks", config, &tasks)).fails_with(&expected);
+    }
 }

@@ -21,6 +21,7 @@ mod plugins;
 mod prepare;
 mod progress;
 mod recipe;
+mod report;
 mod run;
 mod run_args;
 mod scaffold;
@@ -57,7 +58,8 @@ enum Command {
     /// Prepare the data, then train a LoRA adapter (--do_train) and/or evaluate (--do_eval).
     Run(Box<run_args::RunArgs>),
     /// Evaluate a model (+ --peft_path adapter) on --validation_file_dir (a dir or a file), no
-    /// training: eval_loss, perplexity, accuracy and metric plugins. Takes `run`'s flags.
+    /// training: eval_loss, perplexity, accuracy, benchmark tasks and metric plugins; with
+    /// --base_model_name_or_path, a base-vs-trained report. Takes `run`'s flags.
     Eval(Box<run_args::RunArgs>),
     /// Fold a LoRA adapter into its base model: an HF model directory.
     Merge(merge::MergeArgs),

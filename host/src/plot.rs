@@ -1,12 +1,15 @@
 //! `--plot_loss`: `training_loss.png` and `training_eval_loss.png` in the
 //! output directory, as LLaMA-Factory users expect them: the logged values
-//! faint, a smoothed curve over them.
+//! faint, a smoothed curve over them. And the base-vs-trained report's bar
+//! charts.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, anyhow};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::{FontStyle, register_font};
+use pt_tasks::{Difference, TaskComparison};
 use serde_json::Value;
 
 /// The labels' font, embedded so plots look the same on every machine
@@ -36,11 +39,15 @@ fn series(log_history: &[Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+fn register_fonts() {
+    // Registering twice (a second run in one process) is harmless.
+    let _ = register_font("sans-serif", FontStyle::Normal, FONT);
+}
+
 /// Plots `loss` and `eval_loss` from the trainer's log; says which had no
 /// values. Returns the files written.
 pub fn plot_loss(output_dir: &Path, log_history: &[Value]) -> Result<Vec<PathBuf>> {
-    // Registering twice (a second run in one process) is harmless.
-    let _ = register_font("sans-serif", FontStyle::Normal, FONT);
+    register_fonts();
     let mut written = Vec::new();
     for key in ["loss", "eval_loss"] {
         let points = series(log_history, key);
@@ -93,6 +100,98 @@ fn draw(path: &Path, key: &str, points: &[(f64, f64)]) -> Result<(), Box<dyn std
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
     chart
         .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+const BASE_COLOR: RGBColor = RGBColor(150, 150, 150);
+const TRAINED_COLOR: RGBColor = RGBColor(31, 119, 180);
+
+/// A task's accuracies, base and trained, over all its questions and per
+/// subject: one row each, a bar per model with its standard error, the
+/// difference in the row's label.
+pub fn plot_comparison(path: &Path, task: &TaskComparison) -> Result<()> {
+    register_fonts();
+    let rows: Vec<&Difference> = std::iter::once(&task.overall)
+        .chain(&task.subjects)
+        .collect();
+    draw_comparison(path, &task.task, &rows)
+        .map_err(|e| anyhow!("{}: cannot plot: {e}", path.display()))
+}
+
+fn draw_comparison(
+    path: &Path,
+    task: &str,
+    rows: &[&Difference],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let height = 140 + 46 * rows.len() as u32;
+    let root = BitMapBackend::new(path, (1100, height)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let count = rows.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{task}: accuracy, base vs trained (± standard error)"),
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(420)
+        .build_cartesian_2d(0.0..1.0, 0.0..count)?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_label_formatter(&|_| String::new())
+        .x_desc("accuracy")
+        .label_style(("sans-serif", 14))
+        .draw()?;
+    // Row 0 (all questions) at the top.
+    let top = |i: usize| count - i as f64;
+    for (i, row) in rows.iter().enumerate() {
+        let y = top(i);
+        let bars = [
+            (row.base_acc, row.base_acc_stderr, y - 0.1, BASE_COLOR),
+            (
+                row.trained_acc,
+                row.trained_acc_stderr,
+                y - 0.5,
+                TRAINED_COLOR,
+            ),
+        ];
+        for (acc, stderr, bar_top, color) in bars {
+            let bottom = bar_top - 0.38;
+            chart.draw_series([Rectangle::new(
+                [(0.0, bar_top), (acc, bottom)],
+                color.filled(),
+            )])?;
+            let middle = (bar_top + bottom) / 2.0;
+            let whisker = [
+                ((acc - stderr).max(0.0), middle),
+                ((acc + stderr).min(1.0), middle),
+            ];
+            chart.draw_series([PathElement::new(whisker, BLACK.stroke_width(2))])?;
+        }
+        let label = format!(
+            "{} (n={})  {:+.3} ± {:.3}",
+            row.subject, row.questions, row.difference, row.difference_stderr
+        );
+        let (x, y) = chart.backend_coord(&(0.0, y - 0.5));
+        let style = TextStyle::from(("sans-serif", 15).into_font())
+            .pos(Pos::new(HPos::Right, VPos::Center));
+        root.draw(&Text::new(label, (x - 10, y), style))?;
+    }
+    for (name, color) in [("base", BASE_COLOR), ("trained", TRAINED_COLOR)] {
+        chart
+            .draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], color.filled()));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))

@@ -15,6 +15,8 @@ use crate::plugins::{BundleDirs, RegistryArgs, verify_bundle};
 
 /// The WIT the host implements, bundled with every plugin built against it.
 const WIT: &str = include_str!("../../wit/since_v0.1.0/plugin.wit");
+/// And, for a task plugin, the 0.2.0 addition it is built against.
+const TASKS_WIT: &str = include_str!("../../wit/since_v0.2.0/tasks.wit");
 
 #[derive(clap::Subcommand, Debug)]
 pub enum PluginCommand {
@@ -344,6 +346,9 @@ fn pack(component: &Path, plugin_dir: &Path) -> Result<Bundle> {
         (pt_bundle::COMPONENT.to_string(), wasm),
         ("wit/plugin.wit".to_string(), WIT.as_bytes().to_vec()),
     ]);
+    if !loaded.task_formats().is_empty() {
+        files.insert("wit/tasks.wit".into(), TASKS_WIT.as_bytes().to_vec());
+    }
     let readme = plugin_dir.join(&toml.readme);
     files.insert(
         "README.md".into(),
@@ -360,7 +365,10 @@ fn pack(component: &Path, plugin_dir: &Path) -> Result<Bundle> {
         format: pt_bundle::FORMAT,
         id: info.id.clone(),
         version: info.version.clone(),
-        interface: crate::plugins::host_interfaces()[0].clone(),
+        // A task plugin needs a host with 0.2.0's task reader.
+        interface: crate::plugins::host_interfaces()
+            [usize::from(!loaded.task_formats().is_empty())]
+        .clone(),
         kinds: info
             .kinds
             .iter()

@@ -27,7 +27,7 @@ impl From<OnError> for pt_data::ErrorPolicy {
     }
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct PluginArgs {
     /// A plugin, run in the sandbox: a component (.wasm), a signed bundle
     /// (.ptplugin, verified against --trusted_keys), an installed bundle
@@ -150,7 +150,9 @@ impl PluginArgs {
     }
 }
 
-/// A loaded `--plugin`: a sandboxed component, or a native library.
+/// A loaded `--plugin`: a sandboxed component, or a native library. A run
+/// holds a handful, so the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum HostPlugin {
     Wasm(LoadedPlugin),
     Native(NativePlugin),
@@ -221,9 +223,14 @@ impl HostPlugin {
     }
 }
 
-/// Interfaces this host implements, as bundle manifests name them.
-pub fn host_interfaces() -> [String; 1] {
-    [format!("pt:plugin@{}", pt_plugin_host::INTERFACE_VERSION)]
+/// Interfaces this host implements, as bundle manifests name them: 0.1.0,
+/// and 0.2.0 (0.1.0 with task plugins).
+pub fn host_interfaces() -> [String; 2] {
+    [
+        pt_plugin_host::INTERFACE_VERSION,
+        pt_plugin_host::TASKS_INTERFACE_VERSION,
+    ]
+    .map(|version| format!("pt:plugin@{version}"))
 }
 
 /// Verifies `bundle` against the trusted keys and this host's interfaces.

@@ -45,7 +45,7 @@ pub enum DedupArg {
     Minhash,
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct PrepareArgs {
     /// Model directory, or a hub id (bigscience/bloomz-560m) downloaded into the cache.
     #[arg(long = "model_name_or_path", value_name = "DIR|ID")]

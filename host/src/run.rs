@@ -179,6 +179,9 @@ pub fn eval(mut args: RunArgs) -> Result<()> {
         bail!("pt-host eval needs --validation_file_dir (a directory or a .txt/.json/.jsonl file)");
     }
     args.do_eval = true;
+    if args.base_model_name_or_path.is_some() {
+        return crate::report::eval_and_compare(args);
+    }
     run(args)
 }
 
@@ -257,7 +260,7 @@ fn run_rank(
         quiet: !main,
     };
     console.scalars(0, &tensorboard::data_scalars(&prepared.report));
-    let benchmarks = Benchmarks::new(tasks, args, &data.tokenizer)?;
+    let benchmarks = Benchmarks::new(tasks, args, &data.tokenizer, &data.plugins)?;
     let mut all_results = json!({});
     if args.do_train {
         let summary = train(args, &mut trainer, &data, benchmarks.as_ref(), &mut console)?;

@@ -45,7 +45,7 @@ impl From<IntervalArg> for Interval {
     }
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct RunArgs {
     #[command(flatten)]
     pub data: PrepareArgs,
@@ -128,7 +128,8 @@ pub struct RunArgs {
     pub eval_steps: Option<usize>,
     /// Multiple-choice benchmarks scored at every evaluation, as
     /// lm-evaluation-harness scores them: C-Eval/CMMLU/MMLU CSV directories
-    /// or files, or JSONL (comma-separated). Adds eval_<task>_acc.
+    /// or files, or JSONL; or FORMAT=PATH, read by the --plugin that reads
+    /// FORMAT (comma-separated). Adds eval_<task>_acc.
     #[arg(long = "eval_tasks", value_delimiter = ',')]
     pub eval_tasks: Vec<PathBuf>,
     /// Answered dev examples before each benchmark question.
@@ -143,6 +144,17 @@ pub struct RunArgs {
     /// seq_length), else 2048, as the harness reads it.
     #[arg(long = "eval_max_length")]
     pub eval_max_length: Option<usize>,
+    /// `pt-host eval` only: also evaluate this model (the one trained from)
+    /// and write a base-vs-trained report: every task's and subject's
+    /// accuracy, the difference and its standard error, and perplexities
+    /// (eval_report.json, eval_report.md, eval_report_<task>.png).
+    #[arg(long = "base_model_name_or_path", value_name = "DIR|ID")]
+    pub base_model_name_or_path: Option<PathBuf>,
+    /// With --base_model_name_or_path: a general corpus (dir or file) whose
+    /// perplexity before and after is the report's forgetting check, beside
+    /// the domain corpus's (--validation_file_dir).
+    #[arg(long = "general_file_dir", value_name = "DIR|FILE")]
+    pub general_file_dir: Option<PathBuf>,
     #[arg(long = "save_strategy", value_enum, default_value = "steps")]
     pub save_strategy: IntervalArg,
     #[arg(long = "save_steps", default_value_t = 500)]
@@ -243,6 +255,16 @@ pub fn check_flags(args: &RunArgs) -> Result<()> {
     }
     if !args.do_train && !args.do_eval {
         bail!("nothing to do: pass --do_train and/or --do_eval");
+    }
+    if args.base_model_name_or_path.is_some() {
+        bail!(
+            "--base_model_name_or_path compares a trained model with its base: it is pt-host eval's (evaluate after training)"
+        );
+    }
+    if args.general_file_dir.is_some() {
+        bail!(
+            "--general_file_dir is the forgetting check of pt-host eval --base_model_name_or_path BASE"
+        );
     }
     if args.do_train && args.data.train_file_dir.is_empty() {
         bail!("--do_train needs a training corpus: pass --train_file_dir DIR");

@@ -1,12 +1,13 @@
-//! Bridges a [`Plugin`] to the generated `pt:plugin@0.1.0` exports: batches in,
+//! Bridges a [`Plugin`] to the generated `pt:plugin@0.2.0` exports: batches in,
 //! per-document results out, the configured plugin kept between calls.
 
 use std::any::Any;
 use std::cell::RefCell;
 use std::marker::PhantomData;
 
-use crate::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, plugin};
-use crate::bindings::pt::plugin::types as wit;
+use crate::bindings::exports::pt::plugin0_1_0::{augmenter, filter, mapper, metric, plugin};
+use crate::bindings::exports::pt::plugin0_2_0::tasks;
+use crate::bindings::pt::plugin0_1_0::types as wit;
 use crate::{Accumulator, Decision, Document, Edit, Kind, Plugin, Rng, Sample};
 
 thread_local! {
@@ -154,4 +155,33 @@ impl<P: Plugin> metric::GuestAccumulator for AccumulatorAdapter<P> {
 
 impl<P: Plugin> metric::Guest for Adapter<P> {
     type Accumulator = AccumulatorAdapter<P>;
+}
+
+impl<P: Plugin> tasks::Guest for Adapter<P> {
+    fn formats() -> Vec<String> {
+        P::TASK_FORMATS.iter().map(|f| f.to_string()).collect()
+    }
+
+    fn read_items(
+        format: String,
+        records: Vec<wit::Document>,
+    ) -> Vec<Result<Vec<tasks::TaskItem>, String>> {
+        with_plugin(|p: &P| {
+            records
+                .into_iter()
+                .map(|record| {
+                    let items = p.read_task_items(&format, &document(record))?;
+                    Ok(items
+                        .into_iter()
+                        .map(|item| tasks::TaskItem {
+                            subject: item.subject,
+                            context: item.context,
+                            continuations: item.continuations,
+                            gold: item.gold,
+                        })
+                        .collect())
+                })
+                .collect()
+        })
+    }
 }

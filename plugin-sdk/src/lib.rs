@@ -1,10 +1,10 @@
 //! Write [pt-host](https://github.com/) plugins in Rust.
 //!
 //! A plugin is a type, an impl of [`Plugin`] and one [`register!`] line. The SDK
-//! turns it into a WebAssembly component implementing the `pt:plugin@0.1.0`
-//! interface (`wit/since_v0.1.0`): it parses the configuration, runs your
-//! per-document code over the batches the host sends, and keeps plugin state
-//! between calls.
+//! turns it into a WebAssembly component implementing the `pt:plugin@0.2.0`
+//! interface (`wit/since_v0.2.0`: the frozen `0.1.0` kinds and task readers):
+//! it parses the configuration, runs your per-document code over the batches
+//! the host sends, and keeps plugin state between calls.
 //!
 //! ```
 //! use pt_plugin_sdk::{Document, Edit, Decision, Kind, Plugin, register};
@@ -75,13 +75,15 @@ pub use adapter::Adapter;
 
 pub use rng::Rng;
 
-/// The generated `pt:plugin@0.1.0` bindings; the SDK's own types mirror them.
+/// The generated `pt:plugin@0.2.0` bindings; the SDK's own types mirror them.
 #[doc(hidden)]
 #[cfg(target_arch = "wasm32")]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "../wit/since_v0.1.0",
+        path: "../wit/since_v0.2.0",
         world: "any-plugin",
+        // 0.1.0's interfaces come from the frozen folder (deps/).
+        generate_all,
         pub_export_macro: true,
         export_macro_name: "export_any_plugin",
         default_bindings_module: "pt_plugin_sdk::bindings",
@@ -158,6 +160,20 @@ pub struct MetricValue {
     pub higher_is_better: bool,
 }
 
+/// One multiple-choice question a task plugin reads from a record; see the
+/// WIT `task-item`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TaskItem {
+    /// Accuracy is reported per subject; empty: the task's name.
+    pub subject: String,
+    /// The whole prompt (few-shot examples included) up to the answer.
+    pub context: String,
+    /// The choices as the model would continue the context (at least two).
+    pub continuations: Vec<String>,
+    /// The index of the right continuation.
+    pub gold: u32,
+}
+
 /// Accumulates evaluation samples for a metric plugin.
 pub trait Accumulator {
     fn add(&mut self, sample: &Sample);
@@ -179,7 +195,7 @@ pub enum Level {
 pub fn log(level: Level, message: &str) {
     #[cfg(target_arch = "wasm32")]
     {
-        use bindings::pt::plugin::host::{Level as L, log};
+        use bindings::pt::plugin0_1_0::host::{Level as L, log};
         let level = match level {
             Level::Trace => L::Trace,
             Level::Debug => L::Debug,
@@ -226,6 +242,16 @@ pub trait Plugin: Sized + 'static {
     fn new_accumulator(&self) -> Box<dyn Accumulator> {
         unreachable!("{} is not a metric plugin", Self::ID)
     }
+
+    /// The task formats this plugin reads (`--eval_tasks FORMAT=FILE`);
+    /// a task plugin lists them and implements [`Plugin::read_task_items`].
+    const TASK_FORMATS: &'static [&'static str] = &[];
+
+    /// The questions in one record (a line) of a task file in `format`: none
+    /// for a line without one (a header), or why the record cannot be read.
+    fn read_task_items(&self, format: &str, _record: &Document) -> Result<Vec<TaskItem>, String> {
+        Err(format!("{} reads no task format {format}", Self::ID))
+    }
 }
 
 /// Parses a JSON configuration into `T`, with a message that names the
@@ -241,7 +267,7 @@ pub fn parse_config<T: serde::de::DeserializeOwned>(config: &str) -> Result<T, S
 }
 
 /// Exports `$plugin` (a type implementing [`Plugin`]) as the component's
-/// implementation of `pt:plugin@0.1.0`. Use it once per plugin crate.
+/// implementation of `pt:plugin@0.2.0`. Use it once per plugin crate.
 #[macro_export]
 macro_rules! register {
     ($plugin:ty) => {

@@ -11,7 +11,18 @@ past len(encode(context)), special tokens as the tokenizer adds them), the
 input (context + continuation)[-(max_length + 1):][:-1], and the sum of the
 continuation tokens' log-probabilities.
 
-Usage: mc_reference.py OUT.json MAX_LENGTH MODEL_DIR... -- TASK_DIR...
+A `.jsonl` task is MedQA's JSONL (MedQA's layout or Hugging Face's
+sent1/ending0/label one), asked as the medqa_tasks plugin's two formats:
+`medqa`, lm-evaluation-harness's medqa_4options prompt scored on the
+letters, and `medqa_text`, the question alone scored on the options' words
+(multi-token continuations); zero-shot, subjects (meta_info, else the
+format) in name order.
+
+A model given as `MODEL_DIR=TOKENIZER_DIR` is read with that tokenizer and
+named after the tokenizer's directory (llama-bos-tokenizer: a BOS before
+every encoding).
+
+Usage: mc_reference.py OUT.json MAX_LENGTH MODEL_DIR[=TOKENIZER_DIR]... -- TASK_DIR|MEDQA.jsonl...
 """
 
 import csv
@@ -82,6 +93,45 @@ def prompt(language, subject, shots, question):
     return text + ask(question), letters
 
 
+def read_medqa(path, task):
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            doc = json.loads(line)
+            if "sent1" in doc:
+                text, answer, subject = doc["sent1"], doc["label"], task
+                options = [doc[f"ending{i}"] for i in range(4)]
+            else:
+                letters = sorted(doc["options"])
+                text, subject = doc["question"], doc.get("meta_info") or task
+                options = [doc["options"][k] for k in letters]
+                answer = letters.index(doc["answer_idx"])
+            questions.append((subject, f"{os.path.basename(path)}:{line_no}", text, options, answer))
+    return sorted(questions, key=lambda q: q[0])
+
+
+def medqa_prompt(task, text, options):
+    if task == "medqa":
+        answers = "".join(f"{k}. {v}\n" for k, v in zip("ABCD", options))
+        return f"Question: {text}\n{answers}Answer:", [f" {k}" for k in "ABCD"[: len(options)]]
+    return f"Question: {text}\nAnswer:", [" " + o.strip() for o in options]
+
+
+def scored(tokenizer, model, max_length, source, context, continuations, answer):
+    scores = []
+    for continuation in continuations:
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        scores.append(log_likelihood(model, ctx, cont, max_length))
+    return {
+        "source": source,
+        "scores": scores,
+        "prediction": max(range(len(scores)), key=lambda i: (scores[i], -i)),
+        "answer": answer,
+    }
+
+
 def encode_pair(tokenizer, context, continuation):
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces > 0:
@@ -108,38 +158,54 @@ def main():
     separator = sys.argv.index("--")
     models, tasks = sys.argv[3:separator], sys.argv[separator + 1:]
     results = []
-    for model_dir in models:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    for model_arg in models:
+        model_dir, _, tokenizer_dir = model_arg.partition("=")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or model_dir)
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=torch.float32, attn_implementation="eager"
         ).eval()
+        model_name = (
+            os.path.basename(tokenizer_dir.rstrip("/"))
+            if tokenizer_dir
+            else os.path.basename(os.path.dirname(model_dir.rstrip("/")))
+        )
         for task_dir in tasks:
+            if task_dir.endswith(".jsonl"):
+                for task in ("medqa", "medqa_text"):
+                    questions = []
+                    for _, source, text, options, answer in read_medqa(task_dir, task):
+                        context, continuations = medqa_prompt(task, text, options)
+                        questions.append(
+                            scored(tokenizer, model, max_length, source, context, continuations, answer)
+                        )
+                    results.append(
+                        {"model": model_name, "task": task, "num_fewshot": 0, "questions": questions}
+                    )
+                continue
             language = os.path.basename(task_dir.rstrip("/"))
             subjects = read_task(task_dir)
             for shots in (0, 2):
                 questions = []
                 for subject in sorted(subjects):
                     splits = subjects[subject]
-                    scored = splits.get("test") or splits.get("val")
-                    for question in scored:
+                    for question in splits.get("test") or splits.get("val"):
                         context, letters = prompt(
                             language, subject, splits["dev"][:shots], question
                         )
-                        scores = []
-                        for letter in letters:
-                            ctx, cont = encode_pair(tokenizer, context, letter)
-                            scores.append(log_likelihood(model, ctx, cont, max_length))
                         questions.append(
-                            {
-                                "source": question["source"],
-                                "scores": scores,
-                                "prediction": max(range(4), key=lambda i: (scores[i], -i)),
-                                "answer": question["answer"],
-                            }
+                            scored(
+                                tokenizer,
+                                model,
+                                max_length,
+                                question["source"],
+                                context,
+                                letters,
+                                question["answer"],
+                            )
                         )
                 results.append(
                     {
-                        "model": os.path.basename(os.path.dirname(model_dir.rstrip("/"))),
+                        "model": model_name,
                         "task": language,
                         "num_fewshot": shots,
                         "questions": questions,

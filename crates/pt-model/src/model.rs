@@ -39,10 +39,36 @@ impl ModelConfig {
 /// The families pt-host trains, by `model_type`.
 pub const MODEL_TYPES: [&str; 5] = ["bloom", "llama", "mistral", "qwen2", "qwen3"];
 
-/// Keys and values of the positions seen so far, per block (generation).
+/// Keys and values of the positions seen so far, per block (generation,
+/// and continuations scored after a shared context).
 #[derive(Default)]
 pub struct KvCache {
     pub(crate) layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// A cache of the batch rows `rows` (a row may repeat): one context's
+    /// keys and values for each of its continuations.
+    pub fn select_rows(&self, rows: &[u32]) -> Result<KvCache> {
+        let Some(device) = self.layers.iter().flatten().map(|(k, _)| k.device()).next() else {
+            return Ok(KvCache::default());
+        };
+        let rows = Tensor::from_vec(rows.to_vec(), rows.len(), device)?;
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| {
+                layer
+                    .as_ref()
+                    .map(|(k, v)| {
+                        let select = |t: &Tensor| t.contiguous()?.index_select(&rows, 0);
+                        Ok((select(k)?, select(v)?))
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(KvCache { layers })
+    }
 }
 
 /// How one forward pass runs besides its inputs.
@@ -355,9 +381,32 @@ impl Model {
         mask: &[Vec<u32>],
         positions: &[(usize, usize)],
     ) -> Result<Tensor> {
+        self.log_probs_at(input_ids, mask, None, positions)
+    }
+
+    /// [`Model::next_token_log_probs`] of `new_ids` appended to what `cache`
+    /// holds (which it then holds too); `mask` covers the cached and the new
+    /// positions, `positions` index the new ones.
+    pub fn next_token_log_probs_cached(
+        &self,
+        new_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        cache: &mut KvCache,
+        positions: &[(usize, usize)],
+    ) -> Result<Tensor> {
+        self.log_probs_at(new_ids, mask, Some(cache), positions)
+    }
+
+    fn log_probs_at(
+        &self,
+        input_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        cache: Option<&mut KvCache>,
+        positions: &[(usize, usize)],
+    ) -> Result<Tensor> {
         let (b, s) = (input_ids.len(), input_ids[0].len());
         let hidden = self
-            .hidden_states(input_ids, mask, None)?
+            .hidden_states(input_ids, mask, cache)?
             .reshape((b * s, self.config().hidden_size))?;
         let rows: Vec<u32> = positions.iter().map(|&(r, p)| (r * s + p) as u32).collect();
         let rows = Tensor::from_vec(rows, positions.len(), hidden.device())?;

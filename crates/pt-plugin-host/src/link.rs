@@ -27,7 +27,7 @@ use wasmtime_wasi::clocks::{HostMonotonicClock, HostWallClock};
 use wasmtime_wasi::p2::{DynPollable, Pollable};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
-use crate::bindings::{self, pt::plugin::host::Level};
+use crate::bindings::{self, pt::plugin0_1_0::host::Level};
 use crate::limits::InstanceLimiter;
 use crate::output::CapturedOutput;
 use pt_data::text::{bounded, escape_controls};
@@ -147,9 +147,9 @@ impl WasiView for PluginState {
     }
 }
 
-impl bindings::pt::plugin::types::Host for PluginState {}
+impl bindings::pt::plugin0_1_0::types::Host for PluginState {}
 
-impl bindings::pt::plugin::host::Host for PluginState {
+impl bindings::pt::plugin0_1_0::host::Host for PluginState {
     fn log(&mut self, level: Level, message: String) {
         if self.log_lines_left == 0 {
             return;

@@ -15,8 +15,9 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, InstancePre, Linker};
 use wasmtime::{Config, Engine};
 
-use crate::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, plugin};
-use crate::bindings::pt::plugin::types::{Info, Kind};
+use crate::bindings::exports::pt::plugin0_1_0::{augmenter, filter, mapper, metric, plugin};
+use crate::bindings::exports::pt::plugin0_2_0::tasks;
+use crate::bindings::pt::plugin0_1_0::types::{Info, Kind};
 use crate::limits::{PluginLimits, Ticker};
 use crate::link::{self, DEFAULT_SEED, PluginState};
 use crate::run::{Exports, MetricSession, PluginInstance};
@@ -224,11 +225,13 @@ impl PluginRuntime {
             && built_for != crate::INTERFACE_VERSION
         {
             bail!(
-                "{}: built for interface pt:plugin@{built_for}; this pt-host implements pt:plugin@{}. \
-                 Rebuild the plugin against wit/since_v{} (pt-plugin-sdk {}), or use a pt-host that implements pt:plugin@{built_for}.",
+                "{}: built for interface pt:plugin@{built_for}; this pt-host implements pt:plugin@{} (and pt:plugin@{}, which adds task plugins to it). \
+                 Rebuild the plugin against wit/since_v{} or wit/since_v{} (pt-plugin-sdk {}), or use a pt-host that implements pt:plugin@{built_for}.",
                 path.display(),
                 crate::INTERFACE_VERSION,
+                crate::TASKS_INTERFACE_VERSION,
                 crate::INTERFACE_VERSION,
+                crate::TASKS_INTERFACE_VERSION,
                 env!("CARGO_PKG_VERSION")
             );
         }
@@ -273,7 +276,9 @@ impl PluginRuntime {
                 mapper: mapper::GuestIndices::new(&pre).ok(),
                 augmenter: augmenter::GuestIndices::new(&pre).ok(),
                 metric: metric::GuestIndices::new(&pre).ok(),
+                tasks: tasks::GuestIndices::new(&pre).ok(),
             },
+            task_formats: Vec::new(),
             pre,
         };
         let mut probe = loaded
@@ -284,6 +289,10 @@ impl PluginRuntime {
             .map_err(|e| anyhow!("plugin {}: describe failed: {e}", path.display()))?;
         loaded.info = checked_info(path, info)?;
         loaded.name = loaded.info.id.clone().into();
+        let formats = probe
+            .task_formats()
+            .map_err(|e| anyhow!("plugin {}: formats failed: {e}", path.display()))?;
+        loaded.task_formats = crate::tasks::checked_formats(&loaded.name, formats)?;
         for kind in &loaded.info.kinds {
             let exported = match kind {
                 Kind::Filter => loaded.exports.filter.is_some(),
@@ -357,6 +366,8 @@ pub struct LoadedPlugin {
     pub from_cache: bool,
     pub(crate) exports: Exports,
     pub(crate) pre: InstancePre<PluginState>,
+    /// What `formats` listed (interface 0.2.0's task reader).
+    pub(crate) task_formats: Vec<String>,
 }
 
 impl LoadedPlugin {

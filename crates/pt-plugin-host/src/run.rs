@@ -11,8 +11,9 @@ use pt_data::{CallFailure, Derived, DocRef, StepInstance, StepKind, StepOutput, 
 use wasmtime::Store;
 use wasmtime::component::{InstancePre, ResourceAny, ResourceTableError};
 
-use crate::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, plugin};
-use crate::bindings::pt::plugin::types::{
+use crate::bindings::exports::pt::plugin0_1_0::{augmenter, filter, mapper, metric, plugin};
+use crate::bindings::exports::pt::plugin0_2_0::tasks::{self, TaskItem};
+use crate::bindings::pt::plugin0_1_0::types::{
     Decision, Document, Edit, Info, Kind, MetricValue, Sample,
 };
 use crate::limits::PluginLimits;
@@ -35,6 +36,7 @@ pub struct PluginInstance {
     mapper: Option<mapper::Guest>,
     augmenter: Option<augmenter::Guest>,
     metric: Option<metric::Guest>,
+    tasks: Option<tasks::Guest>,
 }
 
 /// The tail of what the plugin wrote to stderr, minus a Rust guest's hint
@@ -147,6 +149,9 @@ pub(crate) struct Exports {
     pub mapper: Option<mapper::GuestIndices>,
     pub augmenter: Option<augmenter::GuestIndices>,
     pub metric: Option<metric::GuestIndices>,
+    /// Interface 0.2.0's task reader, which is not a `kind`: `formats` says
+    /// whether it is real.
+    pub tasks: Option<tasks::GuestIndices>,
 }
 
 impl PluginInstance {
@@ -193,6 +198,12 @@ impl PluginInstance {
             mapper: bind!(exports.mapper, Kind::Mapper),
             augmenter: bind!(exports.augmenter, Kind::Augmenter),
             metric: bind!(exports.metric, Kind::Metric),
+            tasks: exports
+                .tasks
+                .as_ref()
+                .map(|indices| indices.load(&mut store, &instance))
+                .transpose()
+                .map_err(bind_error)?,
             name,
             limits,
             store,
@@ -203,6 +214,35 @@ impl PluginInstance {
         let plugin = &self.plugin;
         guarded(&mut self.store, &self.name, &self.limits, |s| {
             plugin.call_describe(s)
+        })
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The task formats a 0.2.0 plugin reads (none without the export).
+    pub(crate) fn task_formats(&mut self) -> Result<Vec<String>, CallFailure> {
+        let Some(tasks) = &self.tasks else {
+            return Ok(Vec::new());
+        };
+        guarded(&mut self.store, &self.name, &self.limits, |s| {
+            tasks.call_formats(s)
+        })
+    }
+
+    /// One `read-items` call: each record's items, or why it cannot be read.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn read_task_items(
+        &mut self,
+        format: &str,
+        records: &[Document],
+    ) -> Result<Vec<Result<Vec<TaskItem>, String>>, CallFailure> {
+        let tasks = self.tasks.as_ref().ok_or_else(|| {
+            CallFailure::Contract(format!("plugin `{}` has no tasks export", self.name))
+        })?;
+        guarded(&mut self.store, &self.name, &self.limits, |s| {
+            tasks.call_read_items(s, format, records)
         })
     }
 

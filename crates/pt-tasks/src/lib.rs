@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+mod compare;
 mod prompt;
 mod read;
 mod score;
@@ -16,14 +17,15 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use pt_data::Tokenizer;
 use pt_model::Model;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+pub use compare::{Difference, TaskComparison, compare, read_scored};
 pub use prompt::{context, continuations};
-pub use read::{Language, Question, Subject, Task};
+pub use read::{Language, Prompts, Question, Subject, Task, task_records};
 pub use score::{Request, log_likelihoods};
 
 /// One scored question, as `eval_tasks/<task>.jsonl` lists it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Scored {
     pub source: String,
     pub subject: String,
@@ -111,16 +113,21 @@ pub fn evaluate(
 ) -> Result<TaskResults> {
     task.check_fewshot(options.num_fewshot)?;
     let mut requests = Vec::with_capacity(task.questions());
-    let mut asked: Vec<(&str, &Question)> = Vec::with_capacity(task.questions());
+    let mut asked: Vec<(&str, &Question, Vec<String>)> = Vec::with_capacity(task.questions());
     for subject in &task.subjects {
         let shots = &subject.dev[..options.num_fewshot.min(subject.dev.len())];
         for question in &subject.scored {
-            let context = context(task.language, &subject.name, shots, question);
-            let continuations = continuations(task.language, question.choices.len());
+            let (context, continuations) = match task.prompts {
+                Prompts::Template(language) => (
+                    context(language, &subject.name, shots, question),
+                    continuations(language, question.choices.len()),
+                ),
+                Prompts::Given => (question.question.clone(), question.choices.clone()),
+            };
             let request = Request::encode(tokenizer, &context, &continuations)
                 .with_context(|| question.source.clone())?;
             requests.push(request);
-            asked.push((&subject.name, question));
+            asked.push((&subject.name, question, continuations));
         }
     }
     let scores = log_likelihoods(
@@ -133,11 +140,13 @@ pub fn evaluate(
     let questions: Vec<Scored> = asked
         .iter()
         .zip(scores)
-        .map(|((subject, question), scores)| {
-            let lengths = continuations(task.language, question.choices.len())
+        .map(|((subject, question, continuations), scores)| {
+            // The harness's acc_norm: each score over its choice's length
+            // in characters (without the space that joins it to the context).
+            let lengths: Vec<f64> = continuations
                 .iter()
-                .map(|c| c.trim_start().chars().count() as f64)
-                .collect::<Vec<_>>();
+                .map(|c| c.trim_start().chars().count().max(1) as f64)
+                .collect();
             Scored {
                 source: question.source.clone(),
                 subject: subject.to_string(),

@@ -40,11 +40,22 @@ pub enum Language {
     Chinese,
 }
 
-/// A benchmark: its name (the file or directory's), template and subjects.
+/// How a task's questions are asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prompts {
+    /// In the harness's template of this language, after the subject's dev
+    /// examples.
+    Template(Language),
+    /// As a task plugin wrote them: a question's `question` is its whole
+    /// context and its `choices` are the continuations.
+    Given,
+}
+
+/// A benchmark: its name (the file or directory's), prompts and subjects.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Task {
     pub name: String,
-    pub language: Language,
+    pub prompts: Prompts,
     pub subjects: Vec<Subject>,
 }
 
@@ -83,7 +94,12 @@ impl Task {
     /// `language`: the template; `None` picks Chinese when most questions
     /// contain Chinese characters.
     pub fn load(path: &Path, language: Option<Language>) -> Result<Task> {
-        let files = task_files(path)?;
+        let files = files_under(path, |file| {
+            matches!(
+                file.extension().and_then(|e| e.to_str()),
+                Some("csv" | "jsonl")
+            )
+        })?;
         let mut records = Vec::new();
         for file in &files {
             let split = split_of(file);
@@ -107,13 +123,48 @@ impl Task {
         let language = language.unwrap_or_else(|| detect_language(&subjects));
         Ok(Task {
             name,
-            language,
+            prompts: Prompts::Template(language),
             subjects,
         })
     }
 
-    /// Every scored subject has `num_fewshot` dev examples to show.
+    /// A task of questions whose prompts a plugin wrote (`(subject,
+    /// question)`, an empty subject being the task's name), subjects in name
+    /// order.
+    pub fn given(name: String, questions: Vec<(String, Question)>) -> Result<Task> {
+        if questions.is_empty() {
+            bail!("task {name}: the plugin read no question");
+        }
+        let mut by_subject: BTreeMap<String, Vec<Question>> = BTreeMap::new();
+        for (subject, question) in questions {
+            let subject = if subject.is_empty() {
+                name.clone()
+            } else {
+                subject
+            };
+            by_subject.entry(subject).or_default().push(question);
+        }
+        let subjects = by_subject
+            .into_iter()
+            .map(|(name, scored)| Subject {
+                name,
+                dev: Vec::new(),
+                scored,
+            })
+            .collect();
+        Ok(Task {
+            name,
+            prompts: Prompts::Given,
+            subjects,
+        })
+    }
+
+    /// Every scored subject has `num_fewshot` dev examples to show (given
+    /// prompts hold their own).
     pub fn check_fewshot(&self, num_fewshot: usize) -> Result<()> {
+        if self.prompts == Prompts::Given {
+            return Ok(());
+        }
         for subject in &self.subjects {
             if subject.dev.len() < num_fewshot && !subject.scored.is_empty() {
                 bail!(
@@ -132,9 +183,34 @@ impl Task {
     }
 }
 
-/// The task's files: the one given, or every `.csv`/`.jsonl` under a
-/// directory, sorted.
-fn task_files(path: &Path) -> Result<Vec<PathBuf>> {
+/// The records a task plugin reads: every non-empty line of the file, or of
+/// each file under the directory (sorted, hidden ones skipped), with its
+/// `path:line`.
+pub fn task_records(path: &Path) -> Result<Vec<(String, String)>> {
+    let files = files_under(path, |file| {
+        !file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.'))
+    })?;
+    let mut records = Vec::new();
+    for file in files {
+        let bytes = fs::read(&file).with_context(|| format!("{}: cannot read", file.display()))?;
+        for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            let line = std::str::from_utf8(line)
+                .with_context(|| format!("{}:{}: not UTF-8", file.display(), i + 1))?;
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            if !line.trim().is_empty() {
+                records.push((format!("{}:{}", file.display(), i + 1), line.to_string()));
+            }
+        }
+    }
+    Ok(records)
+}
+
+/// The task's files: the one given, or every one under a directory that
+/// `accept`s, sorted.
+fn files_under(path: &Path, accept: fn(&Path) -> bool) -> Result<Vec<PathBuf>> {
     if path.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
@@ -150,17 +226,14 @@ fn task_files(path: &Path) -> Result<Vec<PathBuf>> {
             let entry = entry?.path();
             if entry.is_dir() {
                 dirs.push(entry);
-            } else if matches!(
-                entry.extension().and_then(|e| e.to_str()),
-                Some("csv" | "jsonl")
-            ) {
+            } else if accept(&entry) {
                 files.push(entry);
             }
         }
     }
     files.sort();
     if files.is_empty() {
-        bail!("{}: no .csv or .jsonl task files", path.display());
+        bail!("{}: no task files", path.display());
     }
     Ok(files)
 }
@@ -483,8 +556,8 @@ mod tests {
         );
         let task = Task::load(&mmlu, None).unwrap();
         assert_eq!(
-            (task.name.as_str(), task.language),
-            ("mmlu", Language::English)
+            (task.name.as_str(), task.prompts),
+            ("mmlu", Prompts::Template(Language::English))
         );
         let anatomy = &task.subjects[0];
         assert_eq!(anatomy.name, "anatomy");
@@ -515,7 +588,7 @@ mod tests {
             &format!("{header}0,法律问三,甲,乙,丙,丁,\n"),
         );
         let task = Task::load(&ceval, None).unwrap();
-        assert_eq!(task.language, Language::Chinese);
+        assert_eq!(task.prompts, Prompts::Template(Language::Chinese));
         assert_eq!(task.subjects[0].scored[0].question, "法律问二");
 
         let cmmlu = dir.path().join("cmmlu");

@@ -4,7 +4,7 @@
 use anyhow::{Result, bail};
 use candle_core::Tensor;
 use pt_data::Tokenizer;
-use pt_model::Model;
+use pt_model::{KvCache, Model};
 
 /// A question's context and its choices' continuations, as token ids.
 #[derive(Clone, Debug, PartialEq)]
@@ -23,6 +23,9 @@ impl Request {
     pub fn encode(tokenizer: &Tokenizer, context: &str, continuations: &[String]) -> Result<Self> {
         let (context, moved) = context.split_at(context.trim_end().len());
         let context_ids = tokenizer.encode_with_special_tokens(context)?;
+        if context_ids.is_empty() {
+            bail!("the context {context:?} has no tokens to score a continuation after");
+        }
         let continuations = continuations
             .iter()
             .map(|continuation| {
@@ -88,9 +91,32 @@ fn rows(requests: &[Request], max_length: usize) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
+/// Whether `request` is scored with its context's keys and values computed
+/// once: it has a continuation of several tokens (one-token continuations
+/// share a row anyway), and no input is cut to the window (a cut context
+/// differs between continuations).
+fn shares_cache(request: &Request, max_length: usize) -> bool {
+    let longest = request
+        .continuations
+        .iter()
+        .map(Vec::len)
+        .max()
+        .unwrap_or(0);
+    longest > 1 && request.context.len() + longest <= max_length + 1
+}
+
+/// The log-probabilities of `tokens` in the rows of `log_probs` (`[n, vocab]`).
+fn picked(log_probs: &Tensor, tokens: &[u32]) -> Result<Vec<f32>> {
+    let tokens = Tensor::new(tokens, log_probs.device())?.unsqueeze(1)?;
+    Ok(log_probs.gather(&tokens, 1)?.squeeze(1)?.to_vec1::<f32>()?)
+}
+
 /// Each request's log-likelihood per choice: the sum of its continuation
-/// tokens' log-probabilities. Rows run longest first, `batch_size` at a
-/// time, right-padded; `progress(done, total)` after each batch.
+/// tokens' log-probabilities. Requests with continuations of several tokens
+/// run their context once and every continuation after its cached keys and
+/// values; the others run as rows (see [`rows`]), longest first. Each runs
+/// `batch_size` contexts or rows at a time, padded; `progress(done, total)`
+/// after each batch.
 pub fn log_likelihoods(
     model: &Model,
     requests: &[Request],
@@ -98,14 +124,25 @@ pub fn log_likelihoods(
     batch_size: usize,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Vec<Vec<f64>>> {
-    let mut rows = rows(requests, max_length)?;
-    rows.sort_by_key(|row| std::cmp::Reverse(row.input.len()));
+    let batch_size = batch_size.max(1);
     let mut scores: Vec<Vec<f64>> = requests
         .iter()
         .map(|r| vec![0.0; r.continuations.len()])
         .collect();
-    let batches = rows.len().div_ceil(batch_size.max(1));
-    for (done, batch) in rows.chunks(batch_size.max(1)).enumerate() {
+    let (mut cached, uncached): (Vec<usize>, Vec<usize>) =
+        (0..requests.len()).partition(|&i| shares_cache(&requests[i], max_length));
+    cached.sort_by_key(|&i| std::cmp::Reverse(requests[i].context.len()));
+    let by_row: Vec<Request> = uncached.iter().map(|&i| requests[i].clone()).collect();
+    let mut rows = rows(&by_row, max_length)?;
+    rows.sort_by_key(|row| std::cmp::Reverse(row.input.len()));
+    let total = rows.len().div_ceil(batch_size) + cached.len().div_ceil(batch_size);
+    let mut done = 0;
+    for batch in cached.chunks(batch_size) {
+        score_after_shared_context(model, requests, batch, &mut scores)?;
+        done += 1;
+        progress(done, total);
+    }
+    for batch in rows.chunks(batch_size) {
         let width = batch[0].input.len();
         let input_ids: Vec<Vec<u32>> = batch
             .iter()
@@ -127,14 +164,111 @@ pub fn log_likelihoods(
         let positions: Vec<(usize, usize)> = targets.iter().map(|&(r, t)| (r, t.0)).collect();
         let log_probs = model.next_token_log_probs(&input_ids, &mask, &positions)?;
         let tokens: Vec<u32> = targets.iter().map(|(_, t)| t.1).collect();
-        let tokens = Tensor::new(tokens.as_slice(), log_probs.device())?.unsqueeze(1)?;
-        let picked = log_probs.gather(&tokens, 1)?.squeeze(1)?.to_vec1::<f32>()?;
-        for (&(_, &(_, _, request, choice)), log_prob) in targets.iter().zip(picked) {
-            scores[request][choice] += log_prob as f64;
+        for (&(_, &(_, _, request, choice)), log_prob) in
+            targets.iter().zip(picked(&log_probs, &tokens)?)
+        {
+            scores[uncached[request]][choice] += log_prob as f64;
         }
-        progress(done + 1, batches);
+        done += 1;
+        progress(done, total);
     }
     Ok(scores)
+}
+
+/// Scores `batch` (indices of `requests`): the contexts, left-padded to end
+/// together, in one pass that keeps their keys and values and scores every
+/// continuation's first token; then each continuation of several tokens as
+/// a row after a copy of its context's cache, right-padded.
+fn score_after_shared_context(
+    model: &Model,
+    requests: &[Request],
+    batch: &[usize],
+    scores: &mut [Vec<f64>],
+) -> Result<()> {
+    let width = batch
+        .iter()
+        .map(|&i| requests[i].context.len())
+        .max()
+        .unwrap_or(0);
+    let mut context_ids = Vec::with_capacity(batch.len());
+    let mut context_mask = Vec::with_capacity(batch.len());
+    for &i in batch {
+        let context = &requests[i].context;
+        let pad = width - context.len();
+        context_ids.push([vec![0; pad], context.clone()].concat());
+        context_mask.push([vec![0; pad], vec![1; context.len()]].concat());
+    }
+    let mut cache = KvCache::default();
+    let last: Vec<(usize, usize)> = (0..batch.len()).map(|r| (r, width - 1)).collect();
+    let log_probs =
+        model.next_token_log_probs_cached(&context_ids, &context_mask, &mut cache, &last)?;
+    // Every continuation's first token, from the context's last position.
+    let mut first: Vec<(usize, usize, u32)> = Vec::new();
+    for (r, &i) in batch.iter().enumerate() {
+        for (choice, continuation) in requests[i].continuations.iter().enumerate() {
+            first.push((r, choice, continuation[0]));
+        }
+    }
+    let rows: Vec<u32> = first.iter().map(|&(r, _, _)| r as u32).collect();
+    let rows = Tensor::from_vec(rows, first.len(), log_probs.device())?;
+    let tokens: Vec<u32> = first.iter().map(|f| f.2).collect();
+    for (&(r, choice, _), log_prob) in first
+        .iter()
+        .zip(picked(&log_probs.index_select(&rows, 0)?, &tokens)?)
+    {
+        scores[batch[r]][choice] += log_prob as f64;
+    }
+    // The rest of each longer continuation, after its context.
+    let longer: Vec<(usize, usize, &[u32])> = batch
+        .iter()
+        .enumerate()
+        .flat_map(|(r, &i)| {
+            requests[i]
+                .continuations
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.len() > 1)
+                .map(move |(choice, c)| (r, choice, c.as_slice()))
+        })
+        .collect();
+    let steps = longer
+        .iter()
+        .map(|(_, _, c)| c.len() - 1)
+        .max()
+        .unwrap_or(0);
+    if steps == 0 {
+        return Ok(());
+    }
+    let from: Vec<u32> = longer.iter().map(|&(r, _, _)| r as u32).collect();
+    let mut cache = cache.select_rows(&from)?;
+    let mut input_ids = Vec::with_capacity(longer.len());
+    let mut mask = Vec::with_capacity(longer.len());
+    let mut positions = Vec::new();
+    let mut tokens = Vec::new();
+    let mut owners = Vec::new();
+    for (k, &(r, choice, continuation)) in longer.iter().enumerate() {
+        let fed = &continuation[..continuation.len() - 1];
+        input_ids.push([fed.to_vec(), vec![0; steps - fed.len()]].concat());
+        mask.push(
+            [
+                context_mask[r].clone(),
+                vec![1; fed.len()],
+                vec![0; steps - fed.len()],
+            ]
+            .concat(),
+        );
+        // Token t + 1 is predicted at the position of token t.
+        for (t, &token) in continuation[1..].iter().enumerate() {
+            positions.push((k, t));
+            tokens.push(token);
+            owners.push((batch[r], choice));
+        }
+    }
+    let log_probs = model.next_token_log_probs_cached(&input_ids, &mask, &mut cache, &positions)?;
+    for (&(request, choice), log_prob) in owners.iter().zip(picked(&log_probs, &tokens)?) {
+        scores[request][choice] += log_prob as f64;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

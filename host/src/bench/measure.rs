@@ -73,9 +73,13 @@ pub(super) fn measure_here(args: &BenchArgs, measure: Measure) -> Result<Measure
             allreduce_rate(gradient_floats(args, measure == Measure::AllreduceLora))?,
             None,
         ),
-        Measure::Lora | Measure::Full | Measure::Eval | Measure::Generate => {
-            model_rate(args, measure)?
-        }
+        Measure::Lora
+        | Measure::Full
+        | Measure::Eval
+        | Measure::Generate
+        | Measure::TasksLetters
+        | Measure::TasksWords
+        | Measure::TasksWordsUnshared => model_rate(args, measure)?,
     };
     Ok(Measured {
         rate,
@@ -185,6 +189,46 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
             let started = Instant::now();
             pt_model::generate::generate(&model, &prompts, &config, &mut |_, _| Ok(()))?;
             args.new_tokens as f64 / started.elapsed().as_secs_f64()
+        }
+        Measure::TasksLetters | Measure::TasksWords | Measure::TasksWordsUnshared => {
+            let answer_tokens = if measure == Measure::TasksLetters {
+                1
+            } else {
+                8
+            };
+            // One token short of the window, each answer's input loses the
+            // context's first token: no two share one.
+            let window = args.block_size - usize::from(measure == Measure::TasksWordsUnshared);
+            let questions = |rows: usize, seed: u64| {
+                // Contexts as long as a block, less the answers' tokens.
+                let blocks = random_blocks(args, rows, seed);
+                (0..rows)
+                    .map(|r| {
+                        let row = blocks.row(r);
+                        let context_len = args.block_size + 1 - answer_tokens;
+                        pt_tasks::Request {
+                            context: row[..context_len].to_vec(),
+                            continuations: (0..4u32)
+                                .map(|c| {
+                                    (0..answer_tokens as u32).map(|t| 4 + 10 * c + t).collect()
+                                })
+                                .collect(),
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let score = |requests: &[pt_tasks::Request]| {
+                pt_tasks::log_likelihoods(&model, requests, window, args.batch_size, &mut |_, _| {})
+            };
+            score(&questions(args.batch_size, 3))?;
+            let requests = questions((args.steps + 1) * args.batch_size, 2);
+            let tokens: usize = requests
+                .iter()
+                .map(|r| r.context.len() + r.continuations.iter().map(Vec::len).sum::<usize>())
+                .sum();
+            let started = Instant::now();
+            score(&requests)?;
+            tokens as f64 / started.elapsed().as_secs_f64()
         }
         _ => bail!("{measure:?} is not a model measurement"),
     };

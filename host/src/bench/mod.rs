@@ -27,6 +27,17 @@ pub enum Measure {
     Eval,
     /// Greedy generation with the KV cache, one prompt.
     Generate,
+    /// Benchmark questions scored as --eval_tasks scores them: block-long
+    /// contexts, four one-token answers (MMLU's letters); tokens of context
+    /// and answers per second, to set beside `eval`'s.
+    TasksLetters,
+    /// The same with four 8-token answers (a plugin task's words), which
+    /// share their context's KV cache.
+    TasksWords,
+    /// The same answers each run after its own copy of the context (the
+    /// window one token shorter, so that no context is shared): what the
+    /// cache saves.
+    TasksWordsUnshared,
     /// One f32 matrix product of the MLP's shape (`[tokens, h]·[h, 4h]`), GFLOP/s.
     Matmul,
     /// `prepare` of the corpus: read, tokenize, pack.
@@ -65,6 +76,9 @@ impl Measure {
             Measure::Full => "train tok/s (full)".into(),
             Measure::Eval => "eval tok/s".into(),
             Measure::Generate => "generate tok/s".into(),
+            Measure::TasksLetters => "benchmark tok/s (4 × 1-token answers)".into(),
+            Measure::TasksWords => "benchmark tok/s (4 × 8-token answers)".into(),
+            Measure::TasksWordsUnshared => "benchmark tok/s (the same, unshared)".into(),
             Measure::Matmul => "matmul GFLOP/s".into(),
             Measure::Prepare => "prepare MB/s".into(),
             Measure::PreparePlugin => format!("prepare MB/s + {}", file(&args.plugin)),
@@ -86,7 +100,13 @@ impl Measure {
     fn has_reference(self) -> bool {
         !matches!(
             self,
-            Measure::Prepare | Measure::PreparePlugin | Measure::PluginWasm | Measure::PluginNative
+            Measure::Prepare
+                | Measure::PreparePlugin
+                | Measure::PluginWasm
+                | Measure::PluginNative
+                | Measure::TasksLetters
+                | Measure::TasksWords
+                | Measure::TasksWordsUnshared
         )
     }
 
@@ -354,6 +374,9 @@ fn available_measures(args: &BenchArgs) -> Vec<Measure> {
         Measure::Lora,
         Measure::Full,
         Measure::Eval,
+        Measure::TasksLetters,
+        Measure::TasksWords,
+        Measure::TasksWordsUnshared,
         Measure::Generate,
         Measure::Matmul,
     ];

@@ -6,7 +6,7 @@
 // Off wasm, `register!` expands to nothing and the plugin is unused.
 #![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
-use pt_plugin_sdk::{Decision, Document, Edit, Kind, Plugin};
+use pt_plugin_sdk::{Decision, Document, Edit, Kind, Plugin, TaskItem};
 use serde::Deserialize;
 
 #[derive(Deserialize, Default)]
@@ -65,6 +65,36 @@ impl Plugin for Hostile {
         }
     }
 
+    const TASK_FORMATS: &'static [&'static str] = &["hostile"];
+
+    /// Task items: a fair two-choice question per record, and on records
+    /// containing the marker a trap (`task_trap`), an endless loop
+    /// (`task_loop`), a refusal (`task_refuse`), a gold index past the
+    /// continuations (`task_gold`), one continuation (`task_one_choice`) or
+    /// far too many items (`task_flood`).
+    fn read_task_items(&self, _format: &str, record: &Document) -> Result<Vec<TaskItem>, String> {
+        let item = |continuations: usize, gold: u32| TaskItem {
+            subject: "hostile".into(),
+            context: format!("Q: {}\nA:", record.text.trim()),
+            continuations: (0..continuations).map(|i| format!(" {i}")).collect(),
+            gold,
+        };
+        if !record.text.contains(&self.config.marker) {
+            return Ok(vec![item(2, 0)]);
+        }
+        match self.config.mode.as_str() {
+            "task_trap" => panic!("hostile task reader panicked on purpose"),
+            "task_loop" => loop {
+                std::hint::black_box(record);
+            },
+            "task_refuse" => Err("this record is refused on purpose".into()),
+            "task_gold" => Ok(vec![item(4, 4)]),
+            "task_one_choice" => Ok(vec![item(1, 0)]),
+            "task_flood" => Ok(vec![item(2, 0); 5000]),
+            _ => Ok(vec![item(2, 0)]),
+        }
+    }
+
     /// Derived documents on request: far too many (`augment_flood`), or
     /// empty ones (`augment_empty`).
     fn augment(&self, doc: &Document, _rng: &mut pt_plugin_sdk::Rng) -> Vec<String> {
@@ -87,7 +117,7 @@ impl Plugin for Hostile {
             "amplify" | "miscount" | "stateful" | "augment_flood" | "augment_empty" => {
                 Decision::Keep
             }
-            mode if mode.starts_with("metric_") => Decision::Keep,
+            mode if mode.starts_with("metric_") || mode.starts_with("task_") => Decision::Keep,
             "sleep" => {
                 let started = std::time::Instant::now();
                 std::thread::sleep(std::time::Duration::from_secs(3600));
@@ -185,14 +215,17 @@ fn recurse(n: u64) -> u64 {
 
 // Not `register!`: the SDK always answers once per document, so the exports
 // are wrapped to break that contract in mode `miscount` (one verdict too many
-// when a document has the marker).
+// when a document has the marker) and `task_miscount` (one result too few).
 #[cfg(target_arch = "wasm32")]
 mod exports {
     use std::cell::Cell;
 
     use pt_plugin_sdk::Adapter;
-    use pt_plugin_sdk::bindings::exports::pt::plugin::{augmenter, filter, mapper, metric, plugin};
-    use pt_plugin_sdk::bindings::pt::plugin::types as wit;
+    use pt_plugin_sdk::bindings::exports::pt::plugin0_1_0::{
+        augmenter, filter, mapper, metric, plugin,
+    };
+    use pt_plugin_sdk::bindings::exports::pt::plugin0_2_0::tasks;
+    use pt_plugin_sdk::bindings::pt::plugin0_1_0::types as wit;
 
     use super::{Config, Hostile};
 
@@ -284,6 +317,26 @@ mod exports {
 
     impl metric::Guest for Exports {
         type Accumulator = NoMetric;
+    }
+
+    /// Breaks the task reader's contract in mode `task_miscount`: a batch
+    /// with the marker gets one result fewer than it has records.
+    impl tasks::Guest for Exports {
+        fn formats() -> Vec<String> {
+            <Inner as tasks::Guest>::formats()
+        }
+
+        fn read_items(
+            format: String,
+            records: Vec<wit::Document>,
+        ) -> Vec<Result<Vec<tasks::TaskItem>, String>> {
+            let marked = MARKER.with(|m| records.iter().any(|d| d.text.contains(&*m.borrow())));
+            let mut results = <Inner as tasks::Guest>::read_items(format, records);
+            if marked && MODE.with(|m| *m.borrow() == "task_miscount") {
+                results.pop();
+            }
+            results
+        }
     }
 
     pt_plugin_sdk::bindings::export_any_plugin!(Exports with_types_in pt_plugin_sdk::bindings);
