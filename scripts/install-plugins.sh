@@ -19,7 +19,7 @@ mkdir -p "$trusted"
 cp "$config/local-plugins.pub" "$trusted/local-plugins.pub"
 bundles=$(mktemp -d)
 trap 'rm -rf "$bundles"' EXIT
-for plugin in medical_clean augment_eda domain_terms; do
+for plugin in medical_clean augment_eda domain_terms medqa_tasks; do
     "$pt_host" plugin pack --component "$out/$plugin.wasm" --plugin_dir "plugins/$plugin" \
         --output_dir "$bundles" --key "$key" >/dev/null
 done

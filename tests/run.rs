@@ -2541,3 +2541,73 @@ fn task_plugin_failures_name_the_plugin_and_the_record() {
         PtHost::new(args("tasks", config, &tasks)).fails_with(&expected);
     }
 }
+
+/// `eval --eval_tasks` without a corpus scores the benchmarks alone (HF's
+/// accuracy on the mc-tasks reference), and the base-vs-trained report
+/// then compares accuracies only.
+#[test]
+fn benchmarks_alone_need_no_corpus() {
+    let dir = tempfile::tempdir().unwrap();
+    let en = common::repo().join("tests/fixtures/mc-tasks/en");
+    let cache = dir.path().join("cache");
+    let eval = |output: &str, extra: &[&str]| {
+        let out = dir.path().join(output);
+        let mut args = vec![
+            "eval",
+            "--model_name_or_path",
+            fixture_model().to_str().unwrap(),
+            "--eval_tasks",
+            en.to_str().unwrap(),
+            "--eval_max_length",
+            "96",
+            "--cache_dir",
+            cache.to_str().unwrap(),
+            "--disable_tqdm",
+            "--output_dir",
+            out.to_str().unwrap(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let output = Command::new(env!("CARGO_BIN_EXE_pt-host"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_ok(&output);
+        out
+    };
+    let reference = json(&common::repo().join("tests/fixtures/mc-tasks/expected.json"));
+    let hf = reference["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["model"] == "bloom-tiny" && r["task"] == "en" && r["num_fewshot"] == 0)
+        .unwrap()["questions"]
+        .as_array()
+        .unwrap();
+    let right = hf.iter().filter(|q| q["prediction"] == q["answer"]).count();
+    let acc = right as f64 / hf.len() as f64;
+
+    let alone = json(&eval("alone", &[]).join("eval_results.json"));
+    assert_eq!(alone["eval_en_acc"].as_f64(), Some(acc), "{alone}");
+    assert!(alone.get("eval_loss").is_none(), "{alone}");
+
+    let adapter = fixture().join("lora_final");
+    let base = fixture_model().display().to_string();
+    let report_dir = eval(
+        "report",
+        &[
+            "--peft_path",
+            adapter.to_str().unwrap(),
+            "--base_model_name_or_path",
+            &base,
+        ],
+    );
+    let report = json(&report_dir.join("eval_report.json"));
+    assert!(report.get("domain_perplexity").is_none(), "{report}");
+    assert_eq!(
+        report["tasks"][0]["overall"]["base_acc"].as_f64(),
+        Some(acc)
+    );
+}

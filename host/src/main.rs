@@ -57,9 +57,10 @@ enum Command {
     Prepare(Box<prepare::PrepareArgs>),
     /// Prepare the data, then train a LoRA adapter (--do_train) and/or evaluate (--do_eval).
     Run(Box<run_args::RunArgs>),
-    /// Evaluate a model (+ --peft_path adapter) on --validation_file_dir (a dir or a file), no
-    /// training: eval_loss, perplexity, accuracy, benchmark tasks and metric plugins; with
-    /// --base_model_name_or_path, a base-vs-trained report. Takes `run`'s flags.
+    /// Evaluate a model (+ --peft_path adapter) on --validation_file_dir (a dir or a file)
+    /// and/or --eval_tasks benchmarks, no training: eval_loss, perplexity, accuracy, benchmark
+    /// accuracies and metric plugins; with --base_model_name_or_path, a base-vs-trained report.
+    /// Takes `run`'s flags.
     Eval(Box<run_args::RunArgs>),
     /// Fold a LoRA adapter into its base model: an HF model directory.
     Merge(merge::MergeArgs),

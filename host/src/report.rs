@@ -46,7 +46,8 @@ impl Perplexity {
 #[derive(Debug, Serialize)]
 struct Evaluation {
     model: String,
-    domain: Perplexity,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain: Option<Perplexity>,
     #[serde(skip_serializing_if = "Option::is_none")]
     general: Option<Perplexity>,
     #[serde(skip)]
@@ -79,7 +80,8 @@ impl PerplexityChange {
 struct Report {
     base: Evaluation,
     trained: Evaluation,
-    domain_perplexity: PerplexityChange,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    domain_perplexity: Option<PerplexityChange>,
     #[serde(skip_serializing_if = "Option::is_none")]
     general_perplexity: Option<PerplexityChange>,
     tasks: Vec<TaskComparison>,
@@ -97,11 +99,7 @@ pub fn eval_and_compare(args: RunArgs) -> Result<()> {
         );
     }
     let output_dir = args.data.output_dir.clone();
-    let domain = args
-        .data
-        .validation_file_dir
-        .clone()
-        .context("pt-host eval needs --validation_file_dir")?;
+    let domain = args.data.validation_file_dir.clone();
     let general = args.general_file_dir.clone();
 
     let mut trained = args;
@@ -138,14 +136,17 @@ pub fn eval_and_compare(args: RunArgs) -> Result<()> {
             general_args.eval_tasks.clear();
             general_args
         });
-        crate::run::run(model_args)?;
+        crate::run::eval(model_args)?;
         if let Some(general_args) = general_args {
             eprintln!("== {label} model on the general corpus");
-            crate::run::run(general_args)?;
+            crate::run::eval(general_args)?;
         }
         evaluations.push(Evaluation {
             model: name,
-            domain: Perplexity::read(&dir)?,
+            domain: domain
+                .is_some()
+                .then(|| Perplexity::read(&dir))
+                .transpose()?,
             general: general
                 .is_some()
                 .then(|| Perplexity::read(&dir.join("general")))
@@ -156,7 +157,10 @@ pub fn eval_and_compare(args: RunArgs) -> Result<()> {
     let trained = evaluations.pop().expect("two evaluations");
     let base = evaluations.pop().expect("two evaluations");
     let report = Report {
-        domain_perplexity: PerplexityChange::new(&domain, base.domain, trained.domain),
+        domain_perplexity: match (&domain, base.domain, trained.domain) {
+            (Some(corpus), Some(b), Some(t)) => Some(PerplexityChange::new(corpus, b, t)),
+            _ => None,
+        },
         general_perplexity: match (&general, base.general, trained.general) {
             (Some(corpus), Some(b), Some(t)) => Some(PerplexityChange::new(corpus, b, t)),
             _ => None,
@@ -220,7 +224,7 @@ impl Report {
         );
         table.push_str("| | base | trained | difference |\n|---|---:|---:|---:|\n");
         let perplexities = [
-            ("domain", Some(&self.domain_perplexity)),
+            ("domain", self.domain_perplexity.as_ref()),
             ("general", self.general_perplexity.as_ref()),
         ];
         for (kind, change) in perplexities {

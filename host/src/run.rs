@@ -175,14 +175,17 @@ pub fn eval(mut args: RunArgs) -> Result<()> {
     if args.do_train {
         bail!("pt-host eval does not train: use pt-host run --do_train");
     }
-    if args.data.validation_file_dir.is_none() {
-        bail!("pt-host eval needs --validation_file_dir (a directory or a .txt/.json/.jsonl file)");
-    }
     args.do_eval = true;
     if args.base_model_name_or_path.is_some() {
         return crate::report::eval_and_compare(args);
     }
-    run(args)
+    match (&args.data.validation_file_dir, args.eval_tasks.is_empty()) {
+        (Some(_), _) => run(args),
+        (None, false) => evaluate_tasks_only(args),
+        (None, true) => bail!(
+            "pt-host eval needs --validation_file_dir (a directory or a .txt/.json/.jsonl file), --eval_tasks, or both"
+        ),
+    }
 }
 
 pub fn run(mut args: RunArgs) -> Result<()> {
@@ -304,6 +307,29 @@ fn load_model_and_data(
     } else {
         collective.barrier()?;
     }
+    // The model first: a wrong model fails before any data work.
+    let (model, trainable, tokenizer) = load_model(args, device, dtype, main)?;
+    let data = prepare_data(&args.data, tokenizer, main)?;
+    if main {
+        collective.barrier()?;
+    }
+    if args.do_eval && data.prepared.validation.is_empty() {
+        bail!(
+            "--do_eval: there are no validation blocks (data_report.json has the counts); give --validation_file_dir, \
+             raise --validation_split_percentage or --max_eval_samples, or lower --block_size"
+        );
+    }
+    Ok((model, trainable, data))
+}
+
+/// The model (hub ids resolved), checked against `--model_type`, with what
+/// trains attached, and its tokenizer (an adapter's, where it brings one).
+fn load_model(
+    args: &mut RunArgs,
+    device: Device,
+    dtype: DType,
+    main: bool,
+) -> Result<(Model, Trainable, Tokenizer)> {
     args.data.resolve_models()?;
     // An adapter saved with an extended tokenizer is read with it.
     if args.data.tokenizer_name_or_path.is_none() {
@@ -311,7 +337,6 @@ fn load_model_and_data(
         let dir = tokenizer_with_adapter(model_dir, args.peft_path.as_deref()).to_path_buf();
         args.data.tokenizer_name_or_path = Some(dir);
     }
-    // The model first: a wrong model fails before any data work.
     let model_dir = &args.data.model_name_or_path;
     let mut model = Model::load(model_dir, &device, dtype)?;
     let actual = &model.config().model_type;
@@ -324,17 +349,41 @@ fn load_model_and_data(
     }
     let tokenizer = Tokenizer::from_dir(args.data.tokenizer_dir())?;
     let trainable = attach_trainable(args, &mut model, &tokenizer, main)?;
-    let data = prepare_data(&args.data, tokenizer, main)?;
-    if main {
-        collective.barrier()?;
-    }
-    if args.do_eval && data.prepared.validation.is_empty() {
+    Ok((model, trainable, tokenizer))
+}
+
+/// `pt-host eval --eval_tasks ...` without a corpus: the benchmarks alone,
+/// in `eval_results.json` and `eval_tasks/`.
+fn evaluate_tasks_only(mut args: RunArgs) -> Result<()> {
+    check_flags(&args)?;
+    apply_hf_flags(&mut args);
+    if Launch::from_env()?.world_size > 1 {
         bail!(
-            "--do_eval: there are no validation blocks (data_report.json has the counts); give --validation_file_dir, \
-             raise --validation_split_percentage or --max_eval_samples, or lower --block_size"
+            "pt-host eval without --validation_file_dir scores the benchmarks in one process; start it without a launcher"
         );
     }
-    Ok((model, trainable, data))
+    let (device, dtype) = device::select(args.device_map, args.torch_dtype, args.tf32, 0)?;
+    let tasks = Benchmarks::read_tasks(&args)?;
+    report_ignored_flags(&args);
+    let (model, _, tokenizer) = load_model(&mut args, device, dtype, true)?;
+    let cache_dir = args
+        .data
+        .cache_dir
+        .clone()
+        .unwrap_or_else(crate::args::default_cache_dir);
+    let (_runtime, plugins) = crate::plugins::load(&args.data.plugins, &cache_dir)?;
+    let benchmarks = Benchmarks::new(tasks, &args, &tokenizer, &plugins)?
+        .context("pt-host eval needs --validation_file_dir, --eval_tasks or both")?;
+    let mut results = json!({});
+    for (name, value) in benchmarks.score(&model)? {
+        results[format!("eval_{name}")] = json!(value);
+    }
+    println!("{results}");
+    let output_dir = &args.data.output_dir;
+    write_results(output_dir, "eval_results.json", &results)?;
+    write_results(output_dir, "all_results.json", &results)?;
+    eprintln!("outputs in {}", output_dir.display());
+    Ok(())
 }
 
 /// What trains: a loaded or new LoRA adapter (with any modules trained
