@@ -2078,8 +2078,10 @@ fn mixed_sources_follow_their_weights_and_report_each_validation_loss() {
 
 /// The reference models of tests/fixtures/mc-tasks/expected.json: the name
 /// its numbers are recorded under, the fixture model, and its tokenizer when
-/// not the model's (llama-tiny's with a BOS before every encoding).
-const REFERENCE_MODELS: [(&str, &str, Option<&str>); 3] = [
+/// not the model's (llama-tiny's with a BOS before every encoding). Qwen2
+/// (QKV biases), Qwen3 (QK norms) and Mistral (a 16-token sliding window,
+/// shorter than the prompts) come after.
+const REFERENCE_MODELS: [(&str, &str, Option<&str>); 6] = [
     ("bloom-tiny", "bloom-tiny", None),
     ("llama-tiny", "llama-tiny", None),
     (
@@ -2087,6 +2089,9 @@ const REFERENCE_MODELS: [(&str, &str, Option<&str>); 3] = [
         "llama-tiny",
         Some("mc-tasks/llama-bos-tokenizer"),
     ),
+    ("qwen2-tiny", "qwen2-tiny", None),
+    ("qwen3-tiny", "qwen3-tiny", None),
+    ("mistral-tiny", "mistral-tiny", None),
 ];
 
 /// Runs `eval` on a reference model with `flags` and checks each of `tasks`
@@ -2183,7 +2188,8 @@ fn assert_scored_as_reference(
 /// `--eval_tasks` scores every choice of a hand-written MMLU-style (English)
 /// and C-Eval-style (Chinese, unpublished test answers) task as
 /// lm-evaluation-harness does, zero- and two-shot, with prompts cut from the
-/// left to the 96-token window, on BLOOM and Llama.
+/// left to the 96-token window, on BLOOM, Llama (also with a BOS-adding
+/// tokenizer), Qwen2, Qwen3 and Mistral.
 #[test]
 fn benchmark_tasks_score_as_lm_evaluation_harness_does() {
     let tasks = common::repo().join("tests/fixtures/mc-tasks");
@@ -2204,13 +2210,16 @@ fn benchmark_tasks_score_as_lm_evaluation_harness_does() {
         }
     }
     // A tokenizer that puts a BOS before the context and before the context
-    // with its continuation: the continuation is still what follows.
+    // with its continuation (the continuation is still what follows), and
+    // the other families.
     let en = tasks.join("en").display().to_string();
-    for shots in ["0", "2"] {
-        compared +=
-            assert_scored_as_reference(REFERENCE_MODELS[2], shots, &["en"], &["--eval_tasks", &en]);
+    for reference in &REFERENCE_MODELS[2..] {
+        for shots in ["0", "2"] {
+            compared +=
+                assert_scored_as_reference(*reference, shots, &["en"], &["--eval_tasks", &en]);
+        }
     }
-    assert_eq!(compared, (2 * 2 * (5 + 5) + 2 * 5) * 4);
+    assert_eq!(compared, (2 * 2 * (5 + 5) + 4 * 2 * 5) * 4);
 }
 
 /// A task plugin (interface 0.2.0; medqa_tasks) reads MedQA's JSONL, a
@@ -2236,7 +2245,7 @@ fn plugin_tasks_score_as_lm_evaluation_harness_does() {
             ],
         );
     }
-    assert_eq!(compared, 3 * 2 * 6 * 4);
+    assert_eq!(compared, 6 * 2 * 6 * 4);
 }
 
 /// `run --eval_tasks` scores the tasks at every evaluation: the curve is in
