@@ -13,7 +13,9 @@ use anyhow::{Context, Result, bail};
 use crate::device::DeviceArg;
 use serde::{Deserialize, Serialize};
 
+mod machine;
 mod measure;
+use machine::Machine;
 use measure::measure_here;
 
 /// One measurement, as a child process runs it.
@@ -246,9 +248,22 @@ pub struct BenchArgs {
     /// The reference script.
     #[arg(long = "torch_script", default_value = "bench/torch_reference.py")]
     pub torch_script: PathBuf,
+    /// Also write the results as JSON (the machine, the shape, each
+    /// measurement's rates and peaks), to keep or compare.
+    #[arg(long = "json", value_name = "FILE")]
+    pub json: Option<PathBuf>,
     /// Internal: run one measurement in this process and print it as JSON.
     #[arg(long = "measure", hide = true)]
     pub measure: Option<Measure>,
+}
+
+/// One row of the results: a measurement and its reference's.
+#[derive(Debug, Serialize)]
+struct Row {
+    measure: String,
+    label: String,
+    pt_host: Measured,
+    torch: Option<Measured>,
 }
 
 /// What one measurement printed.
@@ -330,10 +345,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
             ""
         }
     );
+    let machine = Machine::detect();
+    println!("{}", machine.line());
     println!(
         "{:<40} {:>10} {:>9} {:>10} {:>9} {:>7} {:>8}",
         "measure", "pt-host", "peak MiB", "torch", "peak MiB", "speed×", "memory×"
     );
+    let mut rows = Vec::new();
     let mut plugin_rates = Vec::new();
     let mut data_share = None;
     for measure in measures {
@@ -349,6 +367,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         if measure == Measure::Lora {
             data_share = ours.data_share;
         }
+        rows.push(Row {
+            measure: measure.name(),
+            label: measure.label(&args),
+            pt_host: ours,
+            torch: reference,
+        });
+    }
+    if let Some(path) = &args.json {
+        let results = serde_json::json!({
+            "machine": machine,
+            "shape": shape_flags(&args),
+            "device": device_name(args.device_map),
+            "rows": rows,
+        });
+        pt_fs::write_atomically(path, &serde_json::to_vec_pretty(&results)?)?;
+        println!("results in {}", path.display());
     }
     if let [wasm, native] = plugin_rates[..] {
         println!(
