@@ -52,16 +52,42 @@ pub fn lm_head_loss_sum(
     weight: &Tensor,
     targets: &[Option<u32>],
 ) -> Result<(Tensor, usize)> {
-    let rows = (LOSS_CHUNK_ELEMENTS / weight.dim(0)?).max(LOSS_CHUNK_MIN_ROWS);
-    loss_sum_in_chunks(hidden, weight, targets, rows)
+    loss_sum_in_chunks(hidden, weight, targets, chunk_rows(weight)?, None)
 }
 
-/// [`lm_head_loss_sum`], `rows` rows of logits at a time.
+/// Rows of logits per chunk: [`LOSS_CHUNK_ELEMENTS`], at least
+/// [`LOSS_CHUNK_MIN_ROWS`].
+fn chunk_rows(weight: &Tensor) -> Result<usize> {
+    Ok((LOSS_CHUNK_ELEMENTS / weight.dim(0)?).max(LOSS_CHUNK_MIN_ROWS))
+}
+
+/// Evaluation's [`lm_head_loss_sum`]: no gradients, and each row's arg-max
+/// token as well, both computed a chunk of rows at a time, so that the
+/// `[n, vocab]` logits never exist whole (2 GB at bloomz-560m's 4 × 512).
+pub fn lm_head_loss_sum_and_predictions(
+    hidden: &Tensor,
+    weight: &Tensor,
+    targets: &[Option<u32>],
+) -> Result<(f64, usize, Vec<u32>)> {
+    let mut predictions = Vec::with_capacity(targets.len());
+    let (loss, count) = loss_sum_in_chunks(
+        &hidden.detach(),
+        &weight.detach(),
+        targets,
+        chunk_rows(weight)?,
+        Some(&mut predictions),
+    )?;
+    Ok((loss.to_scalar::<f32>()? as f64, count, predictions))
+}
+
+/// [`lm_head_loss_sum`], `rows` rows of logits at a time; with
+/// `predictions`, each row's arg-max is appended to it.
 fn loss_sum_in_chunks(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &[Option<u32>],
     rows: usize,
+    mut predictions: Option<&mut Vec<u32>>,
 ) -> Result<(Tensor, usize)> {
     let (n, h) = hidden.dims2()?;
     let device = hidden.device();
@@ -74,7 +100,7 @@ fn loss_sum_in_chunks(
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
         let chunk_targets = &targets[start..start + len];
-        if chunk_targets.iter().all(Option::is_none) {
+        if chunk_targets.iter().all(Option::is_none) && predictions.is_none() {
             if grad_hidden {
                 hidden_grads.push(Tensor::zeros((len, h), hidden.dtype(), device)?);
             }
@@ -82,6 +108,9 @@ fn loss_sum_in_chunks(
         }
         let inputs = hidden_values.narrow(0, start, len)?;
         let logits = inputs.matmul(&weight_values.t()?)?.to_dtype(DType::F32)?;
+        if let Some(predictions) = predictions.as_deref_mut() {
+            predictions.extend(logits.argmax(1)?.to_vec1::<u32>()?);
+        }
         let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
         let exp = shifted.exp()?;
         let sums = exp.sum_keepdim(1)?;
@@ -174,7 +203,7 @@ mod tests {
             })
             .collect();
         let (chunked, count) =
-            loss_sum_in_chunks(hidden.as_tensor(), weight.as_tensor(), &targets, 64).unwrap();
+            loss_sum_in_chunks(hidden.as_tensor(), weight.as_tensor(), &targets, 64, None).unwrap();
         let logits = hidden
             .as_tensor()
             .matmul(&weight.as_tensor().t().unwrap())
@@ -196,5 +225,28 @@ mod tests {
             );
             assert!(max_difference(g, f) < 1e-5, "{}", max_difference(g, f));
         }
+        // Evaluation's version: the same loss, no graph, and every row's
+        // arg-max as the full logits give it (chunks of 64 rows here too,
+        // the trailing row without a target included).
+        let mut predictions = Vec::new();
+        let (evaluated, eval_count) = loss_sum_in_chunks(
+            &hidden.as_tensor().detach(),
+            &weight.as_tensor().detach(),
+            &targets,
+            64,
+            Some(&mut predictions),
+        )
+        .unwrap();
+        assert_eq!(eval_count, full_count);
+        assert_eq!(evaluated.to_scalar::<f32>().unwrap(), a);
+        assert!(!evaluated.track_op());
+        let expected = logits
+            .squeeze(0)
+            .unwrap()
+            .argmax(1)
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap();
+        assert_eq!(predictions, expected);
     }
 }

@@ -14,7 +14,7 @@ use crate::checkpoint::{self, Recompute, SideGradients};
 use crate::hf_dir;
 use crate::layers::{DropoutDraw, Linear};
 use crate::linear::frozen_matmul;
-use crate::loss::{IGNORE_INDEX, lm_head_loss_sum};
+use crate::loss::{IGNORE_INDEX, lm_head_loss_sum, lm_head_loss_sum_and_predictions};
 
 /// What the rest of pt-host needs to know of any family's configuration.
 #[derive(Clone, Debug)]
@@ -156,6 +156,21 @@ pub(crate) fn run_blocks<B: DecoderBlock>(
         };
     }
     Ok(hidden)
+}
+
+/// What each of a batch's `b × s` positions predicts: position `t` of a row
+/// its label `t + 1` (`None` past the row, or where the label is ignored).
+fn next_token_targets(labels: &[Vec<i64>], s: usize) -> Vec<Option<u32>> {
+    labels
+        .iter()
+        .flat_map(|row| {
+            (1..=s).map(move |t| {
+                row.get(t)
+                    .filter(|&&label| label != IGNORE_INDEX)
+                    .map(|&label| label as u32)
+            })
+        })
+        .collect()
 }
 
 /// Rows `input_ids` (`[b][s]`) of the embedding `table`: `[b, s, h]`.
@@ -359,17 +374,29 @@ impl Model {
         let hidden = self
             .hidden_states(input_ids, mask, None)?
             .reshape((b * s, self.config().hidden_size))?;
-        let targets: Vec<Option<u32>> = labels
-            .iter()
-            .flat_map(|row| {
-                (1..=s).map(move |t| {
-                    row.get(t)
-                        .filter(|&&label| label != IGNORE_INDEX)
-                        .map(|&label| label as u32)
-                })
-            })
-            .collect();
+        let targets = next_token_targets(labels, s);
         Ok(lm_head_loss_sum(&hidden, self.arch.lm_head(), &targets)?)
+    }
+
+    /// An evaluation batch without its `[b, s, vocab]` logits: the sum of
+    /// next-token cross-entropies and the tokens counted (`labels` as in
+    /// [`Model::loss_sum`]), and the arg-max token at every position
+    /// (`[b][s]`), the LM head applied a chunk of rows at a time.
+    pub fn eval_loss_sum_and_predictions(
+        &self,
+        input_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        labels: &[Vec<i64>],
+    ) -> Result<(f64, usize, Vec<Vec<u32>>)> {
+        let (b, s) = (input_ids.len(), input_ids[0].len());
+        let hidden = self
+            .hidden_states(input_ids, mask, None)?
+            .reshape((b * s, self.config().hidden_size))?;
+        let targets = next_token_targets(labels, s);
+        let (loss_sum, count, predictions) =
+            lm_head_loss_sum_and_predictions(&hidden, self.arch.lm_head(), &targets)?;
+        let predictions = predictions.chunks(s).map(<[u32]>::to_vec).collect();
+        Ok((loss_sum, count, predictions))
     }
 
     /// Log-probabilities `[n, vocab]` (f32) of the next token at each of

@@ -147,18 +147,28 @@ pub fn evaluate_across<'s>(
     let total = batches.len();
     for (done, (part, chunk)) in batches.iter().enumerate() {
         let batch = MicroBatch::from_rows(blocks, chunk);
-        let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
-        let (sum, count) = next_token_loss_sum(&logits, &batch.labels)?;
-        sums[*part] += sum.to_scalar::<f32>()? as f64;
+        // Metric plugins read every position's log-probabilities: only
+        // then do the whole batch's logits exist at once.
+        let (sum, count, predictions) = match sink.as_deref_mut().filter(|_| sampled) {
+            Some(sink) => {
+                let logits = model.forward(&batch.input_ids, &batch.attention_mask)?;
+                let (sum, count) = next_token_loss_sum(&logits, &batch.labels)?;
+                let predictions = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
+                sink.add(&samples(&logits, &predictions, &batch)?)?;
+                (sum.to_scalar::<f32>()? as f64, count, predictions)
+            }
+            None => model.eval_loss_sum_and_predictions(
+                &batch.input_ids,
+                &batch.attention_mask,
+                &batch.labels,
+            )?,
+        };
+        sums[*part] += sum;
         sums[n + part] += count as f64;
-        let predictions = logits.argmax(D::Minus1)?.to_vec2::<u32>()?;
         for (row, labels) in predictions.iter().zip(&batch.labels) {
             sums[2 * n] += (1..labels.len())
                 .filter(|&t| labels[t] >= 0 && row[t - 1] as i64 == labels[t])
                 .count() as f64;
-        }
-        if let Some(sink) = sink.as_deref_mut().filter(|_| sampled) {
-            sink.add(&samples(&logits, &predictions, &batch)?)?;
         }
         on_batch(done + 1, total);
     }
