@@ -36,6 +36,8 @@ pub fn next_token_loss_sum(logits: &Tensor, labels: &[Vec<i64>]) -> Result<(Tens
 const LOSS_CHUNK_ELEMENTS: usize = 1 << 22;
 /// ...but at least this many rows, so that each chunk's matmul stays efficient.
 const LOSS_CHUNK_MIN_ROWS: usize = 64;
+/// Evaluation's chunks: 256 MiB of f32 logits.
+const EVAL_CHUNK_ELEMENTS: usize = 1 << 26;
 
 /// Sum of cross-entropies of the final hidden states `[n, h]` through the LM
 /// head `weight` `[vocab, h]` (BLOOM's tied embedding): row `i` predicts
@@ -52,13 +54,8 @@ pub fn lm_head_loss_sum(
     weight: &Tensor,
     targets: &[Option<u32>],
 ) -> Result<(Tensor, usize)> {
-    loss_sum_in_chunks(hidden, weight, targets, chunk_rows(weight)?, None)
-}
-
-/// Rows of logits per chunk: [`LOSS_CHUNK_ELEMENTS`], at least
-/// [`LOSS_CHUNK_MIN_ROWS`].
-fn chunk_rows(weight: &Tensor) -> Result<usize> {
-    Ok((LOSS_CHUNK_ELEMENTS / weight.dim(0)?).max(LOSS_CHUNK_MIN_ROWS))
+    let rows = (LOSS_CHUNK_ELEMENTS / weight.dim(0)?).max(LOSS_CHUNK_MIN_ROWS);
+    loss_sum_in_chunks(hidden, weight, targets, rows, None)
 }
 
 /// Evaluation's [`lm_head_loss_sum`]: no gradients, and each row's arg-max
@@ -70,11 +67,14 @@ pub fn lm_head_loss_sum_and_predictions(
     targets: &[Option<u32>],
 ) -> Result<(f64, usize, Vec<u32>)> {
     let mut predictions = Vec::with_capacity(targets.len());
+    // Larger chunks than training's: each chunk reads the whole LM head
+    // (1 GB at bloomz-560m), and no gradient is kept beside the logits.
+    let rows = (EVAL_CHUNK_ELEMENTS / weight.dim(0)?).max(LOSS_CHUNK_MIN_ROWS);
     let (loss, count) = loss_sum_in_chunks(
         &hidden.detach(),
         &weight.detach(),
         targets,
-        chunk_rows(weight)?,
+        rows,
         Some(&mut predictions),
     )?;
     Ok((loss.to_scalar::<f32>()? as f64, count, predictions))
