@@ -59,9 +59,12 @@ struct Row {
 /// continuation's tokens scored at its last positions. Choices with the same
 /// input (one-token continuations: the context alone) share a row, so a
 /// four-letter question costs one pass over its context.
-fn rows(requests: &[Request], max_length: usize) -> Result<Vec<Row>> {
+fn rows<'a>(
+    requests: impl IntoIterator<Item = &'a Request>,
+    max_length: usize,
+) -> Result<Vec<Row>> {
     let mut rows: Vec<Row> = Vec::new();
-    for (request, asked) in requests.iter().enumerate() {
+    for (request, asked) in requests.into_iter().enumerate() {
         let first_row = rows.len();
         for (choice, continuation) in asked.continuations.iter().enumerate() {
             if continuation.len() > max_length {
@@ -132,8 +135,7 @@ pub fn log_likelihoods(
     let (mut cached, uncached): (Vec<usize>, Vec<usize>) =
         (0..requests.len()).partition(|&i| shares_cache(&requests[i], max_length));
     cached.sort_by_key(|&i| std::cmp::Reverse(requests[i].context.len()));
-    let by_row: Vec<Request> = uncached.iter().map(|&i| requests[i].clone()).collect();
-    let mut rows = rows(&by_row, max_length)?;
+    let mut rows = rows(uncached.iter().map(|&i| &requests[i]), max_length)?;
     rows.sort_by_key(|row| std::cmp::Reverse(row.input.len()));
     let total = rows.len().div_ceil(batch_size) + cached.len().div_ceil(batch_size);
     let mut done = 0;
