@@ -7,7 +7,9 @@
 # tree, bench/peak_rss.py) side by side, and the ratios.
 # Usage: scripts/bench-prepare.sh [SIZE_MB ...]   (default: 256 1024 4096)
 # WORKERS (default 2), BENCH_DIR (default: a temporary directory; needs about
-# 5× the largest size free).
+# 5× the largest size free). COPIES=N instead prepares N copies of the shipped
+# corpus (each line of data/pretrain a JSON-lines document; 20 copies are
+# issue 21's 24 MB corpus), and SIZE_MB arguments are ignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 sizes=("$@")
@@ -24,10 +26,26 @@ mkdir -p "$work"
 [ -f "$work/model/tokenizer.json" ] ||
     "$bin" init-model --train_file_dir data/pretrain --output_dir "$work/model" >/dev/null
 printf '%8s  %22s  %22s  %8s  %8s\n' size "pt-host MB/s, peak" "HF datasets MB/s, peak" speed memory
+if [ -n "${COPIES:-}" ]; then
+    corpus="$work/copies-$COPIES"
+    mkdir -p "$corpus/corpus"
+    python3 - "$COPIES" "$corpus/corpus" <<'PY'
+import glob, json, sys
+copies, out = int(sys.argv[1]), sys.argv[2]
+lines = [l.rstrip("\n") for f in sorted(glob.glob("data/pretrain/*.txt")) for l in open(f, encoding="utf-8")]
+text = "".join(json.dumps({"text": l}, ensure_ascii=False) + "\n" for l in lines if l.strip())
+for i in range(copies):
+    open(f"{out}/copy-{i:02}.jsonl", "w", encoding="utf-8").write(text)
+PY
+    sizes=("$(python3 -c 'import glob, os, sys; print(sum(map(os.path.getsize, glob.glob(sys.argv[1] + "/*.jsonl"))) / 1e6)' "$corpus/corpus")")
+fi
 for size in "${sizes[@]}"; do
-    corpus="$work/corpus-$size"
-    [ -d "$corpus/corpus" ] ||
-        "$bin" make-corpus --train_file_dir data/pretrain --output_dir "$corpus" --size_mb "$size" >/dev/null
+    corpus="${COPIES:+$work/copies-$COPIES}"
+    if [ -z "$corpus" ]; then
+        corpus="$work/corpus-$size"
+        [ -d "$corpus/corpus" ] ||
+            "$bin" make-corpus --train_file_dir data/pretrain --output_dir "$corpus" --size_mb "$size" >/dev/null
+    fi
     rm -rf "$work/ours" "$work/hf-cache"
     ours=$(python3 bench/peak_rss.py "$bin" prepare --model_name_or_path "$work/model" \
         --train_file_dir "$corpus/corpus" --output_dir "$work/ours" --cache_dir "$work/ours/cache" \

@@ -222,14 +222,14 @@ impl PrepareArgs {
     }
 }
 
+/// Distinct words whose BPE merges the tokenizing workers keep, together:
+/// about 100 MB for Chinese-heavy text, whatever the worker count.
+pub const CACHED_WORDS: usize = 100_000;
+
 /// Reads, cleans, tokenizes with `tokenizer` and packs (or loads from the
 /// cache), prints the summary, and returns the blocks: the data half of
 /// `prepare` and `run`. `main`: false for the other ranks of a
 /// data-parallel job, which load what rank 0 prepared without a word.
-/// Distinct words whose BPE merges the tokenizing workers keep, together:
-/// about 100 MB for Chinese-heavy text, whatever the worker count.
-const CACHED_WORDS: usize = 100_000;
-
 pub fn prepare_data(
     args: &PrepareArgs,
     mut tokenizer: Tokenizer,

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+mod byte_bpe;
 pub mod cache;
 pub mod corpus;
 pub mod dedup;

@@ -5,8 +5,13 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow};
 use sha2::{Digest, Sha256};
 
+use crate::byte_bpe::ByteLevelBpe;
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same ids as `inner` without special tokens, several times faster,
+    /// for the byte-level BPE shapes it knows (`byte_bpe.rs`).
+    byte_level: Option<ByteLevelBpe>,
     pub eos_id: u32,
     /// Padding for `--packing false`: the pad token, else EOS.
     pub pad_id: u32,
@@ -64,13 +69,37 @@ impl Tokenizer {
         let mut hasher = Sha256::new();
         hasher.update(&json);
         hasher.update(config.to_string());
+        let byte_level = serde_json::from_slice::<serde_json::Value>(&json)
+            .map_err(|e| e.to_string())
+            .and_then(|parsed| ByteLevelBpe::from_json(&parsed))
+            .and_then(|encoder| agrees_on_probe(&encoder, &inner).map(|()| encoder))
+            .inspect_err(|why| {
+                tracing::debug!(
+                    "{}: tokenized by the tokenizers crate: {why}",
+                    json_path.display()
+                )
+            })
+            .ok();
         Ok(Self {
             inner,
+            byte_level,
             eos_id,
             pad_id,
             digest: hex::encode(hasher.finalize()),
             model_max_length,
         })
+    }
+
+    /// Leaves all encoding to the tokenizers crate (benchmarks and tests
+    /// compare the two).
+    pub fn use_tokenizers_crate(&mut self) {
+        self.byte_level = None;
+    }
+
+    /// Whether ids without special tokens come from pt-host's byte-level
+    /// BPE rather than the tokenizers crate.
+    pub fn uses_byte_level_bpe(&self) -> bool {
+        self.byte_level.is_some()
     }
 
     /// The HF tokenizer itself.
@@ -91,6 +120,9 @@ impl Tokenizer {
     /// worker on the benchmark corpus; docs/performance.md). No effect on ids
     /// nor on other models.
     pub fn cache_words(&mut self, words: usize) {
+        if let Some(encoder) = &self.byte_level {
+            encoder.set_cache_words(words);
+        }
         if let tokenizers::ModelWrapper::BPE(bpe) = self.inner.get_model() {
             let mut bpe = bpe.clone();
             bpe.resize_cache(words);
@@ -127,6 +159,11 @@ impl Tokenizer {
     /// Offsets, which nothing here reads, are not computed: the same ids,
     /// faster.
     fn ids(&self, text: &str, special_tokens: bool) -> Result<Vec<u32>> {
+        if let (Some(encoder), false) = (&self.byte_level, special_tokens) {
+            let mut ids = Vec::with_capacity(text.len() / 2);
+            encoder.encode_into(text, &mut ids);
+            return Ok(ids);
+        }
         let encoding = self
             .inner
             .encode_fast(text, special_tokens)
@@ -142,6 +179,33 @@ impl Tokenizer {
         }
         Ok(ids)
     }
+}
+
+/// Text that exercises what tells tokenizers apart: runs of spaces before
+/// words and at the end, newlines, tabs, CJK and its punctuation, contractions
+/// in both cases, digits, decomposed accents (NFC), emoji, special tokens.
+const PROBE: &str = "Fever  is   common.\n\n\tTHEY'RE here, it's 3.14159 km² \u{3000}发热是传染病最常见的症状之一。\
+    （病因）：cafe\u{301} ﬁ ſ'S Ⅻ ١٢٣ 😀!!  \r\n</s><s>x<pad> <unk>  ";
+
+/// The byte-level encoder is used only where it gives the tokenizers
+/// crate's ids on `PROBE`; a difference is a pt-host bug worth a report,
+/// and the crate's ids are never silently replaced by different ones.
+fn agrees_on_probe(
+    encoder: &ByteLevelBpe,
+    reference: &tokenizers::Tokenizer,
+) -> std::result::Result<(), String> {
+    let expected = reference
+        .encode_fast(PROBE, false)
+        .map_err(|e| e.to_string())?;
+    let mut ids = Vec::new();
+    encoder.encode_into(PROBE, &mut ids);
+    if ids != expected.get_ids() {
+        tracing::warn!(
+            "pt-host's byte-level BPE differs from the tokenizers crate on its probe text; using the tokenizers crate"
+        );
+        return Err("differs on the probe text".into());
+    }
+    Ok(())
 }
 
 /// BLOOM's special tokens, in id order.

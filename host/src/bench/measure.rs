@@ -68,6 +68,10 @@ pub(super) fn measure_here(args: &BenchArgs, measure: Measure) -> Result<Measure
                 .context("--plugin_pair WASM,NATIVE is needed")?;
             (plugin_rate(args, path)?, None)
         }
+        Measure::Tokenize | Measure::TokenizeTokenizersCrate => (
+            tokenize_rate(args, measure == Measure::TokenizeTokenizersCrate)?,
+            None,
+        ),
         Measure::Matmul => (matmul_rate(args)?, None),
         Measure::AllreduceLora | Measure::AllreduceFull => (
             allreduce_rate(gradient_floats(args, measure == Measure::AllreduceLora))?,
@@ -312,6 +316,49 @@ fn prepare_rate(args: &BenchArgs, plugin: Option<&Path>) -> Result<f64> {
     Ok(corpus_bytes(args)? as f64 / 1e6 / best)
 }
 
+/// The corpus's documents as `prepare` reads them, with their sources.
+fn corpus_documents(args: &BenchArgs) -> Result<Vec<(String, String)>> {
+    let mut documents = Vec::new();
+    for file in pt_data::corpus::discover(&args.train_file_dir)? {
+        let read = pt_data::corpus::read_file(&file, &pt_data::ReadOptions::default())?;
+        documents.extend(
+            read.documents
+                .into_iter()
+                .map(|d| (format!("{}:{}", file.display(), d.line), d.text)),
+        );
+    }
+    Ok(documents)
+}
+
+/// MB/s of one thread tokenizing the corpus's documents as a `prepare`
+/// worker does (ids and EOS, prepare's word cache, cold at the start), with
+/// pt-host's byte-level BPE or the tokenizers crate; best of three.
+fn tokenize_rate(args: &BenchArgs, tokenizers_crate: bool) -> Result<f64> {
+    let documents = corpus_documents(args)?;
+    let bytes: usize = documents.iter().map(|(_, text)| text.len()).sum();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let mut tokenizer = pt_data::Tokenizer::from_dir(&args.tokenizer_name_or_path)?;
+        if tokenizers_crate {
+            tokenizer.use_tokenizers_crate();
+        } else if !tokenizer.uses_byte_level_bpe() {
+            bail!(
+                "{}: pt-host leaves this tokenizer to the tokenizers crate (not a byte-level BPE shape it encodes)",
+                args.tokenizer_name_or_path.display()
+            );
+        }
+        tokenizer.cache_words(crate::prepare::CACHED_WORDS);
+        let started = Instant::now();
+        for (source, text) in &documents {
+            tokenizer
+                .encode_document(text)
+                .with_context(|| format!("{source}: cannot tokenize"))?;
+        }
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(bytes as f64 / 1e6 / best)
+}
+
 /// MB/s of one plugin's steps alone over the corpus documents, in batches
 /// as `prepare` sends them, best of three.
 fn plugin_rate(args: &BenchArgs, path: &Path) -> Result<f64> {
@@ -326,15 +373,7 @@ fn plugin_rate(args: &BenchArgs, path: &Path) -> Result<f64> {
     let (_runtime, loaded) = crate::plugins::load(&parsed.plugins, cache.path())?;
     let steps = loaded[0].steps();
     let mut instance = steps.instantiate(0)?;
-    let mut documents = Vec::new();
-    for file in pt_data::corpus::discover(&args.train_file_dir)? {
-        let read = pt_data::corpus::read_file(&file, &pt_data::ReadOptions::default())?;
-        documents.extend(
-            read.documents
-                .into_iter()
-                .map(|d| (format!("{}:{}", file.display(), d.line), d.text)),
-        );
-    }
+    let documents = corpus_documents(args)?;
     let bytes: usize = documents.iter().map(|(_, text)| text.len()).sum();
     let mut best = f64::INFINITY;
     for _ in 0..3 {

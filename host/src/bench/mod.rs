@@ -42,6 +42,11 @@ pub enum Measure {
     TasksWordsUnshared,
     /// One f32 matrix product of the MLP's shape (`[tokens, h]·[h, 4h]`), GFLOP/s.
     Matmul,
+    /// One thread tokenizing the corpus as a `prepare` worker does, with
+    /// pt-host's byte-level BPE.
+    Tokenize,
+    /// The same with the tokenizers crate (HF's), which gives the same ids.
+    TokenizeTokenizersCrate,
     /// `prepare` of the corpus: read, tokenize, pack.
     Prepare,
     /// `prepare` with --plugin.
@@ -82,6 +87,8 @@ impl Measure {
             Measure::TasksWords => "benchmark tok/s (4 × 8-token answers)".into(),
             Measure::TasksWordsUnshared => "benchmark tok/s (the same, unshared)".into(),
             Measure::Matmul => "matmul GFLOP/s".into(),
+            Measure::Tokenize => "tokenize MB/s, 1 thread".into(),
+            Measure::TokenizeTokenizersCrate => "tokenize MB/s, tokenizers crate".into(),
             Measure::Prepare => "prepare MB/s".into(),
             Measure::PreparePlugin => format!("prepare MB/s + {}", file(&args.plugin)),
             Measure::PluginWasm => format!("plugin MB/s {}", pair(0)),
@@ -102,7 +109,9 @@ impl Measure {
     fn has_reference(self) -> bool {
         !matches!(
             self,
-            Measure::Prepare
+            Measure::Tokenize
+                | Measure::TokenizeTokenizersCrate
+                | Measure::Prepare
                 | Measure::PreparePlugin
                 | Measure::PluginWasm
                 | Measure::PluginNative
@@ -353,6 +362,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     );
     let mut rows = Vec::new();
     let mut plugin_rates = Vec::new();
+    let mut tokenize_rates = [None; 2];
     let mut data_share = None;
     for measure in measures {
         let ours = measure_in_child(&args, measure, &[])?;
@@ -363,6 +373,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         print_row(&measure.label(&args), &ours, reference.as_ref());
         if matches!(measure, Measure::PluginWasm | Measure::PluginNative) {
             plugin_rates.push(ours.rate);
+        }
+        if let Some(slot) = [Measure::Tokenize, Measure::TokenizeTokenizersCrate]
+            .iter()
+            .position(|&m| m == measure)
+        {
+            tokenize_rates[slot] = Some(ours.rate);
         }
         if measure == Measure::Lora {
             data_share = ours.data_share;
@@ -388,6 +404,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!(
             "sandbox cost: the component runs at {:.2}× the native library's speed",
             wasm / native
+        );
+    }
+    if let [Some(ours), Some(crate_rate)] = tokenize_rates {
+        println!(
+            "tokenization: pt-host's byte-level BPE runs at {:.2}× the tokenizers crate's speed (the same ids)",
+            ours / crate_rate
         );
     }
     if let Some(share) = data_share {
@@ -416,7 +438,11 @@ fn available_measures(args: &BenchArgs) -> Vec<Measure> {
     ];
     let data = args.train_file_dir.exists() && args.tokenizer_name_or_path.exists();
     if data {
-        measures.push(Measure::Prepare);
+        measures.extend([
+            Measure::Tokenize,
+            Measure::TokenizeTokenizersCrate,
+            Measure::Prepare,
+        ]);
     }
     if data && args.plugin.as_ref().is_some_and(|p| p.exists()) {
         measures.push(Measure::PreparePlugin);
