@@ -21,7 +21,7 @@
 use std::cell::RefCell;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use aho_corasick::{AhoCorasick, MatchKind};
 use regex::Regex;
@@ -56,7 +56,7 @@ pub struct ByteLevelBpe {
     whole_words: Option<FxHashMap<Box<[u8]>, u32>>,
     /// Which thread-local caches hold this encoder's words.
     instance: u64,
-    cache_words: AtomicUsize,
+    cache_words: usize,
 }
 
 struct AddedTokens {
@@ -89,6 +89,10 @@ static NEXT_INSTANCE: AtomicU64 = AtomicU64::new(0);
 /// Words each thread keeps unless `set_cache_words` says otherwise (the
 /// tokenizers crate's own default).
 const DEFAULT_CACHE_WORDS: usize = 10_000;
+
+/// Longer pieces are merged every time, as in the tokenizers crate: a
+/// corpus of long unbroken runs must not fill memory with them.
+const LONGEST_CACHED_PIECE: usize = 256;
 
 impl ByteLevelBpe {
     /// The encoder for a parsed `tokenizer.json`, or why this shape is left
@@ -157,13 +161,13 @@ impl ByteLevelBpe {
             merges,
             whole_words,
             instance: NEXT_INSTANCE.fetch_add(1, Ordering::Relaxed),
-            cache_words: AtomicUsize::new(DEFAULT_CACHE_WORDS),
+            cache_words: DEFAULT_CACHE_WORDS,
         })
     }
 
     /// Words each thread keeps cached (cleared when full).
-    pub fn set_cache_words(&self, words: usize) {
-        self.cache_words.store(words.max(1), Ordering::Relaxed);
+    pub fn set_cache_words(&mut self, words: usize) {
+        self.cache_words = words.max(1);
     }
 
     /// The ids of `text`, appended to `ids`.
@@ -201,7 +205,10 @@ impl ByteLevelBpe {
         }
         let start = ids.len();
         self.merge(piece, ids);
-        if cache.words.len() >= self.cache_words.load(Ordering::Relaxed) {
+        if piece.len() > LONGEST_CACHED_PIECE {
+            return;
+        }
+        if cache.words.len() >= self.cache_words {
             cache.words.clear();
         }
         cache.words.insert(piece.into(), ids[start..].into());

@@ -120,7 +120,7 @@ impl Tokenizer {
     /// worker on the benchmark corpus; docs/performance.md). No effect on ids
     /// nor on other models.
     pub fn cache_words(&mut self, words: usize) {
-        if let Some(encoder) = &self.byte_level {
+        if let Some(encoder) = &mut self.byte_level {
             encoder.set_cache_words(words);
         }
         if let tokenizers::ModelWrapper::BPE(bpe) = self.inner.get_model() {
