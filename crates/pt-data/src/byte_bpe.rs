@@ -350,7 +350,7 @@ impl Splitter {
             let found = if self.whitespace_back_off {
                 self.regex
                     .captures_read_at(&mut groups, text, at)
-                    .map(|m| (m.start(), self.back_off(text, m.end(), groups.get(1))))
+                    .map(|m| (m.start(), back_off(text, m.end(), groups.get(1))))
             } else {
                 self.regex.find_at(text, at).map(|m| (m.start(), m.end()))
             };
@@ -365,19 +365,19 @@ impl Splitter {
             piece(&text.as_bytes()[at..]);
         }
     }
+}
 
-    /// The end `\s+(?!\S)|\s+` gives where the rewritten `(\s+)` matched
-    /// (`run`): a run of two or more before a non-space gives back its last
-    /// character. The run is maximal, so anything after it is a non-space.
-    fn back_off(&self, text: &str, end: usize, run: Option<(usize, usize)>) -> usize {
-        let Some((run_start, run_end)) = run.filter(|&(_, run_end)| run_end < text.len()) else {
-            return end;
-        };
-        let mut chars = text[run_start..run_end].chars();
-        match (chars.next_back(), chars.next()) {
-            (Some(last), Some(_)) => run_end - last.len_utf8(),
-            _ => end,
-        }
+/// The end `\s+(?!\S)|\s+` gives where the rewritten `(\s+)` matched
+/// (`run`): a run of two or more before a non-space gives back its last
+/// character. The run is maximal, so anything after it is a non-space.
+fn back_off(text: &str, end: usize, run: Option<(usize, usize)>) -> usize {
+    let Some((run_start, run_end)) = run.filter(|&(_, run_end)| run_end < text.len()) else {
+        return end;
+    };
+    let mut chars = text[run_start..run_end].chars();
+    match (chars.next_back(), chars.next()) {
+        (Some(last), Some(_)) => run_end - last.len_utf8(),
+        _ => end,
     }
 }
 

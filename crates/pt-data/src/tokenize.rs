@@ -69,17 +69,26 @@ impl Tokenizer {
         let mut hasher = Sha256::new();
         hasher.update(&json);
         hasher.update(config.to_string());
-        let byte_level = serde_json::from_slice::<serde_json::Value>(&json)
+        let byte_level = match serde_json::from_slice::<serde_json::Value>(&json)
             .map_err(|e| e.to_string())
             .and_then(|parsed| ByteLevelBpe::from_json(&parsed))
-            .and_then(|encoder| agrees_on_probe(&encoder, &inner).map(|()| encoder))
-            .inspect_err(|why| {
+        {
+            Err(why) => {
                 tracing::debug!(
                     "{}: tokenized by the tokenizers crate: {why}",
                     json_path.display()
-                )
-            })
-            .ok();
+                );
+                None
+            }
+            Ok(encoder) if agrees_on_probe(&encoder, &inner) => Some(encoder),
+            Ok(_) => {
+                tracing::warn!(
+                    "{}: pt-host's byte-level BPE gives other ids than the tokenizers crate on its probe text, so the (slower) tokenizers crate tokenizes; please report this tokenizer.json",
+                    json_path.display()
+                );
+                None
+            }
+        };
         Ok(Self {
             inner,
             byte_level,
@@ -188,24 +197,14 @@ const PROBE: &str = "Fever  is   common.\n\n\tTHEY'RE here, it's 3.14159 km² \u
     （病因）：cafe\u{301} ﬁ ſ'S Ⅻ ١٢٣ 😀!!  \r\n</s><s>x<pad> <unk>  ";
 
 /// The byte-level encoder is used only where it gives the tokenizers
-/// crate's ids on `PROBE`; a difference is a pt-host bug worth a report,
-/// and the crate's ids are never silently replaced by different ones.
-fn agrees_on_probe(
-    encoder: &ByteLevelBpe,
-    reference: &tokenizers::Tokenizer,
-) -> std::result::Result<(), String> {
-    let expected = reference
-        .encode_fast(PROBE, false)
-        .map_err(|e| e.to_string())?;
+/// crate's ids on `PROBE`: a difference is a pt-host bug worth a report, and
+/// the crate's ids are never silently replaced by different ones.
+fn agrees_on_probe(encoder: &ByteLevelBpe, reference: &tokenizers::Tokenizer) -> bool {
     let mut ids = Vec::new();
     encoder.encode_into(PROBE, &mut ids);
-    if ids != expected.get_ids() {
-        tracing::warn!(
-            "pt-host's byte-level BPE differs from the tokenizers crate on its probe text; using the tokenizers crate"
-        );
-        return Err("differs on the probe text".into());
-    }
-    Ok(())
+    reference
+        .encode_fast(PROBE, false)
+        .is_ok_and(|expected| expected.get_ids() == ids)
 }
 
 /// BLOOM's special tokens, in id order.

@@ -437,12 +437,15 @@ fn available_measures(args: &BenchArgs) -> Vec<Measure> {
         Measure::Matmul,
     ];
     let data = args.train_file_dir.exists() && args.tokenizer_name_or_path.exists();
+    // pt-host's own encoder only where this tokenizer uses it.
+    let byte_level = data
+        && pt_data::Tokenizer::from_dir(&args.tokenizer_name_or_path)
+            .is_ok_and(|t| t.uses_byte_level_bpe());
+    if byte_level {
+        measures.push(Measure::Tokenize);
+    }
     if data {
-        measures.extend([
-            Measure::Tokenize,
-            Measure::TokenizeTokenizersCrate,
-            Measure::Prepare,
-        ]);
+        measures.extend([Measure::TokenizeTokenizersCrate, Measure::Prepare]);
     }
     if data && args.plugin.as_ref().is_some_and(|p| p.exists()) {
         measures.push(Measure::PreparePlugin);
