@@ -1,7 +1,8 @@
 //! `pt-host`: continued pretraining of LLMs on domain corpora, extensible with
 //! sandboxed WebAssembly plugins.
 
-#![forbid(unsafe_code)]
+// Unsafe code only where the runtime is tuned (runtime.rs).
+#![deny(unsafe_code)]
 
 mod args;
 mod bench;
@@ -24,16 +25,11 @@ mod recipe;
 mod report;
 mod run;
 mod run_args;
+mod runtime;
 mod scaffold;
 mod tensorboard;
 
 use std::process::ExitCode;
-
-// Training allocates and frees tensors of many megabytes per step; glibc hands
-// those back to the kernel each time (mmap/munmap, page faults, TLB shootdowns:
-// a third of a CPU step). mimalloc keeps them for reuse.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use clap::{CommandFactory, FromArgMatches, Parser};
 
@@ -122,6 +118,7 @@ fn parse_command_line() -> Result<Cli, ExitCode> {
 }
 
 fn main() -> ExitCode {
+    runtime::limit_spinning();
     let cli = match parse_command_line() {
         Ok(cli) => cli,
         Err(code) => return code,

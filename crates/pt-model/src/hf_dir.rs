@@ -53,15 +53,15 @@ impl Weights {
         };
         let mut tensors = HashMap::new();
         for file in &files {
-            let loaded = candle_core::safetensors::load(file, device)
-                .with_context(|| format!("{}: cannot load weights", file.display()))?;
-            for (name, tensor) in loaded {
+            read_safetensors(file, device, |name, tensor| {
                 let name = match strip.and_then(|p| name.strip_prefix(p)) {
                     Some(stripped) => stripped.to_string(),
                     None => name,
                 };
                 tensors.insert(name, tensor.to_dtype(dtype)?);
-            }
+                Ok(())
+            })
+            .with_context(|| format!("{}: cannot load weights", file.display()))?;
         }
         Ok(Self {
             tensors,
@@ -90,6 +90,54 @@ impl Weights {
         }
         Ok(tensor)
     }
+}
+
+/// Hands each tensor of the safetensors file `path` to `each`, in file order,
+/// reading one tensor's bytes at a time. candle's loader maps the whole file,
+/// and a mapping's touched pages count in the process's memory until it is
+/// unmapped: loading a model peaked at twice its size.
+fn read_safetensors(
+    path: &Path,
+    device: &Device,
+    mut each: impl FnMut(String, Tensor) -> Result<()>,
+) -> Result<()> {
+    use candle_core::safetensors::Load;
+    use std::io::Read;
+    let mut file = std::io::BufReader::new(std::fs::File::open(path)?);
+    let mut header_len = [0u8; 8];
+    file.read_exact(&mut header_len)
+        .context("too short for a safetensors header")?;
+    let header_len = u64::from_le_bytes(header_len);
+    // safetensors' own limit on a header.
+    if header_len > 100_000_000 {
+        bail!("a safetensors header of {header_len} bytes: not a safetensors file");
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header)
+        .context("the safetensors header is cut short")?;
+    let metadata: safetensors::tensor::Metadata =
+        serde_json::from_slice(&header).context("the safetensors header is invalid")?;
+    let expected = 8 + header_len + metadata.data_len() as u64;
+    let actual = std::fs::metadata(path)?.len();
+    if actual != expected {
+        bail!(
+            "{actual} bytes where its header describes {expected}: the file is cut short or damaged"
+        );
+    }
+    // Names in offset order: the reads go through the file once, forwards.
+    for name in metadata.offset_keys() {
+        let info = metadata.info(&name).expect("offset_keys names its tensors");
+        let (start, end) = info.data_offsets;
+        let mut bytes = vec![0u8; end - start];
+        file.read_exact(&mut bytes)?;
+        let view = safetensors::tensor::TensorView::new(info.dtype, info.shape.clone(), &bytes)
+            .with_context(|| format!("tensor `{name}`"))?;
+        let tensor = view
+            .load(device)
+            .with_context(|| format!("tensor `{name}`"))?;
+        each(name, tensor)?;
+    }
+    Ok(())
 }
 
 /// transformers' default `max_shard_size` ("5GB").
@@ -252,4 +300,60 @@ pub(crate) fn save_model(
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)
         .with_context(|| format!("{}: cannot write config.json", dir.display()))?;
     copy_if_present(source, dir, "generation_config.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes two tensors of different dtypes, as a checkpoint may hold.
+    fn write_checkpoint(path: &Path) {
+        let a = Tensor::arange(0f32, 6., &Device::Cpu)
+            .unwrap()
+            .reshape((2, 3))
+            .unwrap();
+        let b = Tensor::new(&[1.5f32, -2.25], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let tensors = HashMap::from([("a".to_string(), a), ("b".to_string(), b)]);
+        candle_core::safetensors::save(&tensors, path).unwrap();
+    }
+
+    #[test]
+    fn reads_every_tensor_with_its_dtype_and_shape() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        write_checkpoint(&path);
+        let mut read = Vec::new();
+        read_safetensors(&path, &Device::Cpu, |name, tensor| {
+            read.push((name, tensor));
+            Ok(())
+        })
+        .unwrap();
+        read.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(read[0].0, "a");
+        assert_eq!(
+            read[0].1.to_vec2::<f32>().unwrap(),
+            [[0., 1., 2.], [3., 4., 5.]]
+        );
+        assert_eq!(read[1].0, "b");
+        assert_eq!(read[1].1.dtype(), DType::BF16);
+        let b: Vec<f32> = read[1].1.to_dtype(DType::F32).unwrap().to_vec1().unwrap();
+        assert_eq!(b, [1.5, -2.25]);
+    }
+
+    #[test]
+    fn a_cut_short_file_is_an_error_not_a_partial_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        write_checkpoint(&path);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 2]).unwrap();
+        let error = read_safetensors(&path, &Device::Cpu, |_, _| Ok(())).unwrap_err();
+        assert!(format!("{error:#}").contains("cut short"), "{error:#}");
+        std::fs::write(&path, &bytes[..5]).unwrap();
+        let error = read_safetensors(&path, &Device::Cpu, |_, _| Ok(())).unwrap_err();
+        assert!(format!("{error:#}").contains("too short"), "{error:#}");
+    }
 }

@@ -126,6 +126,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
     crate::init_model::write_random(args.arch, &args.shape(), dir.path(), 42)?;
     let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true, 0)?;
     let mut model = Model::load(dir.path(), &device, dtype)?;
+    crate::runtime::keep_freed_memory();
     model.gradient_checkpointing = args.gradient_checkpointing;
     let tokens_per_batch = (args.block_size * args.batch_size) as f64;
     let tokens_per_second = match measure {
