@@ -45,8 +45,8 @@ pub fn keep_freed_memory() {
 /// an op before they sleep (candle's default: 25,000, about half a
 /// millisecond). The command's rayon workers, which run the matrix products,
 /// share the cores with them: on 2 cores the spinning took 9% of a LoRA
-/// step's CPU samples, and 2,000 spins made the bench's LoRA rows 7–11%
-/// faster (AMD EPYC Zen 4, two runs each).
+/// step's CPU samples. The bench's LoRA row, AMD EPYC Zen 4: 648 and 671
+/// tok/s with candle's default, 695–744 over four runs with 2,000.
 const CANDLE_SPIN_LIMIT: &str = "2000";
 
 /// Called first in `main`, before any thread starts: sets candle's spin limit

@@ -14,11 +14,20 @@ use rayon::prelude::*;
 /// Elements per parallel task of an elementwise kernel.
 const TASK: usize = 1 << 14;
 
-/// A kernel input's values; the callers make inputs contiguous.
-fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+/// A kernel input's f32 values; the callers make inputs contiguous.
+pub fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&storage.as_slice::<f32>()?[start..end]),
         None => bail!("fused kernel input must be contiguous"),
+    }
+}
+
+/// [`values`], writable: an in-place kernel's target.
+pub fn values_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (CpuStorage::F32(values), Some((start, end))) => Ok(&mut values[start..end]),
+        (CpuStorage::F32(_), None) => bail!("an in-place kernel's target must be contiguous"),
+        _ => bail!("an in-place kernel's target must be f32"),
     }
 }
 

@@ -121,7 +121,7 @@ fn read_safetensors(
     let actual = std::fs::metadata(path)?.len();
     if actual != expected {
         bail!(
-            "{actual} bytes where its header describes {expected}: the file is cut short or damaged"
+            "{actual} bytes where its header describes {expected}: the file is cut short or damaged; download or save it again"
         );
     }
     // Names in offset order: the reads go through the file once, forwards.

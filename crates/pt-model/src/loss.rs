@@ -255,23 +255,16 @@ impl InplaceOp2 for AddRowsInPlace {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> Result<()> {
-        let (CpuStorage::F32(total), CpuStorage::F32(grad)) = (total, grad) else {
-            bail!("add-rows-in-place: f32 tensors only");
-        };
-        let (Some((t0, t1)), Some((g0, g1))) = (
-            total_layout.contiguous_offsets(),
-            grad_layout.contiguous_offsets(),
-        ) else {
-            bail!("add-rows-in-place: contiguous tensors only");
-        };
+        let total = crate::fused::values_mut(total, total_layout)?;
+        let grad = crate::fused::values(grad, grad_layout)?;
         let width = total_layout.dims().last().copied().unwrap_or(1);
-        let start = t0 + self.first_row * width;
-        if grad_layout.dims().last() != Some(&width) || start + (g1 - g0) > t1 {
+        let start = self.first_row * width;
+        if grad_layout.dims().last() != Some(&width) || start + grad.len() > total.len() {
             bail!("add-rows-in-place: the rows do not fit");
         }
-        total[start..start + (g1 - g0)]
+        total[start..start + grad.len()]
             .par_chunks_mut(1 << 16)
-            .zip(grad[g0..g1].par_chunks(1 << 16))
+            .zip(grad.par_chunks(1 << 16))
             .for_each(|(t, g)| t.iter_mut().zip(g).for_each(|(t, g)| *t += g));
         Ok(())
     }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{
     CpuStorage, DType, Device, InplaceOp2, InplaceOp3, Layout, Storage, Tensor, Var,
 };
+use pt_model::fused::{values, values_mut};
 use rayon::prelude::*;
 use safetensors::SafeTensors;
 use safetensors::tensor::TensorView;
@@ -233,25 +234,6 @@ fn update_on_cpu(
     Ok(true)
 }
 
-/// The contiguous f32 values of a CPU storage.
-fn f32_values<'a>(storage: &'a CpuStorage, layout: &Layout) -> candle_core::Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(values), Some((start, end))) => Ok(&values[start..end]),
-        _ => candle_core::bail!("AdamW's CPU update: contiguous f32 tensors only"),
-    }
-}
-
-/// [`f32_values`], writable.
-fn f32_values_mut<'a>(
-    storage: &'a mut CpuStorage,
-    layout: &Layout,
-) -> candle_core::Result<&'a mut [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (CpuStorage::F32(values), Some((start, end))) => Ok(&mut values[start..end]),
-        _ => candle_core::bail!("AdamW's CPU update: contiguous f32 tensors only"),
-    }
-}
-
 /// A moment from the gradient times `scale`: `m = βm + (1−β)g`, or with
 /// `squared`, `v = βv + (1−β)g²`.
 struct MomentUpdate {
@@ -272,8 +254,8 @@ impl InplaceOp2 for MomentUpdate {
         grad: &CpuStorage,
         grad_layout: &Layout,
     ) -> candle_core::Result<()> {
-        let moment = f32_values_mut(moment, moment_layout)?;
-        let grad = f32_values(grad, grad_layout)?;
+        let moment = values_mut(moment, moment_layout)?;
+        let grad = values(grad, grad_layout)?;
         let (beta, scale, squared) = (self.beta, self.scale, self.squared);
         moment
             .par_chunks_mut(UPDATE_TASK)
@@ -316,9 +298,9 @@ impl InplaceOp3 for ParameterUpdate {
         exp_avg_sq: &CpuStorage,
         exp_avg_sq_layout: &Layout,
     ) -> candle_core::Result<()> {
-        let param = f32_values_mut(param, param_layout)?;
-        let m = f32_values(exp_avg, exp_avg_layout)?;
-        let v = f32_values(exp_avg_sq, exp_avg_sq_layout)?;
+        let param = values_mut(param, param_layout)?;
+        let m = values(exp_avg, exp_avg_layout)?;
+        let v = values(exp_avg_sq, exp_avg_sq_layout)?;
         param
             .par_chunks_mut(UPDATE_TASK)
             .zip(m.par_chunks(UPDATE_TASK))
@@ -336,7 +318,7 @@ impl InplaceOp3 for ParameterUpdate {
 /// A contiguous f32 CPU tensor's values.
 fn cpu_values<'a>(storage: &'a Storage, layout: &Layout) -> Option<&'a [f32]> {
     match storage {
-        Storage::Cpu(cpu) => f32_values(cpu, layout).ok(),
+        Storage::Cpu(cpu) => values(cpu, layout).ok(),
         _ => None,
     }
 }
