@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use bloom_tiny::{FAMILIES, fixture, fixture_of};
-use common::{PtHost, assert_ok, fixture_model, json, words};
+use common::{PtHost, arg, assert_ok, fixture_model, json, pt_host, words};
 
 /// `train/train.txt` and `valid/valid.txt` of the fixture, as corpus dirs.
 fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
@@ -1375,6 +1375,62 @@ fn the_adapter_loads_in_python_peft_with_the_same_eval_loss() {
         ((ours - theirs) / theirs).abs() < 1e-5,
         "pt-host {ours}, PEFT {theirs}"
     );
+}
+
+/// A DoRA adapter with rsLoRA scaling, trained under LoRA+ and with dropout
+/// from the command line, is saved as PEFT saves one: PEFT loads it to our
+/// eval loss, and `merge` folds it into a model transformers evaluates to
+/// that loss too.
+#[test]
+fn a_dora_rslora_adapter_trained_with_loraplus_loads_in_peft_and_merges() {
+    let dir = tempfile::tempdir().unwrap();
+    let trained = run(
+        dir.path(),
+        "out",
+        &words(
+            "--do_train --do_eval --max_steps 4 --learning_rate 1e-2 --per_device_train_batch_size 4 --lora_rank 4 \
+             --lora_dropout 0.1 --use_dora --use_rslora --loraplus_lr_ratio 16",
+        ),
+    );
+    assert_ok(&trained);
+    let out = dir.path().join("out");
+    let config = json(&out.join("adapter_config.json"));
+    assert_eq!(
+        (config["use_dora"].as_bool(), config["use_rslora"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let weights = adapter(&out);
+    let magnitudes: Vec<&(String, Vec<f32>)> = weights
+        .iter()
+        .filter(|(name, _)| name.ends_with(".lora_magnitude_vector"))
+        .collect();
+    // One per adapted layer: 4 kinds of layer in each of the 2 blocks.
+    assert_eq!(magnitudes.len(), 8);
+    let ours = json(&out.join("eval_results.json"))["eval_loss"]
+        .as_f64()
+        .unwrap();
+    let merged = dir.path().join("merged");
+    assert_ok(&pt_host(&[
+        "merge",
+        "--model_name_or_path",
+        arg(&fixture_model()),
+        "--peft_path",
+        arg(&out),
+        "--output_dir",
+        arg(&merged),
+    ]));
+    if !common::python_has("a DoRA adapter in PEFT and merged in transformers") {
+        return;
+    }
+    for (what, theirs) in [
+        ("PEFT", common::hf_eval_loss(&fixture_model(), Some(&out))),
+        ("merged, transformers", common::hf_eval_loss(&merged, None)),
+    ] {
+        assert!(
+            ((ours - theirs) / theirs).abs() < 1e-5,
+            "pt-host {ours}, {what} {theirs}"
+        );
+    }
 }
 
 /// A loss that is no longer finite stops the run at that step, naming it and

@@ -161,6 +161,41 @@ fn every_family_merges_into_a_model_transformers_loads() {
     }
 }
 
+/// Every family's DoRA adapter after PEFT's six steps (`variants/dora_final`)
+/// gives PEFT's loss in pt-host unmerged and merged (each row of
+/// `W + scale·BA` rescaled to its magnitude), and in transformers merged.
+#[test]
+fn every_familys_dora_adapter_merges_to_pefts_loss() {
+    let with_python = common::python_has("merged DoRA adapters in transformers");
+    for family in bloom_tiny::FAMILIES {
+        let dir = tempfile::tempdir().unwrap();
+        let (fixture, merged) = (bloom_tiny::fixture_of(family), dir.path().join("merged"));
+        let (model, adapter) = (fixture.join("model"), fixture.join("variants/dora_final"));
+        let variants = json(&fixture.join("variants/variants.json"));
+        let expected = variants["dora"]["valid_loss_after"].as_f64().unwrap();
+        PtHost::new(["merge", "--model_name_or_path", arg(&model)])
+            .args(["--peft_path", arg(&adapter), "--output_dir", arg(&merged)])
+            .args(["--dtype", "float32"])
+            .succeeds();
+        let mut losses = vec![
+            ("pt-host unmerged", eval(dir.path(), &model, Some(&adapter))),
+            ("pt-host merged", eval(dir.path(), &merged, None)),
+        ]
+        .into_iter()
+        .map(|(what, results)| (what, results["eval_loss"].as_f64().unwrap()))
+        .collect::<Vec<_>>();
+        if with_python {
+            losses.push(("transformers merged", common::hf_eval_loss(&merged, None)));
+        }
+        for (what, loss) in losses {
+            assert!(
+                ((loss - expected) / expected).abs() < 1e-5,
+                "{family}: {what} {loss}, PEFT {expected}"
+            );
+        }
+    }
+}
+
 /// `init-model --arch` builds a model of each family that transformers
 /// loads (its loss on the fixture's blocks near ln(vocab), as a random
 /// model's is) and that `run` trains with `--target_modules all`.
@@ -771,6 +806,14 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
             "--lora_dropout must be in [0, 1), got 1.5",
         ),
         (
+            "$RUN --do_train --train_file_dir $TRAIN --use_peft false --use_dora",
+            "--use_rslora, --use_dora and --loraplus_lr_ratio shape a LoRA adapter: they need --use_peft true",
+        ),
+        (
+            "$RUN --do_train --train_file_dir $TRAIN --loraplus_lr_ratio 0",
+            "--loraplus_lr_ratio must be a positive number (LLaMA-Factory suggests 16), got 0",
+        ),
+        (
             "$RUN --do_train --train_file_dir $TRAIN --use_peft false --peft_path a",
             "--peft_path continues a LoRA adapter: it needs --use_peft true",
         ),
@@ -868,7 +911,8 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
 /// run by `tests/python/tiny_reference.py` from the fixture's inputs,
 /// recompute the probe logits, the packed validation blocks and their loss,
 /// the six-step LoRA trajectory and the final adapter that the parity tests
-/// compare pt-host with.
+/// compare pt-host with, and the adapter variants' runs
+/// (`tests/python/adapter_variants.py`: rsLoRA, DoRA, LoRA+).
 #[test]
 fn the_fixture_is_what_transformers_and_peft_compute() {
     if !common::python_has("the_fixture_is_what_transformers_and_peft_compute") {
@@ -883,20 +927,31 @@ fn recompute_fixture(family: &str) {
     let fixture = || bloom_tiny::fixture_of(family);
     let dir = tempfile::tempdir().unwrap();
     let rebuilt = dir.path().join(family);
-    let output = Command::new("python3")
-        .arg(common::repo().join("tests/python/tiny_reference.py"))
-        .args([fixture(), rebuilt.clone()])
-        .output()
-        .unwrap();
-    assert_ok(&output);
+    for (script, out) in [
+        ("tiny_reference.py", rebuilt.clone()),
+        ("adapter_variants.py", rebuilt.join("variants")),
+    ] {
+        let output = Command::new("python3")
+            .arg(common::repo().join("tests/python").join(script))
+            .args([fixture(), out])
+            .output()
+            .unwrap();
+        assert_ok(&output);
+    }
     let tensors =
         |path: &Path| candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
     let as_f32 = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32).unwrap();
-    for (file, tolerance) in [
-        ("expected.safetensors", 1e-4),
-        ("lora_final/adapter_model.safetensors", 1e-5),
-    ] {
-        let (committed, again) = (tensors(&fixture().join(file)), tensors(&rebuilt.join(file)));
+    let variant_adapters = ["dora_init", "rslora_final", "dora_final", "loraplus_final"]
+        .map(|name| (format!("variants/{name}/adapter_model.safetensors"), 1e-5));
+    let files = [
+        ("expected.safetensors".to_string(), 1e-4),
+        ("lora_final/adapter_model.safetensors".to_string(), 1e-5),
+    ];
+    for (file, tolerance) in files.into_iter().chain(variant_adapters) {
+        let (committed, again) = (
+            tensors(&fixture().join(&file)),
+            tensors(&rebuilt.join(&file)),
+        );
         assert_eq!(committed.len(), again.len(), "{file}");
         for (name, tensor) in &committed {
             assert_eq!(tensor.dims(), again[name].dims(), "{file}: {name}");
@@ -929,10 +984,27 @@ fn recompute_fixture(family: &str) {
         &committed["full"]["valid_loss_after"],
         &again["full"]["valid_loss_after"]
     ));
-    for (log, log_again) in [
+    let (variants, variants_again) = (
+        json(&fixture().join("variants/variants.json")),
+        json(&rebuilt.join("variants/variants.json")),
+    );
+    assert_eq!(
+        variants["loraplus_lr_ratio"],
+        variants_again["loraplus_lr_ratio"]
+    );
+    let mut logs = vec![
         (&committed["log"], &again["log"]),
         (&committed["full"]["log"], &again["full"]["log"]),
-    ] {
+    ];
+    for variant in ["rslora", "dora", "loraplus"] {
+        let (run, run_again) = (&variants[variant], &variants_again[variant]);
+        assert!(
+            close(&run["valid_loss_after"], &run_again["valid_loss_after"]),
+            "{family} {variant}: valid loss after"
+        );
+        logs.push((&run["log"], &run_again["log"]));
+    }
+    for (log, log_again) in logs {
         let (steps, steps_again) = (log.as_array().unwrap(), log_again.as_array().unwrap());
         assert_eq!(steps.len(), steps_again.len());
         for (step, step_again) in steps.iter().zip(steps_again) {

@@ -418,8 +418,8 @@ fn attach_trainable(
                     model.lora_targets(),
                     &model.config().model_type,
                 )?,
-                use_rslora: false,
-                use_dora: false,
+                use_rslora: args.use_rslora,
+                use_dora: args.use_dora,
                 modules_to_save: None,
             };
             model.add_lora(&config, args.lora_dropout, args.data.seed)?;
@@ -489,6 +489,7 @@ fn training_arguments(args: &RunArgs) -> TrainingArguments {
         save_total_limit: args.save_total_limit,
         seed: args.data.seed,
         shuffle: args.shuffle,
+        loraplus_lr_ratio: args.loraplus_lr_ratio,
     }
 }
 

@@ -67,6 +67,19 @@ pub struct RunArgs {
     pub lora_alpha: f64,
     #[arg(long = "lora_dropout", default_value_t = 0.05)]
     pub lora_dropout: f64,
+    /// rsLoRA: scale the adapter by lora_alpha / √lora_rank (PEFT's
+    /// `use_rslora`), which keeps high ranks learning.
+    #[arg(long = "use_rslora", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output beside the LoRA direction (PEFT's
+    /// `use_dora`).
+    #[arg(long = "use_dora", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub use_dora: bool,
+    /// LoRA+: train the B matrices (and DoRA's magnitudes) at this many times
+    /// the learning rate (LLaMA-Factory's `loraplus_lr_ratio`; 16 is its
+    /// suggestion).
+    #[arg(long = "loraplus_lr_ratio", value_name = "RATIO")]
+    pub loraplus_lr_ratio: Option<f64>,
     /// Continue from this PEFT adapter directory instead of a fresh adapter.
     #[arg(long = "peft_path", value_name = "DIR")]
     pub peft_path: Option<PathBuf>,
@@ -271,6 +284,23 @@ pub fn check_flags(args: &RunArgs) -> Result<()> {
     }
     if !args.use_peft && args.peft_path.is_some() {
         bail!("--peft_path continues a LoRA adapter: it needs --use_peft true");
+    }
+    if !args.use_peft && (args.use_rslora || args.use_dora || args.loraplus_lr_ratio.is_some()) {
+        bail!(
+            "--use_rslora, --use_dora and --loraplus_lr_ratio shape a LoRA adapter: they need --use_peft true"
+        );
+    }
+    if args.peft_path.is_some() && (args.use_rslora || args.use_dora) {
+        bail!(
+            "--use_rslora and --use_dora set up a new adapter; a --peft_path adapter's adapter_config.json says whether it uses them"
+        );
+    }
+    if let Some(ratio) = args.loraplus_lr_ratio
+        && !(ratio.is_finite() && ratio > 0.0)
+    {
+        bail!(
+            "--loraplus_lr_ratio must be a positive number (LLaMA-Factory suggests 16), got {ratio}"
+        );
     }
     if !args.modules_to_save.is_empty() && (!args.use_peft || args.peft_path.is_some()) {
         bail!(

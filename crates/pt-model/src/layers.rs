@@ -15,7 +15,8 @@ pub struct DropoutDraw {
     pub first_row: usize,
 }
 
-/// A LoRA adapter on a linear layer, as PEFT defines it: `scale · B(A x)`.
+/// A LoRA adapter on a linear layer, as PEFT defines it: `scale · B(A x)`;
+/// with a magnitude, PEFT's DoRA (see [`crate::linear::LoraPass`]).
 #[derive(Clone)]
 pub struct Lora {
     /// `[r, in]`
@@ -25,6 +26,8 @@ pub struct Lora {
     pub scale: f64,
     /// Dropout on the adapter's input while training.
     pub dropout: f64,
+    /// DoRA's magnitude vector `[out]` (PEFT's `lora_magnitude_vector`).
+    pub magnitude: Option<Var>,
 }
 
 /// `y = x Wᵀ (+ b) (+ LoRA)`, weights in HF's `[out, in]` layout.
@@ -48,10 +51,14 @@ impl Linear {
     ) -> candle_core::Result<Tensor> {
         let (b, s, d) = x.dims3()?;
         let lora = self.lora.as_ref().map(|lora| {
-            let (a, b) = (lora.a.as_tensor(), lora.b.as_tensor());
+            let tracked = |v: &Var| {
+                let t = v.as_tensor();
+                if track { t.clone() } else { t.detach() }
+            };
             LoraPass {
-                a: if track { a.clone() } else { a.detach() },
-                b: if track { b.clone() } else { b.detach() },
+                a: tracked(&lora.a),
+                b: tracked(&lora.b),
+                magnitude: lora.magnitude.as_ref().map(tracked),
                 scale: lora.scale,
                 dropout: dropout.filter(|_| lora.dropout > 0.0).map(|draw| Dropout {
                     p: lora.dropout,
@@ -77,6 +84,7 @@ impl Linear {
         tensors.extend(self.bias.clone());
         if let Some(lora) = &self.lora {
             tensors.extend([lora.a.as_tensor().clone(), lora.b.as_tensor().clone()]);
+            tensors.extend(lora.magnitude.as_ref().map(|m| m.as_tensor().clone()));
         }
         tensors
     }

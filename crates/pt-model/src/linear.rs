@@ -10,13 +10,16 @@ use rayon::prelude::*;
 use crate::custom_op::{TensorOp1, TensorOp2, TensorOp3, apply_op1, apply_op2, apply_op3};
 
 /// A LoRA adapter's part in a linear layer's forward pass: `scale · (drop(x)
-/// Aᵀ) Bᵀ`, in f32 as PEFT computes it.
+/// Aᵀ) Bᵀ`, in f32 as PEFT computes it; with a magnitude, DoRA's (see
+/// [`dora_linear`]).
 #[derive(Clone)]
 pub struct LoraPass {
     /// `[r, in]`
     pub a: Tensor,
     /// `[out, r]`
     pub b: Tensor,
+    /// DoRA's magnitude vector `[out]`.
+    pub magnitude: Option<Tensor>,
     pub scale: f64,
     /// Dropout on the adapter's input; the backward pass draws the mask
     /// again instead of keeping it.
@@ -256,6 +259,9 @@ pub fn linear(
     bias: Option<&Tensor>,
     lora: Option<LoraPass>,
 ) -> Result<Tensor> {
+    if let Some(pass) = lora.as_ref().filter(|l| l.magnitude.is_some()) {
+        return dora_linear(x, weight, bias, pass);
+    }
     let op = FrozenLinear {
         weight: weight.clone(),
         bias: bias.cloned(),
@@ -276,6 +282,49 @@ pub fn linear(
         None => apply_op1(op, x),
         Some(pass) => apply_op3(op, x, &pass.a, &pass.b),
     }
+}
+
+/// PEFT's DoRA on a frozen `W`: with `m` the magnitude, `n` the row norms of
+/// `W + scale·BA` (a constant to the backward pass, as the DoRA paper's §4.3
+/// and PEFT treat it) and `x'` the adapter's dropped-out input,
+/// `x Wᵀ + (m/n − 1) ⊙ x' Wᵀ + (m/n) ⊙ scale·x' Aᵀ Bᵀ (+ bias)`. Without
+/// dropout that is `(m/n) ⊙ x (W + scale·BA)ᵀ + bias`: the adapted weight
+/// rescaled to the magnitude row by row. Computed in f32 and rounded to `W`'s
+/// dtype, as [`FrozenLinear`] does; candle's ops differentiate the adapter.
+fn dora_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    pass: &LoraPass,
+) -> Result<Tensor> {
+    let magnitude = pass.magnitude.as_ref().expect("a DoRA adapter");
+    let (a, b) = (&pass.a, &pass.b);
+    let x32 = x.to_dtype(DType::F32)?;
+    let mask = pass.settings().dropout_mask(&x32)?;
+    let base = linear(x, weight, None, None)?.to_dtype(DType::F32)?;
+    let (dropped, base_dropped) = match &mask {
+        Some(mask) => {
+            let dropped = (&x32 * mask)?;
+            let product = linear(&dropped.to_dtype(x.dtype())?, weight, None, None)?;
+            (dropped, product.to_dtype(DType::F32)?)
+        }
+        None => (x32, base.clone()),
+    };
+    let update = (dropped.matmul(&a.t()?)? * pass.scale)?.matmul(&b.t()?)?;
+    let adapted = (weight.to_dtype(DType::F32)? + (b.detach().matmul(&a.detach())? * pass.scale)?)?;
+    let factor = (magnitude / row_norms(&adapted)?)?.unsqueeze(0)?;
+    let mut y =
+        (base + base_dropped.broadcast_mul(&(&factor - 1.0)?)? + update.broadcast_mul(&factor)?)?;
+    if let Some(bias) = bias {
+        y = y.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+    }
+    y.to_dtype(weight.dtype())
+}
+
+/// The L2 norm of each row of `weight` `[out, in]`, in f32: DoRA's weight
+/// norms (PEFT's "column-wise" norms, of its `[in, out]` view).
+pub(crate) fn row_norms(weight: &Tensor) -> Result<Tensor> {
+    weight.to_dtype(DType::F32)?.sqr()?.sum(1)?.sqrt()
 }
 
 /// `x · Wᵀ` (`x`: `[n, in]`, `W`: `[out, in]`), computing no gradient for `W`
@@ -325,6 +374,7 @@ mod tests {
         let pass = |a: &Tensor, b: &Tensor| LoraPass {
             a: a.clone(),
             b: b.clone(),
+            magnitude: None,
             scale: 2.0,
             dropout: Some(Dropout {
                 p: 0.3,
@@ -359,6 +409,68 @@ mod tests {
                     .unwrap();
                 let update = (&t[0] * &mask).unwrap().matmul(&t[1].t().unwrap()).unwrap();
                 (base + (update.matmul(&t[2].t().unwrap()).unwrap() * 2.0).unwrap()).unwrap()
+            },
+            1e-4,
+        );
+    }
+
+    /// DoRA as PEFT's `DoraLinearLayer.forward` writes it, dropout included:
+    /// `x Wᵀ + b + (m/n − 1)·(x' Wᵀ) + (m/n)·scale·(x' Aᵀ Bᵀ)`, with `n`
+    /// the row norms of `W + scale·BA` held constant; values and the
+    /// gradients of x, A, B and m.
+    #[test]
+    fn dora_linear_with_dropout_is_pefts_formula() {
+        use crate::fused::tests::{assert_same_function, random};
+        let (weight, bias) = (random(&[24, 40], 41), random(&[24], 42));
+        let dropout = Dropout {
+            p: 0.3,
+            seed: 5,
+            first_element: 0,
+        };
+        let pass = |t: &[Tensor]| LoraPass {
+            a: t[1].clone(),
+            b: t[2].clone(),
+            magnitude: Some(t[3].clone()),
+            scale: 1.5,
+            dropout: Some(dropout),
+        };
+        let magnitude = (row_norms(&weight).unwrap() + random(&[24], 46).abs().unwrap()).unwrap();
+        let inputs = [
+            random(&[70, 40], 43),
+            random(&[4, 40], 44),
+            random(&[24, 4], 45),
+            magnitude,
+        ];
+        assert_same_function(
+            &inputs,
+            |t| linear(&t[0], &weight, Some(&bias), Some(pass(t))).unwrap(),
+            |t| {
+                let (x, a, b, m) = (&t[0], &t[1], &t[2], &t[3]);
+                let mask = pass(t).settings().dropout_mask(x).unwrap().unwrap();
+                let dropped = (x * mask).unwrap();
+                let w_t = weight.t().unwrap();
+                let delta = (b.matmul(a).unwrap() * 1.5).unwrap().detach();
+                let n = (&weight + delta)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum(1)
+                    .unwrap()
+                    .sqrt()
+                    .unwrap();
+                let ratio = (m / n).unwrap().unsqueeze(0).unwrap();
+                let base = x.matmul(&w_t).unwrap().broadcast_add(&bias).unwrap();
+                let base_dropped = dropped.matmul(&w_t).unwrap();
+                let lora = (dropped
+                    .matmul(&a.t().unwrap())
+                    .unwrap()
+                    .matmul(&b.t().unwrap()))
+                .unwrap()
+                    * 1.5;
+                let rescaled = base_dropped
+                    .broadcast_mul(&(&ratio - 1.0).unwrap())
+                    .unwrap();
+                ((base + rescaled).unwrap() + lora.unwrap().broadcast_mul(&ratio).unwrap()).unwrap()
             },
             1e-4,
         );

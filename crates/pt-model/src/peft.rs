@@ -13,11 +13,15 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::layers::Lora;
+use crate::linear::row_norms;
 use crate::model::Model;
 use crate::vocabulary::LM_HEAD;
 
 /// PEFT's prefix of every adapter key.
 const KEY_PREFIX: &str = "base_model.model.";
+
+/// PEFT's key of a DoRA magnitude vector, after the layer's path.
+const MAGNITUDE: &str = "lora_magnitude_vector";
 
 /// What pt-host reads of a PEFT `adapter_config.json`; other keys are ignored.
 #[derive(Clone, Debug, Deserialize)]
@@ -84,12 +88,11 @@ impl Model {
     pub fn load_adapter(&mut self, dir: &Path) -> Result<AdapterConfig> {
         let config = AdapterConfig::read(dir)?;
         let config_path = dir.join("adapter_config.json");
-        if config.peft_type != "LORA" || config.use_dora {
+        if config.peft_type != "LORA" {
             bail!(
-                "{}: only plain LoRA adapters are supported (peft_type {}, use_dora {})",
+                "{}: only LoRA adapters (with or without rsLoRA and DoRA) are supported, not peft_type {}",
                 config_path.display(),
-                config.peft_type,
-                config.use_dora
+                config.peft_type
             );
         }
         let weights_path = dir.join("adapter_model.safetensors");
@@ -102,8 +105,8 @@ impl Model {
             if !targets_module(&config.target_modules, &path) {
                 continue;
             }
-            let mut take = |part: &str, shape: [usize; 2]| -> Result<Var> {
-                let key = format!("{KEY_PREFIX}{path}.{part}.weight");
+            let mut take = |part: &str, shape: &[usize]| -> Result<Var> {
+                let key = format!("{KEY_PREFIX}{path}.{part}");
                 let tensor = tensors
                     .remove(&key)
                     .with_context(|| format!("{}: no `{key}`", weights_path.display()))?;
@@ -117,12 +120,20 @@ impl Model {
                 Ok(Var::from_tensor(&tensor.to_dtype(DType::F32)?)?)
             };
             let (out, input) = linear.weight.dims2()?;
-            let (a, b) = (take("lora_A", [r, input])?, take("lora_B", [out, r])?);
+            let (a, b) = (
+                take("lora_A.weight", &[r, input])?,
+                take("lora_B.weight", &[out, r])?,
+            );
+            let magnitude = match config.use_dora {
+                true => Some(take(MAGNITUDE, &[out])?),
+                false => None,
+            };
             linear.lora = Some(Lora {
                 a,
                 b,
                 scale,
                 dropout: 0.0,
+                magnitude,
             });
             attached += 1;
         }
@@ -297,7 +308,9 @@ impl Model {
 
     /// Adds fresh LoRA adapters as PEFT initialises them: A ~ U(±1/√in)
     /// (Kaiming-uniform with a = √5), B = 0, so training starts from the base
-    /// model. `targets` are module names (`query_key_value`, `dense`, …).
+    /// model; with DoRA, each magnitude is the row norms of the weight (of
+    /// `W + scale·BA`, which B = 0 makes `W`). `targets` are module names
+    /// (`query_key_value`, `dense`, …).
     pub fn add_lora(&mut self, config: &AdapterConfig, dropout: f64, seed: u64) -> Result<usize> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let (r, scale, device) = (config.r, config.scale(), self.device().clone());
@@ -313,11 +326,16 @@ impl Model {
                 .collect();
             let a = Var::from_tensor(&Tensor::from_vec(a, (r, input), &device)?)?;
             let b = Var::from_tensor(&Tensor::zeros((out, r), DType::F32, &device)?)?;
+            let magnitude = match config.use_dora {
+                true => Some(Var::from_tensor(&row_norms(&linear.weight)?)?),
+                false => None,
+            };
             linear.lora = Some(Lora {
                 a,
                 b,
                 scale,
                 dropout,
+                magnitude,
             });
             attached += 1;
         }
@@ -361,7 +379,7 @@ impl Model {
             "init_lora_weights": true,
             "base_model_name_or_path": base_model,
             "use_rslora": config.use_rslora,
-            "use_dora": false,
+            "use_dora": config.use_dora,
             "modules_to_save": config.modules_to_save,
             "ensure_weight_tying": self.config().tie_word_embeddings && !self.trained_modules.is_empty(),
             "revision": null,
@@ -464,27 +482,24 @@ impl Model {
         .collect()
     }
 
-    /// The trainable LoRA variables with their PEFT key names.
+    /// The trainable LoRA variables (and DoRA magnitudes) with their PEFT key names.
     pub fn lora_variables(&mut self) -> Vec<(String, Var)> {
-        self.linears_mut()
-            .into_iter()
-            .filter_map(|(path, linear)| {
-                linear
-                    .lora
-                    .as_ref()
-                    .map(|l| (path, l.a.clone(), l.b.clone()))
-            })
-            .flat_map(|(path, a, b)| {
-                [
-                    (format!("base_model.model.{path}.lora_A.weight"), a),
-                    (format!("base_model.model.{path}.lora_B.weight"), b),
-                ]
-            })
-            .collect()
+        let mut variables = Vec::new();
+        for (path, linear) in self.linears_mut() {
+            let Some(lora) = &linear.lora else { continue };
+            let key = |part: &str| format!("{KEY_PREFIX}{path}.{part}");
+            variables.push((key("lora_A.weight"), lora.a.clone()));
+            variables.push((key("lora_B.weight"), lora.b.clone()));
+            if let Some(magnitude) = &lora.magnitude {
+                variables.push((key(MAGNITUDE), magnitude.clone()));
+            }
+        }
+        variables
     }
 
     /// Folds every LoRA adapter into its base weight (`W + scale · B A`, in
-    /// f32, rounded to the weight's dtype) and removes the adapters: PEFT's
+    /// f32, rounded to the weight's dtype; with DoRA, each row of that then
+    /// rescaled to its magnitude) and removes the adapters: PEFT's
     /// `merge_and_unload`. Returns how many layers were merged.
     pub fn merge_adapters(&mut self) -> Result<usize> {
         let mut merged = 0;
@@ -492,7 +507,12 @@ impl Model {
             if let Some(lora) = linear.lora.take() {
                 let delta = (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?;
                 let dtype = linear.weight.dtype();
-                linear.weight = (linear.weight.to_dtype(DType::F32)? + delta)?.to_dtype(dtype)?;
+                let mut weight = (linear.weight.to_dtype(DType::F32)? + delta)?;
+                if let Some(magnitude) = &lora.magnitude {
+                    let factor = (magnitude.as_tensor() / row_norms(&weight)?)?;
+                    weight = weight.broadcast_mul(&factor.unsqueeze(1)?)?;
+                }
+                linear.weight = weight.to_dtype(dtype)?;
                 merged += 1;
             }
         }

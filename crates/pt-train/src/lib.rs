@@ -15,5 +15,5 @@ pub mod trainer;
 
 pub use checkpoint::{list_checkpoints, write_results};
 pub use error::TrainError;
-pub use optim::{AdamW, AdamWConfig, clip_scale, grad_norm};
+pub use optim::{AdamW, AdamWConfig, Parameter, clip_scale, grad_norm};
 pub use schedule::{Schedule, SchedulerType};

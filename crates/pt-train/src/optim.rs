@@ -34,9 +34,52 @@ impl Default for AdamWConfig {
     }
 }
 
+/// A trained variable and how AdamW updates it (PyTorch's parameter groups).
+#[derive(Clone)]
+pub struct Parameter {
+    pub var: Var,
+    /// Whether weight decay applies (HF: everything but biases and norms).
+    pub decay: bool,
+    /// Its learning rate as a multiple of the schedule's: LoRA+ trains B
+    /// matrices `loraplus_lr_ratio` times faster.
+    pub lr_ratio: f64,
+}
+
+impl Parameter {
+    /// At the schedule's learning rate.
+    pub fn new(var: Var, decay: bool) -> Self {
+        Self {
+            var,
+            decay,
+            lr_ratio: 1.0,
+        }
+    }
+}
+
+/// The optimizer's view of named trained variables: weight decay as HF's
+/// Trainer groups it ([`decays`]), and with LoRA+ LLaMA-Factory's groups:
+/// every `lora_B` and every 1-D adapter weight (DoRA's magnitudes) at
+/// `loraplus_lr_ratio` times the learning rate.
+pub fn parameters(named: &[(String, Var)], loraplus_lr_ratio: Option<f64>) -> Vec<Parameter> {
+    named
+        .iter()
+        .map(|(name, var)| {
+            let fast = name.contains(".lora_B.") || var.rank() == 1;
+            Parameter {
+                lr_ratio: match loraplus_lr_ratio {
+                    Some(ratio) if fast => ratio,
+                    _ => 1.0,
+                },
+                ..Parameter::new(var.clone(), decays(name))
+            }
+        })
+        .collect()
+}
+
 struct Slot {
     param: Var,
     decay: bool,
+    lr_ratio: f64,
     exp_avg: Tensor,
     exp_avg_sq: Tensor,
 }
@@ -49,21 +92,26 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// `params`: each variable and whether weight decay applies to it (HF:
-    /// everything but biases and LayerNorm weights).
-    pub fn new(params: Vec<(Var, bool)>, config: AdamWConfig) -> Result<Self> {
+    pub fn new(params: Vec<Parameter>, config: AdamWConfig) -> Result<Self> {
         let slots = params
             .into_iter()
-            .map(|(param, decay)| {
-                // Two tensors: the CPU update writes each in place.
-                let zeros = || Tensor::zeros(param.shape(), DType::F32, param.device());
-                Ok(Slot {
-                    exp_avg: zeros()?,
-                    exp_avg_sq: zeros()?,
-                    param,
-                    decay,
-                })
-            })
+            .map(
+                |Parameter {
+                     var,
+                     decay,
+                     lr_ratio,
+                 }| {
+                    // Two tensors: the CPU update writes each in place.
+                    let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
+                    Ok(Slot {
+                        exp_avg: zeros()?,
+                        exp_avg_sq: zeros()?,
+                        param: var,
+                        decay,
+                        lr_ratio,
+                    })
+                },
+            )
             .collect::<Result<_>>()?;
         Ok(Self {
             config,
@@ -154,6 +202,8 @@ impl AdamW {
         let bias1 = 1.0 - c.beta1.powi(self.step as i32);
         let bias2 = 1.0 - c.beta2.powi(self.step as i32);
         for (slot, grad) in self.slots.iter_mut().zip(grads) {
+            // PyTorch decays by the group's learning rate too.
+            let lr = lr * slot.lr_ratio;
             if update_on_cpu(slot, grad, grad_scale, lr, &c, bias1, bias2)? {
                 continue;
             }
@@ -394,7 +444,7 @@ mod tests {
             weight_decay: 0.1,
             ..AdamWConfig::default()
         };
-        let mut opt = AdamW::new(vec![(p.clone(), true)], config).unwrap();
+        let mut opt = AdamW::new(vec![Parameter::new(p.clone(), true)], config).unwrap();
         let g = Tensor::new(&[0.5f32, -3.], &Device::Cpu).unwrap();
         opt.apply(&[g], 0.01, 1.0).unwrap();
         let v: Vec<f32> = p.as_tensor().to_vec1().unwrap();
@@ -415,7 +465,11 @@ mod tests {
         // Scaled as the update reads them: the first step moves by lr
         // whatever the scale, so compare the moments through a second step.
         let p = Var::new(&[0f32, 0.], &Device::Cpu).unwrap();
-        let mut opt = AdamW::new(vec![(p.clone(), false)], AdamWConfig::default()).unwrap();
+        let mut opt = AdamW::new(
+            vec![Parameter::new(p.clone(), false)],
+            AdamWConfig::default(),
+        )
+        .unwrap();
         opt.apply(&grads, 1.0, 0.5).unwrap();
         let m: Vec<f32> = opt.slots[0].exp_avg.to_vec1().unwrap();
         assert!(
@@ -440,7 +494,7 @@ mod tests {
         let lr = 0.01;
         let p = Var::new(&start, &Device::Cpu).unwrap();
         // f32 on the CPU takes the fused update; bf16 would take the tensor ops.
-        let mut opt = AdamW::new(vec![(p.clone(), true)], config).unwrap();
+        let mut opt = AdamW::new(vec![Parameter::new(p.clone(), true)], config).unwrap();
         // Handles on the moments' storage: an update in place changes them.
         let (exp_avg, exp_avg_sq) = (
             opt.slots[0].exp_avg.clone(),

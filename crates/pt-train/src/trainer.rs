@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::evaluate::{MetricSink, eval_results, evaluate_across};
-use crate::optim::decays;
+use crate::optim::parameters;
 use crate::state::{RunShape, TrainerState};
 use crate::step::{MicroBatch, accumulate_gradients};
 use crate::{AdamW, AdamWConfig, Schedule, SchedulerType, TrainError, clip_scale, grad_norm};
@@ -71,6 +71,9 @@ pub struct TrainingArguments {
     pub seed: u64,
     /// Reshuffle the training blocks every epoch (seeded); false keeps file order.
     pub shuffle: bool,
+    /// LoRA+ (LLaMA-Factory's `loraplus_lr_ratio`): B matrices and 1-D
+    /// adapter weights (DoRA's magnitudes) learn this many times faster.
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 /// One optimizer step, for progress displays.
@@ -178,11 +181,7 @@ impl<'a> Trainer<'a> {
             Trainable::Adapter(_) => model.adapter_variables(),
             Trainable::Full { .. } => model.make_base_trainable()?,
         };
-        let groups = named
-            .iter()
-            .map(|(name, v)| (v.clone(), decays(name)))
-            .collect();
-        let optimizer = AdamW::new(groups, args.adamw)?;
+        let optimizer = AdamW::new(parameters(&named, args.loraplus_lr_ratio), args.adamw)?;
         let (base, adapter) = model.parameter_counts();
         let parameters = base + adapter;
         let embedding = model.config().embedding_parameters();

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Var};
 use pt_data::Blocks;
 use pt_model::Model;
 use pt_train::evaluate::evaluate;
-use pt_train::optim::decays;
+use pt_train::optim::{Parameter, decays, parameters};
 use pt_train::step::{MicroBatch, accumulate_gradients};
 use pt_train::{AdamW, AdamWConfig, Schedule, SchedulerType, clip_scale, grad_norm};
 
@@ -102,8 +102,11 @@ fn follow_peft(family: &str, dtype: DType, gradient_checkpointing: bool, toleran
     model.gradient_checkpointing = gradient_checkpointing;
     let named = model.lora_variables();
     // The recipe decays every LoRA weight (they have no biases or norms).
-    let groups = named.iter().map(|(_, v)| (v.clone(), true)).collect();
-    follow_steps(family, &model, groups, Run::Lora, &tolerance);
+    let parameters = named
+        .iter()
+        .map(|(_, v)| Parameter::new(v.clone(), true))
+        .collect();
+    follow_steps(family, &model, parameters, Run::Lora, &tolerance);
     let after = validation_loss(family, &model);
     assert!(
         close(
@@ -129,6 +132,84 @@ fn follow_peft(family: &str, dtype: DType, gradient_checkpointing: bool, toleran
     );
 }
 
+/// `variants/variants.json`: PEFT's runs of the adapter variants
+/// (`tests/python/adapter_variants.py`).
+fn variants_of(family: &str) -> serde_json::Value {
+    let path = fixture_of(family).join("variants/variants.json");
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// rsLoRA, DoRA and LoRA+ trained from the fixture's starting adapter follow
+/// PEFT step by step (LoRA+: LLaMA-Factory's optimizer groups in PyTorch),
+/// for every family; DoRA also through checkpointed blocks.
+#[test]
+fn adapter_variants_follow_peft_for_every_family() {
+    for family in FAMILIES {
+        for (variant, checkpointing) in [
+            ("rslora", false),
+            ("dora", false),
+            ("dora", true),
+            ("loraplus", false),
+        ] {
+            follow_variant(family, variant, checkpointing);
+        }
+    }
+}
+
+fn follow_variant(family: &'static str, variant: &'static str, checkpointing: bool) {
+    let dir = fixture_of(family);
+    let variants = dir.join("variants");
+    let mut model = Model::load(&dir.join("model"), &test_device(), DType::F32).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let start = match variant {
+        // lora_init's weights under the saved rsLoRA config.
+        "rslora" => {
+            let start = scratch.path().to_path_buf();
+            let init = dir.join("lora_init/adapter_model.safetensors");
+            std::fs::copy(init, start.join("adapter_model.safetensors")).unwrap();
+            let config = variants.join("rslora_final/adapter_config.json");
+            std::fs::copy(config, start.join("adapter_config.json")).unwrap();
+            start
+        }
+        "dora" => variants.join("dora_init"),
+        _ => dir.join("lora_init"),
+    };
+    let config = model.load_adapter(&start).unwrap();
+    assert_eq!(
+        (config.use_rslora, config.use_dora),
+        (variant == "rslora", variant == "dora")
+    );
+    model.gradient_checkpointing = checkpointing;
+    let named = model.lora_variables();
+    let expected = variants_of(family);
+    let ratio = (variant == "loraplus").then(|| expected["loraplus_lr_ratio"].as_f64().unwrap());
+    // The recipe decays every adapter weight.
+    let parameters = parameters(&named, ratio)
+        .into_iter()
+        .map(|p| Parameter { decay: true, ..p })
+        .collect();
+    follow_steps(family, &model, parameters, Run::Variant(variant), &F32);
+    let after = validation_loss(family, &model);
+    let theirs = expected[variant]["valid_loss_after"].as_f64().unwrap();
+    assert!(
+        close(after, theirs, F32.loss),
+        "{family} {variant}: valid loss after {after} vs {theirs}"
+    );
+    let final_adapter = candle_core::safetensors::load(
+        variants.join(format!("{variant}_final/adapter_model.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(final_adapter.len(), named.len(), "{family} {variant}");
+    for (name, variable) in &named {
+        let diff = max_abs_diff(variable.as_tensor(), &final_adapter[name]);
+        assert!(
+            diff < F32.adapter,
+            "{family} {variant}: `{name}` differs from PEFT's by {diff}"
+        );
+    }
+}
+
 /// Which of the fixture's recorded runs to follow.
 #[derive(Clone, Copy, PartialEq)]
 enum Run {
@@ -136,33 +217,37 @@ enum Run {
     Lora,
     /// Full fine-tuning from the base model (`full.log`, at `full.lr`).
     Full,
+    /// An adapter variant's run in `variants/variants.json`, at `args.lr`.
+    Variant(&'static str),
 }
 
-/// Trains `groups` (variables, whether they decay) with the fixture's recipe
-/// for as many steps as HF's log of `run` has, checking each step's loss,
-/// gradient norm (before clipping) and learning rate against it.
+/// Trains `parameters` with the fixture's recipe for as many steps as HF's
+/// log of `run` has, checking each step's loss, gradient norm (before
+/// clipping) and learning rate against it.
 fn follow_steps(
     family: &str,
     model: &Model,
-    groups: Vec<(Var, bool)>,
+    parameters: Vec<Parameter>,
     run: Run,
     tolerance: &Tolerance,
 ) {
     let expected_run = trajectory_of(family);
     let args = &expected_run["args"];
+    let variants = variants_of(family);
     let (peak_lr, log) = match run {
         Run::Lora => (args["lr"].as_f64().unwrap(), &expected_run["log"]),
         Run::Full => {
             let full = &expected_run["full"];
             (full["lr"].as_f64().unwrap(), &full["log"])
         }
+        Run::Variant(name) => (args["lr"].as_f64().unwrap(), &variants[name]["log"]),
     };
-    let variables: Vec<Var> = groups.iter().map(|(v, _)| v.clone()).collect();
+    let variables: Vec<Var> = parameters.iter().map(|p| p.var.clone()).collect();
     let config = AdamWConfig {
         weight_decay: args["wd"].as_f64().unwrap(),
         ..AdamWConfig::default()
     };
-    let mut optimizer = AdamW::new(groups, config).unwrap();
+    let mut optimizer = AdamW::new(parameters, config).unwrap();
     let steps = log.as_array().unwrap().len();
     let schedule = Schedule {
         kind: SchedulerType::Linear,
@@ -240,8 +325,7 @@ fn full_fine_tuning_follows_pytorch_for_every_family() {
             .map(|n| n.as_str().unwrap())
             .collect();
         assert_eq!(no_decay, hf_no_decay, "{family}: decay groups");
-        let groups = named.iter().map(|(n, v)| (v.clone(), decays(n))).collect();
-        follow_steps(family, &model, groups, Run::Full, &F32);
+        follow_steps(family, &model, parameters(&named, None), Run::Full, &F32);
         let after = validation_loss(family, &model);
         let hf = full["valid_loss_after"].as_f64().unwrap();
         assert!(

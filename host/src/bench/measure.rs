@@ -429,5 +429,6 @@ fn training_arguments(
         save_total_limit: None,
         seed: 42,
         shuffle: false,
+        loraplus_lr_ratio: None,
     }
 }
