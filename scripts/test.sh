@@ -18,15 +18,16 @@ if ! dpkg -s libopenmpi-dev openmpi-bin libclang-dev >/dev/null 2>&1; then
 fi
 export PT_REQUIRE_MPI=1
 # The interop tests run HF's own code: PEFT loads our adapter, transformers
-# our merged model, the fixture's reference numbers are recomputed, and
-# TensorBoard's reader reads our events. torch, transformers, peft and
-# tensorboard go into a virtual environment outside the clone, reused across
-# runs (5.7 GB, about 2½ minutes to install from nothing here).
+# our merged model, bitsandbytes our 4-bit base, the fixture's reference
+# numbers are recomputed, and TensorBoard's reader reads our events. torch,
+# transformers, peft, bitsandbytes and tensorboard go into a virtual
+# environment outside the clone, reused across runs (5.7 GB, about 2½
+# minutes to install from nothing here).
 venv="${PT_PYTHON_VENV:-$HOME/.cache/pt-host/python-venv}"
-if ! "$venv/bin/python" -c "import torch, transformers, peft, tensorboard" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import torch, transformers, peft, bitsandbytes, tensorboard" 2>/dev/null; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
-        torch==2.15.0 transformers==5.24.0 peft==0.21.2 tensorboard
+        torch==2.15.0 transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 tensorboard
 fi
 export PATH="$venv/bin:$PATH"
 export PT_REQUIRE_PYTHON=1 PT_REQUIRE_TENSORBOARD=1

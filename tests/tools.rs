@@ -196,6 +196,71 @@ fn every_familys_dora_adapter_merges_to_pefts_loss() {
     }
 }
 
+/// bitsandbytes quantises the fixture's weights to the committed bytes again
+/// (the double quantisation's offset, PyTorch's f32 `mean`, within 2 ulps:
+/// its summation order follows the CPU's vector width), and PEFT +
+/// bitsandbytes train to the committed QLoRA run within bf16 rounding.
+fn recompute_qlora(fixture: &Path, rebuilt: &Path) {
+    let load = |dir: &Path| {
+        candle_core::safetensors::load(dir.join("qlora/nf4.safetensors"), &candle_core::Device::Cpu)
+            .unwrap()
+    };
+    let (committed, again) = (load(fixture), load(rebuilt));
+    assert_eq!(committed.len(), again.len());
+    for (name, tensor) in &committed {
+        let bits = |t: &candle_core::Tensor| match t.dtype() {
+            candle_core::DType::U8 => t
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<u8>()
+                .unwrap()
+                .iter()
+                .map(|&b| b as i64)
+                .collect::<Vec<_>>(),
+            _ => t
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits() as i64)
+                .collect(),
+        };
+        let (ours, theirs) = (bits(tensor), bits(&again[name]));
+        let ulps = if name.ends_with(".offset") { 2 } else { 0 };
+        assert!(
+            ours.len() == theirs.len()
+                && ours.iter().zip(&theirs).all(|(a, b)| (a - b).abs() <= ulps),
+            "{name} differs"
+        );
+    }
+    let (run, run_again) = (
+        json(&fixture.join("qlora/qlora.json")),
+        json(&rebuilt.join("qlora/qlora.json")),
+    );
+    let close = |a: &serde_json::Value, b: &serde_json::Value| {
+        let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+        (a - b).abs() <= 1e-3 * b.abs().max(1e-3)
+    };
+    for key in ["valid_loss_before", "valid_loss_after"] {
+        assert!(close(&run[key], &run_again[key]), "qlora {key}");
+    }
+    for (step, again) in run["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(run_again["log"].as_array().unwrap())
+    {
+        for key in ["loss", "grad_norm", "learning_rate"] {
+            assert!(
+                close(&step[key], &again[key]),
+                "qlora step {}: {key}",
+                step["step"]
+            );
+        }
+    }
+}
+
 /// `init-model --arch` builds a model of each family that transformers
 /// loads (its loss on the fixture's blocks near ln(vocab), as a random
 /// model's is) and that `run` trains with `--target_modules all`.
@@ -810,6 +875,18 @@ fn cli_errors_name_what_is_wrong_and_never_panic() {
             "--use_rslora, --use_dora and --loraplus_lr_ratio shape a LoRA adapter: they need --use_peft true",
         ),
         (
+            "$RUN --do_train --train_file_dir $TRAIN --load_in_4bit --use_peft false",
+            "--load_in_4bit holds the base in 4 bits (NF4) for LoRA on top: it needs --use_peft true",
+        ),
+        (
+            "$RUN --do_train --train_file_dir $TRAIN --load_in_4bit --bnb_4bit_quant_type fp4",
+            "--bnb_4bit_quant_type fp4: pt-host quantises to nf4 only",
+        ),
+        (
+            "$RUN --do_train --train_file_dir $TRAIN --quantization_bit 8",
+            "--quantization_bit 8: pt-host quantises to 4 bits (NF4) only",
+        ),
+        (
             "$RUN --do_train --train_file_dir $TRAIN --loraplus_lr_ratio 0",
             "--loraplus_lr_ratio must be a positive number (LLaMA-Factory suggests 16), got 0",
         ),
@@ -927,10 +1004,15 @@ fn recompute_fixture(family: &str) {
     let fixture = || bloom_tiny::fixture_of(family);
     let dir = tempfile::tempdir().unwrap();
     let rebuilt = dir.path().join(family);
-    for (script, out) in [
+    let mut scripts = vec![
         ("tiny_reference.py", rebuilt.clone()),
         ("adapter_variants.py", rebuilt.join("variants")),
-    ] {
+    ];
+    let qlora = fixture().join("qlora").is_dir();
+    if qlora {
+        scripts.push(("nf4_reference.py", rebuilt.join("qlora")));
+    }
+    for (script, out) in scripts {
         let output = Command::new("python3")
             .arg(common::repo().join("tests/python").join(script))
             .args([fixture(), out])
@@ -1003,6 +1085,9 @@ fn recompute_fixture(family: &str) {
             "{family} {variant}: valid loss after"
         );
         logs.push((&run["log"], &run_again["log"]));
+    }
+    if qlora {
+        recompute_qlora(&fixture(), &rebuilt);
     }
     for (log, log_again) in logs {
         let (steps, steps_again) = (log.as_array().unwrap(), log_again.as_array().unwrap());

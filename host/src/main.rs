@@ -21,6 +21,7 @@ mod plugin_metrics;
 mod plugins;
 mod prepare;
 mod progress;
+mod quantize;
 mod recipe;
 mod report;
 mod run;

@@ -9,6 +9,7 @@ use pt_model::Model;
 
 use crate::device::DtypeArg;
 use crate::hub::ModelArgs;
+use crate::quantize::QuantizationArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct MergeArgs {
@@ -23,6 +24,10 @@ pub struct MergeArgs {
     /// Storage dtype of the merged weights (auto: the base model's config dtype, else float32).
     #[arg(long = "dtype", value_enum, default_value = "auto")]
     pub dtype: DtypeArg,
+    /// The base as the adapter was trained on it (a QLoRA adapter on the
+    /// NF4 base): quantised, then dequantised into the merged weights.
+    #[command(flatten)]
+    pub quantization: QuantizationArgs,
     /// Larger weights are written in shards of at most this size with
     /// model.safetensors.index.json, as save_pretrained does (5GB, 500MiB, …).
     #[arg(long = "max_shard_size", default_value = "5GB", value_parser = pt_model::hf_dir::parse_shard_size)]
@@ -40,6 +45,7 @@ pub fn run(args: MergeArgs) -> Result<()> {
     };
     // Merged in f32 on the CPU: exact sums, whatever the storage dtype.
     let mut model = Model::load(&model_dir, &Device::Cpu, DType::F32)?;
+    args.quantization.apply(&mut model, DType::F32, true)?;
     let adapter = model.load_adapter(&args.peft_path)?;
     let merged = model.merge_adapters()?;
     model.save_model(&args.output_dir, &model_dir, dtype, args.max_shard_size)?;

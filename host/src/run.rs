@@ -347,6 +347,7 @@ fn load_model(
             model_dir.display()
         );
     }
+    args.quantization.apply(&mut model, dtype, main)?;
     let tokenizer = Tokenizer::from_dir(args.data.tokenizer_dir())?;
     let trainable = attach_trainable(args, &mut model, &tokenizer, main)?;
     crate::runtime::keep_freed_memory();

@@ -5,11 +5,13 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
+use candle_core::DType;
 use pt_train::trainer::Interval;
 
 use crate::args::parse_bool;
 use crate::device::{DeviceArg, DtypeArg};
 use crate::prepare::PrepareArgs;
+use crate::quantize::QuantizationArgs;
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 #[clap(rename_all = "snake_case")]
@@ -80,6 +82,8 @@ pub struct RunArgs {
     /// suggestion).
     #[arg(long = "loraplus_lr_ratio", value_name = "RATIO")]
     pub loraplus_lr_ratio: Option<f64>,
+    #[command(flatten)]
+    pub quantization: QuantizationArgs,
     /// Continue from this PEFT adapter directory instead of a fresh adapter.
     #[arg(long = "peft_path", value_name = "DIR")]
     pub peft_path: Option<PathBuf>,
@@ -288,6 +292,18 @@ pub fn check_flags(args: &RunArgs) -> Result<()> {
     if !args.use_peft && (args.use_rslora || args.use_dora || args.loraplus_lr_ratio.is_some()) {
         bail!(
             "--use_rslora, --use_dora and --loraplus_lr_ratio shape a LoRA adapter: they need --use_peft true"
+        );
+    }
+    if let Some(config) = args.quantization.config(DType::F32)?
+        && !args.use_peft
+    {
+        bail!(
+            "--load_in_4bit holds the base in 4 bits ({}) for LoRA on top: it needs --use_peft true",
+            if config.double_quant {
+                "NF4, double quantisation"
+            } else {
+                "NF4"
+            }
         );
     }
     if args.peft_path.is_some() && (args.use_rslora || args.use_dora) {

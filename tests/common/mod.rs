@@ -194,15 +194,17 @@ pub fn assert_ok(output: &Output) {
 /// `scripts/test.sh` sets after installing them), fails.
 pub fn python_has(test: &str) -> bool {
     let available = Command::new("python3")
-        .args(["-c", "import torch, transformers, peft"])
+        .args(["-c", "import torch, transformers, peft, bitsandbytes"])
         .output()
         .is_ok_and(|o| o.status.success());
     if !available {
         assert!(
             std::env::var_os("PT_REQUIRE_PYTHON").is_none(),
-            "{test}: PT_REQUIRE_PYTHON is set but python3 cannot import torch, transformers and peft"
+            "{test}: PT_REQUIRE_PYTHON is set but python3 cannot import torch, transformers, peft and bitsandbytes"
         );
-        eprintln!("SKIPPED {test}: python3 with torch, transformers and peft is not installed");
+        eprintln!(
+            "SKIPPED {test}: python3 with torch, transformers, peft and bitsandbytes is not installed"
+        );
     }
     available
 }
@@ -210,12 +212,17 @@ pub fn python_has(test: &str) -> bool {
 /// HF transformers' (+ PEFT's) mean loss of `model_dir` (+ `adapter`) over
 /// the fixture's validation blocks (`tests/python/hf_eval.py`).
 pub fn hf_eval_loss(model_dir: &Path, adapter: Option<&Path>) -> f64 {
+    hf_eval_loss_with(model_dir, adapter, &[])
+}
+
+/// [`hf_eval_loss`] with more of hf_eval.py's options (`--load_in_4bit`).
+pub fn hf_eval_loss_with(model_dir: &Path, adapter: Option<&Path>, options: &[&str]) -> f64 {
     let mut command = Command::new("python3");
     command.arg(repo().join("tests/python/hf_eval.py")).args([
         model_dir,
         &repo().join("tests/fixtures/bloom-tiny/expected.safetensors"),
     ]);
-    command.args(adapter);
+    command.args(adapter).args(options);
     let output = command.output().unwrap();
     assert_ok(&output);
     let result: serde_json::Value = serde_json::from_slice(output.stdout.trim_ascii()).unwrap();

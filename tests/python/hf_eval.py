@@ -1,12 +1,13 @@
 """Loads a model directory with HF transformers (and a pt-host LoRA adapter
 with PEFT, when given) and prints the mean next-token loss over the fixture's
-packed validation blocks, as JSON.
+packed validation blocks, as JSON. With --load_in_4bit the base is loaded
+as QLoRA loads it: bitsandbytes NF4 with double quantisation, bf16 compute.
 
-Usage: hf_eval.py MODEL_DIR EXPECTED_SAFETENSORS [ADAPTER_DIR]
+Usage: hf_eval.py MODEL_DIR EXPECTED_SAFETENSORS [ADAPTER_DIR] [--load_in_4bit]
 """
 
+import argparse
 import json
-import sys
 
 import torch
 from peft import PeftModel
@@ -15,14 +16,32 @@ from transformers import AutoModelForCausalLM
 
 
 def main() -> None:
-    model_dir, expected = sys.argv[1:3]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model_dir")
+    parser.add_argument("expected")
+    parser.add_argument("adapter", nargs="?")
+    parser.add_argument("--load_in_4bit", action="store_true")
+    args = parser.parse_args()
+    options = {}
+    if args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        options = dict(
+            quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16,
+            ),
+            device_map="cpu",
+        )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager"
+        args.model_dir, dtype=torch.float32, attn_implementation="eager", **options
     )
-    if len(sys.argv) > 3:
-        model = PeftModel.from_pretrained(model, sys.argv[3])
+    if args.adapter:
+        model = PeftModel.from_pretrained(model, args.adapter)
     model.eval()
-    blocks = load_file(expected)["valid_blocks"]
+    blocks = load_file(args.expected)["valid_blocks"]
     total, count = 0.0, 0
     with torch.no_grad():
         for chunk in blocks.split(16):

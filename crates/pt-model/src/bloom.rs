@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::fused::AttentionBias;
 use crate::hf_dir::Weights;
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
+use crate::linear::LinearWeight;
 use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
@@ -242,7 +243,7 @@ fn load_layer_norm(w: &mut Weights, prefix: &str, size: usize, eps: f64) -> Resu
 
 fn load_linear(w: &mut Weights, prefix: &str, input: usize, output: usize) -> Result<Linear> {
     Ok(Linear {
-        weight: w.take(&format!("{prefix}.weight"), &[output, input])?,
+        weight: LinearWeight::Dense(w.take(&format!("{prefix}.weight"), &[output, input])?),
         bias: Some(w.take(&format!("{prefix}.bias"), &[output])?),
         lora: None,
     })
@@ -412,7 +413,10 @@ impl Architecture for Bloom {
                 tensors.push((format!("{p}.{name}.bias"), &mut norm.bias));
             }
             for (name, linear) in linears {
-                tensors.push((format!("{p}.{name}.weight"), &mut linear.weight));
+                // NF4 weights are not tensors; merging dequantises them.
+                if let LinearWeight::Dense(weight) = &mut linear.weight {
+                    tensors.push((format!("{p}.{name}.weight"), weight));
+                }
                 if let Some(bias) = &mut linear.bias {
                     tensors.push((format!("{p}.{name}.bias"), bias));
                 }

@@ -4,7 +4,7 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::linear::{Dropout, LoraPass, linear};
+use crate::linear::{Dropout, LinearWeight, LoraPass, linear};
 
 /// How a training micro-batch draws its dropout masks: from `seed`, as rows
 /// `first_row..` of a larger batch draw them (a rank's share of a
@@ -33,7 +33,7 @@ pub struct Lora {
 /// `y = x Wᵀ (+ b) (+ LoRA)`, weights in HF's `[out, in]` layout.
 #[derive(Clone)]
 pub(crate) struct Linear {
-    pub(crate) weight: Tensor,
+    pub(crate) weight: LinearWeight,
     pub(crate) bias: Option<Tensor>,
     pub(crate) lora: Option<Lora>,
 }
@@ -73,14 +73,17 @@ impl Linear {
             self.bias.as_ref(),
             lora,
         )?
-        .reshape((b, s, self.weight.dim(0)?))
+        .reshape((b, s, self.weight.dims2()?.0))
     }
 }
 
 impl Linear {
-    /// The layer's tensors: weight, bias and adapter, trainable or not.
+    /// The layer's tensors: weight (unless NF4), bias and adapter, trainable or not.
     pub(crate) fn tensors(&self) -> Vec<Tensor> {
-        let mut tensors = vec![self.weight.clone()];
+        let mut tensors = Vec::new();
+        if let LinearWeight::Dense(weight) = &self.weight {
+            tensors.push(weight.clone());
+        }
         tensors.extend(self.bias.clone());
         if let Some(lora) = &self.lora {
             tensors.extend([lora.a.as_tensor().clone(), lora.b.as_tensor().clone()]);

@@ -29,6 +29,7 @@ pub mod linear;
 pub mod llama;
 pub mod loss;
 pub mod model;
+pub mod nf4;
 pub mod ops;
 pub mod peft;
 pub mod vocabulary;

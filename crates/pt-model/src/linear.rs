@@ -2,12 +2,84 @@
 //! adapter and its dropout) that gets no gradient, and a trainable weight
 //! (full fine-tuning) whose gradients carry no graph.
 
-use candle_core::{DType, Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
 use crate::custom_op::{TensorOp1, TensorOp2, TensorOp3, apply_op1, apply_op2, apply_op3};
+use crate::nf4::Nf4Weight;
+
+/// A linear layer's `[out, in]` weight: dense (frozen, or trainable in full
+/// fine-tuning), or NF4 (frozen, QLoRA's base).
+#[derive(Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Nf4(Arc<Nf4Weight>),
+}
+
+impl LinearWeight {
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            LinearWeight::Dense(weight) => weight.dims2(),
+            LinearWeight::Nf4(weight) => Ok(weight.shape),
+        }
+    }
+
+    /// The weight's values in f32 on `device` (NF4: dequantised).
+    pub fn to_f32(&self, device: &Device) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(weight) => weight.to_dtype(DType::F32)?.to_device(device),
+            LinearWeight::Nf4(weight) => weight.dequantize(DType::F32, device),
+        }
+    }
+
+    /// The dtype of `x Wᵀ`: the weight's, or for NF4 `x`'s (bitsandbytes
+    /// computes in its compute dtype and casts the result back).
+    fn output_dtype(&self, x: &Tensor) -> DType {
+        match self {
+            LinearWeight::Dense(weight) => weight.dtype(),
+            LinearWeight::Nf4(_) => x.dtype(),
+        }
+    }
+
+    /// `x Wᵀ (+ bias)`; NF4 as bitsandbytes' `matmul_4bit`: `x`, the
+    /// dequantised weight and the bias in the compute dtype.
+    fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(weight) => {
+                let y = x.matmul(&weight.t()?)?;
+                match bias {
+                    Some(bias) => y.broadcast_add(bias),
+                    None => Ok(y),
+                }
+            }
+            LinearWeight::Nf4(weight) => {
+                let dtype = weight.compute_dtype;
+                let dense = weight.dequantize(dtype, x.device())?;
+                let mut y = x.to_dtype(dtype)?.matmul(&dense.t()?)?;
+                if let Some(bias) = bias {
+                    y = y.broadcast_add(&bias.to_dtype(dtype)?)?;
+                }
+                y.to_dtype(x.dtype())
+            }
+        }
+    }
+
+    /// `grad W`, the gradient of `x` (in `x`'s dtype for NF4).
+    fn input_gradient(&self, grad: &Tensor, x: &Tensor) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(weight) => grad.matmul(weight),
+            LinearWeight::Nf4(weight) => {
+                let dtype = weight.compute_dtype;
+                let dense = weight.dequantize(dtype, x.device())?;
+                grad.to_dtype(dtype)?.matmul(&dense)?.to_dtype(x.dtype())
+            }
+        }
+    }
+}
 
 /// A LoRA adapter's part in a linear layer's forward pass: `scale · (drop(x)
 /// Aᵀ) Bᵀ`, in f32 as PEFT computes it; with a magnitude, DoRA's (see
@@ -114,7 +186,7 @@ fn masked(x: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
 /// BLOOM's tied LM head alone a `[vocab, hidden]` product per step) and
 /// throw it away, and its graph would keep every intermediate tensor.
 struct FrozenLinear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     /// Scale and dropout of the adapter, whose A and B are the op's 2nd and 3rd inputs.
     lora: Option<LoraSettings>,
@@ -122,17 +194,15 @@ struct FrozenLinear {
 
 impl FrozenLinear {
     fn forward(&self, x: &Tensor, lora: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-        let mut y = x.matmul(&self.weight.t()?)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
+        let mut y = self.weight.product(x, self.bias.as_ref())?;
+        let dtype = y.dtype();
         if let (Some(pass), Some((a, b))) = (&self.lora, lora) {
             // The sum is rounded back to the base layer's dtype, as PEFT does;
             // the scale applies to the narrow `[n, r]` product.
             let x = x.to_dtype(DType::F32)?;
             let input = masked(x.clone(), pass.dropout_mask(&x)?.as_ref())?;
             let update = (input.matmul(&a.t()?)? * pass.scale)?.matmul(&b.t()?)?;
-            y = (y.to_dtype(DType::F32)? + update)?.to_dtype(self.weight.dtype())?;
+            y = (y.to_dtype(DType::F32)? + update)?.to_dtype(dtype)?;
         }
         Ok(y)
     }
@@ -147,7 +217,7 @@ impl FrozenLinear {
         // Detached: a gradient that carried a graph would keep every tensor
         // it was computed from alive until the whole backward pass ends.
         let (x, grad) = (x.detach(), grad.detach());
-        let base = grad.matmul(&self.weight)?;
+        let base = self.weight.input_gradient(&grad, &x)?;
         let (Some(pass), Some((a, b))) = (&self.lora, lora) else {
             return Ok((base, None));
         };
@@ -255,7 +325,7 @@ impl TensorOp2 for TrainableLinear {
 /// fine-tuning) gets it from [`TrainableLinear`].
 pub fn linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &LinearWeight,
     bias: Option<&Tensor>,
     lora: Option<LoraPass>,
 ) -> Result<Tensor> {
@@ -269,13 +339,17 @@ pub fn linear(
     };
     let adapter = lora.as_ref().map(|l| (&l.a, &l.b));
     let tracked = x.track_op() || adapter.is_some_and(|(a, b)| a.track_op() || b.track_op());
-    if let (true, None) = (weight.is_variable(), &lora) {
+    let trainable = match weight {
+        LinearWeight::Dense(weight) if weight.is_variable() => Some(weight),
+        _ => None,
+    };
+    if let (Some(weight), None) = (trainable, &lora) {
         return match bias {
             Some(bias) => apply_op3(TrainableLinear, x, weight, bias),
             None => apply_op2(TrainableLinear, x, weight),
         };
     }
-    if weight.is_variable() || !tracked {
+    if trainable.is_some() || !tracked {
         return op.forward(x, adapter);
     }
     match lora {
@@ -293,7 +367,7 @@ pub fn linear(
 /// dtype, as [`FrozenLinear`] does; candle's ops differentiate the adapter.
 fn dora_linear(
     x: &Tensor,
-    weight: &Tensor,
+    weight: &LinearWeight,
     bias: Option<&Tensor>,
     pass: &LoraPass,
 ) -> Result<Tensor> {
@@ -311,14 +385,14 @@ fn dora_linear(
         None => (x32, base.clone()),
     };
     let update = (dropped.matmul(&a.t()?)? * pass.scale)?.matmul(&b.t()?)?;
-    let adapted = (weight.to_dtype(DType::F32)? + (b.detach().matmul(&a.detach())? * pass.scale)?)?;
+    let adapted = (weight.to_f32(x.device())? + (b.detach().matmul(&a.detach())? * pass.scale)?)?;
     let factor = (magnitude / row_norms(&adapted)?)?.unsqueeze(0)?;
     let mut y =
         (base + base_dropped.broadcast_mul(&(&factor - 1.0)?)? + update.broadcast_mul(&factor)?)?;
     if let Some(bias) = bias {
         y = y.broadcast_add(&bias.to_dtype(DType::F32)?)?;
     }
-    y.to_dtype(weight.dtype())
+    y.to_dtype(weight.output_dtype(x))
 }
 
 /// The L2 norm of each row of `weight` `[out, in]`, in f32: DoRA's weight
@@ -330,7 +404,7 @@ pub(crate) fn row_norms(weight: &Tensor) -> Result<Tensor> {
 /// `x · Wᵀ` (`x`: `[n, in]`, `W`: `[out, in]`), computing no gradient for `W`
 /// unless it is a trainable variable (full fine-tuning).
 pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-    linear(x, weight, None, None)
+    linear(x, &LinearWeight::Dense(weight.clone()), None, None)
 }
 
 #[cfg(test)]
@@ -389,7 +463,10 @@ mod tests {
         ];
         assert_same_function(
             &inputs,
-            |t| linear(&t[0], &weight, Some(&bias), Some(pass(&t[1], &t[2]))).unwrap(),
+            |t| {
+                let dense = LinearWeight::Dense(weight.clone());
+                linear(&t[0], &dense, Some(&bias), Some(pass(&t[1], &t[2]))).unwrap()
+            },
             |t| {
                 let lora = pass(&t[1], &t[2]);
                 let mask = lora.settings().dropout_mask(&t[0]).unwrap().unwrap();
@@ -443,7 +520,15 @@ mod tests {
         ];
         assert_same_function(
             &inputs,
-            |t| linear(&t[0], &weight, Some(&bias), Some(pass(t))).unwrap(),
+            |t| {
+                linear(
+                    &t[0],
+                    &LinearWeight::Dense(weight.clone()),
+                    Some(&bias),
+                    Some(pass(t)),
+                )
+                .unwrap()
+            },
             |t| {
                 let (x, a, b, m) = (&t[0], &t[1], &t[2], &t[3]);
                 let mask = pass(t).settings().dropout_mask(x).unwrap().unwrap();
@@ -486,7 +571,7 @@ mod tests {
         ];
         assert_same_function(
             &inputs,
-            |t| linear(&t[0], &t[1], Some(&t[2]), None).unwrap(),
+            |t| linear(&t[0], &LinearWeight::Dense(t[1].clone()), Some(&t[2]), None).unwrap(),
             |t| {
                 t[0].matmul(&t[1].t().unwrap())
                     .unwrap()
@@ -498,7 +583,7 @@ mod tests {
         // Without a bias, as the Llama family's layers are.
         assert_same_function(
             &inputs[..2],
-            |t| linear(&t[0], &t[1], None, None).unwrap(),
+            |t| linear(&t[0], &LinearWeight::Dense(t[1].clone()), None, None).unwrap(),
             |t| t[0].matmul(&t[1].t().unwrap()).unwrap(),
             1e-5,
         );

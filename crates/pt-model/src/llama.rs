@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::fused::AttentionBias;
 use crate::hf_dir::Weights;
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
+use crate::linear::LinearWeight;
 use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
@@ -517,7 +518,7 @@ impl Llama {
         };
         let linear = |w: &mut Weights, name: &str, input: usize, output: usize, bias: bool| {
             Ok::<_, anyhow::Error>(Linear {
-                weight: w.take(&format!("{name}.weight"), &[output, input])?,
+                weight: LinearWeight::Dense(w.take(&format!("{name}.weight"), &[output, input])?),
                 bias: match bias {
                     true => Some(w.take(&format!("{name}.bias"), &[output])?),
                     false => None,
@@ -721,7 +722,10 @@ impl Architecture for Llama {
                 tensors.push((format!("{p}.{name}.weight"), &mut norm.weight));
             }
             for (name, linear) in linears {
-                tensors.push((format!("{p}.{name}.weight"), &mut linear.weight));
+                // NF4 weights are not tensors; merging dequantises them.
+                if let LinearWeight::Dense(weight) = &mut linear.weight {
+                    tensors.push((format!("{p}.{name}.weight"), weight));
+                }
                 if let Some(bias) = &mut linear.bias {
                     tensors.push((format!("{p}.{name}.bias"), bias));
                 }

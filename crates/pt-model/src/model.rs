@@ -5,6 +5,7 @@
 
 use std::cell::Cell;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::backprop::GradStore;
@@ -13,8 +14,9 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::checkpoint::{self, Recompute, SideGradients};
 use crate::hf_dir;
 use crate::layers::{DropoutDraw, Linear};
-use crate::linear::frozen_matmul;
+use crate::linear::{LinearWeight, frozen_matmul};
 use crate::loss::{IGNORE_INDEX, lm_head_loss_sum, lm_head_loss_sum_and_predictions};
+use crate::nf4::{Nf4Config, Nf4Weight};
 
 /// What the rest of pt-host needs to know of any family's configuration.
 #[derive(Clone, Debug)]
@@ -457,14 +459,47 @@ impl Model {
         Ok(frozen_matmul(&last, self.arch.lm_head())?)
     }
 
-    /// Every base-model tensor with its HF checkpoint name, in checkpoint order.
+    /// Every base-model tensor with its HF checkpoint name, in checkpoint
+    /// order; NF4 weights are not among them.
     pub fn base_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         self.arch.base_tensors_mut()
+    }
+
+    /// QLoRA's base: quantises every linear layer's weight of the decoder
+    /// blocks to NF4 (the embedding and LM head stay as they are, as
+    /// transformers leaves them). Must come before adapters are added or
+    /// loaded. Returns the bytes the quantised weights hold now and held
+    /// before.
+    pub fn quantize_nf4(&mut self, config: Nf4Config) -> Result<(usize, usize)> {
+        let (mut after, mut before) = (0, 0);
+        for (path, linear) in self.linears_mut() {
+            if linear.lora.is_some() {
+                bail!("{path}: quantise the base model before adding an adapter");
+            }
+            if let LinearWeight::Dense(weight) = &linear.weight {
+                let quantized = Nf4Weight::quantize(weight, config)
+                    .with_context(|| format!("{path}: cannot quantise to NF4"))?;
+                before += weight.elem_count() * weight.dtype().size_in_bytes();
+                after += quantized.size_in_bytes();
+                linear.weight = LinearWeight::Nf4(Arc::new(quantized));
+            }
+        }
+        Ok((after, before))
+    }
+
+    /// Whether any weight is NF4.
+    pub fn is_quantized(&mut self) -> bool {
+        self.linears_mut()
+            .iter()
+            .any(|(_, linear)| matches!(linear.weight, LinearWeight::Nf4(_)))
     }
 
     /// Full fine-tuning: every base tensor becomes a trainable variable.
     /// Returns them by HF name.
     pub fn make_base_trainable(&mut self) -> Result<Vec<(String, Var)>> {
+        if self.is_quantized() {
+            bail!("an NF4 (4-bit) base trains through LoRA adapters only, not whole");
+        }
         self.base_tensors_mut()
             .into_iter()
             .map(|(name, tensor)| {
@@ -485,6 +520,9 @@ impl Model {
         dtype: DType,
         max_shard_bytes: u64,
     ) -> Result<()> {
+        if self.is_quantized() {
+            bail!("NF4 weights are saved merged: merge_adapters dequantises them");
+        }
         let vocab_size = self.config.vocab_size;
         let tensors = self
             .base_tensors_mut()

@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Deserialize;
 
 use crate::layers::Lora;
-use crate::linear::row_norms;
+use crate::linear::{LinearWeight, row_norms};
 use crate::model::Model;
 use crate::vocabulary::LM_HEAD;
 
@@ -327,7 +327,9 @@ impl Model {
             let a = Var::from_tensor(&Tensor::from_vec(a, (r, input), &device)?)?;
             let b = Var::from_tensor(&Tensor::zeros((out, r), DType::F32, &device)?)?;
             let magnitude = match config.use_dora {
-                true => Some(Var::from_tensor(&row_norms(&linear.weight)?)?),
+                true => Some(Var::from_tensor(&row_norms(
+                    &linear.weight.to_f32(&device)?,
+                )?)?),
                 false => None,
             };
             linear.lora = Some(Lora {
@@ -428,11 +430,20 @@ impl Model {
     /// Elements of the base model's tensors and of its LoRA adapters (PEFT's
     /// `print_trainable_parameters` counts).
     pub fn parameter_counts(&mut self) -> (usize, usize) {
-        let base = self
+        let dense: usize = self
             .base_tensors_mut()
             .iter()
             .map(|(_, t)| t.elem_count())
             .sum();
+        let quantized: usize = self
+            .linears_mut()
+            .iter()
+            .filter_map(|(_, linear)| match &linear.weight {
+                LinearWeight::Nf4(weight) => Some(weight.shape.0 * weight.shape.1),
+                LinearWeight::Dense(_) => None,
+            })
+            .sum();
+        let base = dense + quantized;
         let adapter = self
             .adapter_variables()
             .iter()
@@ -500,21 +511,31 @@ impl Model {
     /// Folds every LoRA adapter into its base weight (`W + scale · B A`, in
     /// f32, rounded to the weight's dtype; with DoRA, each row of that then
     /// rescaled to its magnitude) and removes the adapters: PEFT's
-    /// `merge_and_unload`. Returns how many layers were merged.
+    /// `merge_and_unload`. NF4 weights are dequantised (to f32), with or
+    /// without an adapter, so every weight can be saved. Returns how many
+    /// layers had an adapter.
     pub fn merge_adapters(&mut self) -> Result<usize> {
+        let device = self.device().clone();
         let mut merged = 0;
         for (_, linear) in self.linears_mut() {
+            if linear.lora.is_none() && matches!(linear.weight, LinearWeight::Dense(_)) {
+                continue;
+            }
+            let dtype = match &linear.weight {
+                LinearWeight::Dense(weight) => weight.dtype(),
+                LinearWeight::Nf4(_) => DType::F32,
+            };
+            let mut weight = linear.weight.to_f32(&device)?;
             if let Some(lora) = linear.lora.take() {
                 let delta = (lora.b.as_tensor().matmul(lora.a.as_tensor())? * lora.scale)?;
-                let dtype = linear.weight.dtype();
-                let mut weight = (linear.weight.to_dtype(DType::F32)? + delta)?;
+                weight = (weight + delta)?;
                 if let Some(magnitude) = &lora.magnitude {
                     let factor = (magnitude.as_tensor() / row_norms(&weight)?)?;
                     weight = weight.broadcast_mul(&factor.unsqueeze(1)?)?;
                 }
-                linear.weight = weight.to_dtype(dtype)?;
                 merged += 1;
             }
+            linear.weight = LinearWeight::Dense(weight.to_dtype(dtype)?);
         }
         Ok(merged)
     }

@@ -726,3 +726,70 @@ fn an_adapter_that_unties_a_tied_head_is_refused() {
         "{error:#}"
     );
 }
+
+/// NF4 quantisation gives bitsandbytes' bytes (`qlora/nf4.safetensors`, made
+/// by `tests/python/nf4_reference.py` with its CPU path): every linear weight
+/// of the BLOOM and Qwen3 fixtures and an edge-case tensor, plain and double
+/// quantised. The double quantisation's offset is PyTorch's f32 `mean`, whose
+/// summation order depends on the CPU, so it is compared within 2 ulps and
+/// the nested codes are checked from bitsandbytes' own offset.
+#[test]
+fn nf4_quantisation_gives_bitsandbytes_bytes() {
+    use pt_model::nf4::{NESTED_BLOCK, dynamic_map, quantize_blockwise, quantize_nf4};
+    let bytes = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let floats = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for family in ["bloom", "qwen3"] {
+        let dir = fixture_of(family);
+        let reference =
+            candle_core::safetensors::load(dir.join("qlora/nf4.safetensors"), &Device::Cpu)
+                .unwrap();
+        assert_eq!(&floats(&reference["dynamic_map"])[..], &dynamic_map()[..]);
+        let weights =
+            candle_core::safetensors::load(dir.join("model/model.safetensors"), &Device::Cpu)
+                .unwrap();
+        let mut names: Vec<&str> = reference
+            .keys()
+            .filter_map(|key| key.strip_suffix(".codes"))
+            .filter(|name| !name.ends_with(".nested"))
+            .collect();
+        names.sort();
+        // Four linear layers per BLOOM block, seven per Qwen3 block, two blocks, and `edge`.
+        assert_eq!(
+            names.len(),
+            if family == "bloom" { 9 } else { 15 },
+            "{names:?}"
+        );
+        for name in names {
+            let values = match name {
+                "edge" => floats(&reference["edge"]),
+                _ => floats(&weights[name].to_dtype(DType::F32).unwrap()),
+            };
+            let (codes, absmax) = quantize_nf4(&values);
+            let theirs = |part: &str| &reference[&format!("{name}.{part}")];
+            assert_eq!(codes, bytes(theirs("codes")), "{family} {name}: codes");
+            assert_eq!(absmax.len(), theirs("absmax").dim(0).unwrap());
+            for (i, (a, b)) in absmax.iter().zip(floats(theirs("absmax"))).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "{family} {name}: absmax {i}");
+            }
+            let offset = floats(theirs("offset"))[0];
+            let ours = absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64;
+            assert!(
+                ((ours as f32).to_bits() as i64 - offset.to_bits() as i64).abs() <= 2,
+                "{family} {name}: offset {ours} vs {offset}"
+            );
+            let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+            let (nested_codes, nested_absmax) =
+                quantize_blockwise(&centred, dynamic_map(), NESTED_BLOCK);
+            assert_eq!(
+                nested_codes,
+                bytes(theirs("nested_codes")),
+                "{family} {name}: nested codes"
+            );
+            assert_eq!(
+                nested_absmax,
+                floats(theirs("nested_absmax")),
+                "{family} {name}"
+            );
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! bitsandbytes' 4-bit NormalFloat weights (NF4, QLoRA's base): each block of
+//! 64 values stored as 4-bit indices into the NF4 code book and the block's
+//! absolute maximum; with double quantisation the maxima themselves are
+//! stored as 8-bit indices into bitsandbytes' dynamic map, per block of 256,
+//! after subtracting their mean. Quantising here gives the bytes
+//! bitsandbytes' CPU path gives (`quantize_4bit`, `quantize_blockwise`);
+//! dequantising gives its values, rounded to the compute dtype as its
+//! `matmul_4bit` rounds them.
+
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// Values per NF4 block (bitsandbytes' `blocksize` for 4-bit weights).
+pub const BLOCK: usize = 64;
+
+/// Block maxima per block of the double quantisation (bitsandbytes' nested blocksize).
+pub const NESTED_BLOCK: usize = 256;
+
+/// The NF4 code book: quantiles of N(0, 1) scaled to [-1, 1], with an exact
+/// zero (QLoRA, appendix E; the values bitsandbytes stores in f32).
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_8,
+    -0.525_073_05,
+    -0.394_917_5,
+    -0.284_441_38,
+    -0.184_773_43,
+    -0.091_050_036,
+    0.0,
+    0.079_580_3,
+    0.160_930_2,
+    0.246_112_3,
+    0.337_915_24,
+    0.440_709_83,
+    0.562_617,
+    0.722_956_84,
+    1.0,
+];
+
+/// How the base model's linear weights are quantised (bitsandbytes'
+/// `BitsAndBytesConfig` for 4-bit NF4).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Nf4Config {
+    /// `bnb_4bit_use_double_quant`.
+    pub double_quant: bool,
+    /// `bnb_4bit_compute_dtype`: the dtype a weight is dequantised to and
+    /// multiplied in.
+    pub compute_dtype: DType,
+}
+
+/// A weight's block maxima, plain or double-quantised.
+#[derive(Clone, Debug)]
+pub enum BlockScales {
+    Plain(Vec<f32>),
+    Nested {
+        /// One 8-bit index into [`dynamic_map`] per NF4 block.
+        codes: Vec<u8>,
+        /// One maximum per [`NESTED_BLOCK`] indices.
+        absmax: Vec<f32>,
+        /// The mean of the maxima, subtracted before quantising them.
+        offset: f32,
+    },
+}
+
+/// A `[out, in]` weight in NF4.
+#[derive(Clone, Debug)]
+pub struct Nf4Weight {
+    pub shape: (usize, usize),
+    /// Two indices per byte, the first in the high nibble (bitsandbytes' packing).
+    pub codes: Vec<u8>,
+    pub scales: BlockScales,
+    pub compute_dtype: DType,
+}
+
+impl Nf4Weight {
+    /// Quantises `weight` `[out, in]` (any float dtype) as bitsandbytes does.
+    pub fn quantize(weight: &Tensor, config: Nf4Config) -> Result<Self> {
+        let shape = weight.dims2()?;
+        let values = weight
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let (codes, absmax) = quantize_nf4(&values);
+        let scales = match config.double_quant {
+            false => BlockScales::Plain(absmax),
+            true => {
+                let offset = mean(&absmax);
+                let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+                let (codes, absmax) = quantize_blockwise(&centred, dynamic_map(), NESTED_BLOCK);
+                BlockScales::Nested {
+                    codes,
+                    absmax,
+                    offset,
+                }
+            }
+        };
+        Ok(Self {
+            shape,
+            codes,
+            scales,
+            compute_dtype: config.compute_dtype,
+        })
+    }
+
+    /// Each NF4 block's maximum as bitsandbytes dequantises it.
+    fn block_maxima(&self) -> Vec<f32> {
+        match &self.scales {
+            BlockScales::Plain(absmax) => absmax.clone(),
+            BlockScales::Nested {
+                codes,
+                absmax,
+                offset,
+            } => {
+                let map = dynamic_map();
+                codes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &q)| map[q as usize] * absmax[i / NESTED_BLOCK] + offset)
+                    .collect()
+            }
+        }
+    }
+
+    /// The weight's values in f32 (bitsandbytes' `dequantize_4bit`).
+    pub fn dequantize_f32(&self) -> Vec<f32> {
+        let maxima = self.block_maxima();
+        let count = self.shape.0 * self.shape.1;
+        let mut values = vec![0f32; count];
+        values
+            .par_chunks_mut(BLOCK)
+            .enumerate()
+            .for_each(|(block, out)| {
+                let scale = maxima[block];
+                for (j, value) in out.iter_mut().enumerate() {
+                    let i = block * BLOCK + j;
+                    let byte = self.codes[i / 2];
+                    let index = if i.is_multiple_of(2) {
+                        byte >> 4
+                    } else {
+                        byte & 0xF
+                    };
+                    *value = NF4_CODE[index as usize] * scale;
+                }
+            });
+        values
+    }
+
+    /// The weight as a tensor in `dtype` on `device`.
+    pub fn dequantize(&self, dtype: DType, device: &Device) -> Result<Tensor> {
+        Tensor::from_vec(self.dequantize_f32(), self.shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)
+    }
+
+    /// Bytes held: the packed indices and the block scales.
+    pub fn size_in_bytes(&self) -> usize {
+        let scales = match &self.scales {
+            BlockScales::Plain(absmax) => 4 * absmax.len(),
+            BlockScales::Nested { codes, absmax, .. } => codes.len() + 4 * absmax.len() + 4,
+        };
+        self.codes.len() + scales
+    }
+}
+
+/// bitsandbytes' `quantize_4bit` for NF4 (its CPU path): per block of
+/// [`BLOCK`] values the absolute maximum, and each value times the
+/// maximum's reciprocal (a trailing partial block: divided by it) mapped to
+/// the nearest code, ties to the lower one (`torch.bucketize` over the
+/// midpoints). An all-zero block's maximum stays 0; a partial block's is at
+/// least 1e-38, as bitsandbytes stores them.
+pub fn quantize_nf4(values: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let midpoints: Vec<f32> = NF4_CODE.windows(2).map(|w| (w[0] + w[1]) / 2.0).collect();
+    let nearest = |scaled: f32| midpoints.iter().filter(|&&m| m < scaled).count() as u8;
+    let blocks: Vec<(Vec<u8>, f32)> = values
+        .par_chunks(BLOCK)
+        .map(|block| {
+            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if block.len() == BLOCK {
+                let inverse = 1.0 / max.max(1e-38);
+                let indices = block
+                    .iter()
+                    .map(|v| nearest((v * inverse).clamp(-1.0, 1.0)));
+                (indices.collect(), max)
+            } else {
+                let max = max.max(1e-38);
+                let indices = block.iter().map(|v| nearest((v / max).clamp(-1.0, 1.0)));
+                (indices.collect(), max)
+            }
+        })
+        .collect();
+    let absmax = blocks.iter().map(|(_, max)| *max).collect();
+    let mut indices: Vec<u8> = blocks.into_iter().flat_map(|(i, _)| i).collect();
+    if indices.len() % 2 == 1 {
+        // bitsandbytes pads with a scaled 0, whose code is NF4's zero.
+        indices.push(nearest(0.0));
+    }
+    let packed = indices.chunks(2).map(|p| (p[0] << 4) | p[1]).collect();
+    (packed, absmax)
+}
+
+/// bitsandbytes' CPU `quantize_blockwise` with a 256-entry code book
+/// (`cquantize_blockwise_cpu_fp32`): per block the absolute maximum, and
+/// each value times its reciprocal looked up in a 65536-bin table of the
+/// nearest code (bitsandbytes' table, so values near a midpoint round as
+/// its do). An all-zero block gets index 0.
+pub fn quantize_blockwise(
+    values: &[f32],
+    code: &[f32; 256],
+    blocksize: usize,
+) -> (Vec<u8>, Vec<f32>) {
+    let table = nearest_code_table(code);
+    let blocks: Vec<(Vec<u8>, f32)> = values
+        .par_chunks(blocksize)
+        .map(|block| {
+            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if max == 0.0 {
+                return (vec![0; block.len()], max);
+            }
+            let inverse = 1.0 / max;
+            let indices = block
+                .iter()
+                .map(|v| table[table_bin(v * inverse)])
+                .collect();
+            (indices, max)
+        })
+        .collect();
+    let absmax = blocks.iter().map(|(_, max)| *max).collect();
+    (blocks.into_iter().flat_map(|(i, _)| i).collect(), absmax)
+}
+
+/// Bins of the nearest-code table over [-1, 1].
+const TABLE_BINS: usize = 65536;
+
+/// The bin of a scaled value: `(v + 1) / 2 · 65535`, rounded half up.
+fn table_bin(value: f32) -> usize {
+    let value = value.clamp(-1.0, 1.0);
+    ((value + 1.0) * 0.5 * (TABLE_BINS - 1) as f32 + 0.5) as usize
+}
+
+/// For each bin's centre, the index of the first code whose upper midpoint
+/// is not below it (`code` sorted).
+fn nearest_code_table(code: &[f32; 256]) -> Vec<u8> {
+    let midpoints: Vec<f32> = code.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+    let mut index = 0;
+    (0..TABLE_BINS)
+        .map(|bin| {
+            let centre = -1.0 + (2.0 * bin as f32) / (TABLE_BINS - 1) as f32;
+            while index < midpoints.len() && midpoints[index] < centre {
+                index += 1;
+            }
+            index as u8
+        })
+        .collect()
+}
+
+/// bitsandbytes' signed dynamic map (`create_dynamic_map(signed=True)`):
+/// for exponents 10⁻⁶ … 10⁰, the midpoints of `2^i + 1` points spread
+/// evenly over [0.1, 1] (PyTorch's f32 `linspace`), scaled by the
+/// exponent, with both signs; then 0 and 1, sorted.
+pub fn dynamic_map() -> &'static [f32; 256] {
+    static MAP: OnceLock<[f32; 256]> = OnceLock::new();
+    MAP.get_or_init(|| {
+        let mut values = vec![0.0f32, 1.0];
+        for i in 0..7 {
+            let points = linspace(0.1, 1.0, (1 << i) + 1);
+            let scale = 10f64.powi(i - 6) as f32;
+            for pair in points.windows(2) {
+                let mean = (pair[0] + pair[1]) / 2.0;
+                values.extend([scale * mean, -scale * mean]);
+            }
+        }
+        values.sort_by(f32::total_cmp);
+        values.try_into().expect("254 scaled midpoints, 0 and 1")
+    })
+}
+
+/// PyTorch's f32 `linspace` on the CPU: from the start for the first half
+/// of the points, back from the end for the rest, each a fused multiply-add
+/// (its vectorised kernels are built with FMA, and the compiler fuses
+/// `start + step * i`).
+fn linspace(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    let step = (end - start) / (steps - 1) as f32;
+    let halfway = steps / 2;
+    (0..steps)
+        .map(|i| match i < halfway {
+            true => step.mul_add(i as f32, start),
+            false => (-step).mul_add((steps - i - 1) as f32, end),
+        })
+        .collect()
+}
+
+/// The mean of the block maxima, the double quantisation's offset. f64
+/// accumulation: PyTorch's own f32 `mean` sums in an order that depends on
+/// the CPU's vector width and thread count, so no single order matches it
+/// everywhere; this is within a rounding of any of them.
+fn mean(values: &[f32]) -> f32 {
+    (values.iter().map(|&v| v as f64).sum::<f64>() / values.len() as f64) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_code_book_round_trips_and_packs_high_nibble_first() {
+        // One block holding every code exactly (scaled by its maximum 2.0).
+        let mut values: Vec<f32> = NF4_CODE.iter().map(|c| c * 2.0).collect();
+        values.resize(BLOCK, 0.0);
+        let (packed, absmax) = quantize_nf4(&values);
+        assert_eq!(absmax, vec![2.0]);
+        assert_eq!(packed[0], 0x01);
+        assert_eq!(packed[7], 0xEF);
+        // The zero padding is code 7 (NF4's exact zero).
+        assert_eq!(packed[8], 0x77);
+        let weight = Nf4Weight {
+            shape: (1, BLOCK),
+            codes: packed,
+            scales: BlockScales::Plain(absmax),
+            compute_dtype: DType::F32,
+        };
+        assert_eq!(weight.dequantize_f32(), values);
+    }
+
+    #[test]
+    fn a_midpoint_goes_to_the_lower_code_and_zero_blocks_stay_zero() {
+        let mut values = vec![0f32; 2 * BLOCK];
+        values[0] = 1.0;
+        values[1] = (NF4_CODE[8] + NF4_CODE[9]) / 2.0;
+        let (packed, absmax) = quantize_nf4(&values);
+        assert_eq!(packed[0], 0xF8);
+        assert_eq!(absmax, vec![1.0, 0.0]);
+    }
+
+    #[test]
+    fn the_dynamic_map_is_sorted_signed_and_spans_minus_one_to_one() {
+        let map = dynamic_map();
+        assert!(map.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(map[255], 1.0);
+        assert_eq!(map.iter().filter(|&&v| v == 0.0).count(), 1);
+        assert_eq!(map.iter().filter(|&&v| v < 0.0).count(), 127);
+        assert!((map[0] + 0.992_968_75).abs() < 1e-6, "{}", map[0]);
+    }
+
+    #[test]
+    fn nf4_error_is_within_half_a_code_gap_of_each_blocks_maximum() {
+        let values: Vec<f32> = (0..1000)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let tensor = Tensor::from_vec(values.clone(), (10, 100), &Device::Cpu).unwrap();
+        for double_quant in [false, true] {
+            let config = Nf4Config {
+                double_quant,
+                compute_dtype: DType::F32,
+            };
+            let weight = Nf4Weight::quantize(&tensor, config).unwrap();
+            let widest_gap = NF4_CODE
+                .windows(2)
+                .map(|w| w[1] - w[0])
+                .fold(0f32, f32::max);
+            for (block, (ours, original)) in weight
+                .dequantize_f32()
+                .chunks(BLOCK)
+                .zip(values.chunks(BLOCK))
+                .enumerate()
+            {
+                let max = original.iter().fold(0f32, |m, v| m.max(v.abs()));
+                // The nested maximum itself is off by up to a dynamic-map step.
+                let slack = if double_quant { 1.02 } else { 1.0 };
+                for (a, b) in ours.iter().zip(original) {
+                    assert!(
+                        (a - b).abs() <= max * slack * widest_gap / 2.0 + 1e-6,
+                        "block {block}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! `--load_in_4bit` and bitsandbytes' 4-bit flags (QLoRA): the base model's
+//! linear weights held in NF4, as MedicalGPT (`--load_in_4bit --qlora`) and
+//! LLaMA-Factory (`quantization_bit: 4`) users ask for them.
+
+use anyhow::{Result, bail};
+use candle_core::DType;
+use pt_model::Model;
+use pt_model::nf4::Nf4Config;
+
+use crate::args::parse_bool;
+use crate::device::DtypeArg;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct QuantizationArgs {
+    /// Hold the base model's linear weights in 4 bits (bitsandbytes' NF4),
+    /// with LoRA on top in f32 (QLoRA).
+    #[arg(long = "load_in_4bit", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub load_in_4bit: bool,
+    /// MedicalGPT's QLoRA switch: 4 bits, NF4, double quantisation.
+    #[arg(long = "qlora", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub qlora: bool,
+    /// LLaMA-Factory's `quantization_bit`: 4 is --qlora (its defaults: NF4,
+    /// double quantisation).
+    #[arg(long = "quantization_bit", value_name = "BITS")]
+    pub quantization_bit: Option<u8>,
+    /// bitsandbytes' 4-bit data type; pt-host has nf4 (QLoRA's).
+    #[arg(long = "bnb_4bit_quant_type", default_value = "nf4")]
+    pub bnb_4bit_quant_type: String,
+    /// Quantise the block maxima too (8 bits per block instead of 32).
+    #[arg(long = "bnb_4bit_use_double_quant", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = parse_bool)]
+    pub bnb_4bit_use_double_quant: bool,
+    /// The dtype 4-bit weights are dequantised to and multiplied in (auto:
+    /// the run's, float32 on CPU and bfloat16 on CUDA).
+    #[arg(long = "bnb_4bit_compute_dtype", value_enum, default_value = "auto")]
+    pub bnb_4bit_compute_dtype: DtypeArg,
+}
+
+impl QuantizationArgs {
+    /// The NF4 settings asked for, if any; `run_dtype` is what `auto` means.
+    pub fn config(&self, run_dtype: DType) -> Result<Option<Nf4Config>> {
+        let llama_factory = match self.quantization_bit {
+            None => false,
+            Some(4) => true,
+            Some(bits) => bail!(
+                "--quantization_bit {bits}: pt-host quantises to 4 bits (NF4) only; drop the flag to train on the full-precision base"
+            ),
+        };
+        let qlora = self.qlora || llama_factory;
+        if !(self.load_in_4bit || qlora) {
+            return Ok(None);
+        }
+        if self.bnb_4bit_quant_type != "nf4" {
+            bail!(
+                "--bnb_4bit_quant_type {}: pt-host quantises to nf4 only (QLoRA's; fp4 is bitsandbytes' older type)",
+                self.bnb_4bit_quant_type
+            );
+        }
+        Ok(Some(Nf4Config {
+            double_quant: self.bnb_4bit_use_double_quant || qlora,
+            compute_dtype: match self.bnb_4bit_compute_dtype {
+                DtypeArg::Float32 => DType::F32,
+                DtypeArg::Bfloat16 => DType::BF16,
+                DtypeArg::Float16 => DType::F16,
+                DtypeArg::Auto => run_dtype,
+            },
+        }))
+    }
+
+    /// Quantises `model`'s linear weights if asked, saying what it saved.
+    pub fn apply(&self, model: &mut Model, run_dtype: DType, say: bool) -> Result<()> {
+        let Some(config) = self.config(run_dtype)? else {
+            return Ok(());
+        };
+        let (after, before) = model.quantize_nf4(config)?;
+        if say {
+            eprintln!(
+                "4-bit NF4 base ({}double quantisation, {:?} compute): linear weights {:.1} MB, were {:.1} MB",
+                if config.double_quant { "" } else { "no " },
+                config.compute_dtype,
+                after as f64 / 1e6,
+                before as f64 / 1e6
+            );
+        }
+        Ok(())
+    }
+}
