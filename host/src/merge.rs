@@ -5,7 +5,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device};
-use pt_model::Model;
 
 use crate::device::DtypeArg;
 use crate::hub::ModelArgs;
@@ -44,8 +43,9 @@ pub fn run(args: MergeArgs) -> Result<()> {
         DtypeArg::Auto => config_dtype(&model_dir),
     };
     // Merged in f32 on the CPU: exact sums, whatever the storage dtype.
-    let mut model = Model::load(&model_dir, &Device::Cpu, DType::F32)?;
-    args.quantization.apply(&mut model, DType::F32, true)?;
+    let mut model = args
+        .quantization
+        .load(&model_dir, &Device::Cpu, DType::F32, true)?;
     let adapter = model.load_adapter(&args.peft_path)?;
     let merged = model.merge_adapters()?;
     model.save_model(&args.output_dir, &model_dir, dtype, args.max_shard_size)?;

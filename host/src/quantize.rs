@@ -2,8 +2,10 @@
 //! linear weights held in NF4, as MedicalGPT (`--load_in_4bit --qlora`) and
 //! LLaMA-Factory (`quantization_bit: 4`) users ask for them.
 
+use std::path::Path;
+
 use anyhow::{Result, bail};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use pt_model::Model;
 use pt_model::nf4::Nf4Config;
 
@@ -66,21 +68,21 @@ impl QuantizationArgs {
         }))
     }
 
-    /// Quantises `model`'s linear weights if asked, saying what it saved.
-    pub fn apply(&self, model: &mut Model, run_dtype: DType, say: bool) -> Result<()> {
-        let Some(config) = self.config(run_dtype)? else {
-            return Ok(());
-        };
-        let (after, before) = model.quantize_nf4(config)?;
-        if say {
+    /// Loads `dir` with the linear weights quantised if asked, saying so
+    /// (when `say`) with what it saved.
+    pub fn load(&self, dir: &Path, device: &Device, dtype: DType, say: bool) -> Result<Model> {
+        let config = self.config(dtype)?;
+        let mut model = Model::load_quantized(dir, device, dtype, config)?;
+        if let (Some(config), true) = (config, say) {
+            let (bytes, elements) = model.nf4_size();
             eprintln!(
-                "4-bit NF4 base ({}double quantisation, {:?} compute): linear weights {:.1} MB, were {:.1} MB",
+                "4-bit NF4 base ({}double quantisation, {:?} compute): linear weights {:.1} MB, {:.1} MB in {dtype:?}",
                 if config.double_quant { "" } else { "no " },
                 config.compute_dtype,
-                after as f64 / 1e6,
-                before as f64 / 1e6
+                bytes as f64 / 1e6,
+                (elements * dtype.size_in_bytes()) as f64 / 1e6
             );
         }
-        Ok(())
+        Ok(model)
     }
 }

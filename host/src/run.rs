@@ -338,7 +338,7 @@ fn load_model(
         args.data.tokenizer_name_or_path = Some(dir);
     }
     let model_dir = &args.data.model_name_or_path;
-    let mut model = Model::load(model_dir, &device, dtype)?;
+    let mut model = args.quantization.load(model_dir, &device, dtype, main)?;
     let actual = &model.config().model_type;
     if args.model_type != "auto" && &args.model_type != actual {
         bail!(
@@ -347,7 +347,6 @@ fn load_model(
             model_dir.display()
         );
     }
-    args.quantization.apply(&mut model, dtype, main)?;
     let tokenizer = Tokenizer::from_dir(args.data.tokenizer_dir())?;
     let trainable = attach_trainable(args, &mut model, &tokenizer, main)?;
     crate::runtime::keep_freed_memory();

@@ -11,12 +11,13 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::fused::AttentionBias;
-use crate::hf_dir::Weights;
+use crate::hf_dir::{Quantize, Weights};
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
 use crate::linear::LinearWeight;
 use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
+use crate::nf4::Nf4Config;
 use crate::ops::{attention_probs, gelu, layer_norm};
 
 /// `config.json`, with the legacy key names of the original checkpoints.
@@ -243,7 +244,7 @@ fn load_layer_norm(w: &mut Weights, prefix: &str, size: usize, eps: f64) -> Resu
 
 fn load_linear(w: &mut Weights, prefix: &str, input: usize, output: usize) -> Result<Linear> {
     Ok(Linear {
-        weight: LinearWeight::Dense(w.take(&format!("{prefix}.weight"), &[output, input])?),
+        weight: w.take_linear(&format!("{prefix}.weight"), output, input)?,
         bias: Some(w.take(&format!("{prefix}.bias"), &[output])?),
         lora: None,
     })
@@ -256,9 +257,19 @@ impl Bloom {
     /// dtype is converted. LoRA weights, LayerNorm statistics, softmax and
     /// the loss stay in f32 whatever `dtype` is.
     /// The architecture and what the rest of pt-host needs to know of it.
-    pub(crate) fn load(dir: &Path, device: &Device, dtype: DType) -> Result<(Self, ModelConfig)> {
+    /// With `nf4`, the blocks' linear weights are quantised as they are read.
+    pub(crate) fn load(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        nf4: Option<Nf4Config>,
+    ) -> Result<(Self, ModelConfig)> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let mut w = Weights::open(dir, device, dtype, "bloom", Some("transformer."))?;
+        let quantize = nf4.map(|config| Quantize {
+            config,
+            blocks: "h.",
+        });
+        let mut w = Weights::open(dir, device, dtype, "bloom", Some("transformer."), quantize)?;
         let (h, eps) = (config.hidden_size, config.layer_norm_epsilon);
         let word_embeddings = w.take("word_embeddings.weight", &[config.vocab_size, h])?;
         let embeddings_layernorm = load_layer_norm(&mut w, "word_embeddings_layernorm", h, eps)?;

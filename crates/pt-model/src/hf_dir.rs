@@ -5,15 +5,30 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
-/// Weights by name, converted to the compute dtype.
+use crate::linear::LinearWeight;
+use crate::nf4::{Nf4Config, Nf4Weight};
+
+/// Weights by name, converted to the compute dtype; with NF4, the decoder
+/// blocks' matrices quantised as they are read.
 pub(crate) struct Weights {
     tensors: HashMap<String, Tensor>,
+    quantized: HashMap<String, Nf4Weight>,
     source: String,
     model_type: &'static str,
+}
+
+/// Which weights are quantised as they are read: with `config`, every
+/// matrix whose name starts with `blocks` (a decoder block's; their only
+/// 2-D weights are the linear layers').
+#[derive(Clone, Copy)]
+pub(crate) struct Quantize<'a> {
+    pub config: Nf4Config,
+    pub blocks: &'a str,
 }
 
 /// The converter a checkpoint in PyTorch's pickle format needs.
@@ -32,6 +47,7 @@ impl Weights {
         dtype: DType,
         model_type: &'static str,
         strip: Option<&str>,
+        quantize: Option<Quantize>,
     ) -> Result<Self> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
@@ -51,26 +67,58 @@ impl Weights {
                 dir.display()
             );
         };
-        let mut tensors = HashMap::new();
+        let (mut tensors, mut quantized) = (HashMap::new(), HashMap::new());
         for file in &files {
             read_safetensors(file, device, |name, tensor| {
                 let name = match strip.and_then(|p| name.strip_prefix(p)) {
                     Some(stripped) => stripped.to_string(),
                     None => name,
                 };
-                tensors.insert(name, tensor.to_dtype(dtype)?);
+                let tensor = tensor.to_dtype(dtype)?;
+                match quantize {
+                    // One matrix at a time: the dense model never exists.
+                    Some(q) if tensor.rank() == 2 && name.starts_with(q.blocks) => {
+                        quantized.insert(name, Nf4Weight::quantize(&tensor, q.config)?);
+                    }
+                    _ => {
+                        tensors.insert(name, tensor);
+                    }
+                }
                 Ok(())
             })
             .with_context(|| format!("{}: cannot load weights", file.display()))?;
         }
         Ok(Self {
             tensors,
+            quantized,
             source: match files.as_slice() {
                 [one] => one.display().to_string(),
                 _ => index.display().to_string(),
             },
             model_type,
         })
+    }
+
+    /// A linear layer's weight `name` `[output, input]`, NF4 where it was
+    /// quantised as it was read.
+    pub(crate) fn take_linear(
+        &mut self,
+        name: &str,
+        output: usize,
+        input: usize,
+    ) -> Result<LinearWeight> {
+        match self.quantized.remove(name) {
+            Some(weight) if weight.shape == (output, input) => {
+                Ok(LinearWeight::Nf4(Arc::new(weight)))
+            }
+            Some(weight) => bail!(
+                "{}: `{name}` has shape {:?}, config.json implies {:?}",
+                self.source,
+                weight.shape,
+                (output, input)
+            ),
+            None => Ok(LinearWeight::Dense(self.take(name, &[output, input])?)),
+        }
     }
 
     /// The tensor `name`, checked against the shape the config implies.

@@ -13,12 +13,13 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::fused::AttentionBias;
-use crate::hf_dir::Weights;
+use crate::hf_dir::{Quantize, Weights};
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
 use crate::linear::LinearWeight;
 use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
+use crate::nf4::Nf4Config;
 use crate::ops::{attention_probs, rms_norm, softmax_last_dim, swiglu};
 
 /// RoPE as `config.json` gives it: transformers 5's `rope_parameters`, or
@@ -497,7 +498,13 @@ pub const LORA_TARGETS: [&str; 7] = [
 impl Llama {
     /// Loads `config.json` and the safetensors weights (one file or shards)
     /// of an HF model directory.
-    pub(crate) fn load(dir: &Path, device: &Device, dtype: DType) -> Result<(Self, ModelConfig)> {
+    /// With `nf4`, the blocks' linear weights are quantised as they are read.
+    pub(crate) fn load(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        nf4: Option<Nf4Config>,
+    ) -> Result<(Self, ModelConfig)> {
         let config = Config::from_file(&dir.join("config.json"))?;
         let model_type = match config.model_type.as_str() {
             "llama" => "llama",
@@ -506,7 +513,11 @@ impl Llama {
             "qwen3" => "qwen3",
             other => bail!("model_type `{other}` is not in the Llama family"),
         };
-        let mut w = Weights::open(dir, device, dtype, model_type, None)?;
+        let quantize = nf4.map(|config| Quantize {
+            config,
+            blocks: "model.layers.",
+        });
+        let mut w = Weights::open(dir, device, dtype, model_type, None, quantize)?;
         let (h, eps, d) = (config.hidden_size, config.rms_norm_eps, config.head_dim());
         let (heads, kv) = (config.num_attention_heads, config.kv_heads());
         let inter = config.intermediate_size;
@@ -518,7 +529,7 @@ impl Llama {
         };
         let linear = |w: &mut Weights, name: &str, input: usize, output: usize, bias: bool| {
             Ok::<_, anyhow::Error>(Linear {
-                weight: LinearWeight::Dense(w.take(&format!("{name}.weight"), &[output, input])?),
+                weight: w.take_linear(&format!("{name}.weight"), output, input)?,
                 bias: match bias {
                     true => Some(w.take(&format!("{name}.bias"), &[output])?),
                     false => None,

@@ -5,7 +5,6 @@
 
 use std::cell::Cell;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::backprop::GradStore;
@@ -16,7 +15,7 @@ use crate::hf_dir;
 use crate::layers::{DropoutDraw, Linear};
 use crate::linear::{LinearWeight, frozen_matmul};
 use crate::loss::{IGNORE_INDEX, lm_head_loss_sum, lm_head_loss_sum_and_predictions};
-use crate::nf4::{Nf4Config, Nf4Weight};
+use crate::nf4::Nf4Config;
 
 /// What the rest of pt-host needs to know of any family's configuration.
 #[derive(Clone, Debug)]
@@ -264,13 +263,26 @@ impl Model {
     /// `device`, the base weights in `dtype` (f32, or bf16/f16 on CUDA).
     /// LoRA weights, norm statistics, softmax and the loss stay in f32.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_quantized(dir, device, dtype, None)
+    }
+
+    /// [`Model::load`], with `nf4` QLoRA's base: the decoder blocks' linear
+    /// weights quantised to NF4 one at a time as they are read, so the dense
+    /// model never exists (the embedding and LM head stay in `dtype`, as
+    /// transformers leaves them).
+    pub fn load_quantized(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        nf4: Option<Nf4Config>,
+    ) -> Result<Self> {
         let (arch, config): (Box<dyn Architecture>, ModelConfig) = match model_type(dir)?.as_str() {
             "bloom" => {
-                let (bloom, config) = crate::bloom::Bloom::load(dir, device, dtype)?;
+                let (bloom, config) = crate::bloom::Bloom::load(dir, device, dtype, nf4)?;
                 (Box::new(bloom), config)
             }
             "llama" | "mistral" | "qwen2" | "qwen3" => {
-                let (llama, config) = crate::llama::Llama::load(dir, device, dtype)?;
+                let (llama, config) = crate::llama::Llama::load(dir, device, dtype, nf4)?;
                 (Box::new(llama), config)
             }
             other => bail!(
@@ -465,26 +477,19 @@ impl Model {
         self.arch.base_tensors_mut()
     }
 
-    /// QLoRA's base: quantises every linear layer's weight of the decoder
-    /// blocks to NF4 (the embedding and LM head stay as they are, as
-    /// transformers leaves them). Must come before adapters are added or
-    /// loaded. Returns the bytes the quantised weights hold now and held
-    /// before.
-    pub fn quantize_nf4(&mut self, config: Nf4Config) -> Result<(usize, usize)> {
-        let (mut after, mut before) = (0, 0);
-        for (path, linear) in self.linears_mut() {
-            if linear.lora.is_some() {
-                bail!("{path}: quantise the base model before adding an adapter");
-            }
-            if let LinearWeight::Dense(weight) = &linear.weight {
-                let quantized = Nf4Weight::quantize(weight, config)
-                    .with_context(|| format!("{path}: cannot quantise to NF4"))?;
-                before += weight.elem_count() * weight.dtype().size_in_bytes();
-                after += quantized.size_in_bytes();
-                linear.weight = LinearWeight::Nf4(Arc::new(quantized));
-            }
-        }
-        Ok((after, before))
+    /// The NF4 weights' bytes and elements (none without NF4).
+    pub fn nf4_size(&mut self) -> (usize, usize) {
+        self.linears_mut()
+            .iter()
+            .filter_map(|(_, linear)| match &linear.weight {
+                LinearWeight::Nf4(weight) => {
+                    Some((weight.size_in_bytes(), weight.shape.0 * weight.shape.1))
+                }
+                LinearWeight::Dense(_) => None,
+            })
+            .fold((0, 0), |(bytes, elements), (b, e)| {
+                (bytes + b, elements + e)
+            })
     }
 
     /// Whether any weight is NF4.

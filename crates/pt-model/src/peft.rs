@@ -435,15 +435,7 @@ impl Model {
             .iter()
             .map(|(_, t)| t.elem_count())
             .sum();
-        let quantized: usize = self
-            .linears_mut()
-            .iter()
-            .filter_map(|(_, linear)| match &linear.weight {
-                LinearWeight::Nf4(weight) => Some(weight.shape.0 * weight.shape.1),
-                LinearWeight::Dense(_) => None,
-            })
-            .sum();
-        let base = dense + quantized;
+        let base = dense + self.nf4_size().1;
         let adapter = self
             .adapter_variables()
             .iter()

@@ -161,14 +161,19 @@ fn qlora_training_follows_peft_and_bitsandbytes() {
     for family in ["bloom", "qwen3"] {
         let dir = fixture_of(family);
         let expected = json(&dir.join("qlora/qlora.json"));
-        let mut model = Model::load(&dir.join("model"), &test_device(), DType::F32).unwrap();
         let config = Nf4Config {
             double_quant: true,
             compute_dtype: DType::BF16,
         };
-        let (after, before) = model.quantize_nf4(config).unwrap();
+        let model_dir = dir.join("model");
+        let mut model =
+            Model::load_quantized(&model_dir, &test_device(), DType::F32, Some(config)).unwrap();
         // 4 bits and an 8-bit scale per 64 values, against 32 bits.
-        assert!(after * 7 < before, "{after} vs {before} bytes");
+        let (bytes, elements) = model.nf4_size();
+        assert!(
+            bytes * 7 < elements * 4,
+            "{bytes} bytes for {elements} weights"
+        );
         let loss = validation_loss(family, &model);
         let theirs = expected["valid_loss_before"].as_f64().unwrap();
         assert!(

@@ -16,8 +16,10 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
 use crate::device::DtypeArg;
+use candle_core::DType;
+use pt_model::nf4::Nf4Config;
 
-use super::{BenchArgs, Measure, Measured, gradient_floats};
+use super::{BenchArgs, FrozenWeights, Measure, Measured, gradient_floats};
 
 /// This process's peak resident memory (VmHWM), in MiB.
 fn peak_mib() -> Result<f64> {
@@ -125,7 +127,15 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
     let dir = tempfile::tempdir()?;
     crate::init_model::write_random(args.arch, &args.shape(), dir.path(), 42)?;
     let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true, 0)?;
-    let mut model = Model::load(dir.path(), &device, dtype)?;
+    let load_dtype = match args.frozen_weights {
+        FrozenWeights::Bf16 => DType::BF16,
+        FrozenWeights::Default | FrozenWeights::Nf4 => dtype,
+    };
+    let nf4 = (args.frozen_weights == FrozenWeights::Nf4).then_some(Nf4Config {
+        double_quant: true,
+        compute_dtype: dtype,
+    });
+    let mut model = Model::load_quantized(dir.path(), &device, load_dtype, nf4)?;
     crate::runtime::keep_freed_memory();
     model.gradient_checkpointing = args.gradient_checkpointing;
     let tokens_per_batch = (args.block_size * args.batch_size) as f64;

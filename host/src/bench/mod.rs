@@ -168,6 +168,13 @@ fn mpirun_available() -> bool {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FrozenWeights {
+    Default,
+    Bf16,
+    Nf4,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum TorchArg {
     /// Run the reference when python3 imports torch, transformers and peft.
     Auto,
@@ -222,6 +229,12 @@ pub struct BenchArgs {
     /// reference runs on the same GPU).
     #[arg(long = "device_map", value_enum, default_value = "cpu")]
     pub device_map: DeviceArg,
+    /// The frozen base weights of the LoRA and eval measurements: the
+    /// device's default (f32 on CPU, bf16 on CUDA), bf16, or NF4 (QLoRA's
+    /// 4 bits, double-quantised, dequantised to the default dtype). Only the
+    /// default has a PyTorch reference here.
+    #[arg(long = "frozen_weights", value_enum, default_value = "default")]
+    pub frozen_weights: FrozenWeights,
     /// Recompute each block's activations in the backward pass (training measurements).
     #[arg(long = "gradient_checkpointing", default_value = "false", num_args = 0..=1, default_missing_value = "true", value_parser = crate::args::parse_bool)]
     pub gradient_checkpointing: bool,
@@ -295,10 +308,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&measured)?);
         return Ok(());
     }
+    let default_weights = args.frozen_weights == FrozenWeights::Default;
     let torch = match args.torch {
         TorchArg::Never => false,
+        TorchArg::Always if !default_weights => bail!(
+            "--frozen_weights {:?}: the PyTorch reference runs the default weights only; pass --torch never",
+            args.frozen_weights
+        ),
         TorchArg::Always => true,
-        TorchArg::Auto => torch_available(),
+        TorchArg::Auto => default_weights && torch_available(),
     };
     if torch && !args.torch_script.is_file() {
         bail!(
@@ -306,16 +324,20 @@ pub fn run(args: BenchArgs) -> Result<()> {
             args.torch_script.display()
         );
     }
-    let measures = if args.only.is_empty() {
-        available_measures(&args)
-    } else {
-        args.only.clone()
+    let measures = match (args.only.is_empty(), default_weights) {
+        (true, true) => available_measures(&args),
+        // Other frozen weights change LoRA training and evaluation only.
+        (true, false) => vec![Measure::Lora, Measure::Eval],
+        (false, _) => args.only.clone(),
     };
     for measure in &measures {
         let needs = match measure {
             Measure::PreparePlugin if args.plugin.is_none() => "--plugin PATH",
             Measure::PluginWasm | Measure::PluginNative if args.plugin_pair.is_empty() => {
                 "--plugin_pair WASM,NATIVE"
+            }
+            Measure::Full if !default_weights => {
+                "--frozen_weights default (full fine-tuning trains the weights themselves)"
             }
             m if m.is_allreduce() && !mpirun_available() => {
                 "a pt-host built with --features mpi, and Open MPI's mpirun"
@@ -343,9 +365,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.vocab_size,
         args.block_size,
         args.batch_size,
-        match args.device_map {
-            DeviceArg::Cuda => "CUDA bf16",
-            DeviceArg::Cpu | DeviceArg::Auto => "CPU f32",
+        match (args.device_map, args.frozen_weights) {
+            (_, FrozenWeights::Nf4) => "NF4 frozen weights",
+            (_, FrozenWeights::Bf16) => "bf16 frozen weights",
+            (DeviceArg::Cuda, _) => "CUDA bf16",
+            (DeviceArg::Cpu | DeviceArg::Auto, _) => "CPU f32",
         },
         candle_core::utils::get_num_threads(),
         if torch {
@@ -594,6 +618,7 @@ fn measure_in_child(args: &BenchArgs, measure: Measure, overrides: &[String]) ->
             "--gradient_checkpointing={}",
             args.gradient_checkpointing
         ))
+        .args(["--frozen_weights", frozen_weights_name(args.frozen_weights)])
         .args(overrides);
     if let Some(plugin) = &args.plugin {
         command.arg("--plugin").arg(plugin);
@@ -605,6 +630,14 @@ fn measure_in_child(args: &BenchArgs, measure: Measure, overrides: &[String]) ->
         command.arg("--plugin_pair").arg(pair);
     }
     last_json_line(command, &format!("bench --measure {}", measure.name()))
+}
+
+fn frozen_weights_name(weights: FrozenWeights) -> &'static str {
+    match weights {
+        FrozenWeights::Default => "default",
+        FrozenWeights::Bf16 => "bf16",
+        FrozenWeights::Nf4 => "nf4",
+    }
 }
 
 fn device_name(device: DeviceArg) -> &'static str {
