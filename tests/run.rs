@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use bloom_tiny::{FAMILIES, fixture, fixture_of};
-use common::{PtHost, arg, assert_ok, fixture_model, json, pt_host, words};
+use common::{PtHost, arg, assert_ok, fixture_model, json, words};
 
 /// `train/train.txt` and `valid/valid.txt` of the fixture, as corpus dirs.
 fn corpus(dir: &Path) -> (PathBuf, PathBuf) {
@@ -1377,123 +1377,113 @@ fn the_adapter_loads_in_python_peft_with_the_same_eval_loss() {
     );
 }
 
-/// A DoRA adapter with rsLoRA scaling, trained under LoRA+ and with dropout
-/// from the command line, is saved as PEFT saves one: PEFT loads it to our
-/// eval loss, and `merge` folds it into a model transformers evaluates to
-/// that loss too.
-#[test]
-fn a_dora_rslora_adapter_trained_with_loraplus_loads_in_peft_and_merges() {
-    let dir = tempfile::tempdir().unwrap();
-    let trained = run(
-        dir.path(),
-        "out",
-        &words(
-            "--do_train --do_eval --max_steps 4 --learning_rate 1e-2 --per_device_train_batch_size 4 --lora_rank 4 \
-             --lora_dropout 0.1 --use_dora --use_rslora --loraplus_lr_ratio 16",
-        ),
-    );
-    assert_ok(&trained);
-    let out = dir.path().join("out");
-    let config = json(&out.join("adapter_config.json"));
-    assert_eq!(
-        (config["use_dora"].as_bool(), config["use_rslora"].as_bool()),
-        (Some(true), Some(true))
-    );
-    let weights = adapter(&out);
-    let magnitudes: Vec<&(String, Vec<f32>)> = weights
-        .iter()
-        .filter(|(name, _)| name.ends_with(".lora_magnitude_vector"))
-        .collect();
-    // One per adapted layer: 4 kinds of layer in each of the 2 blocks.
-    assert_eq!(magnitudes.len(), 8);
-    let ours = json(&out.join("eval_results.json"))["eval_loss"]
-        .as_f64()
-        .unwrap();
-    let merged = dir.path().join("merged");
-    assert_ok(&pt_host(&[
-        "merge",
-        "--model_name_or_path",
-        arg(&fixture_model()),
-        "--peft_path",
-        arg(&out),
-        "--output_dir",
-        arg(&merged),
-    ]));
-    if !common::python_has("a DoRA adapter in PEFT and merged in transformers") {
-        return;
-    }
-    for (what, theirs) in [
-        ("PEFT", common::hf_eval_loss(&fixture_model(), Some(&out))),
-        ("merged, transformers", common::hf_eval_loss(&merged, None)),
-    ] {
-        assert!(
-            ((ours - theirs) / theirs).abs() < 1e-5,
-            "pt-host {ours}, {what} {theirs}"
-        );
-    }
+/// What a fresh adapter trained from the command line with `flags` (4 steps
+/// on the fixture) evaluates to everywhere: its output directory, pt-host's
+/// eval loss, and the losses of the same adapter merged by `pt-host merge
+/// merge_flags` (in pt-host, and in transformers) and unmerged in PEFT
+/// (hf_eval.py with `peft_options`), those two where Python has them.
+struct RoundTrip {
+    dir: tempfile::TempDir,
+    said: String,
+    ours: f64,
+    elsewhere: Vec<(&'static str, f64)>,
 }
 
-/// QLoRA from the command line (MedicalGPT's `--qlora`: NF4, double
-/// quantisation; bf16 compute): the run says what the base holds, PEFT loads
-/// the adapter onto bitsandbytes' 4-bit base to our eval loss, and `merge
-/// --qlora` dequantises the base under the merged adapter, to that loss
-/// again. Within bf16 rounding (measured: 1.3e-5 relative for both; the
-/// merged model computes in f32).
-#[test]
-fn a_qlora_adapter_loads_onto_bitsandbytes_base_and_merges() {
+fn train_and_merge(flags: &str, merge_flags: &[&str], peft_options: &[&str]) -> RoundTrip {
     let dir = tempfile::tempdir().unwrap();
-    let trained = run(
-        dir.path(),
-        "out",
-        &words(
-            "--do_train --do_eval --max_steps 4 --learning_rate 1e-2 --per_device_train_batch_size 4 --lora_rank 4 \
-             --qlora --bnb_4bit_compute_dtype bfloat16",
-        ),
-    );
+    let recipe = "--do_train --do_eval --max_steps 4 --learning_rate 1e-2 --per_device_train_batch_size 4 --lora_rank 4";
+    let trained = run(dir.path(), "out", &words(&format!("{recipe} {flags}")));
     assert_ok(&trained);
-    let said = String::from_utf8_lossy(&trained.stderr);
-    assert!(
-        said.contains("4-bit NF4 base (double quantisation, BF16 compute)"),
-        "{said}"
-    );
     let out = dir.path().join("out");
     let ours = json(&out.join("eval_results.json"))["eval_loss"]
         .as_f64()
         .unwrap();
     let merged = dir.path().join("merged");
     PtHost::new(["merge", "--model_name_or_path", arg(&fixture_model())])
-        .args([
-            "--peft_path",
-            arg(&out),
-            "--output_dir",
-            arg(&merged),
-            "--qlora",
-        ])
+        .args(["--peft_path", arg(&out), "--output_dir", arg(&merged)])
+        .args(merge_flags)
         .succeeds();
+    let evaluated = dir.path().join("eval");
     PtHost::new(["eval", "--model_name_or_path", arg(&merged)])
         .args(["--validation_file_dir", arg(&fixture().join("valid.txt"))])
-        .args([
-            "--block_size",
-            "32",
-            "--output_dir",
-            arg(&dir.path().join("eval")),
-        ])
+        .args(["--block_size", "32", "--output_dir", arg(&evaluated)])
         .args(["--cache_dir", arg(&dir.path().join("cache"))])
         .succeeds();
-    let merged_loss = json(&dir.path().join("eval/eval_results.json"))["eval_loss"]
+    let merged_loss = json(&evaluated.join("eval_results.json"))["eval_loss"]
         .as_f64()
         .unwrap();
-    let mut losses = vec![("pt-host merged", merged_loss)];
-    if common::python_has("a QLoRA adapter in PEFT on bitsandbytes' base") {
-        let theirs = common::hf_eval_loss_with(&fixture_model(), Some(&out), &["--load_in_4bit"]);
-        losses.push(("PEFT on bitsandbytes NF4", theirs));
+    let mut elsewhere = vec![("pt-host merged", merged_loss)];
+    if common::python_has("an adapter variant in PEFT and merged in transformers") {
+        let peft = common::hf_eval_loss_with(&fixture_model(), Some(&out), peft_options);
+        elsewhere.push(("PEFT", peft));
+        elsewhere.push(("transformers merged", common::hf_eval_loss(&merged, None)));
     }
-    for (what, theirs) in losses {
-        assert!(
-            ((ours - theirs) / theirs).abs() < 1e-4,
-            "pt-host {ours}, {what} {theirs}"
-        );
+    RoundTrip {
+        said: String::from_utf8_lossy(&trained.stderr).into_owned(),
+        dir,
+        ours,
+        elsewhere,
     }
+}
+
+impl RoundTrip {
+    fn agrees_within(&self, relative: f64) {
+        for (what, theirs) in &self.elsewhere {
+            assert!(
+                ((self.ours - theirs) / theirs).abs() < relative,
+                "pt-host {}, {what} {theirs}",
+                self.ours
+            );
+        }
+    }
+}
+
+/// A DoRA adapter with rsLoRA scaling, trained under LoRA+ and with dropout
+/// from the command line, is saved as PEFT saves one: PEFT loads it to our
+/// eval loss, and `merge` folds it into a model pt-host and transformers
+/// evaluate to that loss too.
+#[test]
+fn a_dora_rslora_adapter_trained_with_loraplus_loads_in_peft_and_merges() {
+    let trip = train_and_merge(
+        "--lora_dropout 0.1 --use_dora --use_rslora --loraplus_lr_ratio 16",
+        &[],
+        &[],
+    );
+    let out = trip.dir.path().join("out");
+    let config = json(&out.join("adapter_config.json"));
+    assert_eq!(
+        (config["use_dora"].as_bool(), config["use_rslora"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let magnitudes = adapter(&out)
+        .into_iter()
+        .filter(|(name, _)| name.ends_with(".lora_magnitude_vector"))
+        .count();
+    // One per adapted layer: 4 kinds of layer in each of the 2 blocks.
+    assert_eq!(magnitudes, 8);
+    trip.agrees_within(1e-5);
+}
+
+/// QLoRA from the command line (MedicalGPT's `--qlora`: NF4, double
+/// quantisation; bf16 compute): the run says what the base holds, PEFT loads
+/// the adapter onto bitsandbytes' 4-bit base to our eval loss, and `merge
+/// --qlora` dequantises the base under the merged adapter, to that loss
+/// again. Within bf16 rounding (measured: 1.3e-5 relative; the merged model
+/// computes in f32).
+#[test]
+fn a_qlora_adapter_loads_onto_bitsandbytes_base_and_merges() {
+    let trip = train_and_merge(
+        "--qlora --bnb_4bit_compute_dtype bfloat16",
+        &["--qlora"],
+        &["--load_in_4bit"],
+    );
+    assert!(
+        trip.said
+            .contains("4-bit NF4 base (double quantisation, BF16 compute)"),
+        "{}",
+        trip.said
+    );
+    trip.agrees_within(1e-4);
 }
 
 /// A loss that is no longer finite stops the run at that step, naming it and

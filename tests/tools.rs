@@ -668,6 +668,24 @@ fn the_cli_reference_names_every_flag() {
     assert!(checked > 150, "only {checked} flags found in --help");
 }
 
+/// The bench's tiny shape: seconds per measurement.
+const TINY_BENCH: [&str; 14] = [
+    "--hidden_size",
+    "32",
+    "--n_layer",
+    "2",
+    "--n_head",
+    "4",
+    "--vocab_size",
+    "512",
+    "--block_size",
+    "32",
+    "--batch_size",
+    "2",
+    "--steps",
+    "1",
+];
+
 /// `pt-host bench` on a tiny shape prints every measurement with a positive
 /// rate, the sandbox ratio, the data share and the scaling table; with
 /// torch installed, the PyTorch + PEFT columns too.
@@ -681,37 +699,29 @@ fn bench_prints_every_measurement() {
         arg(&common::native_library("length_filter_native"))
     );
     let medical_clean = common::component("medical_clean");
-    let output = pt_host(&[
-        "bench",
-        "--hidden_size",
-        "32",
-        "--n_layer",
-        "2",
-        "--n_head",
-        "4",
-        "--vocab_size",
-        "512",
-        "--block_size",
-        "32",
-        "--batch_size",
-        "2",
-        "--steps",
-        "1",
-        "--new_tokens",
-        "4",
-        "--train_file_dir",
-        arg(&repo.join("data/pretrain")),
-        "--tokenizer_name_or_path",
-        arg(&fixture_model()),
-        "--plugin",
-        arg(&medical_clean),
-        "--plugin_pair",
-        &pair,
-        "--torch",
-        if torch { "always" } else { "never" },
-        "--torch_script",
-        arg(&repo.join("bench/torch_reference.py")),
-    ]);
+    let output = pt_host(
+        &[
+            &["bench"][..],
+            &TINY_BENCH,
+            &[
+                "--new_tokens",
+                "4",
+                "--train_file_dir",
+                arg(&repo.join("data/pretrain")),
+                "--tokenizer_name_or_path",
+                arg(&fixture_model()),
+                "--plugin",
+                arg(&medical_clean),
+                "--plugin_pair",
+                &pair,
+                "--torch",
+                if torch { "always" } else { "never" },
+                "--torch_script",
+                arg(&repo.join("bench/torch_reference.py")),
+            ],
+        ]
+        .concat(),
+    );
     assert_ok(&output);
     let table = String::from_utf8_lossy(&output.stdout).into_owned();
     let row = |label: &str| -> Vec<String> {
@@ -786,11 +796,48 @@ fn bench_prints_every_measurement() {
             vec!["--torch", "always", "--torch_script", "no/such.py"],
             "--torch_script no/such.py: no such file",
         ),
+        (
+            vec!["--frozen_weights", "nf4", "--torch", "always"],
+            "--frozen_weights nf4: the PyTorch reference runs the default weights only",
+        ),
+        (
+            vec![
+                "--frozen_weights",
+                "bf16",
+                "--only",
+                "full",
+                "--torch",
+                "never",
+            ],
+            "--only full: needs --frozen_weights default",
+        ),
     ] {
         let refused = pt_host(&[vec!["bench"], args].concat());
         assert!(!refused.status.success());
         assert!(stderr(&refused).contains(expected), "{}", stderr(&refused));
     }
+    // A 4-bit base measures LoRA training and evaluation alone.
+    let nf4 = pt_host(
+        &[
+            &[
+                "bench",
+                "--frozen_weights",
+                "nf4",
+                "--torch",
+                "never",
+                "--scaling",
+                "false",
+            ][..],
+            &TINY_BENCH,
+        ]
+        .concat(),
+    );
+    assert_ok(&nf4);
+    let table = String::from_utf8_lossy(&nf4.stdout);
+    assert!(table.contains("NF4 frozen weights"), "{table}");
+    let rows: Vec<&str> = table.lines().filter(|l| l.contains(" tok/s")).collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    assert!(rows[0].starts_with("train tok/s (LoRA)") && rows[1].starts_with("eval tok/s"));
 }
 
 /// Inputs each of which a command must refuse: a GBK text file, a JSONL

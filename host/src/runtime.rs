@@ -33,11 +33,19 @@ pub fn keep_freed_memory() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
         return;
     }
-    // SAFETY: both are plain calls into the allocator, valid at any time from
-    // any thread.
+    release_freed_memory();
+    // SAFETY: a plain call into the allocator, valid at any time from any thread.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, LOOP_PURGE_DELAY_MS);
+    }
+}
+
+/// Returns the memory freed so far to the kernel now.
+#[allow(unsafe_code)]
+pub fn release_freed_memory() {
+    // SAFETY: a plain call into the allocator, valid at any time from any thread.
     unsafe {
         libmimalloc_sys::mi_collect(true);
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, LOOP_PURGE_DELAY_MS);
     }
 }
 

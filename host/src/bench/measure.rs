@@ -32,6 +32,13 @@ fn peak_mib() -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
+/// Starts this process's peak resident memory afresh from what it holds now
+/// (Linux's `clear_refs` 5), with freed memory returned first.
+fn reset_peak() -> Result<()> {
+    crate::runtime::release_freed_memory();
+    std::fs::write("/proc/self/clear_refs", "5").context("cannot reset the peak memory count")
+}
+
 /// Random token blocks (ids above the special tokens), fixed by `seed`.
 fn random_blocks(args: &BenchArgs, rows: usize, seed: u64) -> Blocks {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -126,6 +133,8 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
     let mut data_share = None;
     let dir = tempfile::tempdir()?;
     crate::init_model::write_random(args.arch, &args.shape(), dir.path(), 42)?;
+    // The peak is what loading and measuring take, not writing the random model.
+    reset_peak()?;
     let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true, 0)?;
     let load_dtype = match args.frozen_weights {
         FrozenWeights::Bf16 => DType::BF16,

@@ -312,8 +312,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let torch = match args.torch {
         TorchArg::Never => false,
         TorchArg::Always if !default_weights => bail!(
-            "--frozen_weights {:?}: the PyTorch reference runs the default weights only; pass --torch never",
-            args.frozen_weights
+            "--frozen_weights {}: the PyTorch reference runs the default weights only; pass --torch never",
+            frozen_weights_name(args.frozen_weights)
         ),
         TorchArg::Always => true,
         TorchArg::Auto => default_weights && torch_available(),
