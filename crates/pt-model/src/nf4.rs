@@ -15,6 +15,9 @@ use rayon::prelude::*;
 /// Values per NF4 block (bitsandbytes' `blocksize` for 4-bit weights).
 pub const BLOCK: usize = 64;
 
+/// NF4 blocks per parallel task of dequantisation.
+const DEQUANTIZE_TASK_BLOCKS: usize = 256;
+
 /// Block maxima per block of the double quantisation (bitsandbytes' nested blocksize).
 pub const NESTED_BLOCK: usize = 256;
 
@@ -126,22 +129,23 @@ impl Nf4Weight {
     /// The weight's values in f32 (bitsandbytes' `dequantize_4bit`).
     pub fn dequantize_f32(&self) -> Vec<f32> {
         let maxima = self.block_maxima();
-        let count = self.shape.0 * self.shape.1;
-        let mut values = vec![0f32; count];
+        let mut values = vec![0f32; self.shape.0 * self.shape.1];
+        // Tasks of many blocks; a block starts on a byte (64 is even), and
+        // each byte holds two values, the first in its high nibble.
         values
-            .par_chunks_mut(BLOCK)
+            .par_chunks_mut(BLOCK * DEQUANTIZE_TASK_BLOCKS)
             .enumerate()
-            .for_each(|(block, out)| {
-                let scale = maxima[block];
-                for (j, value) in out.iter_mut().enumerate() {
-                    let i = block * BLOCK + j;
-                    let byte = self.codes[i / 2];
-                    let index = if i.is_multiple_of(2) {
-                        byte >> 4
-                    } else {
-                        byte & 0xF
-                    };
-                    *value = NF4_CODE[index as usize] * scale;
+            .for_each(|(task, out)| {
+                let first = task * DEQUANTIZE_TASK_BLOCKS;
+                for (b, block) in out.chunks_mut(BLOCK).enumerate() {
+                    let scale = maxima[first + b];
+                    let bytes = &self.codes[(first + b) * BLOCK / 2..];
+                    for (pair, byte) in block.chunks_mut(2).zip(bytes) {
+                        pair[0] = NF4_CODE[(byte >> 4) as usize] * scale;
+                        if let Some(second) = pair.get_mut(1) {
+                            *second = NF4_CODE[(byte & 0xF) as usize] * scale;
+                        }
+                    }
                 }
             });
         values
