@@ -494,9 +494,7 @@ impl Model {
 
     /// Whether any weight is NF4.
     pub fn is_quantized(&mut self) -> bool {
-        self.linears_mut()
-            .iter()
-            .any(|(_, linear)| matches!(linear.weight, LinearWeight::Nf4(_)))
+        self.nf4_size().1 > 0
     }
 
     /// Full fine-tuning: every base tensor becomes a trainable variable.

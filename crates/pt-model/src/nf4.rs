@@ -7,6 +7,7 @@
 //! dequantising gives its values, rounded to the compute dtype as its
 //! `matmul_4bit` rounds them.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -108,20 +109,20 @@ impl Nf4Weight {
     }
 
     /// Each NF4 block's maximum as bitsandbytes dequantises it.
-    fn block_maxima(&self) -> Vec<f32> {
+    fn block_maxima(&self) -> Cow<'_, [f32]> {
         match &self.scales {
-            BlockScales::Plain(absmax) => absmax.clone(),
+            BlockScales::Plain(absmax) => Cow::Borrowed(absmax),
             BlockScales::Nested {
                 codes,
                 absmax,
                 offset,
             } => {
                 let map = dynamic_map();
-                codes
+                let maxima = codes
                     .iter()
                     .enumerate()
-                    .map(|(i, &q)| map[q as usize] * absmax[i / NESTED_BLOCK] + offset)
-                    .collect()
+                    .map(|(i, &q)| map[q as usize] * absmax[i / NESTED_BLOCK] + offset);
+                Cow::Owned(maxima.collect())
             }
         }
     }

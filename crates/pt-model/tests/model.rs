@@ -735,7 +735,10 @@ fn an_adapter_that_unties_a_tied_head_is_refused() {
 /// the nested codes are checked from bitsandbytes' own offset.
 #[test]
 fn nf4_quantisation_gives_bitsandbytes_bytes() {
-    use pt_model::nf4::{NESTED_BLOCK, dynamic_map, quantize_blockwise, quantize_nf4};
+    use pt_model::nf4::{
+        BlockScales, NESTED_BLOCK, Nf4Config, Nf4Weight, dynamic_map, quantize_blockwise,
+        quantize_nf4,
+    };
     let bytes = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<u8>().unwrap();
     let floats = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     for family in ["bloom", "qwen3"] {
@@ -772,9 +775,21 @@ fn nf4_quantisation_gives_bitsandbytes_bytes() {
                 assert_eq!(a.to_bits(), b.to_bits(), "{family} {name}: absmax {i}");
             }
             let offset = floats(theirs("offset"))[0];
-            let ours = absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64;
+            let config = Nf4Config {
+                double_quant: true,
+                compute_dtype: DType::F32,
+            };
+            let tensor = candle_core::Tensor::new(values.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let BlockScales::Nested { offset: ours, .. } =
+                Nf4Weight::quantize(&tensor, config).unwrap().scales
+            else {
+                panic!("double quantisation keeps nested scales");
+            };
             assert!(
-                ((ours as f32).to_bits() as i64 - offset.to_bits() as i64).abs() <= 2,
+                (ours.to_bits() as i64 - offset.to_bits() as i64).abs() <= 2,
                 "{family} {name}: offset {ours} vs {offset}"
             );
             let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
@@ -792,4 +807,42 @@ fn nf4_quantisation_gives_bitsandbytes_bytes() {
             );
         }
     }
+}
+
+/// A 4-bit base refuses to train whole or to be saved unmerged, saying why;
+/// merging dequantises every layer, adapter or not, so the model saves.
+#[test]
+fn an_nf4_base_trains_through_adapters_and_saves_merged() {
+    use pt_model::nf4::Nf4Config;
+    let config = Nf4Config {
+        double_quant: true,
+        compute_dtype: DType::F32,
+    };
+    let source = fixture().join("model");
+    let mut model = Model::load_quantized(&source, &Device::Cpu, DType::F32, Some(config)).unwrap();
+    assert!(model.is_quantized());
+    let error = model.make_base_trainable().unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("trains through LoRA adapters only"),
+        "{error}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("merged");
+    let error = model
+        .save_model(&saved, &source, DType::F32, u64::MAX)
+        .unwrap_err();
+    assert!(
+        error
+            .to_string()
+            .contains("merge_adapters dequantises them"),
+        "{error}"
+    );
+    assert_eq!(model.merge_adapters().unwrap(), 0);
+    assert!(!model.is_quantized());
+    model
+        .save_model(&saved, &source, DType::F32, u64::MAX)
+        .unwrap();
+    assert!(saved.join("model.safetensors").is_file());
 }

@@ -304,19 +304,18 @@ fn follow_steps(
 ) {
     let expected_run = trajectory_of(family);
     let args = &expected_run["args"];
-    let variants = variants_of(family);
-    let qlora = match run {
-        Run::Qlora => json(&fixture_of(family).join("qlora/qlora.json")),
-        _ => serde_json::Value::Null,
-    };
+    let lora_lr = args["lr"].as_f64().unwrap();
     let (peak_lr, log) = match run {
-        Run::Lora => (args["lr"].as_f64().unwrap(), &expected_run["log"]),
+        Run::Lora => (lora_lr, expected_run["log"].clone()),
         Run::Full => {
             let full = &expected_run["full"];
-            (full["lr"].as_f64().unwrap(), &full["log"])
+            (full["lr"].as_f64().unwrap(), full["log"].clone())
         }
-        Run::Variant(name) => (args["lr"].as_f64().unwrap(), &variants[name]["log"]),
-        Run::Qlora => (args["lr"].as_f64().unwrap(), &qlora["log"]),
+        Run::Variant(name) => (lora_lr, variants_of(family)[name]["log"].clone()),
+        Run::Qlora => {
+            let qlora = json(&fixture_of(family).join("qlora/qlora.json"));
+            (lora_lr, qlora["log"].clone())
+        }
     };
     let variables: Vec<Var> = parameters.iter().map(|p| p.var.clone()).collect();
     let config = AdamWConfig {

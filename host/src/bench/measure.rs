@@ -6,7 +6,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
+use candle_core::DType;
 use pt_data::Blocks;
+use pt_model::nf4::Nf4Config;
 use pt_model::{AdapterConfig, Model};
 use pt_train::evaluate::evaluate;
 use pt_train::trainer::{Interval, StepProgress, Trainable, Trainer, TrainerCallback};
@@ -16,8 +18,6 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
 use crate::device::DtypeArg;
-use candle_core::DType;
-use pt_model::nf4::Nf4Config;
 
 use super::{BenchArgs, FrozenWeights, Measure, Measured, gradient_floats};
 

@@ -618,7 +618,10 @@ fn measure_in_child(args: &BenchArgs, measure: Measure, overrides: &[String]) ->
             "--gradient_checkpointing={}",
             args.gradient_checkpointing
         ))
-        .args(["--frozen_weights", frozen_weights_name(args.frozen_weights)])
+        .args([
+            "--frozen_weights",
+            &frozen_weights_name(args.frozen_weights),
+        ])
         .args(overrides);
     if let Some(plugin) = &args.plugin {
         command.arg("--plugin").arg(plugin);
@@ -632,12 +635,10 @@ fn measure_in_child(args: &BenchArgs, measure: Measure, overrides: &[String]) ->
     last_json_line(command, &format!("bench --measure {}", measure.name()))
 }
 
-fn frozen_weights_name(weights: FrozenWeights) -> &'static str {
-    match weights {
-        FrozenWeights::Default => "default",
-        FrozenWeights::Bf16 => "bf16",
-        FrozenWeights::Nf4 => "nf4",
-    }
+/// The flag value clap parses back into `weights`.
+fn frozen_weights_name(weights: FrozenWeights) -> String {
+    let value = clap::ValueEnum::to_possible_value(&weights).expect("every variant has a name");
+    value.get_name().to_string()
 }
 
 fn device_name(device: DeviceArg) -> &'static str {
