@@ -365,6 +365,46 @@ fn generate_prints_hf_greedy_continuations() {
     );
 }
 
+/// `generate` on a 4-bit base continues as transformers does on
+/// bitsandbytes' NF4 weights (f32 compute, where a greedy pick cannot flip
+/// on rounding), and not as on the dense weights: the fused products run
+/// one token at a time.
+#[test]
+fn generate_on_a_4bit_base_prints_bitsandbytes_greedy_continuation() {
+    if !common::python_has("generate on bitsandbytes' 4-bit base") {
+        return;
+    }
+    let (prompt, tokens, penalty) = ("病人的症状是", "12", "1.3");
+    let model = fixture_model();
+    let output = Command::new("python3")
+        .arg(common::repo().join("tests/python/hf_generate.py"))
+        .arg(&model)
+        .args([prompt, tokens, penalty, "--load_in_4bit"])
+        .output()
+        .unwrap();
+    assert_ok(&output);
+    let reference: serde_json::Value = serde_json::from_slice(output.stdout.trim_ascii()).unwrap();
+    let expected: Vec<u32> = serde_json::from_value(reference["new_tokens"].clone()).unwrap();
+    let tokenizer = pt_data::Tokenizer::from_dir(&model).unwrap();
+    let generate = |quantized: &[&str]| {
+        let mut args = vec!["generate", "--model_name_or_path", arg(&model)];
+        args.extend(["--prompt", prompt, "--max_new_tokens", tokens]);
+        args.extend(["--repetition_penalty", penalty]);
+        args.extend(quantized);
+        let output = pt_host(&args);
+        assert_ok(&output);
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let quantized = generate(&["--qlora", "--bnb_4bit_compute_dtype", "float32"]);
+    let continuation = tokenizer.decode(&expected).unwrap();
+    assert_eq!(quantized, format!("{prompt}{continuation}\n"));
+    assert_ne!(
+        quantized,
+        generate(&[]),
+        "4-bit weights change this continuation"
+    );
+}
+
 /// The quick start's flow at test scale: a model built by `init-model` on
 /// the fixture's text learns it — eval perplexity falls at least 3×.
 #[test]

@@ -6,13 +6,13 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use pt_data::Tokenizer;
-use pt_model::Model;
 use pt_model::generate::{GenerationConfig, generate};
 
 use crate::args::parse_bool;
 use crate::device::{self, DeviceArg, DtypeArg};
 use crate::hub::ModelArgs;
 use crate::prepare::tokenizer_with_adapter;
+use crate::quantize::QuantizationArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -49,6 +49,8 @@ pub struct GenerateArgs {
     pub torch_dtype: DtypeArg,
     #[arg(long = "device_map", value_enum, default_value = "auto")]
     pub device_map: DeviceArg,
+    #[command(flatten)]
+    pub quantization: QuantizationArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -73,7 +75,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     let (device, dtype) = device::select(args.device_map, args.torch_dtype, true, 0)?;
     let model_dir = args.model.resolve()?;
-    let mut model = Model::load(&model_dir, &device, dtype)?;
+    let mut model = args.quantization.load(&model_dir, &device, dtype, true)?;
     if let Some(adapter) = &args.peft_path {
         model.load_adapter(adapter)?;
     }

@@ -12,10 +12,13 @@
 //! activations, softmax), `linear` (frozen and trainable linear layers with
 //! LoRA), `loss` (chunked cross-entropy) and `fused` (their CPU kernels) are
 //! the differentiable building blocks, `custom_op` their shared plumbing;
+//! `nf4` is QLoRA's 4-bit base weights, multiplied strip by strip
+//! (`strips`) without dequantising a whole layer;
 //! `checkpoint` recomputes any block that implements its trait; `generate`
 //! and `init` use a model.
 
-#![forbid(unsafe_code)]
+// One exception, in `strips`: gemm called on disjoint strips of one output.
+#![deny(unsafe_code)]
 
 pub mod bloom;
 mod checkpoint;
@@ -32,6 +35,7 @@ pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod peft;
+mod strips;
 pub mod vocabulary;
 
 pub use layers::{DropoutDraw, Lora};

@@ -58,8 +58,7 @@ impl LinearWeight {
             }
             LinearWeight::Nf4(weight) => {
                 let dtype = weight.compute_dtype;
-                let dense = weight.dequantize(dtype, x.device())?;
-                let mut y = x.to_dtype(dtype)?.matmul(&dense.t()?)?;
+                let mut y = weight.matmul_transposed(&x.to_dtype(dtype)?)?;
                 if let Some(bias) = bias {
                     y = y.broadcast_add(&bias.to_dtype(dtype)?)?;
                 }
@@ -72,11 +71,9 @@ impl LinearWeight {
     fn input_gradient(&self, grad: &Tensor, x: &Tensor) -> Result<Tensor> {
         match self {
             LinearWeight::Dense(weight) => grad.matmul(weight),
-            LinearWeight::Nf4(weight) => {
-                let dtype = weight.compute_dtype;
-                let dense = weight.dequantize(dtype, x.device())?;
-                grad.to_dtype(dtype)?.matmul(&dense)?.to_dtype(x.dtype())
-            }
+            LinearWeight::Nf4(weight) => weight
+                .matmul(&grad.to_dtype(weight.compute_dtype)?)?
+                .to_dtype(x.dtype()),
         }
     }
 }

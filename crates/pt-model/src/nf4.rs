@@ -8,10 +8,13 @@
 //! `matmul_4bit` rounds them.
 
 use std::borrow::Cow;
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
+
+use crate::strips::{PanelLayout, strip_product};
 
 /// Values per NF4 block (bitsandbytes' `blocksize` for 4-bit weights).
 pub const BLOCK: usize = 64;
@@ -42,6 +45,13 @@ pub const NF4_CODE: [f32; 16] = [
     0.722_956_84,
     1.0,
 ];
+
+/// The two code values of each byte (high nibble first), so that
+/// dequantising looks up one pair per byte.
+fn code_pairs() -> &'static [[f32; 2]; 256] {
+    static PAIRS: OnceLock<[[f32; 2]; 256]> = OnceLock::new();
+    PAIRS.get_or_init(|| std::array::from_fn(|b| [NF4_CODE[b >> 4], NF4_CODE[b & 0xF]]))
+}
 
 /// How the base model's linear weights are quantised (bitsandbytes'
 /// `BitsAndBytesConfig` for 4-bit NF4).
@@ -131,24 +141,11 @@ impl Nf4Weight {
     pub fn dequantize_f32(&self) -> Vec<f32> {
         let maxima = self.block_maxima();
         let mut values = vec![0f32; self.shape.0 * self.shape.1];
-        // Tasks of many blocks; a block starts on a byte (64 is even), and
-        // each byte holds two values, the first in its high nibble.
+        let task = BLOCK * DEQUANTIZE_TASK_BLOCKS;
         values
-            .par_chunks_mut(BLOCK * DEQUANTIZE_TASK_BLOCKS)
+            .par_chunks_mut(task)
             .enumerate()
-            .for_each(|(task, out)| {
-                let first = task * DEQUANTIZE_TASK_BLOCKS;
-                for (b, block) in out.chunks_mut(BLOCK).enumerate() {
-                    let scale = maxima[first + b];
-                    let bytes = &self.codes[(first + b) * BLOCK / 2..];
-                    for (pair, byte) in block.chunks_mut(2).zip(bytes) {
-                        pair[0] = NF4_CODE[(byte >> 4) as usize] * scale;
-                        if let Some(second) = pair.get_mut(1) {
-                            *second = NF4_CODE[(byte & 0xF) as usize] * scale;
-                        }
-                    }
-                }
-            });
+            .for_each(|(i, out)| self.dequantize_span(&maxima, i * task, out));
         values
     }
 
@@ -157,6 +154,102 @@ impl Nf4Weight {
         Tensor::from_vec(self.dequantize_f32(), self.shape, &Device::Cpu)?
             .to_dtype(dtype)?
             .to_device(device)
+    }
+
+    /// `x Wᵀ` in the compute dtype (`x`: `[.., in]`, in the compute dtype),
+    /// as bitsandbytes' `matmul_4bit` computes it: the dequantised weight
+    /// rounded to the compute dtype, products summed in f32. On the CPU
+    /// without the dense weight (see [`crate::strips`]).
+    pub fn matmul_transposed(&self, x: &Tensor) -> Result<Tensor> {
+        let (out, inner) = self.shape;
+        if !x.device().is_cpu() {
+            let dense = self.dequantize(self.compute_dtype, x.device())?;
+            return x.broadcast_matmul(&dense.t()?);
+        }
+        let maxima = self.block_maxima();
+        self.cpu_product(x, inner, out, |rows, panel| {
+            // Rows of W, each `inner` values from `row · inner` on.
+            panel.resize(rows.len() * inner, 0.0);
+            self.dequantize_span(&maxima, rows.start * inner, panel);
+            PanelLayout {
+                depth_stride: 1,
+                column_stride: inner,
+            }
+        })
+    }
+
+    /// `g W` in the compute dtype (`g`: `[.., out]`, in the compute dtype):
+    /// the input's gradient of [`Nf4Weight::matmul_transposed`].
+    pub fn matmul(&self, g: &Tensor) -> Result<Tensor> {
+        let (out, inner) = self.shape;
+        if !g.device().is_cpu() {
+            return g.broadcast_matmul(&self.dequantize(self.compute_dtype, g.device())?);
+        }
+        let maxima = self.block_maxima();
+        self.cpu_product(g, out, inner, |columns, panel| {
+            // Columns of W, a piece of each row.
+            let width = columns.len();
+            panel.resize(out * width, 0.0);
+            for (row, piece) in panel.chunks_mut(width).enumerate() {
+                self.dequantize_span(&maxima, row * inner + columns.start, piece);
+            }
+            PanelLayout {
+                depth_stride: width,
+                column_stride: 1,
+            }
+        })
+    }
+
+    /// `lhs · rhs` for `lhs` `[.., depth]` on the CPU, with `rhs`
+    /// `[depth, columns]` dequantised a strip at a time by `panel`, rounded to
+    /// the compute dtype, multiplied in f32 and the result rounded to it.
+    fn cpu_product(
+        &self,
+        lhs: &Tensor,
+        depth: usize,
+        columns: usize,
+        panel: impl Fn(Range<usize>, &mut Vec<f32>) -> PanelLayout + Sync,
+    ) -> Result<Tensor> {
+        let mut dims = lhs.dims().to_vec();
+        let rows = lhs.elem_count() / depth.max(1);
+        let values = lhs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let product = strip_product(&values, rows, depth, columns, |strip, buffer| {
+            let layout = panel(strip, buffer);
+            round_to(self.compute_dtype, buffer);
+            layout
+        });
+        *dims.last_mut().expect("a matrix") = columns;
+        Tensor::from_vec(product, dims, &Device::Cpu)?.to_dtype(self.compute_dtype)
+    }
+
+    /// The values from flat index `start` on into `out`: in each block its
+    /// code times its maximum, two codes per byte, the first in the high
+    /// nibble. Blocks run along the flattened weight, so a span may start or
+    /// end inside a block or a byte.
+    fn dequantize_span(&self, maxima: &[f32], start: usize, out: &mut [f32]) {
+        let (mut at, mut rest) = (start, out);
+        while !rest.is_empty() {
+            let scale = maxima[at / BLOCK];
+            let length = (BLOCK - at % BLOCK).min(rest.len());
+            let (piece, tail) = rest.split_at_mut(length);
+            let mut piece = piece;
+            if at % 2 == 1 {
+                piece[0] = NF4_CODE[(self.codes[at / 2] & 0xF) as usize] * scale;
+                piece = &mut piece[1..];
+            }
+            let bytes = &self.codes[at.div_ceil(2)..];
+            let whole_bytes = piece.len() / 2;
+            let mut pairs = piece.chunks_exact_mut(2);
+            for (pair, &byte) in (&mut pairs).zip(bytes) {
+                let [first, second] = code_pairs()[byte as usize];
+                pair[0] = first * scale;
+                pair[1] = second * scale;
+            }
+            if let [last] = pairs.into_remainder() {
+                *last = NF4_CODE[(bytes[whole_bytes] >> 4) as usize] * scale;
+            }
+            (at, rest) = (at + length, tail);
+        }
     }
 
     /// Bytes held: the packed indices and the block scales.
@@ -233,6 +326,19 @@ pub fn quantize_blockwise(
         .collect();
     let absmax = blocks.iter().map(|(_, max)| *max).collect();
     (blocks.into_iter().flat_map(|(i, _)| i).collect(), absmax)
+}
+
+/// `values` rounded to `dtype` and back, as candle's casts round.
+fn round_to(dtype: DType, values: &mut [f32]) {
+    match dtype {
+        DType::BF16 => values
+            .iter_mut()
+            .for_each(|v| *v = half::bf16::from_f32(*v).to_f32()),
+        DType::F16 => values
+            .iter_mut()
+            .for_each(|v| *v = half::f16::from_f32(*v).to_f32()),
+        _ => {}
+    }
 }
 
 /// Bins of the nearest-code table over [-1, 1].
@@ -346,6 +452,57 @@ mod tests {
         assert_eq!(map.iter().filter(|&&v| v == 0.0).count(), 1);
         assert_eq!(map.iter().filter(|&&v| v < 0.0).count(), 127);
         assert!((map[0] + 0.992_968_75).abs() < 1e-6, "{}", map[0]);
+    }
+
+    #[test]
+    fn fused_products_are_the_dequantised_weights_products() {
+        // Rows that split blocks and bytes (37 values each, 7·37 odd), and
+        // a shape with several strips per thread.
+        for (out, inner, n) in [(7, 37, 3), (300, 128, 5), (64, 700, 2)] {
+            let values: Vec<f32> = (0..out * inner)
+                .map(|i| ((i * 7919 % 1009) as f32 - 504.0) / 300.0)
+                .collect();
+            let weight = Tensor::from_vec(values, (out, inner), &Device::Cpu).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (n, inner), &Device::Cpu).unwrap();
+            let g = Tensor::randn(0f32, 1.0, (n, out), &Device::Cpu).unwrap();
+            for (compute_dtype, tolerance) in [(DType::F32, 1e-5), (DType::BF16, 8e-3)] {
+                let config = Nf4Config {
+                    double_quant: true,
+                    compute_dtype,
+                };
+                let nf4 = Nf4Weight::quantize(&weight, config).unwrap();
+                let dense = nf4.dequantize(compute_dtype, &Device::Cpu).unwrap();
+                let (x, g) = (
+                    x.to_dtype(compute_dtype).unwrap(),
+                    g.to_dtype(compute_dtype).unwrap(),
+                );
+                let pairs = [
+                    (
+                        nf4.matmul_transposed(&x).unwrap(),
+                        x.matmul(&dense.t().unwrap()).unwrap(),
+                    ),
+                    (nf4.matmul(&g).unwrap(), g.matmul(&dense).unwrap()),
+                ];
+                for (fused, composite) in pairs {
+                    assert_eq!(fused.dtype(), compute_dtype);
+                    assert_eq!(fused.dims(), composite.dims());
+                    let as_f32 = |t: Tensor| {
+                        t.to_dtype(DType::F32)
+                            .unwrap()
+                            .flatten_all()
+                            .unwrap()
+                            .to_vec1::<f32>()
+                            .unwrap()
+                    };
+                    for (a, b) in as_f32(fused).iter().zip(as_f32(composite)) {
+                        assert!(
+                            (a - b).abs() <= tolerance * b.abs().max(1.0),
+                            "{out}×{inner} {compute_dtype:?}: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
