@@ -86,6 +86,18 @@ pub struct Nf4Weight {
     pub codes: Vec<u8>,
     pub scales: BlockScales,
     pub compute_dtype: DType,
+    /// The codes and maxima on the device the weight is used on, when that
+    /// is not the CPU.
+    resident: OnceLock<Resident>,
+}
+
+/// A weight's codes and block maxima on a device.
+#[derive(Clone, Debug)]
+struct Resident {
+    /// `[blocks · BLOCK / 2]` u8.
+    codes: Tensor,
+    /// `[blocks, 1]` f32.
+    maxima: Tensor,
 }
 
 impl Nf4Weight {
@@ -115,6 +127,7 @@ impl Nf4Weight {
             codes,
             scales,
             compute_dtype: config.compute_dtype,
+            resident: OnceLock::new(),
         })
     }
 
@@ -151,9 +164,52 @@ impl Nf4Weight {
 
     /// The weight as a tensor in `dtype` on `device`.
     pub fn dequantize(&self, dtype: DType, device: &Device) -> Result<Tensor> {
-        Tensor::from_vec(self.dequantize_f32(), self.shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)
+        let values = match device {
+            Device::Cpu => Tensor::from_vec(self.dequantize_f32(), self.shape, device)?,
+            _ => self.dequantize_with_tensor_ops(device)?,
+        };
+        values.to_dtype(dtype)
+    }
+
+    /// The values computed on `device` by candle's tensor ops from the codes
+    /// and block maxima, copied there on first use: on a GPU the weight
+    /// stays 4-bit, and no dense copy crosses from the host per use.
+    fn dequantize_with_tensor_ops(&self, device: &Device) -> Result<Tensor> {
+        let resident = match self.resident.get() {
+            Some(resident) if resident.codes.device().same_device(device) => resident.clone(),
+            _ => {
+                let resident = self.upload(device)?;
+                // Kept for the device the model lives on (the first one asked).
+                let _ = self.resident.set(resident.clone());
+                resident
+            }
+        };
+        let bytes = resident.codes.to_dtype(DType::F32)?;
+        let high = (&bytes / 16.0)?.floor()?;
+        let low = (&bytes - (&high * 16.0)?)?;
+        let indices = Tensor::stack(&[high, low], 1)?
+            .flatten_all()?
+            .to_dtype(DType::U32)?;
+        let values = Tensor::new(&NF4_CODE, device)?
+            .index_select(&indices, 0)?
+            .reshape(((), BLOCK))?
+            .broadcast_mul(&resident.maxima)?;
+        let (out, inner) = self.shape;
+        values
+            .flatten_all()?
+            .narrow(0, 0, out * inner)?
+            .reshape(self.shape)
+    }
+
+    /// The codes, padded to whole blocks, and each block's maximum on `device`.
+    fn upload(&self, device: &Device) -> Result<Resident> {
+        let maxima = self.block_maxima();
+        let mut codes = self.codes.clone();
+        codes.resize(maxima.len() * BLOCK / 2, 0);
+        Ok(Resident {
+            codes: Tensor::from_vec(codes, maxima.len() * BLOCK / 2, device)?,
+            maxima: Tensor::from_slice(&maxima, (maxima.len(), 1), device)?,
+        })
     }
 
     /// `x Wᵀ` in the compute dtype (`x`: `[.., in]`, in the compute dtype),
@@ -430,6 +486,7 @@ mod tests {
             codes: packed,
             scales: BlockScales::Plain(absmax),
             compute_dtype: DType::F32,
+            resident: OnceLock::new(),
         };
         assert_eq!(weight.dequantize_f32(), values);
     }
@@ -502,6 +559,26 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn tensor_ops_dequantise_exactly_as_the_cpu_loop() {
+        // A partial last block, an odd value count, and both kinds of maxima.
+        let values: Vec<f32> = (0..7 * 37)
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 9.0)
+            .collect();
+        let tensor = Tensor::from_vec(values, (7, 37), &Device::Cpu).unwrap();
+        for double_quant in [false, true] {
+            let config = Nf4Config {
+                double_quant,
+                compute_dtype: DType::F32,
+            };
+            let weight = Nf4Weight::quantize(&tensor, config).unwrap();
+            let by_ops = weight.dequantize_with_tensor_ops(&Device::Cpu).unwrap();
+            assert_eq!(by_ops.dims(), [7, 37]);
+            let by_ops = by_ops.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(by_ops, weight.dequantize_f32());
         }
     }
 
