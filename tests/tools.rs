@@ -368,7 +368,8 @@ fn generate_prints_hf_greedy_continuations() {
 /// `generate` on a 4-bit base continues as transformers does on
 /// bitsandbytes' NF4 weights (f32 compute, where a greedy pick cannot flip
 /// on rounding), and not as on the dense weights: the fused products run
-/// one token at a time.
+/// one token at a time. A checkpoint bitsandbytes saved in 4 bits loads as
+/// it is, to the same continuation; FP4 is refused by name.
 #[test]
 fn generate_on_a_4bit_base_prints_bitsandbytes_greedy_continuation() {
     if !common::python_has("generate on bitsandbytes' 4-bit base") {
@@ -386,8 +387,8 @@ fn generate_on_a_4bit_base_prints_bitsandbytes_greedy_continuation() {
     let reference: serde_json::Value = serde_json::from_slice(output.stdout.trim_ascii()).unwrap();
     let expected: Vec<u32> = serde_json::from_value(reference["new_tokens"].clone()).unwrap();
     let tokenizer = pt_data::Tokenizer::from_dir(&model).unwrap();
-    let generate = |quantized: &[&str]| {
-        let mut args = vec!["generate", "--model_name_or_path", arg(&model)];
+    let generate = |model: &Path, quantized: &[&str]| {
+        let mut args = vec!["generate", "--model_name_or_path", arg(model)];
         args.extend(["--prompt", prompt, "--max_new_tokens", tokens]);
         args.extend(["--repetition_penalty", penalty]);
         args.extend(quantized);
@@ -395,13 +396,51 @@ fn generate_on_a_4bit_base_prints_bitsandbytes_greedy_continuation() {
         assert_ok(&output);
         String::from_utf8_lossy(&output.stdout).into_owned()
     };
-    let quantized = generate(&["--qlora", "--bnb_4bit_compute_dtype", "float32"]);
+    let quantized = generate(&model, &["--qlora", "--bnb_4bit_compute_dtype", "float32"]);
     let continuation = tokenizer.decode(&expected).unwrap();
     assert_eq!(quantized, format!("{prompt}{continuation}\n"));
     assert_ne!(
         quantized,
-        generate(&[]),
+        generate(&model, &[]),
         "4-bit weights change this continuation"
+    );
+    // The checkpoints `*-bnb-4bit` hub repositories hold: bitsandbytes' own
+    // bytes, read as they are, with or without double quantisation.
+    let dir = tempfile::tempdir().unwrap();
+    let save = |name: &str, quant_type: &str, double_quant: &str| {
+        let saved = dir.path().join(name);
+        let output = Command::new("python3")
+            .arg(common::repo().join("tests/python/save_4bit.py"))
+            .args([&model, &saved])
+            .args([quant_type, double_quant])
+            .output()
+            .unwrap();
+        assert_ok(&output);
+        saved
+    };
+    for double_quant in ["true", "false"] {
+        let saved = save(&format!("nf4-{double_quant}"), "nf4", double_quant);
+        assert_eq!(
+            generate(&saved, &[]),
+            quantized,
+            "double quantisation {double_quant}"
+        );
+    }
+    let fp4 = save("fp4", "fp4", "true");
+    let refused = pt_host(&[
+        "generate",
+        "--model_name_or_path",
+        arg(&fp4),
+        "--prompt",
+        prompt,
+    ]);
+    assert!(
+        stderr(&refused).contains(
+            "model.safetensors: cannot read its 4-bit weights: `h.0.mlp.dense_4h_to_h.weight`"
+        ) && stderr(&refused)
+            .contains("is bitsandbytes FP4; pt-host reads NF4 4-bit checkpoints only"),
+        "{}",
+        stderr(&refused)
     );
 }
 

@@ -73,12 +73,18 @@ impl QuantizationArgs {
     pub fn load(&self, dir: &Path, device: &Device, dtype: DType, say: bool) -> Result<Model> {
         let config = self.config(dtype)?;
         let mut model = Model::load_quantized(dir, device, dtype, config)?;
-        if let (Some(config), true) = (config, say) {
+        if say && model.is_quantized() {
+            let how = match config {
+                Some(config) => format!(
+                    "{}double quantisation, {:?} compute",
+                    if config.double_quant { "" } else { "no " },
+                    config.compute_dtype
+                ),
+                None => "as the checkpoint holds it".to_string(),
+            };
             let (bytes, elements) = model.nf4_size();
             eprintln!(
-                "4-bit NF4 base ({}double quantisation, {:?} compute): linear weights {:.1} MB, {:.1} MB in {dtype:?}",
-                if config.double_quant { "" } else { "no " },
-                config.compute_dtype,
+                "4-bit NF4 base ({how}): linear weights {:.1} MB, {:.1} MB in {dtype:?}",
                 bytes as f64 / 1e6,
                 (elements * dtype.size_in_bytes()) as f64 / 1e6
             );

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 use crate::linear::LinearWeight;
-use crate::nf4::{Nf4Config, Nf4Weight};
+use crate::nf4::{self, BlockScales, Nf4Config, Nf4Weight};
 
 /// Weights by name, converted to the compute dtype; with NF4, the decoder
 /// blocks' matrices quantised as they are read.
@@ -68,12 +68,17 @@ impl Weights {
             );
         };
         let (mut tensors, mut quantized) = (HashMap::new(), HashMap::new());
+        let mut saved_4bit = HashMap::new();
         for file in &files {
             read_safetensors(file, device, |name, tensor| {
                 let name = match strip.and_then(|p| name.strip_prefix(p)) {
                     Some(stripped) => stripped.to_string(),
                     None => name,
                 };
+                if is_bitsandbytes_part(&name, &tensor) {
+                    saved_4bit.insert(name, tensor);
+                    return Ok(());
+                }
                 let tensor = tensor.to_dtype(dtype)?;
                 match quantize {
                     // One matrix at a time: the dense model never exists.
@@ -88,13 +93,23 @@ impl Weights {
             })
             .with_context(|| format!("{}: cannot load weights", file.display()))?;
         }
+        let source = match files.as_slice() {
+            [one] => one.display().to_string(),
+            _ => index.display().to_string(),
+        };
+        if !saved_4bit.is_empty() {
+            let compute_dtype = match quantize {
+                Some(q) => q.config.compute_dtype,
+                None => saved_compute_dtype(dir)?,
+            };
+            let weights = assemble_4bit(saved_4bit, compute_dtype)
+                .with_context(|| format!("{source}: cannot read its 4-bit weights"))?;
+            quantized.extend(weights);
+        }
         Ok(Self {
             tensors,
             quantized,
-            source: match files.as_slice() {
-                [one] => one.display().to_string(),
-                _ => index.display().to_string(),
-            },
+            source,
             model_type,
         })
     }
@@ -138,6 +153,157 @@ impl Weights {
         }
         Ok(tensor)
     }
+}
+
+/// What a 4-bit weight saved by bitsandbytes adds to `X.weight` (its packed
+/// codes, u8) under names of its own.
+const SAVED_4BIT_SUFFIXES: [&str; 4] = [
+    ".absmax",
+    ".quant_map",
+    ".nested_absmax",
+    ".nested_quant_map",
+];
+
+/// The quant state's key: `X.weight` + this + the quantisation type.
+const QUANT_STATE: &str = ".quant_state.bitsandbytes__";
+
+/// Whether `name` is part of a 4-bit weight as bitsandbytes saves it.
+fn is_bitsandbytes_part(name: &str, tensor: &Tensor) -> bool {
+    tensor.dtype() == DType::U8
+        || name.contains(QUANT_STATE)
+        || SAVED_4BIT_SUFFIXES.iter().any(|s| name.ends_with(s))
+}
+
+/// The compute dtype a 4-bit checkpoint names (`quantization_config`'s
+/// `bnb_4bit_compute_dtype`; transformers' default is f32).
+fn saved_compute_dtype(dir: &Path) -> Result<DType> {
+    let path = dir.join("config.json");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let named = &config["quantization_config"]["bnb_4bit_compute_dtype"];
+    Ok(match named.as_str() {
+        None | Some("float32") => DType::F32,
+        Some("bfloat16") => DType::BF16,
+        Some("float16") => DType::F16,
+        Some(other) => bail!(
+            "{}: bnb_4bit_compute_dtype `{other}` is not float32, bfloat16 or float16",
+            path.display()
+        ),
+    })
+}
+
+/// bitsandbytes' quant state of one weight (`QuantState.as_dict`).
+#[derive(serde::Deserialize)]
+struct QuantState {
+    quant_type: String,
+    blocksize: usize,
+    shape: (usize, usize),
+    nested_blocksize: Option<usize>,
+    nested_offset: Option<f32>,
+}
+
+/// The NF4 weights among the tensors of a bitsandbytes 4-bit checkpoint
+/// (transformers' `save_pretrained` of a model loaded in 4 bits), by
+/// weight name.
+fn assemble_4bit(
+    mut parts: HashMap<String, Tensor>,
+    compute_dtype: DType,
+) -> Result<HashMap<String, Nf4Weight>> {
+    // In name order, so that an error names the same weight every time.
+    let mut states: Vec<String> = parts
+        .keys()
+        .filter(|k| k.contains(QUANT_STATE))
+        .cloned()
+        .collect();
+    states.sort();
+    let mut weights = HashMap::new();
+    for state_key in states {
+        let (name, kind) = state_key
+            .split_once(QUANT_STATE)
+            .expect("a quant state key");
+        let name = name.to_string();
+        if kind != "nf4" {
+            bail!(
+                "`{name}` is bitsandbytes {}; pt-host reads NF4 4-bit checkpoints only (save the model unquantised, or in NF4)",
+                kind.to_uppercase()
+            );
+        }
+        let mut take = |suffix: &str| {
+            parts
+                .remove(&format!("{name}{suffix}"))
+                .with_context(|| format!("`{name}{suffix}` is missing"))
+        };
+        let state = take(&state_key[name.len()..])?
+            .flatten_all()?
+            .to_vec1::<u8>()?;
+        let state: QuantState = serde_json::from_slice(&state)
+            .with_context(|| format!("`{state_key}` is not a bitsandbytes quant state"))?;
+        if state.quant_type != "nf4" || state.blocksize != nf4::BLOCK {
+            bail!(
+                "`{name}`: {} in blocks of {}; pt-host reads NF4 in blocks of {}",
+                state.quant_type,
+                state.blocksize,
+                nf4::BLOCK
+            );
+        }
+        let code_map = take(".quant_map")?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if code_map != nf4::NF4_CODE {
+            bail!("`{name}.quant_map` is not the NF4 code book");
+        }
+        let (out, inner) = state.shape;
+        let blocks = (out * inner).div_ceil(nf4::BLOCK);
+        let codes = take("")?.flatten_all()?.to_vec1::<u8>()?;
+        if codes.len() != (out * inner).div_ceil(2) {
+            bail!(
+                "`{name}` holds {} bytes, its quant state's shape {:?} needs {}",
+                codes.len(),
+                state.shape,
+                (out * inner).div_ceil(2)
+            );
+        }
+        let absmax = take(".absmax")?;
+        let scales = match state.nested_offset {
+            None => BlockScales::Plain(absmax.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            Some(offset) => {
+                if state.nested_blocksize != Some(nf4::NESTED_BLOCK) {
+                    bail!(
+                        "`{name}`: nested blocks of {:?}; pt-host reads {}",
+                        state.nested_blocksize,
+                        nf4::NESTED_BLOCK
+                    );
+                }
+                let codes = absmax.to_vec1::<u8>()?;
+                let absmax = take(".nested_absmax")?.to_vec1::<f32>()?;
+                let map = take(".nested_quant_map")?.to_vec1::<f32>()?;
+                if codes.len() != blocks || absmax.len() != blocks.div_ceil(nf4::NESTED_BLOCK) {
+                    bail!("`{name}`: its nested maxima do not cover {blocks} blocks");
+                }
+                match map.as_slice() == nf4::dynamic_map() {
+                    true => BlockScales::Nested {
+                        codes,
+                        absmax,
+                        offset,
+                    },
+                    // Another map (saved elsewhere, rounded otherwise): its values.
+                    false => BlockScales::Plain(nf4::nested_maxima(&codes, &absmax, offset, &map)),
+                }
+            }
+        };
+        if let BlockScales::Plain(maxima) = &scales
+            && maxima.len() != blocks
+        {
+            bail!(
+                "`{name}`: {} block maxima for {blocks} blocks",
+                maxima.len()
+            );
+        }
+        let weight = Nf4Weight::new(state.shape, codes, scales, compute_dtype);
+        weights.insert(name, weight);
+    }
+    if let Some(stray) = parts.keys().next() {
+        bail!("`{stray}` belongs to no 4-bit weight (no quant state names it)");
+    }
+    Ok(weights)
 }
 
 /// Hands each tensor of the safetensors file `path` to `each`, in file order,

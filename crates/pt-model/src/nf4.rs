@@ -101,6 +101,21 @@ struct Resident {
 }
 
 impl Nf4Weight {
+    pub fn new(
+        shape: (usize, usize),
+        codes: Vec<u8>,
+        scales: BlockScales,
+        compute_dtype: DType,
+    ) -> Self {
+        Self {
+            shape,
+            codes,
+            scales,
+            compute_dtype,
+            resident: OnceLock::new(),
+        }
+    }
+
     /// Quantises `weight` `[out, in]` (any float dtype) as bitsandbytes does.
     pub fn quantize(weight: &Tensor, config: Nf4Config) -> Result<Self> {
         let shape = weight.dims2()?;
@@ -122,13 +137,7 @@ impl Nf4Weight {
                 }
             }
         };
-        Ok(Self {
-            shape,
-            codes,
-            scales,
-            compute_dtype: config.compute_dtype,
-            resident: OnceLock::new(),
-        })
+        Ok(Self::new(shape, codes, scales, config.compute_dtype))
     }
 
     /// Each NF4 block's maximum as bitsandbytes dequantises it.
@@ -139,14 +148,7 @@ impl Nf4Weight {
                 codes,
                 absmax,
                 offset,
-            } => {
-                let map = dynamic_map();
-                let maxima = codes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &q)| map[q as usize] * absmax[i / NESTED_BLOCK] + offset);
-                Cow::Owned(maxima.collect())
-            }
+            } => Cow::Owned(nested_maxima(codes, absmax, *offset, dynamic_map())),
         }
     }
 
@@ -318,6 +320,16 @@ impl Nf4Weight {
     }
 }
 
+/// Double-quantised block maxima decoded: each 8-bit code's value in `map`
+/// times its nested block's maximum, plus the offset.
+pub fn nested_maxima(codes: &[u8], absmax: &[f32], offset: f32, map: &[f32]) -> Vec<f32> {
+    let maxima = codes
+        .iter()
+        .enumerate()
+        .map(|(i, &q)| map[q as usize] * absmax[i / NESTED_BLOCK] + offset);
+    maxima.collect()
+}
+
 /// bitsandbytes' `quantize_4bit` for NF4 (its CPU path): per block of
 /// [`BLOCK`] values the absolute maximum, and each value times the
 /// maximum's reciprocal (a trailing partial block: divided by it) mapped to
@@ -481,13 +493,7 @@ mod tests {
         assert_eq!(packed[7], 0xEF);
         // The zero padding is code 7 (NF4's exact zero).
         assert_eq!(packed[8], 0x77);
-        let weight = Nf4Weight {
-            shape: (1, BLOCK),
-            codes: packed,
-            scales: BlockScales::Plain(absmax),
-            compute_dtype: DType::F32,
-            resident: OnceLock::new(),
-        };
+        let weight = Nf4Weight::new((1, BLOCK), packed, BlockScales::Plain(absmax), DType::F32);
         assert_eq!(weight.dequantize_f32(), values);
     }
 
