@@ -14,6 +14,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from nf4_loading import nf4_loading
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -24,17 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     options = {}
     if args.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        options = dict(
-            quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16,
-            ),
-            device_map="cpu",
-        )
+        options = nf4_loading(torch.bfloat16)
     model = AutoModelForCausalLM.from_pretrained(
         args.model_dir, dtype=torch.float32, attn_implementation="eager", **options
     )

@@ -10,7 +10,9 @@ import argparse
 import json
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nf4_loading import nf4_loading
 
 
 def main() -> None:
@@ -23,15 +25,7 @@ def main() -> None:
     args = parser.parse_args()
     options = {}
     if args.load_in_4bit:
-        options = dict(
-            quantization_config=BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.float32,
-            ),
-            device_map="cpu",
-        )
+        options = nf4_loading(torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
         args.model_dir, dtype=torch.float32, attn_implementation="eager", **options
     )

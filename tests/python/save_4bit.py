@@ -8,19 +8,17 @@ Usage: save_4bit.py MODEL_DIR OUT_DIR nf4|fp4 DOUBLE_QUANT(true|false)
 import sys
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from nf4_loading import nf4_loading
 
 
 def main() -> None:
     model_dir, out_dir, quant_type, double_quant = sys.argv[1:5]
-    config = BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type,
-        bnb_4bit_use_double_quant=double_quant == "true",
-        bnb_4bit_compute_dtype=torch.float32,
-    )
     model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, quantization_config=config, device_map="cpu"
+        model_dir,
+        dtype=torch.float32,
+        **nf4_loading(torch.float32, double_quant == "true", quant_type),
     )
     model.save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out_dir)
