@@ -1,7 +1,8 @@
 //! HF model directories: weights by checkpoint name from `model.safetensors`
-//! (with or without the `transformer.` prefix), and writing a directory as
-//! `save_pretrained` does (weights, `config.json` with its dtype, the
-//! generation config and tokenizer files).
+//! (with or without the `transformer.` prefix; bitsandbytes' 4-bit weights
+//! as it saves them), and writing a directory as `save_pretrained` does
+//! (weights, `config.json` with its dtype, the generation config and
+//! tokenizer files).
 
 use std::collections::HashMap;
 use std::path::Path;
