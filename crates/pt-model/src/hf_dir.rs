@@ -232,7 +232,9 @@ fn assemble_4bit(
         let mut take = |suffix: &str| {
             parts
                 .remove(&format!("{name}{suffix}"))
-                .with_context(|| format!("`{name}{suffix}` is missing"))
+                .with_context(|| {
+                    format!("`{name}{suffix}` is missing: the checkpoint is incomplete; download or save it again")
+                })
         };
         let state = take(&state_key[name.len()..])?
             .flatten_all()?
@@ -302,7 +304,9 @@ fn assemble_4bit(
         weights.insert(name, weight);
     }
     if let Some(stray) = parts.keys().next() {
-        bail!("`{stray}` belongs to no 4-bit weight (no quant state names it)");
+        bail!(
+            "`{stray}` belongs to no 4-bit weight (no quant state names it): pt-host reads u8 tensors only as parts of bitsandbytes NF4 weights"
+        );
     }
     Ok(weights)
 }
@@ -533,6 +537,77 @@ mod tests {
             .unwrap();
         let tensors = HashMap::from([("a".to_string(), a), ("b".to_string(), b)]);
         candle_core::safetensors::save(&tensors, path).unwrap();
+    }
+
+    /// The parts bitsandbytes saves for `w.weight`, from our own
+    /// quantisation (plain maxima) of a 4 × 40 weight (160 values: a
+    /// partial last block).
+    fn saved_4bit_parts(blocksize: usize) -> (HashMap<String, Tensor>, Nf4Weight) {
+        let values = Tensor::arange(-80f32, 80., &Device::Cpu)
+            .unwrap()
+            .reshape((4, 40))
+            .unwrap();
+        let config = Nf4Config {
+            double_quant: false,
+            compute_dtype: DType::F32,
+        };
+        let weight = Nf4Weight::quantize(&values, config).unwrap();
+        let BlockScales::Plain(absmax) = &weight.scales else {
+            unreachable!("no double quantisation")
+        };
+        let state = format!(
+            r#"{{"quant_type": "nf4", "blocksize": {blocksize}, "dtype": "float32", "shape": [4, 40]}}"#
+        );
+        let cpu = &Device::Cpu;
+        let codes = weight.codes.clone();
+        let parts = HashMap::from([
+            (
+                "w.weight".to_string(),
+                Tensor::from_vec(codes, (80, 1), cpu).unwrap(),
+            ),
+            (
+                "w.weight.absmax".to_string(),
+                Tensor::new(absmax.as_slice(), cpu).unwrap(),
+            ),
+            (
+                "w.weight.quant_map".to_string(),
+                Tensor::new(&nf4::NF4_CODE, cpu).unwrap(),
+            ),
+            (
+                "w.weight.quant_state.bitsandbytes__nf4".to_string(),
+                Tensor::new(state.as_bytes(), cpu).unwrap(),
+            ),
+        ]);
+        (parts, weight)
+    }
+
+    #[test]
+    fn saved_4bit_weights_assemble_or_are_refused_saying_which_part() {
+        let (parts, weight) = saved_4bit_parts(nf4::BLOCK);
+        let assembled = assemble_4bit(parts, DType::F32).unwrap();
+        assert_eq!(
+            assembled["w.weight"].dequantize_f32(),
+            weight.dequantize_f32()
+        );
+        let refusal = |parts| format!("{:#}", assemble_4bit(parts, DType::F32).unwrap_err());
+        let (mut parts, _) = saved_4bit_parts(nf4::BLOCK);
+        parts.remove("w.weight.absmax");
+        assert_eq!(
+            refusal(parts),
+            "`w.weight.absmax` is missing: the checkpoint is incomplete; download or save it again"
+        );
+        let (mut parts, _) = saved_4bit_parts(nf4::BLOCK);
+        let stray = Tensor::new(&[1u8, 2], &Device::Cpu).unwrap();
+        parts.insert("v.weight".to_string(), stray);
+        assert_eq!(
+            refusal(parts),
+            "`v.weight` belongs to no 4-bit weight (no quant state names it): pt-host reads u8 tensors only as parts of bitsandbytes NF4 weights"
+        );
+        let (parts, _) = saved_4bit_parts(128);
+        assert_eq!(
+            refusal(parts),
+            "`w.weight`: nf4 in blocks of 128; pt-host reads NF4 in blocks of 64"
+        );
     }
 
     #[test]

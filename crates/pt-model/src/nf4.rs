@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 use rayon::prelude::*;
 
 use crate::strips::{PanelLayout, strip_product};
@@ -270,8 +270,14 @@ impl Nf4Weight {
     ) -> Result<Tensor> {
         let mut dims = lhs.dims().to_vec();
         let rows = lhs.elem_count() / depth.max(1);
-        let values = lhs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let product = strip_product(&values, rows, depth, columns, |strip, buffer| {
+        // Read in place: a copy of `lhs` would be a transient per product.
+        let lhs = lhs.to_dtype(DType::F32)?.contiguous()?;
+        let (storage, layout) = lhs.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            bail!("an NF4 product on the CPU got an input on another device");
+        };
+        let values = crate::fused::values(storage, layout)?;
+        let product = strip_product(values, rows, depth, columns, |strip, buffer| {
             let layout = panel(strip, buffer);
             round_to(self.compute_dtype, buffer);
             layout
