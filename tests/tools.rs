@@ -1175,10 +1175,15 @@ fn recompute_fixture(family: &str) {
         json(&rebuilt.join("trajectory.json")),
     );
     assert_eq!(committed["n_train_blocks"], again["n_train_blocks"]);
-    let close = |a: &serde_json::Value, b: &serde_json::Value| {
+    // PyTorch's CPU kernels sum in an order that follows the CPU (vector
+    // width, oneDNN's code path): recomputed on an Intel Xeon (AVX-512), the
+    // fixtures made on an AMD EPYC moved by up to 1.1e-4 relative in a
+    // gradient norm after five AdamW steps (Mistral), 2.6e-5 in Llama's.
+    let within = |a: &serde_json::Value, b: &serde_json::Value, relative: f64| {
         let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
-        (a - b).abs() <= 1e-5 * b.abs().max(1.0)
+        (a - b).abs() <= relative * b.abs().max(1.0)
     };
+    let close = |a: &serde_json::Value, b: &serde_json::Value| within(a, b, 1e-4);
     for key in ["valid_loss_before", "valid_loss_after"] {
         assert!(
             close(&committed[key], &again[key]),
@@ -1219,11 +1224,13 @@ fn recompute_fixture(family: &str) {
         let (steps, steps_again) = (log.as_array().unwrap(), log_again.as_array().unwrap());
         assert_eq!(steps.len(), steps_again.len());
         for (step, step_again) in steps.iter().zip(steps_again) {
-            for key in ["loss", "grad_norm", "learning_rate"] {
+            for (key, relative) in [("loss", 1e-4), ("grad_norm", 1e-3), ("learning_rate", 1e-9)] {
                 assert!(
-                    close(&step[key], &step_again[key]),
-                    "{family} step {}: {key}",
-                    step["step"]
+                    within(&step[key], &step_again[key], relative),
+                    "{family} step {}: {key} {} vs {}",
+                    step["step"],
+                    step[key],
+                    step_again[key]
                 );
             }
         }
