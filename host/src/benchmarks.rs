@@ -210,6 +210,7 @@ impl<'a> Benchmarks<'a> {
                 self.tokenizer,
                 self.options,
                 &mut |done, total| {
+                    crate::runtime::lap();
                     bar.set_length(total as u64);
                     bar.set_position(done as u64);
                 },

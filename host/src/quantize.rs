@@ -1,13 +1,14 @@
 //! `--load_in_4bit` and bitsandbytes' 4-bit flags (QLoRA): the base model's
 //! linear weights held in NF4, as MedicalGPT (`--load_in_4bit --qlora`) and
-//! LLaMA-Factory (`quantization_bit: 4`) users ask for them.
+//! LLaMA-Factory (`quantization_bit: 4`) users ask for them; or, with
+//! `--frozen_weights bf16`, held in bf16 on the CPU.
 
 use std::path::Path;
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device};
-use pt_model::Model;
 use pt_model::nf4::Nf4Config;
+use pt_model::{BlockWeights, Model};
 
 use crate::args::parse_bool;
 use crate::device::DtypeArg;
@@ -35,6 +36,17 @@ pub struct QuantizationArgs {
     /// the run's, float32 on CPU and bfloat16 on CUDA).
     #[arg(long = "bnb_4bit_compute_dtype", value_enum, default_value = "auto")]
     pub bnb_4bit_compute_dtype: DtypeArg,
+    /// How the frozen base's linear weights are held on the CPU: float32, or
+    /// bf16 (half the memory, multiplied in float32 at about float32's speed;
+    /// the weights rounded to bf16). CUDA holds them in the run's dtype.
+    #[arg(long = "frozen_weights", value_enum, default_value = "float32")]
+    pub frozen_weights: FrozenWeightsArg,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, clap::ValueEnum)]
+pub enum FrozenWeightsArg {
+    Float32,
+    Bf16,
 }
 
 impl QuantizationArgs {
@@ -68,23 +80,43 @@ impl QuantizationArgs {
         }))
     }
 
-    /// Loads `dir` with the linear weights quantised if asked, saying so
-    /// (when `say`) with what it saved.
+    /// How the decoder blocks' linear weights are to be held on `device`,
+    /// if not in the run's dtype.
+    pub fn block_weights(&self, device: &Device, run_dtype: DType) -> Result<Option<BlockWeights>> {
+        let nf4 = self.config(run_dtype)?;
+        match (self.frozen_weights, nf4) {
+            (FrozenWeightsArg::Float32, nf4) => Ok(nf4.map(BlockWeights::Nf4)),
+            (FrozenWeightsArg::Bf16, Some(_)) => bail!(
+                "--frozen_weights bf16 and --load_in_4bit (or --qlora, --quantization_bit) each say how the base is held: choose one"
+            ),
+            (FrozenWeightsArg::Bf16, None) if device.is_cpu() => Ok(Some(BlockWeights::Bf16)),
+            (FrozenWeightsArg::Bf16, None) => {
+                eprintln!(
+                    "note: --frozen_weights bf16 applies to the CPU; on CUDA the base is held in {run_dtype:?}"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Loads `dir` with the linear weights quantised or held in bf16 if
+    /// asked, saying so (when `say`) with what it saved.
     pub fn load(&self, dir: &Path, device: &Device, dtype: DType, say: bool) -> Result<Model> {
-        let config = self.config(dtype)?;
-        let mut model = Model::load_quantized(dir, device, dtype, config)?;
-        if say && model.is_quantized() {
-            let how = match config {
-                Some(config) => format!(
-                    "{}double quantisation, {:?} compute",
+        let block_weights = self.block_weights(device, dtype)?;
+        let mut model = Model::load_with(dir, device, dtype, block_weights)?;
+        if say && model.has_compact_weights() {
+            let how = match block_weights {
+                Some(BlockWeights::Nf4(config)) => format!(
+                    "4-bit NF4 base ({}double quantisation, {:?} compute)",
                     if config.double_quant { "" } else { "no " },
                     config.compute_dtype
                 ),
-                None => "as the checkpoint holds it".to_string(),
+                Some(BlockWeights::Bf16) => "bf16 base (multiplied in F32)".to_string(),
+                None => "4-bit NF4 base (as the checkpoint holds it)".to_string(),
             };
-            let (bytes, elements) = model.nf4_size();
+            let (bytes, elements) = model.compact_size();
             eprintln!(
-                "4-bit NF4 base ({how}): linear weights {:.1} MB, {:.1} MB in {dtype:?}",
+                "{how}: linear weights {:.1} MB, {:.1} MB in {dtype:?}",
                 bytes as f64 / 1e6,
                 (elements * dtype.size_in_bytes()) as f64 / 1e6
             );

@@ -143,10 +143,12 @@ impl Console {
 
 impl TrainerCallback for Console {
     fn on_step(&mut self, progress: &StepProgress) {
+        crate::runtime::lap();
         self.progress.step(progress);
     }
 
     fn on_eval_batch(&mut self, done: usize, total: usize) {
+        crate::runtime::lap();
         self.progress.eval_batch(done, total);
     }
 
@@ -552,7 +554,7 @@ fn evaluate(
         &data.prepared.validation,
         args.per_device_eval_batch_size,
         metrics.as_sink(),
-        &mut |done, total| console.progress.eval_batch(done, total),
+        &mut |done, total| console.on_eval_batch(done, total),
     )?;
     let results = eval_results(&evaluation, trainer.state.epoch, None);
     if !console.quiet {

@@ -5,7 +5,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
-use candle_core::DType;
+use candle_core::{DType, Device};
+use pt_model::BlockWeights;
 use pt_train::trainer::Interval;
 
 use crate::args::parse_bool;
@@ -294,17 +295,20 @@ pub fn check_flags(args: &RunArgs) -> Result<()> {
             "--use_rslora, --use_dora and --loraplus_lr_ratio shape a LoRA adapter: they need --use_peft true"
         );
     }
-    if let Some(config) = args.quantization.config(DType::F32)?
-        && !args.use_peft
-    {
-        bail!(
+    // Validated as on the CPU, where either way of holding the base applies.
+    match args.quantization.block_weights(&Device::Cpu, DType::F32)? {
+        Some(BlockWeights::Nf4(config)) if !args.use_peft => bail!(
             "--load_in_4bit holds the base in 4 bits ({}) for LoRA on top: it needs --use_peft true",
             if config.double_quant {
                 "NF4, double quantisation"
             } else {
                 "NF4"
             }
-        );
+        ),
+        Some(BlockWeights::Bf16) if !args.use_peft && args.do_train => bail!(
+            "--frozen_weights bf16 holds a frozen base in bf16 for LoRA on top: it needs --use_peft true (full fine-tuning trains every weight in float32)"
+        ),
+        _ => {}
     }
     if args.peft_path.is_some() && (args.use_rslora || args.use_dora) {
         bail!(

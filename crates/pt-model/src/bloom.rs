@@ -11,13 +11,12 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::fused::AttentionBias;
-use crate::hf_dir::{Quantize, Weights};
+use crate::hf_dir::{BlockWeights, Compact, Weights};
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
 use crate::linear::LinearWeight;
 use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
-use crate::nf4::Nf4Config;
 use crate::ops::{attention_probs, gelu, layer_norm};
 
 /// `config.json`, with the legacy key names of the original checkpoints.
@@ -257,19 +256,19 @@ impl Bloom {
     /// dtype is converted. LoRA weights, LayerNorm statistics, softmax and
     /// the loss stay in f32 whatever `dtype` is.
     /// The architecture and what the rest of pt-host needs to know of it.
-    /// With `nf4`, the blocks' linear weights are quantised as they are read.
+    /// With `block_weights`, the blocks' linear weights are converted as they are read.
     pub(crate) fn load(
         dir: &Path,
         device: &Device,
         dtype: DType,
-        nf4: Option<Nf4Config>,
+        block_weights: Option<BlockWeights>,
     ) -> Result<(Self, ModelConfig)> {
         let config = Config::from_file(&dir.join("config.json"))?;
-        let quantize = nf4.map(|config| Quantize {
-            config,
+        let compact = block_weights.map(|weights| Compact {
+            weights,
             blocks: "h.",
         });
-        let mut w = Weights::open(dir, device, dtype, "bloom", Some("transformer."), quantize)?;
+        let mut w = Weights::open(dir, device, dtype, "bloom", Some("transformer."), compact)?;
         let (h, eps) = (config.hidden_size, config.layer_norm_epsilon);
         let word_embeddings = w.take("word_embeddings.weight", &[config.vocab_size, h])?;
         let embeddings_layernorm = load_layer_norm(&mut w, "word_embeddings_layernorm", h, eps)?;
@@ -424,7 +423,7 @@ impl Architecture for Bloom {
                 tensors.push((format!("{p}.{name}.bias"), &mut norm.bias));
             }
             for (name, linear) in linears {
-                // NF4 weights are not tensors; merging dequantises them.
+                // NF4 and bf16-held weights are not tensors; merging widens them.
                 if let LinearWeight::Dense(weight) = &mut linear.weight {
                     tensors.push((format!("{p}.{name}.weight"), weight));
                 }

@@ -11,24 +11,36 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
+use crate::bf16::Bf16Weight;
 use crate::linear::LinearWeight;
 use crate::nf4::{self, BlockScales, Nf4Config, Nf4Weight};
 
-/// Weights by name, converted to the compute dtype; with NF4, the decoder
-/// blocks' matrices quantised as they are read.
+/// Weights by name, converted to the compute dtype; with NF4 or bf16
+/// storage, the decoder blocks' matrices converted as they are read.
 pub(crate) struct Weights {
     tensors: HashMap<String, Tensor>,
-    quantized: HashMap<String, Nf4Weight>,
+    /// Linear weights held otherwise than as a dense tensor.
+    compact: HashMap<String, LinearWeight>,
     source: String,
     model_type: &'static str,
 }
 
-/// Which weights are quantised as they are read: with `config`, every
-/// matrix whose name starts with `blocks` (a decoder block's; their only
-/// 2-D weights are the linear layers').
+/// How the decoder blocks' linear weights are held, where not in the run's
+/// dtype: the embedding and LM head stay there, as transformers leaves them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BlockWeights {
+    /// QLoRA's base: 4-bit NF4, multiplied in the compute dtype.
+    Nf4(Nf4Config),
+    /// bf16 on the CPU, multiplied in f32 (see [`crate::bf16`]).
+    Bf16,
+}
+
+/// Which weights are converted as they are read: every matrix whose name
+/// starts with `blocks` (a decoder block's; their only 2-D weights are the
+/// linear layers').
 #[derive(Clone, Copy)]
-pub(crate) struct Quantize<'a> {
-    pub config: Nf4Config,
+pub(crate) struct Compact<'a> {
+    pub weights: BlockWeights,
     pub blocks: &'a str,
 }
 
@@ -48,8 +60,11 @@ impl Weights {
         dtype: DType,
         model_type: &'static str,
         strip: Option<&str>,
-        quantize: Option<Quantize>,
+        compact: Option<Compact>,
     ) -> Result<Self> {
+        if compact.is_some_and(|c| c.weights == BlockWeights::Bf16) && !device.is_cpu() {
+            bail!("bf16-held weights are multiplied on the CPU; on a GPU load the model in bf16");
+        }
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
         let files = if single.is_file() {
@@ -68,7 +83,7 @@ impl Weights {
                 dir.display()
             );
         };
-        let (mut tensors, mut quantized) = (HashMap::new(), HashMap::new());
+        let (mut tensors, mut compacted) = (HashMap::new(), HashMap::new());
         let mut saved_4bit = HashMap::new();
         for file in &files {
             read_safetensors(file, device, |name, tensor| {
@@ -81,10 +96,18 @@ impl Weights {
                     return Ok(());
                 }
                 let tensor = tensor.to_dtype(dtype)?;
-                match quantize {
+                match compact {
                     // One matrix at a time: the dense model never exists.
-                    Some(q) if tensor.rank() == 2 && name.starts_with(q.blocks) => {
-                        quantized.insert(name, Nf4Weight::quantize(&tensor, q.config)?);
+                    Some(c) if tensor.rank() == 2 && name.starts_with(c.blocks) => {
+                        let weight = match c.weights {
+                            BlockWeights::Nf4(config) => {
+                                LinearWeight::Nf4(Arc::new(Nf4Weight::quantize(&tensor, config)?))
+                            }
+                            BlockWeights::Bf16 => {
+                                LinearWeight::Bf16(Arc::new(Bf16Weight::new(&tensor)?))
+                            }
+                        };
+                        compacted.insert(name, weight);
                     }
                     _ => {
                         tensors.insert(name, tensor);
@@ -99,38 +122,40 @@ impl Weights {
             _ => index.display().to_string(),
         };
         if !saved_4bit.is_empty() {
-            let compute_dtype = match quantize {
-                Some(q) => q.config.compute_dtype,
-                None => saved_compute_dtype(dir)?,
+            let compute_dtype = match compact.map(|c| c.weights) {
+                Some(BlockWeights::Nf4(config)) => config.compute_dtype,
+                _ => saved_compute_dtype(dir)?,
             };
             let weights = assemble_4bit(saved_4bit, compute_dtype)
                 .with_context(|| format!("{source}: cannot read its 4-bit weights"))?;
-            quantized.extend(weights);
+            compacted.extend(
+                weights
+                    .into_iter()
+                    .map(|(name, weight)| (name, LinearWeight::Nf4(Arc::new(weight)))),
+            );
         }
         Ok(Self {
             tensors,
-            quantized,
+            compact: compacted,
             source,
             model_type,
         })
     }
 
-    /// A linear layer's weight `name` `[output, input]`, NF4 where it was
-    /// quantised as it was read.
+    /// A linear layer's weight `name` `[output, input]`, NF4 or bf16 where it
+    /// was converted as it was read.
     pub(crate) fn take_linear(
         &mut self,
         name: &str,
         output: usize,
         input: usize,
     ) -> Result<LinearWeight> {
-        match self.quantized.remove(name) {
-            Some(weight) if weight.shape == (output, input) => {
-                Ok(LinearWeight::Nf4(Arc::new(weight)))
-            }
+        match self.compact.remove(name) {
+            Some(weight) if weight.dims2()? == (output, input) => Ok(weight),
             Some(weight) => bail!(
                 "{}: `{name}` has shape {:?}, config.json implies {:?}",
                 self.source,
-                weight.shape,
+                weight.dims2()?,
                 (output, input)
             ),
             None => Ok(LinearWeight::Dense(self.take(name, &[output, input])?)),

@@ -78,7 +78,7 @@ impl Linear {
 }
 
 impl Linear {
-    /// The layer's tensors: weight (unless NF4), bias and adapter, trainable or not.
+    /// The layer's tensors: weight (unless NF4 or bf16-held), bias and adapter, trainable or not.
     pub(crate) fn tensors(&self) -> Vec<Tensor> {
         let mut tensors = Vec::new();
         if let LinearWeight::Dense(weight) = &self.weight {

@@ -12,14 +12,16 @@
 //! activations, softmax), `linear` (frozen and trainable linear layers with
 //! LoRA), `loss` (chunked cross-entropy) and `fused` (their CPU kernels) are
 //! the differentiable building blocks, `custom_op` their shared plumbing;
-//! `nf4` is QLoRA's 4-bit base weights, multiplied strip by strip
-//! (`strips`) without dequantising a whole layer;
+//! `nf4` is QLoRA's 4-bit base weights and `bf16` frozen weights kept in
+//! bf16 on the CPU, both multiplied strip by strip (`strips`) without
+//! widening a whole layer;
 //! `checkpoint` recomputes any block that implements its trait; `generate`
 //! and `init` use a model.
 
 // One exception, in `strips`: gemm called on disjoint strips of one output.
 #![deny(unsafe_code)]
 
+pub mod bf16;
 pub mod bloom;
 mod checkpoint;
 mod custom_op;
@@ -38,6 +40,7 @@ pub mod peft;
 mod strips;
 pub mod vocabulary;
 
+pub use hf_dir::BlockWeights;
 pub use layers::{DropoutDraw, Lora};
 pub use model::{KvCache, MODEL_TYPES, Model, ModelConfig, model_type};
 pub use peft::AdapterConfig;

@@ -9,15 +9,18 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use crate::bf16::Bf16Weight;
 use crate::custom_op::{TensorOp1, TensorOp2, TensorOp3, apply_op1, apply_op2, apply_op3};
 use crate::nf4::Nf4Weight;
 
 /// A linear layer's `[out, in]` weight: dense (frozen, or trainable in full
-/// fine-tuning), or NF4 (frozen, QLoRA's base).
+/// fine-tuning), NF4 (frozen, QLoRA's base), or bf16 multiplied in f32
+/// (frozen, on the CPU).
 #[derive(Clone)]
 pub enum LinearWeight {
     Dense(Tensor),
     Nf4(Arc<Nf4Weight>),
+    Bf16(Arc<Bf16Weight>),
 }
 
 impl LinearWeight {
@@ -25,6 +28,7 @@ impl LinearWeight {
         match self {
             LinearWeight::Dense(weight) => weight.dims2(),
             LinearWeight::Nf4(weight) => Ok(weight.shape),
+            LinearWeight::Bf16(weight) => Ok(weight.shape),
         }
     }
 
@@ -33,15 +37,17 @@ impl LinearWeight {
         match self {
             LinearWeight::Dense(weight) => weight.to_dtype(DType::F32)?.to_device(device),
             LinearWeight::Nf4(weight) => weight.dequantize(DType::F32, device),
+            LinearWeight::Bf16(weight) => weight.to_dtype(DType::F32, device),
         }
     }
 
-    /// The dtype of `x Wᵀ`: the weight's, or for NF4 `x`'s (bitsandbytes
-    /// computes in its compute dtype and casts the result back).
+    /// The dtype of `x Wᵀ`: the weight's, or for NF4 and bf16 `x`'s
+    /// (bitsandbytes computes in its compute dtype and casts the result back;
+    /// a bf16 weight is multiplied in f32).
     fn output_dtype(&self, x: &Tensor) -> DType {
         match self {
             LinearWeight::Dense(weight) => weight.dtype(),
-            LinearWeight::Nf4(_) => x.dtype(),
+            LinearWeight::Nf4(_) | LinearWeight::Bf16(_) => x.dtype(),
         }
     }
 
@@ -50,7 +56,10 @@ impl LinearWeight {
     fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         match self {
             LinearWeight::Dense(weight) => {
-                let y = x.matmul(&weight.t()?)?;
+                let y = match crate::strips::dense_product(x, weight, true)? {
+                    Some(y) => y,
+                    None => x.matmul(&weight.t()?)?,
+                };
                 match bias {
                     Some(bias) => y.broadcast_add(bias),
                     None => Ok(y),
@@ -64,16 +73,27 @@ impl LinearWeight {
                 }
                 y.to_dtype(x.dtype())
             }
+            LinearWeight::Bf16(weight) => {
+                let mut y = weight.matmul_transposed(x)?;
+                if let Some(bias) = bias {
+                    y = y.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+                }
+                y.to_dtype(x.dtype())
+            }
         }
     }
 
-    /// `grad W`, the gradient of `x` (in `x`'s dtype for NF4).
+    /// `grad W`, the gradient of `x` (in `x`'s dtype for NF4 and bf16).
     fn input_gradient(&self, grad: &Tensor, x: &Tensor) -> Result<Tensor> {
         match self {
-            LinearWeight::Dense(weight) => grad.matmul(weight),
+            LinearWeight::Dense(weight) => match crate::strips::dense_product(grad, weight, false)? {
+                Some(product) => Ok(product),
+                None => grad.matmul(weight),
+            },
             LinearWeight::Nf4(weight) => weight
                 .matmul(&grad.to_dtype(weight.compute_dtype)?)?
                 .to_dtype(x.dtype()),
+            LinearWeight::Bf16(weight) => weight.matmul(grad)?.to_dtype(x.dtype()),
         }
     }
 }

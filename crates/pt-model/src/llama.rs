@@ -13,13 +13,12 @@ use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::fused::AttentionBias;
-use crate::hf_dir::{Quantize, Weights};
+use crate::hf_dir::{BlockWeights, Compact, Weights};
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
 use crate::linear::LinearWeight;
 use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
-use crate::nf4::Nf4Config;
 use crate::ops::{attention_probs, rms_norm, softmax_last_dim, swiglu};
 
 /// RoPE as `config.json` gives it: transformers 5's `rope_parameters`, or
@@ -498,12 +497,12 @@ pub const LORA_TARGETS: [&str; 7] = [
 impl Llama {
     /// Loads `config.json` and the safetensors weights (one file or shards)
     /// of an HF model directory.
-    /// With `nf4`, the blocks' linear weights are quantised as they are read.
+    /// With `block_weights`, the blocks' linear weights are converted as they are read.
     pub(crate) fn load(
         dir: &Path,
         device: &Device,
         dtype: DType,
-        nf4: Option<Nf4Config>,
+        block_weights: Option<BlockWeights>,
     ) -> Result<(Self, ModelConfig)> {
         let config = Config::from_file(&dir.join("config.json"))?;
         let model_type = match config.model_type.as_str() {
@@ -513,11 +512,11 @@ impl Llama {
             "qwen3" => "qwen3",
             other => bail!("model_type `{other}` is not in the Llama family"),
         };
-        let quantize = nf4.map(|config| Quantize {
-            config,
+        let compact = block_weights.map(|weights| Compact {
+            weights,
             blocks: "model.layers.",
         });
-        let mut w = Weights::open(dir, device, dtype, model_type, None, quantize)?;
+        let mut w = Weights::open(dir, device, dtype, model_type, None, compact)?;
         let (h, eps, d) = (config.hidden_size, config.rms_norm_eps, config.head_dim());
         let (heads, kv) = (config.num_attention_heads, config.kv_heads());
         let inter = config.intermediate_size;
@@ -733,7 +732,7 @@ impl Architecture for Llama {
                 tensors.push((format!("{p}.{name}.weight"), &mut norm.weight));
             }
             for (name, linear) in linears {
-                // NF4 weights are not tensors; merging dequantises them.
+                // NF4 and bf16-held weights are not tensors; merging widens them.
                 if let LinearWeight::Dense(weight) = &mut linear.weight {
                     tensors.push((format!("{p}.{name}.weight"), weight));
                 }

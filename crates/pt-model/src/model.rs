@@ -12,10 +12,10 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint::{self, Recompute, SideGradients};
 use crate::hf_dir;
+use crate::hf_dir::BlockWeights;
 use crate::layers::{DropoutDraw, Linear};
 use crate::linear::{LinearWeight, frozen_matmul};
 use crate::loss::{IGNORE_INDEX, lm_head_loss_sum, lm_head_loss_sum_and_predictions};
-use crate::nf4::Nf4Config;
 
 /// What the rest of pt-host needs to know of any family's configuration.
 #[derive(Clone, Debug)]
@@ -263,26 +263,26 @@ impl Model {
     /// `device`, the base weights in `dtype` (f32, or bf16/f16 on CUDA).
     /// LoRA weights, norm statistics, softmax and the loss stay in f32.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load_quantized(dir, device, dtype, None)
+        Self::load_with(dir, device, dtype, None)
     }
 
-    /// [`Model::load`], with `nf4` QLoRA's base: the decoder blocks' linear
-    /// weights quantised to NF4 one at a time as they are read, so the dense
-    /// model never exists (the embedding and LM head stay in `dtype`, as
-    /// transformers leaves them).
-    pub fn load_quantized(
+    /// [`Model::load`], with the decoder blocks' linear weights held as
+    /// `block_weights` says (QLoRA's NF4 base, or bf16 on the CPU), each
+    /// converted as it is read, so the dense model never exists (the
+    /// embedding and LM head stay in `dtype`, as transformers leaves them).
+    pub fn load_with(
         dir: &Path,
         device: &Device,
         dtype: DType,
-        nf4: Option<Nf4Config>,
+        block_weights: Option<BlockWeights>,
     ) -> Result<Self> {
         let (arch, config): (Box<dyn Architecture>, ModelConfig) = match model_type(dir)?.as_str() {
             "bloom" => {
-                let (bloom, config) = crate::bloom::Bloom::load(dir, device, dtype, nf4)?;
+                let (bloom, config) = crate::bloom::Bloom::load(dir, device, dtype, block_weights)?;
                 (Box::new(bloom), config)
             }
             "llama" | "mistral" | "qwen2" | "qwen3" => {
-                let (llama, config) = crate::llama::Llama::load(dir, device, dtype, nf4)?;
+                let (llama, config) = crate::llama::Llama::load(dir, device, dtype, block_weights)?;
                 (Box::new(llama), config)
             }
             other => bail!(
@@ -472,17 +472,21 @@ impl Model {
     }
 
     /// Every base-model tensor with its HF checkpoint name, in checkpoint
-    /// order; NF4 weights are not among them.
+    /// order; NF4 and bf16-held weights are not among them.
     pub fn base_tensors_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         self.arch.base_tensors_mut()
     }
 
-    /// The NF4 weights' bytes and elements (none without NF4).
-    pub fn nf4_size(&mut self) -> (usize, usize) {
+    /// The bytes and elements of the linear weights held in NF4 or bf16
+    /// rather than as tensors ([`BlockWeights`]; none without).
+    pub fn compact_size(&mut self) -> (usize, usize) {
         self.linears_mut()
             .iter()
             .filter_map(|(_, linear)| match &linear.weight {
                 LinearWeight::Nf4(weight) => {
+                    Some((weight.size_in_bytes(), weight.shape.0 * weight.shape.1))
+                }
+                LinearWeight::Bf16(weight) => {
                     Some((weight.size_in_bytes(), weight.shape.0 * weight.shape.1))
                 }
                 LinearWeight::Dense(_) => None,
@@ -492,16 +496,16 @@ impl Model {
             })
     }
 
-    /// Whether any weight is NF4.
-    pub fn is_quantized(&mut self) -> bool {
-        self.nf4_size().1 > 0
+    /// Whether any linear weight is held in NF4 or bf16 (frozen).
+    pub fn has_compact_weights(&mut self) -> bool {
+        self.compact_size().1 > 0
     }
 
     /// Full fine-tuning: every base tensor becomes a trainable variable.
     /// Returns them by HF name.
     pub fn make_base_trainable(&mut self) -> Result<Vec<(String, Var)>> {
-        if self.is_quantized() {
-            bail!("an NF4 (4-bit) base trains through LoRA adapters only, not whole");
+        if self.has_compact_weights() {
+            bail!("an NF4 (4-bit) or bf16-held base trains through LoRA adapters only, not whole");
         }
         self.base_tensors_mut()
             .into_iter()
@@ -523,8 +527,8 @@ impl Model {
         dtype: DType,
         max_shard_bytes: u64,
     ) -> Result<()> {
-        if self.is_quantized() {
-            bail!("NF4 weights are saved merged: merge_adapters dequantises them");
+        if self.has_compact_weights() {
+            bail!("NF4 and bf16-held weights are saved merged: merge_adapters widens them");
         }
         let vocab_size = self.config.vocab_size;
         let tensors = self

@@ -8,13 +8,12 @@
 //! `matmul_4bit` rounds them.
 
 use std::borrow::Cow;
-use std::ops::Range;
 use std::sync::OnceLock;
 
-use candle_core::{DType, Device, Result, Storage, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-use crate::strips::{PanelLayout, strip_product};
+use crate::strips;
 
 /// Values per NF4 block (bitsandbytes' `blocksize` for 4-bit weights).
 pub const BLOCK: usize = 64;
@@ -219,71 +218,26 @@ impl Nf4Weight {
     /// rounded to the compute dtype, products summed in f32. On the CPU
     /// without the dense weight (see [`crate::strips`]).
     pub fn matmul_transposed(&self, x: &Tensor) -> Result<Tensor> {
-        let (out, inner) = self.shape;
         if !x.device().is_cpu() {
             let dense = self.dequantize(self.compute_dtype, x.device())?;
             return x.broadcast_matmul(&dense.t()?);
         }
         let maxima = self.block_maxima();
-        self.cpu_product(x, inner, out, |rows, panel| {
-            // Rows of W, each `inner` values from `row · inner` on.
-            panel.resize(rows.len() * inner, 0.0);
-            self.dequantize_span(&maxima, rows.start * inner, panel);
-            PanelLayout {
-                depth_stride: 1,
-                column_stride: inner,
-            }
-        })
+        let fill = |start: usize, out: &mut [f32]| self.dequantize_span(&maxima, start, out);
+        let round = |panel: &mut [f32]| round_to(self.compute_dtype, panel);
+        strips::times_transposed(x, self.shape, fill, round)?.to_dtype(self.compute_dtype)
     }
 
     /// `g W` in the compute dtype (`g`: `[.., out]`, in the compute dtype):
     /// the input's gradient of [`Nf4Weight::matmul_transposed`].
     pub fn matmul(&self, g: &Tensor) -> Result<Tensor> {
-        let (out, inner) = self.shape;
         if !g.device().is_cpu() {
             return g.broadcast_matmul(&self.dequantize(self.compute_dtype, g.device())?);
         }
         let maxima = self.block_maxima();
-        self.cpu_product(g, out, inner, |columns, panel| {
-            // Columns of W, a piece of each row.
-            let width = columns.len();
-            panel.resize(out * width, 0.0);
-            for (row, piece) in panel.chunks_mut(width).enumerate() {
-                self.dequantize_span(&maxima, row * inner + columns.start, piece);
-            }
-            PanelLayout {
-                depth_stride: width,
-                column_stride: 1,
-            }
-        })
-    }
-
-    /// `lhs · rhs` for `lhs` `[.., depth]` on the CPU, with `rhs`
-    /// `[depth, columns]` dequantised a strip at a time by `panel`, rounded to
-    /// the compute dtype, multiplied in f32 and the result rounded to it.
-    fn cpu_product(
-        &self,
-        lhs: &Tensor,
-        depth: usize,
-        columns: usize,
-        panel: impl Fn(Range<usize>, &mut Vec<f32>) -> PanelLayout + Sync,
-    ) -> Result<Tensor> {
-        let mut dims = lhs.dims().to_vec();
-        let rows = lhs.elem_count() / depth.max(1);
-        // Read in place: a copy of `lhs` would be a transient per product.
-        let lhs = lhs.to_dtype(DType::F32)?.contiguous()?;
-        let (storage, layout) = lhs.storage_and_layout();
-        let Storage::Cpu(storage) = &*storage else {
-            bail!("an NF4 product on the CPU got an input on another device");
-        };
-        let values = crate::fused::values(storage, layout)?;
-        let product = strip_product(values, rows, depth, columns, |strip, buffer| {
-            let layout = panel(strip, buffer);
-            round_to(self.compute_dtype, buffer);
-            layout
-        });
-        *dims.last_mut().expect("a matrix") = columns;
-        Tensor::from_vec(product, dims, &Device::Cpu)?.to_dtype(self.compute_dtype)
+        let fill = |start: usize, out: &mut [f32]| self.dequantize_span(&maxima, start, out);
+        let round = |panel: &mut [f32]| round_to(self.compute_dtype, panel);
+        strips::times(g, self.shape, fill, round)?.to_dtype(self.compute_dtype)
     }
 
     /// The values from flat index `start` on into `out`: in each block its

@@ -435,7 +435,7 @@ impl Model {
             .iter()
             .map(|(_, t)| t.elem_count())
             .sum();
-        let base = dense + self.nf4_size().1;
+        let base = dense + self.compact_size().1;
         let adapter = self
             .adapter_variables()
             .iter()
@@ -503,8 +503,8 @@ impl Model {
     /// Folds every LoRA adapter into its base weight (`W + scale · B A`, in
     /// f32, rounded to the weight's dtype; with DoRA, each row of that then
     /// rescaled to its magnitude) and removes the adapters: PEFT's
-    /// `merge_and_unload`. NF4 weights are dequantised (to f32), with or
-    /// without an adapter, so every weight can be saved. Returns how many
+    /// `merge_and_unload`. NF4 and CPU bf16 weights are widened to f32, with
+    /// or without an adapter, so every weight can be saved. Returns how many
     /// layers had an adapter.
     pub fn merge_adapters(&mut self) -> Result<usize> {
         let device = self.device().clone();
@@ -515,7 +515,7 @@ impl Model {
             }
             let dtype = match &linear.weight {
                 LinearWeight::Dense(weight) => weight.dtype(),
-                LinearWeight::Nf4(_) => DType::F32,
+                LinearWeight::Nf4(_) | LinearWeight::Bf16(_) => DType::F32,
             };
             let mut weight = linear.weight.to_f32(&device)?;
             if let Some(lora) = linear.lora.take() {

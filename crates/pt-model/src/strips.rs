@@ -1,12 +1,14 @@
 //! A product `lhs · rhs` computed in column strips, each strip's slice of
 //! `rhs` made on demand by the caller into a buffer of its own thread: the
-//! fused dequantise-and-multiply of 4-bit weights (`nf4`), where the whole
-//! dense `rhs` would be a transient as large as the layer in f32, written to
-//! fresh pages and read back from memory once per use. A strip's panel stays
-//! in the core's cache between being made and being multiplied.
+//! fused dequantise-and-multiply of 4-bit weights (`nf4`) and the widening
+//! of bf16 weights (`bf16`), where the whole dense `rhs` would be a transient
+//! as large as the layer in f32, written to fresh pages and read back from
+//! memory once per use. A strip's panel stays in the core's cache between
+//! being made and being multiplied.
 
 use std::ops::Range;
 
+use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -26,16 +28,16 @@ const STRIPS_PER_THREAD: usize = 4;
 /// How a panel lays out `rhs[k, j]` (depth `k`, strip column `j`): at
 /// `k · depth_stride + j · column_stride`.
 #[derive(Clone, Copy)]
-pub(crate) struct PanelLayout {
-    pub depth_stride: usize,
-    pub column_stride: usize,
+struct PanelLayout {
+    depth_stride: usize,
+    column_stride: usize,
 }
 
 /// `dst = lhs · rhs` (`lhs`: `[rows, depth]`, `dst`: `[rows, columns]`, both
 /// row-major f32). `panel(strip, buffer)` fills `buffer` with
 /// `rhs[.., strip]` and says how it laid it out; strips run in parallel,
 /// each multiplied on one thread right after its panel is made.
-pub(crate) fn strip_product(
+fn strip_product(
     lhs: &[f32],
     rows: usize,
     depth: usize,
@@ -91,6 +93,95 @@ pub(crate) fn strip_product(
             }
         });
     dst
+}
+
+/// [`strip_product`] for a CPU tensor `lhs` `[.., depth]`, read in place as
+/// f32 (a copy would be a transient per product): `[.., columns]` in f32.
+fn tensor_strip_product(
+    lhs: &Tensor,
+    depth: usize,
+    columns: usize,
+    panel: impl Fn(Range<usize>, &mut Vec<f32>) -> PanelLayout + Sync,
+) -> Result<Tensor> {
+    let mut dims = lhs.dims().to_vec();
+    let rows = lhs.elem_count() / depth.max(1);
+    let lhs = lhs.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = lhs.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else {
+        bail!("a strip product on the CPU got an input on another device");
+    };
+    let values = crate::fused::values(storage, layout)?;
+    let product = strip_product(values, rows, depth, columns, panel);
+    *dims.last_mut().expect("a matrix") = columns;
+    Tensor::from_vec(product, dims, &Device::Cpu)
+}
+
+/// `x Wᵀ` for a row-major `[out, inner]` weight `W` held in some compact
+/// form (`x`: `[.., inner]` on the CPU), in f32: `fill(start, values)`
+/// writes `W`'s values from flat index `start` on, in f32; `round` then
+/// adjusts each panel (a compute dtype's rounding).
+pub(crate) fn times_transposed(
+    x: &Tensor,
+    (out, inner): (usize, usize),
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+    round: impl Fn(&mut [f32]) + Sync,
+) -> Result<Tensor> {
+    tensor_strip_product(x, inner, out, |rows, panel| {
+        // Rows of W, each `inner` values from `row · inner` on.
+        panel.resize(rows.len() * inner, 0.0);
+        fill(rows.start * inner, panel);
+        round(panel);
+        PanelLayout {
+            depth_stride: 1,
+            column_stride: inner,
+        }
+    })
+}
+
+/// `g W` for the weight of [`times_transposed`] (`g`: `[.., out]` on the
+/// CPU), in f32: the input's gradient of `x Wᵀ`.
+pub(crate) fn times(
+    g: &Tensor,
+    (out, inner): (usize, usize),
+    fill: impl Fn(usize, &mut [f32]) + Sync,
+    round: impl Fn(&mut [f32]) + Sync,
+) -> Result<Tensor> {
+    tensor_strip_product(g, out, inner, |columns, panel| {
+        // Columns of W, a piece of each row.
+        let width = columns.len();
+        panel.resize(out * width, 0.0);
+        for (row, piece) in panel.chunks_mut(width).enumerate() {
+            fill(row * inner + columns.start, piece);
+        }
+        round(panel);
+        PanelLayout {
+            depth_stride: width,
+            column_stride: 1,
+        }
+    })
+}
+
+/// `x Wᵀ` (`transposed`) or `x W` for a dense f32 `W` on the CPU, in strips
+/// as the compact weights are; `None` where `x` and `W` are not both f32
+/// tensors on the CPU.
+pub(crate) fn dense_product(x: &Tensor, weight: &Tensor, transposed: bool) -> Result<Option<Tensor>> {
+    let applies = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(applies(x) && applies(weight)) {
+        return Ok(None);
+    }
+    let weight = weight.contiguous()?;
+    let (storage, layout) = weight.storage_and_layout();
+    let Storage::Cpu(storage) = &*storage else {
+        return Ok(None);
+    };
+    let values = crate::fused::values(storage, layout)?;
+    let fill = |start: usize, out: &mut [f32]| out.copy_from_slice(&values[start..start + out.len()]);
+    let shape = weight.dims2()?;
+    let product = match transposed {
+        true => times_transposed(x, shape, fill, |_| {})?,
+        false => times(x, shape, fill, |_| {})?,
+    };
+    Ok(Some(product))
 }
 
 /// The start of the destination, shared by the strips' tasks.

@@ -11,8 +11,8 @@ use bloom_tiny::{
 };
 use candle_core::{DType, Device, Var};
 use pt_data::Blocks;
-use pt_model::Model;
 use pt_model::nf4::Nf4Config;
+use pt_model::{BlockWeights, Model};
 use pt_train::evaluate::evaluate;
 use pt_train::optim::{Parameter, decays, parameters};
 use pt_train::step::{MicroBatch, accumulate_gradients};
@@ -166,10 +166,15 @@ fn qlora_training_follows_peft_and_bitsandbytes() {
             compute_dtype: DType::BF16,
         };
         let model_dir = dir.join("model");
-        let mut model =
-            Model::load_quantized(&model_dir, &test_device(), DType::F32, Some(config)).unwrap();
+        let mut model = Model::load_with(
+            &model_dir,
+            &test_device(),
+            DType::F32,
+            Some(BlockWeights::Nf4(config)),
+        )
+        .unwrap();
         // 4 bits and an 8-bit scale per 64 values, against 32 bits.
-        let (bytes, elements) = model.nf4_size();
+        let (bytes, elements) = model.compact_size();
         assert!(
             bytes * 7 < elements * 4,
             "{bytes} bytes for {elements} weights"

@@ -6,10 +6,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::DType;
 use pt_data::Blocks;
 use pt_model::nf4::Nf4Config;
-use pt_model::{AdapterConfig, Model};
+use pt_model::{AdapterConfig, BlockWeights, Model};
 use pt_train::evaluate::evaluate;
 use pt_train::trainer::{Interval, StepProgress, Trainable, Trainer, TrainerCallback};
 use pt_train::{AdamWConfig, SchedulerType};
@@ -58,6 +57,7 @@ struct StepClock {
 
 impl TrainerCallback for StepClock {
     fn on_step(&mut self, _: &StepProgress) {
+        crate::runtime::lap();
         self.ends.push(Instant::now());
     }
     fn on_eval_batch(&mut self, _: usize, _: usize) {}
@@ -136,15 +136,17 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
     // The peak is what loading and measuring take, not writing the random model.
     reset_peak()?;
     let (device, dtype) = crate::device::select(args.device_map, DtypeArg::Auto, true, 0)?;
-    let load_dtype = match args.frozen_weights {
-        FrozenWeights::Bf16 => DType::BF16,
-        FrozenWeights::Default | FrozenWeights::Nf4 => dtype,
+    // bf16 on CUDA is the default dtype; on the CPU it is held in bf16 and
+    // multiplied in f32, as `run --frozen_weights bf16` holds it.
+    let block_weights = match args.frozen_weights {
+        FrozenWeights::Default => None,
+        FrozenWeights::Bf16 => device.is_cpu().then_some(BlockWeights::Bf16),
+        FrozenWeights::Nf4 => Some(BlockWeights::Nf4(Nf4Config {
+            double_quant: true,
+            compute_dtype: dtype,
+        })),
     };
-    let nf4 = (args.frozen_weights == FrozenWeights::Nf4).then_some(Nf4Config {
-        double_quant: true,
-        compute_dtype: dtype,
-    });
-    let mut model = Model::load_quantized(dir.path(), &device, load_dtype, nf4)?;
+    let mut model = Model::load_with(dir.path(), &device, dtype, block_weights)?;
     crate::runtime::keep_freed_memory();
     model.gradient_checkpointing = args.gradient_checkpointing;
     let tokens_per_batch = (args.block_size * args.batch_size) as f64;
@@ -189,9 +191,13 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
         Measure::Eval => {
             let blocks = random_blocks(args, (args.steps + 1) * args.batch_size, 2);
             let warm = random_blocks(args, args.batch_size, 3);
-            evaluate(&model, &warm, args.batch_size, None, &mut |_, _| {})?;
+            evaluate(&model, &warm, args.batch_size, None, &mut |_, _| {
+                crate::runtime::lap()
+            })?;
             let started = Instant::now();
-            evaluate(&model, &blocks, args.batch_size, None, &mut |_, _| {})?;
+            evaluate(&model, &blocks, args.batch_size, None, &mut |_, _| {
+                crate::runtime::lap()
+            })?;
             (blocks.len() * blocks.block_size()) as f64 / started.elapsed().as_secs_f64()
         }
         Measure::Generate => {

@@ -230,9 +230,10 @@ pub struct BenchArgs {
     #[arg(long = "device_map", value_enum, default_value = "cpu")]
     pub device_map: DeviceArg,
     /// The frozen base weights of the LoRA and eval measurements: the
-    /// device's default (f32 on CPU, bf16 on CUDA), bf16, or NF4 (QLoRA's
-    /// 4 bits, double-quantised, dequantised to the default dtype). Only the
-    /// default has a PyTorch reference here.
+    /// device's default (f32 on CPU, bf16 on CUDA), bf16 (on the CPU held in
+    /// bf16 and multiplied in f32, as `run --frozen_weights bf16`), or NF4
+    /// (QLoRA's 4 bits, double-quantised, dequantised to the default dtype).
+    /// Only the default has a PyTorch reference here.
     #[arg(long = "frozen_weights", value_enum, default_value = "default")]
     pub frozen_weights: FrozenWeights,
     /// Recompute each block's activations in the backward pass (training measurements).
