@@ -82,7 +82,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let tokenizer_dir = tokenizer_with_adapter(&model_dir, args.peft_path.as_deref());
     let tokenizer = Tokenizer::from_dir(tokenizer_dir)?;
     crate::run::fit_vocabulary(&tokenizer, tokenizer_dir, &mut model, false, true)?;
-    crate::runtime::keep_freed_memory();
+    crate::runtime::keep_freed_memory(false);
     let ids = prompts
         .iter()
         .enumerate()

@@ -351,7 +351,7 @@ fn load_model(
     }
     let tokenizer = Tokenizer::from_dir(args.data.tokenizer_dir())?;
     let trainable = attach_trainable(args, &mut model, &tokenizer, main)?;
-    crate::runtime::keep_freed_memory();
+    crate::runtime::keep_freed_memory(matches!(trainable, Trainable::Full { .. }));
     Ok((model, trainable, tokenizer))
 }
 

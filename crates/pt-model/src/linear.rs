@@ -56,10 +56,7 @@ impl LinearWeight {
     fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         match self {
             LinearWeight::Dense(weight) => {
-                let y = match crate::strips::dense_product(x, weight, true)? {
-                    Some(y) => y,
-                    None => x.matmul(&weight.t()?)?,
-                };
+                let y = x.matmul(&weight.t()?)?;
                 match bias {
                     Some(bias) => y.broadcast_add(bias),
                     None => Ok(y),
@@ -86,10 +83,7 @@ impl LinearWeight {
     /// `grad W`, the gradient of `x` (in `x`'s dtype for NF4 and bf16).
     fn input_gradient(&self, grad: &Tensor, x: &Tensor) -> Result<Tensor> {
         match self {
-            LinearWeight::Dense(weight) => match crate::strips::dense_product(grad, weight, false)? {
-                Some(product) => Ok(product),
-                None => grad.matmul(weight),
-            },
+            LinearWeight::Dense(weight) => grad.matmul(weight),
             LinearWeight::Nf4(weight) => weight
                 .matmul(&grad.to_dtype(weight.compute_dtype)?)?
                 .to_dtype(x.dtype()),

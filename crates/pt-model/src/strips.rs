@@ -161,29 +161,6 @@ pub(crate) fn times(
     })
 }
 
-/// `x Wᵀ` (`transposed`) or `x W` for a dense f32 `W` on the CPU, in strips
-/// as the compact weights are; `None` where `x` and `W` are not both f32
-/// tensors on the CPU.
-pub(crate) fn dense_product(x: &Tensor, weight: &Tensor, transposed: bool) -> Result<Option<Tensor>> {
-    let applies = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
-    if !(applies(x) && applies(weight)) {
-        return Ok(None);
-    }
-    let weight = weight.contiguous()?;
-    let (storage, layout) = weight.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else {
-        return Ok(None);
-    };
-    let values = crate::fused::values(storage, layout)?;
-    let fill = |start: usize, out: &mut [f32]| out.copy_from_slice(&values[start..start + out.len()]);
-    let shape = weight.dims2()?;
-    let product = match transposed {
-        true => times_transposed(x, shape, fill, |_| {})?,
-        false => times(x, shape, fill, |_| {})?,
-    };
-    Ok(Some(product))
-}
-
 /// The start of the destination, shared by the strips' tasks.
 #[derive(Clone, Copy)]
 struct DstStart(*mut f32);

@@ -851,20 +851,6 @@ fn an_nf4_base_trains_through_adapters_and_saves_merged() {
     assert!(saved.join("model.safetensors").is_file());
 }
 
-/// The largest difference between two tensors' values.
-fn largest_difference(a: &candle_core::Tensor, b: &candle_core::Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// A base held in bf16 on the CPU (`--frozen_weights bf16`) computes, in
 /// every family, what the f32 model computes with each block's linear
 /// weights rounded to bf16 through candle's dense ops: logits, and the
@@ -894,7 +880,7 @@ fn a_bf16_held_base_computes_its_rounded_weights_in_f32() {
                     .unwrap()
                     .to_dtype(DType::F32)
                     .unwrap();
-                changed |= largest_difference(&bf16, tensor) > 0.0;
+                changed |= max_abs_diff(&bf16, tensor) > 0.0;
                 *tensor = bf16;
             }
         }
@@ -907,11 +893,11 @@ fn a_bf16_held_base_computes_its_rounded_weights_in_f32() {
         );
         let (batch, mask, labels) = two_blocks(family);
         let logits = |model: &Model| model.forward(&batch, &mask).unwrap();
-        let difference = largest_difference(&logits(&held), &logits(&rounded));
+        let difference = max_abs_diff(&logits(&held), &logits(&rounded));
         assert!(difference < 1e-5, "{family}: logits differ by {difference}");
         // Rounded, not f32 (where the checkpoint is not bf16 already); within
         // bf16's rounding of HF's numbers.
-        let from_f32 = largest_difference(&logits(&held), &logits(&plain));
+        let from_f32 = max_abs_diff(&logits(&held), &logits(&plain));
         assert_eq!(
             from_f32 > 1e-4,
             changed,
@@ -946,7 +932,7 @@ fn a_bf16_held_base_computes_its_rounded_weights_in_f32() {
                 .to_scalar::<f32>()
                 .unwrap();
             assert!(scale > 0.0, "{family} {name}: zero gradient");
-            let difference = largest_difference(ours, theirs);
+            let difference = max_abs_diff(ours, theirs);
             assert!(
                 difference <= 1e-4 * scale,
                 "{family} {name}: {difference} of {scale}"

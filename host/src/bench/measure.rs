@@ -147,7 +147,7 @@ fn model_rate(args: &BenchArgs, measure: Measure) -> Result<(f64, Option<f64>)> 
         })),
     };
     let mut model = Model::load_with(dir.path(), &device, dtype, block_weights)?;
-    crate::runtime::keep_freed_memory();
+    crate::runtime::keep_freed_memory(measure == Measure::Full);
     model.gradient_checkpointing = args.gradient_checkpointing;
     let tokens_per_batch = (args.block_size * args.batch_size) as f64;
     let tokens_per_second = match measure {
