@@ -3,12 +3,23 @@
 //! single-threaded passes and keep every intermediate tensor alive for the
 //! backward pass. [`crate::ops`] picks these for f32 tensors on the CPU and
 //! the composite ops elsewhere (CUDA), so both compute the same function.
+//!
+//! The kernels' loops are `#[multiversion(targets = "simd")]` functions:
+//! pt-host is built for baseline x86-64 (SSE2's 4 lanes, no FMA), so each
+//! is compiled again for x86-64-v2, v3 (AVX2, FMA) and v4 (AVX-512), and the
+//! widest the CPU has runs, as gemm picks its kernels for the products.
+//! The same float operations run in the same order in every copy (Rust
+//! fuses no multiply-add unless asked), so every CPU computes the same values.
+
+// multiversion's dispatcher calls the copies through `unsafe`.
+#![allow(unsafe_code)]
 
 use std::sync::Arc;
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail,
 };
+use multiversion::multiversion;
 use rayon::prelude::*;
 
 /// Elements per parallel task of an elementwise kernel.
@@ -73,13 +84,28 @@ fn gelu_parts(x: f32) -> (f32, f32) {
     (sigmoid, SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_CUBIC * x * x))
 }
 
+#[inline(always)]
 fn gelu(x: f32) -> f32 {
     x * gelu_parts(x).0
 }
 
+#[multiversion(targets = "simd")]
+fn gelu_slice(y: &mut [f32], x: &[f32]) {
+    y.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu(x));
+}
+
+#[inline(always)]
 fn gelu_derivative(x: f32) -> f32 {
     let (s, du) = gelu_parts(x);
     s + x * s * (1.0 - s) * 2.0 * du
+}
+
+/// `dx = g · gelu'(x)`.
+#[multiversion(targets = "simd")]
+fn gelu_backward_slice(dx: &mut [f32], x: &[f32], g: &[f32]) {
+    for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
+        *dx = g * gelu_derivative(x);
+    }
 }
 
 /// A backward kernel of a value and its output's gradient: `each(out,
@@ -128,7 +154,7 @@ impl CustomOp1 for Gelu {
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(TASK)
             .zip(x.par_chunks(TASK))
-            .for_each(|(y, x)| y.iter_mut().zip(x).for_each(|(y, &x)| *y = gelu(x)));
+            .for_each(|(y, x)| gelu_slice(y, x));
         output(y, layout.shape())
     }
 
@@ -140,11 +166,7 @@ impl CustomOp1 for Gelu {
                 &ZippedBackward {
                     name: "fused-gelu-backward",
                     chunk: TASK,
-                    each: |dx: &mut [f32], x: &[f32], g: &[f32]| {
-                        for ((dx, &x), &g) in dx.iter_mut().zip(x).zip(g) {
-                            *dx = g * gelu_derivative(x);
-                        }
-                    },
+                    each: gelu_backward_slice,
                 },
             )?,
         ))
@@ -161,7 +183,16 @@ struct LayerNorm {
     eps: f32,
 }
 
+#[multiversion(targets = "simd")]
+fn layer_norm_row(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
+    let (mean, rstd) = row_statistics(x, eps);
+    for i in 0..y.len() {
+        y[i] = (x[i] - mean) * rstd * w[i] + b[i];
+    }
+}
+
 /// Mean and 1/std of a row (two passes, as PyTorch's kernel is exact to).
+#[inline(always)]
 fn row_statistics(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = row.iter().sum::<f32>() / n;
@@ -186,12 +217,9 @@ impl CustomOp3 for LayerNorm {
         let (x, w, b) = (values(xs, xl)?, values(ws, wl)?, values(bs, bl)?);
         let h = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
-            let (mean, rstd) = row_statistics(x, self.eps);
-            for i in 0..h {
-                y[i] = (x[i] - mean) * rstd * w[i] + b[i];
-            }
-        });
+        y.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .for_each(|(y, x)| layer_norm_row(y, x, w, b, self.eps));
         output(y, xl.shape())
     }
 
@@ -215,6 +243,7 @@ impl CustomOp3 for LayerNorm {
 }
 
 /// LayerNorm's backward of one row; sums: the weight's and bias's gradients.
+#[multiversion(targets = "simd")]
 fn layer_norm_row_backward(eps: f32, Row { x, g, w, dx }: Row<'_>, sums: &mut [Vec<f32>]) {
     let h = w.len();
     let (mean, rstd) = row_statistics(x, eps);
@@ -235,6 +264,7 @@ fn layer_norm_row_backward(eps: f32, Row { x, g, w, dx }: Row<'_>, sums: &mut [V
 }
 
 /// RMSNorm's backward of one row; sums: the weight's gradient.
+#[multiversion(targets = "simd")]
 fn rms_norm_row_backward(eps: f32, Row { x, g, w, dx }: Row<'_>, sums: &mut [Vec<f32>]) {
     let h = w.len();
     let rstd = inverse_rms(x, eps);
@@ -356,7 +386,16 @@ struct RmsNorm {
     eps: f32,
 }
 
+#[multiversion(targets = "simd")]
+fn rms_norm_row(y: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let rstd = inverse_rms(x, eps);
+    for i in 0..y.len() {
+        y[i] = x[i] * rstd * w[i];
+    }
+}
+
 /// 1/rms of a row.
+#[inline(always)]
 fn inverse_rms(row: &[f32], eps: f32) -> f32 {
     let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
     1.0 / (mean_square + eps).sqrt()
@@ -377,12 +416,9 @@ impl CustomOp2 for RmsNorm {
         let (x, w) = (values(xs, xl)?, values(ws, wl)?);
         let h = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(h).zip(x.par_chunks(h)).for_each(|(y, x)| {
-            let rstd = inverse_rms(x, self.eps);
-            for i in 0..h {
-                y[i] = x[i] * rstd * w[i];
-            }
-        });
+        y.par_chunks_mut(h)
+            .zip(x.par_chunks(h))
+            .for_each(|(y, x)| rms_norm_row(y, x, w, self.eps));
         output(y, xl.shape())
     }
 
@@ -413,8 +449,31 @@ pub(crate) fn rms_norm_op(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tenso
 struct SwiGlu;
 
 /// `σ(x)`, with the vectorising exponential.
+#[inline(always)]
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-x))
+}
+
+#[multiversion(targets = "simd")]
+fn swiglu_slice(y: &mut [f32], gate: &[f32], up: &[f32]) {
+    for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
+        *y = g * sigmoid(g) * u;
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn swiglu_backward_slice(
+    d_gate: &mut [f32],
+    d_up: &mut [f32],
+    gate: &[f32],
+    up: &[f32],
+    grad: &[f32],
+) {
+    for i in 0..gate.len() {
+        let (g, s) = (gate[i], sigmoid(gate[i]));
+        d_up[i] = grad[i] * g * s;
+        d_gate[i] = grad[i] * up[i] * s * (1.0 + g * (1.0 - s));
+    }
 }
 
 impl CustomOp2 for SwiGlu {
@@ -433,11 +492,7 @@ impl CustomOp2 for SwiGlu {
         let mut y = vec![0f32; gate.len()];
         y.par_chunks_mut(TASK)
             .zip(gate.par_chunks(TASK).zip(up.par_chunks(TASK)))
-            .for_each(|(y, (gate, up))| {
-                for ((y, &g), &u) in y.iter_mut().zip(gate).zip(up) {
-                    *y = g * sigmoid(g) * u;
-                }
-            });
+            .for_each(|(y, (gate, up))| swiglu_slice(y, gate, up));
         output(y, gl.shape())
     }
 
@@ -487,11 +542,7 @@ impl CustomOp3 for SwiGluBackward {
                     .zip(grad.par_chunks(TASK)),
             )
             .for_each(|((d_gate, d_up), ((gate, up), grad))| {
-                for i in 0..gate.len() {
-                    let (g, s) = (gate[i], sigmoid(gate[i]));
-                    d_up[i] = grad[i] * g * s;
-                    d_gate[i] = grad[i] * up[i] * s * (1.0 + g * (1.0 - s));
-                }
+                swiglu_backward_slice(d_gate, d_up, gate, up, grad)
             });
         output(packed, &Shape::from(2 * n))
     }
@@ -544,11 +595,7 @@ impl CustomOp1 for Rope {
                         &self.sin[angles..angles + half],
                     );
                     let (x, y) = (&x[t * d..(t + 1) * d], &mut y[t * d..(t + 1) * d]);
-                    for i in 0..half {
-                        let (c, s) = (cos[i], sign * sin[i]);
-                        y[i] = x[i] * c - x[i + half] * s;
-                        y[i + half] = x[i + half] * c + x[i] * s;
-                    }
+                    rotate(y, x, cos, sin, sign);
                 }
             });
         output(y, layout.shape())
@@ -561,6 +608,18 @@ impl CustomOp1 for Rope {
             inverse: !self.inverse,
         };
         Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&inverse)?))
+    }
+}
+
+/// One position's rotation: the halves of `x` turned by the angles whose
+/// cosines and sines (times `sign`) are given.
+#[multiversion(targets = "simd")]
+fn rotate(y: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], sign: f32) {
+    let half = cos.len();
+    for i in 0..half {
+        let (c, s) = (cos[i], sign * sin[i]);
+        y[i] = x[i] * c - x[i + half] * s;
+        y[i + half] = x[i + half] * c + x[i] * s;
     }
 }
 
@@ -642,6 +701,7 @@ impl CustomOp1 for AttentionSoftmax {
         let scores = values(storage, layout)?;
         let bias = &self.bias;
         let (s, q, heads) = (bias.keys, bias.queries, bias.slopes.len());
+        let unpadded: Vec<bool> = bias.real.chunks(s).map(|r| r.iter().all(|&r| r)).collect();
         let mut probs = vec![0f32; scores.len()];
         probs
             .par_chunks_mut(s)
@@ -649,29 +709,21 @@ impl CustomOp1 for AttentionSoftmax {
             .enumerate()
             .for_each(|(r, (p, z))| {
                 let (b, head, i) = (r / (heads * q), (r / q) % heads, r % q);
-                let slope = bias.slopes[head];
                 let positions = &bias.positions[b * s..(b + 1) * s];
-                let mut max = f32::NEG_INFINITY;
-                for j in 0..s {
-                    if bias.allowed(b, i, j) {
-                        p[j] = z[j] * self.scale + slope * positions[j];
-                        max = max.max(p[j]);
-                    }
+                let row = AttentionRow {
+                    scale: self.scale,
+                    slope: bias.slopes[head],
+                    positions,
+                };
+                // Without padding the allowed keys are the causal prefix: loops
+                // with no test per key, which vectorise.
+                if unpadded[b] {
+                    let (prefix, rest) = p.split_at_mut(s - q + i + 1);
+                    softmax_prefix(prefix, z, &row);
+                    rest.fill(0.0);
+                } else {
+                    row.softmax_masked(p, z, |j| bias.allowed(b, i, j));
                 }
-                if max == f32::NEG_INFINITY {
-                    p.fill(1.0 / s as f32);
-                    return;
-                }
-                let mut sum = 0f32;
-                for (j, p) in p.iter_mut().enumerate() {
-                    *p = if bias.allowed(b, i, j) {
-                        fast_exp(*p - max)
-                    } else {
-                        0.0
-                    };
-                    sum += *p;
-                }
-                p.iter_mut().for_each(|v| *v /= sum);
             });
         output(probs, layout.shape())
     }
@@ -684,14 +736,96 @@ impl CustomOp1 for AttentionSoftmax {
             &ZippedBackward {
                 name: "fused-softmax-backward",
                 chunk: self.bias.keys,
-                each: |dz: &mut [f32], p: &[f32], g: &[f32]| {
-                    let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
-                    for ((dz, p), g) in dz.iter_mut().zip(p).zip(g) {
-                        *dz = scale * p * (g - dot);
-                    }
-                },
+                each: |dz: &mut [f32], p: &[f32], g: &[f32]| softmax_backward_row(dz, p, g, scale),
             },
         )?))
+    }
+}
+
+/// One query's row of [`AttentionSoftmax`]: its head's ALiBi slope and its
+/// batch row's key positions.
+struct AttentionRow<'a> {
+    scale: f32,
+    slope: f32,
+    positions: &'a [f32],
+}
+
+impl AttentionRow<'_> {
+    /// Softmax over the keys `allowed` says a query may see (0 elsewhere);
+    /// uniform when it may see none (a pad query of a left-padded row), as
+    /// HF's finite mask minimum makes it.
+    fn softmax_masked(&self, p: &mut [f32], z: &[f32], allowed: impl Fn(usize) -> bool) {
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..p.len() {
+            if allowed(j) {
+                p[j] = z[j] * self.scale + self.slope * self.positions[j];
+                max = max.max(p[j]);
+            }
+        }
+        if max == f32::NEG_INFINITY {
+            p.fill(1.0 / p.len() as f32);
+            return;
+        }
+        for (j, p) in p.iter_mut().enumerate() {
+            *p = if allowed(j) { fast_exp(*p - max) } else { 0.0 };
+        }
+        let sum = sum_of(p);
+        p.iter_mut().for_each(|p| *p /= sum);
+    }
+}
+
+/// Softmax over the keys of `z` (raw scores) into `p`, all allowed.
+#[multiversion(targets = "simd")]
+fn softmax_prefix(p: &mut [f32], z: &[f32], row: &AttentionRow<'_>) {
+    for ((p, &z), &position) in p.iter_mut().zip(z).zip(row.positions) {
+        *p = z * row.scale + row.slope * position;
+    }
+    let max = max_of(p);
+    p.iter_mut().for_each(|p| *p = fast_exp(*p - max));
+    let sum = sum_of(p);
+    p.iter_mut().for_each(|p| *p /= sum);
+}
+
+/// Lanes of the row reductions: independent partial maxima and sums that
+/// the compiler keeps in vector registers (a single running sum would be
+/// one long dependency chain, and float sums are not reordered for it).
+const LANES: usize = 16;
+
+/// The maximum of `values` (−∞ if empty), in [`LANES`] lanes.
+#[inline(always)]
+fn max_of(values: &[f32]) -> f32 {
+    let (chunks, tail) = values.as_chunks::<LANES>();
+    let mut maxima = [f32::NEG_INFINITY; LANES];
+    for chunk in chunks {
+        for (m, &x) in maxima.iter_mut().zip(chunk) {
+            *m = m.max(x);
+        }
+    }
+    maxima
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+}
+
+/// The sum of `values`, in [`LANES`] lanes.
+#[inline(always)]
+fn sum_of(values: &[f32]) -> f32 {
+    let (chunks, tail) = values.as_chunks::<LANES>();
+    let mut sums = [0f32; LANES];
+    for chunk in chunks {
+        for (s, &x) in sums.iter_mut().zip(chunk) {
+            *s += x;
+        }
+    }
+    sums.iter().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+/// `dz = scale · p ⊙ (g − Σ g p)` of one row.
+#[multiversion(targets = "simd")]
+fn softmax_backward_row(dz: &mut [f32], p: &[f32], g: &[f32], scale: f32) {
+    let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+    for ((dz, p), g) in dz.iter_mut().zip(p).zip(g) {
+        *dz = scale * p * (g - dot);
     }
 }
 
@@ -704,6 +838,89 @@ pub(crate) fn attention_softmax_op(
         scale: scale as f32,
         bias: bias.clone(),
     })
+}
+
+// --- Cross-entropy over a chunk of logits ------------------------------------
+
+/// Per row of `[rows, vocab]` logits: the cross-entropy of its target
+/// (`None`: 0), its arg-max (the first maximum, as candle's `argmax`), and,
+/// when `into_gradient`, the logits replaced by the loss's gradient,
+/// `softmax − one-hot` (zero on rows without a target). One parallel pass
+/// per row where the composite ops take six single-threaded ones and a
+/// tensor each.
+struct CrossEntropyRows<'a> {
+    targets: &'a [Option<u32>],
+    into_gradient: bool,
+    rows: std::sync::Mutex<Vec<(f32, u32)>>,
+}
+
+impl candle_core::InplaceOp1 for CrossEntropyRows<'_> {
+    fn name(&self) -> &'static str {
+        "fused-cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let logits = values_mut(storage, layout)?;
+        let vocab = layout.dims().last().copied().unwrap_or(1);
+        if logits.len() != vocab * self.targets.len() {
+            bail!("fused-cross-entropy: one target per row of logits");
+        }
+        let rows = logits
+            .par_chunks_mut(vocab)
+            .zip(self.targets.par_iter())
+            .map(|(z, &target)| cross_entropy_row(z, target, self.into_gradient))
+            .collect();
+        *self.rows.lock().expect("not poisoned") = rows;
+        Ok(())
+    }
+}
+
+#[multiversion(targets = "simd")]
+fn cross_entropy_row(z: &mut [f32], target: Option<u32>, into_gradient: bool) -> (f32, u32) {
+    let max = max_of(z);
+    let argmax = z.iter().position(|&x| x == max).unwrap_or(0) as u32;
+    let (chunks, tail) = z.as_chunks::<LANES>();
+    let mut sums = [0f32; LANES];
+    for chunk in chunks {
+        for (s, &x) in sums.iter_mut().zip(chunk) {
+            *s += fast_exp(x - max);
+        }
+    }
+    let sum = sums.iter().sum::<f32>() + tail.iter().map(|&x| fast_exp(x - max)).sum::<f32>();
+    let Some(target) = target.map(|t| t as usize) else {
+        if into_gradient {
+            z.fill(0.0);
+        }
+        return (0.0, argmax);
+    };
+    let loss = sum.ln() - (z[target] - max);
+    if into_gradient {
+        let inverse = 1.0 / sum;
+        z.iter_mut().for_each(|x| *x = fast_exp(*x - max) * inverse);
+        z[target] -= 1.0;
+    }
+    (loss, argmax)
+}
+
+/// Each row's cross-entropy and arg-max of `logits` `[rows, vocab]` (f32 on
+/// the CPU, contiguous), which become the loss's gradient when
+/// `into_gradient`: see [`CrossEntropyRows`].
+pub(crate) fn cross_entropy_rows(
+    logits: &Tensor,
+    targets: &[Option<u32>],
+    into_gradient: bool,
+) -> Result<Vec<(f32, u32)>> {
+    let vocab = logits.dim(1)?;
+    if let Some(&t) = targets.iter().flatten().find(|&&t| t as usize >= vocab) {
+        bail!("target {t} is outside the vocabulary ({vocab})");
+    }
+    let op = CrossEntropyRows {
+        targets,
+        into_gradient,
+        rows: std::sync::Mutex::new(Vec::new()),
+    };
+    logits.inplace_op1(&op)?;
+    Ok(op.rows.into_inner().expect("not poisoned"))
 }
 
 #[cfg(test)]
@@ -898,9 +1115,16 @@ pub(crate) mod tests {
     #[test]
     fn fused_attention_softmax_equals_the_composite_with_padding_and_a_cache() {
         // Row 0 left-padded by 3 (its first 3 queries see no key), row 1
-        // right-padded by 2; 4 queries over 9 keys (5 cached).
-        let real = [[0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0, 0]];
-        for queries in [9, 4] {
+        // right-padded by 2, row 2 unpadded (its causal prefix is computed
+        // without a test per key); 7 queries over 37 keys (30 cached): more
+        // than two lane groups and a partial one.
+        let keys = 37;
+        let real: Vec<Vec<u8>> = vec![
+            [vec![0; 3], vec![1; keys - 3]].concat(),
+            [vec![1; keys - 2], vec![0; 2]].concat(),
+            vec![1; keys],
+        ];
+        for queries in [keys, 7] {
             let mut positions = Vec::new();
             for row in &real {
                 let mut seen = 0.0;
@@ -910,14 +1134,14 @@ pub(crate) mod tests {
                 }));
             }
             let bias = Arc::new(AttentionBias {
-                batch: 2,
-                keys: 9,
+                batch: 3,
+                keys,
                 queries,
                 slopes: crate::bloom::alibi_slopes(3),
                 positions,
                 real: real.iter().flatten().map(|&m| m == 1).collect(),
             });
-            let scores = random(&[2, 3, queries, 9], 5);
+            let scores = random(&[3, 3, queries, keys], 5);
             assert_same_function(
                 &[scores],
                 |t| attention_softmax_op(&t[0], 0.25, &bias).unwrap(),

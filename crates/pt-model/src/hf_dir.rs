@@ -124,7 +124,11 @@ impl Weights {
         if !saved_4bit.is_empty() {
             let compute_dtype = match compact.map(|c| c.weights) {
                 Some(BlockWeights::Nf4(config)) => config.compute_dtype,
-                _ => saved_compute_dtype(dir)?,
+                Some(BlockWeights::Bf16) => bail!(
+                    "{source}: its linear weights are saved in 4 bits (bitsandbytes NF4), so they cannot be held in bf16; \
+                     load it as saved (without bf16-held weights)"
+                ),
+                None => saved_compute_dtype(dir)?,
             };
             let weights = assemble_4bit(saved_4bit, compute_dtype)
                 .with_context(|| format!("{source}: cannot read its 4-bit weights"))?;
@@ -633,6 +637,43 @@ mod tests {
             refusal(parts),
             "`w.weight`: nf4 in blocks of 128; pt-host reads NF4 in blocks of 64"
         );
+    }
+
+    #[test]
+    fn a_4bit_checkpoint_is_not_silently_held_in_another_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let (parts, _) = saved_4bit_parts(nf4::BLOCK);
+        let path = dir.path().join("model.safetensors");
+        candle_core::safetensors::save(&parts, &path).unwrap();
+        let open = |weights| {
+            let compact = Compact {
+                weights,
+                blocks: "w",
+            };
+            Weights::open(
+                dir.path(),
+                &Device::Cpu,
+                DType::F32,
+                "t",
+                None,
+                Some(compact),
+            )
+        };
+        let error = open(BlockWeights::Bf16).err().unwrap();
+        assert_eq!(
+            format!("{error:#}"),
+            format!(
+                "{}: its linear weights are saved in 4 bits (bitsandbytes NF4), so they cannot be held in bf16; \
+                 load it as saved (without bf16-held weights)",
+                path.display()
+            )
+        );
+        let config = Nf4Config {
+            double_quant: true,
+            compute_dtype: DType::F32,
+        };
+        let loaded = open(BlockWeights::Nf4(config)).unwrap();
+        assert!(matches!(loaded.compact["w.weight"], LinearWeight::Nf4(_)));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
+use crate::fused;
 use crate::ops::log_softmax_last_dim;
 
 /// Label of positions that carry no loss (HF's ignore index).
@@ -120,30 +121,26 @@ fn loss_sum_in_chunks(
         }
         let inputs = hidden_values.narrow(0, start, len)?;
         let logits = inputs.matmul(&weight_values.t()?)?.to_dtype(DType::F32)?;
-        if let Some(predictions) = predictions.as_deref_mut() {
-            predictions.extend(logits.argmax(1)?.to_vec1::<u32>()?);
-        }
-        let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
-        let exp = shifted.exp()?;
-        let sums = exp.sum_keepdim(1)?;
-        let index: Vec<u32> = chunk_targets.iter().map(|t| t.unwrap_or(0)).collect();
-        let index = Tensor::from_vec(index, (len, 1), device)?;
-        let counted: Vec<f32> = chunk_targets
-            .iter()
-            .map(|t| f32::from(t.is_some() as u8))
-            .collect();
-        let counted = Tensor::from_vec(counted, (len, 1), device)?;
-        let losses = (sums.log()? - shifted.gather(&index, 1)?)?.mul(&counted)?;
-        loss_sum += losses.sum_all()?.to_scalar::<f32>()? as f64;
-        if !(grad_hidden || grad_weight) {
+        let into_gradient = grad_hidden || grad_weight;
+        let grad_logits = if fused::applies(&logits) {
+            let rows = fused::cross_entropy_rows(&logits, chunk_targets, into_gradient)?;
+            loss_sum += rows.iter().map(|&(loss, _)| f64::from(loss)).sum::<f64>();
+            if let Some(predictions) = predictions.as_deref_mut() {
+                predictions.extend(rows.iter().map(|&(_, argmax)| argmax));
+            }
+            into_gradient.then_some(logits)
+        } else {
+            if let Some(predictions) = predictions.as_deref_mut() {
+                predictions.extend(logits.argmax(1)?.to_vec1::<u32>()?);
+            }
+            let (loss, grad) = composite_cross_entropy(&logits, chunk_targets, into_gradient)?;
+            loss_sum += loss;
+            grad
+        };
+        let Some(grad_logits) = grad_logits else {
             continue;
-        }
-        // d loss / d logits = softmax − one-hot, on counted rows only.
-        let grad_logits = exp
-            .broadcast_div(&sums)?
-            .scatter_add(&index, &counted.neg()?, 1)?
-            .broadcast_mul(&counted)?
-            .to_dtype(weight.dtype())?;
+        };
+        let grad_logits = grad_logits.to_dtype(weight.dtype())?;
         if grad_hidden {
             hidden_grads.push(grad_logits.matmul(&weight_values)?);
         }
@@ -164,6 +161,38 @@ fn loss_sum_in_chunks(
         loss = (loss + weight.apply_op1(PrecomputedGradient::new(grad))?)?;
     }
     Ok((loss, count))
+}
+
+/// The composite ops' version of the fused kernel's work (CUDA): the sum
+/// of the `[rows, vocab]` f32 logits' cross-entropies against `targets`, and
+/// when `into_gradient` the loss's gradient, `softmax − one-hot` (zero on
+/// rows without a target).
+fn composite_cross_entropy(
+    logits: &Tensor,
+    targets: &[Option<u32>],
+    into_gradient: bool,
+) -> Result<(f64, Option<Tensor>)> {
+    let (rows, device) = (targets.len(), logits.device());
+    let shifted = logits.broadcast_sub(&logits.max_keepdim(1)?)?;
+    let exp = shifted.exp()?;
+    let sums = exp.sum_keepdim(1)?;
+    let index: Vec<u32> = targets.iter().map(|t| t.unwrap_or(0)).collect();
+    let index = Tensor::from_vec(index, (rows, 1), device)?;
+    let counted: Vec<f32> = targets
+        .iter()
+        .map(|t| f32::from(t.is_some() as u8))
+        .collect();
+    let counted = Tensor::from_vec(counted, (rows, 1), device)?;
+    let losses = (sums.log()? - shifted.gather(&index, 1)?)?.mul(&counted)?;
+    let loss = f64::from(losses.sum_all()?.to_scalar::<f32>()?);
+    if !into_gradient {
+        return Ok((loss, None));
+    }
+    let grad = exp
+        .broadcast_div(&sums)?
+        .scatter_add(&index, &counted.neg()?, 1)?
+        .broadcast_mul(&counted)?;
+    Ok((loss, Some(grad)))
 }
 
 /// A term of value zero whose backward hands its input a gradient computed
@@ -282,6 +311,59 @@ mod tests {
         let (sum, count) = next_token_loss_sum(&logits, &[vec![0, 1, IGNORE_INDEX]]).unwrap();
         assert_eq!(count, 1);
         assert!((sum.to_scalar::<f32>().unwrap() - 4f32.ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn the_fused_cross_entropy_is_the_composite_ops_one() {
+        use crate::fused::tests::{max_difference, random};
+        // A vocabulary that leaves a partial lane group; a row with a tie for
+        // the maximum, one far from zero, one without a target.
+        let (rows, vocab) = (6, 1003);
+        let mut values = (random(&[rows, vocab], 5) * 6.0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        values[vocab + 10] = 30.0;
+        values[vocab + 500] = 30.0;
+        values[2 * vocab..3 * vocab]
+            .iter_mut()
+            .for_each(|x| *x += 1e4);
+        let targets = [Some(3), Some(10), Some(1002), None, Some(0), Some(777)];
+        let logits = Tensor::from_vec(values, (rows, vocab), &Device::Cpu).unwrap();
+        let argmax = logits.argmax(1).unwrap().to_vec1::<u32>().unwrap();
+        assert_eq!(argmax[1], 10, "the first of two maxima");
+        for into_gradient in [false, true] {
+            let (expected, expected_grad) =
+                composite_cross_entropy(&logits, &targets, into_gradient).unwrap();
+            let fused_logits = logits.copy().unwrap();
+            let fused_rows =
+                fused::cross_entropy_rows(&fused_logits, &targets, into_gradient).unwrap();
+            let loss: f64 = fused_rows.iter().map(|&(l, _)| f64::from(l)).sum();
+            assert!(
+                (loss - expected).abs() < 1e-6 * expected,
+                "{loss} vs {expected}"
+            );
+            assert_eq!(fused_rows[3].0, 0.0, "no target, no loss");
+            let fused_argmax: Vec<u32> = fused_rows.iter().map(|&(_, a)| a).collect();
+            assert_eq!(fused_argmax, argmax);
+            match expected_grad {
+                Some(grad) => {
+                    let difference = max_difference(&fused_logits, &grad);
+                    assert!(difference < 1e-6, "{difference}");
+                    let row = fused_logits.get(3).unwrap().abs().unwrap();
+                    assert_eq!(row.sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+                }
+                None => assert_eq!(max_difference(&fused_logits, &logits), 0.0),
+            }
+        }
+        let error = fused::cross_entropy_rows(&logits, &[Some(1003); 6], false).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.starts_with("target 1003 is outside the vocabulary (1003)"),
+            "{message}"
+        );
     }
 
     #[test]

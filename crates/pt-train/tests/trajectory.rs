@@ -43,9 +43,13 @@ struct Tolerance {
     adapter: f32,
 }
 
+/// Gradient norms late in a run are the most sensitive to float order: at
+/// step 6 of Mistral's rsLoRA run ours was 9.9e-5 from the fixture's, and
+/// PyTorch recomputing the fixture on another CPU moves them by 1.1e-4
+/// (`tests/tools.rs`). Losses and weights stay far tighter (under 2e-6).
 const F32: Tolerance = Tolerance {
     loss: 1e-4,
-    grad_norm: 1e-4,
+    grad_norm: 3e-4,
     adapter: 1e-4,
 };
 

@@ -4,6 +4,8 @@
 
 use serde::Serialize;
 
+use super::peak::Peaks;
+
 #[derive(Debug, Serialize)]
 pub(super) struct Machine {
     /// `model name` of /proc/cpuinfo (empty elsewhere).
@@ -23,6 +25,8 @@ pub(super) struct Machine {
     pub cores: usize,
     /// candle's worker threads.
     pub threads: usize,
+    /// One core's best multiply-add rates, measured.
+    pub peaks_per_core: Peaks,
 }
 
 /// The value of a `key : value` line of /proc/cpuinfo.
@@ -77,6 +81,7 @@ impl Machine {
             gemm_kernels: gemm_kernels.into(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             threads: candle_core::utils::get_num_threads(),
+            peaks_per_core: Peaks::measure(20_000_000),
         }
     }
 
@@ -89,8 +94,9 @@ impl Machine {
         if self.amx {
             extensions.push("AMX");
         }
+        let rate = |gflops: Option<f64>| gflops.map_or("none".into(), |r| format!("{r:.0}"));
         format!(
-            "machine: {}{} — {}{}, {} cores, {} threads; matmul kernels {}",
+            "machine: {}{} — {}{}, {} cores, {} threads; matmul kernels {}; GFLOP/s per core: f32 FMA {}, bf16 dot {}",
             if self.cpu.is_empty() {
                 "unknown CPU"
             } else {
@@ -107,7 +113,9 @@ impl Machine {
             },
             self.cores,
             self.threads,
-            self.gemm_kernels
+            self.gemm_kernels,
+            rate(self.peaks_per_core.f32_fma),
+            rate(self.peaks_per_core.bf16_dot),
         )
     }
 }

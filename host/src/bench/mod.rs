@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 mod machine;
 mod measure;
+mod peak;
 use machine::Machine;
 use measure::measure_here;
 
