@@ -769,7 +769,7 @@ impl AttentionRow<'_> {
         for (j, p) in p.iter_mut().enumerate() {
             *p = if allowed(j) { fast_exp(*p - max) } else { 0.0 };
         }
-        let sum = sum_of(p);
+        let sum = sum_of(p, |x| x);
         p.iter_mut().for_each(|p| *p /= sum);
     }
 }
@@ -782,7 +782,7 @@ fn softmax_prefix(p: &mut [f32], z: &[f32], row: &AttentionRow<'_>) {
     }
     let max = max_of(p);
     p.iter_mut().for_each(|p| *p = fast_exp(*p - max));
-    let sum = sum_of(p);
+    let sum = sum_of(p, |x| x);
     p.iter_mut().for_each(|p| *p /= sum);
 }
 
@@ -807,17 +807,17 @@ fn max_of(values: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }
 
-/// The sum of `values`, in [`LANES`] lanes.
+/// The sum of `term` over `values`, in [`LANES`] lanes.
 #[inline(always)]
-fn sum_of(values: &[f32]) -> f32 {
+fn sum_of(values: &[f32], term: impl Fn(f32) -> f32) -> f32 {
     let (chunks, tail) = values.as_chunks::<LANES>();
     let mut sums = [0f32; LANES];
     for chunk in chunks {
         for (s, &x) in sums.iter_mut().zip(chunk) {
-            *s += x;
+            *s += term(x);
         }
     }
-    sums.iter().sum::<f32>() + tail.iter().sum::<f32>()
+    sums.iter().sum::<f32>() + tail.iter().map(|&x| term(x)).sum::<f32>()
 }
 
 /// `dz = scale · p ⊙ (g − Σ g p)` of one row.
@@ -879,14 +879,7 @@ impl candle_core::InplaceOp1 for CrossEntropyRows<'_> {
 fn cross_entropy_row(z: &mut [f32], target: Option<u32>, into_gradient: bool) -> (f32, u32) {
     let max = max_of(z);
     let argmax = z.iter().position(|&x| x == max).unwrap_or(0) as u32;
-    let (chunks, tail) = z.as_chunks::<LANES>();
-    let mut sums = [0f32; LANES];
-    for chunk in chunks {
-        for (s, &x) in sums.iter_mut().zip(chunk) {
-            *s += fast_exp(x - max);
-        }
-    }
-    let sum = sums.iter().sum::<f32>() + tail.iter().map(|&x| fast_exp(x - max)).sum::<f32>();
+    let sum = sum_of(z, |x| fast_exp(x - max));
     let Some(target) = target.map(|t| t as usize) else {
         if into_gradient {
             z.fill(0.0);
