@@ -10,7 +10,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::fused::AttentionBias;
+use crate::attention::packed_attention;
+use crate::fused::{self, AttentionBias};
 use crate::hf_dir::{BlockWeights, Compact, Weights};
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
 use crate::linear::LinearWeight;
@@ -18,6 +19,7 @@ use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
 use crate::ops::{attention_probs, gelu, layer_norm};
+use crate::product::matmul;
 
 /// `config.json`, with the legacy key names of the original checkpoints.
 #[derive(Clone, Debug, Deserialize)]
@@ -157,10 +159,12 @@ impl Block {
         let (b, s, h) = x.dims3()?;
         let head_dim = h / ctx.n_head;
         // The fused projection is laid out per head: [.., head, (q|k|v), head_dim].
-        let qkv = self
-            .query_key_value
-            .forward(x, qkv_seed, track)?
-            .reshape((b, s, ctx.n_head, 3, head_dim))?;
+        let qkv = self.query_key_value.forward(x, qkv_seed, track)?;
+        if cache.is_none() && fused::applies(&qkv) {
+            let merged = packed_attention(&qkv, ctx.n_head, &ctx.bias)?;
+            return self.attention_dense.forward(&merged, dense_seed, track);
+        }
+        let qkv = qkv.reshape((b, s, ctx.n_head, 3, head_dim))?;
         let part = |i| -> candle_core::Result<Tensor> {
             qkv.narrow(3, i, 1)?
                 .squeeze(3)?
@@ -176,13 +180,13 @@ impl Block {
             *cache = Some((k.clone(), v.clone()));
         }
         let probs = attention_probs(
-            &q.matmul(&k.t()?)?,
+            &matmul(&q, &k.t()?)?,
             1.0 / (head_dim as f64).sqrt(),
             &ctx.bias,
             ctx.composite_bias.as_ref(),
         )?
         .to_dtype(v.dtype())?;
-        let context = probs.matmul(&v)?;
+        let context = matmul(&probs, &v)?;
         let merged = context.transpose(1, 2)?.reshape((b, s, h))?;
         self.attention_dense.forward(&merged, dense_seed, track)
     }

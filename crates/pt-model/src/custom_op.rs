@@ -1,30 +1,17 @@
 //! Plumbing shared by the custom ops (fused kernels, frozen linear layers,
-//! checkpointed blocks): a custom op's storage as a graph-free tensor and
-//! back.
+//! checkpointed blocks): ops written with tensor ops as candle custom ops.
+//! An op holds its inputs without a graph and computes its forward pass
+//! from them; candle's storage arguments would have to be copied into
+//! tensors first (a whole layer input per linear layer).
 
-use candle_core::op::BackpropOp;
 use std::sync::Arc;
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail,
 };
 
-/// A custom op's input as a tensor without a graph. The op's caller passes a
-/// contiguous tensor starting at offset 0 (see [`graph_free_input`]), so the
-/// storage read from the start holds exactly the input.
-pub(crate) fn input_tensor(storage: Storage, layout: &Layout) -> Result<Tensor> {
-    if !layout.is_contiguous() || layout.start_offset() != 0 {
-        bail!("custom op input must be contiguous from offset 0");
-    }
-    Ok(Tensor::from_storage(
-        storage,
-        layout.shape().clone(),
-        BackpropOp::none(),
-        false,
-    ))
-}
-
-/// `x` as a custom op needs it: contiguous from offset 0 (copied if not).
+/// `x` contiguous from offset 0 (copied if not): what the ops' forward
+/// passes take, and what [`output_storage`] reads whole.
 pub(crate) fn graph_free_input(x: &Tensor) -> Result<Tensor> {
     if x.is_contiguous() && x.layout().start_offset() == 0 {
         Ok(x.clone())
@@ -48,13 +35,6 @@ pub(crate) fn cpu_output(y: &Tensor) -> Result<(CpuStorage, Shape)> {
     }
 }
 
-/// A custom op's CUDA input as a tensor (a device-side copy).
-#[cfg(feature = "cuda")]
-pub(crate) fn cuda_input(storage: &candle_core::CudaStorage, layout: &Layout) -> Result<Tensor> {
-    use candle_core::backend::BackendStorage;
-    input_tensor(Storage::Cuda(storage.try_clone(layout)?), layout)
-}
-
 /// A custom op's CUDA result.
 #[cfg(feature = "cuda")]
 pub(crate) fn cuda_output(y: &Tensor) -> Result<(candle_core::CudaStorage, Shape)> {
@@ -68,7 +48,7 @@ pub(crate) fn cuda_output(y: &Tensor) -> Result<(candle_core::CudaStorage, Shape
 /// own; [`apply_op1`] runs it as one custom op on any device.
 pub(crate) trait TensorOp1: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    /// Called with a graph-free input.
+    /// Called with a graph-free, contiguous input.
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// The input's gradient from the output's `grad`.
     fn backward(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>>;
@@ -76,32 +56,31 @@ pub(crate) trait TensorOp1: Send + Sync + 'static {
 
 /// `op(x)` as one node of the graph.
 pub(crate) fn apply_op1(op: impl TensorOp1, x: &Tensor) -> Result<Tensor> {
-    graph_free_input(x)?.apply_op1_arc(Arc::new(Box::new(Op1(op))))
+    let x = graph_free_input(x)?;
+    let inputs = [x.detach()];
+    x.apply_op1_arc(Arc::new(Box::new(Op1(op, inputs))))
 }
 
-/// The one `CustomOp1` implementation behind [`apply_op1`].
-struct Op1<T>(T);
+/// The one `CustomOp1` implementation behind [`apply_op1`], holding its
+/// input without a graph (see [`forward`]).
+struct Op1<T>(T, [Tensor; 1]);
 
 impl<T: TensorOp1> CustomOp1 for Op1<T> {
     fn name(&self) -> &'static str {
         self.0.name()
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_output(
-            &self
-                .0
-                .forward(&input_tensor(Storage::Cpu(storage.clone()), layout)?)?,
-        )
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_output(&self.0.forward(&self.1[0])?)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        storage: &candle_core::CudaStorage,
-        layout: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_output(&self.0.forward(&cuda_input(storage, layout)?)?)
+        cuda_output(&self.0.forward(&self.1[0])?)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -113,7 +92,7 @@ impl<T: TensorOp1> CustomOp1 for Op1<T> {
 /// own; [`apply_op2`] runs it as one custom op on any device.
 pub(crate) trait TensorOp2: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    /// Called with graph-free inputs.
+    /// Called with graph-free, contiguous inputs.
     fn forward(&self, a: &Tensor, b: &Tensor) -> Result<Tensor>;
     /// Both inputs' gradients from the output's `grad`.
     fn backward(&self, a: &Tensor, b: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 2]>;
@@ -121,11 +100,14 @@ pub(crate) trait TensorOp2: Send + Sync + 'static {
 
 /// `op(a, b)` as one node of the graph.
 pub(crate) fn apply_op2(op: impl TensorOp2, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    graph_free_input(a)?.apply_op2_arc(&graph_free_input(b)?, Arc::new(Box::new(Op2(op))))
+    let (a, b) = (graph_free_input(a)?, graph_free_input(b)?);
+    let inputs = [a.detach(), b.detach()];
+    a.apply_op2_arc(&b, Arc::new(Box::new(Op2(op, inputs))))
 }
 
-/// The one `CustomOp2` implementation behind [`apply_op2`].
-struct Op2<T>(T);
+/// The one `CustomOp2` implementation behind [`apply_op2`], holding its
+/// inputs without a graph (see [`forward`]).
+struct Op2<T>(T, [Tensor; 2]);
 
 impl<T: TensorOp2> CustomOp2 for Op2<T> {
     fn name(&self) -> &'static str {
@@ -134,25 +116,25 @@ impl<T: TensorOp2> CustomOp2 for Op2<T> {
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let input =
-            |storage: &CpuStorage, layout| input_tensor(Storage::Cpu(storage.clone()), layout);
-        cpu_output(&self.0.forward(&input(s1, l1)?, &input(s2, l2)?)?)
+        let [a, b] = &self.1;
+        cpu_output(&self.0.forward(a, b)?)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_output(&self.0.forward(&cuda_input(s1, l1)?, &cuda_input(s2, l2)?)?)
+        let [a, b] = &self.1;
+        cuda_output(&self.0.forward(a, b)?)
     }
 
     fn bwd(
@@ -171,7 +153,7 @@ impl<T: TensorOp2> CustomOp2 for Op2<T> {
 /// own; [`apply_op3`] runs it as one custom op on any device.
 pub(crate) trait TensorOp3: Send + Sync + 'static {
     fn name(&self) -> &'static str;
-    /// Called with graph-free inputs.
+    /// Called with graph-free, contiguous inputs.
     fn forward(&self, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor>;
     /// The three inputs' gradients from the output's `grad`.
     fn backward(
@@ -185,15 +167,18 @@ pub(crate) trait TensorOp3: Send + Sync + 'static {
 
 /// `op(a, b, c)` as one node of the graph.
 pub(crate) fn apply_op3(op: impl TensorOp3, a: &Tensor, b: &Tensor, c: &Tensor) -> Result<Tensor> {
-    graph_free_input(a)?.apply_op3_arc(
-        &graph_free_input(b)?,
-        &graph_free_input(c)?,
-        Arc::new(Box::new(Op3(op))),
-    )
+    let (a, b, c) = (
+        graph_free_input(a)?,
+        graph_free_input(b)?,
+        graph_free_input(c)?,
+    );
+    let inputs = [a.detach(), b.detach(), c.detach()];
+    a.apply_op3_arc(&b, &c, Arc::new(Box::new(Op3(op, inputs))))
 }
 
-/// The one `CustomOp3` implementation behind [`apply_op3`].
-struct Op3<T>(T);
+/// The one `CustomOp3` implementation behind [`apply_op3`], holding its
+/// inputs without a graph (see [`forward`]).
+struct Op3<T>(T, [Tensor; 3]);
 
 impl<T: TensorOp3> CustomOp3 for Op3<T> {
     fn name(&self) -> &'static str {
@@ -202,37 +187,29 @@ impl<T: TensorOp3> CustomOp3 for Op3<T> {
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let input =
-            |storage: &CpuStorage, layout| input_tensor(Storage::Cpu(storage.clone()), layout);
-        cpu_output(
-            &self
-                .0
-                .forward(&input(s1, l1)?, &input(s2, l2)?, &input(s3, l3)?)?,
-        )
+        let [a, b, c] = &self.1;
+        cpu_output(&self.0.forward(a, b, c)?)
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_output(&self.0.forward(
-            &cuda_input(s1, l1)?,
-            &cuda_input(s2, l2)?,
-            &cuda_input(s3, l3)?,
-        )?)
+        let [a, b, c] = &self.1;
+        cuda_output(&self.0.forward(a, b, c)?)
     }
 
     fn bwd(

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, Layout, Result, Shape, Tensor, bail,
 };
 use multiversion::multiversion;
 use rayon::prelude::*;
@@ -729,17 +729,26 @@ impl CustomOp1 for AttentionSoftmax {
     }
 
     fn bwd(&self, _: &Tensor, probs: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let scale = self.scale;
-        // scale · p ⊙ (g − Σ g p), a row at a time: each row's dot product is its own.
-        Ok(Some(probs.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &ZippedBackward {
-                name: "fused-softmax-backward",
-                chunk: self.bias.keys,
-                each: |dz: &mut [f32], p: &[f32], g: &[f32]| softmax_backward_row(dz, p, g, scale),
-            },
-        )?))
+        Ok(Some(attention_softmax_backward(probs, grad, self.scale)?))
     }
+}
+
+/// The gradient of [`attention_softmax_op`]'s scores from its output `probs`
+/// and their gradient: `scale · p ⊙ (g − Σ g p)`, a row at a time (each
+/// row's dot product is its own).
+pub(crate) fn attention_softmax_backward(
+    probs: &Tensor,
+    grad: &Tensor,
+    scale: f32,
+) -> Result<Tensor> {
+    probs.contiguous()?.apply_op2_no_bwd(
+        &grad.contiguous()?,
+        &ZippedBackward {
+            name: "fused-softmax-backward",
+            chunk: probs.dim(D::Minus1)?,
+            each: |dz: &mut [f32], p: &[f32], g: &[f32]| softmax_backward_row(dz, p, g, scale),
+        },
+    )
 }
 
 /// One query's row of [`AttentionSoftmax`]: its head's ALiBi slope and its

@@ -12,15 +12,19 @@
 //! activations, softmax), `linear` (frozen and trainable linear layers with
 //! LoRA), `loss` (chunked cross-entropy) and `fused` (their CPU kernels) are
 //! the differentiable building blocks, `custom_op` their shared plumbing;
+//! `product` is the CPU's matrix products (batches in parallel, sums added
+//! in place) and `attention` BLOOM's attention as one op;
 //! `nf4` is QLoRA's 4-bit base weights and `bf16` frozen weights kept in
 //! bf16 on the CPU, both multiplied strip by strip (`strips`) without
 //! widening a whole layer;
 //! `checkpoint` recomputes any block that implements its trait; `generate`
 //! and `init` use a model.
 
-// One exception, in `strips`: gemm called on disjoint strips of one output.
+// Two exceptions, in `strips` and `product`: gemm called on disjoint parts
+// of one output.
 #![deny(unsafe_code)]
 
+mod attention;
 pub mod bf16;
 pub mod bloom;
 mod checkpoint;
@@ -37,6 +41,7 @@ pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod peft;
+mod product;
 mod strips;
 pub mod vocabulary;
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Storage, Tensor, bail};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -12,6 +12,7 @@ use rayon::prelude::*;
 use crate::bf16::Bf16Weight;
 use crate::custom_op::{TensorOp1, TensorOp2, TensorOp3, apply_op1, apply_op2, apply_op3};
 use crate::nf4::Nf4Weight;
+use crate::product::{add_product, matmul};
 
 /// A linear layer's `[out, in]` weight: dense (frozen, or trainable in full
 /// fine-tuning), NF4 (frozen, QLoRA's base), or bf16 multiplied in f32
@@ -55,13 +56,7 @@ impl LinearWeight {
     /// dequantised weight and the bias in the compute dtype.
     fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         match self {
-            LinearWeight::Dense(weight) => {
-                let y = x.matmul(&weight.t()?)?;
-                match bias {
-                    Some(bias) => y.broadcast_add(bias),
-                    None => Ok(y),
-                }
-            }
+            LinearWeight::Dense(weight) => dense_product(x, weight, bias),
             LinearWeight::Nf4(weight) => {
                 let dtype = weight.compute_dtype;
                 let mut y = weight.matmul_transposed(&x.to_dtype(dtype)?)?;
@@ -83,12 +78,37 @@ impl LinearWeight {
     /// `grad W`, the gradient of `x` (in `x`'s dtype for NF4 and bf16).
     fn input_gradient(&self, grad: &Tensor, x: &Tensor) -> Result<Tensor> {
         match self {
-            LinearWeight::Dense(weight) => grad.matmul(weight),
+            LinearWeight::Dense(weight) => matmul(grad, weight),
             LinearWeight::Nf4(weight) => weight
                 .matmul(&grad.to_dtype(weight.compute_dtype)?)?
                 .to_dtype(x.dtype()),
             LinearWeight::Bf16(weight) => weight.matmul(grad)?.to_dtype(x.dtype()),
         }
+    }
+
+    /// `total + grad W` in f32 (`total`: `[n, in]` in f32, no other
+    /// tensor's storage); a dense f32 weight's product is added into `total`.
+    fn add_input_gradient(&self, total: Tensor, grad: &Tensor, x: &Tensor) -> Result<Tensor> {
+        match self {
+            LinearWeight::Dense(weight) if weight.dtype() == DType::F32 => {
+                add_product(total, grad, weight)
+            }
+            _ => total + self.input_gradient(grad, x)?.to_dtype(DType::F32)?,
+        }
+    }
+}
+
+/// `x Wᵀ (+ bias)` (`x`: `[n, in]`). On the CPU in f32 gemm adds the product
+/// into rows of the bias, instead of a pass over the product adding it.
+fn dense_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(bias) if crate::fused::applies(bias) && !bias.track_op() => {
+            let rows = bias.to_vec1::<f32>()?.repeat(x.dim(0)?);
+            let rows = Tensor::from_vec(rows, (x.dim(0)?, bias.dim(0)?), &Device::Cpu)?;
+            add_product(rows, x, &weight.t()?)
+        }
+        Some(bias) => matmul(x, &weight.t()?)?.broadcast_add(bias),
+        None => matmul(x, &weight.t()?),
     }
 }
 
@@ -125,6 +145,9 @@ pub struct Dropout {
 /// nor on where the input starts in the batch.
 const MASK_TASK: usize = 1 << 16;
 
+/// Mask words a stream hands out at a time.
+const WORDS_AT_ONCE: usize = 256;
+
 /// What [`FrozenLinear`] keeps of a [`LoraPass`]: A and B are the op's
 /// inputs, so the op holds only the scale and the dropout.
 #[derive(Clone, Copy)]
@@ -142,25 +165,18 @@ impl LoraPass {
     }
 }
 
-impl LoraSettings {
-    /// The inverted-dropout mask for an input of `x`'s shape (0 or 1/keep),
-    /// or `None` without dropout.
-    fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let Some(Dropout {
-            p,
-            seed,
-            first_element,
-        }) = self.dropout
-        else {
-            return Ok(None);
-        };
-        let keep = 1.0 - p;
+impl Dropout {
+    /// The mask of `count` input elements (0 or 1/keep), handed out a block
+    /// at a time: `apply(first, masks, out)` writes the block's `out` from
+    /// its `masks`, `first` being the index of its first element.
+    fn draw(&self, count: usize, apply: impl Fn(usize, &[f32], &mut [f32]) + Sync) -> Vec<f32> {
+        let keep = 1.0 - self.p;
         let threshold = (keep * u32::MAX as f64) as u32;
         let kept = (1.0 / keep) as f32;
-        let mut mask = vec![0f32; x.elem_count()];
+        let mut out = vec![0f32; count];
         // Pieces that each lie within one stream, drawn in parallel.
         let mut pieces = Vec::new();
-        let (mut rest, mut at) = (mask.as_mut_slice(), first_element);
+        let (mut rest, mut at) = (out.as_mut_slice(), self.first_element);
         while !rest.is_empty() {
             let length = (MASK_TASK - at % MASK_TASK).min(rest.len());
             let (piece, tail) = rest.split_at_mut(length);
@@ -168,26 +184,59 @@ impl LoraSettings {
             (rest, at) = (tail, at + length);
         }
         pieces.into_par_iter().for_each(|(at, piece)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
             rng.set_stream((at / MASK_TASK) as u64);
             rng.set_word_pos((at % MASK_TASK) as u128);
-            for m in piece {
-                *m = if rng.random::<u32>() < threshold {
-                    kept
-                } else {
-                    0.0
-                };
+            // The stream's words drawn a block at a time (the same words, in
+            // order, as one `random::<u32>()` each), so the loops vectorise.
+            let (mut words, mut masks) = ([0u32; WORDS_AT_ONCE], [0f32; WORDS_AT_ONCE]);
+            for (block, out) in piece.chunks_mut(WORDS_AT_ONCE).enumerate() {
+                let (words, masks) = (&mut words[..out.len()], &mut masks[..out.len()]);
+                rng.fill(words);
+                for (mask, &word) in masks.iter_mut().zip(words.iter()) {
+                    *mask = if word < threshold { kept } else { 0.0 };
+                }
+                apply(at - self.first_element + block * WORDS_AT_ONCE, masks, out);
             }
         });
-        Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?))
+        out
     }
 }
 
-/// `x ⊙ mask`, or `x` without a mask.
-fn masked(x: Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
-    match mask {
-        Some(mask) => x * mask,
-        None => Ok(x),
+impl LoraSettings {
+    /// The inverted-dropout mask for an input of `x`'s shape (0 or 1/keep),
+    /// or `None` without dropout.
+    fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(dropout) = self.dropout else {
+            return Ok(None);
+        };
+        let mask = dropout.draw(x.elem_count(), |_, masks, out| out.copy_from_slice(masks));
+        Ok(Some(Tensor::from_vec(mask, x.shape(), x.device())?))
+    }
+
+    /// `x ⊙ mask` (`x` itself without dropout); on the CPU in f32, for an
+    /// `x` without a graph, drawn and applied in one pass with no mask tensor.
+    fn drop(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(dropout) = self.dropout else {
+            return Ok(x.clone());
+        };
+        if !crate::fused::applies(x) || x.track_op() {
+            let mask = self.dropout_mask(x)?.expect("dropout");
+            return x * mask;
+        }
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let Storage::Cpu(storage) = &*storage else {
+            bail!("dropout: a CPU tensor held elsewhere");
+        };
+        let values = crate::fused::values(storage, layout)?;
+        let dropped = dropout.draw(values.len(), |first, masks, out| {
+            let values = &values[first..first + out.len()];
+            for ((out, &x), &mask) in out.iter_mut().zip(values).zip(masks) {
+                *out = x * mask;
+            }
+        });
+        Tensor::from_vec(dropped, x.shape(), &Device::Cpu)
     }
 }
 
@@ -205,17 +254,15 @@ struct FrozenLinear {
 
 impl FrozenLinear {
     fn forward(&self, x: &Tensor, lora: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
-        let mut y = self.weight.product(x, self.bias.as_ref())?;
+        let y = self.weight.product(x, self.bias.as_ref())?;
+        let (Some(pass), Some((a, b))) = (&self.lora, lora) else {
+            return Ok(y);
+        };
+        // The sum is rounded back to the base layer's dtype, as PEFT does;
+        // the scale applies to the narrow `[n, r]` product.
         let dtype = y.dtype();
-        if let (Some(pass), Some((a, b))) = (&self.lora, lora) {
-            // The sum is rounded back to the base layer's dtype, as PEFT does;
-            // the scale applies to the narrow `[n, r]` product.
-            let x = x.to_dtype(DType::F32)?;
-            let input = masked(x.clone(), pass.dropout_mask(&x)?.as_ref())?;
-            let update = (input.matmul(&a.t()?)? * pass.scale)?.matmul(&b.t()?)?;
-            y = (y.to_dtype(DType::F32)? + update)?.to_dtype(dtype)?;
-        }
-        Ok(y)
+        let down = (matmul(&pass.drop(&x.to_dtype(DType::F32)?)?, &a.t()?)? * pass.scale)?;
+        add_product(y.to_dtype(DType::F32)?, &down, &b.t()?)?.to_dtype(dtype)
     }
 
     /// Gradients of `x` and, with an adapter, of its A and B.
@@ -228,19 +275,25 @@ impl FrozenLinear {
         // Detached: a gradient that carried a graph would keep every tensor
         // it was computed from alive until the whole backward pass ends.
         let (x, grad) = (x.detach(), grad.detach());
-        let base = self.weight.input_gradient(&grad, &x)?;
         let (Some(pass), Some((a, b))) = (&self.lora, lora) else {
-            return Ok((base, None));
+            return Ok((self.weight.input_gradient(&grad, &x)?, None));
         };
         let (a, b) = (&a.detach(), &b.detach());
-        let grad = grad.to_dtype(DType::F32)?;
-        let x32 = x.to_dtype(DType::F32)?;
-        let mask = pass.dropout_mask(&x32)?;
-        let input = masked(x32, mask.as_ref())?;
-        let grad_b = grad.t()?.matmul(&(input.matmul(&a.t()?)? * pass.scale)?)?;
-        let grad_down = (grad.matmul(b)? * pass.scale)?;
-        let grad_a = grad_down.t()?.matmul(&input)?;
-        let grad_x = (base.to_dtype(DType::F32)? + masked(grad_down.matmul(a)?, mask.as_ref())?)?
+        let grad32 = grad.to_dtype(DType::F32)?;
+        // One draw of the mask for both products it enters.
+        let mask = pass.dropout_mask(&x)?;
+        let masked = |t: Tensor| match &mask {
+            Some(mask) => t * mask,
+            None => Ok(t),
+        };
+        let input = masked(x.to_dtype(DType::F32)?)?;
+        let grad_b = matmul(&grad32.t()?, &(matmul(&input, &a.t()?)? * pass.scale)?)?;
+        let grad_down = (matmul(&grad32, b)? * pass.scale)?;
+        let grad_a = matmul(&grad_down.t()?, &input)?;
+        let through_adapter = masked(matmul(&grad_down, a)?)?;
+        let grad_x = self
+            .weight
+            .add_input_gradient(through_adapter, &grad, &x)?
             .to_dtype(x.dtype())?;
         Ok((grad_x, Some((grad_a, grad_b))))
     }
@@ -296,7 +349,7 @@ impl TensorOp3 for TrainableLinear {
     }
 
     fn forward(&self, x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        x.matmul(&weight.t()?)?.broadcast_add(bias)
+        dense_product(x, weight, Some(bias))
     }
 
     fn backward(
@@ -308,8 +361,8 @@ impl TensorOp3 for TrainableLinear {
     ) -> Result<[Option<Tensor>; 3]> {
         let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
         Ok([
-            Some(grad.matmul(&weight)?),
-            Some(grad.t()?.matmul(&x)?),
+            Some(matmul(&grad, &weight)?),
+            Some(matmul(&grad.t()?, &x)?),
             Some(grad.sum(0)?),
         ])
     }
@@ -322,12 +375,12 @@ impl TensorOp2 for TrainableLinear {
     }
 
     fn forward(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
-        x.matmul(&weight.t()?)
+        matmul(x, &weight.t()?)
     }
 
     fn backward(&self, x: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
         let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
-        Ok([Some(grad.matmul(&weight)?), Some(grad.t()?.matmul(&x)?)])
+        Ok([Some(matmul(&grad, &weight)?), Some(matmul(&grad.t()?, &x)?)])
     }
 }
 
@@ -422,6 +475,41 @@ pub fn frozen_matmul(x: &Tensor, weight: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn the_mask_is_one_draw_per_element_of_its_stream() {
+        let dropout = Dropout {
+            p: 0.3,
+            seed: 5,
+            first_element: MASK_TASK - 300,
+        };
+        // Across a stream boundary, with a partial block at each end.
+        let mask = dropout.draw(1000, |_, masks, out| out.copy_from_slice(masks));
+        let word_of = |element: usize| {
+            let mut rng = ChaCha8Rng::seed_from_u64(5);
+            rng.set_stream((element / MASK_TASK) as u64);
+            rng.set_word_pos((element % MASK_TASK) as u128);
+            rng.random::<u32>()
+        };
+        let threshold = (0.7 * u32::MAX as f64) as u32;
+        for (e, &m) in mask.iter().enumerate() {
+            let kept = word_of(MASK_TASK - 300 + e) < threshold;
+            assert_eq!(
+                m,
+                if kept { (1.0 / 0.7f64) as f32 } else { 0.0 },
+                "element {e}"
+            );
+        }
+        let values: Vec<f32> = (0..1000).map(|e| e as f32).collect();
+        let dropped = LoraSettings {
+            scale: 1.0,
+            dropout: Some(dropout),
+        }
+        .drop(&Tensor::new(values.as_slice(), &Device::Cpu).unwrap())
+        .unwrap();
+        let dropped: Vec<f32> = dropped.to_vec1().unwrap();
+        assert!((0..1000).all(|e| dropped[e] == e as f32 * mask[e]));
+    }
 
     #[test]
     fn a_share_of_a_batch_draws_its_rows_of_the_whole_batchs_mask() {

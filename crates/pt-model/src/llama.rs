@@ -20,6 +20,7 @@ use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
 use crate::ops::{attention_probs, rms_norm, softmax_last_dim, swiglu};
+use crate::product::matmul;
 
 /// RoPE as `config.json` gives it: transformers 5's `rope_parameters`, or
 /// 4.x's `rope_scaling` beside `rope_theta`.
@@ -413,7 +414,7 @@ impl Block {
         }
         let repeat = ctx.heads / ctx.kv_heads;
         let (k, v) = (repeat_kv(&k, repeat)?, repeat_kv(&v, repeat)?);
-        let raw_scores = q.contiguous()?.matmul(&k.transpose(2, 3)?.contiguous()?)?;
+        let raw_scores = matmul(&q, &k.transpose(2, 3)?)?;
         let scale = 1.0 / (d as f64).sqrt();
         // Softmax in f32, as HF does, whatever the compute dtype.
         let probs = match &ctx.mask {
@@ -425,7 +426,7 @@ impl Block {
             )?,
         }
         .to_dtype(v.dtype())?;
-        let context = probs.matmul(&v.contiguous()?)?;
+        let context = matmul(&probs, &v)?;
         let merged = context.transpose(1, 2)?.reshape((b, s, ctx.heads * d))?;
         self.o_proj.forward(&merged, seed(4), track)
     }

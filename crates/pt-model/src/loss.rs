@@ -3,13 +3,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{
-    CpuStorage, CustomOp1, DType, Device, InplaceOp2, Layout, Result, Shape, Tensor, bail,
-};
-use rayon::prelude::*;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, bail};
 
 use crate::fused;
 use crate::ops::log_softmax_last_dim;
+use crate::product::{add_product, matmul};
 
 /// Label of positions that carry no loss (HF's ignore index).
 pub const IGNORE_INDEX: i64 = -100;
@@ -120,7 +118,7 @@ fn loss_sum_in_chunks(
             continue;
         }
         let inputs = hidden_values.narrow(0, start, len)?;
-        let logits = inputs.matmul(&weight_values.t()?)?.to_dtype(DType::F32)?;
+        let logits = matmul(&inputs, &weight_values.t()?)?.to_dtype(DType::F32)?;
         let into_gradient = grad_hidden || grad_weight;
         let grad_logits = if fused::applies(&logits) {
             let rows = fused::cross_entropy_rows(&logits, chunk_targets, into_gradient)?;
@@ -142,12 +140,12 @@ fn loss_sum_in_chunks(
         };
         let grad_logits = grad_logits.to_dtype(weight.dtype())?;
         if grad_hidden {
-            hidden_grads.push(grad_logits.matmul(&weight_values)?);
+            hidden_grads.push(matmul(&grad_logits, &weight_values)?);
         }
         if grad_weight {
             weight_grad = Some(match weight_grad {
-                Some(total) => add_product_into(total, &grad_logits, &inputs)?,
-                None => grad_logits.t()?.matmul(&inputs)?,
+                Some(total) => add_product(total, &grad_logits.t()?, &inputs)?,
+                None => matmul(&grad_logits.t()?, &inputs)?,
             });
         }
     }
@@ -236,66 +234,6 @@ impl CustomOp1 for PrecomputedGradient {
         Ok(Some(
             precomputed.broadcast_mul(&grad.to_dtype(precomputed.dtype())?)?,
         ))
-    }
-}
-
-/// Vocabulary rows of a `[vocab, h]` gradient added at a time by
-/// [`add_product_into`] (64 MiB at h 1024).
-const GRADIENT_SLICE_ROWS: usize = 1 << 14;
-
-/// `total + grad_logitsᵀ · inputs` (`[vocab, h]`). On the CPU in f32 it is
-/// added into `total` a slice of vocabulary rows at a time: the product
-/// whole would be 1 GB at bloomz-560m, and the sum another.
-fn add_product_into(total: Tensor, grad_logits: &Tensor, inputs: &Tensor) -> Result<Tensor> {
-    let in_place = matches!(total.device(), Device::Cpu)
-        && total.dtype() == DType::F32
-        && total.is_contiguous();
-    if !in_place {
-        return total + grad_logits.t()?.matmul(inputs)?;
-    }
-    let vocab = total.dim(0)?;
-    for first_row in (0..vocab).step_by(GRADIENT_SLICE_ROWS) {
-        let rows = GRADIENT_SLICE_ROWS.min(vocab - first_row);
-        let slice = grad_logits
-            .narrow(1, first_row, rows)?
-            .t()?
-            .contiguous()?
-            .matmul(inputs)?;
-        total.inplace_op2(&slice, &AddRowsInPlace { first_row })?;
-    }
-    Ok(total)
-}
-
-/// Adds a contiguous f32 `[rows, h]` tensor into the rows from `first_row`
-/// of a contiguous f32 `[vocab, h]` one.
-struct AddRowsInPlace {
-    first_row: usize,
-}
-
-impl InplaceOp2 for AddRowsInPlace {
-    fn name(&self) -> &'static str {
-        "add-rows-in-place"
-    }
-
-    fn cpu_fwd(
-        &self,
-        total: &mut CpuStorage,
-        total_layout: &Layout,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-    ) -> Result<()> {
-        let total = crate::fused::values_mut(total, total_layout)?;
-        let grad = crate::fused::values(grad, grad_layout)?;
-        let width = total_layout.dims().last().copied().unwrap_or(1);
-        let start = self.first_row * width;
-        if grad_layout.dims().last() != Some(&width) || start + grad.len() > total.len() {
-            bail!("add-rows-in-place: the rows do not fit");
-        }
-        total[start..start + grad.len()]
-            .par_chunks_mut(1 << 16)
-            .zip(grad.par_chunks(1 << 16))
-            .for_each(|(t, g)| t.iter_mut().zip(g).for_each(|(t, g)| *t += g));
-        Ok(())
     }
 }
 
