@@ -103,8 +103,11 @@ impl LinearWeight {
 fn dense_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         Some(bias) if crate::fused::applies(bias) && !bias.track_op() => {
-            let rows = bias.to_vec1::<f32>()?.repeat(x.dim(0)?);
-            let rows = Tensor::from_vec(rows, (x.dim(0)?, bias.dim(0)?), &Device::Cpu)?;
+            let (bias, width) = (bias.to_vec1::<f32>()?, bias.dim(0)?);
+            let mut rows = vec![0f32; x.dim(0)? * width];
+            rows.par_chunks_mut(width.max(1))
+                .for_each(|row| row.copy_from_slice(&bias));
+            let rows = Tensor::from_vec(rows, (x.dim(0)?, width), &Device::Cpu)?;
             add_product(rows, x, &weight.t()?)
         }
         Some(bias) => matmul(x, &weight.t()?)?.broadcast_add(bias),
