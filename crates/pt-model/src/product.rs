@@ -5,7 +5,8 @@
 //! are such a batch, one `[T, d]·[d, T]` per head and row, where splitting so
 //! small a product costs more than it gains (61 GFLOP/s for 32 of 256×64×256
 //! on two AVX-512 cores). Here gemm writes into fresh memory, and a batch's
-//! products run in parallel, each on one thread.
+//! products run in parallel, each on one thread. [`add_product`] also lets
+//! gemm add a product into a tensor that holds a bias or another product.
 
 use candle_core::{CpuStorage, CustomOp2, InplaceOp3, Layout, Result, Shape, Tensor, bail};
 use gemm::Parallelism;
