@@ -110,23 +110,8 @@ mod tests {
         // Three heads of d 4 over 6 positions: a left-padded, a right-padded
         // and an unpadded row.
         let (heads, d, s) = (3, 4, 6);
-        let real = [[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0], [1; 6]];
-        let mut positions = Vec::new();
-        for row in &real {
-            let mut seen = 0.0;
-            positions.extend(row.iter().map(|&m| {
-                seen += m as f32;
-                if m == 1 { seen - 1.0 } else { 0.0 }
-            }));
-        }
-        let bias = Arc::new(AttentionBias {
-            batch: 3,
-            keys: s,
-            queries: s,
-            slopes: crate::bloom::alibi_slopes(heads),
-            positions,
-            real: real.iter().flatten().map(|&m| m == 1).collect(),
-        });
+        let real = [vec![0, 0, 1, 1, 1, 1], vec![1, 1, 1, 1, 1, 0], vec![1; 6]];
+        let bias = Arc::new(AttentionBias::alibi(&real, s, heads));
         let qkv = random(&[3, s, heads * 3 * d], 31);
         assert_same_function(
             &[qkv],

@@ -337,33 +337,15 @@ impl Bloom {
         Ok((bloom, summary))
     }
 
-    /// ALiBi and the causal + padding mask of a left- or right-padded batch
-    /// (`mask`: 1 for tokens, 0 for pads) whose last `q` positions are the
-    /// queries, computed once per forward pass; as tensors too where the
-    /// fused CPU kernel does not apply.
+    /// ALiBi and the causal + padding mask ([`AttentionBias::alibi`]),
+    /// computed once per forward pass; as tensors too where the fused CPU
+    /// kernel does not apply.
     fn attention_bias(
         &self,
         mask: &[Vec<u32>],
         q: usize,
     ) -> Result<(Arc<AttentionBias>, Option<CompositeBias>)> {
-        let (b, s) = (mask.len(), mask[0].len());
-        let mut positions = Vec::with_capacity(b * s);
-        for row in mask {
-            // Positions count tokens only, so left padding does not shift them.
-            let mut seen = 0f32;
-            positions.extend(row.iter().map(|&m| {
-                seen += m as f32;
-                if m == 1 { seen - 1.0 } else { 0.0 }
-            }));
-        }
-        let bias = Arc::new(AttentionBias {
-            batch: b,
-            keys: s,
-            queries: q,
-            slopes: alibi_slopes(self.config.n_head),
-            positions,
-            real: mask.iter().flatten().map(|&m| m == 1).collect(),
-        });
+        let bias = Arc::new(AttentionBias::alibi(mask, q, self.config.n_head));
         let composite = match self.device.is_cpu() && self.word_embeddings.dtype() == DType::F32 {
             true => None,
             false => Some(bias.tensors(&self.device)?),

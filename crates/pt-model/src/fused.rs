@@ -651,6 +651,30 @@ pub struct AttentionBias {
 }
 
 impl AttentionBias {
+    /// ALiBi with the causal and padding mask of a left- or right-padded
+    /// batch (`mask`: 1 for tokens, 0 for pads) whose last `queries`
+    /// positions are the queries. Positions count tokens only, so left
+    /// padding does not shift them.
+    pub fn alibi(mask: &[Vec<u32>], queries: usize, heads: usize) -> Self {
+        let keys = mask.first().map_or(0, Vec::len);
+        let mut positions = Vec::with_capacity(mask.len() * keys);
+        for row in mask {
+            let mut seen = 0f32;
+            positions.extend(row.iter().map(|&m| {
+                seen += m as f32;
+                if m == 1 { seen - 1.0 } else { 0.0 }
+            }));
+        }
+        Self {
+            batch: mask.len(),
+            keys,
+            queries,
+            slopes: crate::bloom::alibi_slopes(heads),
+            positions,
+            real: mask.iter().flatten().map(|&m| m == 1).collect(),
+        }
+    }
+
     /// Whether query `i` (of `queries`) of row `b` may attend to key `j`.
     fn allowed(&self, b: usize, i: usize, j: usize) -> bool {
         j <= self.keys - self.queries + i && self.real[b * self.keys + j]
@@ -1121,28 +1145,13 @@ pub(crate) mod tests {
         // without a test per key); 7 queries over 37 keys (30 cached): more
         // than two lane groups and a partial one.
         let keys = 37;
-        let real: Vec<Vec<u8>> = vec![
+        let real: Vec<Vec<u32>> = vec![
             [vec![0; 3], vec![1; keys - 3]].concat(),
             [vec![1; keys - 2], vec![0; 2]].concat(),
             vec![1; keys],
         ];
         for queries in [keys, 7] {
-            let mut positions = Vec::new();
-            for row in &real {
-                let mut seen = 0.0;
-                positions.extend(row.iter().map(|&m| {
-                    seen += m as f32;
-                    if m == 1 { seen - 1.0 } else { 0.0 }
-                }));
-            }
-            let bias = Arc::new(AttentionBias {
-                batch: 3,
-                keys,
-                queries,
-                slopes: crate::bloom::alibi_slopes(3),
-                positions,
-                real: real.iter().flatten().map(|&m| m == 1).collect(),
-            });
+            let bias = Arc::new(AttentionBias::alibi(&real, queries, 3));
             let scores = random(&[3, 3, queries, keys], 5);
             assert_same_function(
                 &[scores],
