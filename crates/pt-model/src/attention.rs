@@ -33,6 +33,26 @@ pub(crate) fn packed_attention(
     )
 }
 
+/// q, k and v `[b, heads, s, d]` (contiguous) of BLOOM's fused projection
+/// `[b, s, heads · 3 · d]`, laid out per head: `[.., head, (q|k|v), d]`.
+pub(crate) fn split_heads(qkv: &Tensor, heads: usize) -> Result<[Tensor; 3]> {
+    let (b, s, width) = qkv.dims3()?;
+    let qkv = qkv.reshape((b, s, heads, 3, width / (3 * heads)))?;
+    let part = |i| {
+        qkv.narrow(3, i, 1)?
+            .squeeze(3)?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    Ok([part(0)?, part(1)?, part(2)?])
+}
+
+/// The heads' context `[b, heads, s, d]` merged into `[b, s, heads · d]`.
+pub(crate) fn merge_heads(context: &Tensor) -> Result<Tensor> {
+    let (b, _, s, _) = context.dims4()?;
+    context.transpose(1, 2)?.reshape((b, s, ()))
+}
+
 struct PackedAttention {
     heads: usize,
     bias: Arc<AttentionBias>,
@@ -43,20 +63,6 @@ impl PackedAttention {
     fn per_head(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, width) = x.dims3()?;
         x.reshape((b, s, self.heads, width / self.heads))
-    }
-
-    /// q, k and v `[b, heads, s, d]`, contiguous.
-    fn split(&self, qkv: &Tensor) -> Result<[Tensor; 3]> {
-        let (b, s, width) = qkv.dims3()?;
-        let d = width / (3 * self.heads);
-        let qkv = qkv.reshape((b, s, self.heads, 3, d))?;
-        let part = |i| {
-            qkv.narrow(3, i, 1)?
-                .squeeze(3)?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        Ok([part(0)?, part(1)?, part(2)?])
     }
 
     fn scale(&self, q: &Tensor) -> Result<f32> {
@@ -75,16 +81,14 @@ impl TensorOp1 for PackedAttention {
     }
 
     fn forward(&self, qkv: &Tensor) -> Result<Tensor> {
-        let [q, k, v] = self.split(qkv)?;
-        let context = matmul(&self.probs(&q, &k)?, &v)?;
-        let (b, s, _) = qkv.dims3()?;
-        context.transpose(1, 2)?.reshape((b, s, ()))
+        let [q, k, v] = split_heads(qkv, self.heads)?;
+        merge_heads(&matmul(&self.probs(&q, &k)?, &v)?)
     }
 
     fn backward(&self, qkv: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // Detached: the products below would otherwise join the graph.
         let (qkv, grad) = (qkv.detach(), grad.detach());
-        let [q, k, v] = self.split(&qkv)?;
+        let [q, k, v] = split_heads(&qkv, self.heads)?;
         let probs = self.probs(&q, &k)?;
         let grad = self.per_head(&grad)?.transpose(1, 2)?.contiguous()?;
         let grad_v = matmul(&probs.t()?, &grad)?;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::attention::packed_attention;
+use crate::attention::{merge_heads, packed_attention, split_heads};
 use crate::fused::{self, AttentionBias};
 use crate::hf_dir::{BlockWeights, Compact, Weights};
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
@@ -156,22 +156,12 @@ impl Block {
         track: bool,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
-        let (b, s, h) = x.dims3()?;
-        let head_dim = h / ctx.n_head;
-        // The fused projection is laid out per head: [.., head, (q|k|v), head_dim].
         let qkv = self.query_key_value.forward(x, qkv_seed, track)?;
         if cache.is_none() && fused::applies(&qkv) {
             let merged = packed_attention(&qkv, ctx.n_head, &ctx.bias)?;
             return self.attention_dense.forward(&merged, dense_seed, track);
         }
-        let qkv = qkv.reshape((b, s, ctx.n_head, 3, head_dim))?;
-        let part = |i| -> candle_core::Result<Tensor> {
-            qkv.narrow(3, i, 1)?
-                .squeeze(3)?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let (q, mut k, mut v) = (part(0)?, part(1)?, part(2)?);
+        let [q, mut k, mut v] = split_heads(&qkv, ctx.n_head)?;
         if let Some(cache) = cache {
             if let Some((past_k, past_v)) = cache.as_ref() {
                 k = Tensor::cat(&[past_k, &k], 2)?;
@@ -181,14 +171,14 @@ impl Block {
         }
         let probs = attention_probs(
             &matmul(&q, &k.t()?)?,
-            1.0 / (head_dim as f64).sqrt(),
+            1.0 / (q.dim(3)? as f64).sqrt(),
             &ctx.bias,
             ctx.composite_bias.as_ref(),
         )?
         .to_dtype(v.dtype())?;
         let context = matmul(&probs, &v)?;
-        let merged = context.transpose(1, 2)?.reshape((b, s, h))?;
-        self.attention_dense.forward(&merged, dense_seed, track)
+        self.attention_dense
+            .forward(&merge_heads(&context)?, dense_seed, track)
     }
 }
 

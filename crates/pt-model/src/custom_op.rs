@@ -62,7 +62,7 @@ pub(crate) fn apply_op1(op: impl TensorOp1, x: &Tensor) -> Result<Tensor> {
 }
 
 /// The one `CustomOp1` implementation behind [`apply_op1`], holding its
-/// input without a graph (see [`forward`]).
+/// input without a graph (see the module's note).
 struct Op1<T>(T, [Tensor; 1]);
 
 impl<T: TensorOp1> CustomOp1 for Op1<T> {
@@ -106,7 +106,7 @@ pub(crate) fn apply_op2(op: impl TensorOp2, a: &Tensor, b: &Tensor) -> Result<Te
 }
 
 /// The one `CustomOp2` implementation behind [`apply_op2`], holding its
-/// inputs without a graph (see [`forward`]).
+/// inputs without a graph (see the module's note).
 struct Op2<T>(T, [Tensor; 2]);
 
 impl<T: TensorOp2> CustomOp2 for Op2<T> {
@@ -177,7 +177,7 @@ pub(crate) fn apply_op3(op: impl TensorOp3, a: &Tensor, b: &Tensor, c: &Tensor) 
 }
 
 /// The one `CustomOp3` implementation behind [`apply_op3`], holding its
-/// inputs without a graph (see [`forward`]).
+/// inputs without a graph (see the module's note).
 struct Op3<T>(T, [Tensor; 3]);
 
 impl<T: TensorOp3> CustomOp3 for Op3<T> {

@@ -33,6 +33,16 @@ pub fn values<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]>
     }
 }
 
+/// `f` of the f32 values of a CPU tensor `x` (made contiguous first).
+pub(crate) fn with_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(storage) = &*storage else {
+        bail!("a CPU kernel got a tensor on another device");
+    };
+    Ok(f(values(storage, layout)?))
+}
+
 /// [`values`], writable: an in-place kernel's target.
 pub fn values_mut<'a>(storage: &'a mut CpuStorage, layout: &Layout) -> Result<&'a mut [f32]> {
     match (storage, layout.contiguous_offsets()) {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Result, Storage, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -227,18 +227,14 @@ impl LoraSettings {
             let mask = self.dropout_mask(x)?.expect("dropout");
             return x * mask;
         }
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let Storage::Cpu(storage) = &*storage else {
-            bail!("dropout: a CPU tensor held elsewhere");
-        };
-        let values = crate::fused::values(storage, layout)?;
-        let dropped = dropout.draw(values.len(), |first, masks, out| {
-            let values = &values[first..first + out.len()];
-            for ((out, &x), &mask) in out.iter_mut().zip(values).zip(masks) {
-                *out = x * mask;
-            }
-        });
+        let dropped = crate::fused::with_values(x, |values| {
+            dropout.draw(values.len(), |first, masks, out| {
+                let values = &values[first..first + out.len()];
+                for ((out, &x), &mask) in out.iter_mut().zip(values).zip(masks) {
+                    *out = x * mask;
+                }
+            })
+        })?;
         Tensor::from_vec(dropped, x.shape(), &Device::Cpu)
     }
 }

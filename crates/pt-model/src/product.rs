@@ -145,12 +145,12 @@ impl Sizes {
 fn multiply(
     dst: Dst,
     accumulate: bool,
-    (lhs, a): (&[f32], Layout),
-    (rhs, b): (&[f32], Layout),
+    (lhs, lhs_layout): (&[f32], &Layout),
+    (rhs, rhs_layout): (&[f32], &Layout),
 ) -> Result<()> {
-    let sizes = Sizes::of(&a, &b)?;
+    let sizes = Sizes::of(lhs_layout, rhs_layout)?;
     let Sizes { count, m, k, n } = sizes;
-    let (Some(a), Some(b)) = (Matrices::of(&a), Matrices::of(&b)) else {
+    let (Some(a), Some(b)) = (Matrices::of(lhs_layout), Matrices::of(rhs_layout)) else {
         bail!("product: the batch dims must be one stride apart");
     };
     if sizes.values() == 0 {
@@ -231,8 +231,8 @@ impl CustomOp2 for Product {
                 len: sizes.values(),
             },
             false,
-            (f32_values(lhs)?, lhs_layout.clone()),
-            (f32_values(rhs)?, rhs_layout.clone()),
+            (f32_values(lhs)?, lhs_layout),
+            (f32_values(rhs)?, rhs_layout),
         )?;
         // SAFETY: `multiply` wrote every one of these values.
         #[allow(unsafe_code)]
@@ -286,8 +286,8 @@ impl InplaceOp3 for AddProduct {
                 len: total.len(),
             },
             true,
-            (f32_values(lhs)?, lhs_layout.clone()),
-            (f32_values(rhs)?, rhs_layout.clone()),
+            (f32_values(lhs)?, lhs_layout),
+            (f32_values(rhs)?, rhs_layout),
         )
     }
 }

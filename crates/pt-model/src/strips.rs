@@ -8,7 +8,7 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Device, Result, Storage, Tensor, bail};
+use candle_core::{DType, Device, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -105,13 +105,9 @@ fn tensor_strip_product(
 ) -> Result<Tensor> {
     let mut dims = lhs.dims().to_vec();
     let rows = lhs.elem_count() / depth.max(1);
-    let lhs = lhs.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = lhs.storage_and_layout();
-    let Storage::Cpu(storage) = &*storage else {
-        bail!("a strip product on the CPU got an input on another device");
-    };
-    let values = crate::fused::values(storage, layout)?;
-    let product = strip_product(values, rows, depth, columns, panel);
+    let product = crate::fused::with_values(&lhs.to_dtype(DType::F32)?, |values| {
+        strip_product(values, rows, depth, columns, panel)
+    })?;
     *dims.last_mut().expect("a matrix") = columns;
     Tensor::from_vec(product, dims, &Device::Cpu)
 }
