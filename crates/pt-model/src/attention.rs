@@ -24,13 +24,7 @@ pub(crate) fn packed_attention(
     heads: usize,
     bias: &Arc<AttentionBias>,
 ) -> Result<Tensor> {
-    apply_op1(
-        PackedAttention {
-            heads,
-            bias: bias.clone(),
-        },
-        qkv,
-    )
+    apply_op1(PackedAttention::new(heads, bias), qkv)
 }
 
 /// q, k and v `[b, heads, s, d]` (contiguous) of BLOOM's fused projection
@@ -53,12 +47,21 @@ pub(crate) fn merge_heads(context: &Tensor) -> Result<Tensor> {
     context.transpose(1, 2)?.reshape((b, s, ()))
 }
 
-struct PackedAttention {
+/// [`packed_attention`]'s op, whose forward and backward a block computing
+/// its own backward calls directly.
+pub(crate) struct PackedAttention {
     heads: usize,
     bias: Arc<AttentionBias>,
 }
 
 impl PackedAttention {
+    pub(crate) fn new(heads: usize, bias: &Arc<AttentionBias>) -> Self {
+        Self {
+            heads,
+            bias: bias.clone(),
+        }
+    }
+
     /// `[b, s, heads, d]` of a `[b, s, heads · width]` tensor.
     fn per_head(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, width) = x.dims3()?;

@@ -5,16 +5,17 @@
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::attention::{merge_heads, packed_attention, split_heads};
+use crate::attention::{PackedAttention, merge_heads, packed_attention, split_heads};
+use crate::custom_op::{GradientSlot, TensorOp1, TensorOp2, apply_op2, link_gradients};
 use crate::fused::{self, AttentionBias};
 use crate::hf_dir::{BlockWeights, Compact, Weights};
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
-use crate::linear::LinearWeight;
+use crate::linear::{FrozenLinear, LinearWeight};
 use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
@@ -95,6 +96,11 @@ struct LayerNorm {
 impl LayerNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+
+    /// The input gradient at `x` `[n, h]` (CPU, f32) of a frozen norm.
+    fn input_gradient(&self, x: &Tensor, grad: &Tensor) -> candle_core::Result<Tensor> {
+        fused::layer_norm_input_gradient(x, &self.weight, self.eps, grad)
     }
 }
 
@@ -215,6 +221,197 @@ impl DecoderBlock for Block {
             .flat_map(|norm| [norm.weight.clone(), norm.bias.clone()])
             .chain(linears.into_iter().flat_map(Linear::tensors))
             .collect()
+    }
+
+    fn as_one_op(&self, x: &Tensor, ctx: &BlockContext) -> candle_core::Result<Option<Tensor>> {
+        let norms = [&self.input_layernorm, &self.post_attention_layernorm];
+        let norm_trains = norms
+            .iter()
+            .any(|norm| norm.weight.is_variable() || norm.bias.is_variable());
+        if !fused::applies(x) || ctx.composite_bias.is_some() || norm_trains {
+            return Ok(None);
+        }
+        let s = x.dim(1)?;
+        let mut layers = Vec::with_capacity(4);
+        for (number, linear) in (1..).zip([
+            &self.query_key_value,
+            &self.attention_dense,
+            &self.dense_h_to_4h,
+            &self.dense_4h_to_h,
+        ]) {
+            let draw = layer_dropout(ctx.dropout, number);
+            match linear.frozen(draw, s * linear.weight.dims2()?.1) {
+                Some(layer) => layers.push(layer),
+                None => return Ok(None),
+            }
+        }
+        // The adapters' gradients reach candle through a chain of links from
+        // a token, which the op takes as its second input: that makes the op
+        // a node of the graph even where `x` has none (the first block).
+        let mut token = None;
+        let layers = layers
+            .into_iter()
+            .map(|(layer, adapter)| {
+                let adapter = adapter
+                    .map(|[a, b]| {
+                        let slot = GradientSlot::default();
+                        let start = match token.take() {
+                            Some(token) => token,
+                            None => Tensor::zeros(1, DType::F32, x.device())?,
+                        };
+                        token = Some(link_gradients(&start, [&a, &b], &slot)?);
+                        Ok::<_, candle_core::Error>(Adapter {
+                            a: a.detach(),
+                            b: b.detach(),
+                            slot,
+                        })
+                    })
+                    .transpose()?;
+                Ok((layer, adapter))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let token = match token {
+            Some(token) => token,
+            None if x.track_op() => Tensor::zeros(1, DType::F32, x.device())?,
+            None => return Ok(None),
+        };
+        let op = FrozenBlock {
+            norms: norms.map(LayerNorm::clone),
+            layers,
+            attention: PackedAttention::new(ctx.n_head, &ctx.bias),
+            post_ln: ctx.post_ln,
+            saved: Mutex::new(None),
+        };
+        apply_op2(op, x, &token).map(Some)
+    }
+}
+
+/// A block with a frozen base (LoRA training, evaluation with an adapter)
+/// as one op whose backward pass is written out below, as the chain rule
+/// gives it from the forward in [`Block::apply`]. Through candle's autograd
+/// each edge of the block's graph allocated a zeroed gradient and added into
+/// it, and every intermediate tensor stayed alive until the backward pass;
+/// here the backward keeps four of them and recomputes the norms' outputs
+/// and GELU's. The adapters' gradients go to candle through
+/// [`link_gradients`].
+struct FrozenBlock {
+    norms: [LayerNorm; 2],
+    /// qkv, dense, h→4h, 4h→h.
+    layers: Vec<(FrozenLinear, Option<Adapter>)>,
+    attention: PackedAttention,
+    post_ln: bool,
+    saved: Mutex<Option<SavedActivations>>,
+}
+
+/// A layer's adapter in a [`FrozenBlock`]: A and B without their graph,
+/// and where their gradients go.
+struct Adapter {
+    a: Tensor,
+    b: Tensor,
+    slot: GradientSlot,
+}
+
+/// What the forward pass keeps for the backward.
+struct SavedActivations {
+    qkv: Tensor,
+    context: Tensor,
+    attended: Tensor,
+    up: Tensor,
+}
+
+impl FrozenBlock {
+    /// Linear layer `index` applied to `x` `[n, in]`, without a graph.
+    fn linear(&self, index: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (layer, adapter) = &self.layers[index];
+        layer.forward(x, adapter.as_ref().map(|adapter| (&adapter.a, &adapter.b)))
+    }
+
+    /// The input gradient of linear layer `index` at input `x`; its
+    /// adapter's gradients go to the adapter's slot.
+    fn linear_backward(
+        &self,
+        index: usize,
+        x: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (layer, adapter) = &self.layers[index];
+        let pair = adapter.as_ref().map(|adapter| (&adapter.a, &adapter.b));
+        let (grad_x, grad_adapter) = layer.backward(x, pair, grad)?;
+        if let (Some(adapter), Some((grad_a, grad_b))) = (adapter, grad_adapter) {
+            adapter.slot.fill([grad_a, grad_b]);
+        }
+        Ok(grad_x)
+    }
+}
+
+impl TensorOp2 for FrozenBlock {
+    fn name(&self) -> &'static str {
+        "bloom-frozen-block"
+    }
+
+    fn forward(&self, x: &Tensor, _anchor: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let rows = |t: &Tensor| t.reshape((b * s, ()));
+        let ln1 = self.norms[0].forward(x)?;
+        let qkv = self.linear(0, &rows(&ln1)?)?.reshape((b, s, ()))?;
+        let context = self.attention.forward(&qkv)?;
+        let attention = self.linear(1, &rows(&context)?)?.reshape((b, s, h))?;
+        let attended = (attention + if self.post_ln { &ln1 } else { x })?;
+        let ln2 = self.norms[1].forward(&attended)?;
+        let up = self.linear(2, &rows(&ln2)?)?;
+        let mlp = self.linear(3, &gelu(&up)?)?.reshape((b, s, h))?;
+        let output = (mlp + if self.post_ln { &ln2 } else { &attended })?;
+        *self.saved.lock().expect("not poisoned") = Some(SavedActivations {
+            qkv,
+            context,
+            attended,
+            up,
+        });
+        Ok(output)
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        _anchor: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<[Option<Tensor>; 2]> {
+        let Some(saved) = self.saved.lock().expect("not poisoned").take() else {
+            candle_core::bail!("bloom-frozen-block: a backward pass without its forward");
+        };
+        let (b, s, h) = x.dims3()?;
+        let rows = |t: &Tensor| t.reshape((b * s, ()));
+        let [ln1_weights, ln2_weights] = &self.norms;
+        let grad = rows(grad)?;
+        // The MLP and its residual.
+        let ln2 = ln2_weights.forward(&saved.attended)?;
+        let grad_activated = self.linear_backward(3, &gelu(&saved.up)?, &grad)?;
+        let grad_up = fused::gelu_gradient(&saved.up, &grad_activated)?;
+        let mut grad_ln2 = self.linear_backward(2, &rows(&ln2)?, &grad_up)?;
+        if self.post_ln {
+            grad_ln2 = (grad_ln2 + &grad)?;
+        }
+        let mut grad_attended = ln2_weights.input_gradient(&rows(&saved.attended)?, &grad_ln2)?;
+        if !self.post_ln {
+            grad_attended = (grad_attended + &grad)?;
+        }
+        // The attention and its residual.
+        let grad_context = self.linear_backward(1, &rows(&saved.context)?, &grad_attended)?;
+        let grad_qkv = self
+            .attention
+            .backward(&saved.qkv, &grad_context.reshape((b, s, h))?)?
+            .expect("the attention's input gradient");
+        let ln1 = ln1_weights.forward(x)?;
+        let mut grad_ln1 = self.linear_backward(0, &rows(&ln1)?, &rows(&grad_qkv)?)?;
+        if self.post_ln {
+            grad_ln1 = (grad_ln1 + &grad_attended)?;
+        }
+        let mut grad_x = ln1_weights.input_gradient(&rows(x)?, &grad_ln1)?;
+        if !self.post_ln {
+            grad_x = (grad_x + grad_attended)?;
+        }
+        let grad_token = Tensor::zeros(1, DType::F32, x.device())?;
+        Ok([Some(grad_x.reshape((b, s, h))?), Some(grad_token)])
     }
 }
 
@@ -428,6 +625,109 @@ pub const LORA_TARGETS: [&str; 4] = ["query_key_value", "dense", "dense_h_to_4h"
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::tests::{max_difference, random};
+    use crate::layers::Lora;
+    use candle_core::Var;
+
+    /// A block of hidden size 16, 2 heads, with adapters (rank 4, dropout
+    /// 0.1) on the layers `adapted` names by number (1 qkv … 4 4h→h).
+    fn block_with_adapters(adapted: &[usize]) -> Block {
+        let h = 16;
+        let norm = |seed| LayerNorm {
+            weight: random(&[h], seed).affine(0.2, 1.0).unwrap(),
+            bias: random(&[h], seed + 1),
+            eps: 1e-5,
+        };
+        let linear = |number: usize, input: usize, output: usize| Linear {
+            weight: LinearWeight::Dense((random(&[output, input], number as u64) * 0.3).unwrap()),
+            bias: Some(random(&[output], 10 + number as u64)),
+            lora: adapted.contains(&number).then(|| Lora {
+                a: Var::from_tensor(&random(&[4, input], 20 + number as u64)).unwrap(),
+                b: Var::from_tensor(&random(&[output, 4], 30 + number as u64)).unwrap(),
+                scale: 2.0,
+                dropout: 0.1,
+                magnitude: None,
+            }),
+        };
+        Block {
+            input_layernorm: norm(40),
+            query_key_value: linear(1, h, 3 * h),
+            attention_dense: linear(2, h, h),
+            post_attention_layernorm: norm(42),
+            dense_h_to_4h: linear(3, h, 4 * h),
+            dense_4h_to_h: linear(4, 4 * h, h),
+        }
+    }
+
+    #[test]
+    fn the_block_as_one_op_is_the_composite_block_with_its_gradients() {
+        // A left-padded row and an unpadded one, 5 positions.
+        let mask = [vec![0, 1, 1, 1, 1], vec![1; 5]];
+        for (adapted, post_ln, x_tracked) in [
+            (&[1, 2, 3, 4][..], false, true),
+            (&[1, 2, 3, 4][..], true, true),
+            // The first block: no graph on x, adapters on two layers only.
+            (&[2, 4][..], false, false),
+            // No adapter at all: x's gradient alone.
+            (&[][..], false, true),
+        ] {
+            let block = block_with_adapters(adapted);
+            let ctx = BlockContext {
+                bias: Arc::new(AttentionBias::alibi(&mask, 5, 2)),
+                composite_bias: None,
+                n_head: 2,
+                post_ln,
+                dropout: Some(DropoutDraw {
+                    seed: 7,
+                    first_row: 1,
+                }),
+            };
+            let x = Var::from_tensor(&random(&[2, 5, 16], 50)).unwrap();
+            let x = match x_tracked {
+                true => x.as_tensor().clone(),
+                false => x.as_tensor().detach(),
+            };
+            let one_op = block
+                .as_one_op(&x, &ctx)
+                .unwrap()
+                .expect("the block as one op");
+            let composite = block.apply(&x, &ctx, true, None).unwrap();
+            let case = format!("adapters {adapted:?}, post_ln {post_ln}");
+            assert!(max_difference(&one_op, &composite) < 1e-5, "{case}");
+            let weights = random(one_op.dims(), 60);
+            let gradients = |y: &Tensor| {
+                (y * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap()
+            };
+            let (ours, theirs) = (gradients(&one_op), gradients(&composite));
+            let mut checked = block.tensors();
+            checked.retain(Tensor::is_variable);
+            assert_eq!(checked.len(), 2 * adapted.len(), "{case}");
+            if x_tracked {
+                checked.push(x.clone());
+            }
+            for tensor in &checked {
+                let theirs = theirs.get(tensor).expect("the composite's gradient");
+                let ours = ours
+                    .get(tensor)
+                    .unwrap_or_else(|| panic!("{case}: no gradient"));
+                let scale = theirs
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(scale > 0.0, "{case}");
+                let difference = max_difference(ours, theirs) / scale;
+                assert!(difference < 1e-5, "{case}: {difference}");
+            }
+        }
+    }
 
     #[test]
     fn alibi_slopes_as_hf_computes_them() {

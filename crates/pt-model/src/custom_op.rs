@@ -4,7 +4,7 @@
 //! from them; candle's storage arguments would have to be copied into
 //! tensors first (a whole layer input per linear layer).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor, bail,
@@ -222,5 +222,54 @@ impl<T: TensorOp3> CustomOp3 for Op3<T> {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let [ga, gb, gc] = self.0.backward(a, b, c, grad)?;
         Ok((ga, gb, gc))
+    }
+}
+
+/// Where an op that computes the gradients of tensors other than its inputs
+/// (a block's adapters) leaves a pair of them for [`link_gradients`].
+#[derive(Clone, Default)]
+pub(crate) struct GradientSlot(Arc<Mutex<Option<[Tensor; 2]>>>);
+
+impl GradientSlot {
+    pub(crate) fn fill(&self, grads: [Tensor; 2]) {
+        *self.0.lock().expect("not poisoned") = Some(grads);
+    }
+}
+
+/// `token` (a one-element tensor) passed on through an op whose other
+/// inputs are `pair`: its backward hands out the gradients `slot` holds by
+/// then. An op that takes the link's output as an input is thereby upstream
+/// of it, so candle's backward pass runs that op's backward first, and
+/// `loss.backward()` carries the pair's gradients like any others.
+pub(crate) fn link_gradients(
+    token: &Tensor,
+    pair: [&Tensor; 2],
+    slot: &GradientSlot,
+) -> Result<Tensor> {
+    apply_op3(GradientLink(slot.clone()), token, pair[0], pair[1])
+}
+
+struct GradientLink(GradientSlot);
+
+impl TensorOp3 for GradientLink {
+    fn name(&self) -> &'static str {
+        "gradient-link"
+    }
+
+    fn forward(&self, token: &Tensor, _: &Tensor, _: &Tensor) -> Result<Tensor> {
+        Ok(token.clone())
+    }
+
+    fn backward(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]> {
+        let Some([first, second]) = (self.0).0.lock().expect("not poisoned").take() else {
+            bail!("gradient-link: the op downstream of it left no gradients");
+        };
+        Ok([Some(grad.clone()), Some(first), Some(second)])
     }
 }

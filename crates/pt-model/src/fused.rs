@@ -75,14 +75,23 @@ fn fast_exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.0, 88.0);
-    // Round to nearest by adding and removing 1.5·2²³ (`round` is a libm call).
+    // Round to nearest by adding and removing 1.5·2²³ (`round` is a libm
+    // call). The sum's low mantissa bits then hold n itself: reading it from
+    // them is integer arithmetic, where `n as i32` (a saturating cast, NaN to
+    // 0) compiled to a scalar compare-and-convert per lane and left the loops
+    // over this function one element at a time.
     const ROUND: f32 = 12_582_912.0;
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r / 720.0)))));
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    let biased_exponent = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    p * f32::from_bits(biased_exponent << 23)
 }
 
 /// `1 + tanh(u) = 2 σ(2u)`, so BLOOM's `0.5 x (1 + tanh(u))` is `x σ(2u)`,
@@ -169,22 +178,24 @@ impl CustomOp1 for Gelu {
     }
 
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(
-            // grad · gelu'(x)
-            x.apply_op2_no_bwd(
-                &grad.contiguous()?,
-                &ZippedBackward {
-                    name: "fused-gelu-backward",
-                    chunk: TASK,
-                    each: gelu_backward_slice,
-                },
-            )?,
-        ))
+        Ok(Some(gelu_gradient(x, grad)?))
     }
 }
 
 pub(crate) fn gelu_op(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Gelu)
+}
+
+/// `grad · gelu'(x)`: the input gradient of [`gelu_op`].
+pub(crate) fn gelu_gradient(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(
+        &grad.contiguous()?,
+        &ZippedBackward {
+            name: "fused-gelu-backward",
+            chunk: TASK,
+            each: gelu_backward_slice,
+        },
+    )
 }
 
 // --- LayerNorm over the last dimension ---------------------------------------
@@ -205,8 +216,8 @@ fn layer_norm_row(y: &mut [f32], x: &[f32], w: &[f32], b: &[f32], eps: f32) {
 #[inline(always)]
 fn row_statistics(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
-    let mean = row.iter().sum::<f32>() / n;
-    let variance = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / n;
+    let mean = sum_of(row, |v| v) / n;
+    let variance = sum_of(row, |v| (v - mean) * (v - mean)) / n;
     (mean, 1.0 / (variance + eps).sqrt())
 }
 
@@ -241,15 +252,35 @@ impl CustomOp3 for LayerNorm {
         _: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let backward = NormBackward {
-            name: "fused-layer-norm-backward",
-            sums: 2,
-            eps: self.eps,
-            row: layer_norm_row_backward,
-        };
-        let [dx, dw, db] = norm_backward(x, weight, grad, backward)?;
+        let [dx, dw, db] = norm_backward(x, weight, grad, layer_norm_backward(self.eps))?;
         Ok((dx, dw, db))
     }
+}
+
+fn layer_norm_backward(eps: f32) -> NormBackward {
+    NormBackward {
+        name: "fused-layer-norm-backward",
+        sums: 2,
+        eps,
+        row: layer_norm_row_backward,
+    }
+}
+
+/// The input gradient of [`layer_norm_op`] (a frozen weight's and bias's
+/// are summed on the way and dropped).
+pub(crate) fn layer_norm_input_gradient(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    grad: &Tensor,
+) -> Result<Tensor> {
+    let [dx, ..] = norm_backward(
+        &x.contiguous()?,
+        weight,
+        grad,
+        layer_norm_backward(eps as f32),
+    )?;
+    dx.ok_or_else(|| candle_core::Error::Msg("a norm's backward gave no input gradient".into()))
 }
 
 /// LayerNorm's backward of one row; sums: the weight's and bias's gradients.
@@ -257,19 +288,19 @@ impl CustomOp3 for LayerNorm {
 fn layer_norm_row_backward(eps: f32, Row { x, g, w, dx }: Row<'_>, sums: &mut [Vec<f32>]) {
     let h = w.len();
     let (mean, rstd) = row_statistics(x, eps);
-    let (mut mean_gy, mut mean_gy_xhat) = (0f32, 0f32);
+    // `dx` holds g ⊙ w until the last pass; the means are lane sums, as
+    // running ones would keep the loop one element at a time.
     for i in 0..h {
         let xhat = (x[i] - mean) * rstd;
-        let gy = g[i] * w[i];
-        mean_gy += gy;
-        mean_gy_xhat += gy * xhat;
+        dx[i] = g[i] * w[i];
         sums[0][i] += g[i] * xhat;
         sums[1][i] += g[i];
     }
-    (mean_gy, mean_gy_xhat) = (mean_gy / h as f32, mean_gy_xhat / h as f32);
+    let mean_gy = sum_of(dx, |gy| gy) / h as f32;
+    let mean_gy_xhat = sum_of_pairs(dx, x, |gy, x| gy * (x - mean) * rstd) / h as f32;
     for i in 0..h {
         let xhat = (x[i] - mean) * rstd;
-        dx[i] = rstd * (g[i] * w[i] - mean_gy - xhat * mean_gy_xhat);
+        dx[i] = rstd * (dx[i] - mean_gy - xhat * mean_gy_xhat);
     }
 }
 
@@ -278,15 +309,14 @@ fn layer_norm_row_backward(eps: f32, Row { x, g, w, dx }: Row<'_>, sums: &mut [V
 fn rms_norm_row_backward(eps: f32, Row { x, g, w, dx }: Row<'_>, sums: &mut [Vec<f32>]) {
     let h = w.len();
     let rstd = inverse_rms(x, eps);
-    let mut mean_gy_xhat = 0f32;
+    // `dx` holds g ⊙ w until the last pass (see `layer_norm_row_backward`).
     for i in 0..h {
-        let xhat = x[i] * rstd;
-        mean_gy_xhat += g[i] * w[i] * xhat;
-        sums[0][i] += g[i] * xhat;
+        dx[i] = g[i] * w[i];
+        sums[0][i] += g[i] * x[i] * rstd;
     }
-    mean_gy_xhat /= h as f32;
+    let mean_gy_xhat = sum_of_pairs(dx, x, |gy, x| gy * x * rstd) / h as f32;
     for i in 0..h {
-        dx[i] = rstd * (g[i] * w[i] - x[i] * rstd * mean_gy_xhat);
+        dx[i] = rstd * (dx[i] - x[i] * rstd * mean_gy_xhat);
     }
 }
 
@@ -407,7 +437,7 @@ fn rms_norm_row(y: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
 /// 1/rms of a row.
 #[inline(always)]
 fn inverse_rms(row: &[f32], eps: f32) -> f32 {
-    let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let mean_square = sum_of(row, |v| v * v) / row.len() as f32;
     1.0 / (mean_square + eps).sqrt()
 }
 
@@ -863,10 +893,41 @@ fn sum_of(values: &[f32], term: impl Fn(f32) -> f32) -> f32 {
     sums.iter().sum::<f32>() + tail.iter().map(|&x| term(x)).sum::<f32>()
 }
 
+/// The sum of `term` over `a` and `b` side by side, in [`LANES`] lanes.
+#[inline(always)]
+fn sum_of_pairs(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
+    let b = &b[..a.len()];
+    let ((a_chunks, a_tail), (b_chunks, b_tail)) = (a.as_chunks::<LANES>(), b.as_chunks::<LANES>());
+    let mut sums = [0f32; LANES];
+    for (a, b) in a_chunks.iter().zip(b_chunks) {
+        for ((s, &a), &b) in sums.iter_mut().zip(a).zip(b) {
+            *s += term(a, b);
+        }
+    }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(&a, &b)| term(a, b)).sum();
+    sums.iter().sum::<f32>() + tail
+}
+
+/// Where `value` first occurs in `values` (0 if nowhere): whole chunks are
+/// tested without a branch per element, so that the scan vectorises.
+#[inline(always)]
+fn first_position(values: &[f32], value: f32) -> usize {
+    let (chunks, _) = values.as_chunks::<LANES>();
+    let chunk = chunks
+        .iter()
+        .position(|chunk| chunk.iter().fold(false, |found, &x| found | (x == value)))
+        .unwrap_or(chunks.len());
+    let start = chunk * LANES;
+    values[start..]
+        .iter()
+        .position(|&x| x == value)
+        .map_or(0, |offset| start + offset)
+}
+
 /// `dz = scale · p ⊙ (g − Σ g p)` of one row.
 #[multiversion(targets = "simd")]
 fn softmax_backward_row(dz: &mut [f32], p: &[f32], g: &[f32], scale: f32) {
-    let dot: f32 = p.iter().zip(g).map(|(p, g)| p * g).sum();
+    let dot = sum_of_pairs(p, g, |p, g| p * g);
     for ((dz, p), g) in dz.iter_mut().zip(p).zip(g) {
         *dz = scale * p * (g - dot);
     }
@@ -921,7 +982,7 @@ impl candle_core::InplaceOp1 for CrossEntropyRows<'_> {
 #[multiversion(targets = "simd")]
 fn cross_entropy_row(z: &mut [f32], target: Option<u32>, into_gradient: bool) -> (f32, u32) {
     let max = max_of(z);
-    let argmax = z.iter().position(|&x| x == max).unwrap_or(0) as u32;
+    let argmax = first_position(z, max) as u32;
     let sum = sum_of(z, |x| fast_exp(x - max));
     let Some(target) = target.map(|t| t as usize) else {
         if into_gradient {
@@ -1188,7 +1249,42 @@ pub(crate) mod tests {
         }
         // A few f32 ulps: the tanh form through libm is no closer to the f64 truth.
         assert!(worst.0 < 2e-6 && worst.1 < 1e-5, "{worst:?}");
+    }
+
+    #[test]
+    fn lane_reductions_are_the_plain_ones() {
+        // Lengths around the lane count: empty, tail only, whole chunks, both.
+        for n in [0, 1, 15, 16, 17, 48, 50] {
+            let a: Vec<f32> = (0..n).map(|i| ((i * 7919) % 31) as f32 - 15.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| ((i * 104_729) % 17) as f32 * 0.5).collect();
+            let plain: f32 = a.iter().zip(&b).map(|(a, b)| a * b).sum();
+            assert_eq!(sum_of_pairs(&a, &b, |a, b| a * b), plain, "n = {n}");
+            for value in a.iter().copied().chain([1e9]) {
+                let plain = a.iter().position(|&x| x == value).unwrap_or(0);
+                assert_eq!(first_position(&a, value), plain, "n = {n}, {value}");
+            }
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_exp_over_the_whole_clamped_range() {
+        let relative_error = |x: f32| {
+            let exact = (x as f64).exp();
+            (fast_exp(x) as f64 - exact).abs() / exact
+        };
+        // Every exponent n from −126 to 127, both ends of each rounding
+        // interval and the points between.
+        let worst = (-8_700_000..=8_800_000)
+            .step_by(7)
+            .map(|i| relative_error(i as f32 * 1e-5))
+            .fold(0f64, f64::max);
+        assert!(worst < 3e-7, "{worst:e}");
         assert_eq!(fast_exp(0.0), 1.0);
-        assert!((fast_exp(-87.0) / (-87f32).exp() - 1.0).abs() < 1e-6);
+        assert!(relative_error(-87.0) < 3e-7 && relative_error(88.0) < 3e-7);
+        // Beyond the clamps: e⁻⁸⁷ and e⁸⁸, never 0, ∞ or a wrapped exponent.
+        assert_eq!(fast_exp(-1000.0), fast_exp(-87.0));
+        assert_eq!(fast_exp(f32::NEG_INFINITY), fast_exp(-87.0));
+        assert_eq!(fast_exp(1000.0), fast_exp(88.0));
+        assert!(fast_exp(f32::NAN).is_nan());
     }
 }

@@ -4,7 +4,7 @@
 
 use candle_core::{Tensor, Var};
 
-use crate::linear::{Dropout, LinearWeight, LoraPass, linear};
+use crate::linear::{Dropout, FrozenLinear, LinearWeight, LoraPass, linear};
 
 /// How a training micro-batch draws its dropout masks: from `seed`, as rows
 /// `first_row..` of a larger batch draw them (a rank's share of a
@@ -50,7 +50,25 @@ impl Linear {
         track: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, s, d) = x.dims3()?;
-        let lora = self.lora.as_ref().map(|lora| {
+        linear(
+            &x.reshape((b * s, d))?,
+            &self.weight,
+            self.bias.as_ref(),
+            self.lora_pass(dropout, s * d, track),
+        )?
+        .reshape((b, s, self.weight.dims2()?.0))
+    }
+
+    /// The adapter's part in a pass over inputs of `row_elements` per batch
+    /// row: A and B (without their graph unless `track`), and the dropout
+    /// masks `dropout` draws.
+    fn lora_pass(
+        &self,
+        dropout: Option<DropoutDraw>,
+        row_elements: usize,
+        track: bool,
+    ) -> Option<LoraPass> {
+        self.lora.as_ref().map(|lora| {
             let tracked = |v: &Var| {
                 let t = v.as_tensor();
                 if track { t.clone() } else { t.detach() }
@@ -63,17 +81,30 @@ impl Linear {
                 dropout: dropout.filter(|_| lora.dropout > 0.0).map(|draw| Dropout {
                     p: lora.dropout,
                     seed: draw.seed,
-                    first_element: draw.first_row * s * d,
+                    first_element: draw.first_row * row_elements,
                 }),
             }
-        });
-        linear(
-            &x.reshape((b * s, d))?,
-            &self.weight,
-            self.bias.as_ref(),
-            lora,
-        )?
-        .reshape((b, s, self.weight.dims2()?.0))
+        })
+    }
+
+    /// The layer as a [`FrozenLinear`] for a pass over inputs of
+    /// `row_elements` per batch row, with its adapter's A and B (the
+    /// variables themselves); `None` where the base weight trains (full
+    /// fine-tuning, a trained bias) or the adapter is DoRA.
+    pub(crate) fn frozen(
+        &self,
+        dropout: Option<DropoutDraw>,
+        row_elements: usize,
+    ) -> Option<(FrozenLinear, Option<[Tensor; 2]>)> {
+        let trains = |t: &Tensor| t.is_variable();
+        if matches!(&self.weight, LinearWeight::Dense(weight) if trains(weight))
+            || self.bias.as_ref().is_some_and(trains)
+        {
+            return None;
+        }
+        let pass = self.lora_pass(dropout, row_elements, true);
+        let op = FrozenLinear::new(&self.weight, self.bias.as_ref(), pass.as_ref())?;
+        Some((op, pass.map(|pass| [pass.a, pass.b])))
     }
 }
 

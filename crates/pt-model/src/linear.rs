@@ -154,7 +154,7 @@ const WORDS_AT_ONCE: usize = 256;
 /// What [`FrozenLinear`] keeps of a [`LoraPass`]: A and B are the op's
 /// inputs, so the op holds only the scale and the dropout.
 #[derive(Clone, Copy)]
-struct LoraSettings {
+pub(crate) struct LoraSettings {
     scale: f64,
     dropout: Option<Dropout>,
 }
@@ -244,7 +244,7 @@ impl LoraSettings {
 /// adapter only: candle's matmul backward would also compute `W`'s (for
 /// BLOOM's tied LM head alone a `[vocab, hidden]` product per step) and
 /// throw it away, and its graph would keep every intermediate tensor.
-struct FrozenLinear {
+pub(crate) struct FrozenLinear {
     weight: LinearWeight,
     bias: Option<Tensor>,
     /// Scale and dropout of the adapter, whose A and B are the op's 2nd and 3rd inputs.
@@ -252,7 +252,24 @@ struct FrozenLinear {
 }
 
 impl FrozenLinear {
-    fn forward(&self, x: &Tensor, lora: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
+    /// The layer of `weight` (frozen) and `bias`, with `lora`'s scale and
+    /// dropout where it has an adapter; `None` for DoRA, whose magnitude
+    /// this op does not differentiate.
+    pub(crate) fn new(
+        weight: &LinearWeight,
+        bias: Option<&Tensor>,
+        lora: Option<&LoraPass>,
+    ) -> Option<Self> {
+        lora.is_none_or(|pass| pass.magnitude.is_none())
+            .then(|| Self {
+                weight: weight.clone(),
+                bias: bias.cloned(),
+                lora: lora.map(LoraPass::settings),
+            })
+    }
+
+    /// `x Wᵀ (+ bias) (+ the adapter of A and B)`, `x` `[n, in]`.
+    pub(crate) fn forward(&self, x: &Tensor, lora: Option<(&Tensor, &Tensor)>) -> Result<Tensor> {
         let y = self.weight.product(x, self.bias.as_ref())?;
         let (Some(pass), Some((a, b))) = (&self.lora, lora) else {
             return Ok(y);
@@ -265,7 +282,7 @@ impl FrozenLinear {
     }
 
     /// Gradients of `x` and, with an adapter, of its A and B.
-    fn backward(
+    pub(crate) fn backward(
         &self,
         x: &Tensor,
         lora: Option<(&Tensor, &Tensor)>,
@@ -392,13 +409,11 @@ pub fn linear(
     bias: Option<&Tensor>,
     lora: Option<LoraPass>,
 ) -> Result<Tensor> {
-    if let Some(pass) = lora.as_ref().filter(|l| l.magnitude.is_some()) {
+    let Some(op) = FrozenLinear::new(weight, bias, lora.as_ref()) else {
+        let pass = lora
+            .as_ref()
+            .expect("only an adapter makes a layer no FrozenLinear");
         return dora_linear(x, weight, bias, pass);
-    }
-    let op = FrozenLinear {
-        weight: weight.clone(),
-        bias: bias.cloned(),
-        lora: lora.as_ref().map(LoraPass::settings),
     };
     let adapter = lora.as_ref().map(|l| (&l.a, &l.b));
     let tracked = x.track_op() || adapter.is_some_and(|(a, b)| a.track_op() || b.track_op());

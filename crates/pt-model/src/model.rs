@@ -111,6 +111,17 @@ pub(crate) trait DecoderBlock: Clone + Send + Sync + 'static {
 
     /// The block's tensors: norms' and linear layers' (with adapters).
     fn tensors(&self) -> Vec<Tensor>;
+
+    /// The block applied to `x` as one op with a backward pass of its own,
+    /// where the block supports that for `x` (BLOOM's, on the CPU in f32,
+    /// with a frozen base); `None` where it does not.
+    fn as_one_op(
+        &self,
+        _x: &Tensor,
+        _context: &Self::Context,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(None)
+    }
 }
 
 impl<B: DecoderBlock> Recompute for B {
@@ -150,10 +161,16 @@ pub(crate) fn run_blocks<B: DecoderBlock>(
     for (index, block) in blocks.iter().enumerate() {
         let context = context(index);
         let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-        hidden = if pass.checkpointing && hidden.track_op() {
-            checkpoint::checkpointed(block, &hidden, context, pass.side)?
-        } else {
-            block.apply(&hidden, &context, true, layer_cache)?
+        let as_one_op = match (&layer_cache, pass.checkpointing) {
+            (None, false) => block.as_one_op(&hidden, &context)?,
+            _ => None,
+        };
+        hidden = match as_one_op {
+            Some(output) => output,
+            None if pass.checkpointing && hidden.track_op() => {
+                checkpoint::checkpointed(block, &hidden, context, pass.side)?
+            }
+            None => block.apply(&hidden, &context, true, layer_cache)?,
         };
     }
     Ok(hidden)
