@@ -40,9 +40,9 @@ pub(crate) struct Linear {
 
 impl Linear {
     /// `dropout`: how this layer draws its mask while training (`None`:
-    /// evaluation). `track`: false while a checkpointed block runs its
-    /// forward without building a graph (its backward recomputes with
-    /// `track` true).
+    /// evaluation). `track`: false where the pass builds no graph
+    /// (evaluation, generation, a checkpointed block's forward, whose
+    /// backward recomputes with `track` true).
     pub(crate) fn forward(
         &self,
         x: &Tensor,

@@ -76,6 +76,10 @@ impl KvCache {
 pub(crate) struct Pass<'a> {
     /// The micro-batch's dropout masks; `None` outside training.
     pub dropout: Option<DropoutDraw>,
+    /// Whether the pass builds a graph for the adapters' gradients: false
+    /// where no gradient is ever taken (evaluation, generation), so that
+    /// no block keeps its activations for a backward pass.
+    pub track: bool,
     /// Recompute each block in the backward pass instead of keeping its activations.
     pub checkpointing: bool,
     /// Where checkpointed blocks leave their trainable tensors' gradients.
@@ -98,7 +102,8 @@ pub(crate) trait DecoderBlock: Clone + Send + Sync + 'static {
     /// positions, dropout draws); cheap to clone.
     type Context: Clone + Send + Sync + 'static;
 
-    /// `track`: false while the block runs without a graph (checkpointing);
+    /// `track`: false while the block runs without a graph (checkpointing,
+    /// evaluation, generation);
     /// `cache`: this block's keys and values of earlier positions, extended
     /// with `x`'s.
     fn apply(
@@ -161,16 +166,16 @@ pub(crate) fn run_blocks<B: DecoderBlock>(
     for (index, block) in blocks.iter().enumerate() {
         let context = context(index);
         let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-        let as_one_op = match (&layer_cache, pass.checkpointing) {
-            (None, false) => block.as_one_op(&hidden, &context)?,
+        let as_one_op = match (&layer_cache, pass.track && !pass.checkpointing) {
+            (None, true) => block.as_one_op(&hidden, &context)?,
             _ => None,
         };
         hidden = match as_one_op {
             Some(output) => output,
-            None if pass.checkpointing && hidden.track_op() => {
+            None if pass.track && pass.checkpointing && hidden.track_op() => {
                 checkpoint::checkpointed(block, &hidden, context, pass.side)?
             }
-            None => block.apply(&hidden, &context, true, layer_cache)?,
+            None => block.apply(&hidden, &context, pass.track, layer_cache)?,
         };
     }
     Ok(hidden)
@@ -367,14 +372,17 @@ impl Model {
         self.recomputed_grads.backward(loss)
     }
 
+    /// `track`: see [`Pass::track`].
     fn hidden_states(
         &self,
         input_ids: &[Vec<u32>],
         mask: &[Vec<u32>],
         cache: Option<&mut KvCache>,
+        track: bool,
     ) -> Result<Tensor> {
         let pass = Pass {
             dropout: self.dropout.get(),
+            track,
             checkpointing: self.gradient_checkpointing,
             side: &self.recomputed_grads,
         };
@@ -386,7 +394,7 @@ impl Model {
         let (b, s) = (input_ids.len(), input_ids[0].len());
         let config = self.config();
         let hidden = self
-            .hidden_states(input_ids, mask, None)?
+            .hidden_states(input_ids, mask, None, true)?
             .reshape((b * s, config.hidden_size))?;
         Ok(frozen_matmul(&hidden, self.arch.lm_head())?.reshape((b, s, config.vocab_size))?)
     }
@@ -403,7 +411,7 @@ impl Model {
     ) -> Result<(Tensor, usize)> {
         let (b, s) = (input_ids.len(), input_ids[0].len());
         let hidden = self
-            .hidden_states(input_ids, mask, None)?
+            .hidden_states(input_ids, mask, None, true)?
             .reshape((b * s, self.config().hidden_size))?;
         let targets = next_token_targets(labels, s);
         Ok(lm_head_loss_sum(&hidden, self.arch.lm_head(), &targets)?)
@@ -420,8 +428,10 @@ impl Model {
         labels: &[Vec<i64>],
     ) -> Result<(f64, usize, Vec<Vec<u32>>)> {
         let (b, s) = (input_ids.len(), input_ids[0].len());
+        // No gradient is taken: without a graph, an adapter's blocks keep
+        // none of their activations.
         let hidden = self
-            .hidden_states(input_ids, mask, None)?
+            .hidden_states(input_ids, mask, None, false)?
             .reshape((b * s, self.config().hidden_size))?;
         let targets = next_token_targets(labels, s);
         let (loss_sum, count, predictions) =
@@ -464,7 +474,7 @@ impl Model {
     ) -> Result<Tensor> {
         let (b, s) = (input_ids.len(), input_ids[0].len());
         let hidden = self
-            .hidden_states(input_ids, mask, cache)?
+            .hidden_states(input_ids, mask, cache, true)?
             .reshape((b * s, self.config().hidden_size))?;
         let rows: Vec<u32> = positions.iter().map(|&(r, p)| (r * s + p) as u32).collect();
         let rows = Tensor::from_vec(rows, positions.len(), hidden.device())?;
@@ -483,7 +493,7 @@ impl Model {
         mask: &[Vec<u32>],
         cache: &mut KvCache,
     ) -> Result<Tensor> {
-        let hidden = self.hidden_states(new_ids, mask, Some(cache))?;
+        let hidden = self.hidden_states(new_ids, mask, Some(cache), false)?;
         let last = hidden.narrow(1, hidden.dim(1)? - 1, 1)?.squeeze(1)?;
         Ok(frozen_matmul(&last, self.arch.lm_head())?)
     }

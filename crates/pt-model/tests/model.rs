@@ -945,3 +945,37 @@ fn a_bf16_held_base_computes_its_rounded_weights_in_f32() {
         );
     }
 }
+
+/// Evaluation runs its blocks with the adapters detached (no graph) and
+/// still applies them: its loss and arg-maxes are those of the training
+/// path and of the logits, for a trained adapter in every family.
+#[test]
+fn evaluation_with_an_adapter_gives_the_training_paths_loss_and_arg_maxes() {
+    for family in FAMILIES {
+        let mut model = family_model(family, DType::F32);
+        let (batch, mask, labels) = two_blocks(family);
+        let (base_loss, _, _) = model
+            .eval_loss_sum_and_predictions(&batch, &mask, &labels)
+            .unwrap();
+        model
+            .load_adapter(&fixture_of(family).join("lora_final"))
+            .unwrap();
+        let (loss, count, predictions) = model
+            .eval_loss_sum_and_predictions(&batch, &mask, &labels)
+            .unwrap();
+        let (trained, trained_count) = model.loss_sum(&batch, &mask, &labels).unwrap();
+        let trained = trained.to_scalar::<f32>().unwrap() as f64;
+        assert_eq!(count, trained_count, "{family}");
+        assert!(
+            (loss - trained).abs() <= 1e-5 * trained.abs(),
+            "{family}: {loss} vs {trained}"
+        );
+        assert!(
+            (loss - base_loss).abs() > 1e-4 * loss.abs(),
+            "{family}: the adapter applies"
+        );
+        let logits = model.forward(&batch, &mask).unwrap();
+        let arg_maxes = logits.argmax(2).unwrap().to_vec2::<u32>().unwrap();
+        assert_eq!(predictions, arg_maxes, "{family}");
+    }
+}
