@@ -11,7 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 
 use crate::attention::{PackedAttention, merge_heads, packed_attention, split_heads};
-use crate::custom_op::{GradientSlot, TensorOp1, TensorOp2, apply_op2, link_gradients};
+use crate::custom_op::{
+    GradientSlot, TensorOp1, TensorOp2, apply_op2, gradient_token, link_gradients,
+};
 use crate::fused::{self, AttentionBias};
 use crate::hf_dir::{BlockWeights, Compact, Weights};
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
@@ -232,6 +234,10 @@ impl DecoderBlock for Block {
             return Ok(None);
         }
         let s = x.dim(1)?;
+        // The adapters' gradients reach candle through a chain of links from
+        // a token, which the op takes as its second input: that makes the op
+        // a node of the graph even where `x` has none (the first block).
+        let mut token = None;
         let mut layers = Vec::with_capacity(4);
         for (number, linear) in (1..).zip([
             &self.query_key_value,
@@ -240,39 +246,30 @@ impl DecoderBlock for Block {
             &self.dense_4h_to_h,
         ]) {
             let draw = layer_dropout(ctx.dropout, number);
-            match linear.frozen(draw, s * linear.weight.dims2()?.1) {
-                Some(layer) => layers.push(layer),
-                None => return Ok(None),
-            }
-        }
-        // The adapters' gradients reach candle through a chain of links from
-        // a token, which the op takes as its second input: that makes the op
-        // a node of the graph even where `x` has none (the first block).
-        let mut token = None;
-        let layers = layers
-            .into_iter()
-            .map(|(layer, adapter)| {
-                let adapter = adapter
-                    .map(|[a, b]| {
-                        let slot = GradientSlot::default();
-                        let start = match token.take() {
-                            Some(token) => token,
-                            None => Tensor::zeros(1, DType::F32, x.device())?,
-                        };
-                        token = Some(link_gradients(&start, [&a, &b], &slot)?);
-                        Ok::<_, candle_core::Error>(Adapter {
-                            a: a.detach(),
-                            b: b.detach(),
-                            slot,
-                        })
+            let Some((layer, adapter)) = linear.frozen(draw, s * linear.weight.dims2()?.1) else {
+                return Ok(None);
+            };
+            let adapter = match adapter {
+                Some([a, b]) => {
+                    let slot = GradientSlot::default();
+                    let start = match token.take() {
+                        Some(token) => token,
+                        None => gradient_token(x.device())?,
+                    };
+                    token = Some(link_gradients(&start, [&a, &b], &slot)?);
+                    Some(Adapter {
+                        a: a.detach(),
+                        b: b.detach(),
+                        slot,
                     })
-                    .transpose()?;
-                Ok((layer, adapter))
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+                }
+                None => None,
+            };
+            layers.push((layer, adapter));
+        }
         let token = match token {
             Some(token) => token,
-            None if x.track_op() => Tensor::zeros(1, DType::F32, x.device())?,
+            None if x.track_op() => gradient_token(x.device())?,
             None => return Ok(None),
         };
         let op = FrozenBlock {
@@ -410,8 +407,10 @@ impl TensorOp2 for FrozenBlock {
         if !self.post_ln {
             grad_x = (grad_x + grad_attended)?;
         }
-        let grad_token = Tensor::zeros(1, DType::F32, x.device())?;
-        Ok([Some(grad_x.reshape((b, s, h))?), Some(grad_token)])
+        Ok([
+            Some(grad_x.reshape((b, s, h))?),
+            Some(gradient_token(x.device())?),
+        ])
     }
 }
 

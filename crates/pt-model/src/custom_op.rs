@@ -236,6 +236,12 @@ impl GradientSlot {
     }
 }
 
+/// A one-element tensor: the start of a chain of [`link_gradients`], and
+/// the gradient an op hands back for the chain's end.
+pub(crate) fn gradient_token(device: &candle_core::Device) -> Result<Tensor> {
+    Tensor::zeros(1, candle_core::DType::F32, device)
+}
+
 /// `token` (a one-element tensor) passed on through an op whose other
 /// inputs are `pair`: its backward hands out the gradients `slot` holds by
 /// then. An op that takes the link's output as an input is thereby upstream

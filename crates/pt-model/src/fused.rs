@@ -280,7 +280,7 @@ pub(crate) fn layer_norm_input_gradient(
         grad,
         layer_norm_backward(eps as f32),
     )?;
-    dx.ok_or_else(|| candle_core::Error::Msg("a norm's backward gave no input gradient".into()))
+    Ok(dx.expect("a norm's backward gives its input's gradient"))
 }
 
 /// LayerNorm's backward of one row; sums: the weight's and bias's gradients.

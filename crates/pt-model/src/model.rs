@@ -166,9 +166,10 @@ pub(crate) fn run_blocks<B: DecoderBlock>(
     for (index, block) in blocks.iter().enumerate() {
         let context = context(index);
         let layer_cache = cache.as_deref_mut().map(|c| &mut c.layers[index]);
-        let as_one_op = match (&layer_cache, pass.track && !pass.checkpointing) {
-            (None, true) => block.as_one_op(&hidden, &context)?,
-            _ => None,
+        let as_one_op = if pass.track && !pass.checkpointing && layer_cache.is_none() {
+            block.as_one_op(&hidden, &context)?
+        } else {
+            None
         };
         hidden = match as_one_op {
             Some(output) => output,
