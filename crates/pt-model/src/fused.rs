@@ -715,6 +715,43 @@ impl AttentionBias {
         }
     }
 
+    /// Whether row `b` has no padding: its queries then see exactly their
+    /// causal prefix of keys.
+    pub(crate) fn unpadded(&self, b: usize) -> bool {
+        self.real[b * self.keys..(b + 1) * self.keys]
+            .iter()
+            .all(|&r| r)
+    }
+
+    /// Query `i` of row `b` (`unpadded`: [`Self::unpadded`]) under `head`:
+    /// the softmax of its raw scores `z` into `p`, over the keys `..p.len()`,
+    /// which must hold all it may see and, in a padded row, all keys (a pad
+    /// query that may see none is uniform over them, as HF's finite mask
+    /// minimum makes it).
+    pub(crate) fn softmax_row(
+        &self,
+        p: &mut [f32],
+        z: &[f32],
+        scale: f32,
+        (b, head, i): (usize, usize, usize),
+        unpadded: bool,
+    ) {
+        let row = AttentionRow {
+            scale,
+            slope: self.slopes[head],
+            positions: &self.positions[b * self.keys..(b + 1) * self.keys],
+        };
+        // Without padding the allowed keys are the causal prefix: loops with
+        // no test per key, which vectorise.
+        if unpadded {
+            let (prefix, rest) = p.split_at_mut(self.keys - self.queries + i + 1);
+            softmax_prefix(prefix, z, &row);
+            rest.fill(0.0);
+        } else {
+            row.softmax_masked(p, z, |j| self.allowed(b, i, j));
+        }
+    }
+
     /// Whether query `i` (of `queries`) of row `b` may attend to key `j`.
     fn allowed(&self, b: usize, i: usize, j: usize) -> bool {
         j <= self.keys - self.queries + i && self.real[b * self.keys + j]
@@ -765,7 +802,7 @@ impl CustomOp1 for AttentionSoftmax {
         let scores = values(storage, layout)?;
         let bias = &self.bias;
         let (s, q, heads) = (bias.keys, bias.queries, bias.slopes.len());
-        let unpadded: Vec<bool> = bias.real.chunks(s).map(|r| r.iter().all(|&r| r)).collect();
+        let unpadded: Vec<bool> = (0..bias.batch).map(|b| bias.unpadded(b)).collect();
         let mut probs = vec![0f32; scores.len()];
         probs
             .par_chunks_mut(s)
@@ -773,21 +810,7 @@ impl CustomOp1 for AttentionSoftmax {
             .enumerate()
             .for_each(|(r, (p, z))| {
                 let (b, head, i) = (r / (heads * q), (r / q) % heads, r % q);
-                let positions = &bias.positions[b * s..(b + 1) * s];
-                let row = AttentionRow {
-                    scale: self.scale,
-                    slope: bias.slopes[head],
-                    positions,
-                };
-                // Without padding the allowed keys are the causal prefix: loops
-                // with no test per key, which vectorise.
-                if unpadded[b] {
-                    let (prefix, rest) = p.split_at_mut(s - q + i + 1);
-                    softmax_prefix(prefix, z, &row);
-                    rest.fill(0.0);
-                } else {
-                    row.softmax_masked(p, z, |j| bias.allowed(b, i, j));
-                }
+                bias.softmax_row(p, z, self.scale, (b, head, i), unpadded[b]);
             });
         output(probs, layout.shape())
     }
@@ -926,7 +949,7 @@ fn first_position(values: &[f32], value: f32) -> usize {
 
 /// `dz = scale · p ⊙ (g − Σ g p)` of one row.
 #[multiversion(targets = "simd")]
-fn softmax_backward_row(dz: &mut [f32], p: &[f32], g: &[f32], scale: f32) {
+pub(crate) fn softmax_backward_row(dz: &mut [f32], p: &[f32], g: &[f32], scale: f32) {
     let dot = sum_of_pairs(p, g, |p, g| p * g);
     for ((dz, p), g) in dz.iter_mut().zip(p).zip(g) {
         *dz = scale * p * (g - dot);
@@ -1036,17 +1059,19 @@ pub(crate) mod tests {
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
+    /// The largest elementwise difference; infinite where either holds a
+    /// NaN the other does not (candle's `max` skips NaNs).
     pub(crate) fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        values(a)
+            .iter()
+            .zip(values(b))
+            .map(|(&a, b)| match (a - b).abs() {
+                d if d.is_nan() && !(a.is_nan() && b.is_nan()) => f32::INFINITY,
+                d if d.is_nan() => 0.0,
+                d => d,
+            })
+            .fold(0.0, f32::max)
     }
 
     /// Runs `f` (fused) and `g` (composite) on the same variables and

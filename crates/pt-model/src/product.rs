@@ -71,13 +71,13 @@ impl Matrices {
         })
     }
 
-    /// One past the last element of `count` matrices of `[rows, columns]`.
-    fn end(&self, count: usize, rows: usize, columns: usize) -> usize {
-        self.start
-            + (count - 1) * self.batch
-            + (rows - 1) * self.row
-            + (columns - 1) * self.column
-            + 1
+    /// Matrix `index` of the batch.
+    fn at(&self, index: usize) -> Placed {
+        Placed {
+            start: self.start + index * self.batch,
+            row: self.row,
+            column: self.column,
+        }
     }
 }
 
@@ -156,38 +156,23 @@ fn multiply(
     if sizes.values() == 0 {
         return Ok(());
     }
-    if dst.len < sizes.values()
-        || (k > 0 && (a.end(count, m, k) > lhs.len() || b.end(count, k, n) > rhs.len()))
-    {
-        bail!("product: a layout reaches past its storage");
-    }
     let threads = rayon::current_num_threads();
     let one = |index: usize, parallelism: Parallelism| {
-        // SAFETY: the reads stay inside `lhs` and `rhs` (checked above; with
-        // `k == 0` gemm reads neither). Matrix `index` is its own `m · n`
-        // values of `dst` (which holds them all, checked above), written by
-        // no other call; gemm reads them only with `accumulate`.
+        let dst_at = Placed {
+            start: index * m * n,
+            row: n,
+            column: 1,
+        };
+        // SAFETY: matrix `index` is its own `m · n` values of `dst`, written
+        // by no other call.
         #[allow(unsafe_code)]
         unsafe {
-            gemm::gemm(
-                m,
-                n,
-                k,
-                dst.at(index * m * n),
-                1,
-                n as isize,
+            product_at(
+                (dst, dst_at),
                 accumulate,
-                lhs.as_ptr().wrapping_add(a.start + index * a.batch),
-                a.column as isize,
-                a.row as isize,
-                rhs.as_ptr().wrapping_add(b.start + index * b.batch),
-                b.column as isize,
-                b.row as isize,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
+                (lhs, a.at(index)),
+                (rhs, b.at(index)),
+                [m, k, n],
                 parallelism,
             )
         }
@@ -195,11 +180,10 @@ fn multiply(
     if count >= threads && threads > 1 {
         (0..count)
             .into_par_iter()
-            .for_each(|index| one(index, Parallelism::None));
+            .try_for_each(|index| one(index, Parallelism::None))
     } else {
-        (0..count).for_each(|index| one(index, Parallelism::Rayon(threads)));
+        (0..count).try_for_each(|index| one(index, Parallelism::Rayon(threads)))
     }
-    Ok(())
 }
 
 fn f32_values(storage: &CpuStorage) -> Result<&[f32]> {
@@ -224,12 +208,9 @@ impl CustomOp2 for Product {
         rhs_layout: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let sizes = Sizes::of(lhs_layout, rhs_layout)?;
-        let mut out = Vec::<f32>::with_capacity(sizes.values());
+        let mut out = Vec::<f32>::new();
         multiply(
-            Dst {
-                start: out.as_mut_ptr(),
-                len: sizes.values(),
-            },
+            Dst::spare(&mut out, sizes.values()),
             false,
             (f32_values(lhs)?, lhs_layout),
             (f32_values(rhs)?, rhs_layout),
@@ -281,10 +262,7 @@ impl InplaceOp3 for AddProduct {
     ) -> Result<()> {
         let total = fused::values_mut(total, total_layout)?;
         multiply(
-            Dst {
-                start: total.as_mut_ptr(),
-                len: total.len(),
-            },
+            Dst::of(total),
             true,
             (f32_values(lhs)?, lhs_layout),
             (f32_values(rhs)?, rhs_layout),
@@ -295,15 +273,132 @@ impl InplaceOp3 for AddProduct {
 /// Where a product's output starts and how many values it holds, shared by
 /// the tasks that each write their own matrices of it.
 #[derive(Clone, Copy)]
-struct Dst {
+pub(crate) struct Dst {
     start: *mut f32,
     len: usize,
 }
 
 impl Dst {
-    fn at(self, offset: usize) -> *mut f32 {
-        self.start.wrapping_add(offset)
+    /// All of `values`, which must outlive every use of the result.
+    pub(crate) fn of(values: &mut [f32]) -> Self {
+        Self {
+            start: values.as_mut_ptr(),
+            len: values.len(),
+        }
     }
+
+    /// The first `len` values of `values`' spare capacity (its length is
+    /// set once they are written). Debug builds fill them with NaN first,
+    /// so that a test sees any value read before it is written.
+    pub(crate) fn spare(values: &mut Vec<f32>, len: usize) -> Self {
+        values.reserve(len);
+        // SAFETY: `reserve` made room for `len` values there.
+        #[cfg(debug_assertions)]
+        #[allow(unsafe_code)]
+        unsafe {
+            values.as_mut_ptr().write_bytes(0xFF, len)
+        };
+        Self {
+            start: values.as_mut_ptr(),
+            len,
+        }
+    }
+}
+
+/// Where one matrix lies in a slice: element `[i, j]` at `start + i · row +
+/// j · column`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Placed {
+    pub start: usize,
+    pub row: usize,
+    pub column: usize,
+}
+
+impl Placed {
+    /// A row-major matrix of `columns` at the slice's start.
+    pub(crate) fn rows_of(columns: usize) -> Self {
+        Self {
+            start: 0,
+            row: columns,
+            column: 1,
+        }
+    }
+
+    /// The transpose, read in place.
+    pub(crate) fn t(self) -> Self {
+        Self {
+            row: self.column,
+            column: self.row,
+            ..self
+        }
+    }
+
+    /// The matrix from its row `rows` on.
+    pub(crate) fn down(self, rows: usize) -> Self {
+        Self {
+            start: self.start + rows * self.row,
+            ..self
+        }
+    }
+
+    /// Whether `[rows, columns]` of it lie within `len` values.
+    fn fits(&self, rows: usize, columns: usize, len: usize) -> bool {
+        rows == 0
+            || columns == 0
+            || self.start + (rows - 1) * self.row + (columns - 1) * self.column < len
+    }
+}
+
+/// `dst (+)= lhs · rhs` of one `[m, k] · [k, n]` product, each matrix where
+/// its [`Placed`] says in its slice (checked), on `parallelism`'s threads.
+/// Without `accumulate` gemm never reads `dst`, which may be uninitialised.
+///
+/// # Safety
+/// `dst` must be valid for writes, and calls running at the same time must
+/// write disjoint elements of it.
+#[allow(unsafe_code)]
+pub(crate) unsafe fn product_at(
+    (dst, dst_at): (Dst, Placed),
+    accumulate: bool,
+    (lhs, lhs_at): (&[f32], Placed),
+    (rhs, rhs_at): (&[f32], Placed),
+    [m, k, n]: [usize; 3],
+    parallelism: Parallelism,
+) -> Result<()> {
+    let k_reads = |fits: bool| k == 0 || fits;
+    if !(dst_at.fits(m, n, dst.len)
+        && k_reads(lhs_at.fits(m, k, lhs.len()))
+        && k_reads(rhs_at.fits(k, n, rhs.len())))
+    {
+        bail!("product: a matrix reaches past its slice");
+    }
+    // SAFETY: the reads stay inside `lhs` and `rhs` and the writes inside
+    // `dst` (checked above; with `k == 0` gemm reads neither); the caller
+    // keeps concurrent writes apart.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.start.wrapping_add(dst_at.start),
+            dst_at.column as isize,
+            dst_at.row as isize,
+            accumulate,
+            lhs.as_ptr().wrapping_add(lhs_at.start),
+            lhs_at.column as isize,
+            lhs_at.row as isize,
+            rhs.as_ptr().wrapping_add(rhs_at.start),
+            rhs_at.column as isize,
+            rhs_at.row as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    };
+    Ok(())
 }
 
 // SAFETY: the tasks holding it write disjoint matrices (see `multiply`).
