@@ -17,7 +17,7 @@ use crate::custom_op::{
 use crate::fused::{self, AttentionBias};
 use crate::hf_dir::{BlockWeights, Compact, Weights};
 use crate::layers::{DropoutDraw, Linear, layer_dropout};
-use crate::linear::{FrozenLinear, LinearWeight};
+use crate::linear::{FrozenLinear, LinearWeight, dense_product, trained_linear_gradients};
 use crate::model::{
     Architecture, DecoderBlock, KvCache, ModelConfig, Pass, block_linears, embed, run_blocks,
 };
@@ -226,18 +226,40 @@ impl DecoderBlock for Block {
     }
 
     fn as_one_op(&self, x: &Tensor, ctx: &BlockContext) -> candle_core::Result<Option<Tensor>> {
-        let norms = [&self.input_layernorm, &self.post_attention_layernorm];
-        let norm_trains = norms
-            .iter()
-            .any(|norm| norm.weight.is_variable() || norm.bias.is_variable());
-        if !fused::applies(x) || ctx.composite_bias.is_some() || norm_trains {
+        if !fused::applies(x) || ctx.composite_bias.is_some() {
             return Ok(None);
         }
         let s = x.dim(1)?;
-        // The adapters' gradients reach candle through a chain of links from
-        // a token, which the op takes as its second input: that makes the op
-        // a node of the graph even where `x` has none (the first block).
+        // The trained tensors' gradients reach candle through a chain of
+        // links from a token, which the op takes as its second input: that
+        // makes the op a node of the graph even where `x` has none (the
+        // first block).
         let mut token = None;
+        let mut link = |pair: [Tensor; 2]| -> candle_core::Result<Linked> {
+            let slot = GradientSlot::default();
+            let start = match token.take() {
+                Some(token) => token,
+                None => gradient_token(x.device())?,
+            };
+            token = Some(link_gradients(&start, [&pair[0], &pair[1]], &slot)?);
+            Ok(Linked {
+                tensors: pair.map(|tensor| tensor.detach()),
+                slot,
+            })
+        };
+        let mut block_norm = |norm: &LayerNorm| -> candle_core::Result<_> {
+            if !(norm.weight.is_variable() || norm.bias.is_variable()) {
+                return Ok((norm.clone(), None));
+            }
+            let linked = link([norm.weight.clone(), norm.bias.clone()])?;
+            let [weight, bias] = linked.tensors;
+            let eps = norm.eps;
+            Ok((LayerNorm { weight, bias, eps }, Some(linked.slot)))
+        };
+        let norms = [
+            block_norm(&self.input_layernorm)?,
+            block_norm(&self.post_attention_layernorm)?,
+        ];
         let mut layers = Vec::with_capacity(4);
         for (number, linear) in (1..).zip([
             &self.query_key_value,
@@ -246,34 +268,25 @@ impl DecoderBlock for Block {
             &self.dense_4h_to_h,
         ]) {
             let draw = layer_dropout(ctx.dropout, number);
-            let Some((layer, adapter)) = linear.frozen(draw, s * linear.weight.dims2()?.1) else {
-                return Ok(None);
-            };
-            let adapter = match adapter {
-                Some([a, b]) => {
-                    let slot = GradientSlot::default();
-                    let start = match token.take() {
-                        Some(token) => token,
-                        None => gradient_token(x.device())?,
-                    };
-                    token = Some(link_gradients(&start, [&a, &b], &slot)?);
-                    Some(Adapter {
-                        a: a.detach(),
-                        b: b.detach(),
-                        slot,
-                    })
+            let layer = match (
+                linear.trained(),
+                linear.frozen(draw, s * linear.weight.dims2()?.1),
+            ) {
+                (Some(pair), _) => BlockLinear::Trained(link(pair)?),
+                (None, Some((layer, adapter))) => {
+                    BlockLinear::Frozen(layer, adapter.map(&mut link).transpose()?)
                 }
-                None => None,
+                (None, None) => return Ok(None),
             };
-            layers.push((layer, adapter));
+            layers.push(layer);
         }
         let token = match token {
             Some(token) => token,
             None if x.track_op() => gradient_token(x.device())?,
             None => return Ok(None),
         };
-        let op = FrozenBlock {
-            norms: norms.map(LayerNorm::clone),
+        let op = BlockOp {
+            norms,
             layers,
             attention: PackedAttention::new(ctx.n_head, &ctx.bias),
             post_ln: ctx.post_ln,
@@ -283,28 +296,38 @@ impl DecoderBlock for Block {
     }
 }
 
-/// A block with a frozen base (LoRA training, evaluation with an adapter)
-/// as one op whose backward pass is written out below, as the chain rule
-/// gives it from the forward in [`Block::apply`]. Through candle's autograd
-/// each edge of the block's graph allocated a zeroed gradient and added into
-/// it, and every intermediate tensor stayed alive until the backward pass;
-/// here the backward keeps four of them and recomputes the norms' outputs
-/// and GELU's. The adapters' gradients go to candle through
-/// [`link_gradients`].
-struct FrozenBlock {
-    norms: [LayerNorm; 2],
+/// A block on the CPU in f32 as one op whose backward pass is written out
+/// below, as the chain rule gives it from the forward in [`Block::apply`]:
+/// LoRA training, evaluation with an adapter, and full fine-tuning. Through
+/// candle's autograd each edge of the block's graph allocated a zeroed
+/// gradient and added into it, and every intermediate tensor stayed alive
+/// until the backward pass; here the backward keeps four of them and
+/// recomputes the norms' outputs and GELU's. The trained tensors' gradients
+/// (adapters, or in full fine-tuning the weights, biases and norms) go to
+/// candle through [`link_gradients`].
+struct BlockOp {
+    /// Each norm with the slot of its weight's and bias's gradients where
+    /// they train.
+    norms: [(LayerNorm, Option<GradientSlot>); 2],
     /// qkv, dense, h→4h, 4h→h.
-    layers: Vec<(FrozenLinear, Option<Adapter>)>,
+    layers: Vec<BlockLinear>,
     attention: PackedAttention,
     post_ln: bool,
     saved: Mutex<Option<SavedActivations>>,
 }
 
-/// A layer's adapter in a [`FrozenBlock`]: A and B without their graph,
-/// and where their gradients go.
-struct Adapter {
-    a: Tensor,
-    b: Tensor,
+/// A linear layer of a [`BlockOp`].
+enum BlockLinear {
+    /// A frozen base, with its adapter's A and B where it has one.
+    Frozen(FrozenLinear, Option<Linked>),
+    /// A trained weight and bias (full fine-tuning).
+    Trained(Linked),
+}
+
+/// Two trained tensors of a [`BlockOp`] without their graph, and where
+/// their gradients go.
+struct Linked {
+    tensors: [Tensor; 2],
     slot: GradientSlot,
 }
 
@@ -316,45 +339,87 @@ struct SavedActivations {
     up: Tensor,
 }
 
-impl FrozenBlock {
+impl BlockOp {
     /// Linear layer `index` applied to `x` `[n, in]`, without a graph.
     fn linear(&self, index: usize, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (layer, adapter) = &self.layers[index];
-        layer.forward(x, adapter.as_ref().map(|adapter| (&adapter.a, &adapter.b)))
+        match &self.layers[index] {
+            BlockLinear::Frozen(layer, adapter) => {
+                layer.forward(x, adapter.as_ref().map(|adapter| adapter.pair()))
+            }
+            BlockLinear::Trained(Linked {
+                tensors: [weight, bias],
+                ..
+            }) => dense_product(x, weight, Some(bias)),
+        }
     }
 
-    /// The input gradient of linear layer `index` at input `x`; its
-    /// adapter's gradients go to the adapter's slot.
+    /// The input gradient of linear layer `index` at input `x`; its trained
+    /// tensors' gradients go to their slot.
     fn linear_backward(
         &self,
         index: usize,
         x: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let (layer, adapter) = &self.layers[index];
-        let pair = adapter.as_ref().map(|adapter| (&adapter.a, &adapter.b));
-        let (grad_x, grad_adapter) = layer.backward(x, pair, grad)?;
-        if let (Some(adapter), Some((grad_a, grad_b))) = (adapter, grad_adapter) {
-            adapter.slot.fill([grad_a, grad_b]);
+        match &self.layers[index] {
+            BlockLinear::Frozen(layer, adapter) => {
+                let pair = adapter.as_ref().map(|adapter| adapter.pair());
+                let (grad_x, grad_adapter) = layer.backward(x, pair, grad)?;
+                if let (Some(adapter), Some((grad_a, grad_b))) = (adapter, grad_adapter) {
+                    adapter.slot.fill([grad_a, grad_b]);
+                }
+                Ok(grad_x)
+            }
+            BlockLinear::Trained(Linked {
+                tensors: [weight, _],
+                slot,
+            }) => {
+                let [grad_x, grad_weight] = trained_linear_gradients(x, weight, grad)?;
+                slot.fill([grad_weight, fused::column_sums(grad)?]);
+                Ok(grad_x)
+            }
         }
+    }
+
+    /// The input gradient of norm `index` at input `x` `[n, h]`; a trained
+    /// norm's weight and bias gradients go to its slot.
+    fn norm_backward(
+        &self,
+        index: usize,
+        x: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (norm, slot) = &self.norms[index];
+        let Some(slot) = slot else {
+            return norm.input_gradient(x, grad);
+        };
+        let [grad_x, grad_weight, grad_bias] =
+            fused::layer_norm_gradients(x, &norm.weight, norm.eps, grad)?;
+        slot.fill([grad_weight, grad_bias]);
         Ok(grad_x)
     }
 }
 
-impl TensorOp2 for FrozenBlock {
+impl Linked {
+    fn pair(&self) -> (&Tensor, &Tensor) {
+        (&self.tensors[0], &self.tensors[1])
+    }
+}
+
+impl TensorOp2 for BlockOp {
     fn name(&self) -> &'static str {
-        "bloom-frozen-block"
+        "bloom-block"
     }
 
     fn forward(&self, x: &Tensor, _anchor: &Tensor) -> candle_core::Result<Tensor> {
         let (b, s, h) = x.dims3()?;
         let rows = |t: &Tensor| t.reshape((b * s, ()));
-        let ln1 = self.norms[0].forward(x)?;
+        let ln1 = self.norms[0].0.forward(x)?;
         let qkv = self.linear(0, &rows(&ln1)?)?.reshape((b, s, ()))?;
         let context = self.attention.forward(&qkv)?;
         let attention = self.linear(1, &rows(&context)?)?.reshape((b, s, h))?;
         let attended = (attention + if self.post_ln { &ln1 } else { x })?;
-        let ln2 = self.norms[1].forward(&attended)?;
+        let ln2 = self.norms[1].0.forward(&attended)?;
         let up = self.linear(2, &rows(&ln2)?)?;
         let mlp = self.linear(3, &gelu(&up)?)?.reshape((b, s, h))?;
         let output = (mlp + if self.post_ln { &ln2 } else { &attended })?;
@@ -374,21 +439,20 @@ impl TensorOp2 for FrozenBlock {
         grad: &Tensor,
     ) -> candle_core::Result<[Option<Tensor>; 2]> {
         let Some(saved) = self.saved.lock().expect("not poisoned").take() else {
-            candle_core::bail!("bloom-frozen-block: a backward pass without its forward");
+            candle_core::bail!("bloom-block: a backward pass without its forward");
         };
         let (b, s, h) = x.dims3()?;
         let rows = |t: &Tensor| t.reshape((b * s, ()));
-        let [ln1_weights, ln2_weights] = &self.norms;
         let grad = rows(grad)?;
         // The MLP and its residual.
-        let ln2 = ln2_weights.forward(&saved.attended)?;
+        let ln2 = self.norms[1].0.forward(&saved.attended)?;
         let grad_activated = self.linear_backward(3, &gelu(&saved.up)?, &grad)?;
         let grad_up = fused::gelu_gradient(&saved.up, &grad_activated)?;
         let mut grad_ln2 = self.linear_backward(2, &rows(&ln2)?, &grad_up)?;
         if self.post_ln {
             grad_ln2 = (grad_ln2 + &grad)?;
         }
-        let mut grad_attended = ln2_weights.input_gradient(&rows(&saved.attended)?, &grad_ln2)?;
+        let mut grad_attended = self.norm_backward(1, &rows(&saved.attended)?, &grad_ln2)?;
         if !self.post_ln {
             grad_attended = (grad_attended + &grad)?;
         }
@@ -398,12 +462,12 @@ impl TensorOp2 for FrozenBlock {
             .attention
             .backward(&saved.qkv, &grad_context.reshape((b, s, h))?)?
             .expect("the attention's input gradient");
-        let ln1 = ln1_weights.forward(x)?;
+        let ln1 = self.norms[0].0.forward(x)?;
         let mut grad_ln1 = self.linear_backward(0, &rows(&ln1)?, &rows(&grad_qkv)?)?;
         if self.post_ln {
             grad_ln1 = (grad_ln1 + &grad_attended)?;
         }
-        let mut grad_x = ln1_weights.input_gradient(&rows(x)?, &grad_ln1)?;
+        let mut grad_x = self.norm_backward(0, &rows(x)?, &grad_ln1)?;
         if !self.post_ln {
             grad_x = (grad_x + grad_attended)?;
         }
@@ -629,24 +693,34 @@ mod tests {
     use candle_core::Var;
 
     /// A block of hidden size 16, 2 heads, with adapters (rank 4, dropout
-    /// 0.1) on the layers `adapted` names by number (1 qkv … 4 4h→h).
-    fn block_with_adapters(adapted: &[usize]) -> Block {
+    /// 0.1) on the linear layers numbered in `adapted` (1: qkv … 4: 4h→h),
+    /// trained weights and biases (full fine-tuning) on those in `trained`,
+    /// and trained norms where `norms_train`.
+    fn block_with(adapted: &[usize], trained: &[usize], norms_train: bool) -> Block {
         let h = 16;
+        let variable = |t: Tensor, trains: bool| match trains {
+            true => Var::from_tensor(&t).unwrap().as_tensor().clone(),
+            false => t,
+        };
         let norm = |seed| LayerNorm {
-            weight: random(&[h], seed).affine(0.2, 1.0).unwrap(),
-            bias: random(&[h], seed + 1),
+            weight: variable(random(&[h], seed).affine(0.2, 1.0).unwrap(), norms_train),
+            bias: variable(random(&[h], seed + 1), norms_train),
             eps: 1e-5,
         };
-        let linear = |number: usize, input: usize, output: usize| Linear {
-            weight: LinearWeight::Dense((random(&[output, input], number as u64) * 0.3).unwrap()),
-            bias: Some(random(&[output], 10 + number as u64)),
-            lora: adapted.contains(&number).then(|| Lora {
-                a: Var::from_tensor(&random(&[4, input], 20 + number as u64)).unwrap(),
-                b: Var::from_tensor(&random(&[output, 4], 30 + number as u64)).unwrap(),
-                scale: 2.0,
-                dropout: 0.1,
-                magnitude: None,
-            }),
+        let linear = |number: usize, input: usize, output: usize| {
+            let trains = trained.contains(&number);
+            let weight = (random(&[output, input], number as u64) * 0.3).unwrap();
+            Linear {
+                weight: LinearWeight::Dense(variable(weight, trains)),
+                bias: Some(variable(random(&[output], 10 + number as u64), trains)),
+                lora: adapted.contains(&number).then(|| Lora {
+                    a: Var::from_tensor(&random(&[4, input], 20 + number as u64)).unwrap(),
+                    b: Var::from_tensor(&random(&[output, 4], 30 + number as u64)).unwrap(),
+                    scale: 2.0,
+                    dropout: 0.1,
+                    magnitude: None,
+                }),
+            }
         };
         Block {
             input_layernorm: norm(40),
@@ -662,15 +736,21 @@ mod tests {
     fn the_block_as_one_op_is_the_composite_block_with_its_gradients() {
         // A left-padded row and an unpadded one, 5 positions.
         let mask = [vec![0, 1, 1, 1, 1], vec![1; 5]];
-        for (adapted, post_ln, x_tracked) in [
-            (&[1, 2, 3, 4][..], false, true),
-            (&[1, 2, 3, 4][..], true, true),
+        let all = &[1, 2, 3, 4][..];
+        for (adapted, trained, norms_train, post_ln, x_tracked) in [
+            (all, &[][..], false, false, true),
+            (all, &[], false, true, true),
             // The first block: no graph on x, adapters on two layers only.
-            (&[2, 4][..], false, false),
+            (&[2, 4], &[], false, false, false),
             // No adapter at all: x's gradient alone.
-            (&[][..], false, true),
+            (&[], &[], false, false, true),
+            // Full fine-tuning, and the first block of it.
+            (&[], all, true, false, true),
+            (&[], all, true, true, false),
+            // Adapters beside trained layers and norms.
+            (&[1], &[3], true, false, true),
         ] {
-            let block = block_with_adapters(adapted);
+            let block = block_with(adapted, trained, norms_train);
             let ctx = BlockContext {
                 bias: Arc::new(AttentionBias::alibi(&mask, 5, 2)),
                 composite_bias: None,
@@ -691,7 +771,9 @@ mod tests {
                 .unwrap()
                 .expect("the block as one op");
             let composite = block.apply(&x, &ctx, true, None).unwrap();
-            let case = format!("adapters {adapted:?}, post_ln {post_ln}");
+            let case = format!(
+                "adapters {adapted:?}, trained {trained:?}, norms {norms_train}, post_ln {post_ln}"
+            );
             assert!(max_difference(&one_op, &composite) < 1e-5, "{case}");
             let weights = random(one_op.dims(), 60);
             let gradients = |y: &Tensor| {
@@ -705,7 +787,12 @@ mod tests {
             let (ours, theirs) = (gradients(&one_op), gradients(&composite));
             let mut checked = block.tensors();
             checked.retain(Tensor::is_variable);
-            assert_eq!(checked.len(), 2 * adapted.len(), "{case}");
+            let norms = if norms_train { 2 } else { 0 };
+            assert_eq!(
+                checked.len(),
+                2 * (adapted.len() + trained.len() + norms),
+                "{case}"
+            );
             if x_tracked {
                 checked.push(x.clone());
             }

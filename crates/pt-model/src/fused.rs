@@ -372,18 +372,65 @@ impl CustomOp3 for NormBackward {
                 sums
             })
             .collect();
-        // Summed in task order, not rayon's reduction tree (which follows
-        // work stealing): the same gradients on every run.
         let mut totals = vec![vec![0f32; h]; self.sums];
-        for sums in &partials {
-            for (total, sum) in totals.iter_mut().zip(sums) {
-                total.iter_mut().zip(sum).for_each(|(a, b)| *a += b);
-            }
+        for (k, total) in totals.iter_mut().enumerate() {
+            add_in_task_order(total, partials.iter().map(|sums| &sums[k]));
         }
         let n = dx.len();
         dx.extend(totals.into_iter().flatten());
         output(dx, &Shape::from(n + self.sums * h))
     }
+}
+
+/// Adds each task's partial sums into `total` in task order, not rayon's
+/// reduction tree (which follows work stealing): the same sums on every run.
+fn add_in_task_order<'a>(total: &mut [f32], partials: impl Iterator<Item = &'a Vec<f32>>) {
+    for partial in partials {
+        total.iter_mut().zip(partial).for_each(|(a, b)| *a += b);
+    }
+}
+
+/// The sums over rows of `x` `[rows, h]` (a bias's gradient): on the CPU in
+/// f32 a block of rows per task, each adding whole rows (candle's `sum(0)`
+/// walks the columns on one thread).
+pub(crate) fn column_sums(x: &Tensor) -> Result<Tensor> {
+    if !applies(x) {
+        return x.sum(0);
+    }
+    let h = x.dim(1)?;
+    let total = with_values(x, |values| {
+        let partials: Vec<Vec<f32>> = values
+            .par_chunks(h * ROWS_PER_TASK)
+            .map(|rows| {
+                let mut sums = vec![0f32; h];
+                for row in rows.chunks(h) {
+                    sums.iter_mut().zip(row).for_each(|(s, x)| *s += x);
+                }
+                sums
+            })
+            .collect();
+        let mut total = vec![0f32; h];
+        add_in_task_order(&mut total, partials.iter());
+        total
+    })?;
+    Tensor::from_vec(total, h, x.device())
+}
+
+/// The gradients of `x` `[n, h]`, of the weight and of the bias of
+/// [`layer_norm_op`] (CPU, f32).
+pub(crate) fn layer_norm_gradients(
+    x: &Tensor,
+    weight: &Tensor,
+    eps: f64,
+    grad: &Tensor,
+) -> Result<[Tensor; 3]> {
+    let grads = norm_backward(
+        &x.contiguous()?,
+        weight,
+        grad,
+        layer_norm_backward(eps as f32),
+    )?;
+    Ok(grads.map(|grad| grad.expect("LayerNorm's backward gives all three")))
 }
 
 /// The gradients of `x` and of the per-column parameters (as many as
@@ -1274,6 +1321,14 @@ pub(crate) mod tests {
         }
         // A few f32 ulps: the tanh form through libm is no closer to the f64 truth.
         assert!(worst.0 < 2e-6 && worst.1 < 1e-5, "{worst:?}");
+    }
+
+    #[test]
+    fn column_sums_are_candles_over_several_tasks() {
+        let x = random(&[3 * ROWS_PER_TASK + 5, 7], 12);
+        let sums = column_sums(&x).unwrap();
+        assert_eq!(sums.dims(), [7]);
+        assert!(max_difference(&sums, &x.sum(0).unwrap()) < 1e-4);
     }
 
     #[test]

@@ -109,6 +109,19 @@ impl Linear {
 }
 
 impl Linear {
+    /// The trained weight and bias of a layer that full fine-tuning trains
+    /// (both variables, no adapter); `None` for any other layer.
+    pub(crate) fn trained(&self) -> Option<[Tensor; 2]> {
+        match (&self.weight, &self.bias, &self.lora) {
+            (LinearWeight::Dense(weight), Some(bias), None)
+                if weight.is_variable() && bias.is_variable() =>
+            {
+                Some([weight.clone(), bias.clone()])
+            }
+            _ => None,
+        }
+    }
+
     /// The layer's tensors: weight (unless NF4 or bf16-held), bias and adapter, trainable or not.
     pub(crate) fn tensors(&self) -> Vec<Tensor> {
         let mut tensors = Vec::new();

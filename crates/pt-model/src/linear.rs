@@ -100,7 +100,7 @@ impl LinearWeight {
 
 /// `x Wᵀ (+ bias)` (`x`: `[n, in]`). On the CPU in f32 gemm adds the product
 /// into rows of the bias, instead of a pass over the product adding it.
-fn dense_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+pub(crate) fn dense_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         Some(bias) if crate::fused::applies(bias) && !bias.track_op() => {
             let (bias, width) = (bias.to_vec1::<f32>()?, bias.dim(0)?);
@@ -375,13 +375,24 @@ impl TensorOp3 for TrainableLinear {
         _bias: &Tensor,
         grad: &Tensor,
     ) -> Result<[Option<Tensor>; 3]> {
-        let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
+        let [grad_x, grad_weight] = trained_linear_gradients(x, weight, grad)?;
         Ok([
-            Some(matmul(&grad, &weight)?),
-            Some(matmul(&grad.t()?, &x)?),
-            Some(grad.sum(0)?),
+            Some(grad_x),
+            Some(grad_weight),
+            Some(crate::fused::column_sums(grad)?),
         ])
     }
+}
+
+/// The gradients of `x` `[n, in]` and of a trained weight `W` `[out, in]`
+/// from `grad` `[n, out]`, detached.
+pub(crate) fn trained_linear_gradients(
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+) -> Result<[Tensor; 2]> {
+    let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
+    Ok([matmul(&grad, &weight)?, matmul(&grad.t()?, &x)?])
 }
 
 /// Without a bias (the Llama family's layers).
@@ -395,8 +406,7 @@ impl TensorOp2 for TrainableLinear {
     }
 
     fn backward(&self, x: &Tensor, weight: &Tensor, grad: &Tensor) -> Result<[Option<Tensor>; 2]> {
-        let (x, weight, grad) = (x.detach(), weight.detach(), grad.detach());
-        Ok([Some(matmul(&grad, &weight)?), Some(matmul(&grad.t()?, &x)?)])
+        Ok(trained_linear_gradients(x, weight, grad)?.map(Some))
     }
 }
 
