@@ -103,16 +103,32 @@ impl LinearWeight {
 pub(crate) fn dense_product(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     match bias {
         Some(bias) if crate::fused::applies(bias) && !bias.track_op() => {
-            let (bias, width) = (bias.to_vec1::<f32>()?, bias.dim(0)?);
-            let mut rows = vec![0f32; x.dim(0)? * width];
-            rows.par_chunks_mut(width.max(1))
-                .for_each(|row| row.copy_from_slice(&bias));
-            let rows = Tensor::from_vec(rows, (x.dim(0)?, width), &Device::Cpu)?;
+            let (bias, n) = (bias.to_vec1::<f32>()?, x.dim(0)?);
+            let rows = Tensor::from_vec(repeated_rows(&bias, n), (n, bias.len()), &Device::Cpu)?;
             add_product(rows, x, &weight.t()?)
         }
         Some(bias) => matmul(x, &weight.t()?)?.broadcast_add(bias),
         None => matmul(x, &weight.t()?),
     }
+}
+
+/// `count` copies of `row`, one after another, written in parallel into
+/// fresh memory (a zeroed vector would be written twice).
+fn repeated_rows(row: &[f32], count: usize) -> Vec<f32> {
+    let mut rows = Vec::with_capacity(count * row.len());
+    rows.spare_capacity_mut()[..count * row.len()]
+        .par_chunks_mut(row.len().max(1))
+        .for_each(|copy| {
+            for (value, &x) in copy.iter_mut().zip(row) {
+                value.write(x);
+            }
+        });
+    // SAFETY: the loop above wrote every one of these values.
+    #[allow(unsafe_code)]
+    unsafe {
+        rows.set_len(count * row.len())
+    };
+    rows
 }
 
 /// A LoRA adapter's part in a linear layer's forward pass: `scale · (drop(x)
