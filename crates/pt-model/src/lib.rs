@@ -43,6 +43,7 @@ pub mod ops;
 pub mod peft;
 mod product;
 mod strips;
+mod thread_groups;
 pub mod vocabulary;
 
 pub use hf_dir::BlockWeights;

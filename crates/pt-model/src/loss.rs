@@ -72,15 +72,19 @@ pub fn lm_head_loss_sum(
 /// Evaluation's [`lm_head_loss_sum`]: no gradients, and each row's arg-max
 /// token as well, both computed a chunk of rows at a time, so that the
 /// `[n, vocab]` logits never exist whole (2 GB at bloomz-560m's 4 × 512).
+/// `alongside`: how many such evaluations run at once (threads evaluating
+/// their own rows), which share the chunks' memory.
 pub fn lm_head_loss_sum_and_predictions(
     hidden: &Tensor,
     weight: &Tensor,
     targets: &[Option<u32>],
+    alongside: usize,
 ) -> Result<(f64, usize, Vec<u32>)> {
     let mut predictions = Vec::with_capacity(targets.len());
     // Larger chunks than training's: each chunk reads the whole LM head
     // (1 GB at bloomz-560m), and no gradient is kept beside the logits.
-    let rows = (EVAL_CHUNK_ELEMENTS / weight.dim(0)?).max(LOSS_CHUNK_MIN_ROWS);
+    let elements = EVAL_CHUNK_ELEMENTS / alongside.max(1);
+    let rows = (elements / weight.dim(0)?).max(LOSS_CHUNK_MIN_ROWS);
     let (loss, count) = loss_sum_in_chunks(
         &hidden.detach(),
         &weight.detach(),

@@ -3,8 +3,8 @@
 //! (`bloom.rs`, `llama.rs`) is its architecture alone, behind
 //! [`Architecture`]; `load` picks it from `config.json`'s `model_type`.
 
-use std::cell::Cell;
 use std::path::Path;
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use candle_core::backprop::GradStore;
@@ -16,6 +16,7 @@ use crate::hf_dir::BlockWeights;
 use crate::layers::{DropoutDraw, Linear};
 use crate::linear::{LinearWeight, frozen_matmul};
 use crate::loss::{IGNORE_INDEX, lm_head_loss_sum, lm_head_loss_sum_and_predictions};
+use crate::thread_groups::in_thread_groups;
 
 /// What the rest of pt-host needs to know of any family's configuration.
 #[derive(Clone, Debug)]
@@ -223,7 +224,7 @@ pub(crate) fn block_linears<'a, B>(
 }
 
 /// One family's architecture: its layers and their forward pass.
-pub(crate) trait Architecture {
+pub(crate) trait Architecture: Send + Sync {
     /// The hidden states after the final norm, `[b, n, h]`, of `input_ids`
     /// `[b, n]`, which are the batch's last `n` positions of `mask` (1 for
     /// tokens, 0 for left or right padding).
@@ -257,7 +258,7 @@ pub struct Model {
     pub(crate) config: ModelConfig,
     device: Device,
     /// How the current micro-batch draws its dropout masks; `None` outside training.
-    dropout: Cell<Option<DropoutDraw>>,
+    dropout: Mutex<Option<DropoutDraw>>,
     /// Recompute each block's activations in the backward pass instead of keeping them.
     pub gradient_checkpointing: bool,
     /// Gradients of trainable tensors inside checkpointed blocks, which the
@@ -319,7 +320,7 @@ impl Model {
             checkpoint_vocab_size: config.vocab_size,
             config,
             device: device.clone(),
-            dropout: Cell::new(None),
+            dropout: Mutex::new(None),
             gradient_checkpointing: false,
             recomputed_grads: SideGradients::default(),
             trained_modules: Vec::new(),
@@ -364,7 +365,7 @@ impl Model {
     /// Training mode with dropout masks drawn as `draw` says (`Some`), or
     /// evaluation mode without dropout (`None`).
     pub fn set_dropout(&self, draw: Option<DropoutDraw>) {
-        self.dropout.set(draw);
+        *self.dropout.lock().expect("not poisoned") = draw;
     }
 
     /// Gradients of `loss` by tensor, those that checkpointed blocks
@@ -382,7 +383,7 @@ impl Model {
         track: bool,
     ) -> Result<Tensor> {
         let pass = Pass {
-            dropout: self.dropout.get(),
+            dropout: *self.dropout.lock().expect("not poisoned"),
             track,
             checkpointing: self.gradient_checkpointing,
             side: &self.recomputed_grads,
@@ -428,6 +429,34 @@ impl Model {
         mask: &[Vec<u32>],
         labels: &[Vec<i64>],
     ) -> Result<(f64, usize, Vec<Vec<u32>>)> {
+        if !self.device().is_cpu() {
+            return self.eval_rows(input_ids, mask, labels, 1);
+        }
+        // The rows need nothing from one another: on the CPU each group of
+        // threads evaluates its own.
+        let groups = in_thread_groups(input_ids.len(), |rows, groups| {
+            let (ids, mask, labels) =
+                (&input_ids[rows.clone()], &mask[rows.clone()], &labels[rows]);
+            self.eval_rows(ids, mask, labels, groups)
+        })?;
+        let (mut loss_sum, mut count, mut predictions) = (0.0, 0, Vec::new());
+        for (group_loss, group_count, group_predictions) in groups {
+            loss_sum += group_loss;
+            count += group_count;
+            predictions.extend(group_predictions);
+        }
+        Ok((loss_sum, count, predictions))
+    }
+
+    /// [`Model::eval_loss_sum_and_predictions`] of rows evaluated together,
+    /// beside `alongside - 1` other such evaluations.
+    fn eval_rows(
+        &self,
+        input_ids: &[Vec<u32>],
+        mask: &[Vec<u32>],
+        labels: &[Vec<i64>],
+        alongside: usize,
+    ) -> Result<(f64, usize, Vec<Vec<u32>>)> {
         let (b, s) = (input_ids.len(), input_ids[0].len());
         // No gradient is taken: without a graph, an adapter's blocks keep
         // none of their activations.
@@ -436,7 +465,7 @@ impl Model {
             .reshape((b * s, self.config().hidden_size))?;
         let targets = next_token_targets(labels, s);
         let (loss_sum, count, predictions) =
-            lm_head_loss_sum_and_predictions(&hidden, self.arch.lm_head(), &targets)?;
+            lm_head_loss_sum_and_predictions(&hidden, self.arch.lm_head(), &targets, alongside)?;
         let predictions = predictions.chunks(s).map(<[u32]>::to_vec).collect();
         Ok((loss_sum, count, predictions))
     }

@@ -951,6 +951,16 @@ fn a_bf16_held_base_computes_its_rounded_weights_in_f32() {
 /// path and of the logits, for a trained adapter in every family.
 #[test]
 fn evaluation_with_an_adapter_gives_the_training_paths_loss_and_arg_maxes() {
+    // Two threads: evaluation splits the batch's two rows between them,
+    // where the training path runs them together.
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build()
+        .unwrap();
+    pool.install(evaluation_matches_the_training_path);
+}
+
+fn evaluation_matches_the_training_path() {
     for family in FAMILIES {
         let mut model = family_model(family, DType::F32);
         let (batch, mask, labels) = two_blocks(family);
