@@ -120,6 +120,7 @@ impl Packing {
         }
     }
 
+    /// The query positions of each tile, in order.
     fn tiles(&self) -> impl DoubleEndedIterator<Item = Range<usize>> + use<> {
         let seq = self.seq;
         (0..seq)
