@@ -88,25 +88,8 @@ pub fn trajectory_of(family: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
-/// The largest absolute elementwise difference of two tensors; infinite
-/// where one holds a NaN the other does not (candle's `max` skips NaNs).
+/// The largest absolute elementwise difference of two tensors (a NaN on
+/// one side counts as infinite).
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "compared tensors differ in shape");
-    let values = |t: &Tensor| {
-        t.to_dtype(candle_core::DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
-    values(a)
-        .iter()
-        .zip(values(b))
-        .map(|(&a, b)| match (a - b).abs() {
-            d if d.is_nan() && !(a.is_nan() && b.is_nan()) => f32::INFINITY,
-            d if d.is_nan() => 0.0,
-            d => d,
-        })
-        .fold(0.0, f32::max)
+    pt_model::fused::max_abs_difference(a, b).unwrap()
 }

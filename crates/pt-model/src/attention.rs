@@ -165,16 +165,17 @@ impl PackedAttention {
     }
 
     /// The probabilities `[tile, keys]` (in `scratch.probs`) of one tile of
-    /// batch row `b`'s queries under `head`, computed in `scratch.scores`.
+    /// batch row `b`'s queries under `head`, computed in `scratch.scores`;
+    /// returns `keys`, those the tile sees ([`Self::keys_seen`]).
     fn tile_probs(
         &self,
         qkv: &[f32],
         packing: Packing,
         (b, head, tile): (usize, usize, &Range<usize>),
-        keys: usize,
         scratch: &mut Scratch,
-    ) -> Result<()> {
-        let (m, d) = (tile.len(), packing.d);
+    ) -> Result<usize> {
+        let unpadded = self.bias.unpadded(b);
+        let (m, d, keys) = (tile.len(), packing.d, self.keys_seen(tile.end, unpadded));
         let scores = &mut scratch.scores[..m * keys];
         // SAFETY: `scores` is this task's own buffer.
         #[allow(unsafe_code)]
@@ -189,13 +190,12 @@ impl PackedAttention {
             )?
         };
         let scale = 1.0 / (d as f32).sqrt();
-        let unpadded = self.bias.unpadded(b);
         let probs = &mut scratch.probs[..m * keys];
         for (row, (p, z)) in probs.chunks_mut(keys).zip(scores.chunks(keys)).enumerate() {
             let query = (b, head, tile.start + row);
             self.bias.softmax_row(p, z, scale, query, unpadded);
         }
-        Ok(())
+        Ok(keys)
     }
 
     /// The merged context `[b, s, heads · d]` of the projection's values.
@@ -216,8 +216,7 @@ impl PackedAttention {
         tasks.into_par_iter().try_for_each_init(
             || Scratch::new(seq),
             |scratch, (b, head, tile)| {
-                let keys = self.keys_seen(tile.end, self.bias.unpadded(b));
-                self.tile_probs(qkv, packing, (b, head, &tile), keys, scratch)?;
+                let keys = self.tile_probs(qkv, packing, (b, head, &tile), scratch)?;
                 // SAFETY: each task writes its own tile of its own head.
                 #[allow(unsafe_code)]
                 unsafe {
@@ -257,11 +256,9 @@ impl PackedAttention {
                 |scratch, task| -> Result<()> {
                     let (b, head) = (task / heads, task % heads);
                     let [q, k, v] = [0, 1, 2].map(|part| packing.part(b, head, part));
-                    let unpadded = self.bias.unpadded(b);
                     for (index, tile) in packing.tiles().rev().enumerate() {
-                        let (m, keys, seen_before) =
-                            (tile.len(), self.keys_seen(tile.end, unpadded), index > 0);
-                        self.tile_probs(qkv, packing, (b, head, &tile), keys, scratch)?;
+                        let keys = self.tile_probs(qkv, packing, (b, head, &tile), scratch)?;
+                        let (m, seen_before) = (tile.len(), index > 0);
                         let grad_context = packing.context(b, head).down(tile.start);
                         let (probs, grad_probs) =
                             (&scratch.probs[..m * keys], &mut scratch.scores[..m * keys]);

@@ -56,6 +56,33 @@ fn output(values: Vec<f32>, shape: &Shape) -> Result<(CpuStorage, Shape)> {
     Ok((CpuStorage::F32(values), shape.clone()))
 }
 
+/// The largest elementwise difference of two tensors of one shape, for
+/// comparing a fast path with its reference: infinite where one holds a NaN
+/// the other does not (candle's `max` skips NaNs, so a NaN would pass).
+pub fn max_abs_difference(a: &Tensor, b: &Tensor) -> Result<f32> {
+    if a.dims() != b.dims() {
+        bail!(
+            "compared tensors differ in shape: {:?} and {:?}",
+            a.dims(),
+            b.dims()
+        );
+    }
+    let values = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    };
+    Ok(values(a)?
+        .iter()
+        .zip(values(b)?)
+        .map(|(&a, b)| match (a - b).abs() {
+            d if d.is_nan() && !(a.is_nan() && b.is_nan()) => f32::INFINITY,
+            d if d.is_nan() => 0.0,
+            d => d,
+        })
+        .fold(0.0, f32::max))
+}
+
 /// Whether the fused kernels take `x`: an f32 tensor on the CPU (they make
 /// their inputs contiguous themselves).
 pub(crate) fn applies(x: &Tensor) -> bool {
@@ -1106,19 +1133,8 @@ pub(crate) mod tests {
         Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
     }
 
-    /// The largest elementwise difference; infinite where either holds a
-    /// NaN the other does not (candle's `max` skips NaNs).
     pub(crate) fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
-        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        values(a)
-            .iter()
-            .zip(values(b))
-            .map(|(&a, b)| match (a - b).abs() {
-                d if d.is_nan() && !(a.is_nan() && b.is_nan()) => f32::INFINITY,
-                d if d.is_nan() => 0.0,
-                d => d,
-            })
-            .fold(0.0, f32::max)
+        max_abs_difference(a, b).unwrap()
     }
 
     /// Runs `f` (fused) and `g` (composite) on the same variables and
@@ -1321,6 +1337,22 @@ pub(crate) mod tests {
         }
         // A few f32 ulps: the tanh form through libm is no closer to the f64 truth.
         assert!(worst.0 < 2e-6 && worst.1 < 1e-5, "{worst:?}");
+    }
+
+    #[test]
+    fn a_one_sided_nan_or_another_shape_is_no_match() {
+        let a = Tensor::new(&[1f32, 2.0, f32::NAN], &Device::Cpu).unwrap();
+        let b = Tensor::new(&[1f32, 2.5, 3.0], &Device::Cpu).unwrap();
+        assert_eq!(max_abs_difference(&a, &b).unwrap(), f32::INFINITY);
+        assert_eq!(max_abs_difference(&a, &a).unwrap(), 0.0);
+        assert_eq!(max_abs_difference(&b, &(&b * 2.0).unwrap()).unwrap(), 3.0);
+        let error = max_abs_difference(&a, &b.reshape((3, 1)).unwrap()).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("differ in shape: [3] and [3, 1]"),
+            "{error}"
+        );
     }
 
     #[test]

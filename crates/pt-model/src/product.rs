@@ -158,11 +158,7 @@ fn multiply(
     }
     let threads = rayon::current_num_threads();
     let one = |index: usize, parallelism: Parallelism| {
-        let dst_at = Placed {
-            start: index * m * n,
-            row: n,
-            column: 1,
-        };
+        let dst_at = Placed::rows_of(n).down(index * m);
         // SAFETY: matrix `index` is its own `m · n` values of `dst`, written
         // by no other call.
         #[allow(unsafe_code)]
